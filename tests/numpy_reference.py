@@ -1,0 +1,73 @@
+"""An independent float64 NumPy implementation of the M²RNN recurrence and its backward (SPEC §1).
+
+Written as plain per-step loops over heads, separately from the JAX code, so that both the scan
+reference and the kernels are checked against something that shares none of their code.
+"""
+
+import numpy as np
+
+
+def _group(n, num_heads, groups):
+    return n // (num_heads // groups)
+
+
+def forward(q, k, v, w, f, h0=None, segment_ids=None):
+    q, k, v, w, f = (np.asarray(x, np.float64) for x in (q, k, v, w, f))
+    batch, seq_len, nq, key_dim = q.shape
+    value_dim = v.shape[-1]
+    num_heads = max(nq, k.shape[2], v.shape[2], w.shape[0], f.shape[2])
+    y = np.zeros((batch, seq_len, num_heads, value_dim))
+    states = np.zeros((batch, seq_len + 1, num_heads, key_dim, value_dim))
+    for b in range(batch):
+        for n in range(num_heads):
+            h = np.zeros((key_dim, value_dim)) if h0 is None else np.asarray(h0[b, n], np.float64)
+            states[b, 0, n] = h
+            wn = w[_group(n, num_heads, w.shape[0])]
+            for t in range(seq_len):
+                if segment_ids is not None and t > 0 and segment_ids[b, t] != segment_ids[b, t - 1]:
+                    h = np.zeros_like(h)
+                kt = k[b, t, _group(n, num_heads, k.shape[2])]
+                vt = v[b, t, _group(n, num_heads, v.shape[2])]
+                ft = f[b, t, _group(n, num_heads, f.shape[2])]
+                z = np.tanh(h @ wn + np.outer(kt, vt))
+                h = ft * h + (1 - ft) * z
+                states[b, t + 1, n] = h
+                y[b, t, n] = h.T @ q[b, t, _group(n, num_heads, nq)]
+    return y, states[:, -1], states
+
+
+def backward(q, k, v, w, f, dy, dh_final, h0=None, segment_ids=None, clip=None):
+    """Gradients of <y, dy> + <H_S, dh_final>; returns dq, dk, dv, dw, df, dh0."""
+    q, k, v, w, f, dy, dh_final = (np.asarray(x, np.float64) for x in (q, k, v, w, f, dy, dh_final))
+    batch, seq_len, nq, key_dim = q.shape
+    num_heads = dy.shape[2]
+    grads = [np.zeros_like(x) for x in (q, k, v, w, f)]
+    dq, dk, dv, dw, df = grads
+    dh0 = np.zeros((batch, num_heads, key_dim, v.shape[-1]))
+    _, _, states = forward(q, k, v, w, f, h0, segment_ids)
+    for b in range(batch):
+        for n in range(num_heads):
+            gq, gk, gv, gf = (_group(n, num_heads, x.shape[2]) for x in (q, k, v, f))
+            gw = _group(n, num_heads, w.shape[0])
+            wn = w[gw]
+            g_later = dh_final[b, n].copy()
+            for t in range(seq_len - 1, -1, -1):
+                reset = segment_ids is not None and t > 0 and segment_ids[b, t] != segment_ids[b, t - 1]
+                h_prev = np.zeros_like(g_later) if reset else states[b, t, n]
+                h_t = states[b, t + 1, n]
+                kt, vt, ft = k[b, t, gk], v[b, t, gv], f[b, t, gf]
+                z = np.tanh(h_prev @ wn + np.outer(kt, vt))
+                if clip is not None:
+                    g_later = np.clip(g_later, -clip, clip)
+                g = g_later + np.outer(q[b, t, gq], dy[b, t, n])
+                dq[b, t, gq] += h_t @ dy[b, t, n]
+                df[b, t, gf] += np.sum(g * (h_prev - z))
+                du = (1 - ft) * g * (1 - z * z)
+                dw[gw] += h_prev.T @ du
+                dk[b, t, gk] += du @ vt
+                dv[b, t, gv] += du.T @ kt
+                g_later = ft * g + du @ wn.T
+                if reset:
+                    g_later = np.zeros_like(g_later)
+            dh0[b, n] = g_later
+    return dq, dk, dv, dw, df, dh0
