@@ -1,0 +1,123 @@
+"""Config as data: frozen dataclasses built from plain dicts (YAML) with strict key and type checks.
+
+``from_dict(cls, data)`` builds a (possibly nested) dataclass, raising ``ConfigError`` that names
+the full dotted key for an unknown key, a missing required key or a value of the wrong type.
+``override(config, ["a.b=3", ...])`` applies ``key=value`` strings (values parsed as YAML).
+"""
+
+import dataclasses
+import types
+import typing
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing or of the wrong type."""
+
+
+def from_dict(cls, data, path=""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"unknown config key{where}: {_join(path, unknown[0])} "
+                          f"(known keys: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, field in fields.items():
+        key = _join(path, name)
+        if name in data:
+            values[name] = _coerce(hints[name], data[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key: {key}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{path or cls.__name__}: {err}") from err
+
+
+def to_dict(config):
+    return dataclasses.asdict(config)
+
+
+def load_yaml(cls, path):
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    return from_dict(cls, data)
+
+
+def override(config, assignments):
+    """Returns ``config`` with ``["model.d_model=256", ...]`` applied (values parsed as YAML)."""
+    data = to_dict(config)
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"override {assignment!r} must look like key=value")
+        key, raw = assignment.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key: {'.'.join(parts[:i + 1])} (in override "
+                                  f"{assignment!r})")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown config key: {key.strip()} (in override {assignment!r})")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return from_dict(type(config), data)
+
+
+def _join(path, name):
+    return f"{path}.{name}" if path else name
+
+
+def _coerce(hint, value, key):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"config key {key}: {value!r} matches none of {hint}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"config key {key} must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key} must be a list, got {value!r}")
+        item = args[0] if args else typing.Any
+        return origin(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is typing.Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML reads 3e-4 as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool):
+        if type(value) is not hint:
+            raise ConfigError(f"config key {key} must be {hint.__name__}, got "
+                              f"{type(value).__name__} {value!r}")
+        return value
+    return value
