@@ -1,0 +1,72 @@
+"""Word problems over a finite group: deterministic, seeded batches in NumPy.
+
+Each token is a group element (an index into ``group.elements``), drawn uniformly. The target
+at position ``t`` is the running product ``x_1 · x_2 · … · x_t`` (``groups`` documents the
+order: apply ``x_1`` first), so every position is a state-tracking query and a model must
+carry the whole prefix in its state.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from train.state_tracking.groups import PermutationGroup
+
+LENGTH_SAMPLING = ("fixed", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class WordProblemBatch:
+    """``tokens``, ``targets`` (B, L) int32; ``mask`` (B, L) float32, 1 where a target counts."""
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+
+
+def prefix_products(group: PermutationGroup, tokens: np.ndarray) -> np.ndarray:
+    """``(B, L)`` element indices -> ``(B, L)`` indices of the running products."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape (batch, length), got {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= group.order):
+        raise ValueError(f"tokens must be element indices in [0, {group.order}) of "
+                         f"{group.name}, got values in [{tokens.min()}, {tokens.max()}]")
+    targets = np.empty(tokens.shape, np.int32)
+    state = np.zeros(tokens.shape[0], np.int32)  # the identity
+    for t in range(tokens.shape[1]):
+        state = group.table[state, tokens[:, t]]
+        targets[:, t] = state
+    return targets
+
+
+def sample_word_problems(group: PermutationGroup, rng: np.random.Generator, batch_size: int,
+                         length: int, length_sampling: str = "fixed") -> WordProblemBatch:
+    """A batch of uniformly random words with their prefix products.
+
+    ``length_sampling="fixed"``: every row has ``length`` scored positions. ``"uniform"``: row
+    ``b`` is scored on its first ``l_b ~ U{1, …, length}`` positions only (the rest is
+    padding for a causal model, masked out of the loss).
+    """
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(length, (int, np.integer)) or length < 1:
+        raise ValueError(f"length must be a positive integer, got {length!r}")
+    if length_sampling not in LENGTH_SAMPLING:
+        raise ValueError(f"length_sampling must be one of {LENGTH_SAMPLING}, "
+                         f"got {length_sampling!r}")
+    tokens = rng.integers(0, group.order, size=(batch_size, length), dtype=np.int32)
+    targets = prefix_products(group, tokens)
+    if length_sampling == "fixed":
+        mask = np.ones((batch_size, length), np.float32)
+    else:
+        lengths = rng.integers(1, length + 1, size=(batch_size, 1))
+        mask = (np.arange(length)[None, :] < lengths).astype(np.float32)
+    return WordProblemBatch(tokens=tokens, targets=targets, mask=mask)
+
+
+def eval_word_problems(group: PermutationGroup, seed: int, num_sequences: int,
+                       length: int) -> WordProblemBatch:
+    """The fixed evaluation set for one length: the same words for every model and run."""
+    rng = np.random.default_rng([seed, length])
+    return sample_word_problems(group, rng, num_sequences, length)
