@@ -1,0 +1,238 @@
+"""Typed model configs (SPEC §2, §3): frozen dataclasses, loadable from YAML.
+
+Build from a dict with ``m2rnn_jax.typed_config.from_dict(ModelConfig, data)`` or from a file
+with ``load_yaml(ModelConfig, path)``; every value is checked in ``__post_init__`` and a bad one
+raises ``ValueError`` naming the field.
+
+The layer pattern has one letter per block; ``m2rnn_jax.layers.registry`` maps letters to mixer
+classes (``M`` = M²RNN, ``A`` = softmax attention; other modules register more, e.g. ``D`` =
+Gated DeltaNet and ``S`` = Mamba-2, whose sub-configs live here too so that a model is one
+piece of data).
+"""
+
+import dataclasses
+import math
+from typing import Literal
+
+from m2rnn_jax.ops import BACKENDS
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(condition, field, message):
+    if not condition:
+        raise ValueError(f"{field} {message}")
+
+
+def _positive_int(value, field):
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field,
+           f"must be a positive integer, got {value!r}")
+
+
+def _optional_heads(value, field, num_heads):
+    """A head count of ``None`` means ``num_heads``; otherwise it must divide it."""
+    if value is None:
+        return num_heads
+    _positive_int(value, field)
+    _check(num_heads % value == 0, field, f"= {value} must divide num_heads = {num_heads}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class M2RNNConfig:
+    """The M²RNN mixer (SPEC §2). Head counts of ``None`` mean ``num_heads`` (N)."""
+
+    num_heads: int = 84
+    num_q_heads: int | None = 1
+    num_k_heads: int | None = 1
+    num_v_heads: int | None = None
+    num_f_heads: int | None = None
+    num_w_heads: int | None = None
+    num_g_heads: int | None = None
+    key_dim: int = 64
+    value_dim: int = 16
+    conv_kernel: int = 4  # taps of the causal depthwise conv over q|k|v; 1 = no temporal mixing
+    add_bias: bool = False  # bias in in_proj and the conv
+    use_residual: bool = True  # y += D ⊙ v
+    gradient_clipping: float | None = 1.0
+    backend: str = "auto"
+    chunk_size: int | None = None
+    A_init_min: float = 0.0  # A ~ U[A_init_min, A_init_max], A_log = log max(A, tiny)
+    A_init_max: float = 16.0
+    dt_init_min: float = 1e-3  # dt = exp(U[log dt_min, log dt_max]) floored at dt_init_floor
+    dt_init_max: float = 0.1
+    dt_init_floor: float = 1e-4
+
+    def __post_init__(self):
+        _positive_int(self.num_heads, "m2rnn.num_heads")
+        for name in ("q", "k", "v", "f", "w", "g"):
+            _optional_heads(getattr(self, f"num_{name}_heads"), f"m2rnn.num_{name}_heads",
+                            self.num_heads)
+        counts = [self.heads(n) for n in "qkvfw"]
+        _check(max(counts) == self.num_heads, "m2rnn.num_heads",
+               f"= {self.num_heads} must equal the largest of the q/k/v/f/w head counts {counts}")
+        _positive_int(self.key_dim, "m2rnn.key_dim")
+        _positive_int(self.value_dim, "m2rnn.value_dim")
+        _positive_int(self.conv_kernel, "m2rnn.conv_kernel")
+        _check(self.gradient_clipping is None or self.gradient_clipping > 0,
+               "m2rnn.gradient_clipping", f"must be None or > 0, got {self.gradient_clipping!r}")
+        _check(self.backend in BACKENDS, "m2rnn.backend",
+               f"must be one of {BACKENDS}, got {self.backend!r}")
+        if self.chunk_size is not None:
+            _positive_int(self.chunk_size, "m2rnn.chunk_size")
+        _check(0 <= self.A_init_min < self.A_init_max, "m2rnn.A_init_min/A_init_max",
+               f"must satisfy 0 <= min < max, got {self.A_init_min}, {self.A_init_max}")
+        _check(0 < self.dt_init_min <= self.dt_init_max, "m2rnn.dt_init_min/dt_init_max",
+               f"must satisfy 0 < min <= max, got {self.dt_init_min}, {self.dt_init_max}")
+        _check(self.dt_init_floor > 0, "m2rnn.dt_init_floor",
+               f"must be > 0, got {self.dt_init_floor}")
+
+    def heads(self, name: str) -> int:
+        """Resolved head count of ``name`` in ``"qkvfwg"``."""
+        value = getattr(self, f"num_{name}_heads")
+        return self.num_heads if value is None else value
+
+    @property
+    def conv_width(self) -> int:
+        """Channels of q|k|v, the conv's input."""
+        return (self.heads("q") + self.heads("k")) * self.key_dim + self.heads("v") * self.value_dim
+
+    @property
+    def in_proj_width(self) -> int:
+        """q|k|v, forget logits, output gate g."""
+        return self.conv_width + self.heads("f") + self.heads("g") * self.value_dim
+
+    @property
+    def output_width(self) -> int:
+        """N·V, the width of the gated, normalised read-out."""
+        return self.num_heads * self.value_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Causal softmax attention with grouped KV heads; no positional encoding unless ``rope``."""
+
+    num_heads: int = 16
+    num_kv_heads: int | None = None  # None = num_heads (multi-head); must divide num_heads
+    head_dim: int | None = None  # None = d_model // num_heads
+    rope: bool = False
+    rope_theta: float = 10000.0
+    add_bias: bool = False
+    # Passed to jax.nn.dot_product_attention: None/"xla" everywhere, "cudnn" for flash on GPU.
+    implementation: Literal["xla", "cudnn"] | None = None
+
+    def __post_init__(self):
+        _positive_int(self.num_heads, "attention.num_heads")
+        _optional_heads(self.num_kv_heads, "attention.num_kv_heads", self.num_heads)
+        if self.head_dim is not None:
+            _positive_int(self.head_dim, "attention.head_dim")
+            _check(not self.rope or self.head_dim % 2 == 0, "attention.head_dim",
+                   f"must be even with rope, got {self.head_dim}")
+        _check(self.rope_theta > 0, "attention.rope_theta", f"must be > 0, got {self.rope_theta}")
+        _check(self.implementation in (None, "xla", "cudnn"), "attention.implementation",
+               f"must be null, 'xla' or 'cudnn', got {self.implementation!r}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedDeltaNetConfig:
+    """Baseline mixer ``D`` (Gated DeltaNet; its layer lives in layers/gated_deltanet.py)."""
+
+    num_heads: int = 2
+    key_dim: int = 256
+    value_dim: int = 512
+    conv_kernel: int = 4
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        for name in ("num_heads", "key_dim", "value_dim", "conv_kernel", "chunk_size"):
+            _positive_int(getattr(self, name), f"gated_deltanet.{name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+    """Baseline mixer ``S`` (Mamba-2 style SSM; its layer lives in layers/mamba2.py)."""
+
+    num_heads: int = 32
+    head_dim: int = 64
+    state_dim: int = 128
+    num_groups: int = 1
+    conv_kernel: int = 4
+    chunk_size: int = 64
+    A_init_min: float = 1.0
+    A_init_max: float = 16.0
+    dt_init_min: float = 1e-3
+    dt_init_max: float = 0.1
+    dt_init_floor: float = 1e-4
+
+    def __post_init__(self):
+        for name in ("num_heads", "head_dim", "state_dim", "num_groups", "conv_kernel",
+                     "chunk_size"):
+            _positive_int(getattr(self, name), f"mamba2.{name}")
+        _check(self.num_heads % self.num_groups == 0, "mamba2.num_groups",
+               f"= {self.num_groups} must divide num_heads = {self.num_heads}")
+        _check(0 < self.A_init_min < self.A_init_max, "mamba2.A_init_min/A_init_max",
+               f"must satisfy 0 < min < max, got {self.A_init_min}, {self.A_init_max}")
+        _check(0 < self.dt_init_min <= self.dt_init_max, "mamba2.dt_init_min/dt_init_max",
+               f"must satisfy 0 < min <= max, got {self.dt_init_min}, {self.dt_init_max}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+
+    hidden_dim: int = 2752
+
+    def __post_init__(self):
+        _positive_int(self.hidden_dim, "mlp.hidden_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A hybrid language model: embedding, one block per pattern letter, final norm, LM head."""
+
+    vocab_size: int = 50304
+    d_model: int = 1024
+    layer_pattern: str = "MMMMAMMMMMMMAMMMMMMMAMMM"
+    m2rnn: M2RNNConfig = dataclasses.field(default_factory=M2RNNConfig)
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    mlp: MLPConfig = dataclasses.field(default_factory=MLPConfig)
+    gated_deltanet: GatedDeltaNetConfig = dataclasses.field(default_factory=GatedDeltaNetConfig)
+    mamba2: Mamba2Config = dataclasses.field(default_factory=Mamba2Config)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    compute_dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    init_std: float = 0.02  # normal init of embeddings and projections
+    depth_scaled_init: bool = True  # out projections use init_std / sqrt(2 · num_layers)
+
+    def __post_init__(self):
+        _positive_int(self.vocab_size, "vocab_size")
+        _positive_int(self.d_model, "d_model")
+        _check(isinstance(self.layer_pattern, str) and len(self.layer_pattern) >= 1,
+               "layer_pattern", f"must be a non-empty string, got {self.layer_pattern!r}")
+        _check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        for name in ("compute_dtype", "param_dtype"):
+            _check(getattr(self, name) in DTYPES, name,
+                   f"must be one of {DTYPES}, got {getattr(self, name)!r}")
+        _check(self.init_std > 0 and math.isfinite(self.init_std), "init_std",
+               f"must be a positive number, got {self.init_std}")
+        if "A" in self.layer_pattern and self.attention.head_dim is None:
+            _check(self.d_model % self.attention.num_heads == 0, "attention.num_heads",
+                   f"= {self.attention.num_heads} must divide d_model = {self.d_model} "
+                   f"(or set attention.head_dim)")
+            _check(not self.attention.rope or (self.d_model // self.attention.num_heads) % 2 == 0,
+                   "attention.head_dim", "must be even with rope")
+        # Letters are checked against the mixer registry when the model is built, because
+        # other modules may register letters after this config is created.
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_pattern)
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.attention.head_dim or self.d_model // self.attention.num_heads

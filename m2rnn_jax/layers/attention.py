@@ -1,0 +1,79 @@
+"""Causal softmax attention with grouped KV heads and optional RoPE (mixer ``A``).
+
+Packed documents (``segment_ids``) attend only within themselves; with RoPE, positions restart
+at 0 at each document start. The authors' hybrids use no positional encoding (the default).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m2rnn_jax.layers.linear import Linear
+from m2rnn_jax.layers.params import model_dtypes, out_proj_std
+
+
+def positions_in_document(segment_ids, batch, seq_len):
+    """Index of each step within its document: ``(B, S)`` int32."""
+    steps = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+    if segment_ids is None:
+        return steps
+    starts = jnp.concatenate([jnp.ones((batch, 1), bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    last_start = jax.lax.cummax(jnp.where(starts, steps, 0), axis=1)
+    return steps - last_start
+
+
+def apply_rope(x, positions, theta):
+    """Rotary embedding on ``x (B, S, H, D)`` at ``positions (B, S)`` (half-split layout)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None, None] * freqs  # (B, S, 1, half)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Mixer ``A``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        """``config`` is a ``ModelConfig``; the layer reads ``config.attention``."""
+        cfg = config.attention
+        self.cfg = cfg
+        self.head_dim = config.attention_head_dim
+        dtype, param_dtype = model_dtypes(config)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=cfg.add_bias)
+        d, h, hkv = config.d_model, cfg.num_heads, cfg.kv_heads
+        self.q_proj = Linear(d, h * self.head_dim, ("embed", "mixer"), std=config.init_std, **kw)
+        self.k_proj = Linear(d, hkv * self.head_dim, ("embed", "mixer"), std=config.init_std,
+                             **kw)
+        self.v_proj = Linear(d, hkv * self.head_dim, ("embed", "mixer"), std=config.init_std,
+                             **kw)
+        self.o_proj = Linear(h * self.head_dim, d, ("mixer", "embed"), std=out_proj_std(config),
+                             rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def _project(self, x, positions):
+        batch, seq_len = x.shape[:2]
+        q = self.q_proj(x).reshape(batch, seq_len, self.cfg.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, seq_len, self.cfg.kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, seq_len, self.cfg.kv_heads, self.head_dim)
+        if self.cfg.rope:
+            q = apply_rope(q, positions, self.cfg.rope_theta)
+            k = apply_rope(k, positions, self.cfg.rope_theta)
+        return q, k, v
+
+    def __call__(self, x, segment_ids=None):
+        batch, seq_len = x.shape[:2]
+        positions = positions_in_document(segment_ids, batch, seq_len)
+        q, k, v = self._project(x, positions)
+        if segment_ids is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                               implementation=self.cfg.implementation)
+        else:
+            causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+            same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+            mask = (causal[None] & same_doc)[:, None]  # (B, 1, T, S)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                               implementation=self.cfg.implementation)
+        return self.o_proj(out.reshape(batch, seq_len, -1))

@@ -1,0 +1,53 @@
+"""Causal depthwise convolution over time that does not mix packed documents.
+
+``out[t] = Σ_j weight[K-1-j] · x[t-j]`` over the taps ``j < K`` whose step ``t-j`` lies in the
+same document as ``t`` (``weight[K-1]`` multiplies the current step, as a left-padded conv1d).
+Shared by every mixer that has a short conv (M²RNN, and the baselines if they want it).
+"""
+
+import jax.numpy as jnp
+
+
+def _shift_right(x, lag, fill):
+    """``x[:, t - lag]`` along axis 1, ``fill`` where ``t < lag``."""
+    if lag == 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (lag, 0)
+    return jnp.pad(x, pad, constant_values=fill)[:, :x.shape[1]]
+
+
+def causal_depthwise_conv(x, weight, bias=None, segment_ids=None):
+    """``x (B, S, C)``, ``weight (K, C)``, ``bias (C,)``, ``segment_ids (B, S)`` -> ``(B, S, C)``.
+
+    Computed in float32, returned in ``x``'s dtype.
+    """
+    taps = weight.shape[0]
+    x32 = x.astype(jnp.float32)
+    w32 = weight.astype(jnp.float32)
+    out = x32 * w32[taps - 1]
+    for lag in range(1, taps):
+        shifted = _shift_right(x32, lag, 0.0)
+        if segment_ids is not None:
+            # Steps before the row start are zeros already; the fill value does not matter.
+            same = _shift_right(segment_ids, lag, 0) == segment_ids
+            shifted = shifted * same[..., None]
+        out = out + shifted * w32[taps - 1 - lag]
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+def conv_window(x, segment_ids, taps):
+    """The last ``taps - 1`` inputs of each row that belong to its last document, zero elsewhere.
+
+    ``x (B, S, C)`` -> ``(B, taps - 1, C)`` (left-padded with zeros when ``S < taps - 1``): the
+    conv history a decode step continues from.
+    """
+    history = taps - 1
+    window = x[:, max(x.shape[1] - history, 0):]
+    if segment_ids is not None:
+        same = segment_ids[:, -window.shape[1]:] == segment_ids[:, -1:]
+        window = window * same[..., None].astype(window.dtype)
+    missing = history - window.shape[1]
+    return jnp.pad(window, ((0, 0), (missing, 0), (0, 0))) if missing else window

@@ -1,0 +1,45 @@
+"""Dense projections and the token embedding, with logical axes on their parameters."""
+
+import jax.numpy as jnp
+from flax import nnx
+
+from m2rnn_jax.layers.params import make_param, normal
+
+
+class Linear(nnx.Module):
+    """``y = x W (+ b)``; ``W (in, out)`` carries logical axes ``axes``; computed in ``dtype``."""
+
+    def __init__(self, in_features: int, out_features: int, axes, *, std: float, rngs: nnx.Rngs,
+                 use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.dtype = dtype
+        self.kernel = make_param(normal(rngs.params(), (in_features, out_features), std,
+                                        param_dtype), axes)
+        self.bias = (make_param(jnp.zeros((out_features,), param_dtype), axes[1:],
+                                weight_decay=False) if use_bias else None)
+
+    def __call__(self, x, out_dtype=None):
+        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                       preferred_element_type=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding ``(vocab, d_model)``; ``attend`` gives tied LM-head logits."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, std: float, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.dtype = dtype
+        self.embedding = make_param(normal(rngs.params(), (vocab_size, d_model), std, param_dtype),
+                                    ("vocab", "embed"))
+
+    def __call__(self, tokens):
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x):
+        """Float32 logits ``x @ embeddingᵀ``."""
+        table = self.embedding[...].astype(self.dtype)
+        return jnp.matmul(x.astype(self.dtype), table.T, preferred_element_type=jnp.float32)
+
+

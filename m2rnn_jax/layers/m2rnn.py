@@ -1,0 +1,118 @@
+"""The M²RNN mixer layer (SPEC §2), as in the authors' training code.
+
+``x (B, S, d_model)`` -> in_proj -> [q|k|v | forget logits | g] -> causal depthwise conv + SiLU on
+q|k|v -> forget gate ``f = exp(-exp(A_log) · softplus(logit + dt_bias))`` (float32) -> the
+``m2rnn`` op -> ``y + D ⊙ v`` -> ``y ⊙ silu(g)`` -> RMSNorm over N·V -> out_proj.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m2rnn_jax.heads import expand_heads
+from m2rnn_jax.layers.conv import causal_depthwise_conv
+from m2rnn_jax.layers.linear import Linear
+from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
+from m2rnn_jax.ops import m2rnn
+
+
+def init_A_log(key, num_heads, low, high):
+    """``A ~ U[low, high]``, ``A_log = log A`` (A floored at float32's tiny so the log is finite)."""
+    a = jax.random.uniform(key, (num_heads,), jnp.float32, low, high)
+    return jnp.log(jnp.maximum(a, np.finfo(np.float32).tiny))
+
+
+def init_dt_bias(key, num_heads, dt_min, dt_max, dt_floor):
+    """``dt = exp(U[log dt_min, log dt_max])`` floored at ``dt_floor``; returns softplus⁻¹(dt)."""
+    u = jax.random.uniform(key, (num_heads,), jnp.float32)
+    dt = jnp.exp(u * (np.log(dt_max) - np.log(dt_min)) + np.log(dt_min))
+    dt = jnp.maximum(dt, dt_floor)
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+def forget_gate(logits, A_log, dt_bias):
+    """Mamba-style decay ``exp(-exp(A_log) · softplus(logits + dt_bias))`` in float32."""
+    dt = jax.nn.softplus(logits.astype(jnp.float32) + dt_bias)
+    return jnp.exp(-jnp.exp(A_log) * dt)
+
+
+class M2RNN(nnx.Module):
+    """Mixer ``M``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        """``config`` is a ``ModelConfig``; the layer reads ``config.m2rnn``."""
+        cfg = config.m2rnn
+        self.cfg = cfg
+        dtype, param_dtype = model_dtypes(config)
+        self.dtype = dtype
+        n, v_dim = cfg.num_heads, cfg.value_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.in_proj = Linear(config.d_model, cfg.in_proj_width, ("embed", "mixer"),
+                              std=config.init_std, use_bias=cfg.add_bias, **kw)
+        bound = 1.0 / np.sqrt(cfg.conv_kernel)  # PyTorch's conv1d default for a depthwise conv
+        self.conv_weight = make_param(
+            jax.random.uniform(rngs.params(), (cfg.conv_kernel, cfg.conv_width), jnp.float32,
+                               -bound, bound).astype(param_dtype), ("conv", "mixer"))
+        self.conv_bias = (make_param(jnp.zeros((cfg.conv_width,), param_dtype), ("mixer",),
+                                     weight_decay=False) if cfg.add_bias else None)
+        num_f = cfg.heads("f")
+        # The decay parameters stay float32 whatever param_dtype is (SPEC §2).
+        self.A_log = make_param(init_A_log(rngs.params(), num_f, cfg.A_init_min, cfg.A_init_max),
+                                ("heads",), weight_decay=False)
+        self.dt_bias = make_param(
+            init_dt_bias(rngs.params(), num_f, cfg.dt_init_min, cfg.dt_init_max,
+                         cfg.dt_init_floor), ("heads",), weight_decay=False)
+        self.W = make_param(jnp.broadcast_to(jnp.eye(v_dim, dtype=param_dtype),
+                                             (cfg.heads("w"), v_dim, v_dim)),
+                            ("heads", "head_dim", "head_dim"))
+        self.D = (make_param(jnp.ones((n, v_dim), param_dtype), ("heads", "head_dim"),
+                             weight_decay=False) if cfg.use_residual else None)
+        self.out_norm = RMSNorm(cfg.output_width, eps=config.norm_eps, dtype=dtype,
+                                param_dtype=param_dtype)
+        self.out_proj = Linear(cfg.output_width, config.d_model, ("mixer", "embed"),
+                               std=out_proj_std(config), **kw)
+
+    def _split(self, projected):
+        cfg = self.cfg
+        widths = np.cumsum([cfg.conv_width, cfg.heads("f")])
+        qkv, f_logits, g = jnp.split(projected, widths, axis=-1)
+        return qkv, f_logits, g
+
+    def _heads(self, qkv):
+        """Conv output ``(..., conv_width)`` -> q ``(..., Nq, K)``, k, v ``(..., Nv, V)``."""
+        cfg = self.cfg
+        nq, nk, nv = cfg.heads("q"), cfg.heads("k"), cfg.heads("v")
+        q, k, v = jnp.split(qkv, np.cumsum([nq * cfg.key_dim, nk * cfg.key_dim]), axis=-1)
+        lead = qkv.shape[:-1]
+        return (q.reshape(lead + (nq, cfg.key_dim)), k.reshape(lead + (nk, cfg.key_dim)),
+                v.reshape(lead + (nv, cfg.value_dim)))
+
+    def _output(self, y, v, g):
+        """Read-out ``y (..., N, V)`` -> residual, gate, norm, out_proj -> ``(..., d_model)``."""
+        cfg = self.cfg
+        n = cfg.num_heads
+        if self.D is not None:
+            y = y + self.D[...].astype(y.dtype) * expand_heads(v, n, axis=-2).astype(y.dtype)
+        g = g.reshape(g.shape[:-1] + (cfg.heads("g"), cfg.value_dim))
+        gated = y * jax.nn.silu(expand_heads(g, n, axis=-2)).astype(y.dtype)
+        gated = gated.reshape(gated.shape[:-2] + (cfg.output_width,))
+        return self.out_proj(self.out_norm(gated))
+
+    def __call__(self, x, segment_ids=None):
+        y, _ = self.forward_with_state(x, segment_ids)
+        return y
+
+    def forward_with_state(self, x, segment_ids=None, initial_state=None):
+        """Full-sequence path; returns ``(out (B, S, d_model), final state (B, N, K, V) f32)``."""
+        qkv, f_logits, g = self._split(self.in_proj(x))
+        conv_bias = None if self.conv_bias is None else self.conv_bias[...]
+        qkv = jax.nn.silu(causal_depthwise_conv(qkv, self.conv_weight[...], conv_bias,
+                                                segment_ids))
+        q, k, v = self._heads(qkv)
+        f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
+        y, state = m2rnn(q, k, v, self.W[...], f, initial_state, self.cfg.gradient_clipping,
+                         segment_ids=segment_ids, backend=self.cfg.backend,
+                         chunk_size=self.cfg.chunk_size)
+        return self._output(y, v, g), state

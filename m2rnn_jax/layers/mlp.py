@@ -1,0 +1,21 @@
+"""The SwiGLU MLP of every block: ``down(silu(gate(x)) ⊙ up(x))``."""
+
+import jax
+from flax import nnx
+
+from m2rnn_jax.layers.linear import Linear
+from m2rnn_jax.layers.params import model_dtypes, out_proj_std
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        """``config`` is a ``ModelConfig``; the hidden width is ``config.mlp.hidden_dim``."""
+        dtype, param_dtype = model_dtypes(config)
+        d, hidden = config.d_model, config.mlp.hidden_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate = Linear(d, hidden, ("embed", "mlp"), std=config.init_std, **kw)
+        self.up = Linear(d, hidden, ("embed", "mlp"), std=config.init_std, **kw)
+        self.down = Linear(hidden, d, ("mlp", "embed"), std=out_proj_std(config), **kw)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

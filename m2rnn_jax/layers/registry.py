@@ -1,0 +1,49 @@
+"""Layer-pattern letters -> mixer classes.
+
+A mixer constructor has the signature ``cls(config: ModelConfig, *, rngs: nnx.Rngs)`` and reads
+its own sub-config (``config.m2rnn``, ``config.attention``, ``config.gated_deltanet``,
+``config.mamba2``, ...), plus ``config.d_model``, ``config.compute_dtype`` /
+``config.param_dtype`` (see ``params.model_dtypes``), ``config.init_std`` and
+``params.out_proj_std(config)`` for projections into the residual stream. Its instances are
+called as ``mixer(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)`` in the compute
+dtype, never mixing packed documents (``segment_ids (B, S)`` int) and never looking ahead. Every
+parameter is made with ``params.make_param`` (logical axes + weight-decay flag).
+
+Built-in letters: ``M`` (M²RNN) and ``A`` (attention). ``D`` and ``S`` are imported lazily from
+``m2rnn_jax.layers.gated_deltanet`` / ``m2rnn_jax.layers.mamba2``, which call
+``register_mixer`` when imported.
+"""
+
+import importlib
+
+from m2rnn_jax.layers.attention import Attention
+from m2rnn_jax.layers.m2rnn import M2RNN
+
+_MIXERS = {"M": M2RNN, "A": Attention}
+# Letters whose module registers them on import (kept lazy so that a missing or broken baseline
+# module does not stop models without that letter from building).
+_LAZY_MODULES = {"D": "m2rnn_jax.layers.gated_deltanet", "S": "m2rnn_jax.layers.mamba2"}
+
+
+def register_mixer(letter: str, constructor, *, replace: bool = False):
+    """Makes ``letter`` in a layer pattern build ``constructor(config, rngs=rngs)``."""
+    if not (isinstance(letter, str) and len(letter) == 1 and letter.isalpha()):
+        raise ValueError(f"mixer letter must be one alphabetic character, got {letter!r}")
+    if letter in _MIXERS and _MIXERS[letter] is not constructor and not replace:
+        raise ValueError(f"mixer letter {letter!r} is already registered to "
+                         f"{_MIXERS[letter].__name__}; pass replace=True to override")
+    _MIXERS[letter] = constructor
+
+
+def mixer_class(letter: str):
+    """The constructor registered for ``letter`` (importing its module if it is lazy)."""
+    if letter not in _MIXERS and letter in _LAZY_MODULES:
+        importlib.import_module(_LAZY_MODULES[letter])
+    if letter not in _MIXERS:
+        raise ValueError(f"layer_pattern letter {letter!r} has no registered mixer; known: "
+                         f"{sorted(set(_MIXERS) | set(_LAZY_MODULES))}")
+    return _MIXERS[letter]
+
+
+def registered_letters():
+    return sorted(set(_MIXERS) | set(_LAZY_MODULES))

@@ -1,0 +1,102 @@
+"""The hybrid language model: embedding, one pre-norm block per pattern letter, LM head."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m2rnn_jax.layers.linear import Embed, Linear
+from m2rnn_jax.layers.mlp import SwiGLU
+from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.layers.params import model_dtypes
+from m2rnn_jax.layers.registry import mixer_class
+
+
+class Block(nnx.Module):
+    """``x += mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))``."""
+
+    def __init__(self, config, letter: str, *, rngs: nnx.Rngs):
+        dtype, param_dtype = model_dtypes(config)
+        self.letter = letter
+        self.mixer_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
+                                  param_dtype=param_dtype)
+        self.mixer = mixer_class(letter)(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
+                                param_dtype=param_dtype)
+        self.mlp = SwiGLU(config, rngs=rngs)
+
+    def __call__(self, x, segment_ids=None):
+        x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids).astype(x.dtype)
+        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+
+
+class HybridLM(nnx.Module):
+    """``__call__(tokens (B, S) int, segment_ids=None) -> logits (B, S, vocab) float32``.
+
+    The residual stream is kept in the compute dtype; logits are float32.
+    """
+
+    def __init__(self, config, *, rngs: nnx.Rngs, remat: bool = False):
+        """``remat=True`` recomputes each block's activations in the backward pass."""
+        for letter in config.layer_pattern:
+            mixer_class(letter)  # fail early, naming the letter, before allocating anything
+        dtype, param_dtype = model_dtypes(config)
+        self.config = config
+        self.remat = remat
+        self.embed = Embed(config.vocab_size, config.d_model, std=config.init_std, rngs=rngs,
+                           dtype=dtype, param_dtype=param_dtype)
+        self.blocks = nnx.List([Block(config, letter, rngs=rngs)
+                                for letter in config.layer_pattern])
+        self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
+                                  param_dtype=param_dtype)
+        self.lm_head = (None if config.tie_embeddings else
+                        Linear(config.d_model, config.vocab_size, ("embed", "vocab"),
+                               std=config.init_std, rngs=rngs, dtype=dtype,
+                               param_dtype=param_dtype))
+
+    def __call__(self, tokens, segment_ids=None):
+        self._check_inputs(tokens, segment_ids)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            if self.remat:
+                x = nnx.remat(lambda blk, h, seg: blk(h, seg))(block, x, segment_ids)
+            else:
+                x = block(x, segment_ids)
+        return self.logits(x)
+
+    def logits(self, x):
+        """Final norm and LM head on hidden states ``(..., d_model)`` -> float32 logits."""
+        x = self.final_norm(x)
+        if self.lm_head is None:
+            return self.embed.attend(x)
+        return self.lm_head(x, out_dtype=jnp.float32)
+
+    def _check_inputs(self, tokens, segment_ids):
+        if not hasattr(tokens, "ndim") or tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, S), got "
+                             f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must have an integer dtype, got {tokens.dtype}")
+        if tokens.shape[1] < 1:
+            raise ValueError(f"tokens must have at least one step, got shape {tokens.shape}")
+        if segment_ids is not None:
+            if getattr(segment_ids, "shape", None) != tokens.shape:
+                raise ValueError(f"segment_ids must have the shape of tokens {tokens.shape}, got "
+                                 f"{getattr(segment_ids, 'shape', type(segment_ids).__name__)}")
+            if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+                raise ValueError(f"segment_ids must have an integer dtype, got "
+                                 f"{segment_ids.dtype}")
+        if _on_host(tokens):
+            # Only where reading values is cheap (not traced, not on an accelerator).
+            values = np.asarray(tokens)
+            if values.min() < 0 or values.max() >= self.config.vocab_size:
+                raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}),"
+                                 f" got values in [{values.min()}, {values.max()}]")
+
+
+def _on_host(x):
+    if isinstance(x, np.ndarray):
+        return True
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return all(d.platform == "cpu" for d in x.devices())
+    return False
