@@ -198,12 +198,13 @@ class _Step:
         self.b = pl.program_id(0)
         self.p = pl.program_id(1)
         first_head = self.p * lay.block_heads
-        self.group = first_head // lay.heads_per_group
+        # lax.div/rem: the lowering handles them directly (indices are non-negative).
+        self.group = lax.div(first_head, lay.heads_per_group)
         self.first_head = first_head
         self.cols = pl.ds(first_head * lay.value_pad, lay.cols)
         # Column j of the tile belongs to head first_head + j // Vp (a gather index for f).
-        self.col_heads = first_head + lax.broadcasted_iota(jnp.int32, (lay.cols,), 0) \
-            // lay.value_pad
+        self.col_heads = first_head + lax.div(
+            lax.broadcasted_iota(jnp.int32, (lay.cols,), 0), jnp.int32(lay.value_pad))
 
     def load(self, t):
         q_ref, k_ref, v_ref, f_ref, keep_ref = self.refs
@@ -244,9 +245,9 @@ def _forward_kernel(*refs, lay, chunk, config, has_keep, save_checkpoints, preci
     def run_group(i, h, inputs):
         t0 = i * unroll
         if save_checkpoints:
-            @pl.when(i % groups_per_chunk == 0)
+            @pl.when(lax.rem(i, groups_per_chunk) == 0)
             def _():
-                ckpt_ref[b, i // groups_per_chunk, :, cols] = h
+                ckpt_ref[b, lax.div(i, groups_per_chunk), :, cols] = h
         for j in range(unroll):
             _, _, h = step.advance(h, inputs[j])
             y = jnp.sum(h * inputs[j][0][:, None], axis=0)
