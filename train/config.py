@@ -1,0 +1,161 @@
+"""``TrainConfig``: the model's ``ModelConfig`` plus optimizer, data, mesh, checkpoint and logging.
+
+Load with ``load_train_config(path, overrides)``; every key is type-checked by
+``m2rnn_jax.typed_config`` and every value range here, so a bad value fails before any work
+with an error naming its dotted key (``optimizer.learning_rate must be > 0, got -1.0``).
+"""
+
+import dataclasses
+from typing import Literal
+
+from m2rnn_jax.config import ModelConfig
+from m2rnn_jax.typed_config import ConfigError, from_dict, load_yaml, override, to_dict
+
+
+def _require(condition, key, message):
+    if not condition:
+        raise ValueError(f"{key} {message}")
+
+
+def _positive(value, key):
+    _require(value > 0, key, f"must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup, cosine decay and global-norm gradient clipping."""
+
+    learning_rate: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-10
+    weight_decay: float = 0.1  # not applied to norms, biases, A_log, dt_bias, D
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the cosine ends at learning_rate · min_lr_ratio
+    schedule_steps: int | None = None  # length of warmup + cosine; None = train steps
+    clip_grad_norm: float | None = 1.0  # None: no clipping
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (data.batch_size is the total)
+
+    def __post_init__(self):
+        _positive(self.learning_rate, "optimizer.learning_rate")
+        for key in ("b1", "b2"):
+            _require(0 <= getattr(self, key) < 1, f"optimizer.{key}",
+                     f"must lie in [0, 1), got {getattr(self, key)!r}")
+        _require(self.eps >= 0, "optimizer.eps", f"must be >= 0, got {self.eps!r}")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay",
+                 f"must be >= 0, got {self.weight_decay!r}")
+        _require(self.warmup_steps >= 0, "optimizer.warmup_steps",
+                 f"must be >= 0, got {self.warmup_steps!r}")
+        _require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio",
+                 f"must lie in [0, 1], got {self.min_lr_ratio!r}")
+        if self.schedule_steps is not None:
+            _positive(self.schedule_steps, "optimizer.schedule_steps")
+        if self.clip_grad_norm is not None:
+            _positive(self.clip_grad_norm, "optimizer.clip_grad_norm")
+        _positive(self.grad_accum_steps, "optimizer.grad_accum_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are packed (see ``train/data.py``)."""
+
+    source: Literal["stdlib", "text", "tokens"] = "stdlib"
+    paths: tuple[str, ...] = ()  # files/folders for source text or tokens
+    validation_paths: tuple[str, ...] = ()  # explicit validation files; else split by file
+    validation_fraction: float = 0.02  # every round(1/fraction)-th file is held out
+    seq_len: int = 256
+    batch_size: int = 16  # rows per optimizer step, over all devices and micro-batches
+    seed: int = 0  # document order and row shuffling
+    eval_rows: int = 128  # validation rows per evaluation (spread over the split); 0 = all
+
+    def __post_init__(self):
+        _require(0 < self.validation_fraction < 1, "data.validation_fraction",
+                 f"must lie in (0, 1), got {self.validation_fraction!r}")
+        _positive(self.seq_len, "data.seq_len")
+        _positive(self.batch_size, "data.batch_size")
+        _require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed!r}")
+        _require(self.eval_rows >= 0, "data.eval_rows", f"must be >= 0, got {self.eval_rows!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; one may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 200  # periodic saves (and always a final one); 0 = final only
+    keep: int = 3  # most recent checkpoints kept
+    async_save: bool = True  # write in the background while training continues
+
+    def __post_init__(self):
+        _require(self.every_steps >= 0, "checkpoint.every_steps",
+                 f"must be >= 0, got {self.every_steps!r}")
+        _positive(self.keep, "checkpoint.keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    eval_every: int = 100  # validation loss / bits-per-byte every N steps (and at the end)
+    log_every: int = 10  # training metrics to metrics.jsonl every N steps
+    progress_bar: bool = True
+    plot: bool = True  # loss curves PNG at the end
+
+    def __post_init__(self):
+        _require(self.eval_every >= 0, "logging.eval_every",
+                 f"must be >= 0, got {self.eval_every!r}")
+        _positive(self.log_every, "logging.log_every")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    steps: int = 1000  # total optimizer steps to reach (a resumed run continues to it)
+    seed: int = 0  # parameter init and the training RNG
+    remat: bool = False  # recompute block activations in the backward pass (saves memory)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        _positive(self.steps, "steps")
+        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed!r}")
+        _require(self.data.batch_size % self.optimizer.grad_accum_steps == 0, "data.batch_size",
+                 f"= {self.data.batch_size} must be divisible by optimizer.grad_accum_steps = "
+                 f"{self.optimizer.grad_accum_steps}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.data.batch_size // self.optimizer.grad_accum_steps
+
+
+def train_config_from_dict(data) -> TrainConfig:
+    return from_dict(TrainConfig, data)
+
+
+def load_train_config(path, overrides=()) -> TrainConfig:
+    """Reads a YAML file and applies ``key=value`` overrides (dotted keys, YAML values)."""
+    try:
+        config = load_yaml(TrainConfig, path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist") from err
+    return override(config, list(overrides)) if overrides else config
+
+
+def train_config_to_dict(config: TrainConfig) -> dict:
+    """Plain data (lists for tuples) that ``train_config_from_dict`` reads back."""
+    return _plain(to_dict(config))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,156 @@
+"""Sharded training state and the jitted train / eval steps.
+
+The state is a plain pytree ``{"params", "opt_state", "step", "rng"}`` (parameters in the
+pure-dict form of the model's ``nnx.State``), so jit shardings, Orbax and optax all see the same
+structure. Shardings come from the parameters' logical axes through ``train.sharding``.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from m2rnn_jax import HybridLM
+from m2rnn_jax.typed_config import ConfigError
+from train import sharding
+from train.data import model_inputs
+from train.optimizer import make_optimizer
+
+
+@dataclasses.dataclass
+class Trainee:
+    """Everything the loop needs about the model on a mesh (no arrays allocated yet)."""
+
+    graphdef: object
+    abstract_params: object  # nnx.State of abstract Params (logical axes, weight-decay flags)
+    optimizer: optax.GradientTransformation
+    schedule: object
+    mesh: jax.sharding.Mesh
+    state_shardings: dict
+    train_step: object  # (state, batch) -> (state, metrics)
+    eval_step: object  # (params, batch) -> (loss_sum, target_count)
+    init_state: object  # () -> sharded initial state
+
+    @property
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.abstract_params.to_pure_dict()))
+
+    def abstract_state(self):
+        """The state's shapes, dtypes and shardings (an Orbax restore target)."""
+        shapes = jax.eval_shape(self.init_state)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+
+def abstract_model(model_config, *, remat=False):
+    """``(graphdef, abstract params State)`` without allocating parameters."""
+    model = nnx.eval_shape(lambda: HybridLM(model_config, rngs=nnx.Rngs(0), remat=remat))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"the trainer expects a model whose only state is nnx.Param, found "
+                         f"{list(rest.flat_state())[:3]}")
+    return graphdef, params
+
+
+def loss_sums(graphdef, params, tokens, segment_ids):
+    """(summed cross-entropy in nats, number of targets) over rows of ``seq_len + 1`` tokens."""
+    inputs, input_segments, targets, mask = model_inputs(tokens, segment_ids)
+    logits = nnx.merge(graphdef, params)(inputs, segment_ids=input_segments)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
+
+
+def build_trainee(config, mesh) -> Trainee:
+    """Model, optimizer and jitted steps of a ``TrainConfig`` on ``mesh``."""
+    ways = sharding.batch_ways(mesh)
+    if config.micro_batch_size % ways:
+        raise ConfigError(
+            f"data.batch_size = {config.data.batch_size} over optimizer.grad_accum_steps = "
+            f"{config.optimizer.grad_accum_steps} gives micro-batches of "
+            f"{config.micro_batch_size} rows, which the mesh's data x fsdp = {ways} devices "
+            f"do not divide")
+    graphdef, abstract_params = abstract_model(config.model, remat=config.remat)
+    optimizer, schedule = make_optimizer(config.optimizer, abstract_params, config.steps)
+
+    param_shardings = sharding.param_shardings(abstract_params, mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, abstract_params.to_pure_dict())
+    replicated = sharding.replicated(mesh)
+    # Optimizer moments follow their parameter's sharding; counters are replicated.
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
+                       "step": replicated, "rng": replicated}
+
+    model_config, seed, remat = config.model, config.seed, config.remat
+
+    def init_state():
+        model = HybridLM(model_config, rngs=nnx.Rngs(seed), remat=remat)
+        params = nnx.state(model, nnx.Param).to_pure_dict()
+        return {"params": params, "opt_state": optimizer.init(params),
+                "step": jnp.zeros((), jnp.int32),
+                # Kept and checkpointed for stochastic layers; the current model has none.
+                "rng": jax.random.key_data(jax.random.key(seed + 1))}
+
+    accum = config.optimizer.grad_accum_steps
+    # Batches arrive as (accum, micro_batch, seq_len + 1); the micro-batch axis is sharded.
+    train_batch_sharding = {key: sharding.batch_sharding(mesh, 3, leading=1)
+                            for key in ("tokens", "segment_ids")}
+    eval_batch_sharding = {key: sharding.batch_sharding(mesh, 2)
+                           for key in ("tokens", "segment_ids")}
+
+    def train_step(state, batch):
+        params = state["params"]
+        _, _, _, mask = model_inputs(batch["tokens"], batch["segment_ids"])
+        # Gradients of the token-mean over the whole batch, however it is split.
+        num_targets = jnp.maximum(jnp.sum(mask), 1)
+
+        def micro_loss(p, tokens, segment_ids):
+            total, _ = loss_sums(graphdef, p, tokens, segment_ids)
+            return total / num_targets
+
+        grad_fn = jax.value_and_grad(micro_loss)
+        if accum == 1:
+            loss, grads = grad_fn(params, batch["tokens"][0], batch["segment_ids"][0])
+        else:
+            def accumulate(carry, micro):
+                loss_acc, grads_acc = carry
+                loss_i, grads_i = grad_fn(params, micro["tokens"], micro["segment_ids"])
+                return (loss_acc + loss_i, jax.tree.map(jnp.add, grads_acc, grads_i)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                            batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                     "step": state["step"] + 1, "rng": state["rng"]}
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state["step"]), "targets": num_targets}
+        return new_state, metrics
+
+    def eval_step(params, batch):
+        return loss_sums(graphdef, params, batch["tokens"], batch["segment_ids"])
+
+    jitted_train = jax.jit(train_step, in_shardings=(state_shardings, train_batch_sharding),
+                           out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    jitted_eval = jax.jit(eval_step, in_shardings=(param_shardings, eval_batch_sharding),
+                          out_shardings=replicated)
+    jitted_init = jax.jit(init_state, out_shardings=state_shardings)
+    return Trainee(graphdef=graphdef, abstract_params=abstract_params, optimizer=optimizer,
+                   schedule=schedule, mesh=mesh, state_shardings=state_shardings,
+                   train_step=jitted_train, eval_step=jitted_eval, init_state=jitted_init)
+
+
+def put_batch(batch, trainee: Trainee, *, accum_steps=None):
+    """Process-local numpy rows -> global sharded arrays for the train step (``accum_steps``
+    given: reshaped to ``(accum, micro, S+1)``) or the eval step."""
+    out = {}
+    for key, rows in batch.items():
+        if accum_steps is not None:
+            rows = rows.reshape(accum_steps, -1, rows.shape[-1])
+            target = sharding.batch_sharding(trainee.mesh, 3, leading=1)
+        else:
+            target = sharding.batch_sharding(trainee.mesh, 2)
+        out[key] = jax.make_array_from_process_local_data(target, rows)
+    return out
