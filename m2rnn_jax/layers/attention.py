@@ -64,6 +64,15 @@ class Attention(nnx.Module):
         return q, k, v
 
     def __call__(self, x, segment_ids=None):
+        return self.prefill(x, segment_ids)[0]
+
+    def prefill(self, x, segment_ids=None, max_len=None):
+        """Full-sequence attention; with ``max_len``, also the KV cache for ``decode_step``.
+
+        The cache holds keys/values of ``max_len`` steps (``max_len >= S``), a mask of the
+        cached steps the next token may see (those of each row's last document), the number of
+        filled steps and each row's position in its last document (for RoPE).
+        """
         batch, seq_len = x.shape[:2]
         positions = positions_in_document(segment_ids, batch, seq_len)
         q, k, v = self._project(x, positions)
@@ -76,4 +85,33 @@ class Attention(nnx.Module):
             mask = (causal[None] & same_doc)[:, None]  # (B, 1, T, S)
             out = jax.nn.dot_product_attention(q, k, v, mask=mask,
                                                implementation=self.cfg.implementation)
-        return self.o_proj(out.reshape(batch, seq_len, -1))
+        y = self.o_proj(out.reshape(batch, seq_len, -1))
+        if max_len is None:
+            return y, None
+        if max_len < seq_len:
+            raise ValueError(f"max_len = {max_len} must be >= the prompt length {seq_len}")
+        pad = ((0, 0), (0, max_len - seq_len), (0, 0), (0, 0))
+        visible = jnp.ones((batch, seq_len), bool) if segment_ids is None else \
+            segment_ids == segment_ids[:, -1:]
+        cache = {"key": jnp.pad(k, pad), "value": jnp.pad(v, pad),
+                 "visible": jnp.pad(visible, ((0, 0), (0, max_len - seq_len))),
+                 "length": jnp.asarray(seq_len, jnp.int32),
+                 "position": positions[:, -1] + 1}
+        return y, cache
+
+    def decode_step(self, x, cache):
+        """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
+        batch = x.shape[0]
+        q, k, v = self._project(x, cache["position"][:, None])
+        index = cache["length"]
+        key = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype),
+                                           (0, index, 0, 0))
+        value = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype),
+                                             (0, index, 0, 0))
+        visible = jax.lax.dynamic_update_slice(cache["visible"], jnp.ones((batch, 1), bool),
+                                               (0, index))
+        out = jax.nn.dot_product_attention(q, key, value, mask=visible[:, None, None, :],
+                                           implementation=self.cfg.implementation)
+        y = self.o_proj(out.reshape(batch, 1, -1))
+        return y, {"key": key, "value": value, "visible": visible, "length": index + 1,
+                   "position": cache["position"] + 1}

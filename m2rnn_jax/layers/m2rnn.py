@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from m2rnn_jax.heads import expand_heads
-from m2rnn_jax.layers.conv import causal_depthwise_conv
+from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
 from m2rnn_jax.layers.linear import Linear
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
@@ -101,18 +101,40 @@ class M2RNN(nnx.Module):
         return self.out_proj(self.out_norm(gated))
 
     def __call__(self, x, segment_ids=None):
-        y, _ = self.forward_with_state(x, segment_ids)
-        return y
+        return self.prefill(x, segment_ids)[0]
 
-    def forward_with_state(self, x, segment_ids=None, initial_state=None):
-        """Full-sequence path; returns ``(out (B, S, d_model), final state (B, N, K, V) f32)``."""
-        qkv, f_logits, g = self._split(self.in_proj(x))
+    def prefill(self, x, segment_ids=None, max_len=None, initial_state=None):
+        """Full-sequence path: ``(out (B, S, d_model), cache)``.
+
+        The cache (the same size at every length; ``max_len`` is ignored) holds the float32
+        matrix state ``(B, N, K, V)`` after the last step and the conv window: the last
+        ``conv_kernel - 1`` pre-conv q|k|v inputs of each row's last document.
+        """
+        del max_len
+        qkv_in, f_logits, g = self._split(self.in_proj(x))
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
-        qkv = jax.nn.silu(causal_depthwise_conv(qkv, self.conv_weight[...], conv_bias,
+        qkv = jax.nn.silu(causal_depthwise_conv(qkv_in, self.conv_weight[...], conv_bias,
                                                 segment_ids))
         q, k, v = self._heads(qkv)
         f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
         y, state = m2rnn(q, k, v, self.W[...], f, initial_state, self.cfg.gradient_clipping,
                          segment_ids=segment_ids, backend=self.cfg.backend,
                          chunk_size=self.cfg.chunk_size)
-        return self._output(y, v, g), state
+        cache = {"state": state, "conv": conv_window(qkv_in, segment_ids, self.cfg.conv_kernel)}
+        return self._output(y, v, g), cache
+
+    def decode_step(self, x, cache):
+        """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
+        qkv_in, f_logits, g = self._split(self.in_proj(x))
+        window = jnp.concatenate([cache["conv"], qkv_in.astype(cache["conv"].dtype)], axis=1)
+        qkv = jnp.einsum("bjc,jc->bc", window.astype(jnp.float32),
+                         self.conv_weight[...].astype(jnp.float32))[:, None]
+        if self.conv_bias is not None:
+            qkv = qkv + self.conv_bias[...].astype(jnp.float32)
+        qkv = jax.nn.silu(qkv.astype(qkv_in.dtype))
+        q, k, v = self._heads(qkv)
+        f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
+        # One step of the same op through the portable backend: a kernel launch per token
+        # would cost more than the step itself.
+        y, state = m2rnn(q, k, v, self.W[...], f, cache["state"], backend="scan")
+        return self._output(y, v, g), {"state": state, "conv": window[:, 1:]}

@@ -29,6 +29,24 @@ class Block(nnx.Module):
         x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids).astype(x.dtype)
         return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
 
+    def prefill(self, x, segment_ids, max_len):
+        self._require_decoding()
+        y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, max_len)
+        x = x + y.astype(x.dtype)
+        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), cache
+
+    def decode_step(self, x, cache):
+        self._require_decoding()
+        y, cache = self.mixer.decode_step(self.mixer_norm(x), cache)
+        x = x + y.astype(x.dtype)
+        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), cache
+
+    def _require_decoding(self):
+        if not (hasattr(self.mixer, "prefill") and hasattr(self.mixer, "decode_step")):
+            raise NotImplementedError(
+                f"mixer {type(self.mixer).__name__} (layer letter {self.letter!r}) has no "
+                f"prefill/decode_step, so models containing it cannot generate token by token")
+
 
 class HybridLM(nnx.Module):
     """``__call__(tokens (B, S) int, segment_ids=None) -> logits (B, S, vocab) float32``.
@@ -63,6 +81,31 @@ class HybridLM(nnx.Module):
             else:
                 x = block(x, segment_ids)
         return self.logits(x)
+
+    def prefill(self, tokens, segment_ids=None, *, max_len):
+        """Runs the prompt ``tokens (B, S)`` through the full-sequence path.
+
+        Returns ``(logits (B, S, vocab) float32, caches)``: one cache per block, sized for
+        ``max_len`` total steps (attention preallocates its KV cache; M²RNN's is constant).
+        Generation continues each row's last document (``segment_ids`` as in ``__call__``;
+        left padding = a padding document before the prompt).
+        """
+        self._check_inputs(tokens, segment_ids)
+        x = self.embed(tokens)
+        caches = []
+        for block in self.blocks:
+            x, cache = block.prefill(x, segment_ids, max_len)
+            caches.append(cache)
+        return self.logits(x), caches
+
+    def decode_step(self, tokens, caches):
+        """One token per row ``tokens (B,)`` -> ``(logits (B, vocab) float32, caches)``."""
+        x = self.embed(tokens[:, None])
+        new_caches = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block.decode_step(x, cache)
+            new_caches.append(cache)
+        return self.logits(x)[:, 0], new_caches
 
     def logits(self, x):
         """Final norm and LM head on hidden states ``(..., d_model)`` -> float32 logits."""

@@ -1,0 +1,174 @@
+"""Autoregressive generation with ``HybridLM``: prefill once, then one compiled step per token.
+
+Tokens are bytes: a token id is one UTF-8 byte (``encode``/``ByteDecoder``), the convention of
+the training data pipeline (vocab >= 256).
+
+Prefill runs the full-sequence path over the prompts (the M²RNN op/kernel returns its final
+state; attention fills a KV cache preallocated for ``prompt + max_new_tokens`` steps); then each
+new token costs one ``decode_step`` through every block. Prompts of different lengths are left
+padded: the padding is a separate packed document, so no layer sees it.
+
+    generator = Generator(model)
+    rows = generator.generate([encode("Once upon")], max_new_tokens=50, temperature=0.8,
+                              top_p=0.95, seed=0, stop_tokens=[ord("\\n")])
+"""
+
+import codecs
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+PAD_TOKEN = 0
+
+
+def encode(text: str) -> list[int]:
+    """Text -> byte-level token ids."""
+    return list(text.encode("utf-8"))
+
+
+class ByteDecoder:
+    """Incremental bytes -> text for streaming (a multi-byte character waits for its last
+    byte; invalid bytes become U+FFFD)."""
+
+    def __init__(self):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, tokens) -> str:
+        return self._decoder.decode(bytes(int(t) for t in tokens))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+def check_sampling(temperature, top_k, top_p, vocab_size):
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be None or an integer in [1, {vocab_size}], got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Sets logits outside the top-k / nucleus (top-p) set to -inf. ``logits (..., vocab)``.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
+    (the most likely token is always kept); tokens tied with the last kept one are kept too.
+    """
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        threshold = jnp.min(jnp.where(mass_before < top_p, ordered, jnp.inf), axis=-1,
+                            keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def sample(logits, key, temperature=1.0, top_k=None, top_p=None):
+    """Next tokens ``(B,)`` from float32 ``logits (B, vocab)``; ``temperature == 0`` is greedy."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts):
+    """Token lists -> ``(tokens (B, S) int32, segment_ids (B, S) int32 or None)``.
+
+    Shorter prompts are left padded with a padding document (segment 0; the prompt is 1), so
+    every row ends at the same step and decodes in lockstep.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    seq_len = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), seq_len), PAD_TOKEN, np.int32)
+    segment_ids = np.zeros((len(prompts), seq_len), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, seq_len - len(prompt):] = prompt
+        segment_ids[row, seq_len - len(prompt):] = 1
+    if all(len(p) == seq_len for p in prompts):
+        return tokens, None
+    return tokens, segment_ids
+
+
+class Generator:
+    """Compiled prefill and decode step of one model (compiled once per shape and sampling
+    setting; the model's parameters are captured at construction)."""
+
+    def __init__(self, model):
+        self.vocab_size = model.config.vocab_size
+        self._graphdef, self._state = nnx.split(model)
+        donate = () if jax.default_backend() == "cpu" else (2,)  # CPU cannot donate buffers
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "sampling"))
+        self._step = jax.jit(self._step_fn, static_argnames=("sampling",), donate_argnums=donate)
+
+    def _prefill_fn(self, state, tokens, segment_ids, key, *, max_len, sampling):
+        model = nnx.merge(self._graphdef, state)
+        logits, caches = model.prefill(tokens, segment_ids, max_len=max_len)
+        return sample(logits[:, -1], key, *sampling), caches
+
+    def _step_fn(self, state, tokens, caches, key, *, sampling):
+        model = nnx.merge(self._graphdef, state)
+        logits, caches = model.decode_step(tokens, caches)
+        return sample(logits, key, *sampling), caches
+
+    def prefill(self, tokens, segment_ids=None, *, max_len, key=None, sampling=(0.0, None, None)):
+        """First sampled tokens ``(B,)`` and the caches after the prompt ``tokens (B, S)``."""
+        key = jax.random.key(0) if key is None else key
+        return self._prefill(self._state, jnp.asarray(tokens), None if segment_ids is None else
+                             jnp.asarray(segment_ids), key, max_len=max_len, sampling=sampling)
+
+    def step(self, tokens, caches, key=None, sampling=(0.0, None, None)):
+        """Feeds ``tokens (B,)``; returns the next sampled tokens and the updated caches."""
+        key = jax.random.key(0) if key is None else key
+        return self._step(self._state, tokens, caches, key, sampling=sampling)
+
+    def generate(self, prompts, max_new_tokens=64, *, temperature=1.0, top_k=None, top_p=None,
+                 seed=0, stop_tokens=(), callback=None):
+        """Continues each prompt (a list of token ids); returns one token list per prompt.
+
+        A row ends at its first stop token (not included in its output) or after
+        ``max_new_tokens``. ``callback(step, tokens (B,) np.int32, emitted (B,) bool)`` is
+        called after every step; ``emitted[i]`` says whether ``tokens[i]`` belongs to row i's
+        output (False once the row has stopped).
+        """
+        check_sampling(temperature, top_k, top_p, self.vocab_size)
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        prompts = [list(p) for p in prompts]
+        for row, prompt in enumerate(prompts):
+            if prompt and not all(0 <= t < self.vocab_size for t in prompt):
+                raise ValueError(f"prompt {row} has token ids outside [0, {self.vocab_size})")
+        tokens, segment_ids = left_pad(prompts)
+        sampling = (float(temperature), top_k, None if top_p is None else float(top_p))
+        base_key = jax.random.key(seed)
+        stops = np.asarray(sorted(set(stop_tokens)), np.int32)
+        outputs = [[] for _ in prompts]
+        running = np.ones(len(prompts), bool)
+        next_tokens, caches = self.prefill(tokens, segment_ids,
+                                           max_len=tokens.shape[1] + max_new_tokens,
+                                           key=jax.random.fold_in(base_key, 0), sampling=sampling)
+        for step in range(max_new_tokens):
+            host_tokens = np.asarray(next_tokens)
+            running &= ~np.isin(host_tokens, stops)
+            for row in np.flatnonzero(running):
+                outputs[row].append(int(host_tokens[row]))
+            if callback is not None:
+                callback(step, host_tokens, running.copy())
+            if not running.any() or step == max_new_tokens - 1:
+                break
+            next_tokens, caches = self.step(next_tokens, caches,
+                                            jax.random.fold_in(base_key, step + 1), sampling)
+        return outputs
+
+
+def generate(model, prompts, max_new_tokens=64, **kwargs):
+    """``Generator(model).generate(...)`` (compiles anew on every call; keep a ``Generator``
+    to generate repeatedly)."""
+    return Generator(model).generate(prompts, max_new_tokens, **kwargs)

@@ -1,0 +1,205 @@
+"""Generation: decode steps against the full-sequence path, caches, sampling, the CLI."""
+
+import dataclasses
+import pathlib
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m2rnn_jax import HybridLM, ModelConfig, register_mixer
+from m2rnn_jax import generate_cli
+from m2rnn_jax.generation import ByteDecoder, Generator, encode, filter_logits, sample
+from m2rnn_jax.layers import Linear
+from m2rnn_jax.typed_config import load_yaml
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+def tiny_config(pattern="MAM", **attention):
+    config = load_yaml(ModelConfig, CONFIGS / "tiny_hybrid.yaml")
+    attention = dataclasses.replace(config.attention, **attention)
+    return dataclasses.replace(config, layer_pattern=pattern, attention=attention)
+
+
+@nnx.jit(static_argnames="max_len")
+def prefill(model, tokens, segment_ids, max_len):
+    return model.prefill(tokens, segment_ids, max_len=max_len)
+
+
+@nnx.jit
+def decode_step(model, tokens, caches):
+    return model.decode_step(tokens, caches)
+
+
+@nnx.jit
+def forward(model, tokens, segment_ids):
+    return model(tokens, segment_ids)
+
+
+def packed_batch(seed, seq_len):
+    """Row 0: a padding document then a prompt; row 1: two documents. Random tokens."""
+    tokens = jax.random.randint(jax.random.key(seed), (2, seq_len), 0, 256, jnp.int32)
+    segment_ids = jnp.array([[0] * 3 + [1] * (seq_len - 3), [4] * 4 + [7] * (seq_len - 4)],
+                            jnp.int32)
+    return tokens, segment_ids
+
+
+@pytest.mark.parametrize("pattern, attention", [
+    ("M", {}),
+    ("A", dict(rope=True, num_kv_heads=2)),
+    ("MAM", dict(rope=False)),
+])
+def test_decode_steps_equal_the_full_sequence(pattern, attention):
+    model = HybridLM(tiny_config(pattern, **attention), rngs=nnx.Rngs(1))
+    tokens, segment_ids = packed_batch(2, 14)
+    full = np.asarray(forward(model, tokens, segment_ids))
+    prompt_len = 6  # prefill a prompt, then feed the rest one token at a time
+    logits, caches = prefill(model, tokens[:, :prompt_len], segment_ids[:, :prompt_len], 16)
+    np.testing.assert_allclose(np.asarray(logits), full[:, :prompt_len], rtol=1e-5, atol=1e-5)
+    for t in range(prompt_len, 14):
+        step_logits, caches = decode_step(model, tokens[:, t], caches)
+        np.testing.assert_allclose(np.asarray(step_logits), full[:, t], rtol=1e-5, atol=1e-5,
+                                   err_msg=f"step {t}")
+
+
+def test_decode_after_a_prompt_shorter_than_the_conv_window():
+    model = HybridLM(tiny_config("MA"), rngs=nnx.Rngs(3))
+    tokens = jax.random.randint(jax.random.key(4), (2, 6), 0, 256, jnp.int32)
+    full = np.asarray(forward(model, tokens, None))
+    logits, caches = prefill(model, tokens[:, :2], None, 6)
+    np.testing.assert_allclose(np.asarray(logits), full[:, :2], rtol=1e-5, atol=1e-5)
+    for t in range(2, 6):
+        step_logits, caches = decode_step(model, tokens[:, t], caches)
+        np.testing.assert_allclose(np.asarray(step_logits), full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_m2rnn_cache_has_the_same_size_at_every_length():
+    config = tiny_config("MA")
+    model = HybridLM(config, rngs=nnx.Rngs(0))
+    shapes = {}
+    for seq_len, max_len in ((3, 5), (40, 300)):
+        tokens = jax.ShapeDtypeStruct((2, seq_len), jnp.int32)
+        _, caches = nnx.eval_shape(lambda m, t: m.prefill(t, None, max_len=max_len), model, tokens)
+        _, stepped = nnx.eval_shape(lambda m, t, c: m.decode_step(t, c), model,
+                                    jax.ShapeDtypeStruct((2,), jnp.int32), caches)
+        assert jax.tree.map(lambda a: a.shape, stepped) == jax.tree.map(lambda a: a.shape, caches)
+        shapes[seq_len] = caches
+    m2rnn_short, m2rnn_long = shapes[3][0], shapes[40][0]
+    cfg = config.m2rnn
+    assert m2rnn_short["state"].shape == (2, cfg.num_heads, cfg.key_dim, cfg.value_dim)
+    assert m2rnn_short["state"].dtype == jnp.float32
+    assert jax.tree.map(lambda a: a.shape, m2rnn_short) == \
+        jax.tree.map(lambda a: a.shape, m2rnn_long)
+    # Attention's KV cache, by contrast, is preallocated for max_len steps.
+    assert shapes[3][1]["key"].shape[1] == 5 and shapes[40][1]["key"].shape[1] == 300
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return Generator(HybridLM(tiny_config("MA"), rngs=nnx.Rngs(5)))
+
+
+def test_fixed_seed_sampling_is_reproducible(generator):
+    prompts = [encode("state"), encode("tracking!")]
+    kwargs = dict(temperature=1.0, top_k=50, top_p=0.9)
+    first = generator.generate(prompts, 8, seed=11, **kwargs)
+    assert first == generator.generate(prompts, 8, seed=11, **kwargs)
+    assert first != generator.generate(prompts, 8, seed=12, **kwargs)
+    assert [len(row) for row in first] == [8, 8]
+
+
+def test_greedy_batch_with_padding_equals_each_prompt_alone(generator):
+    short, long = encode("ab"), encode("matrix states")
+    batch = generator.generate([long, short], 6, temperature=0.0)
+    assert batch[1] == generator.generate([short], 6, temperature=0.0)[0]
+    # Greedy tokens are the argmax of the full-sequence logits of prompt + continuation.
+    model = nnx.merge(generator._graphdef, generator._state)
+    sequence = jnp.asarray([long + batch[0][:-1]], jnp.int32)
+    want = np.argmax(np.asarray(forward(model, sequence, None))[0, len(long) - 1:], axis=-1)
+    assert list(want) == batch[0]
+
+
+def test_stop_tokens_and_streaming_callback(generator):
+    prompts = [encode("one"), encode("two")]
+    free = generator.generate(prompts, 8, temperature=0.0)
+    stop = free[0][3]
+    seen = []
+    stopped = generator.generate(prompts, 8, temperature=0.0, stop_tokens=[stop],
+                                 callback=lambda step, tokens, emitted: seen.append(
+                                     (step, tokens.copy(), emitted.copy())))
+    assert stopped[0] == free[0][:free[0].index(stop)]
+    assert stopped[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
+    streamed = [[int(t[row]) for _, t, e in seen if e[row]] for row in range(2)]
+    assert streamed == stopped and [s for s, _, _ in seen] == list(range(len(seen)))
+
+
+def test_filtering_and_sampling_rules():
+    logits = jax.random.normal(jax.random.key(6), (3, 40)) * 3
+    probs = np.asarray(jax.nn.softmax(logits))
+    kept_k = np.isfinite(np.asarray(filter_logits(logits, top_k=5)))
+    np.testing.assert_array_equal(kept_k.sum(-1), [5, 5, 5])
+    for row in range(3):
+        assert set(np.flatnonzero(kept_k[row])) == set(np.argsort(-probs[row])[:5])
+    kept_p = np.isfinite(np.asarray(filter_logits(logits, top_p=0.7)))
+    for row in range(3):
+        order = np.argsort(-probs[row])
+        smallest = np.searchsorted(np.cumsum(probs[row][order]), 0.7) + 1
+        assert set(np.flatnonzero(kept_p[row])) == set(order[:smallest])
+    greedy = np.argmax(np.asarray(logits), -1)
+    np.testing.assert_array_equal(sample(logits, jax.random.key(0), 0.0), greedy)
+    np.testing.assert_array_equal(sample(logits, jax.random.key(0), 1.0, top_k=1), greedy)
+    draws = np.stack([sample(logits, jax.random.key(i), 1.0, top_p=0.7) for i in range(30)])
+    assert np.all(np.take_along_axis(kept_p, draws.T, axis=1))
+
+
+def test_bad_generation_arguments(generator):
+    for kwargs, match in [(dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
+                          (dict(top_k=10_000), "top_k"), (dict(top_p=1.5), "top_p")]:
+        with pytest.raises(ValueError, match=match):
+            generator.generate([encode("x")], 4, **kwargs)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generator.generate([encode("x")], 0)
+    with pytest.raises(ValueError, match="non-empty"):
+        generator.generate([[]], 4)
+    with pytest.raises(ValueError, match="token ids outside"):
+        generator.generate([[300]], 4)
+
+
+class NoDecodeMixer(nnx.Module):
+    def __init__(self, config, *, rngs):
+        self.proj = Linear(config.d_model, config.d_model, ("embed", "mixer"),
+                           std=config.init_std, rngs=rngs)
+
+    def __call__(self, x, segment_ids=None):
+        return self.proj(x)
+
+
+def test_mixers_without_a_decode_step_raise_not_implemented():
+    register_mixer("Y", NoDecodeMixer, replace=True)
+    model = HybridLM(tiny_config("YM"), rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="NoDecodeMixer.*'Y'"):
+        model.prefill(jnp.zeros((1, 3), jnp.int32), max_len=4)
+
+
+def test_byte_decoder_streams_multibyte_characters():
+    decoder = ByteDecoder()
+    data = encode("é→x")
+    assert "".join(decoder([b]) for b in data) + decoder.flush() == "é→x"
+    assert ByteDecoder()([0xFF]) == "\ufffd"
+
+
+def test_cli_streams_the_greedy_continuation(generator, monkeypatch, capsys):
+    model = nnx.merge(generator._graphdef, generator._state)
+    loader = types.ModuleType("train.checkpointing")
+    loader.restore_for_inference = lambda out_dir, step=None: (model.config, model)
+    monkeypatch.setitem(sys.modules, "train.checkpointing", loader)
+    generate_cli.main(["--checkpoint", "unused", "--prompt", "ab", "--max-new-tokens", "6",
+                       "--temperature", "0"])
+    want = generator.generate([encode("ab")], 6, temperature=0.0)[0]
+    decoder = ByteDecoder()
+    assert capsys.readouterr().out == "ab" + decoder(want) + decoder.flush() + "\n"
