@@ -2,11 +2,12 @@
 
 from m2rnn_jax.config import (AttentionConfig, GatedDeltaNetConfig, M2RNNConfig, Mamba2Config,
                               MLPConfig, ModelConfig)
+from m2rnn_jax.generation import Generator, generate
 from m2rnn_jax.layers.params import LOGICAL_AXES, decay_mask, logical_axes, no_decay_mask
 from m2rnn_jax.layers.registry import register_mixer
 from m2rnn_jax.models.hybrid_lm import HybridLM
 from m2rnn_jax.ops import BACKENDS, m2rnn
 
-__all__ = ["AttentionConfig", "BACKENDS", "GatedDeltaNetConfig", "HybridLM", "LOGICAL_AXES",
-           "M2RNNConfig", "MLPConfig", "Mamba2Config", "ModelConfig", "decay_mask",
-           "logical_axes", "m2rnn", "no_decay_mask", "register_mixer"]
+__all__ = ["AttentionConfig", "BACKENDS", "GatedDeltaNetConfig", "Generator", "HybridLM",
+           "LOGICAL_AXES", "M2RNNConfig", "MLPConfig", "Mamba2Config", "ModelConfig",
+           "decay_mask", "generate", "logical_axes", "m2rnn", "no_decay_mask", "register_mixer"]

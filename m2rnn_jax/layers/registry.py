@@ -9,6 +9,15 @@ called as ``mixer(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)`` in t
 dtype, never mixing packed documents (``segment_ids (B, S)`` int) and never looking ahead. Every
 parameter is made with ``params.make_param`` (logical axes + weight-decay flag).
 
+For generation a mixer also provides (otherwise ``HybridLM.prefill`` raises
+``NotImplementedError`` naming it):
+
+* ``prefill(x (B, S, d_model), segment_ids, max_len) -> (y, cache)``: the full-sequence path
+  plus a cache (a pytree of arrays) for continuing each row's last document; ``max_len`` is the
+  total number of steps the cache must hold (prompt + new tokens);
+* ``decode_step(x (B, 1, d_model), cache) -> (y (B, 1, d_model), cache)`` with the cache's
+  shapes unchanged (it runs under ``jax.jit``).
+
 Built-in letters: ``M`` (M²RNN) and ``A`` (attention). ``D`` and ``S`` are imported lazily from
 ``m2rnn_jax.layers.gated_deltanet`` / ``m2rnn_jax.layers.mamba2``, which call
 ``register_mixer`` when imported.

@@ -1,0 +1,158 @@
+"""Decode speed and memory against context length: the 400M hybrid vs an attention-only model.
+
+Run from the repository root (GPU):
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/decode_bench.py [--quick] [--out FILE]
+
+For each model (``configs/model/hybrid_400m.yaml`` and the same model with every layer
+attention, ``A`` × 24, ~406M parameters), batch (1, 32) and context length L (1K, 4K, 16K, 64K;
+``--quick``: 1K, 16K), the caches are built as they stand after a prompt of L tokens (M²RNN:
+the (B, N, K, V) float32 state and the conv window; attention: a KV cache of L + steps), then
+``--steps`` greedy decode steps (one jit-compiled ``HybridLM.decode_step`` + argmax each, the
+tokens fed back) are timed after warm-up. Cache contents are zeros: the time of a step does not
+depend on them. Skipped (with the memory it would need) when the caches do not fit in
+``--memory-fraction`` of the device memory. Parameters are cast to ``--param-dtype``
+(bfloat16 by default, as for serving); compute is bfloat16.
+
+Columns: decode tokens/s (batch × steps / time), ms per step, cache GiB (from the shapes),
+device GiB in use during decoding (parameters + caches + workspace; where the backend reports
+it); the JSON rows also give the first step's time (compilation included). ``--tiny`` runs the tiny configs at short contexts, a smoke test for CPU.
+"""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m2rnn_jax import HybridLM, ModelConfig
+from m2rnn_jax.generation import Generator
+from m2rnn_jax.typed_config import load_yaml
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "model"
+GiB = 2 ** 30
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="contexts 1K and 16K only")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs, short contexts (CPU)")
+    parser.add_argument("--contexts", type=int, nargs="*", default=None)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (>= 1)")
+    parser.add_argument("--param-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--memory-fraction", type=float, default=0.85)
+    parser.add_argument("--out", default=None, help="also write the rows as JSON lines here")
+    return parser.parse_args(argv)
+
+
+def model_configs(args):
+    base = load_yaml(ModelConfig, CONFIGS / ("tiny_hybrid.yaml" if args.tiny else
+                                             "hybrid_400m.yaml"))
+    base = dataclasses.replace(base, compute_dtype="float32" if args.tiny else "bfloat16",
+                               param_dtype=args.param_dtype)
+    attention_only = dataclasses.replace(base, layer_pattern="A" * base.num_layers)
+    return {"hybrid": base, "attention-only": attention_only}
+
+
+def synthetic_caches(model, batch, context, max_len):
+    """Caches as after a prompt of ``context`` tokens, with zero contents."""
+    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    _, shapes = nnx.eval_shape(lambda m, t: m.prefill(t, None, max_len=max_len), model, tokens)
+
+    def fill(cache):
+        cache = {name: jnp.zeros(s.shape, s.dtype) for name, s in cache.items()}
+        if "key" in cache:  # attention: the first `context` steps are filled and visible
+            cache["length"] = jnp.asarray(context, jnp.int32)
+            cache["position"] = jnp.full((batch,), context, jnp.int32)
+            cache["visible"] = jnp.broadcast_to(jnp.arange(max_len) < context, (batch, max_len))
+        return cache
+
+    return [fill(c) for c in shapes]
+
+
+def nbytes(tree):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def device_bytes_in_use():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_in_use"), stats.get("bytes_limit")
+
+
+def bench_one(generator, model, batch, context, args):
+    max_len = context + args.warmup + args.steps + 1
+    _, shapes = nnx.eval_shape(lambda m, t: m.prefill(t, None, max_len=max_len), model,
+                               jax.ShapeDtypeStruct((batch, 1), jnp.int32))
+    cache_bytes = nbytes(shapes)
+    in_use, limit = device_bytes_in_use()
+    if limit and in_use is not None and cache_bytes > args.memory_fraction * limit - in_use:
+        return dict(cache_gib=cache_bytes / GiB, skipped="does not fit")
+    caches = synthetic_caches(model, batch, context, max_len)
+    tokens = jnp.zeros((batch,), jnp.int32)
+    start = time.perf_counter()
+    tokens, caches = generator.step(tokens, caches)  # compiles
+    jax.block_until_ready((tokens, caches))
+    compile_s = time.perf_counter() - start
+    for _ in range(args.warmup - 1):
+        tokens, caches = generator.step(tokens, caches)
+    jax.block_until_ready((tokens, caches))
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        tokens, caches = generator.step(tokens, caches)
+    jax.block_until_ready((tokens, caches))
+    seconds = time.perf_counter() - start
+    in_use, _ = device_bytes_in_use()
+    del caches
+    return dict(tokens_per_s=batch * args.steps / seconds, ms_per_step=1e3 * seconds / args.steps,
+                cache_gib=cache_bytes / GiB, first_step_s=compile_s,
+                device_gib=None if in_use is None else in_use / GiB)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        sys.exit("decode_bench: --warmup and --steps must be >= 1")
+    contexts = args.contexts or ([64, 256] if args.tiny else
+                                 [1024, 16384] if args.quick else [1024, 4096, 16384, 65536])
+    print(f"device: {jax.devices()[0].device_kind}; steps {args.steps}; params "
+          f"{args.param_dtype}", flush=True)
+    rows = []
+    begin = time.perf_counter()
+    for name, config in model_configs(args).items():
+        model = HybridLM(config, rngs=nnx.Rngs(0))
+        params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        generator = Generator(model)
+        for batch in args.batches:
+            for context in contexts:
+                row = dict(model=name, params_m=params / 1e6, batch=batch, context=context)
+                row.update(bench_one(generator, model, batch, context, args))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del model, generator
+    print(f"\n{'model':<15}{'batch':>6}{'context':>9}{'tok/s':>11}{'ms/step':>9}"
+          f"{'cache GiB':>11}{'device GiB':>12}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['model']:<15}{r['batch']:>6}{r['context']:>9}{'—':>11}{'—':>9}"
+                  f"{r['cache_gib']:>11.2f}   {r['skipped']}")
+            continue
+        device = "n/a" if r["device_gib"] is None else f"{r['device_gib']:.2f}"
+        print(f"{r['model']:<15}{r['batch']:>6}{r['context']:>9}{r['tokens_per_s']:>11.0f}"
+              f"{r['ms_per_step']:>9.2f}{r['cache_gib']:>11.2f}{device:>12}")
+    print(f"total {time.perf_counter() - begin:.0f} s")
+    if args.out:
+        with open(args.out, "w") as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
