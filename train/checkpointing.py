@@ -152,7 +152,7 @@ def restore_for_inference(out_dir, *, step=None):
             graphdef, abstract_params = nnx.split(abstract, nnx.Param)
             target = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                abstract_params.to_pure_dict())
+                nnx.to_pure_dict(abstract_params))
             params = manager.restore(candidate, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(target)))["params"]
         except Exception as err:  # noqa: BLE001 — fall back to an older checkpoint

@@ -1,6 +1,7 @@
 """AdamW with warmup + cosine, global-norm clipping and a weight-decay mask from the model."""
 
 import optax
+from flax import nnx
 
 from m2rnn_jax import decay_mask
 
@@ -18,11 +19,11 @@ def make_optimizer(config, params_state, total_steps: int):
     """``(optax transformation, schedule)`` for parameters ``params_state`` (an ``nnx.State``).
 
     The transformation works on the pure-dict form of the parameters
-    (``params_state.to_pure_dict()``); parameters whose ``weight_decay`` metadata is False
-    (norm scales, biases, ``A_log``, ``dt_bias``, ``D``) get no weight decay.
+    (``nnx.to_pure_dict(params_state)``); parameters whose ``weight_decay`` metadata is
+    False (norm scales, biases, ``A_log``, ``dt_bias``, ``D``) get no weight decay.
     """
     schedule = learning_rate_schedule(config, total_steps)
-    mask = decay_mask(params_state).to_pure_dict()
+    mask = nnx.to_pure_dict(decay_mask(params_state))
     parts = []
     if config.clip_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(config.clip_grad_norm))

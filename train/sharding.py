@@ -101,8 +101,8 @@ def param_shardings(abstract_state, mesh):
     Reads each Variable's logical axes with ``nnx.get_partition_spec`` (no rules applied, so
     the spec holds the logical names) and maps them through :data:`LOGICAL_AXIS_RULES`.
     """
-    logical = nnx.get_partition_spec(abstract_state).to_pure_dict()
-    shapes = jax.tree.map(lambda v: v.shape, abstract_state.to_pure_dict())
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
+    shapes = jax.tree.map(lambda v: v.shape, nnx.to_pure_dict(abstract_state))
     paths_and_specs = jax.tree_util.tree_flatten_with_path(
         logical, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
     flat_shapes = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))

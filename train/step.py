@@ -35,7 +35,7 @@ class Trainee:
 
     @property
     def num_params(self) -> int:
-        return sum(x.size for x in jax.tree.leaves(self.abstract_params.to_pure_dict()))
+        return sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(self.abstract_params)))
 
     def abstract_state(self):
         """The state's shapes, dtypes and shardings (an Orbax restore target)."""
@@ -75,7 +75,7 @@ def build_trainee(config, mesh) -> Trainee:
     optimizer, schedule = make_optimizer(config.optimizer, abstract_params, config.steps)
 
     param_shardings = sharding.param_shardings(abstract_params, mesh)
-    opt_shapes = jax.eval_shape(optimizer.init, abstract_params.to_pure_dict())
+    opt_shapes = jax.eval_shape(optimizer.init, nnx.to_pure_dict(abstract_params))
     replicated = sharding.replicated(mesh)
     # Optimizer moments follow their parameter's sharding; counters are replicated.
     opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, param_shardings,
@@ -87,7 +87,7 @@ def build_trainee(config, mesh) -> Trainee:
 
     def init_state():
         model = HybridLM(model_config, rngs=nnx.Rngs(seed), remat=remat)
-        params = nnx.state(model, nnx.Param).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt_state": optimizer.init(params),
                 "step": jnp.zeros((), jnp.int32),
                 # Kept and checkpointed for stochastic layers; the current model has none.
@@ -125,7 +125,7 @@ def build_trainee(config, mesh) -> Trainee:
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": state["rng"]}
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state["step"]), "targets": num_targets}
         return new_state, metrics
 

@@ -1,0 +1,102 @@
+"""TrainConfig loading (errors name the dotted key), the CLI's handling of them, the mesh
+shape and the logical-axis → mesh table."""
+
+import pathlib
+import types
+
+import jax
+import pytest
+import yaml
+from jax.sharding import PartitionSpec as P
+
+from m2rnn_jax.typed_config import ConfigError
+from train import cli, sharding
+from train.config import TrainConfig, load_train_config, train_config_from_dict, \
+    train_config_to_dict
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def write_config(tmp_path, data):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_configs_load_and_round_trip():
+    for path in sorted((ROOT / "configs").glob("t*.yaml")):
+        config = load_train_config(path)
+        assert isinstance(config, TrainConfig)
+        assert train_config_from_dict(train_config_to_dict(config)) == config
+
+
+def test_overrides_apply_with_yaml_values():
+    config = load_train_config(TINY, ["optimizer.learning_rate=1e-3", "mesh.fsdp=2",
+                                      "data.paths=[a, b]", "steps=7"])
+    assert config.optimizer.learning_rate == 1e-3 and config.mesh.fsdp == 2
+    assert config.data.paths == ("a", "b") and config.steps == 7
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"optimizer": {"learnign_rate": 1e-3}}, "optimizer.learnign_rate"),
+    ({"data": {"seq_len": "long"}}, "data.seq_len"),
+    ({"model": {"m2rnn": {"key_dim": 0}}}, "m2rnn.key_dim"),
+    ({"optimizer": {"learning_rate": -1.0}}, "optimizer.learning_rate"),
+    ({"optimizer": {"b2": 1.5}}, "optimizer.b2"),
+    ({"data": {"source": "web"}}, "data.source"),
+    ({"checkpoint": {"keep": 0}}, "checkpoint.keep"),
+    ({"data": {"batch_size": 6}, "optimizer": {"grad_accum_steps": 4}}, "data.batch_size"),
+])
+def test_config_errors_name_the_key(tmp_path, data, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_train_config(write_config(tmp_path, data))
+
+
+def test_override_of_an_unknown_key_names_it():
+    with pytest.raises(ConfigError, match=r"optimizer\.lr"):
+        load_train_config(TINY, ["optimizer.lr=1"])
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
+    path = write_config(tmp_path, {"data": {"eval_rows": -3}})
+    assert cli.main(["--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "data.eval_rows" in err and "Traceback" not in err
+    assert cli.main(["--config", str(TINY), "--out", str(tmp_path / "run"),
+                     "mesh.tensor=3"]) == 2
+    assert "mesh" in capsys.readouterr().err
+
+
+def test_mesh_shape_fills_one_axis_and_rejects_bad_sizes():
+    mesh = types.SimpleNamespace
+    assert sharding.mesh_shape(mesh(data=-1, fsdp=2, tensor=1), 8) == (4, 2, 1)
+    assert sharding.mesh_shape(mesh(data=2, fsdp=2, tensor=2), 8) == (2, 2, 2)
+    with pytest.raises(ConfigError, match="mesh.data"):
+        sharding.mesh_shape(mesh(data=-1, fsdp=3, tensor=1), 8)
+    with pytest.raises(ConfigError, match="needs 4 devices"):
+        sharding.mesh_shape(mesh(data=2, fsdp=2, tensor=1), 8)
+    with pytest.raises(ConfigError, match="mesh.fsdp"):
+        sharding.mesh_shape(mesh(data=-1, fsdp=0, tensor=1), 8)
+
+
+def test_logical_axes_map_through_the_table_with_divisibility_fallback():
+    mesh = sharding.make_mesh(types.SimpleNamespace(data=2, fsdp=2, tensor=2))
+    assert sharding.logical_to_mesh(("embed", "mlp"), (8, 6), mesh) == P("fsdp", "tensor")
+    assert sharding.logical_to_mesh(("vocab", "embed"), (10, 4), mesh) == P("tensor", "fsdp")
+    # 5 is not divisible by 2: that dim stays replicated.
+    assert sharding.logical_to_mesh(("embed", "mixer"), (4, 5), mesh) == P("fsdp", None)
+    # A mesh axis is used once per spec.
+    assert sharding.logical_to_mesh(("heads", "mixer"), (4, 4), mesh) == P("tensor", None)
+    assert sharding.logical_to_mesh(("norm",), (4,), mesh) == P(None)
+    assert sharding.logical_to_mesh(("batch", None), (4, 3), mesh) == P(("data", "fsdp"), None)
+    with pytest.raises(ValueError, match="LOGICAL_AXIS_RULES"):
+        sharding.logical_to_mesh(("pixels",), (4,), mesh, where="w")
+    one = sharding.make_mesh(types.SimpleNamespace(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    assert sharding.logical_to_mesh(("embed", "mlp"), (8, 6), one) == P(None, None)
+
+
+def test_every_logical_axis_of_the_model_is_in_the_table():
+    from m2rnn_jax import LOGICAL_AXES
+
+    assert set(LOGICAL_AXES) <= set(sharding.LOGICAL_AXIS_RULES)
