@@ -16,7 +16,8 @@ depend on them. Skipped (with the memory it would need) when the caches do not f
 
 Columns: decode tokens/s (batch × steps / time), ms per step, cache GiB (from the shapes),
 device GiB in use during decoding (parameters + caches + workspace; where the backend reports
-it); the JSON rows also give the first step's time (compilation included). ``--tiny`` runs the tiny configs at short contexts, a smoke test for CPU.
+it); the JSON rows also give the first step's time (compilation included). ``--tiny`` runs the
+tiny configs at short contexts, a smoke test for CPU.
 """
 
 import argparse

@@ -24,7 +24,7 @@ def parse_args(argv=None):
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], metavar="CHAR",
-                        help="stop at this character (one UTF-8 byte; repeatable), e.g. --stop $'\\n'")
+                        help="stop at this one-byte character (repeatable), e.g. --stop $'\\n'")
     return parser.parse_args(argv)
 
 

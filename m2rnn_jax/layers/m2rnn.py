@@ -19,13 +19,13 @@ from m2rnn_jax.ops import m2rnn
 
 
 def init_A_log(key, num_heads, low, high):
-    """``A ~ U[low, high]``, ``A_log = log A`` (A floored at float32's tiny so the log is finite)."""
+    """``A ~ U[low, high]``, ``A_log = log A`` (A floored at float32 tiny: finite log)."""
     a = jax.random.uniform(key, (num_heads,), jnp.float32, low, high)
     return jnp.log(jnp.maximum(a, np.finfo(np.float32).tiny))
 
 
 def init_dt_bias(key, num_heads, dt_min, dt_max, dt_floor):
-    """``dt = exp(U[log dt_min, log dt_max])`` floored at ``dt_floor``; returns softplus⁻¹(dt)."""
+    """``dt = exp(U[log dt_min, log dt_max])`` floored at ``dt_floor``; -> softplus⁻¹(dt)."""
     u = jax.random.uniform(key, (num_heads,), jnp.float32)
     dt = jnp.exp(u * (np.log(dt_max) - np.log(dt_min)) + np.log(dt_min))
     dt = jnp.maximum(dt, dt_floor)
