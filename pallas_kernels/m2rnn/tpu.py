@@ -4,22 +4,29 @@ Implements the backend interface of ``m2rnn_jax.reference`` (``forward``/``backw
 validated inputs whose S is a multiple of the chunk); ``m2rnn_jax.ops`` dispatches here for
 ``backend="pallas_tpu"``. Off TPU the kernels run in Mosaic TPU interpret mode.
 
-Layout. Heads are packed along the 128 lanes: V is padded to ``Vp`` (a power of two up to 128,
-else a multiple of 128) and each 128-lane *tile* holds ``128 // Vp`` heads, so one head's state
-``H (K×V)`` is a ``(Kp, Vp)`` slice of a ``(Kp, lanes)`` float32 array (``Kp`` = K rounded up to
-8 sublanes). ``H W`` for all heads of a tile is one MXU matmul with the tile's block-diagonal
-``(128, 128)`` weight. A grid step owns one batch row, one *head block* (``_MAX_BLOCK_LANES``
-lanes at most, several tiles whose matmuls are independent and overlap) and one chunk of C steps.
+Layout. Heads are packed along the lanes: V is padded to ``Vp`` (a power of two up to 128,
+else a multiple of 128) and each *tile* of ``T = max(128, Vp)`` lanes holds ``T // Vp`` heads, so
+one head's state ``H (K×V)`` is a ``(Kp, Vp)`` slice of a ``(Kp, lanes)`` float32 array (``Kp`` =
+K rounded up to 8 sublanes). ``H W`` for all heads of a tile is one MXU matmul with the tile's
+block-diagonal ``(T, T)`` weight. A grid step owns one batch row, one *head block*
+(``_MAX_BLOCK_LANES`` lanes at most: several tiles whose matmuls are independent and overlap) and
+one chunk of C steps. Inputs are cast to float32 on the way in (the wrapper's layout pass), so
+every kernel operand is a 32-bit (8, 128)-tiled array; outputs are cast back afterwards.
 
 Grid ``(batch, head block, chunk)``, the chunk axis sequential ("arbitrary"); the state lives in
 VMEM scratch across chunks. Blocks (one grid step):
   v, f, y, dy, dv, df   rows ``(C, lanes)``: one time step per sublane row, heads on lanes; the
                         time loop reads and writes them eight rows (one (8, 128) tile) at a time.
-  q, k, dq, dk          columns ``(C, Kp, G)``: K on sublanes, so that ``k_t v_tᵀ`` and
-                        ``q_t dy_tᵀ`` are lane broadcasts. G = 1 when every head of the block
-                        shares one q (k) group (the paper's Nq = Nk = 1); otherwise G = heads per
-                        block and a 0/1 head-to-lane matrix spreads/gathers them on the MXU.
-  W, Wᵀ, dW             ``(tiles, 128, 128)`` block-diagonal per tile.
+  q, k, dq, dk          columns ``(G, Kp, 128)``: K on sublanes and time on lanes, so that
+                        step t's column (picked by a lane select + lane sum) broadcasts into
+                        ``k_t v_tᵀ`` and ``q_t dy_tᵀ``. A 128-lane block spans 128 / C chunks
+                        (C divides 128 or is a multiple of it) and stays resident while they
+                        run. G = 1 when all heads of the block share one q (k) group (the
+                        paper's Nq = Nk = 1); otherwise G = heads per block, and a 0/1
+                        head-to-lane matrix spreads the columns over their heads' lanes (this
+                        general path costs O(G) vector work per step).
+  keep                  ``(1, 128)``, time on lanes like the columns.
+  W, Wᵀ, dW             ``(tiles, T, T)`` block-diagonal per tile.
   h0, h_final, dh0,     ``(Kp, lanes)``.
   checkpoints, dh_final
 The backward visits chunks in reverse (index maps read chunk ``nc - 1 - c``), recomputes the
@@ -46,7 +53,7 @@ DEFAULT_CHUNK_SIZE = 32
 _SUBLANES = 8  # steps per row tile: the time loop moves (8, lanes) tiles of v, f, y, ...
 _LANES = 128
 _MAX_BLOCK_LANES = 512  # heads per grid step: more tiles overlap more matmuls per step
-_VMEM_LIMIT_BYTES = 48 * 2**20  # the backward at the defaults needs ~15 MiB
+_VMEM_LIMIT_BYTES = 32 * 2**20  # the backward at the defaults needs ~7 MiB (4 MiB of states)
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -56,13 +63,17 @@ def _round_up(x, multiple):
 
 
 def choose_chunk_size(seq_len, requested):
-    """Steps per chunk: ``requested`` (default 32), at most S, rounded up to a multiple of 8."""
+    """Steps per chunk: ``requested`` (default 32) capped near S, rounded up to 8, 16, 32, 64 or a
+    multiple of 128 (the time-on-lanes column blocks must hold whole chunks)."""
     if requested is None:
         requested = DEFAULT_CHUNK_SIZE
     elif isinstance(requested, bool) or not isinstance(requested, numbers.Integral) \
             or requested < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {requested!r}")
-    return _round_up(min(int(requested), seq_len), _SUBLANES)
+    chunk = min(int(requested), _round_up(seq_len, _SUBLANES))
+    if chunk > _LANES // 2:
+        return _round_up(chunk, _LANES)
+    return max(_SUBLANES, 1 << (chunk - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +129,23 @@ class _Layout:
     def num_chunks(self):
         return self.seq_len // self.chunk
 
+    @property
+    def column_lanes(self):
+        """Time steps per column block (lanes): 128, or C when C is a multiple of 128."""
+        return max(self.chunk, _LANES)
+
+    @property
+    def column_steps(self):
+        """S padded to whole column blocks."""
+        return _round_up(self.seq_len, self.column_lanes)
+
 
 def _layout(q, v, h0, chunk_size):
     batch, seq_len, _, key_dim = q.shape
-    if seq_len % chunk_size or chunk_size % _SUBLANES:
+    if seq_len % chunk_size or choose_chunk_size(chunk_size, chunk_size) != chunk_size:
         raise ValueError(f"the pallas_tpu kernels need S ({seq_len}) to be a multiple of "
-                         f"chunk_size ({chunk_size}), itself a multiple of {_SUBLANES}")
+                         f"chunk_size ({chunk_size}), itself one of 8, 16, 32, 64 or a multiple "
+                         f"of 128 (see choose_chunk_size)")
     return _Layout(batch, seq_len, chunk_size, h0.shape[1], key_dim, v.shape[-1])
 
 
@@ -142,17 +164,23 @@ def _group_index(layout, groups):
 
 
 def _to_columns(x, index, layout):
-    """(B, S, Nx, K) -> (B, blocks, S, Kp, G) float32."""
-    x = x.astype(_F32)[:, :, index]
-    x = jnp.pad(x, ((0, 0),) * 4 + ((0, layout.key_pad - layout.key_dim),))
-    return x.transpose(0, 2, 1, 4, 3)
+    """(B, S, Nx, K) -> (B, blocks, G, Kp, S') float32, time on lanes (S' = ``column_steps``)."""
+    x = x.astype(_F32)[:, :, index].transpose(0, 2, 3, 4, 1)
+    return jnp.pad(x, ((0, 0),) * 3 + ((0, layout.key_pad - layout.key_dim),
+                                       (0, layout.column_steps - layout.seq_len)))
 
 
 def _from_columns(dx, index, groups, layout, dtype):
     """Inverse of ``_to_columns`` for gradients: sums the block columns into their groups."""
-    dx = dx.transpose(0, 2, 1, 4, 3)[..., :layout.key_dim]
+    dx = dx[..., :layout.key_dim, :layout.seq_len].transpose(0, 4, 1, 2, 3)
     out = jnp.zeros((layout.batch, layout.seq_len, groups, layout.key_dim), _F32)
     return out.at[:, :, index].add(dx).astype(dtype)
+
+
+def _to_keep_lanes(keep, layout):
+    """(B, S) -> (B, 1, S') float32, time on lanes."""
+    keep = jnp.pad(keep.astype(_F32), ((0, 0), (0, layout.column_steps - layout.seq_len)))
+    return keep[:, None, :]
 
 
 def _to_rows(x, layout, head_fill=0.0):
@@ -221,7 +249,7 @@ class _StepContext:
     """What every step of one grid step shares: weights and head-to-lane maps."""
     weights: tuple  # per tile (128, 128)
     tile_lanes: int
-    q_spread: jax.Array | None  # (G, lanes) 0/1, or None when the block shares one q
+    q_spread: jax.Array | None  # (G, lanes) 0/1, or None when the block shares one q group
     k_spread: jax.Array | None
 
     def tilewise(self, x, weights):
@@ -238,23 +266,33 @@ def _head_spread(layout):
     return jnp.asarray(lanes[None, :] // layout.value_pad == heads[:, None], _F32)
 
 
-def _spread(columns, spread):
-    """(Kp, G) columns -> per-lane values; (Kp, 1) broadcasts by itself."""
-    return columns if spread is None else _dot(columns, spread)
+def _lane_is(shape, lane):
+    return lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) == lane
 
 
-def _gather(x, spread):
-    """Per-lane (Kp, lanes) -> (Kp, G): sum over the lanes (of the heads) of each column group."""
+def _read_column(block, lane):
+    """Column ``lane`` of a (rows, lanes) block as (rows, 1): a lane select and a lane sum."""
+    return jnp.sum(jnp.where(_lane_is(block.shape, lane), block, 0.0), axis=1, keepdims=True)
+
+
+def _spread_columns(ref, spread, lane):
+    """One step's q (or k) for every lane: (Kp, 1) if the block shares one group, else (Kp, lanes)."""
     if spread is None:
-        return jnp.sum(x, axis=1, keepdims=True)
-    return lax.dot_general(x, spread, (((1,), (1,)), ((), ())), precision=_HIGHEST,
-                           preferred_element_type=_F32)
+        return _read_column(ref[0], lane)
+    return sum(_read_column(ref[g], lane) * spread[g:g + 1, :] for g in range(spread.shape[0]))
 
 
-def _transition(ctx, h_before, keep_t, k_columns, v_row, f_row):
-    """One step: H_{t-1} before a possible reset -> (H_{t-1}, k spread on lanes, Z_t, H_t)."""
+def _write_columns(ref, spread, lane, x):
+    """Sums per-lane ``x`` (Kp, lanes) over each group's lanes into column ``lane`` of ref[g]."""
+    for g in range(1 if spread is None else spread.shape[0]):
+        column = jnp.sum(x if spread is None else x * spread[g:g + 1, :], axis=1, keepdims=True)
+        ref[g] = jnp.where(_lane_is(ref.shape[1:], lane), column, ref[g])
+
+
+def _transition(ctx, h_before, keep_t, k_ref, lane, v_row, f_row):
+    """One step: H_{t-1} before a possible reset -> (H_{t-1}, k on lanes, Z_t, H_t)."""
     h_prev = h_before if keep_t is None else h_before * keep_t
-    k_lanes = _spread(k_columns, ctx.k_spread)
+    k_lanes = _spread_columns(k_ref, ctx.k_spread, lane)
     z = jnp.tanh(ctx.tilewise(h_prev, ctx.weights) + k_lanes * v_row)
     return h_prev, k_lanes, z, f_row * h_prev + (1.0 - f_row) * z
 
@@ -278,6 +316,11 @@ def _load(ref):
     return None if ref is None else ref[...]
 
 
+def _keep(keep_ref, lane):
+    """(1, 1): 0 where a document starts at this step, else 1; None without segments."""
+    return None if keep_ref is None else _read_column(keep_ref[...], lane)
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels.
 
@@ -292,6 +335,7 @@ def _forward_kernel(*refs, layout, has_keep, save_checkpoints, q_groups, k_group
     state_ref = take()
 
     chunk = pl.program_id(2)
+    first_lane = (chunk * layout.chunk) % layout.column_lanes  # of this chunk in column blocks
 
     @pl.when(chunk == 0)
     def _():
@@ -304,13 +348,13 @@ def _forward_kernel(*refs, layout, has_keep, save_checkpoints, q_groups, k_group
 
     def eight_steps(i, h):
         base = pl.multiple_of(i * _SUBLANES, _SUBLANES)
-        v_tile, f_tile, keep_tile = _row_tiles(base, v_ref, f_ref, keep_ref)
+        v_tile, f_tile = _row_tiles(base, v_ref, f_ref)
         y_tile = jnp.zeros(v_tile.shape, _F32)
         for j in range(_SUBLANES):
-            t = base + j
-            _, _, _, h = _transition(ctx, h, _row(keep_tile, j), k_ref[t], _row(v_tile, j),
-                                     _row(f_tile, j))
-            q_lanes = _spread(q_ref[t], ctx.q_spread)
+            lane = first_lane + base + j
+            _, _, _, h = _transition(ctx, h, _keep(keep_ref, lane), k_ref, lane,
+                                     _row(v_tile, j), _row(f_tile, j))
+            q_lanes = _spread_columns(q_ref, ctx.q_spread, lane)
             y_tile = _set_row(y_tile, j, jnp.sum(q_lanes * h, axis=0, keepdims=True))
         y_ref[pl.ds(base, _SUBLANES), :] = y_tile
         return h
@@ -333,12 +377,20 @@ def _backward_kernel(*refs, layout, has_keep, gradient_clipping, q_groups, k_gro
     dq_ref, dk_ref, dv_ref, df_ref, dw_ref, dh0_ref = (take() for _ in range(6))
     grad_ref, states_ref = take(), take()
 
-    step = pl.program_id(2)  # this grid step handles chunk num_chunks - 1 - step
+    step = pl.program_id(2)
+    chunk = layout.num_chunks - 1 - step
+    first_lane = (chunk * layout.chunk) % layout.column_lanes  # of this chunk in column blocks
 
     @pl.when(step == 0)
     def _():
         grad_ref[...] = dh_final_ref[...]
         dw_ref[...] = jnp.zeros(dw_ref.shape, _F32)
+
+    # A dq/dk column block collects several chunks; clear it on its first (highest) chunk.
+    @pl.when((step == 0) | (first_lane + layout.chunk == layout.column_lanes))
+    def _():
+        dq_ref[...] = jnp.zeros(dq_ref.shape, _F32)
+        dk_ref[...] = jnp.zeros(dk_ref.shape, _F32)
 
     tiles, lanes = layout.tiles_per_block, layout.tile_lanes
     ctx = _StepContext(tuple(w_ref[i] for i in range(tiles)), lanes, _load(q_spread_ref),
@@ -348,10 +400,11 @@ def _backward_kernel(*refs, layout, has_keep, gradient_clipping, q_groups, k_gro
 
     def recompute_eight_steps(i, h):
         base = pl.multiple_of(i * _SUBLANES, _SUBLANES)
-        v_tile, f_tile, keep_tile = _row_tiles(base, v_ref, f_ref, keep_ref)
+        v_tile, f_tile = _row_tiles(base, v_ref, f_ref)
         for j in range(_SUBLANES):
+            lane = first_lane + base + j
             states_ref[base + j] = h  # the state *before* step base + j
-            _, _, _, h = _transition(ctx, h, _row(keep_tile, j), k_ref[base + j],
+            _, _, _, h = _transition(ctx, h, _keep(keep_ref, lane), k_ref, lane,
                                      _row(v_tile, j), _row(f_tile, j))
         return h
 
@@ -360,24 +413,24 @@ def _backward_kernel(*refs, layout, has_keep, gradient_clipping, q_groups, k_gro
     def eight_steps_back(i_reversed, carry):
         g_later, dw = carry
         base = pl.multiple_of((groups_per_chunk - 1 - i_reversed) * _SUBLANES, _SUBLANES)
-        v_tile, f_tile, keep_tile, dy_tile = _row_tiles(base, v_ref, f_ref, keep_ref, dy_ref)
+        v_tile, f_tile, dy_tile = _row_tiles(base, v_ref, f_ref, dy_ref)
         dv_tile = jnp.zeros(v_tile.shape, _F32)
         df_tile = jnp.zeros(v_tile.shape, _F32)
         for j in reversed(range(_SUBLANES)):
-            t = base + j
-            keep_t, v_row, f_row, dy_row = (_row(x, j) for x in (keep_tile, v_tile, f_tile,
-                                                                  dy_tile))
-            h_prev, k_lanes, z, h_t = _transition(ctx, states_ref[t], keep_t, k_ref[t], v_row,
-                                                  f_row)
+            lane = first_lane + base + j
+            keep_t = _keep(keep_ref, lane)
+            v_row, f_row, dy_row = (_row(x, j) for x in (v_tile, f_tile, dy_tile))
+            h_prev, k_lanes, z, h_t = _transition(ctx, states_ref[base + j], keep_t, k_ref,
+                                                  lane, v_row, f_row)
             # SPEC §1: clamp what arrives from later steps, then add this step's read-out grad.
             if gradient_clipping is not None:
                 g_later = jnp.clip(g_later, -gradient_clipping, gradient_clipping)
-            g = g_later + _spread(q_ref[t], ctx.q_spread) * dy_row
-            dq_ref[t] = _gather(h_t * dy_row, ctx.q_spread)
+            g = g_later + _spread_columns(q_ref, ctx.q_spread, lane) * dy_row
+            _write_columns(dq_ref, ctx.q_spread, lane, h_t * dy_row)
             df_tile = _set_row(df_tile, j, jnp.sum(g * (h_prev - z), axis=0, keepdims=True))
             du = (1.0 - f_row) * g * (1.0 - z * z)
             dv_tile = _set_row(dv_tile, j, jnp.sum(du * k_lanes, axis=0, keepdims=True))
-            dk_ref[t] = _gather(du * v_row, ctx.k_spread)
+            _write_columns(dk_ref, ctx.k_spread, lane, du * v_row)
             dw = tuple(acc + _dot_tn(h_prev[:, i * lanes:(i + 1) * lanes],
                                      du[:, i * lanes:(i + 1) * lanes])
                        for i, acc in enumerate(dw))
@@ -420,10 +473,13 @@ class _Specs:
         last = layout.num_chunks - 1
         self.chunk_of = (lambda c: last - c) if reverse else (lambda c: c)
 
+    def column_block(self, c):
+        return self.chunk_of(c) * self.layout.chunk // self.layout.column_lanes
+
     def columns(self, groups):
         lay = self.layout
-        return pl.BlockSpec((None, None, lay.chunk, lay.key_pad, groups),
-                            lambda b, h, c: (b, h, self.chunk_of(c), 0, 0))
+        return pl.BlockSpec((None, None, groups, lay.key_pad, lay.column_lanes),
+                            lambda b, h, c: (b, h, 0, 0, self.column_block(c)))
 
     def rows(self):
         lay = self.layout
@@ -431,8 +487,8 @@ class _Specs:
                             lambda b, h, c: (b, self.chunk_of(c), h))
 
     def keep(self):
-        return pl.BlockSpec((None, self.layout.chunk, 1),
-                            lambda b, h, c: (b, self.chunk_of(c), 0))
+        return pl.BlockSpec((None, 1, self.layout.column_lanes),
+                            lambda b, h, c: (b, 0, self.column_block(c)))
 
     def head_spread(self):
         lay = self.layout
@@ -471,7 +527,7 @@ def _kernel_inputs(q, k, v, f, keep, layout, specs):
     in_specs = [specs.columns(q_index.shape[1]), specs.columns(k_index.shape[1]), specs.rows(),
                 specs.rows()]
     if keep is not None:
-        inputs.append(keep.astype(_F32)[..., None])
+        inputs.append(_to_keep_lanes(keep, layout))
         in_specs.append(specs.keep())
     for index in (q_index, k_index):
         if index.shape[1] > 1:
@@ -533,8 +589,9 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     b, s, kp = lay.batch, lay.seq_len, lay.key_pad
     lanes = lay.padded_heads * lay.value_pad
     tiles = lay.num_blocks * lay.tiles_per_block
-    out_shape = [_shape(b, lay.num_blocks, s, kp, groups["q_groups"]),
-                 _shape(b, lay.num_blocks, s, kp, groups["k_groups"]),
+    steps = lay.column_steps
+    out_shape = [_shape(b, lay.num_blocks, groups["q_groups"], kp, steps),
+                 _shape(b, lay.num_blocks, groups["k_groups"], kp, steps),
                  _shape(b, s, lanes), _shape(b, s, lanes),
                  _shape(b, tiles, lay.tile_lanes, lay.tile_lanes), _shape(b, kp, lanes)]
     out_specs = [specs.columns(groups["q_groups"]), specs.columns(groups["k_groups"]),
