@@ -1,0 +1,150 @@
+"""Mixer ``D``: Gated DeltaNet (Yang, Kautz, Hatamizadeh 2024), a baseline.
+
+Per head (``K = key_dim``, ``V = value_dim``) with state ``S ∈ R^{K×V}``::
+
+    α_t = exp(-exp(A_log) · softplus(a_t + dt_bias))      # decay gate in (0, 1), Mamba-2 style
+    β_t = sigmoid(b_t)                                     # write strength in (0, 1)
+    S_t = α_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ    # gated delta rule
+    o_t = S_tᵀ q_t
+
+``q_t``, ``k_t`` are L2-normalised per head and ``q_t`` is scaled by ``1/√K``. The transition
+``α (I - β k kᵀ)`` depends on the input but is linear in the state (eigenvalues in
+``[0, 1]``): the recurrence stays linear, unlike M²RNN's ``tanh``.
+
+Layer: ``in_proj`` -> ``[q | k | v | g | b | a]``; causal depthwise conv + SiLU over
+``q | k | v``; the recurrence; per-head ``RMSNorm(o) ⊙ silu(g)``; ``out_proj``. The recurrence
+runs in float32 as a ``lax.scan`` over time (the recurrent form; ``config.gated_deltanet.
+chunk_size`` is not used by it).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
+from m2rnn_jax.layers.linear import Linear
+from m2rnn_jax.layers.m2rnn import forget_gate, init_A_log, init_dt_bias
+from m2rnn_jax.layers.mamba2 import continues_document
+from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
+from m2rnn_jax.layers.registry import register_mixer
+
+_HIGHEST = lax.Precision.HIGHEST
+# Decay init as in Gated DeltaNet's reference code: A ~ U[0, 16], dt log-uniform in [1e-3, 0.1].
+_A_INIT = (0.0, 16.0)
+_DT_INIT = (1e-3, 0.1, 1e-4)
+
+
+def l2_normalize(x, eps=1e-6):
+    x = x.astype(jnp.float32)
+    return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def gated_delta_rule(q, k, v, alpha, beta, keep, initial_state=None):
+    """The scan: ``q``/``k`` ``(B,S,H,K)``, ``v (B,S,H,V)``, ``alpha``/``beta`` ``(B,S,H)``,
+    ``keep (B,S)`` -> ``o (B,S,H,V)`` float32 and the final state ``(B,H,K,V)``."""
+    batch, _, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # time-major
+    xs = tuple(f32(a) for a in (q, k, v, alpha, beta, keep))
+    h0 = (jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32) if initial_state is None
+          else initial_state.astype(jnp.float32))
+
+    def step(h, inputs):
+        q_t, k_t, v_t, alpha_t, beta_t, keep_t = inputs
+        h = (alpha_t * keep_t[:, None])[..., None, None] * h
+        # α(I - β k kᵀ)S + β k vᵀ = αS + β k (v - kᵀ αS)ᵀ
+        predicted = jnp.einsum("bhk,bhkv->bhv", k_t, h, precision=_HIGHEST)
+        h = h + (beta_t[..., None] * k_t)[..., :, None] * (v_t - predicted)[..., None, :]
+        return h, jnp.einsum("bhkv,bhk->bhv", h, q_t, precision=_HIGHEST)
+
+    h_final, o = lax.scan(step, h0, xs)
+    return jnp.moveaxis(o, 0, 1), h_final
+
+
+class GatedDeltaNet(nnx.Module):
+    """Mixer ``D``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        """``config`` is a ``ModelConfig``; the layer reads ``config.gated_deltanet``."""
+        cfg = config.gated_deltanet
+        self.cfg = cfg
+        dtype, param_dtype = model_dtypes(config)
+        self.dtype = dtype
+        h, k_dim, v_dim = cfg.num_heads, cfg.key_dim, cfg.value_dim
+        self.conv_width = h * (2 * k_dim + v_dim)  # q | k | v
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.in_proj = Linear(config.d_model, self.conv_width + h * v_dim + 2 * h,
+                              ("embed", "mixer"), std=config.init_std, **kw)
+        bound = 1.0 / np.sqrt(cfg.conv_kernel)
+        self.conv_weight = make_param(
+            jax.random.uniform(rngs.params(), (cfg.conv_kernel, self.conv_width), jnp.float32,
+                               -bound, bound).astype(param_dtype), ("conv", "mixer"))
+        # Decay parameters stay float32 whatever param_dtype is.
+        self.A_log = make_param(init_A_log(rngs.params(), h, *_A_INIT), ("heads",),
+                                weight_decay=False)
+        self.dt_bias = make_param(init_dt_bias(rngs.params(), h, *_DT_INIT), ("heads",),
+                                  weight_decay=False)
+        self.out_norm = RMSNorm(v_dim, eps=config.norm_eps, dtype=jnp.float32,
+                                param_dtype=param_dtype)
+        self.out_proj = Linear(h * v_dim, config.d_model, ("mixer", "embed"),
+                               std=out_proj_std(config), **kw)
+
+    def _split(self, projected):
+        cfg = self.cfg
+        widths = np.cumsum([self.conv_width, cfg.num_heads * cfg.value_dim, cfg.num_heads])
+        qkv, g, b, a = jnp.split(projected, widths, axis=-1)
+        return qkv, g, b, a
+
+    def _heads(self, qkv):
+        cfg = self.cfg
+        h, k_dim = cfg.num_heads, cfg.key_dim
+        q, k, v = jnp.split(qkv, [h * k_dim, 2 * h * k_dim], axis=-1)
+        lead = qkv.shape[:-1]
+        q = l2_normalize(q.reshape(lead + (h, k_dim))) / np.sqrt(k_dim)
+        k = l2_normalize(k.reshape(lead + (h, k_dim)))
+        return q, k, v.reshape(lead + (h, cfg.value_dim))
+
+    def _gates(self, b, a):
+        return forget_gate(a, self.A_log[...], self.dt_bias[...]), \
+            jax.nn.sigmoid(b.astype(jnp.float32))
+
+    def _output(self, o, g):
+        g = g.reshape(o.shape).astype(jnp.float32)
+        gated = self.out_norm(o) * jax.nn.silu(g)
+        return self.out_proj(gated.reshape(o.shape[:-2] + (-1,)).astype(self.dtype))
+
+    def __call__(self, x, segment_ids=None):
+        return self.prefill(x, segment_ids)[0]
+
+    def prefill(self, x, segment_ids=None, max_len=None):
+        """Full-sequence path: ``(out, cache)``; the cache is the float32 state ``(B, H, K, V)``
+        after the last step and the conv window (``max_len`` is ignored: fixed-size cache)."""
+        del max_len
+        batch, seq_len = x.shape[:2]
+        qkv_in, g, b, a = self._split(self.in_proj(x))
+        qkv = jax.nn.silu(causal_depthwise_conv(qkv_in, self.conv_weight[...], None,
+                                                segment_ids))
+        q, k, v = self._heads(qkv)
+        alpha, beta = self._gates(b, a)
+        keep = continues_document(segment_ids, batch, seq_len)
+        o, state = gated_delta_rule(q, k, v, alpha, beta, keep)
+        cache = {"state": state, "conv": conv_window(qkv_in, segment_ids, self.cfg.conv_kernel)}
+        return self._output(o, g), cache
+
+    def decode_step(self, x, cache):
+        """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
+        qkv_in, g, b, a = self._split(self.in_proj(x))
+        window = jnp.concatenate([cache["conv"], qkv_in.astype(cache["conv"].dtype)], axis=1)
+        qkv = jnp.einsum("bjc,jc->bc", window.astype(jnp.float32),
+                         self.conv_weight[...].astype(jnp.float32))[:, None]
+        q, k, v = self._heads(jax.nn.silu(qkv.astype(qkv_in.dtype)))
+        alpha, beta = self._gates(b, a)
+        keep = jnp.ones(x.shape[:2], jnp.float32)
+        o, state = gated_delta_rule(q, k, v, alpha, beta, keep, cache["state"])
+        return self._output(o, g), {"state": state, "conv": window[:, 1:]}
+
+
+register_mixer("D", GatedDeltaNet)
