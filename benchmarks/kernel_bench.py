@@ -36,20 +36,92 @@ from pallas_kernels.m2rnn import gpu
 SHAPES = [(8, 4096, 84), (4, 4096, 132), (1, 16384, 84), (1, 65536, 84)]
 KEY_DIM, VALUE_DIM, CLIP = 64, 16, 1.0
 
-# name -> (KernelConfig overrides, chunk size). "default" is gpu.DEFAULT_CONFIG.
+# name -> (KernelConfig overrides, chunk size, time the backward too).
 VARIANTS = {
-    "default": ({}, gpu.DEFAULT_CHUNK_SIZE),
-    "warps2": ({"num_warps": 2}, 64),
-    "warps1": ({"num_warps": 1}, 64),
-    "heads2": ({"heads_per_program": 2}, 64),
-    "heads4": ({"heads_per_program": 4}, 64),
-    "heads4_warps8": ({"heads_per_program": 4, "num_warps": 8}, 64),
-    "no_prefetch": ({"prefetch": False}, 64),
-    "unroll4_sub4": ({"unroll": 4, "subchunk": 4}, 64),
-    "unroll16": ({"unroll": 16}, 64),
-    "chunk128": ({}, 128),
-    "ieee_dots": ({"bf16_precision": "ieee"}, 64),
-    "approx_tanh": ({"approx_tanh": True}, 64),
+    "default": ({}, gpu.DEFAULT_CHUNK_SIZE, True),
+    "sub4": ({"subchunk": 4}, 64, True),
+    "recompute_z": ({"recompute_z": True}, 64, True),
+    "sub4_recompute_z": ({"subchunk": 4, "recompute_z": True}, 64, True),
+    "replicas8": ({"qk_replicas": 8}, 64, True),
+    "sub4_rz_rep8": ({"subchunk": 4, "recompute_z": True, "qk_replicas": 8}, 64, True),
+    "approx_tanh": ({"approx_tanh": True}, 64, True),
+    "all_above": ({"subchunk": 4, "recompute_z": True, "qk_replicas": 8, "approx_tanh": True},
+                  64, True),
+    "chunk128": ({}, 128, True),
+    "warps2": ({"num_warps": 2}, 64, False),
+    "no_prefetch": ({"prefetch": False}, 64, False),
+    "unroll16": ({"unroll": 16}, 64, False),
+    "ieee_dots": ({"bf16_precision": "ieee"}, 64, False),
+    "heads4": ({"heads_per_program": 4}, 64, False),
+}
+
+
+def _patched(module, **replacements):
+    """Context manager: temporarily replace module attributes (for the ablations below)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def patch():
+        saved = {name: getattr(module, name) for name in replacements}
+        for name, value in replacements.items():
+            setattr(module, name, value)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(module, name, value)
+
+    return patch
+
+
+class _JnpWithoutSum:
+    """jnp with ``sum`` returning zeros: removes the forward's per-step y reduction."""
+
+    def __getattr__(self, name):
+        return getattr(jnp, name)
+
+    @staticmethod
+    def sum(x, axis=None):
+        shape = tuple(d for i, d in enumerate(x.shape) if i != axis) if axis is not None else ()
+        return jnp.zeros(shape, x.dtype)
+
+
+_PLTRITON = gpu.pltriton
+
+
+class _TritonWithStores:
+    """pallas.triton with atomic_add replaced by a plain store (wrong sums; timing only)."""
+
+    def __getattr__(self, name):
+        return getattr(_PLTRITON, name)
+
+    @staticmethod
+    def atomic_add(ref, idx, value):
+        ref[idx] = value
+
+
+def _advance_without_dot(self, h, inputs):
+    _, k, v, f, keep = inputs
+    if keep is not None:
+        h = h * keep
+    z = gpu._tanh(h + k[:, None] * v[None, :], self.approx_tanh)
+    return h, z, z + f[None, :] * (h - z)
+
+
+def _load_once(self, t):
+    return _ORIGINAL_LOAD(self, 0)
+
+
+_ORIGINAL_LOAD = gpu._Step.load
+
+# Timing-only ablations of the default kernel (results are wrong on purpose): what each part
+# of a step costs. name -> (patch, time the backward too).
+ABLATIONS = {
+    "abl_no_tanh": (_patched(gpu, _tanh=lambda x, approx: x), False),
+    "abl_no_dot": (_patched(gpu._Step, advance=_advance_without_dot), False),
+    "abl_no_y": (_patched(gpu, jnp=_JnpWithoutSum()), False),
+    "abl_loads_hoisted": (_patched(gpu._Step, load=_load_once), False),
+    "abl_bwd_no_atomics": (_patched(gpu, pltriton=_TritonWithStores()), True),
 }
 
 
@@ -151,7 +223,7 @@ def scan_fns(chunk=64):
 
 
 def timed(fn, *args, reps):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
+    jax.block_until_ready(fn(*args))  # warm-up
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
@@ -161,8 +233,9 @@ def timed(fn, *args, reps):
     return statistics.median(times) * 1e3
 
 
-def extra_memory_gib(fn, *args):
-    stats = fn.lower(*args).compile().memory_analysis()
+def extra_memory_gib(compiled):
+    """Temporaries + outputs (everything beyond the inputs) of a compiled computation."""
+    stats = compiled.memory_analysis()
     extra = stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
     return extra / 2**30
 
@@ -176,18 +249,88 @@ def bench_inputs(key, batch, seq_len, heads):
     return (q, k, v, w, f, h0), (dy, dh)
 
 
+def op_fns():
+    @jax.jit
+    def op_forward(q, k, v, w, f):
+        return m2rnn(q, k, v, w, f, None, CLIP, backend="pallas_gpu")
+
+    @jax.jit
+    def op_forward_backward(q, k, v, w, f, dy):
+        (y, h), vjp = jax.vjp(lambda *xs: m2rnn(*xs, None, CLIP, backend="pallas_gpu"),
+                              q, k, v, w, f)
+        return y, vjp((dy, jnp.zeros_like(h)))
+
+    return op_forward, op_forward_backward
+
+
+def compile_all(jobs, workers):
+    """Lowers each job (serially: ablations patch the module while tracing), then compiles them
+    in parallel threads. Sets job["compiled"] or job["error"]."""
+    import concurrent.futures
+    import contextlib
+
+    pending = []
+    for job in jobs:
+        try:
+            with (job.get("patch") or contextlib.nullcontext)():
+                pending.append((job, job["fn"].lower(*job["args"])))
+        except Exception as err:
+            job["error"] = f"lowering: {type(err).__name__}: {err}"[:800]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(lowered.compile): job for job, lowered in pending}
+        for future in concurrent.futures.as_completed(futures):
+            job = futures[future]
+            try:
+                job["compiled"] = future.result()
+            except Exception as err:
+                job["error"] = f"compile: {type(err).__name__}: {err}"[:800]
+
+
 def flatten(tree):
-    return [x for x in jax.tree_util.tree_leaves(tree)]
+    return list(jax.tree_util.tree_leaves(tree))
+
+
+def dump_ptx_and_registers(out_dir):
+    """Compiles the default kernels at 8×4096×84 in a child process with XLA dumping, then
+    reports ptxas' register/spill counts for the Pallas kernels."""
+    import glob
+    import subprocess
+    import tempfile
+
+    dump = tempfile.mkdtemp()
+    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={dump}")
+    code = ("import benchmarks.kernel_bench as kb, jax;"
+            "a, c = kb.bench_inputs(jax.random.PRNGKey(0), 8, 4096, 84);"
+            "fwd, fb = kb.kernel_fns(kb.gpu.DEFAULT_CONFIG, kb.gpu.DEFAULT_CHUNK_SIZE);"
+            "fb.lower(*a, *c).compile()")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    ptx_files = sorted(glob.glob(os.path.join(dump, "*.ptx")), key=os.path.getsize)[-3:]
+    print(f"[ptxas] {len(glob.glob(os.path.join(dump, '*')))} dumped files; PTX: {ptx_files}")
+    ptxas = os.path.join(os.path.dirname(__import__("triton").__file__),
+                         "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        ptxas = "ptxas"
+    for path in ptx_files:
+        result = subprocess.run([ptxas, "-arch=sm_90", "-v", path, "-o", "/dev/null"],
+                                capture_output=True, text=True)
+        for line in (result.stdout + result.stderr).splitlines():
+            if "entry function" in line or "Used" in line or "spill" in line:
+                print("[ptxas]", line.strip())
+        if out_dir:
+            import shutil
+            shutil.copy(path, os.path.join(out_dir, os.path.basename(path)[-60:]))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default="all",
-                        help="comma-separated variant names to time at 8×4096×84, 'all' or 'none'")
+                        help="comma-separated variant/ablation names to time at 8×4096×84, "
+                             "'all' (variants and ablations) or 'none'")
     parser.add_argument("--shapes", default="all", help="'all' or 'first' (8×4096×84 only)")
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--budget-s", type=float, default=400.0,
-                        help="skip the remaining variants once this many seconds have passed")
+    parser.add_argument("--workers", type=int, default=12, help="parallel compilations")
+    parser.add_argument("--ptx", action="store_true",
+                        help="also dump the default kernels' PTX and print ptxas register use")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, runs anywhere (interpret mode off the GPU): checks "
@@ -210,93 +353,106 @@ def main():
             with open(os.path.join(args.out, "kernel_bench.jsonl"), "a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
+    if args.ptx:
+        try:
+            dump_ptx_and_registers(args.out)
+        except Exception as err:
+            print(f"[ptxas] failed: {type(err).__name__}: {err}"[:500], flush=True)
+
     key = jax.random.PRNGKey(0)
     for name, worst, _ in ([] if args.smoke else check_float32(jax.random.fold_in(key, 1))):
         emit({"kind": "check_f32", "case": name, "worst_rel_err": worst, "pass": worst < 1e-4})
+    print(f"f32 checks done at {time.time() - started:.0f} s", flush=True)
 
-    # bf16 reference at the paper's head shape on a short sequence (scan on the GPU).
+    # Jobs: bf16 check at the paper's head shape on a short sequence (vs the scan on the GPU),
+    # then forward / forward+backward timings at 8×4096×84, then the op at every shape.
     check_shape = (1, 64, 4) if args.smoke else (4, 256, 84)
     check_args, check_cot = bench_inputs(jax.random.fold_in(key, 2), *check_shape)
     check_cot = (check_cot[0], jax.random.normal(jax.random.fold_in(key, 3),
                                                  check_cot[1].shape))
-    scan_out = flatten(scan_fns()(*check_args, *check_cot))
-
-    names = list(VARIANTS) if args.variants == "all" else (
+    main_args, main_cot = bench_inputs(jax.random.fold_in(key, 4), *SHAPES[0])
+    jobs = [{"name": "scan", "what": "check", "fn": scan_fns(), "args": (*check_args, *check_cot)}]
+    names = (list(VARIANTS) + list(ABLATIONS)) if args.variants == "all" else (
         [] if args.variants == "none" else args.variants.split(","))
     if "default" not in names:
         names.insert(0, "default")
-    main_shape = SHAPES[0]
-    main_args, main_cot = bench_inputs(jax.random.fold_in(key, 4), *main_shape)
     for name in names:
-        if time.time() - started > args.budget_s:
-            emit({"kind": "skipped", "variant": name, "why": "time budget"})
-            continue
-        overrides, chunk = VARIANTS[name]
+        if name in VARIANTS:
+            overrides, chunk, with_backward = VARIANTS[name]
+            patch = None
+        else:
+            overrides, chunk = {}, gpu.DEFAULT_CHUNK_SIZE
+            patch, with_backward = ABLATIONS[name]
         config = dataclasses.replace(gpu.DEFAULT_CONFIG, **overrides)
-        try:
-            forward, forward_backward = kernel_fns(config, chunk)
-            got = flatten(forward_backward(*check_args, *check_cot))
-            bf16_err = max(relative_error(g, w) for g, w in zip(got, scan_out))
-            t0 = time.time()
-            fwd_ms = timed(forward, *main_args, reps=args.reps)
-            compile_fwd_s = time.time() - t0
-            fb_ms = timed(forward_backward, *main_args, *main_cot, reps=args.reps)
-            emit({"kind": "variant", "variant": name, "chunk": chunk, "shape": main_shape,
-                  "fwd_ms": fwd_ms, "fwd_bwd_ms": fb_ms, "bf16_rel_err_S256": bf16_err,
-                  "compile_and_time_fwd_s": compile_fwd_s, "config": dataclasses.asdict(config)})
-        except Exception as err:  # keep going: one failing variant must not lose the others
-            emit({"kind": "error", "variant": name, "error": f"{type(err).__name__}: {err}"[:800]})
-
-    # The default configuration through the public op at every shape, with memory.
+        forward, forward_backward = kernel_fns(config, chunk)
+        common = {"name": name, "patch": patch, "config": config, "chunk": chunk}
+        if patch is None:
+            jobs.append({**common, "what": "check", "fn": forward_backward,
+                         "args": (*check_args, *check_cot)})
+        jobs.append({**common, "what": "fwd", "fn": forward, "args": main_args})
+        if with_backward:
+            jobs.append({**common, "what": "fwd_bwd", "fn": forward_backward,
+                         "args": (*main_args, *main_cot)})
     shapes = SHAPES if args.shapes == "all" else SHAPES[:1]
     for batch, seq_len, heads in shapes:
-        if time.time() - started > args.budget_s + 120:
-            emit({"kind": "skipped", "shape": [batch, seq_len, heads], "why": "time budget"})
+        (q, k, v, w, f, _), (dy, _) = bench_inputs(jax.random.fold_in(key, seq_len),
+                                                    batch, seq_len, heads)
+        op_forward, op_forward_backward = op_fns()
+        shape = (batch, seq_len, heads)
+        jobs.append({"name": "op", "shape": shape, "what": "fwd", "fn": op_forward,
+                     "args": (q, k, v, w, f)})
+        jobs.append({"name": "op", "shape": shape, "what": "fwd_bwd", "fn": op_forward_backward,
+                     "args": (q, k, v, w, f, dy)})
+
+    compile_all(jobs, args.workers)
+    print(f"compiled {len(jobs)} jobs at {time.time() - started:.0f} s", flush=True)
+
+    scan_out = flatten(jobs[0]["compiled"](*jobs[0]["args"]))
+    results = {}
+    for job in jobs[1:]:
+        slot = results.setdefault((job["name"], tuple(job.get("shape", SHAPES[0]))), {})
+        if "error" in job:
+            slot.setdefault("errors", []).append(f"{job['what']}: {job['error']}")
             continue
         try:
-            (q, k, v, w, f, _), (dy, _) = bench_inputs(jax.random.fold_in(key, seq_len),
-                                                        batch, seq_len, heads)
-
-            @jax.jit
-            def op_forward(q, k, v, w, f):
-                return m2rnn(q, k, v, w, f, None, CLIP, backend="pallas_gpu")
-
-            @jax.jit
-            def op_forward_backward(q, k, v, w, f, dy):
-                (y, h), vjp = jax.vjp(
-                    lambda *xs: m2rnn(*xs, None, CLIP, backend="pallas_gpu"), q, k, v, w, f)
-                return y, vjp((dy, jnp.zeros_like(h)))
-
-            fwd_ms = timed(op_forward, q, k, v, w, f, reps=args.reps)
-            fb_ms = timed(op_forward_backward, q, k, v, w, f, dy, reps=args.reps)
-            mem = extra_memory_gib(op_forward_backward, q, k, v, w, f, dy)
-            emit({"kind": "op", "shape": [batch, seq_len, heads], "fwd_ms": fwd_ms,
-                  "fwd_bwd_ms": fb_ms, "extra_mem_gib": mem,
-                  "us_per_step_fwd": fwd_ms * 1e3 / seq_len})
+            if job["what"] == "check":
+                got = flatten(job["compiled"](*job["args"]))
+                errors = [relative_error(g, w) for g, w in zip(got, scan_out)]
+                slot["bf16_rel_err_S256"] = max(errors)
+                slot["bf16_errs"] = [float(f"{e:.2e}") for e in errors]
+            else:
+                slot[f"{job['what']}_ms"] = timed(job["compiled"], *job["args"], reps=args.reps)
+                if job["what"] == "fwd_bwd" and job["name"] == "op":
+                    slot["extra_mem_gib"] = extra_memory_gib(job["compiled"])
         except Exception as err:
-            emit({"kind": "error", "shape": [batch, seq_len, heads],
-                  "error": f"{type(err).__name__}: {err}"[:800]})
+            slot.setdefault("errors", []).append(f"{job['what']}: {type(err).__name__}: {err}"[:800])
+        if "config" in job:
+            slot["config"] = {**dataclasses.asdict(job["config"]), "chunk": job["chunk"]}
+    for (name, shape), slot in results.items():
+        emit({"kind": "op" if name == "op" else "variant", "variant": name, "shape": shape,
+              **slot})
 
     print(f"\n== summary ({time.time() - started:.0f} s) ==")
     for row in rows:
         if row["kind"] == "check_f32":
             print(f"check f32  {row['case']:<34} worst {row['worst_rel_err']:.1e} "
                   f"{'ok' if row['pass'] else 'FAIL'}")
-    print(f"{'variant':<16}{'fwd ms':>9}{'fwd+bwd ms':>12}{'bf16 err':>10}")
+    print(f"{'variant (8×4096×84)':<22}{'fwd ms':>9}{'fwd+bwd ms':>12}{'bf16 err':>10}")
     for row in rows:
         if row["kind"] == "variant":
-            print(f"{row['variant']:<16}{row['fwd_ms']:>9.2f}{row['fwd_bwd_ms']:>12.2f}"
-                  f"{row['bf16_rel_err_S256']:>10.1e}")
-        elif row["kind"] in ("error", "skipped") and "variant" in row:
-            print(f"{row['variant']:<16} {row['kind']}: {row.get('error', row.get('why'))[:200]}")
-    print(f"{'B×S×N':<16}{'fwd ms':>9}{'fwd+bwd ms':>12}{'extra GiB':>10}")
+            err = row.get("bf16_rel_err_S256")
+            print(f"{row['variant']:<22}{row.get('fwd_ms', float('nan')):>9.2f}"
+                  f"{row.get('fwd_bwd_ms', float('nan')):>12.2f}"
+                  f"{'' if err is None else f'{err:.1e}':>10}"
+                  + (f"  ERR {row['errors']}"[:300] if "errors" in row else ""))
+    print(f"{'op B×S×N':<22}{'fwd ms':>9}{'fwd+bwd ms':>12}{'extra GiB':>10}")
     for row in rows:
         if row["kind"] == "op":
-            b, s, n = row["shape"]
-            print(f"{f'{b}×{s}×{n}':<16}{row['fwd_ms']:>9.2f}{row['fwd_bwd_ms']:>12.2f}"
-                  f"{row['extra_mem_gib']:>10.3f}")
-        elif row["kind"] in ("error", "skipped") and "shape" in row and "variant" not in row:
-            print(f"{row['shape']} {row['kind']}: {row.get('error', row.get('why'))[:200]}")
+            b, s_, n = row["shape"]
+            print(f"{f'{b}×{s_}×{n}':<22}{row.get('fwd_ms', float('nan')):>9.2f}"
+                  f"{row.get('fwd_bwd_ms', float('nan')):>12.2f}"
+                  f"{row.get('extra_mem_gib', float('nan')):>10.3f}"
+                  + (f"  ERR {row['errors']}"[:300] if "errors" in row else ""))
 
 
 if __name__ == "__main__":

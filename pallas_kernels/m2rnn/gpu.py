@@ -21,7 +21,9 @@ Tiling (what lives where):
     then, per sub-chunk in reverse, its ``subchunk`` states are recomputed into registers (a
     static unroll) and the backward steps walk them back. The clipping rule is SPEC §1's.
     ``dW`` accumulates in float32 registers; ``dq``/``dk`` (shared by the programs of a group)
-    are summed with float32 atomics, or plain stores when one program owns a whole group.
+    are summed with float32 atomics into ``qk_replicas`` buffers (fewer programs contend for
+    one address; the buffers are summed afterwards), or plain stores when one program owns a
+    whole group.
 
 Precision: float32 inputs use exact float32 dots (Triton ``ieee``); bfloat16 inputs use
 ``KernelConfig.bf16_precision`` (default TF32 tensor-core dots; the state stays float32).
@@ -58,11 +60,13 @@ class KernelConfig:
     unroll: int = 8              # forward steps per loop iteration
     prefetch: bool = True        # load the next iteration's inputs one iteration ahead
     subchunk: int = 8            # backward: states recomputed into registers at once
+    recompute_z: bool = False    # backward: recompute tanh(.) per step instead of holding it
+    qk_replicas: int = 1         # backward: dq/dk atomics spread over this many buffers
     bf16_precision: str = "tf32"  # dot precision for bfloat16 inputs: ieee | tf32 | tf32x3
     approx_tanh: bool = False    # bfloat16 inputs only: tanh.approx.f32 instead of libdevice
 
     def __post_init__(self):
-        for name in ("heads_per_program", "num_warps", "unroll", "subchunk"):
+        for name in ("heads_per_program", "num_warps", "unroll", "subchunk", "qk_replicas"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two, got {value!r}")
@@ -270,7 +274,7 @@ def _forward_kernel(*refs, lay, chunk, config, has_keep, save_checkpoints, preci
 
 
 def _backward_kernel(*refs, lay, chunk, config, has_keep, precision, approx_tanh, clip,
-                     exclusive_groups, interpret):
+                     exclusive_groups, replicas, interpret):
     q_ref, k_ref, v_ref, f_ref, w_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     ckpt_ref, dy_ref, dh_final_ref, *rest = rest
@@ -294,11 +298,13 @@ def _backward_kernel(*refs, lay, chunk, config, has_keep, precision, approx_tanh
         if not interpret:  # the interpreter runs a program's threads as one
             pltriton.debug_barrier()
 
+    replica = lax.rem(p, replicas)
+
     def add_shared(ref, t, value):
         if exclusive_groups:
-            ref[b, t, g_idx, key_slice] = value
+            ref[b, t, 0, g_idx, key_slice] = value
         else:
-            pltriton.atomic_add(ref, (b, t, g_idx, key_slice), value)
+            pltriton.atomic_add(ref, (b, t, replica, g_idx, key_slice), value)
 
     def store_df(t, per_column):
         if lay.block_heads == 1:
@@ -311,18 +317,19 @@ def _backward_kernel(*refs, lay, chunk, config, has_keep, precision, approx_tanh
         g_later, dw = carry
         inputs = [step.load(t0 + j) for j in range(sub)]
         dys = [dy_ref[b, t0 + j, cols].astype(_F32) for j in range(sub)]
-        prevs, zs, states = [], [], []
+        befores, zs = [h], []
         for j in range(sub):
-            h_prev, z, h = step.advance(h, inputs[j])
-            prevs.append(h_prev)
-            zs.append(z)
-            states.append(h)
+            _, z, h = step.advance(h, inputs[j])
+            befores.append(h)
+            zs.append(None if config.recompute_z else z)
         for j in reversed(range(sub)):
             q, k, v, f, keep = inputs[j]
-            dy, h_prev, z, t = dys[j], prevs[j], zs[j], t0 + j
+            dy, t = dys[j], t0 + j
+            h_prev, z, _ = step.advance(befores[j], inputs[j]) if config.recompute_z else (
+                befores[j] if keep is None else befores[j] * keep, zs[j], None)
             # SPEC §1: clamp what arrives from later steps, then add this step's read-out.
             g = clamp(g_later) + q[:, None] * dy[None, :]
-            add_shared(dq_ref, t, jnp.sum(states[j] * dy[None, :], axis=1))
+            add_shared(dq_ref, t, jnp.sum(befores[j + 1] * dy[None, :], axis=1))
             du = (1.0 - f)[None, :] * g * (1.0 - z * z)
             store_df(t, jnp.sum(g * (h_prev - z), axis=0))
             g_later = f[None, :] * g + jnp.dot(du, w_t, precision=precision,
@@ -423,7 +430,9 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     inputs += [checkpoints, dyc, _states_to_columns(dh_final, lay)]
 
     exclusive_groups = lay.block_heads == lay.heads_per_group
-    qk_grad = jax.ShapeDtypeStruct((batch, seq_len, lay.qk_groups, lay.key_pad), _F32)
+    replicas = 1 if exclusive_groups else min(config.qk_replicas,
+                                              lay.heads_per_group // lay.block_heads)
+    qk_grad = jax.ShapeDtypeStruct((batch, seq_len, replicas, lay.qk_groups, lay.key_pad), _F32)
     aliases = {}
     if not exclusive_groups:
         aliases = {len(inputs): 0, len(inputs) + 1: 1}
@@ -444,15 +453,16 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         _backward_kernel, lay=lay, chunk=chunk_size, config=config, has_keep=keep is not None,
         precision=_dot_precision(v.dtype, config, interpret),
         approx_tanh=config.approx_tanh and not interpret and v.dtype != jnp.float32,
-        clip=gradient_clipping, exclusive_groups=exclusive_groups, interpret=interpret)
+        clip=gradient_clipping, exclusive_groups=exclusive_groups, replicas=replicas,
+        interpret=interpret)
     dq, dk, dv, df, dw_block, dh0, _ = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(batch, lay.programs_per_row),
         input_output_aliases=aliases, compiler_params=_compiler_params(config),
         interpret=interpret, name="m2rnn_backward",
     )(*inputs)
 
-    dq = sum_heads(dq[..., :lay.key_dim], q.shape[2], axis=2)
-    dk = sum_heads(dk[..., :lay.key_dim], k.shape[2], axis=2)
+    dq = sum_heads(jnp.sum(dq, axis=2)[..., :lay.key_dim], q.shape[2], axis=2)
+    dk = sum_heads(jnp.sum(dk, axis=2)[..., :lay.key_dim], k.shape[2], axis=2)
     dv = dv.reshape(batch, seq_len, n, vp)[..., :lay.value_dim]
     dv = sum_heads(dv, v.shape[2], axis=2)
     df = sum_heads(df, f.shape[2], axis=2)
