@@ -126,6 +126,35 @@ def test_matches_scan_backend(name):
         assert _relative_error(grads["input_state"], unclipped["input_state"]) > 100 * tolerance
 
 
+@pytest.mark.parametrize("device_kind, heads", [("TPU v5e", (1, 1, 84, 84, 84)),
+                                                ("TPU v6e", (1, 1, 84, 84, 84)),
+                                                ("TPU v5e", (84, 42, 84, 84, 1))])
+def test_kernels_lower_to_mosaic(monkeypatch, device_kind, heads):
+    """The compiled (not interpreted) kernels pass Pallas's Mosaic lowering at the paper's
+    shape; Mosaic's own compiler passes need a TPU and are not run here."""
+    monkeypatch.setattr(tpu, "_interpret", lambda: False)
+    batch, seq_len, num_heads, key_dim, value_dim = 2, 256, 84, 64, 16
+    nq, nk, nv, nf, nw = heads
+    shapes = [(batch, seq_len, nq, key_dim), (batch, seq_len, nk, key_dim),
+              (batch, seq_len, nv, value_dim), (nw, value_dim, value_dim),
+              (batch, seq_len, nf), (batch, num_heads, key_dim, value_dim)]
+    args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16 if i < 5 else jnp.float32)
+            for i, shape in enumerate(shapes)]
+    segment_ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+
+    def loss(*args):
+        *tensors, segment_ids = args
+        y, state = m2rnn(*tensors, 1.0, segment_ids=segment_ids, backend="pallas_tpu")
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(state)
+
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind=device_kind, num_cores=1, platform="tpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = jax.export.export(jax.jit(jax.grad(loss, argnums=tuple(range(6)))),
+                                     platforms=["tpu"])(*args, segment_ids)
+    assert exported.mlir_module().count("tpu_custom_call") == 2  # forward and backward
+
+
 def test_choose_chunk_size_rounds_to_whole_column_blocks():
     assert tpu.choose_chunk_size(1000, None) == tpu.DEFAULT_CHUNK_SIZE
     assert tpu.choose_chunk_size(5, None) == 8

@@ -106,8 +106,10 @@ class _Layout:
 
     @property
     def tiles_per_block(self):
+        """As many as fit in ``_MAX_BLOCK_LANES``, balanced over the blocks to pad few heads."""
         tiles = -(-self.num_heads // self.heads_per_tile)
-        return max(1, min(tiles, _MAX_BLOCK_LANES // self.tile_lanes))
+        blocks = -(-tiles // max(1, _MAX_BLOCK_LANES // self.tile_lanes))
+        return -(-tiles // blocks)
 
     @property
     def heads_per_block(self):
@@ -335,7 +337,7 @@ def _forward_kernel(*refs, layout, has_keep, save_checkpoints, q_groups, k_group
     state_ref = take()
 
     chunk = pl.program_id(2)
-    first_lane = (chunk * layout.chunk) % layout.column_lanes  # of this chunk in column blocks
+    first_lane = lax.rem(chunk * layout.chunk, layout.column_lanes)  # in its column block
 
     @pl.when(chunk == 0)
     def _():
@@ -379,7 +381,7 @@ def _backward_kernel(*refs, layout, has_keep, gradient_clipping, q_groups, k_gro
 
     step = pl.program_id(2)
     chunk = layout.num_chunks - 1 - step
-    first_lane = (chunk * layout.chunk) % layout.column_lanes  # of this chunk in column blocks
+    first_lane = lax.rem(chunk * layout.chunk, layout.column_lanes)  # in its column block
 
     @pl.when(step == 0)
     def _():
@@ -474,7 +476,7 @@ class _Specs:
         self.chunk_of = (lambda c: last - c) if reverse else (lambda c: c)
 
     def column_block(self, c):
-        return self.chunk_of(c) * self.layout.chunk // self.layout.column_lanes
+        return lax.div(self.chunk_of(c) * self.layout.chunk, self.layout.column_lanes)
 
     def columns(self, groups):
         lay = self.layout
