@@ -39,20 +39,16 @@ KEY_DIM, VALUE_DIM, CLIP = 64, 16, 1.0
 # name -> (KernelConfig overrides, chunk size, time the backward too).
 VARIANTS = {
     "default": ({}, gpu.DEFAULT_CHUNK_SIZE, True),
-    "sub4": ({"subchunk": 4}, 64, True),
-    "recompute_z": ({"recompute_z": True}, 64, True),
-    "sub4_recompute_z": ({"subchunk": 4, "recompute_z": True}, 64, True),
-    "replicas8": ({"qk_replicas": 8}, 64, True),
-    "sub4_rz_rep8": ({"subchunk": 4, "recompute_z": True, "qk_replicas": 8}, 64, True),
     "approx_tanh": ({"approx_tanh": True}, 64, True),
-    "all_above": ({"subchunk": 4, "recompute_z": True, "qk_replicas": 8, "approx_tanh": True},
-                  64, True),
+    "tf32_dots": ({"bf16_precision": "tf32"}, 64, True),
+    "prefetch": ({"prefetch": True}, 64, True),
+    "sub8": ({"subchunk": 8}, 64, True),
+    "unroll4": ({"unroll": 4}, 64, True),
+    "unroll16": ({"unroll": 16}, 64, True),
+    "warps2": ({"num_warps": 2}, 64, True),
     "chunk128": ({}, 128, True),
-    "warps2": ({"num_warps": 2}, 64, False),
-    "no_prefetch": ({"prefetch": False}, 64, False),
-    "unroll16": ({"unroll": 16}, 64, False),
-    "ieee_dots": ({"bf16_precision": "ieee"}, 64, False),
-    "heads4": ({"heads_per_program": 4}, 64, False),
+    "replicas8": ({"qk_replicas": 8}, 64, True),
+    "approx_unroll4": ({"approx_tanh": True, "unroll": 4}, 64, True),
 }
 
 

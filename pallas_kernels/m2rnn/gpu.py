@@ -58,11 +58,11 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 1
     unroll: int = 8              # forward steps per loop iteration
-    prefetch: bool = True        # load the next iteration's inputs one iteration ahead
-    subchunk: int = 8            # backward: states recomputed into registers at once
+    prefetch: bool = False       # load the next iteration's inputs one iteration ahead
+    subchunk: int = 4            # backward: states recomputed into registers at once
     recompute_z: bool = False    # backward: recompute tanh(.) per step instead of holding it
     qk_replicas: int = 1         # backward: dq/dk atomics spread over this many buffers
-    bf16_precision: str = "tf32"  # dot precision for bfloat16 inputs: ieee | tf32 | tf32x3
+    bf16_precision: str = "ieee"  # dot precision for bfloat16 inputs: ieee | tf32 | tf32x3
     approx_tanh: bool = False    # bfloat16 inputs only: tanh.approx.f32 instead of libdevice
 
     def __post_init__(self):
