@@ -424,6 +424,8 @@ def main():
             slot.setdefault("errors", []).append(f"{job['what']}: {type(err).__name__}: {err}"[:800])
         if "config" in job:
             slot["config"] = {**dataclasses.asdict(job["config"]), "chunk": job["chunk"]}
+        print(f"[done] {job['name']} {job.get('shape', '')} {job['what']} "
+              f"{ {k: v for k, v in slot.items() if k != 'config'} }", flush=True)
     for (name, shape), slot in results.items():
         emit({"kind": "op" if name == "op" else "variant", "variant": name, "shape": shape,
               **slot})
