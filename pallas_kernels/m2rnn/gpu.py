@@ -12,10 +12,10 @@ Tiling (what lives where):
     ``H W`` for all heads is one dot with the block-diagonal ``(Hb·Vp, Hb·Vp)`` weight, the
     write ``k vᵀ`` is one outer product (q/k are shared), and a step's ``y`` for all heads is one
     contiguous ``Hb·V`` row of ``y (B, S, N·V)``.
-  * Forward: an ``scf.for`` loop over groups of ``unroll`` steps; the group's inputs are loaded
-    one iteration ahead and carried through the loop (``prefetch``), so their global-memory
-    latency overlaps the previous group's arithmetic. The state is stored every ``chunk`` steps
-    when checkpoints are asked for (``S / chunk`` states: memory grows as S/C).
+  * Forward: an ``scf.for`` loop over groups of ``unroll`` steps whose input loads are issued
+    together (optionally one iteration ahead, ``prefetch``: measured slower on an H200). The
+    state is stored every ``chunk`` steps when checkpoints are asked for (``S / chunk`` states:
+    memory grows as S/C).
   * Backward: chunks in reverse. For each chunk, the states every ``subchunk`` steps are
     recomputed from the chunk's checkpoint into a small per-program scratch (it stays in L2);
     then, per sub-chunk in reverse, its ``subchunk`` states are recomputed into registers (a
@@ -26,7 +26,9 @@ Tiling (what lives where):
     whole group.
 
 Precision: float32 inputs use exact float32 dots (Triton ``ieee``); bfloat16 inputs use
-``KernelConfig.bf16_precision`` (default TF32 tensor-core dots; the state stays float32).
+``KernelConfig.bf16_precision`` (default ``ieee`` too: TF32 dots were faster but missed 1e-2
+against the scan at S=256). The state is float32 whatever the input dtype. Measurements and
+the reasons for each default: ``benchmarks/RESULTS.md`` and ``benchmarks/KERNEL_NOTES.md``.
 """
 
 import dataclasses
