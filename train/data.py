@@ -108,8 +108,8 @@ def _check_tokens(tokens, path):
 def split_by_file(files, fraction: float):
     """(train, validation): every k-th file (k = round(1/fraction)) is held out."""
     if len(files) < 2:
-        raise ConfigError(f"data.validation_fraction needs at least 2 files to hold out a file, "
-                         f"found {len(files)}; give data.validation_paths instead")
+        raise ConfigError("data.validation_fraction needs at least 2 files to hold out a file, "
+                          f"found {len(files)}; give data.validation_paths instead")
     if not 0 < fraction < 1:
         raise ConfigError(f"data.validation_fraction must lie in (0, 1), got {fraction}")
     step = max(2, round(1 / fraction))
@@ -220,10 +220,10 @@ def train_iterator(rows: PackedRows, batch_size: int, seed: int, *, process_inde
 
     if len(rows) < batch_size:
         raise ConfigError(f"data.batch_size = {batch_size} rows but the training split packs "
-                         f"into only {len(rows)} rows of data.seq_len = {rows.seq_len}")
+                          f"into only {len(rows)} rows of data.seq_len = {rows.seq_len}")
     if batch_size % process_count:
         raise ConfigError(f"data.batch_size = {batch_size} must be divisible by the number of "
-                         f"processes ({process_count})")
+                          f"processes ({process_count})")
     dataset = grain.MapDataset.source(rows).shuffle(seed=seed % 2**32).repeat()
     if process_count > 1:
         dataset = dataset[process_index::process_count]
@@ -237,8 +237,8 @@ def validation_batches(rows: PackedRows, num_rows: int, batch_size: int) -> list
     empty rows (segment id 0, no loss) to whole batches. ``num_rows = 0`` takes every row."""
     count = len(rows) if num_rows <= 0 else min(num_rows, len(rows))
     if count == 0:
-        raise ConfigError(f"the validation split is shorter than one row of data.seq_len = "
-                         f"{rows.seq_len}")
+        raise ConfigError("the validation split is shorter than one row of data.seq_len = "
+                          f"{rows.seq_len}")
     indices = np.unique(np.linspace(0, len(rows) - 1, count).round().astype(int))
     picked = [rows[int(i)] for i in indices]
     padded = -len(picked) % batch_size

@@ -7,7 +7,6 @@ from :data:`LOGICAL_AXIS_RULES`; nothing else in ``train/`` names a mesh axis fo
 """
 
 import os
-import warnings
 
 import jax
 import numpy as np
@@ -40,19 +39,19 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
     bad = [axis for axis, size in sizes.items() if size == 0 or size < -1]
     if bad:
         raise ConfigError(f"mesh.{bad[0]} must be a positive integer or -1 (fill), got "
-                         f"{sizes[bad[0]]}")
+                          f"{sizes[bad[0]]}")
     if len(fill) > 1:
         raise ConfigError(f"only one mesh axis may be -1 (fill); mesh.{fill[0]} and "
-                         f"mesh.{fill[1]} both are")
+                          f"mesh.{fill[1]} both are")
     fixed = int(np.prod([size for size in sizes.values() if size != -1]))
     if fill:
         if num_devices % fixed:
             raise ConfigError(f"mesh.{fill[0]} = -1 cannot fill {num_devices} devices: the other "
-                             f"axes {sizes} use {fixed}, which does not divide it")
+                              f"axes {sizes} use {fixed}, which does not divide it")
         sizes[fill[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ConfigError(f"mesh {sizes} needs {fixed} devices but {num_devices} are available; "
-                         f"set one axis (e.g. mesh.data) to -1 to fill")
+                          "set one axis (e.g. mesh.data) to -1 to fill")
     return tuple(sizes[axis] for axis in MESH_AXES)
 
 
@@ -152,15 +151,3 @@ def maybe_initialize_distributed() -> bool:
             jax.distributed.initialize()
             return True
     return False
-
-
-def warn_if_replicated_large(shardings, abstract_params, mesh, threshold=1 << 20):
-    """Warns about large parameters left fully replicated on a multi-device mesh."""
-    if mesh.size == 1:
-        return
-    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-    sizes = jax.tree.leaves(jax.tree.map(lambda x: int(np.prod(x.shape)), abstract_params))
-    for (path, sharding), size in zip(flat, sizes):
-        if size >= threshold and all(s is None for s in sharding.spec):
-            warnings.warn(f"parameter {jax.tree_util.keystr(path)} ({size} values) is replicated "
-                          f"on every device: its dims do not divide the mesh {dict(mesh.shape)}")

@@ -143,14 +143,20 @@ def build_trainee(config, mesh) -> Trainee:
 
 
 def put_batch(batch, trainee: Trainee, *, accum_steps=None):
-    """Process-local numpy rows -> global sharded arrays for the train step (``accum_steps``
-    given: reshaped to ``(accum, micro, S+1)``) or the eval step."""
+    """Numpy rows -> global arrays sharded over (data, fsdp).
+
+    Train (``accum_steps`` given): ``batch`` holds this process's rows, reshaped to
+    ``(accum, micro, S+1)``. Eval: ``batch`` holds the whole batch on every process; each
+    process contributes its own contiguous share (the loss sums do not depend on the order).
+    """
     out = {}
     for key, rows in batch.items():
         if accum_steps is not None:
             rows = rows.reshape(accum_steps, -1, rows.shape[-1])
             target = sharding.batch_sharding(trainee.mesh, 3, leading=1)
         else:
+            share = rows.shape[0] // jax.process_count()
+            rows = rows[jax.process_index() * share:(jax.process_index() + 1) * share]
             target = sharding.batch_sharding(trainee.mesh, 2)
         out[key] = jax.make_array_from_process_local_data(target, rows)
     return out

@@ -14,6 +14,7 @@ import threading
 import time
 
 import jax
+import numpy as np
 import yaml
 
 from m2rnn_jax.typed_config import ConfigError
@@ -118,7 +119,7 @@ def train(config: TrainConfig, out_dir, *, devices=None, stop: StopRequest | Non
     corpus = data_lib.load_corpus(config.data)
     if corpus.max_token >= config.model.vocab_size:
         raise ConfigError(f"model.vocab_size = {config.model.vocab_size} is too small for the "
-                         f"data, whose largest token id is {corpus.max_token}")
+                          f"data, whose largest token id is {corpus.max_token}")
     fingerprint = data_lib.corpus_fingerprint(corpus)
     train_rows = data_lib.PackedRows(corpus.train, config.data.seq_len, seed=config.data.seed)
     validation = data_lib.validation_batches(
@@ -179,8 +180,18 @@ def train(config: TrainConfig, out_dir, *, devices=None, stop: StopRequest | Non
     interval_start, interval_steps = train_start, 0
     last_eval = None
     step = start_step
+
+    def should_stop():
+        if jax.process_count() == 1:
+            return stop.requested
+        # Processes must stop at the same step: agree every log_every steps.
+        if step % config.logging.log_every:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array(stop.requested))))
+
     try:
-        while step < config.steps and not stop.requested:
+        while step < config.steps and not should_stop():
             batch = put_batch(next(iterator), trainee,
                               accum_steps=config.optimizer.grad_accum_steps)
             state, metrics = trainee.train_step(state, batch)
@@ -213,7 +224,8 @@ def train(config: TrainConfig, out_dir, *, devices=None, stop: StopRequest | Non
         restore_handlers()
 
     train_seconds = time.perf_counter() - train_start
-    if stop.requested:
+    if step < config.steps:  # stopped by a signal (on any process)
+        stop.request("a signal to another process")
         save(step)
         checkpointer.wait()
         checkpointer.close()
