@@ -2,7 +2,8 @@
 
 ``train(config, out_dir)`` trains to ``config.steps`` total steps. When ``out_dir`` already
 holds checkpoints it resumes from the newest readable one (saying so) with the saved config,
-taking only ``steps``, ``logging`` and ``checkpoint`` from the config given now.
+taking only ``steps``, ``mesh``, ``remat``, ``logging`` and ``checkpoint`` (which do not change
+the trajectory beyond float rounding) from the config given now.
 SIGINT/SIGTERM stop the loop after the current step, save a checkpoint and return.
 """
 
@@ -25,8 +26,8 @@ from train.config import TrainConfig, train_config_from_dict, train_config_to_di
 from train.metrics import MetricsLog, Progress, plot_losses
 from train.step import build_trainee, put_batch
 
-# Sections a resumed run takes from the new config; the rest must come from the checkpoint.
-RESUMABLE_CHANGES = ("steps", "logging", "checkpoint")
+# Keys a resumed run takes from the new config; the rest must come from the checkpoint.
+RESUMABLE_CHANGES = ("steps", "mesh", "remat", "logging", "checkpoint")
 
 
 class StopRequest:
@@ -66,7 +67,7 @@ def install_stop_handlers(stop: StopRequest):
 
 
 def resolve_resumed_config(given: TrainConfig, saved: dict, log=print) -> TrainConfig:
-    """The saved config with ``steps``, ``logging`` and ``checkpoint`` from ``given``."""
+    """The saved config with the keys of ``RESUMABLE_CHANGES`` taken from ``given``."""
     merged = dict(saved)
     given_dict = train_config_to_dict(given)
     for key in RESUMABLE_CHANGES:
