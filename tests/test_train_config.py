@@ -13,6 +13,7 @@ from m2rnn_jax.typed_config import ConfigError
 from train import cli, sharding
 from train.config import TrainConfig, load_train_config, train_config_from_dict, \
     train_config_to_dict
+from train.trainer import resolve_resumed_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -100,3 +101,18 @@ def test_every_logical_axis_of_the_model_is_in_the_table():
     from m2rnn_jax import LOGICAL_AXES
 
     assert set(LOGICAL_AXES) <= set(sharding.LOGICAL_AXIS_RULES)
+
+
+def test_resume_keeps_the_saved_config_except_steps_mesh_and_logging():
+    saved = load_train_config(TINY, ["steps=10", "optimizer.learning_rate=1e-3"])
+    given = load_train_config(TINY, ["steps=25", "optimizer.learning_rate=5e-2", "mesh.fsdp=2",
+                                     "logging.eval_every=7"])
+    notes = []
+    merged = resolve_resumed_config(given, train_config_to_dict(saved), log=notes.append)
+    assert merged.steps == 25 and merged.mesh.fsdp == 2 and merged.logging.eval_every == 7
+    assert merged.optimizer.learning_rate == 1e-3
+    # Extending a run keeps the learning-rate schedule's length: no jump in the rate.
+    assert merged.optimizer.schedule_steps == 10
+    assert any("saved optimizer" in n for n in notes) and any("schedule" in n for n in notes)
+    same = resolve_resumed_config(saved, train_config_to_dict(saved), log=notes.append)
+    assert same == saved

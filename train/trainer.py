@@ -3,8 +3,8 @@
 ``train(config, out_dir)`` trains to ``config.steps`` total steps. When ``out_dir`` already
 holds checkpoints it resumes from the newest readable one (saying so) with the saved config,
 taking only ``steps``, ``mesh``, ``remat``, ``logging`` and ``checkpoint`` (which do not change
-the trajectory beyond float rounding) from the config given now.
-SIGINT/SIGTERM stop the loop after the current step, save a checkpoint and return.
+the trajectory beyond float rounding) from the config given now; a new ``steps`` keeps the
+learning-rate schedule's original length. SIGINT/SIGTERM stop the loop after the current step, save a checkpoint and return.
 """
 
 import dataclasses
@@ -77,6 +77,12 @@ def resolve_resumed_config(given: TrainConfig, saved: dict, log=print) -> TrainC
     if ignored:
         log(f"NOTE: the resumed run keeps its saved {', '.join(ignored)} settings; the new "
             f"values given for them are ignored (use a new --out to change them)")
+    if merged["steps"] != saved["steps"] and saved["optimizer"]["schedule_steps"] is None:
+        # The learning-rate schedule keeps the length it was started with: no jump in the
+        # learning rate when a run is extended; steps past it use the final learning rate.
+        merged["optimizer"] = dict(saved["optimizer"], schedule_steps=saved["steps"])
+        log(f"NOTE: the learning-rate schedule keeps its length of {saved['steps']} steps "
+            f"(optimizer.schedule_steps); steps beyond it use the final learning rate")
     return train_config_from_dict(merged)
 
 
