@@ -102,3 +102,99 @@ def test_uniform_lengths_mask_a_prefix_and_generators_are_seeded():
 def test_bad_task_arguments_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# --- the experiment config and the command ---------------------------------------------------
+
+import csv  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from m2rnn_jax.typed_config import ConfigError, load_yaml  # noqa: E402
+from train.state_tracking import cli  # noqa: E402
+from train.state_tracking.config import ExperimentConfig  # noqa: E402
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "state_tracking"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_build_every_model(path):
+    config = load_yaml(ExperimentConfig, path)
+    group = cli.build_group(config.task)
+    assert config.model_names
+    for name in config.models:
+        model = config.model_config(name, group.order)
+        assert model.vocab_size == group.order
+
+
+def tiny_experiment(tmp_path, models, name="tiny"):
+    data = {
+        "task": {"group": "S3", "train_length": 6, "eval_lengths": [6, 12],
+                 "eval_sequences": 8, "eval_batch_size": 8},
+        "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "seeds": 2, "log_every": 1},
+        "base_model": {"d_model": 16, "mlp": {"hidden_dim": 16}, "compute_dtype": "float32"},
+        "models": models,
+        "out_dir": str(tmp_path / "unused"),
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_command_writes_well_formed_results(tmp_path):
+    models = {
+        "m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
+                                                 "backend": "scan"}},
+        "attention_rope": {"layer_pattern": "A", "attention": {"num_heads": 2, "rope": True}},
+        "mamba2": {"layer_pattern": "S", "mamba2": {"num_heads": 2, "head_dim": 4,
+                                                    "state_dim": 4}},
+    }
+    out = tmp_path / "out"
+    results = cli.main(["--config", str(tiny_experiment(tmp_path, models)), "--out", str(out),
+                        "--models", "m2rnn,attention_rope,mamba2", "--seeds", "1",
+                        "--no-progress"])
+    assert [r.model for r in results] == ["m2rnn", "attention_rope", "mamba2"]
+    assert all(r.steps == 3 and np.isfinite(r.final_loss) for r in results)
+
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 * 2  # models x seeds x lengths
+    assert {(r["model"], int(r["seed"]), int(r["length"])) for r in rows} == {
+        (m, 0, n) for m in models for n in (6, 12)}
+    for r in rows:
+        assert 0.0 <= float(r["position_accuracy"]) <= 1.0
+        assert 0.0 <= float(r["sequence_accuracy"]) <= float(r["position_accuracy"]) + 1e-9
+        assert int(r["num_params"]) > 0 and r["group"] == "S3" and int(r["train_length"]) == 6
+
+    report = json.loads((out / "results.json").read_text())
+    assert len(report["results"]) == len(rows)
+    assert report["config"]["task"]["group"] == "S3" and report["config"]["group_order"] == 6
+    for row, csv_row in zip(report["results"], rows):
+        assert row["position_accuracy"] == pytest.approx(float(csv_row["position_accuracy"]))
+    assert [r["model"] for r in report["runs"]] == list(models)
+
+    image = plt.imread(out / "accuracy_vs_length.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+    assert image[..., :3].std() > 0.01  # not a blank canvas
+
+
+def test_config_errors_name_the_key(tmp_path):
+    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"key_dim": 4}}}
+    path = tiny_experiment(tmp_path, models)
+    with pytest.raises(ConfigError, match="run lists model 'nope'"):
+        cli.load_config(cli.parse_args(["--config", str(path), "--models", "nope"]))
+    with pytest.raises(ConfigError, match="train.stepz"):
+        cli.load_config(cli.parse_args(["--config", str(path), "--set", "train.stepz=3"]))
+    with pytest.raises(ConfigError, match="models.m2rnn.vocab_size is set by the group"):
+        load_yaml(ExperimentConfig, tiny_experiment(
+            tmp_path, {"m2rnn": {"layer_pattern": "M", "vocab_size": 7}}, name="bad"))
+    with pytest.raises(ValueError, match=r"models\.m2rnn.*m2rnn\.key_dim"):
+        cli.load_config(cli.parse_args(["--config", str(path), "--set",
+                                        "models.m2rnn.m2rnn.key_dim=0"]))
+    config, _ = cli.load_config(cli.parse_args(["--config", str(path), "--group", "D4",
+                                                "--eval-lens", "5,9", "--train-len", "3"]))
+    assert config.task.group == "D4" and config.task.eval_lengths == [5, 9]
+    assert cli.build_group(config.task).order == 8

@@ -1,0 +1,162 @@
+"""``m2rnn-state-tracking``: train models on word problems over a group, evaluate at longer lengths.
+
+Example (the paper's claim: M²RNN tracks S5 at lengths never seen in training)::
+
+    m2rnn-state-tracking --group S5 \\
+        --models m2rnn,attention,attention_rope,mamba2,gated_deltanet \\
+        --train-len 64 --eval-lens 64,128,256,512,1024 --seeds 3 --out runs/s5
+
+Settings come from a YAML file (``--config``; by default ``configs/state_tracking/<group>.yaml``
+when it exists, else ``s5.yaml``); the flags below override it, and ``--set key=value``
+overrides any key (e.g. ``--set models.m2rnn.m2rnn.backend=scan``). Writes ``results.csv``,
+``results.json`` and ``accuracy_vs_length.png`` to the output folder and prints a summary.
+"""
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+import time
+
+import yaml
+
+from m2rnn_jax.typed_config import ConfigError, from_dict, load_yaml, override
+from train.state_tracking.config import ExperimentConfig
+from train.state_tracking.groups import from_generators, group_by_name
+from train.state_tracking.report import summary_table, write_all
+from train.state_tracking.training import ModelRunner
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "state_tracking"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="m2rnn-state-tracking", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="experiment YAML (default: configs/state_tracking/"
+                                    "<group>.yaml, else s5.yaml)")
+    p.add_argument("--group", help="S<n>, A<n>, Z<n> or D<n> (task.group)")
+    p.add_argument("--models", help="comma-separated model names from the config (run)")
+    p.add_argument("--train-len", type=int, help="training sequence length (task.train_length)")
+    p.add_argument("--eval-lens", help="comma-separated evaluation lengths (task.eval_lengths)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (train.steps)")
+    p.add_argument("--seeds", type=int, help="seeds per model (train.seeds)")
+    p.add_argument("--batch-size", type=int, help="train.batch_size")
+    p.add_argument("--lr", type=float, help="peak learning rate (train.learning_rate)")
+    p.add_argument("--time-budget-s", type=float,
+                   help="wall-clock budget for all runs; each run stops early at its share")
+    p.add_argument("--out", help="output folder (out_dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (repeatable), e.g. train.weight_decay=0.01")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def load_config(args):
+
+    path = args.config
+    if path is None:
+        by_group = CONFIG_DIR / f"{(args.group or 's5').lower()}.yaml"
+        path = by_group if by_group.exists() else CONFIG_DIR / "s5.yaml"
+    config = load_yaml(ExperimentConfig, path)
+    flags = {"task.group": args.group, "train.steps": args.steps, "train.seeds": args.seeds,
+             "task.train_length": args.train_len, "train.batch_size": args.batch_size,
+             "train.learning_rate": args.lr, "train.time_budget_s": args.time_budget_s,
+             "out_dir": args.out,
+             "task.eval_lengths": _int_list(args.eval_lens, "--eval-lens"),
+             "run": None if args.models is None else
+             [m.strip() for m in args.models.split(",") if m.strip()]}
+    assignments = [f"{key}={_yaml(value)}" for key, value in flags.items() if value is not None]
+    assignments += list(args.set)
+    # Model sections hold only changes to the defaults, so their overrides may add keys that
+    # the file does not spell out; every other key must already exist.
+    model_changes = [a for a in assignments if a.split("=", 1)[0].strip().split(".")[0]
+                     in ("models", "base_model")]
+    config = override(config, [a for a in assignments if a not in model_changes])
+    if model_changes:
+        data = dataclasses.asdict(config)
+        for assignment in model_changes:
+            _set_nested(data, assignment)
+        config = from_dict(ExperimentConfig, data)
+    return config, path
+
+
+def build_group(task):
+    if task.generators is not None:
+        return from_generators(task.generators, name=task.group)
+    return group_by_name(task.group)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    config, path = load_config(args)
+    group = build_group(config.task)
+    task, train = config.task, config.train
+    names = config.model_names
+    print(f"config {path}: word problems over {group.name} (order {group.order}), train length "
+          f"{task.train_length} ({task.length_sampling}), eval lengths {task.eval_lengths}, "
+          f"{train.steps} steps x batch {train.batch_size}, {train.seeds} seed(s), models "
+          f"{', '.join(names)}", flush=True)
+    total_runs = len(names) * train.seeds
+    start = time.perf_counter()
+    results = []
+    for name in names:
+        runner = ModelRunner(name, config.model_config(name, group.order), train)
+        print(f"{name}: {runner.num_params:,} parameters, layer pattern "
+              f"{runner.model_config.layer_pattern}", flush=True)
+        for seed in range(train.seeds):
+            deadline = None
+            if train.time_budget_s is not None:  # cumulative shares: unused time rolls over
+                deadline = start + train.time_budget_s * (len(results) + 1) / total_runs
+            result = runner.run(seed, group, task, deadline, progress=not args.no_progress)
+            results.append(result)
+            accs = ", ".join(f"L={e['length']}: {100 * e['position_accuracy']:.1f}%"
+                             for e in result.evals)
+            print(f"  seed {seed}: {result.steps} steps, compile {result.compile_s:.1f}s, train "
+                  f"{result.train_s:.1f}s ({result.steps / max(result.train_s, 1e-9):.0f} "
+                  f"steps/s), eval {result.eval_s:.1f}s, loss {result.final_loss:.3f}; "
+                  f"per-position accuracy {accs}", flush=True)
+    config_dict = dataclasses.asdict(config)
+    config_dict["group_order"] = group.order
+    paths, rows = write_all(config.out_dir, results, group.name, task.train_length, config_dict)
+    print(f"\n{summary_table(rows)}\n\ntotal {time.perf_counter() - start:.0f}s; wrote "
+          f"{', '.join(str(p) for p in paths.values())}", flush=True)
+    return results
+
+
+def _set_nested(data, assignment):
+    """Applies ``"models.m2rnn.m2rnn.key_dim=32"`` to a plain dict, creating missing levels."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    free_depth = 2 if parts[0] == "models" else 1  # models.<name> must exist, then anything
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if i >= free_depth or part in node:
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"unknown config key: {'.'.join(parts[:i + 1])} (in override "
+                              f"{assignment!r})")
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {'.'.join(parts[:i + 1])} is not a mapping (in "
+                              f"override {assignment!r})")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _int_list(text, flag):
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def _yaml(value):
+    """A flag value as the YAML text ``override`` parses."""
+    if isinstance(value, list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The state-tracking experiment as data: task, training, and one ``ModelConfig`` per model.
+
+YAML layout (``configs/state_tracking/s5.yaml``)::
+
+    task: {group: S5, train_length: 64, eval_lengths: [64, 128, ...], ...}
+    train: {steps: 2000, batch_size: 256, learning_rate: 3.0e-3, seeds: 3, ...}
+    base_model: {d_model: 128, mlp: {hidden_dim: 256}, ...}     # shared by every model
+    models:                                                       # name -> changes to the base
+      m2rnn: {layer_pattern: MM, m2rnn: {num_heads: 8, ...}}
+      attention: {layer_pattern: AA, attention: {num_heads: 4}}
+    run: [m2rnn, attention]                                       # which models to train
+
+``models.<name>`` is merged key by key into ``base_model`` and the result is a
+``m2rnn_jax.config.ModelConfig``; its ``vocab_size`` is set to the group's order (element
+tokens in, logits over elements out), so neither section may set it.
+"""
+
+import copy
+import dataclasses
+from typing import Literal
+
+from m2rnn_jax.config import ModelConfig
+from m2rnn_jax.typed_config import ConfigError, from_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    group: str = "S5"  # S<n>, A<n>, Z<n>, D<n>; or a custom group from `generators`
+    generators: list[list[int]] | None = None  # permutations (lists of images); overrides group
+    train_length: int = 64
+    length_sampling: Literal["fixed", "uniform"] = "fixed"
+    eval_lengths: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256, 512, 1024])
+    eval_sequences: int = 512  # per eval length, the same words for every model and seed
+    eval_batch_size: int = 128
+    eval_seed: int = 1234
+
+    def __post_init__(self):
+        for name in ("train_length", "eval_sequences", "eval_batch_size"):
+            _positive(getattr(self, name), f"task.{name}")
+        if not self.eval_lengths:
+            raise ConfigError("task.eval_lengths must list at least one length")
+        for length in self.eval_lengths:
+            _positive(length, "task.eval_lengths[]")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 256
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.99
+    clip_grad_norm: float | None = 1.0
+    seeds: int = 3  # seeds 0 .. seeds-1 per model (the model init and the training words)
+    time_budget_s: float | None = None  # wall-clock for all runs; split evenly, stops early
+    log_every: int = 50  # steps between progress-bar updates of loss/accuracy
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seeds", "log_every"):
+            _positive(getattr(self, name), f"train.{name}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ConfigError(f"train.time_budget_s must be null or > 0, got "
+                              f"{self.time_budget_s}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    base_model: dict = dataclasses.field(default_factory=dict)
+    models: dict = dataclasses.field(default_factory=dict)
+    run: list[str] = dataclasses.field(default_factory=list)  # empty = every model in `models`
+    out_dir: str = "runs/state_tracking"
+
+    def __post_init__(self):
+        for name in self.run:
+            if name not in self.models:
+                raise ConfigError(f"run lists model {name!r}, which models does not define "
+                                  f"(defined: {', '.join(sorted(self.models))})")
+        for name in self.models:
+            self.model_config(name, vocab_size=2)  # fail at load time, naming the model
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.run) if self.run else list(self.models)
+
+    def model_config(self, name: str, vocab_size: int) -> ModelConfig:
+        """``base_model`` updated by ``models[name]``, as a ``ModelConfig`` with ``vocab_size``."""
+        if name not in self.models:
+            raise ConfigError(f"unknown model {name!r}; defined: {', '.join(sorted(self.models))}")
+        changes = self.models[name] or {}
+        for where, section in (("base_model", self.base_model), (f"models.{name}", changes)):
+            if not isinstance(section, dict):
+                raise ConfigError(f"{where} must be a mapping, got {type(section).__name__}")
+            if "vocab_size" in section:
+                raise ConfigError(f"{where}.vocab_size is set by the group's order; remove it")
+        data = merge(self.base_model, changes)
+        data["vocab_size"] = vocab_size
+        return from_dict(ModelConfig, data, path=f"models.{name}")
+
+
+def merge(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied key by key (nested mappings merge recursively)."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _positive(value, key):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")

@@ -1,0 +1,136 @@
+"""Train one (model, seed) on word problems and measure accuracy at each evaluation length.
+
+A small, self-contained loop: parameters as the pure-dict form of the model's ``nnx.State``,
+Optax AdamW (warmup + cosine, global-norm clipping, no decay on the parameters the layers flag),
+one jitted step, batches drawn in NumPy from a generator seeded by the run's seed. The jitted
+functions are built once per model architecture (``ModelRunner``) and reused across seeds, so
+only the first seed of a model pays for compilation.
+"""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from m2rnn_jax import HybridLM, decay_mask
+from train.state_tracking.tasks import eval_word_problems, sample_word_problems
+
+
+@dataclasses.dataclass
+class RunResult:
+    model: str
+    seed: int
+    num_params: int
+    steps: int  # optimizer steps taken (fewer than asked when the time budget ran out)
+    compile_s: float  # first step (compilation) of this run; ~0 when the model's step was cached
+    train_s: float  # the remaining steps
+    eval_s: float
+    final_loss: float
+    final_train_accuracy: float
+    # One entry per evaluation length: {"length", "position_accuracy", "sequence_accuracy"}.
+    evals: list
+
+
+class ModelRunner:
+    """Jitted train / eval steps of one model architecture, shared by its seeds."""
+
+    def __init__(self, name, model_config, train_config):
+        self.name = name
+        self.model_config = model_config
+        self.train_config = train_config
+        abstract = nnx.eval_shape(lambda: HybridLM(model_config, rngs=nnx.Rngs(0)))
+        self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+        self.num_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=train_config.learning_rate,
+            warmup_steps=min(train_config.warmup_steps, train_config.steps - 1),
+            decay_steps=train_config.steps,
+            end_value=train_config.learning_rate * train_config.min_lr_ratio)
+        parts = [] if train_config.clip_grad_norm is None else \
+            [optax.clip_by_global_norm(train_config.clip_grad_norm)]
+        parts.append(optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
+                                 weight_decay=train_config.weight_decay,
+                                 mask=nnx.to_pure_dict(decay_mask(abstract_params))))
+        self.optimizer = optax.chain(*parts)
+        self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
+        self._eval_step = jax.jit(self._correct)
+
+    def _logits(self, params, tokens):
+        return nnx.merge(self.graphdef, params)(tokens)
+
+    def _step(self, params, opt_state, tokens, targets, mask):
+        def loss_fn(params):
+            logits = self._logits(params, tokens)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+            loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+            accuracy = jnp.sum((logits.argmax(-1) == targets) * mask) / jnp.maximum(
+                jnp.sum(mask), 1.0)
+            return loss, accuracy
+
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, accuracy
+
+    def _correct(self, params, tokens, targets):
+        """Per-sequence (number of correct positions, all positions correct)."""
+        correct = self._logits(params, tokens).argmax(-1) == targets
+        return jnp.sum(correct, axis=1), jnp.all(correct, axis=1)
+
+    def init_params(self, seed):
+        model = HybridLM(self.model_config, rngs=nnx.Rngs(seed))
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    def run(self, seed, group, task_config, deadline=None, progress=True) -> RunResult:
+        """Trains from seed ``seed`` and evaluates; stops training early past ``deadline``
+        (a ``time.perf_counter()`` value)."""
+        cfg = self.train_config
+        params = self.init_params(seed)
+        opt_state = self.optimizer.init(params)
+        rng = np.random.default_rng([seed, 0x5EED])
+        bar = tqdm(total=cfg.steps, desc=f"{self.name} seed {seed}", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        compile_s, loss, accuracy, steps = 0.0, float("nan"), float("nan"), 0
+        start = time.perf_counter()
+        for step in range(cfg.steps):
+            batch = sample_word_problems(group, rng, cfg.batch_size, task_config.train_length,
+                                         task_config.length_sampling)
+            params, opt_state, loss_t, accuracy_t = self._train_step(
+                params, opt_state, batch.tokens, batch.targets, batch.mask)
+            steps = step + 1
+            if step == 0:
+                loss_t.block_until_ready()
+                compile_s = time.perf_counter() - start
+            if steps % cfg.log_every == 0 or steps == cfg.steps:
+                loss, accuracy = float(loss_t), float(accuracy_t)  # waits for the step
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", refresh=False)
+                bar.update(steps - bar.n)
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+        loss, accuracy = float(loss_t), float(accuracy_t)
+        bar.close()
+        train_s = time.perf_counter() - start - compile_s
+        eval_start = time.perf_counter()
+        evals = [self.evaluate(params, group, task_config, length)
+                 for length in task_config.eval_lengths]
+        return RunResult(model=self.name, seed=seed, num_params=self.num_params, steps=steps,
+                         compile_s=compile_s, train_s=train_s,
+                         eval_s=time.perf_counter() - eval_start, final_loss=loss,
+                         final_train_accuracy=accuracy, evals=evals)
+
+    def evaluate(self, params, group, task_config, length):
+        words = eval_word_problems(group, task_config.eval_seed, task_config.eval_sequences,
+                                   length)
+        correct_positions, all_correct = 0, 0
+        for first in range(0, task_config.eval_sequences, task_config.eval_batch_size):
+            rows = slice(first, first + task_config.eval_batch_size)
+            positions, whole = self._eval_step(params, words.tokens[rows], words.targets[rows])
+            correct_positions += int(jnp.sum(positions))
+            all_correct += int(jnp.sum(whole))
+        n = task_config.eval_sequences
+        return {"length": length, "position_accuracy": correct_positions / (n * length),
+                "sequence_accuracy": all_correct / n}
