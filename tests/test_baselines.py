@@ -12,7 +12,8 @@ from m2rnn_jax.config import (AttentionConfig, GatedDeltaNetConfig, Mamba2Config
                               ModelConfig)
 from m2rnn_jax.layers import LOGICAL_AXES, logical_axes, no_decay_mask
 from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet
-from m2rnn_jax.layers.mamba2 import Mamba2
+from m2rnn_jax.layers.mamba2 import (Mamba2, continues_document, diagonal_recurrence,
+                                     diagonal_recurrence_chunked)
 from m2rnn_jax.layers.registry import mixer_class
 
 D_MODEL = 24
@@ -227,6 +228,25 @@ def test_prefill_then_decode_matches_the_full_sequence(letter, inputs):
     for t in range(6, 10):
         y, cache = step(layer, jnp.asarray(x[:, t:t + 1]), cache)
         np.testing.assert_allclose(np.asarray(y[:, 0]), full[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_diagonal_recurrence_matches_the_scan():
+    """Chunks that do not divide S, documents starting inside and at chunk edges, strong decays."""
+    rng = np.random.default_rng(4)
+    b, s, h, p, n = 2, 13, 3, 4, 5
+    x, bm, cm = (rng.standard_normal(shape).astype(np.float32)
+                 for shape in ((b, s, h, p), (b, s, h, n), (b, s, h, n)))
+    dt = rng.uniform(0.01, 2.0, (b, s, h)).astype(np.float32)
+    log_decay = -rng.uniform(0.0, 3.0, (b, s, h)).astype(np.float32)
+    segment_ids = jnp.asarray([[0] * 5 + [1] * 8, [2] * 4 + [3] * 3 + [4] * 6])
+    keep = continues_document(segment_ids, b, s)
+    want, want_state = diagonal_recurrence(x, dt, np.exp(log_decay), bm, cm, keep)
+    for chunk in (4, 5, 13):
+        got, state = jax.jit(diagonal_recurrence_chunked, static_argnums=6)(
+            x, dt, log_decay, bm, cm, keep, chunk)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(state), np.asarray(want_state), rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_letters_registered_and_build_into_hybrid_lm():

@@ -15,8 +15,11 @@ Layer (as in Mamba-2): ``in_proj`` -> ``[z | x | B | C | dt_logit]``; causal dep
 SiLU over ``x | B | C``; the recurrence (``B``, ``C`` shared by the heads of each of
 ``num_groups`` groups); ``RMSNorm(y ⊙ silu(z))`` over ``H·P``; ``out_proj``. Init:
 ``A ~ U[A_init_min, A_init_max]``, ``dt_bias`` = softplus⁻¹ of a log-uniform ``dt``, ``D = 1``.
-The recurrence runs in float32 as a ``lax.scan`` over time (small models: the recurrent form is
-exact and simple; ``config.mamba2.chunk_size`` is not used by this form).
+The recurrence runs in float32 in its chunked form (``diagonal_recurrence_chunked``: within a
+chunk of ``config.mamba2.chunk_size`` steps a masked, decay-weighted ``C Bᵀ`` product; across
+chunks a short scan over chunk states), which is a few matmuls per chunk instead of one
+sequential step per token; ``diagonal_recurrence`` is the step-by-step scan it is tested
+against and the decode step.
 """
 
 import jax
@@ -27,7 +30,7 @@ from jax import lax
 
 from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
 from m2rnn_jax.layers.linear import Linear
-from m2rnn_jax.layers.m2rnn import forget_gate, init_A_log, init_dt_bias
+from m2rnn_jax.layers.m2rnn import init_A_log, init_dt_bias
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
 from m2rnn_jax.layers.registry import register_mixer
@@ -62,6 +65,51 @@ def diagonal_recurrence(x, dt, decay, B, C, keep, initial_state=None):
 
     h_final, y = lax.scan(step, h0, xs)
     return jnp.moveaxis(y, 0, 1), h_final
+
+
+def diagonal_recurrence_chunked(x, dt, log_decay, B, C, keep, chunk_size):
+    """Same result as ``diagonal_recurrence`` with ``decay = exp(log_decay)`` (zero initial
+    state), by chunks of ``chunk_size``; the decay enters as its log so that no step underflows.
+
+    Within a chunk, with ``c_t = Σ_{r≤t} log a_r``: ``y_t = Σ_{s≤t} e^{c_t - c_s} dt_s (C_t·B_s)
+    x_s + e^{c_t} C_tᵀ S_start``, terms crossing a document start dropped.
+    """
+    batch, seq_len, heads, head_dim = x.shape
+    state_dim = B.shape[-1]
+    chunk = min(chunk_size, seq_len)
+    pad = -seq_len % chunk
+    f32 = lambda a, fill=0.0: jnp.pad(a.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (
+        a.ndim - 2), constant_values=fill).reshape((batch, -1, chunk) + a.shape[2:])
+    # Padded steps have dt = 0 and a = 1: they change nothing.
+    x, dt, log_a, B, C = (f32(a) for a in (x, dt, log_decay, B, C))
+    keep = f32(keep, 1.0)
+    # Documents started so far in the chunk (a start at step t counts at t).
+    starts = jnp.cumsum(1.0 - keep, axis=2)  # (b, z, c)
+    cum = jnp.cumsum(log_a, axis=2)  # (b, z, c, h)
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
+    same = (starts[..., :, None] == starts[..., None, :]) & causal  # (b, z, t, s)
+    gap = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (b, z, t, s, h): c_t - c_s
+    weights = jnp.exp(jnp.where(same[..., None], gap, -jnp.inf))
+    scores = jnp.einsum("bzthn,bzshn->bztsh", C, B, precision=_HIGHEST)
+    y = jnp.einsum("bztsh,bzsh,bzshp->bzthp", weights * scores, dt, x, precision=_HIGHEST)
+
+    # What each chunk adds to the state at its end, and how it decays the state it received.
+    to_end = jnp.where(starts == starts[..., -1:], 1.0, 0.0)[..., None] * jnp.exp(
+        cum[:, :, -1:, :] - cum) * dt  # (b, z, s, h)
+    added = jnp.einsum("bzsh,bzshn,bzshp->bzhnp", to_end, B, x, precision=_HIGHEST)
+    carried = jnp.where(starts[..., -1] == 0, 1.0, 0.0)[..., None] * jnp.exp(cum[:, :, -1])
+
+    def step(h, inputs):
+        added_z, carried_z = inputs
+        return carried_z[..., None, None] * h + added_z, h
+
+    h0 = jnp.zeros((batch, heads, state_dim, head_dim), jnp.float32)
+    h_final, h_start = lax.scan(step, h0, (jnp.moveaxis(added, 1, 0),
+                                           jnp.moveaxis(carried, 1, 0)))
+    h_start = jnp.moveaxis(h_start, 0, 1)  # (b, z, h, n, p)
+    reach = jnp.where(starts == 0, 1.0, 0.0)[..., None] * jnp.exp(cum)  # (b, z, t, h)
+    y = y + reach[..., None] * jnp.einsum("bzthn,bzhnp->bzthp", C, h_start, precision=_HIGHEST)
+    return y.reshape(batch, -1, heads, head_dim)[:, :seq_len], h_final
 
 
 class Mamba2(nnx.Module):
@@ -113,8 +161,9 @@ class Mamba2(nnx.Module):
         return x.reshape(lead + (cfg.num_heads, cfg.head_dim)), expand(b), expand(c)
 
     def _gates(self, dt_logits):
+        """Step sizes ``dt`` and ``log a = -exp(A_log) · dt`` (float32)."""
         dt = jax.nn.softplus(dt_logits.astype(jnp.float32) + self.dt_bias[...])
-        return dt, forget_gate(dt_logits, self.A_log[...], self.dt_bias[...])
+        return dt, -jnp.exp(self.A_log[...]) * dt
 
     def _output(self, y, x, z):
         y = y + self.D[...].astype(jnp.float32)[:, None] * x.astype(jnp.float32)
@@ -134,9 +183,10 @@ class Mamba2(nnx.Module):
         xbc = jax.nn.silu(causal_depthwise_conv(xbc_in, self.conv_weight[...], None,
                                                 segment_ids))
         xh, b, c = self._heads(xbc)
-        dt, decay = self._gates(dt_logits)
+        dt, log_decay = self._gates(dt_logits)
         keep = continues_document(segment_ids, batch, seq_len)
-        y, state = diagonal_recurrence(xh, dt, decay, b, c, keep)
+        y, state = diagonal_recurrence_chunked(xh, dt, log_decay, b, c, keep,
+                                               self.cfg.chunk_size)
         cache = {"state": state, "conv": conv_window(xbc_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(y, xh, z), cache
 
@@ -147,9 +197,9 @@ class Mamba2(nnx.Module):
         xbc = jnp.einsum("bjc,jc->bc", window.astype(jnp.float32),
                          self.conv_weight[...].astype(jnp.float32))[:, None]
         xh, b, c = self._heads(jax.nn.silu(xbc.astype(xbc_in.dtype)))
-        dt, decay = self._gates(dt_logits)
+        dt, log_decay = self._gates(dt_logits)
         keep = jnp.ones(x.shape[:2], jnp.float32)
-        y, state = diagonal_recurrence(xh, dt, decay, b, c, keep, cache["state"])
+        y, state = diagonal_recurrence(xh, dt, jnp.exp(log_decay), b, c, keep, cache["state"])
         return self._output(y, xh, z), {"state": state, "conv": window[:, 1:]}
 
 
