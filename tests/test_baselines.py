@@ -11,7 +11,8 @@ from m2rnn_jax import HybridLM
 from m2rnn_jax.config import (AttentionConfig, GatedDeltaNetConfig, Mamba2Config, MLPConfig,
                               ModelConfig)
 from m2rnn_jax.layers import LOGICAL_AXES, logical_axes, no_decay_mask
-from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet
+from m2rnn_jax.layers.gated_deltanet import (GatedDeltaNet, gated_delta_rule,
+                                             gated_delta_rule_chunked, l2_normalize)
 from m2rnn_jax.layers.mamba2 import (Mamba2, continues_document, diagonal_recurrence,
                                      diagonal_recurrence_chunked)
 from m2rnn_jax.layers.registry import mixer_class
@@ -244,6 +245,25 @@ def test_chunked_diagonal_recurrence_matches_the_scan():
     for chunk in (4, 5, 13):
         got, state = jax.jit(diagonal_recurrence_chunked, static_argnums=6)(
             x, dt, log_decay, bm, cm, keep, chunk)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(state), np.asarray(want_state), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_chunked_gated_delta_rule_matches_the_scan():
+    rng = np.random.default_rng(5)
+    b, s, h, kd, vd = 2, 13, 2, 4, 3
+    q, k = (l2_normalize(jnp.asarray(rng.standard_normal((b, s, h, kd)), jnp.float32))
+            for _ in range(2))
+    v = rng.standard_normal((b, s, h, vd)).astype(np.float32)
+    log_alpha = -rng.uniform(0.0, 3.0, (b, s, h)).astype(np.float32)
+    beta = rng.uniform(0.0, 1.0, (b, s, h)).astype(np.float32)
+    segment_ids = jnp.asarray([[0] * 5 + [1] * 8, [2] * 4 + [3] * 3 + [4] * 6])
+    keep = continues_document(segment_ids, b, s)
+    want, want_state = gated_delta_rule(q, k, v, np.exp(log_alpha), beta, keep)
+    for chunk in (4, 5, 13):
+        got, state = jax.jit(gated_delta_rule_chunked, static_argnums=6)(
+            q, k, v, log_alpha, beta, keep, chunk)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(state), np.asarray(want_state), rtol=1e-5,
                                    atol=1e-5)

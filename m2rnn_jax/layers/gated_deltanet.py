@@ -13,8 +13,10 @@ Per head (``K = key_dim``, ``V = value_dim``) with state ``S ∈ R^{K×V}``::
 
 Layer: ``in_proj`` -> ``[q | k | v | g | b | a]``; causal depthwise conv + SiLU over
 ``q | k | v``; the recurrence; per-head ``RMSNorm(o) ⊙ silu(g)``; ``out_proj``. The recurrence
-runs in float32 as a ``lax.scan`` over time (the recurrent form; ``config.gated_deltanet.
-chunk_size`` is not used by it).
+runs in float32 in its chunked form (``gated_delta_rule_chunked``, chunks of
+``config.gated_deltanet.chunk_size``: the writes of a chunk come from one triangular solve, so
+the sequential part is one small matmul step per chunk); ``gated_delta_rule`` is the
+step-by-step scan it is tested against and the decode step.
 """
 
 import jax
@@ -25,7 +27,7 @@ from jax import lax
 
 from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
 from m2rnn_jax.layers.linear import Linear
-from m2rnn_jax.layers.m2rnn import forget_gate, init_A_log, init_dt_bias
+from m2rnn_jax.layers.m2rnn import init_A_log, init_dt_bias
 from m2rnn_jax.layers.mamba2 import continues_document
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
@@ -62,6 +64,63 @@ def gated_delta_rule(q, k, v, alpha, beta, keep, initial_state=None):
 
     h_final, o = lax.scan(step, h0, xs)
     return jnp.moveaxis(o, 0, 1), h_final
+
+
+def gated_delta_rule_chunked(q, k, v, log_alpha, beta, keep, chunk_size):
+    """Same result as ``gated_delta_rule`` with ``alpha = exp(log_alpha)`` (zero initial state).
+
+    Per chunk with incoming state ``S0``, ``g_t = Σ_{r≤t} log α_r`` and ``Γ[t,s] = e^{g_t - g_s}``
+    (zero across a document start), the writes ``U_t = β_t (v_t - α_t k_tᵀ S_{t-1})`` solve the
+    unit lower-triangular system ``(I + A) U = diag(β) (V - diag(e^g) K S0)`` with
+    ``A[t,s] = β_t Γ[t,s] k_t·k_s`` (s < t); then ``o_t = e^{g_t} S0ᵀ q_t + Σ_{s≤t} Γ[t,s]
+    (q_t·k_s) U_s`` and ``S_end = e^{g_last} S0 + Σ_s Γ[last,s] k_s U_sᵀ``. The solve is done
+    once per chunk for the parts of ``U`` that do not depend on ``S0``.
+    """
+    batch, seq_len, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    chunk = min(chunk_size, seq_len)
+    pad = -seq_len % chunk
+
+    def chunks(a, fill=0.0):  # (B, S, ...) -> (B, Z, C, ...), padded steps change nothing
+        a = jnp.pad(a.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),
+                    constant_values=fill)
+        return a.reshape((batch, -1, chunk) + a.shape[2:])
+
+    q, k, v, log_alpha, beta = (chunks(a) for a in (q, k, v, log_alpha, beta))
+    starts = jnp.cumsum(1.0 - chunks(keep, 1.0), axis=2)  # documents begun so far in the chunk
+    g = jnp.cumsum(log_alpha, axis=2)  # (b, z, c, h)
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
+    same = (starts[..., :, None] == starts[..., None, :]) & causal  # (b, z, t, s)
+    gap = jnp.moveaxis(g[:, :, :, None, :] - g[:, :, None, :, :], -1, 2)  # (b, z, h, t, s)
+    decay = jnp.exp(jnp.where(same[:, :, None], gap, -jnp.inf))  # Γ, zero above the diagonal
+    reach = jnp.moveaxis(jnp.where(starts == 0, 1.0, 0.0)[..., None] * jnp.exp(g), -1, 2)
+    q, k, v, beta = (jnp.moveaxis(a, 3, 2) for a in (q, k, v, beta))  # heads before time
+
+    kk = jnp.einsum("bzhtk,bzhsk->bzhts", k, k, precision=_HIGHEST)
+    strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
+    system = jnp.eye(chunk) + jnp.where(strict, beta[..., None] * decay * kk, 0.0)
+    rhs = jnp.concatenate([beta[..., None] * v, (beta * reach)[..., None] * k], axis=-1)
+    solved = lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True,
+                                         unit_diagonal=True)
+    writes_v, writes_s0 = solved[..., :value_dim], solved[..., value_dim:]  # U = U_v - W S0
+    mixing = decay * jnp.einsum("bzhtk,bzhsk->bzhts", q, k, precision=_HIGHEST)
+    to_end = decay[..., -1, :, None] * k  # Γ[last, s] k_s
+
+    def step(state, inputs):
+        q_z, writes_v_z, writes_s0_z, mixing_z, reach_z, to_end_z = inputs
+        writes = writes_v_z - jnp.einsum("bhtk,bhkv->bhtv", writes_s0_z, state,
+                                         precision=_HIGHEST)
+        o = reach_z[..., None] * jnp.einsum("bhtk,bhkv->bhtv", q_z, state, precision=_HIGHEST)
+        o = o + jnp.einsum("bhts,bhsv->bhtv", mixing_z, writes, precision=_HIGHEST)
+        state = reach_z[..., -1, None, None] * state + jnp.einsum(
+            "bhsk,bhsv->bhkv", to_end_z, writes, precision=_HIGHEST)
+        return state, o
+
+    h0 = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
+    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, writes_v, writes_s0, mixing, reach, to_end))
+    h_final, o = lax.scan(step, h0, xs)  # o: (z, b, h, c, v)
+    o = jnp.moveaxis(o, 0, 1).swapaxes(2, 3).reshape(batch, -1, heads, value_dim)
+    return o[:, :seq_len], h_final
 
 
 class GatedDeltaNet(nnx.Module):
@@ -108,8 +167,10 @@ class GatedDeltaNet(nnx.Module):
         return q, k, v.reshape(lead + (h, cfg.value_dim))
 
     def _gates(self, b, a):
-        return forget_gate(a, self.A_log[...], self.dt_bias[...]), \
-            jax.nn.sigmoid(b.astype(jnp.float32))
+        """``log α = -exp(A_log) · softplus(a + dt_bias)`` and ``β = sigmoid(b)`` (float32)."""
+        log_alpha = -jnp.exp(self.A_log[...]) * jax.nn.softplus(a.astype(jnp.float32)
+                                                               + self.dt_bias[...])
+        return log_alpha, jax.nn.sigmoid(b.astype(jnp.float32))
 
     def _output(self, o, g):
         g = g.reshape(o.shape).astype(jnp.float32)
@@ -128,9 +189,9 @@ class GatedDeltaNet(nnx.Module):
         qkv = jax.nn.silu(causal_depthwise_conv(qkv_in, self.conv_weight[...], None,
                                                 segment_ids))
         q, k, v = self._heads(qkv)
-        alpha, beta = self._gates(b, a)
+        log_alpha, beta = self._gates(b, a)
         keep = continues_document(segment_ids, batch, seq_len)
-        o, state = gated_delta_rule(q, k, v, alpha, beta, keep)
+        o, state = gated_delta_rule_chunked(q, k, v, log_alpha, beta, keep, self.cfg.chunk_size)
         cache = {"state": state, "conv": conv_window(qkv_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(o, g), cache
 
@@ -141,9 +202,9 @@ class GatedDeltaNet(nnx.Module):
         qkv = jnp.einsum("bjc,jc->bc", window.astype(jnp.float32),
                          self.conv_weight[...].astype(jnp.float32))[:, None]
         q, k, v = self._heads(jax.nn.silu(qkv.astype(qkv_in.dtype)))
-        alpha, beta = self._gates(b, a)
+        log_alpha, beta = self._gates(b, a)
         keep = jnp.ones(x.shape[:2], jnp.float32)
-        o, state = gated_delta_rule(q, k, v, alpha, beta, keep, cache["state"])
+        o, state = gated_delta_rule(q, k, v, jnp.exp(log_alpha), beta, keep, cache["state"])
         return self._output(o, g), {"state": state, "conv": window[:, 1:]}
 
 
