@@ -276,3 +276,14 @@ def test_variant_layer_matches_float64_reference_and_silu_variant_equals_the_par
     linear = np.asarray(VariantM2RNN(config, rngs=nnx.Rngs(1), value_activation="identity")(
         jnp.asarray(x)))
     assert np.abs(linear - np.asarray(parent(jnp.asarray(x)))).max() > 1e-3
+
+
+def test_command_does_not_import_grain():
+    """The GPU image has no grain: the experiment must not pull in train/'s data pipeline."""
+    import subprocess
+    import sys
+
+    code = ("import sys, train.state_tracking.cli; "
+            "assert 'grain' not in sys.modules, sorted(m for m in sys.modules if 'grain' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=pathlib.Path(__file__).resolve().parents[1])

@@ -75,8 +75,8 @@ def plot(path, rows, group_name, train_length):
             ax.scatter([r["length"] for r in mine], [r[key] for r in mine], color=color, s=10,
                        alpha=0.35)
         ax.axvline(train_length, color="gray", linestyle="--", linewidth=1)
-        ax.annotate(f"train length {train_length}", (train_length, 0.02), xytext=(4, 0),
-                    textcoords="offset points", fontsize=8, color="gray")
+        ax.annotate(f"train length {train_length}", (train_length, 1.0), xytext=(4, -4),
+                    textcoords="offset points", fontsize=8, color="gray", va="top")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("sequence length")
