@@ -121,7 +121,10 @@ def run_steps(config, devices, batches):
     """Trains on ``batches`` (the first one compiles); returns losses and timings."""
     mesh = sharding.make_mesh(config.mesh, devices)
     trainee = build_trainee(config, mesh)
-    state = trainee.init_state()
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(trainee.init_state())
+    print(f"  initialised {trainee.num_params / 1e6:.1f}M params on mesh "
+          f"{dict(mesh.shape)} in {time.perf_counter() - t0:.1f} s (compile included)", flush=True)
     losses, times = [], []
     start = time.perf_counter()
     for i, batch in enumerate(batches):
@@ -131,6 +134,7 @@ def run_steps(config, devices, batches):
         times.append(time.perf_counter() - t0)
         if i == 0:
             compile_s = time.perf_counter() - start
+            print(f"  first step (compile) {compile_s:.1f} s, loss {losses[0]:.4f}", flush=True)
     step_s = statistics.median(times[2:]) if len(times) > 3 else times[-1]
     del state
     return {"trainee": trainee, "losses": losses, "step_s": step_s, "compile_s": compile_s,

@@ -6,6 +6,7 @@ structure. Shardings come from the parameters' logical axes through ``train.shar
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -85,13 +86,13 @@ def build_trainee(config, mesh) -> Trainee:
 
     model_config, seed, remat = config.model, config.seed, config.remat
 
-    def init_state():
-        model = HybridLM(model_config, rngs=nnx.Rngs(seed), remat=remat)
+    def init_state(seed_value):
+        model = HybridLM(model_config, rngs=nnx.Rngs(jax.random.key(seed_value)), remat=remat)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt_state": optimizer.init(params),
                 "step": jnp.zeros((), jnp.int32),
                 # Kept and checkpointed for stochastic layers; the current model has none.
-                "rng": jax.random.key_data(jax.random.key(seed + 1))}
+                "rng": jax.random.key_data(jax.random.key(seed_value + 1))}
 
     accum = config.optimizer.grad_accum_steps
     # Batches arrive as (accum, micro_batch, seq_len + 1); the micro-batch axis is sharded.
@@ -136,7 +137,10 @@ def build_trainee(config, mesh) -> Trainee:
                            out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     jitted_eval = jax.jit(eval_step, in_shardings=(param_shardings, eval_batch_sharding),
                           out_shardings=replicated)
-    jitted_init = jax.jit(init_state, out_shardings=state_shardings)
+    # The seed is a traced argument, not a constant: with no inputs XLA constant-folds the whole
+    # random initialisation at compile time (minutes for the 400M model on a GPU).
+    jitted_init = functools.partial(jax.jit(init_state, out_shardings=state_shardings),
+                                    jnp.asarray(seed, jnp.int32))
     return Trainee(graphdef=graphdef, abstract_params=abstract_params, optimizer=optimizer,
                    schedule=schedule, mesh=mesh, state_shardings=state_shardings,
                    train_step=jitted_train, eval_step=jitted_eval, init_state=jitted_init)
