@@ -280,3 +280,17 @@ def test_registry_accepts_new_letters_and_rejects_unknown_ones():
     with pytest.raises(ValueError, match="one alphabetic character"):
         register_mixer("MM", SwiGLU)
     assert mixer_class("M") is M2RNN and mixer_class("A") is Attention
+
+
+@pytest.mark.parametrize("taps", [1, 2, 4])
+def test_conv_window_keeps_the_last_document_only(taps):
+    """The decode history: the last taps-1 inputs of the row's last document (none for taps=1)."""
+    x = jax.random.normal(jax.random.key(taps), (2, 6, 3))
+    segment_ids = jnp.array([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 2]])
+    window = np.asarray(conv_window(x, segment_ids, taps))
+    assert window.shape == (2, taps - 1, 3)
+    for row in range(2):
+        for j in range(taps - 1):
+            t = 6 - (taps - 1) + j
+            keep = segment_ids[row, t] == segment_ids[row, -1]
+            np.testing.assert_array_equal(window[row, j], np.asarray(x[row, t]) * keep)

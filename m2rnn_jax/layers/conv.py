@@ -45,9 +45,10 @@ def conv_window(x, segment_ids, taps):
     conv history a decode step continues from.
     """
     history = taps - 1
-    window = x[:, max(x.shape[1] - history, 0):]
+    start = max(x.shape[1] - history, 0)
+    window = x[:, start:]
     if segment_ids is not None:
-        same = segment_ids[:, -window.shape[1]:] == segment_ids[:, -1:]
+        same = segment_ids[:, start:] == segment_ids[:, -1:]
         window = window * same[..., None].astype(window.dtype)
     missing = history - window.shape[1]
     return jnp.pad(window, ((0, 0), (missing, 0), (0, 0))) if missing else window
