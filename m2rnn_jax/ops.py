@@ -137,7 +137,9 @@ def _backend_module(name):
         raise NotImplementedError(f"the {name!r} backend is not available: {err}") from err
 
 
-def _on_host(x):
+def values_on_host(x):
+    """True when reading ``x``'s values is cheap: a NumPy array or a concrete CPU array (traced
+    values are unknown, and reading a device array would stall the accelerator)."""
     if isinstance(x, np.ndarray):
         return True
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
@@ -204,9 +206,7 @@ def _validate(query, key, value, weight, forget_input, input_state, gradient_cli
                                getattr(segment_ids, "shape", ()))
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise ValueError(f"segment_ids must have an integer dtype, got {segment_ids.dtype}")
-    if _on_host(forget_input):
-        # Only where reading the values is cheap: traced values are unknown, and reading a
-        # device array would stall the accelerator.
+    if values_on_host(forget_input):
         f = np.asarray(forget_input, np.float32)
         if f.size and not (np.all(f >= 0) and np.all(f <= 1)):
             raise ValueError(f"forget_input must lie in [0, 1]; got values in "

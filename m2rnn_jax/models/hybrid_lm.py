@@ -10,6 +10,7 @@ from m2rnn_jax.layers.mlp import SwiGLU
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import model_dtypes
 from m2rnn_jax.layers.registry import mixer_class
+from m2rnn_jax.ops import values_on_host
 
 
 class Block(nnx.Module):
@@ -129,17 +130,9 @@ class HybridLM(nnx.Module):
             if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
                 raise ValueError(f"segment_ids must have an integer dtype, got "
                                  f"{segment_ids.dtype}")
-        if _on_host(tokens):
+        if values_on_host(tokens):
             # Only where reading values is cheap (not traced, not on an accelerator).
             values = np.asarray(tokens)
             if values.min() < 0 or values.max() >= self.config.vocab_size:
                 raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}),"
                                  f" got values in [{values.min()}, {values.max()}]")
-
-
-def _on_host(x):
-    if isinstance(x, np.ndarray):
-        return True
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        return all(d.platform == "cpu" for d in x.devices())
-    return False
