@@ -62,6 +62,13 @@ class M2RNNConfig:
     dt_init_min: float = 1e-3  # dt = exp(U[log dt_min, log dt_max]) floored at dt_init_floor
     dt_init_max: float = 0.1
     dt_init_floor: float = 1e-4
+    # Departures from SPEC §2 for experiments (the defaults are SPEC §2). "normal" draws each
+    # head's W ~ N(0, (transition_scale / sqrt(V))²), as in an Elman RNN, instead of W = I.
+    transition_init: Literal["identity", "normal"] = "identity"
+    transition_scale: float = 0.5  # used only by transition_init = "normal"
+    # "identity" leaves v linear after the conv (q and k keep their SiLU), so that the write
+    # k vᵀ can also push state entries down (SiLU bounds v below at about -0.28).
+    value_activation: Literal["silu", "identity"] = "silu"
 
     def __post_init__(self):
         _positive_int(self.num_heads, "m2rnn.num_heads")
@@ -86,6 +93,15 @@ class M2RNNConfig:
                f"must satisfy 0 < min <= max, got {self.dt_init_min}, {self.dt_init_max}")
         _check(self.dt_init_floor > 0, "m2rnn.dt_init_floor",
                f"must be > 0, got {self.dt_init_floor}")
+        _check(self.transition_init in ("identity", "normal"), "m2rnn.transition_init",
+               f"must be 'identity' or 'normal', got {self.transition_init!r}")
+        _check(isinstance(self.transition_scale, (int, float))
+               and not isinstance(self.transition_scale, bool)
+               and math.isfinite(self.transition_scale) and self.transition_scale > 0,
+               "m2rnn.transition_scale", f"must be a positive number, got "
+               f"{self.transition_scale!r}")
+        _check(self.value_activation in ("silu", "identity"), "m2rnn.value_activation",
+               f"must be 'silu' or 'identity', got {self.value_activation!r}")
 
     def heads(self, name: str) -> int:
         """Resolved head count of ``name`` in ``"qkvfwg"``."""

@@ -67,6 +67,23 @@ def test_decode_steps_equal_the_full_sequence(pattern, attention):
                                    err_msg=f"step {t}")
 
 
+def test_decode_steps_equal_the_full_sequence_with_linear_value_and_normal_transition():
+    """The state-tracking M layer (no SiLU on v, random W): decoding must drop v's SiLU too."""
+    config = tiny_config("MA")
+    m2rnn = dataclasses.replace(config.m2rnn, value_activation="identity",
+                                transition_init="normal", transition_scale=0.5)
+    model = HybridLM(dataclasses.replace(config, m2rnn=m2rnn), rngs=nnx.Rngs(5))
+    tokens, segment_ids = packed_batch(6, 10)
+    full = np.asarray(forward(model, tokens, segment_ids))
+    prompt_len = 5
+    logits, caches = prefill(model, tokens[:, :prompt_len], segment_ids[:, :prompt_len], 10)
+    np.testing.assert_allclose(np.asarray(logits), full[:, :prompt_len], rtol=1e-5, atol=1e-5)
+    for t in range(prompt_len, 10):
+        step_logits, caches = decode_step(model, tokens[:, t], caches)
+        np.testing.assert_allclose(np.asarray(step_logits), full[:, t], rtol=1e-5, atol=1e-5,
+                                   err_msg=f"step {t}")
+
+
 def test_decode_after_a_prompt_shorter_than_the_conv_window():
     model = HybridLM(tiny_config("MA"), rngs=nnx.Rngs(3))
     tokens = jax.random.randint(jax.random.key(4), (2, 6), 0, 256, jnp.int32)

@@ -73,9 +73,11 @@ def m2rnn_layer_reference(layer, cfg, x, segment_ids):
     proj = x @ values(layer.in_proj.kernel)
     widths = [heads["q"] * k_dim, heads["k"] * k_dim, heads["v"] * v_dim, heads["f"]]
     q, k, v, f_logits, g = np.split(proj, np.cumsum(widths), axis=-1)
-    qkv = silu(conv_reference(np.concatenate([q, k, v], -1), values(layer.conv_weight),
-                              segment_ids))
+    qkv = conv_reference(np.concatenate([q, k, v], -1), values(layer.conv_weight), segment_ids)
     q, k, v = np.split(qkv, np.cumsum(widths[:2]), axis=-1)
+    q, k = silu(q), silu(k)
+    if cfg.value_activation == "silu":  # "identity": v stays linear after the conv
+        v = silu(v)
     b, s = x.shape[:2]
     q = q.reshape(b, s, heads["q"], k_dim)
     k = k.reshape(b, s, heads["k"], k_dim)
@@ -145,6 +147,27 @@ def test_m2rnn_layer_matches_float64_reference(inputs):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
+def test_m2rnn_layer_with_linear_value_matches_float64_reference(inputs):
+    """``value_activation="identity"``: no SiLU on v (into the op and the D residual), q and k
+    keep theirs; with a random-normal W as the state-tracking experiment uses."""
+    x, segment_ids = inputs
+    config = small_config(value_activation="identity", transition_init="normal",
+                          transition_scale=0.5)
+    layer = M2RNN(config, rngs=nnx.Rngs(1))
+    layer.D[...] = jax.random.normal(jax.random.key(3), layer.D.shape)
+    silu_layer = M2RNN(small_config(transition_init="normal", transition_scale=0.5),
+                       rngs=nnx.Rngs(1))
+    silu_layer.D[...] = layer.D[...]
+    for seg in (None, segment_ids):
+        seg = None if seg is None else jnp.asarray(seg)
+        got = np.asarray(apply(layer, jnp.asarray(x), seg))
+        want = m2rnn_layer_reference(layer, config.m2rnn, x.astype(np.float64),
+                                     None if seg is None else np.asarray(seg))
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+        # Same parameters (same seed, same config otherwise), SiLU on v: a different layer.
+        assert np.abs(got - np.asarray(apply(silu_layer, jnp.asarray(x), seg))).max() > 1e-3
+
+
 def test_attention_matches_float64_reference(inputs):
     x, segment_ids = inputs
     config = small_config()
@@ -206,6 +229,31 @@ def test_m2rnn_init_values():
     assert np.all((f > 0) & (f < 1))
 
 
+def test_m2rnn_normal_transition_init():
+    """``transition_init="normal"``: every head's W has i.i.d. N(0, (scale / sqrt(V))²)
+    entries, a fresh draw per head and per seed; the other parameters keep their init."""
+    value_dim, scale = 16, 0.5
+    config = small_config(num_heads=8, num_g_heads=None, value_dim=value_dim,
+                          transition_init="normal", transition_scale=scale)
+    w = values(M2RNN(config, rngs=nnx.Rngs(8)).W)
+    assert w.shape == (8, value_dim, value_dim)
+    n, std = w.size, scale / np.sqrt(value_dim)
+    assert abs(w.mean()) < 5 * std / np.sqrt(n)
+    assert abs(w.std() / std - 1) < 0.1  # the estimate's relative error is ~ 1/sqrt(2n) = 1.6%
+    assert abs(np.mean(np.abs(w) < std) - 0.6827) < 0.05  # normal, not e.g. uniform (0.577)
+    assert all(not np.allclose(w[0], w[h]) for h in range(1, 8))
+    np.testing.assert_array_equal(values(M2RNN(config, rngs=nnx.Rngs(8)).W), w)
+    assert not np.allclose(values(M2RNN(config, rngs=nnx.Rngs(9)).W), w)
+    wide = dataclasses.replace(config, m2rnn=dataclasses.replace(config.m2rnn,
+                                                                 transition_scale=2.0))
+    np.testing.assert_allclose(values(M2RNN(wide, rngs=nnx.Rngs(8)).W).std() / w.std(), 4.0,
+                               rtol=0.15)
+    identity = M2RNN(dataclasses.replace(config, m2rnn=dataclasses.replace(
+        config.m2rnn, transition_init="identity")), rngs=nnx.Rngs(8))
+    np.testing.assert_array_equal(values(identity.W),
+                                  np.broadcast_to(np.eye(value_dim), w.shape))
+
+
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 def test_mixer_output_shapes_and_dtypes(inputs, compute_dtype):
     x, segment_ids = inputs
@@ -258,6 +306,9 @@ def test_bad_configs_name_the_field():
         (dict(m2rnn=dict(key_dim=0)), "m2rnn.key_dim"),
         (dict(m2rnn=dict(gradient_clipping=-1.0)), "m2rnn.gradient_clipping"),
         (dict(m2rnn=dict(dt_init_min=0.5, dt_init_max=0.1)), "m2rnn.dt_init_min"),
+        (dict(m2rnn=dict(transition_init="orthogonal")), "m2rnn.transition_init"),
+        (dict(m2rnn=dict(transition_scale=0.0)), "m2rnn.transition_scale"),
+        (dict(m2rnn=dict(value_activation="gelu")), "m2rnn.value_activation"),
         (dict(attention=dict(num_heads=16, num_kv_heads=3)), "attention.num_kv_heads"),
         (dict(d_model=100, attention=dict(num_heads=16)), "attention.num_heads"),
         (dict(compute_dtype="fp8"), "compute_dtype"),
@@ -268,6 +319,11 @@ def test_bad_configs_name_the_field():
     for data, field in cases:
         with pytest.raises(ValueError, match=field.replace(".", r"\.")):
             from_dict(ModelConfig, data)
+    # The dataclass checks its own fields too, not only the loader (which checks Literals).
+    for field, value in (("transition_init", "orthogonal"), ("transition_scale", -1.0),
+                         ("value_activation", "gelu")):
+        with pytest.raises(ValueError, match=rf"m2rnn\.{field}"):
+            M2RNNConfig(**{field: value})
     with pytest.raises(ConfigError, match="m2rnn.heads_q"):
         from_dict(ModelConfig, {"m2rnn": {"heads_q": 1}})
 

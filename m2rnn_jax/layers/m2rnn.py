@@ -3,6 +3,9 @@
 ``x (B, S, d_model)`` -> in_proj -> [q|k|v | forget logits | g] -> causal depthwise conv + SiLU on
 q|k|v -> forget gate ``f = exp(-exp(A_log) · softplus(logit + dt_bias))`` (float32) -> the
 ``m2rnn`` op -> ``y + D ⊙ v`` -> ``y ⊙ silu(g)`` -> RMSNorm over N·V -> out_proj.
+
+Two config options depart from this for experiments (defaults: SPEC §2): ``transition_init``
+(``W = I`` or random normal) and ``value_activation`` (``"identity"``: no SiLU on v).
 """
 
 import jax
@@ -38,6 +41,19 @@ def forget_gate(logits, A_log, dt_bias):
     return jnp.exp(-jnp.exp(A_log) * dt)
 
 
+def init_transition(rngs, cfg):
+    """The per-head transition ``W (Nw, V, V)`` in float32: ``I`` (SPEC §2) or, with
+    ``transition_init = "normal"``, ``N(0, (transition_scale / sqrt(V))²)`` entries.
+
+    Only the normal init draws a key, so the default init consumes the same keys as before
+    the option existed (the other parameters are unchanged)."""
+    shape = (cfg.heads("w"), cfg.value_dim, cfg.value_dim)
+    if cfg.transition_init == "identity":
+        return jnp.broadcast_to(jnp.eye(cfg.value_dim, dtype=jnp.float32), shape)
+    std = cfg.transition_scale / np.sqrt(cfg.value_dim)
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
 class M2RNN(nnx.Module):
     """Mixer ``M``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
@@ -64,8 +80,7 @@ class M2RNN(nnx.Module):
         self.dt_bias = make_param(
             init_dt_bias(rngs.params(), num_f, cfg.dt_init_min, cfg.dt_init_max,
                          cfg.dt_init_floor), ("heads",), weight_decay=False)
-        self.W = make_param(jnp.broadcast_to(jnp.eye(v_dim, dtype=param_dtype),
-                                             (cfg.heads("w"), v_dim, v_dim)),
+        self.W = make_param(init_transition(rngs, cfg).astype(param_dtype),
                             ("heads", "head_dim", "head_dim"))
         self.D = (make_param(jnp.ones((n, v_dim), param_dtype), ("heads", "head_dim"),
                              weight_decay=False) if cfg.use_residual else None)
@@ -88,6 +103,12 @@ class M2RNN(nnx.Module):
         lead = qkv.shape[:-1]
         return (q.reshape(lead + (nq, cfg.key_dim)), k.reshape(lead + (nk, cfg.key_dim)),
                 v.reshape(lead + (nv, cfg.value_dim)))
+
+    def _activate(self, q, k, v):
+        """SiLU after the conv on q and k, and on v unless ``value_activation = "identity"``."""
+        if self.cfg.value_activation == "silu":
+            v = jax.nn.silu(v)
+        return jax.nn.silu(q), jax.nn.silu(k), v
 
     def _output(self, y, v, g):
         """Read-out ``y (..., N, V)`` -> residual, gate, norm, out_proj -> ``(..., d_model)``."""
@@ -113,9 +134,8 @@ class M2RNN(nnx.Module):
         del max_len
         qkv_in, f_logits, g = self._split(self.in_proj(x))
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
-        qkv = jax.nn.silu(causal_depthwise_conv(qkv_in, self.conv_weight[...], conv_bias,
-                                                segment_ids))
-        q, k, v = self._heads(qkv)
+        qkv = causal_depthwise_conv(qkv_in, self.conv_weight[...], conv_bias, segment_ids)
+        q, k, v = self._activate(*self._heads(qkv))
         f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
         y, state = m2rnn(q, k, v, self.W[...], f, initial_state, self.cfg.gradient_clipping,
                          segment_ids=segment_ids, backend=self.cfg.backend,
@@ -131,8 +151,7 @@ class M2RNN(nnx.Module):
                          self.conv_weight[...].astype(jnp.float32))[:, None]
         if self.conv_bias is not None:
             qkv = qkv + self.conv_bias[...].astype(jnp.float32)
-        qkv = jax.nn.silu(qkv.astype(qkv_in.dtype))
-        q, k, v = self._heads(qkv)
+        q, k, v = self._activate(*self._heads(qkv.astype(qkv_in.dtype)))
         f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
         # One step of the same op through the portable backend: a kernel launch per token
         # would cost more than the step itself.

@@ -99,8 +99,7 @@ def main(argv=None):
     start = time.perf_counter()
     results = []
     for name in names:
-        runner = ModelRunner(name, config.model_config(name, group.order), train,
-                             config.m2rnn_variant)
+        runner = ModelRunner(name, config.model_config(name, group.order), train)
         print(f"{name}: {runner.num_params:,} parameters, layer pattern "
               f"{runner.model_config.layer_pattern}", flush=True)
         for seed in range(train.seeds):

@@ -71,39 +71,11 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class M2RNNVariant:
-    """How the ``M`` layers of this experiment depart from the layer of SPEC §2 (defaults: not).
-
-    * ``transition_init: normal`` draws each head's ``W ~ N(0, (transition_scale / sqrt(V))²)``
-      instead of ``W = I``. With ``W = I`` the step ``tanh(H + k vᵀ)`` is a saturating
-      integrator; abelian groups are learnt, non-abelian ones (S3) stall at the few positions
-      the conv window reaches. A random ``W``, as in an Elman RNN, lets the recurrence learn them.
-    * ``value_activation: identity`` leaves ``v`` linear after the conv (``q``, ``k`` keep
-      their SiLU). SiLU makes ``v ≥ -0.28``, so the write ``k vᵀ`` cannot push a state entry
-      down by itself, and the recurrence does not learn S3; a linear ``v`` does.
-    """
-
-    transition_init: Literal["identity", "normal"] = "identity"
-    transition_scale: float = 0.5
-    value_activation: Literal["silu", "identity"] = "silu"
-
-    def __post_init__(self):
-        if not self.transition_scale > 0:
-            raise ConfigError(f"m2rnn_variant.transition_scale must be > 0, got "
-                              f"{self.transition_scale}")
-
-    @property
-    def is_default(self) -> bool:
-        return self == M2RNNVariant()
-
-
-@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     base_model: dict = dataclasses.field(default_factory=dict)
     models: dict = dataclasses.field(default_factory=dict)
-    m2rnn_variant: M2RNNVariant = dataclasses.field(default_factory=M2RNNVariant)
     run: list[str] = dataclasses.field(default_factory=list)  # empty = every model in `models`
     out_dir: str = "runs/state_tracking"
 

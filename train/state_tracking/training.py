@@ -17,9 +17,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from m2rnn_jax import decay_mask
-from train.state_tracking.config import M2RNNVariant
-from train.state_tracking.models import build_model
+from m2rnn_jax import HybridLM, decay_mask
 from train.state_tracking.tasks import eval_word_problems, sample_word_problems
 
 
@@ -41,12 +39,11 @@ class RunResult:
 class ModelRunner:
     """Jitted train / eval steps of one model architecture, shared by its seeds."""
 
-    def __init__(self, name, model_config, train_config, variant=M2RNNVariant()):
+    def __init__(self, name, model_config, train_config):
         self.name = name
         self.model_config = model_config
         self.train_config = train_config
-        self.variant = variant
-        abstract = nnx.eval_shape(lambda: build_model(model_config, variant, 0))
+        abstract = nnx.eval_shape(lambda: HybridLM(model_config, rngs=nnx.Rngs(0)))
         self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
         self.num_params = sum(x.size for x in jax.tree.leaves(abstract_params))
         schedule = optax.warmup_cosine_decay_schedule(
@@ -85,7 +82,7 @@ class ModelRunner:
         return jnp.sum(correct, axis=1), jnp.all(correct, axis=1)
 
     def init_params(self, seed):
-        model = build_model(self.model_config, self.variant, seed)
+        model = HybridLM(self.model_config, rngs=nnx.Rngs(seed))
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     def run(self, seed, group, task_config, deadline=None, progress=True) -> RunResult:
