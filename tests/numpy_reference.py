@@ -71,3 +71,22 @@ def backward(q, k, v, w, f, dy, dh_final, h0=None, segment_ids=None, clip=None):
                     g_later = np.zeros_like(g_later)
             dh0[b, n] = g_later
     return dq, dk, dv, dw, df, dh0
+
+
+# Float64 building blocks for the layer references in the tests.
+
+def values(param):
+    """A parameter's value as a float64 NumPy array."""
+    return np.asarray(param[...], np.float64)
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def softplus(x):
+    return np.log1p(np.exp(x))
+
+
+def rms_norm(x, scale, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from numpy_reference import rms_norm, silu, softplus, values
+
 from m2rnn_jax import HybridLM
 from m2rnn_jax.config import (AttentionConfig, GatedDeltaNetConfig, Mamba2Config, MLPConfig,
                               ModelConfig)
@@ -28,22 +30,6 @@ def small_config(compute_dtype="float32", pattern="SD"):
                        attention=AttentionConfig(num_heads=4), mlp=MLPConfig(hidden_dim=32),
                        compute_dtype=compute_dtype,
                        init_std=0.3)  # large enough that the recurrences are far from trivial
-
-
-def values(p):
-    return np.asarray(p[...], np.float64)
-
-
-def silu(x):
-    return x / (1 + np.exp(-x))
-
-
-def softplus(x):
-    return np.log1p(np.exp(x))
-
-
-def rms_norm(x, scale):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * scale
 
 
 def conv_silu(x, weight, segment_ids):
@@ -88,7 +74,7 @@ def mamba2_reference(layer, cfg, x, segment_ids):
                             * xs[b, s, head]
     y = y + values(layer.D)[:, None] * xs
     gated = y.reshape(batch, seq_len, inner) * silu(z)
-    return rms_norm(gated, values(layer.out_norm.scale)) @ values(layer.out_proj.kernel)
+    return rms_norm(gated, values(layer.out_norm.scale), EPS) @ values(layer.out_proj.kernel)
 
 
 def gated_deltanet_reference(layer, cfg, x, segment_ids):
@@ -117,7 +103,7 @@ def gated_deltanet_reference(layer, cfg, x, segment_ids):
                 transition = alpha[b, t, head] * (np.eye(kd) - beta[b, t, head] * np.outer(kt, kt))
                 state = transition @ state + beta[b, t, head] * np.outer(kt, v[b, t, head])
                 o[b, t, head] = state.T @ q[b, t, head]
-    gated = rms_norm(o, values(layer.out_norm.scale)) * silu(g.reshape(o.shape))
+    gated = rms_norm(o, values(layer.out_norm.scale), EPS) * silu(g.reshape(o.shape))
     return gated.reshape(batch, seq_len, h * vd) @ values(layer.out_proj.kernel)
 
 

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import numpy_reference
+from numpy_reference import rms_norm, silu, softplus, values
 from m2rnn_jax.config import AttentionConfig, M2RNNConfig, MLPConfig, ModelConfig
 from m2rnn_jax.layers import (LOGICAL_AXES, Attention, M2RNN, RMSNorm, SwiGLU,
                               causal_depthwise_conv, logical_axes, no_decay_mask)
@@ -33,22 +34,6 @@ def small_config(compute_dtype="float32", **m2rnn_overrides):
 def apply(layer, x, segment_ids=None):
     """One compilation per layer kind and shape (eager dispatch of the scan is slow)."""
     return layer(x, segment_ids)
-
-
-def values(p):
-    return np.asarray(p[...], np.float64)
-
-
-def silu(x):
-    return x / (1 + np.exp(-x))
-
-
-def softplus(x):
-    return np.log1p(np.exp(x))
-
-
-def rms_norm(x, scale, eps):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
 def conv_reference(x, weight, segment_ids):
