@@ -90,3 +90,18 @@ def softplus(x):
 
 def rms_norm(x, scale, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def causal_conv(x, weight, segment_ids):
+    """Depthwise causal conv ``x (B, S, C)`` with taps ``weight (taps, C)``, per-step loop: taps
+    reach back only within the same document."""
+    batch, seq_len, _ = x.shape
+    taps = weight.shape[0]
+    out = np.zeros_like(x)
+    for b in range(batch):
+        for t in range(seq_len):
+            for lag in range(taps):
+                s = t - lag
+                if s >= 0 and (segment_ids is None or segment_ids[b, s] == segment_ids[b, t]):
+                    out[b, t] += weight[taps - 1 - lag] * x[b, s]
+    return out

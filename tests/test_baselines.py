@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from numpy_reference import rms_norm, silu, softplus, values
+from numpy_reference import causal_conv, rms_norm, silu, softplus, values
 
 from m2rnn_jax import HybridLM
 from m2rnn_jax.config import (AttentionConfig, GatedDeltaNetConfig, Mamba2Config, MLPConfig,
@@ -32,19 +32,6 @@ def small_config(compute_dtype="float32", pattern="SD"):
                        init_std=0.3)  # large enough that the recurrences are far from trivial
 
 
-def conv_silu(x, weight, segment_ids):
-    """Causal depthwise conv (taps only within the document) followed by SiLU."""
-    batch, seq_len, _ = x.shape
-    taps = weight.shape[0]
-    out = np.zeros_like(x)
-    for b in range(batch):
-        for t in range(seq_len):
-            for lag in range(min(taps, t + 1)):
-                if segment_ids is None or segment_ids[b, t - lag] == segment_ids[b, t]:
-                    out[b, t] += weight[taps - 1 - lag] * x[b, t - lag]
-    return silu(out)
-
-
 def same_document(segment_ids, b, s, t):
     return segment_ids is None or len(set(segment_ids[b, s:t + 1])) == 1
 
@@ -56,7 +43,7 @@ def mamba2_reference(layer, cfg, x, segment_ids):
     inner = h * p
     proj = x @ values(layer.in_proj.kernel)
     z, xbc, dt_logits = proj[..., :inner], proj[..., inner:-h], proj[..., -h:]
-    xbc = conv_silu(xbc, values(layer.conv_weight), segment_ids)
+    xbc = silu(causal_conv(xbc, values(layer.conv_weight), segment_ids))
     xs = xbc[..., :inner].reshape(batch, seq_len, h, p)
     bs = xbc[..., inner:inner + groups * n].reshape(batch, seq_len, groups, n)
     cs = xbc[..., inner + groups * n:].reshape(batch, seq_len, groups, n)
@@ -84,7 +71,7 @@ def gated_deltanet_reference(layer, cfg, x, segment_ids):
     proj = x @ values(layer.in_proj.kernel)
     widths = np.cumsum([h * (2 * kd + vd), h * vd, h])
     qkv, g, b_logits, a_logits = np.split(proj, widths, axis=-1)
-    qkv = conv_silu(qkv, values(layer.conv_weight), segment_ids)
+    qkv = silu(causal_conv(qkv, values(layer.conv_weight), segment_ids))
     q = qkv[..., :h * kd].reshape(batch, seq_len, h, kd)
     k = qkv[..., h * kd:2 * h * kd].reshape(batch, seq_len, h, kd)
     v = qkv[..., 2 * h * kd:].reshape(batch, seq_len, h, vd)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import numpy_reference
-from numpy_reference import rms_norm, silu, softplus, values
+from numpy_reference import causal_conv, rms_norm, silu, softplus, values
 from m2rnn_jax.config import AttentionConfig, M2RNNConfig, MLPConfig, ModelConfig
 from m2rnn_jax.layers import (LOGICAL_AXES, Attention, M2RNN, RMSNorm, SwiGLU,
                               causal_depthwise_conv, logical_axes, no_decay_mask)
@@ -36,20 +36,6 @@ def apply(layer, x, segment_ids=None):
     return layer(x, segment_ids)
 
 
-def conv_reference(x, weight, segment_ids):
-    """Per-step loop: taps reach back only within the same document."""
-    batch, seq_len, _ = x.shape
-    taps = weight.shape[0]
-    out = np.zeros_like(x)
-    for b in range(batch):
-        for t in range(seq_len):
-            for lag in range(taps):
-                s = t - lag
-                if s >= 0 and (segment_ids is None or segment_ids[b, s] == segment_ids[b, t]):
-                    out[b, t] += weight[taps - 1 - lag] * x[b, s]
-    return out
-
-
 def m2rnn_layer_reference(layer, cfg, x, segment_ids):
     """SPEC §2, step by step in float64, from the layer's parameters."""
     eps = 1e-5
@@ -58,7 +44,7 @@ def m2rnn_layer_reference(layer, cfg, x, segment_ids):
     proj = x @ values(layer.in_proj.kernel)
     widths = [heads["q"] * k_dim, heads["k"] * k_dim, heads["v"] * v_dim, heads["f"]]
     q, k, v, f_logits, g = np.split(proj, np.cumsum(widths), axis=-1)
-    qkv = conv_reference(np.concatenate([q, k, v], -1), values(layer.conv_weight), segment_ids)
+    qkv = causal_conv(np.concatenate([q, k, v], -1), values(layer.conv_weight), segment_ids)
     q, k, v = np.split(qkv, np.cumsum(widths[:2]), axis=-1)
     q, k = silu(q), silu(k)
     if cfg.value_activation == "silu":  # "identity": v stays linear after the conv
@@ -181,7 +167,7 @@ def test_conv_isolates_documents_and_window_keeps_the_last_document(inputs):
     x, segment_ids = inputs
     weight = np.random.default_rng(7).standard_normal((4, D_MODEL)).astype(np.float32)
     got = causal_depthwise_conv(jnp.asarray(x), jnp.asarray(weight), None, jnp.asarray(segment_ids))
-    np.testing.assert_allclose(np.asarray(got), conv_reference(x, weight, segment_ids),
+    np.testing.assert_allclose(np.asarray(got), causal_conv(x, weight, segment_ids),
                                rtol=1e-5, atol=1e-5)
     window = np.asarray(conv_window(jnp.asarray(x), jnp.asarray(segment_ids), 4))
     np.testing.assert_array_equal(window[0], x[0, -3:])  # row 0's last document has 7 steps
