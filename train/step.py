@@ -137,8 +137,9 @@ def build_trainee(config, mesh) -> Trainee:
                            out_shardings=(state_shardings, replicated), donate_argnums=(0,))
     jitted_eval = jax.jit(eval_step, in_shardings=(param_shardings, eval_batch_sharding),
                           out_shardings=replicated)
-    # The seed is a traced argument, not a constant: with no inputs XLA constant-folds the whole
-    # random initialisation at compile time (minutes for the 400M model on a GPU).
+    # The seed is a traced argument, not a constant, so that XLA has nothing to constant-fold in
+    # the random initialisation (a slow-compile alarm named this function on an H200 when the
+    # seed was a constant).
     jitted_init = functools.partial(jax.jit(init_state, out_shardings=state_shardings),
                                     jnp.asarray(seed, jnp.int32))
     return Trainee(graphdef=graphdef, abstract_params=abstract_params, optimizer=optimizer,
