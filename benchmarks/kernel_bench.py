@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from m2rnn_jax import m2rnn
 from pallas_kernels.m2rnn import gpu
+from timing import median_seconds  # benchmarks/ is on sys.path when run as a script
 
 SHAPES = [(8, 4096, 84), (4, 4096, 132), (1, 16384, 84), (1, 65536, 84)]
 KEY_DIM, VALUE_DIM, CLIP = 64, 16, 1.0
@@ -216,17 +216,6 @@ def scan_fns(chunk=64):
         return y, h_final, grads
 
     return forward_backward
-
-
-def timed(fn, *args, reps):
-    jax.block_until_ready(fn(*args))  # warm-up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def extra_memory_gib(compiled):
@@ -417,7 +406,8 @@ def main():
                 slot["bf16_rel_err_S256"] = max(errors)
                 slot["bf16_errs"] = [float(f"{e:.2e}") for e in errors]
             else:
-                slot[f"{job['what']}_ms"] = timed(job["compiled"], *job["args"], reps=args.reps)
+                seconds = median_seconds(job["compiled"], *job["args"], repeats=args.reps)
+                slot[f"{job['what']}_ms"] = seconds * 1e3
                 if job["what"] == "fwd_bwd" and job["name"] == "op":
                     slot["extra_mem_gib"] = extra_memory_gib(job["compiled"])
         except Exception as err:

@@ -43,6 +43,7 @@ from train import sharding
 from train.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from train.data import PackedRows, read_bytes, stdlib_python_files
 from train.step import build_trainee, put_batch
+from timing import median_seconds  # benchmarks/ is on sys.path when run as a script
 
 HYBRID_CONFIG = "configs/model/hybrid_400m.yaml"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0}
@@ -141,17 +142,6 @@ def run_steps(config, devices, batches):
             "remat": config.remat}
 
 
-def time_fn(fn, *args, repeats=5):
-    jax.block_until_ready(fn(*args))  # compile
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def layer_seconds(model_config, make_layer, batch, seq_len, segment_ids):
     """Forward + backward seconds of one layer on ``(batch, seq_len, d_model)`` bf16 input."""
     layer = make_layer(model_config)
@@ -165,7 +155,7 @@ def layer_seconds(model_config, make_layer, batch, seq_len, segment_ids):
         out = module(inputs) if segment_ids is None else module(inputs, segment_ids=segment_ids)
         return jnp.sum(out.astype(jnp.float32) * probe)
 
-    return time_fn(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)
+    return median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x, repeats=5)
 
 
 def one_gpu(args, hybrid):
