@@ -49,6 +49,18 @@ def packed_batch(seed, seq_len):
     return tokens, segment_ids
 
 
+def assert_prefill_then_decode_equals_full(model, tokens, segment_ids, *, prompt_len, max_len):
+    """Prefill a prompt, then feed the rest one token at a time: every logit equals the
+    full-sequence forward's."""
+    full = np.asarray(forward(model, tokens, segment_ids))
+    logits, caches = prefill(model, tokens[:, :prompt_len], segment_ids[:, :prompt_len], max_len)
+    np.testing.assert_allclose(np.asarray(logits), full[:, :prompt_len], rtol=1e-5, atol=1e-5)
+    for t in range(prompt_len, tokens.shape[1]):
+        step_logits, caches = decode_step(model, tokens[:, t], caches)
+        np.testing.assert_allclose(np.asarray(step_logits), full[:, t], rtol=1e-5, atol=1e-5,
+                                   err_msg=f"step {t}")
+
+
 @pytest.mark.parametrize("pattern, attention", [
     ("M", {}),
     ("A", dict(rope=True, num_kv_heads=2)),
@@ -57,14 +69,7 @@ def packed_batch(seed, seq_len):
 def test_decode_steps_equal_the_full_sequence(pattern, attention):
     model = HybridLM(tiny_config(pattern, **attention), rngs=nnx.Rngs(1))
     tokens, segment_ids = packed_batch(2, 14)
-    full = np.asarray(forward(model, tokens, segment_ids))
-    prompt_len = 6  # prefill a prompt, then feed the rest one token at a time
-    logits, caches = prefill(model, tokens[:, :prompt_len], segment_ids[:, :prompt_len], 16)
-    np.testing.assert_allclose(np.asarray(logits), full[:, :prompt_len], rtol=1e-5, atol=1e-5)
-    for t in range(prompt_len, 14):
-        step_logits, caches = decode_step(model, tokens[:, t], caches)
-        np.testing.assert_allclose(np.asarray(step_logits), full[:, t], rtol=1e-5, atol=1e-5,
-                                   err_msg=f"step {t}")
+    assert_prefill_then_decode_equals_full(model, tokens, segment_ids, prompt_len=6, max_len=16)
 
 
 def test_decode_steps_equal_the_full_sequence_with_linear_value_and_normal_transition():
@@ -74,14 +79,7 @@ def test_decode_steps_equal_the_full_sequence_with_linear_value_and_normal_trans
                                 transition_init="normal", transition_scale=0.5)
     model = HybridLM(dataclasses.replace(config, m2rnn=m2rnn), rngs=nnx.Rngs(5))
     tokens, segment_ids = packed_batch(6, 10)
-    full = np.asarray(forward(model, tokens, segment_ids))
-    prompt_len = 5
-    logits, caches = prefill(model, tokens[:, :prompt_len], segment_ids[:, :prompt_len], 10)
-    np.testing.assert_allclose(np.asarray(logits), full[:, :prompt_len], rtol=1e-5, atol=1e-5)
-    for t in range(prompt_len, 10):
-        step_logits, caches = decode_step(model, tokens[:, t], caches)
-        np.testing.assert_allclose(np.asarray(step_logits), full[:, t], rtol=1e-5, atol=1e-5,
-                                   err_msg=f"step {t}")
+    assert_prefill_then_decode_equals_full(model, tokens, segment_ids, prompt_len=5, max_len=10)
 
 
 def test_decode_after_a_prompt_shorter_than_the_conv_window():
