@@ -66,7 +66,7 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
         h0 = jnp.zeros((batch, num_heads, key_dim, value_dim), jnp.float32)
     else:
         h0 = input_state.astype(jnp.float32)
-    keep = None if segment_ids is None else _keep_mask(segment_ids)
+    keep = None if segment_ids is None else keep_mask(segment_ids)
 
     pad = -seq_len % chunk
     q, k, v, f = query, key, value, forget_input
@@ -105,7 +105,7 @@ def _recurrence_bwd(backend, chunk_size, gradient_clipping, residuals, cotangent
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def _keep_mask(segment_ids):
+def keep_mask(segment_ids):
     """1.0 where step t continues step t-1's document, 0.0 where a new document starts."""
     same = segment_ids[:, 1:] == segment_ids[:, :-1]
     first = jnp.ones((segment_ids.shape[0], 1), bool)

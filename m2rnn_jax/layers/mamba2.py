@@ -34,6 +34,7 @@ from m2rnn_jax.layers.m2rnn import init_A_log, init_dt_bias
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
 from m2rnn_jax.layers.registry import register_mixer
+from m2rnn_jax.ops import keep_mask
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -42,8 +43,7 @@ def continues_document(segment_ids, batch, seq_len):
     """``(B, S)`` float32: 0 where a new document starts (the state resets), else 1."""
     if segment_ids is None:
         return jnp.ones((batch, seq_len), jnp.float32)
-    same = segment_ids[:, 1:] == segment_ids[:, :-1]
-    return jnp.concatenate([jnp.ones((batch, 1), bool), same], axis=1).astype(jnp.float32)
+    return keep_mask(segment_ids)
 
 
 def diagonal_recurrence(x, dt, decay, B, C, keep, initial_state=None):
