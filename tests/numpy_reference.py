@@ -105,3 +105,11 @@ def causal_conv(x, weight, segment_ids):
                 if s >= 0 and (segment_ids is None or segment_ids[b, s] == segment_ids[b, t]):
                     out[b, t] += weight[taps - 1 - lag] * x[b, s]
     return out
+
+
+def relative_error(got, want):
+    """‖got − want‖ / ‖want‖ in float64; shapes must match and ``got`` must be finite."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    assert np.all(np.isfinite(got))
+    return np.linalg.norm(got - want) / np.linalg.norm(want)

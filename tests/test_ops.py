@@ -6,14 +6,10 @@ import numpy as np
 import pytest
 
 import numpy_reference
+from numpy_reference import relative_error
 from m2rnn_jax import m2rnn
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-
-def _relative_error(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return np.linalg.norm(got - want) / np.linalg.norm(want)
 
 
 def random_inputs(rng, batch, seq_len, heads, key_dim, value_dim, with_state=True, segments=False):
@@ -74,13 +70,13 @@ def test_scan_matches_float64_numpy(batch, seq_len, heads, key_dim, value_dim, w
         inputs["query"], inputs["key"], inputs["value"], inputs["weight"],
         inputs["forget_input"], dy, dh, inputs["input_state"], segment_ids, clip)
     assert y.shape == y_ref.shape and y.dtype == jnp.float32
-    assert _relative_error(y, y_ref) < 1e-4
-    assert _relative_error(final, final_ref) < 1e-4
+    assert relative_error(y, y_ref) < 1e-4
+    assert relative_error(final, final_ref) < 1e-4
     for name, ref in zip(("query", "key", "value", "weight", "forget_input", "input_state"),
                          ref_grads):
         if name in grads:
             assert grads[name].shape == inputs[name].shape
-            assert _relative_error(grads[name], ref) < 1e-4, name
+            assert relative_error(grads[name], ref) < 1e-4, name
 
 
 def test_clipping_changes_gradients_and_matches_the_kernel_rule():
@@ -99,12 +95,12 @@ def test_clipping_changes_gradients_and_matches_the_kernel_rule():
         return vjp((jnp.asarray(dy, jnp.float32), jnp.asarray(dh, jnp.float32)))
 
     clipped, unclipped = grads(0.02), grads(None)
-    assert _relative_error(clipped[3], unclipped[3]) > 1e-2  # dW really changes
+    assert relative_error(clipped[3], unclipped[3]) > 1e-2  # dW really changes
     kernel_rule = numpy_reference.backward(*args[:5], dy, dh, args[5], None, 0.02)
-    assert _relative_error(clipped[3], kernel_rule[3]) < 1e-4
+    assert relative_error(clipped[3], kernel_rule[3]) < 1e-4
     # The other rule (clamp the total state gradient) gives different gradients: a wrong rule fails.
     total_rule = _clip_total_state_gradient_dw(*args, dy, dh, 0.02)
-    assert _relative_error(total_rule, kernel_rule[3]) > 1e-2
+    assert relative_error(total_rule, kernel_rule[3]) > 1e-2
 
 
 def _clip_total_state_gradient_dw(q, k, v, w, f, h0, dy, dh, clip):
@@ -133,8 +129,8 @@ def test_bf16_inputs_short_sequence_close_to_float32():
     y32, h32 = m2rnn(**{k: v.astype(jnp.float32) for k, v in bf16.items()}, backend="scan")
     y16, h16 = m2rnn(**bf16, backend="scan")
     assert y16.dtype == jnp.bfloat16 and h16.dtype == jnp.float32
-    assert _relative_error(y16, y32) < 1e-2
-    assert _relative_error(h16, h32) < 1e-4  # the state is carried in float32
+    assert relative_error(y16, y32) < 1e-2
+    assert relative_error(h16, h32) < 1e-4  # the state is carried in float32
 
 
 def test_chunked_backward_memory_at_400m_layer_shape():
