@@ -49,6 +49,14 @@ VARIANTS = {
     "chunk128": ({}, 128, True),
     "replicas8": ({"qk_replicas": 8}, 64, True),
     "approx_unroll4": ({"approx_tanh": True, "unroll": 4}, 64, True),
+    # bf16 tensor-core dots with hi/lo-split float32 operands (KernelConfig.split_dots).
+    "split": ({"split_dots": True}, 64, True),
+    "split_warps1": ({"split_dots": True, "num_warps": 1}, 64, True),
+    "split_warps2": ({"split_dots": True, "num_warps": 2}, 64, True),
+    "split_approx": ({"split_dots": True, "approx_tanh": True}, 64, True),
+    "split_approx_warps1": ({"split_dots": True, "approx_tanh": True, "num_warps": 1}, 64, True),
+    "split_approx_warps2": ({"split_dots": True, "approx_tanh": True, "num_warps": 2}, 64, True),
+    "split_warps1_unroll4": ({"split_dots": True, "num_warps": 1, "unroll": 4}, 64, True),
 }
 
 
@@ -311,7 +319,8 @@ def main():
     parser.add_argument("--variants", default="all",
                         help="comma-separated variant/ablation names to time at 8×4096×84, "
                              "'all' (variants and ablations) or 'none'")
-    parser.add_argument("--shapes", default="all", help="'all' or 'first' (8×4096×84 only)")
+    parser.add_argument("--shapes", default="all",
+                        help="op shapes to time: 'all', 'first' (8×4096×84 only) or 'none'")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--workers", type=int, default=12, help="parallel compilations")
     parser.add_argument("--ptx", action="store_true",
@@ -378,7 +387,7 @@ def main():
         if with_backward:
             jobs.append({**common, "what": "fwd_bwd", "fn": forward_backward,
                          "args": (*main_args, *main_cot)})
-    shapes = SHAPES if args.shapes == "all" else SHAPES[:1]
+    shapes = {"all": SHAPES, "first": SHAPES[:1], "none": []}[args.shapes]
     for batch, seq_len, heads in shapes:
         (q, k, v, w, f, _), (dy, _) = bench_inputs(jax.random.fold_in(key, seq_len),
                                                     batch, seq_len, heads)

@@ -116,6 +116,26 @@ def test_kernel_options_match_reference_backend():
     _assert_close(outs["kernel"], outs["scan"], F32_TOLERANCE)
 
 
+@pytest.mark.parametrize("weight_dtype", [jnp.bfloat16, jnp.float32])
+def test_split_dots_match_exact_dots(weight_dtype):
+    """bfloat16 inputs with the tensor-core split dots (hi + lo bf16 parts) against the same
+    kernel with exact float32 dots: far closer than bf16 rounding (one-part bf16 dots miss this
+    bound). A float32 weight with bfloat16 inputs also exercises the weight's lo part."""
+    (q, k, v, w, f, h0), _, (dy, dh) = _problem(13, 2, 32, (1, 1, 4, 4, 4), 16, 16,
+                                                 jnp.bfloat16)
+    w = (0.6 * jax.random.normal(jax.random.PRNGKey(14), w.shape)).astype(weight_dtype)
+    keep = jnp.ones((2, 32)).at[1, 9].set(0.0)
+    outs = {}
+    for split in (False, True):
+        config = gpu.KernelConfig(split_dots=split, unroll=4, subchunk=2)
+        y, h_final, ckpt = gpu.forward(q, k, v, w, f, h0, keep, chunk_size=8, config=config)
+        grads = gpu.backward(q, k, v, w, f, h0, keep, ckpt, dy, dh, gradient_clipping=1.0,
+                             chunk_size=8, config=config)
+        # y in float32 from the state would hide nothing; compare the bf16 outputs as given.
+        outs[split] = [y.astype(jnp.float32), h_final, *grads]
+    _assert_close(outs[True], outs[False], 2e-3)
+
+
 def test_chunk_size_choice_and_errors():
     assert gpu.choose_chunk_size(4096, None) == gpu.DEFAULT_CHUNK_SIZE
     assert gpu.choose_chunk_size(13, None) == 16  # rounded up to the chunk quantum, not 64

@@ -66,6 +66,9 @@ class KernelConfig:
     qk_replicas: int = 1         # backward: dq/dk atomics spread over this many buffers
     bf16_precision: str = "ieee"  # dot precision for bfloat16 inputs: ieee | tf32 | tf32x3
     approx_tanh: bool = False    # bfloat16 inputs only: tanh.approx.f32 instead of libdevice
+    # bfloat16 inputs only: dots on the tensor cores with float32 operands split into bf16
+    # hi + lo parts (~16 mantissa bits; products exact, float32 accumulation).
+    split_dots: bool = False
 
     def __post_init__(self):
         for name in ("heads_per_program", "num_warps", "unroll", "subchunk", "qk_replicas"):
@@ -179,9 +182,38 @@ def _prepare(q, k, v, w, f, lay):
 
 
 def _dot_precision(dtype, config, interpret):
-    if interpret or jnp.dtype(dtype) == jnp.float32:
+    if jnp.dtype(dtype) == jnp.float32:
+        return lax.Precision.HIGHEST
+    if config.split_dots:
+        return "split"  # also in interpret mode, so CI checks the split arithmetic
+    if interpret:
         return lax.Precision.HIGHEST
     return _PRECISIONS[config.bf16_precision]
+
+
+def _split_bf16(x):
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(_F32)).astype(jnp.bfloat16)
+
+
+_MATMUL = (((1,), (0,)), ((), ()))      # a @ b
+_TRANSPOSED_LHS = (((0,), (0,)), ((), ()))  # aᵀ @ b
+
+
+def _dot(a, b, precision, dims=_MATMUL, b_is_bf16=False):
+    """a·b in float32. ``precision="split"``: on the bf16 tensor cores with float32 operands
+    split into hi + lo parts (hi·hi + lo·hi + hi·lo; lo·lo is below float32 rounding). When b
+    holds bfloat16 values (the weight of bfloat16 inputs), its lo part is zero and skipped."""
+    if precision != "split":
+        return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
+    a_hi, a_lo = _split_bf16(a)
+    b_hi, b_lo = _split_bf16(b)
+
+    def dot(x, y):
+        return lax.dot_general(x, y, dims, preferred_element_type=_F32)
+
+    out = dot(a_hi, b_hi) + dot(a_lo, b_hi)
+    return out if b_is_bf16 else out + dot(a_hi, b_lo)
 
 
 def _tanh(x, approx):
@@ -198,8 +230,10 @@ def _compiler_params(config):
 class _Step:
     """Per-program view of the inputs: loads one time step, advances the state."""
 
-    def __init__(self, lay, q_ref, k_ref, v_ref, f_ref, keep_ref, w, precision, approx_tanh):
+    def __init__(self, lay, q_ref, k_ref, v_ref, f_ref, keep_ref, w, precision, approx_tanh,
+                 w_is_bf16):
         self.lay, self.w, self.precision, self.approx_tanh = lay, w, precision, approx_tanh
+        self.w_is_bf16 = w_is_bf16
         self.refs = (q_ref, k_ref, v_ref, f_ref, keep_ref)
         self.b = pl.program_id(0)
         self.p = pl.program_id(1)
@@ -227,20 +261,20 @@ class _Step:
         _, k, v, f, keep = inputs
         if keep is not None:
             h = h * keep
-        u = jnp.dot(h, self.w, precision=self.precision, preferred_element_type=_F32)
+        u = _dot(h, self.w, self.precision, b_is_bf16=self.w_is_bf16)
         z = _tanh(u + k[:, None] * v[None, :], self.approx_tanh)
         return h, z, z + f[None, :] * (h - z)
 
 
 def _forward_kernel(*refs, lay, chunk, config, has_keep, save_checkpoints, precision,
-                    approx_tanh):
+                    approx_tanh, w_is_bf16):
     q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     y_ref, h_final_ref, *rest = rest
     ckpt_ref = rest[0] if save_checkpoints else None
 
     step = _Step(lay, q_ref, k_ref, v_ref, f_ref, keep_ref, w_ref[pl.program_id(1)],
-                 precision, approx_tanh)
+                 precision, approx_tanh, w_is_bf16)
     b, cols, unroll = step.b, step.cols, config.unroll
     seq_len = lay.seq_len
     groups_per_chunk = chunk // unroll
@@ -275,8 +309,8 @@ def _forward_kernel(*refs, lay, chunk, config, has_keep, save_checkpoints, preci
     h_final_ref[b, :, cols] = h
 
 
-def _backward_kernel(*refs, lay, chunk, config, has_keep, precision, approx_tanh, clip,
-                     exclusive_groups, replicas, interpret):
+def _backward_kernel(*refs, lay, chunk, config, has_keep, precision, approx_tanh, w_is_bf16,
+                     clip, exclusive_groups, replicas, interpret):
     q_ref, k_ref, v_ref, f_ref, w_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     ckpt_ref, dy_ref, dh_final_ref, *rest = rest
@@ -285,7 +319,8 @@ def _backward_kernel(*refs, lay, chunk, config, has_keep, precision, approx_tanh
     dq_ref, dk_ref, dv_ref, df_ref, dw_ref, dh0_ref, scratch_ref = rest
 
     w = w_ref[pl.program_id(1)]
-    step = _Step(lay, q_ref, k_ref, v_ref, f_ref, keep_ref, w, precision, approx_tanh)
+    step = _Step(lay, q_ref, k_ref, v_ref, f_ref, keep_ref, w, precision, approx_tanh,
+                 w_is_bf16)
     w_t = w.T
     b, p, g_idx, cols = step.b, step.p, step.group, step.cols
     sub = config.subchunk
@@ -334,12 +369,10 @@ def _backward_kernel(*refs, lay, chunk, config, has_keep, precision, approx_tanh
             add_shared(dq_ref, t, jnp.sum(befores[j + 1] * dy[None, :], axis=1))
             du = (1.0 - f)[None, :] * g * (1.0 - z * z)
             store_df(t, jnp.sum(g * (h_prev - z), axis=0))
-            g_later = f[None, :] * g + jnp.dot(du, w_t, precision=precision,
-                                               preferred_element_type=_F32)
+            g_later = f[None, :] * g + _dot(du, w_t, precision, b_is_bf16=w_is_bf16)
             if keep is not None:
                 g_later = g_later * keep
-            dw = dw + lax.dot_general(h_prev, du, (((0,), (0,)), ((), ())),
-                                      precision=precision, preferred_element_type=_F32)
+            dw = dw + _dot(h_prev, du, precision, _TRANSPOSED_LHS)
             add_shared(dk_ref, t, jnp.sum(du * v[None, :], axis=1))
             dv_ref[b, t, cols] = jnp.sum(du * k[:, None], axis=0).astype(dv_ref.dtype)
         return g_later, dw
@@ -404,7 +437,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     kernel = functools.partial(
         _forward_kernel, lay=lay, chunk=chunk_size, config=config, has_keep=keep is not None,
         save_checkpoints=save_checkpoints, precision=_dot_precision(v.dtype, config, interpret),
-        approx_tanh=config.approx_tanh and not interpret and v.dtype != jnp.float32)
+        approx_tanh=config.approx_tanh and not interpret and v.dtype != jnp.float32,
+        w_is_bf16=w.dtype == jnp.bfloat16)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(lay.batch, lay.programs_per_row),
         compiler_params=_compiler_params(config), interpret=interpret, name="m2rnn_forward",
@@ -455,7 +489,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         _backward_kernel, lay=lay, chunk=chunk_size, config=config, has_keep=keep is not None,
         precision=_dot_precision(v.dtype, config, interpret),
         approx_tanh=config.approx_tanh and not interpret and v.dtype != jnp.float32,
-        clip=gradient_clipping, exclusive_groups=exclusive_groups, replicas=replicas,
+        w_is_bf16=w.dtype == jnp.bfloat16, clip=gradient_clipping, exclusive_groups=exclusive_groups, replicas=replicas,
         interpret=interpret)
     dq, dk, dv, df, dw_block, dh0, _ = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(batch, lay.programs_per_row),
