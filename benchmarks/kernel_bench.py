@@ -39,6 +39,7 @@ KEY_DIM, VALUE_DIM, CLIP = 64, 16, 1.0
 # name -> (KernelConfig overrides, chunk size, time the backward too).
 VARIANTS = {
     "default": ({}, gpu.DEFAULT_CHUNK_SIZE, True),
+    "exact_dots": ({"split_dots": False}, 64, True),  # the default before 2026-11-30
     "approx_tanh": ({"approx_tanh": True}, 64, True),
     "tf32_dots": ({"bf16_precision": "tf32"}, 64, True),
     "prefetch": ({"prefetch": True}, 64, True),
@@ -57,6 +58,17 @@ VARIANTS = {
     "split_approx_warps1": ({"split_dots": True, "approx_tanh": True, "num_warps": 1}, 64, True),
     "split_approx_warps2": ({"split_dots": True, "approx_tanh": True, "num_warps": 2}, 64, True),
     "split_warps1_unroll4": ({"split_dots": True, "num_warps": 1, "unroll": 4}, 64, True),
+    # Several heads per program: the block-diagonal dot's waste is cheap on tensor cores, while
+    # each step's loads, address arithmetic and barriers are shared by the heads.
+    "split_approx_heads2": ({"split_dots": True, "approx_tanh": True,
+                             "heads_per_program": 2}, 64, True),
+    "split_approx_heads2_warps8": ({"split_dots": True, "approx_tanh": True,
+                                    "heads_per_program": 2, "num_warps": 8}, 64, True),
+    "split_approx_heads4_warps8": ({"split_dots": True, "approx_tanh": True,
+                                    "heads_per_program": 4, "num_warps": 8}, 64, True),
+    "split_approx_heads4": ({"split_dots": True, "approx_tanh": True,
+                             "heads_per_program": 4}, 64, True),
+    "split_approx_unroll16": ({"split_dots": True, "approx_tanh": True, "unroll": 16}, 64, True),
 }
 
 
@@ -283,18 +295,22 @@ def flatten(tree):
     return list(jax.tree_util.tree_leaves(tree))
 
 
-def dump_ptx_and_registers(out_dir):
-    """Compiles the default kernels at 8×4096×84 in a child process with XLA dumping, then
+def dump_ptx_and_registers(out_dir, variant="default"):
+    """Compiles a variant's kernels at 8×4096×84 in a child process with XLA dumping, then
     reports ptxas' register/spill counts for the Pallas kernels."""
     import glob
     import subprocess
     import tempfile
 
     dump = tempfile.mkdtemp()
-    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={dump}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={dump}",
+               PYTHONPATH=os.pathsep.join([here, os.path.dirname(here),
+                                           os.environ.get("PYTHONPATH", "")]))
     code = ("import benchmarks.kernel_bench as kb, jax;"
             "a, c = kb.bench_inputs(jax.random.PRNGKey(0), 8, 4096, 84);"
-            "fwd, fb = kb.kernel_fns(kb.gpu.DEFAULT_CONFIG, kb.gpu.DEFAULT_CHUNK_SIZE);"
+            f"o, c, _ = kb.VARIANTS[{variant!r}];"
+            "fwd, fb = kb.kernel_fns(kb.dataclasses.replace(kb.gpu.DEFAULT_CONFIG, **o), c);"
             "fb.lower(*a, *c).compile()")
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     ptx_files = sorted(glob.glob(os.path.join(dump, "*.ptx")), key=os.path.getsize)[-3:]
@@ -323,8 +339,8 @@ def main():
                         help="op shapes to time: 'all', 'first' (8×4096×84 only) or 'none'")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--workers", type=int, default=12, help="parallel compilations")
-    parser.add_argument("--ptx", action="store_true",
-                        help="also dump the default kernels' PTX and print ptxas register use")
+    parser.add_argument("--ptx", metavar="VARIANT",
+                        help="also dump this variant's kernel PTX and print ptxas register use")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, runs anywhere (interpret mode off the GPU): checks "
@@ -349,7 +365,7 @@ def main():
 
     if args.ptx:
         try:
-            dump_ptx_and_registers(args.out)
+            dump_ptx_and_registers(args.out, args.ptx)
         except Exception as err:
             print(f"[ptxas] failed: {type(err).__name__}: {err}"[:500], flush=True)
 
