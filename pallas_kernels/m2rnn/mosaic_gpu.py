@@ -1,0 +1,327 @@
+"""Prototype M²RNN forward kernel in Pallas Mosaic GPU (Hopper: TMA + WGMMA, fixed layouts).
+
+Forward only, for the paper's shape family (K = 64, V = 16). Same ``forward`` signature as the
+backend interface of ``m2rnn_jax.reference``; the checkpoints it returns (when asked) have the
+layout of ``pallas_kernels.m2rnn.gpu.forward`` (``(B, S/C, Kp, N·Vp)`` float32, Kp = 64,
+Vp = 16), so the Triton backward of ``gpu.py`` can consume them.
+
+Tiling (what lives where):
+  * Grid ``(B, N)``: one CTA of one warpgroup (128 threads) per (batch row, head). The CTA walks
+    the whole sequence in chunks of ``C`` steps.
+  * The state ``H`` (64×16 float32) is a register array in the WGMMA accumulator layout
+    (8 values per thread). ``H W`` runs on the tensor core as ``wgmma m64n16k16`` with the A
+    operand from registers: ``H`` is split into ``state_split`` bf16 parts (hi, lo[, lo2]) and
+    float32 ``W`` likewise; the products of total order < ``state_split`` are accumulated in
+    float32 (bf16 inputs: 2 parts of H, W exact: 2 wgmmas; float32 inputs: 3 and 3: 6 wgmmas,
+    ~24 mantissa bits). The accumulator starts at zero; ``k_t v_tᵀ`` is added after.
+  * Per chunk, q/k (C×64, the head's q/k group), v (C×16), f (C), keep (C) are copied
+    GMEM→SMEM with TMA into one of two slots (the next chunk is prefetched while this one runs);
+    ``y`` (C×16) is written to an SMEM slot and copied to GMEM once per chunk.
+  * ``y_t = H_tᵀ q_t`` is a reduction over the 64 rows (across the 4 warps). ``y_reduction=
+    "per_step"``: Mosaic's ``reduce_sum(axis=0)`` each step (shuffles, then an SMEM exchange and
+    a warpgroup barrier). ``"warp_partials"``: each warp sums its 16 rows with shuffles and
+    stores 16 partial sums to SMEM (inline Mosaic GPU code, no barrier); the 4 warps' partials
+    are added once per chunk. ``y_t`` is off the dependency chain (``H_{t+1}`` does not need it).
+  * Knobs for the GPU run: ``approx_tanh`` (``CompilerParams(approx_math=True)``: tanh.approx),
+    ``unroll`` (steps per loop iteration), ``no_auto_barriers``
+    (``CompilerParams(unsafe_no_auto_barriers=True)``: threads exchange data through SMEM only
+    across explicit ``commit_smem`` barriers — the per-warp partials, TMA'd inputs/outputs —
+    and h_smem is read and written by each thread at the same addresses).
+
+Inputs are re-laid out in XLA first: q/k expanded to ``L = lcm(Nq, Nk)`` groups, v to N heads,
+f transposed to ``(B, N, S)`` float32 (a 1-D TMA per head and chunk), W to bf16 hi/lo parts.
+
+Test off the GPU with ``interpret=True`` (the Mosaic GPU interpreter). Its wgmma takes the A
+operand only from SMEM and it cannot run inline Mosaic GPU code, so in interpret mode the products
+are the same bf16 parts as a ``jnp.dot`` with float32 accumulation and y is reduced per step.
+``jax.export`` for ``platforms=["cuda"]`` runs Mosaic GPU's layout inference and lowering on a
+CPU-only machine (for sm_90) and so checks the real paths (``tests/test_kernel_mosaic_gpu.py``).
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from m2rnn_jax.heads import expand_heads
+
+DEFAULT_CHUNK_SIZE = 32  # bf16: ~25 KiB of SMEM per CTA (C=64: ~46 KiB, at most 4 CTAs per SM)
+KEY_DIM = 64
+VALUE_DIM = 16
+_F32 = jnp.float32
+_BF16 = jnp.bfloat16
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def choose_chunk_size(seq_len, requested):
+    if requested is None:
+        requested = DEFAULT_CHUNK_SIZE
+    if not isinstance(requested, int) or requested < 8 or requested % 8:
+        raise ValueError(f"chunk_size for the Mosaic GPU kernel must be a positive multiple of 8, "
+                         f"got {requested!r}")
+    return min(requested, -(-seq_len // 8) * 8)
+
+
+def _check_supported(q, k, v, w, f, h0, keep, chunk_size):
+    batch, seq_len, nq, key_dim = q.shape
+    num_heads, value_dim = h0.shape[1], v.shape[-1]
+    problems = []
+    if key_dim != KEY_DIM or k.shape[-1] != KEY_DIM:
+        problems.append(f"K must be {KEY_DIM} (got {key_dim})")
+    if value_dim != VALUE_DIM or w.shape[-2:] != (VALUE_DIM, VALUE_DIM):
+        problems.append(f"V must be {VALUE_DIM} (got {value_dim})")
+    if h0.shape != (batch, num_heads, KEY_DIM, VALUE_DIM):
+        problems.append(f"h0 must be (B, N, {KEY_DIM}, {VALUE_DIM}) (got {h0.shape})")
+    for name, x in (("q", q), ("k", k), ("v", v), ("w", w), ("f", f)):
+        if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
+            problems.append(f"{name} must be float32 or bfloat16 (got {x.dtype})")
+    if len({jnp.dtype(x.dtype) for x in (q, k, v)}) != 1:
+        problems.append("q, k and v must share one dtype")
+    heads = (nq, k.shape[2], v.shape[2], f.shape[2], w.shape[0])
+    if any(num_heads % h for h in heads):
+        problems.append(f"every head count must divide N = {num_heads} (got {heads})")
+    if not isinstance(chunk_size, int) or chunk_size < 8 or chunk_size % 8 or seq_len % chunk_size:
+        problems.append(f"chunk_size must be a multiple of 8 dividing S = {seq_len} "
+                        f"(got {chunk_size})")
+    if keep is not None and keep.shape != (batch, seq_len):
+        problems.append(f"keep must be (B, S) (got {keep.shape})")
+    if problems:
+        raise ValueError("Mosaic GPU M²RNN forward does not support these inputs: "
+                         + "; ".join(problems))
+
+
+def _bf16_parts(x, parts):
+    """x ≈ sum of ``parts`` bf16 terms (each the bf16 rounding of what the previous left)."""
+    out = []
+    rest = x.astype(_F32)
+    for _ in range(parts):
+        part = rest.astype(_BF16)
+        out.append(part)
+        rest = rest - part.astype(_F32)
+    return out
+
+
+def _products(state_parts, weight_parts):
+    """The (state part, weight part) products kept: those of total order < state_parts."""
+    return [(i, j) for i in range(state_parts) for j in range(weight_parts)
+            if i + j < state_parts]
+
+
+def _store_warp_partial_sums(ctx, p, part_ref):
+    """Mosaic GPU code: each warp's sum over its 16 rows of ``p`` (64×16 float32, WGMMA layout)
+    into ``part_ref[warp, :]`` (a (4, 16) float32 SMEM ref); no cross-warp exchange.
+
+    In the WGMMA layout thread (warp w, lane l) holds rows 16w + 8i + l//4 (i = 0, 1) and columns
+    8j + 2(l%4) + e (j, e = 0, 1) as registers [0, j, 0, 0, i, 0, 0, 0, 0] of 2 values.
+    """
+    del ctx
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    const = lambda x: mgpu_utils.c(x, i32)
+    regs = p.registers
+    if regs.shape != (1, 2, 1, 1, 2, 1, 1, 1, 1):
+        raise NotImplementedError(f"unexpected WGMMA register shape {regs.shape}")
+    tid = arith.remui(mgpu_utils.thread_idx(), const(128))
+    warp = arith.divui(tid, const(32))
+    lane = arith.remui(tid, const(32))
+    col0 = arith.muli(arith.remui(lane, const(4)), const(2))
+    for j in range(2):
+        part = arith.addf(regs[0, j, 0, 0, 0, 0, 0, 0, 0], regs[0, j, 0, 0, 1, 0, 0, 0, 0])
+        for distance in (4, 8, 16):  # the lane bits that select the row (l // 4)
+            part = arith.addf(part, mgpu_utils.shfl_bfly(part, distance))
+        col = arith.addi(col0, const(8 * j))
+        vector.store(part, part_ref, [arith.index_cast(index, warp), arith.index_cast(index, col)])
+
+
+def _kernel(*refs, chunk, num_chunks, heads_per_group, state_parts, weight_parts, has_keep,
+            save_checkpoints, unroll, warp_partials, interpret):
+    q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
+    keep_ref = rest.pop(0) if has_keep else None
+    y_ref, h_final_ref, *rest = rest
+    ckpt_ref = rest.pop(0) if save_checkpoints else None
+    (q_smem, k_smem, v_smem, f_smem, keep_smem, y_smem, part_smem, w_smem, h_smem,
+     in_barriers, w_barrier) = rest
+    if warp_partials:
+        store_partials = plgpu.inline_mgpu(
+            arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(_store_warp_partial_sums)
+
+    b = lax.axis_index("b")
+    n = lax.axis_index("n")
+    g = lax.div(n, jnp.int32(heads_per_group))
+    wgmma_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)   # (64,): one value per row of H
+    col_layout = plgpu.Layout.WGMMA.reduce(0)   # (16,): one value per column of H
+
+    def start_chunk_copies(c, slot):
+        steps = pl.ds(c * chunk, chunk)
+        barrier = in_barriers.at[slot]
+        plgpu.copy_gmem_to_smem(q_ref.at[b, steps, g], q_smem.at[slot], barrier)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, steps, g], k_smem.at[slot], barrier)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, steps, n], v_smem.at[slot], barrier)
+        plgpu.copy_gmem_to_smem(f_ref.at[b, n, steps], f_smem.at[slot], barrier)
+        if has_keep:
+            plgpu.copy_gmem_to_smem(keep_ref.at[b, steps], keep_smem.at[slot], barrier)
+
+    # W (bf16 parts) and h0 once per CTA; the first chunk's inputs.
+    plgpu.copy_gmem_to_smem(w_ref.at[n], w_smem, w_barrier)
+    plgpu.copy_gmem_to_smem(h0_ref.at[b, n], h_smem, w_barrier)
+    start_chunk_copies(0, 0)
+    plgpu.barrier_wait(w_barrier)
+    h = plgpu.load(h_smem, layout=wgmma_layout, optimized=False)
+
+    def step(t, h, slot):
+        k_t = plgpu.load(k_smem.at[slot, t], layout=row_layout, optimized=False).astype(_F32)
+        v_t = plgpu.load(v_smem.at[slot, t], layout=col_layout, optimized=False).astype(_F32)
+        q_t = plgpu.load(q_smem.at[slot, t], layout=row_layout, optimized=False).astype(_F32)
+        f_t = f_smem[slot, t]
+        if has_keep:
+            h = h * keep_smem[slot, t]
+        kv = lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0]) * lax.broadcast_in_dim(
+            v_t, (KEY_DIM, VALUE_DIM), [1])
+        h_parts = _bf16_parts(h, state_parts)
+        pairs = [(h_parts[i], j) for i, j in _products(state_parts, weight_parts)]
+        if interpret:
+            # The interpreter's wgmma takes the A operand only from SMEM: the same bf16
+            # products with float32 accumulation, as a dot.
+            hw = sum(jnp.dot(a, w_smem[p], preferred_element_type=_F32) for a, p in pairs)
+        else:
+            def products(acc_ref):  # a zero-initialised accumulator
+                for a, p in pairs:
+                    plgpu.wgmma(acc_ref, a, w_smem.at[p])
+                return acc_ref[...]  # waits for the WGMMAs
+
+            hw = pl.run_scoped(products, plgpu.ACC((KEY_DIM, VALUE_DIM), _F32))
+        z = jnp.tanh(hw + kv)
+        h = z + f_t * (h - z)
+        hq = h * lax.broadcast_in_dim(q_t, (KEY_DIM, VALUE_DIM), [0])
+        if warp_partials:
+            store_partials(hq, part_smem.at[:, t])  # summed over the warps once per chunk
+        else:
+            y_smem[slot, t] = jnp.sum(hq, axis=0).astype(y_smem.dtype)
+        return h
+
+    def chunk_body(c, h):
+        slot = lax.rem(c, 2)
+        if save_checkpoints:
+            # The state at the chunk start, through SMEM to (B, S/C, Kp, N·Vp).
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            h_smem[...] = h
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                h_smem, ckpt_ref.at[b, c, :, pl.ds(n * VALUE_DIM, VALUE_DIM)])
+        # Every thread is past its reads of the other slot (the last chunk): prefetch into it.
+        plgpu.commit_smem()
+
+        @pl.when(c + 1 < num_chunks)
+        def _():
+            start_chunk_copies(c + 1, 1 - slot)
+
+        plgpu.barrier_wait(in_barriers.at[slot])
+        # The y slot written two chunks ago must have been read by its copy to GMEM.
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        def steps(i, h):
+            for j in range(unroll):
+                h = step(i * unroll + j, h, slot)
+            return h
+
+        h = lax.fori_loop(0, chunk // unroll, steps, h)
+        if warp_partials:
+            plgpu.commit_smem()  # every warp's partial sums are written
+            y_smem[slot] = (part_smem[0] + part_smem[1] + part_smem[2]
+                            + part_smem[3]).astype(y_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_smem.at[slot], y_ref.at[b, pl.ds(c * chunk, chunk), n])
+        return h
+
+    h = lax.fori_loop(0, num_chunks, chunk_body, h)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    h_smem[...] = h
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(h_smem, h_final_ref.at[b, n])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_checkpoints=True,
+            approx_tanh=False, state_split=None, unroll=1, no_auto_barriers=False,
+            y_reduction="per_step", interpret=None):
+    """The backend-interface forward: ``(y (B,S,N,V), h_final (B,N,K,V) f32, checkpoints)``.
+
+    ``checkpoints`` is ``(B, S/C, 64, N·16)`` float32 (the state at each chunk start, the layout
+    of ``gpu.forward``) or ``None``. ``interpret``: run the Mosaic GPU interpreter (default: when
+    JAX's default backend is not a GPU).
+    """
+    _check_supported(q, k, v, w, f, h0, keep, chunk_size)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    batch, seq_len = q.shape[:2]
+    num_heads = h0.shape[1]
+    groups = math.lcm(q.shape[2], k.shape[2])
+    dtype = v.dtype
+    qg = expand_heads(q, groups, axis=2)
+    kg = expand_heads(k, groups, axis=2)
+    vn = expand_heads(v, num_heads, axis=2)
+    fn = jnp.transpose(expand_heads(f, num_heads, axis=2).astype(_F32), (0, 2, 1))
+    if not isinstance(unroll, int) or unroll < 1 or chunk_size % unroll:
+        raise ValueError(f"unroll must be a positive divisor of chunk_size, got {unroll!r}")
+    if y_reduction not in ("per_step", "warp_partials"):
+        raise ValueError(f"y_reduction must be 'per_step' or 'warp_partials', got {y_reduction!r}")
+    # The interpreter cannot run inline Mosaic GPU code: it reduces per step.
+    warp_partials = y_reduction == "warp_partials" and not interpret
+    if state_split is None:
+        state_split = 3 if jnp.dtype(dtype) == jnp.float32 else 2
+    if state_split not in (1, 2, 3):
+        raise ValueError(f"state_split must be 1, 2 or 3, got {state_split!r}")
+    # bfloat16 W is exact in one part; float32 W in as many parts as the state.
+    weight_parts = 1 if jnp.dtype(w.dtype) == jnp.bfloat16 else state_split
+    w_parts = jnp.stack(_bf16_parts(expand_heads(w, num_heads, axis=0), weight_parts), axis=1)
+    num_chunks = seq_len // chunk_size
+    has_keep = keep is not None
+
+    inputs = [qg, kg, vn, fn, w_parts, h0.astype(_F32)]
+    if has_keep:
+        inputs.append(keep.astype(_F32))
+    out_type = [jax.ShapeDtypeStruct((batch, seq_len, num_heads, VALUE_DIM), dtype),
+                jax.ShapeDtypeStruct((batch, num_heads, KEY_DIM, VALUE_DIM), _F32)]
+    if save_checkpoints:
+        out_type.append(jax.ShapeDtypeStruct(
+            (batch, num_chunks, KEY_DIM, num_heads * VALUE_DIM), _F32))
+
+    w_transforms = (plgpu.TilingTransform((8, VALUE_DIM)), plgpu.SwizzleTransform(32))
+    scratch = [
+        plgpu.SMEM((2, chunk_size, KEY_DIM), dtype),             # q
+        plgpu.SMEM((2, chunk_size, KEY_DIM), dtype),             # k
+        plgpu.SMEM((2, chunk_size, VALUE_DIM), dtype),           # v
+        plgpu.SMEM((2, chunk_size), _F32),                       # f
+        plgpu.SMEM((2, chunk_size), _F32),                       # keep (unused without keep)
+        plgpu.SMEM((2, chunk_size, VALUE_DIM), dtype),           # y
+        plgpu.SMEM((4, chunk_size if warp_partials else 1, VALUE_DIM), _F32),  # per-warp y
+        plgpu.SMEM((weight_parts, VALUE_DIM, VALUE_DIM), _BF16, transforms=w_transforms),
+        plgpu.SMEM((KEY_DIM, VALUE_DIM), _F32),                  # h0 / checkpoints / final
+        # One arrival per TMA copy that signals the barrier.
+        plgpu.Barrier(num_barriers=2, num_arrivals=5 if has_keep else 4),
+        plgpu.Barrier(num_arrivals=2),
+    ]
+    kernel = functools.partial(
+        _kernel, chunk=chunk_size, num_chunks=num_chunks,
+        heads_per_group=num_heads // groups, state_parts=state_split,
+        weight_parts=weight_parts, has_keep=has_keep, unroll=unroll,
+        warp_partials=warp_partials,
+        save_checkpoints=save_checkpoints, interpret=bool(interpret))
+    outs = plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch, grid=(batch, num_heads),
+        grid_names=("b", "n"),
+        compiler_params=plgpu.CompilerParams(approx_math=bool(approx_tanh),
+                                             unsafe_no_auto_barriers=bool(no_auto_barriers)),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="m2rnn_forward_mosaic",
+    )(*inputs)
+    y, h_final = outs[0], outs[1]
+    checkpoints = outs[2] if save_checkpoints else None
+    return y, h_final, checkpoints
