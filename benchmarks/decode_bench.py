@@ -9,10 +9,18 @@ attention, ``A`` × 24, ~406M parameters), batch (1, 32) and context length L (1
 ``--quick``: 1K, 16K), the caches are built as they stand after a prompt of L tokens (M²RNN:
 the (B, N, K, V) float32 state and the conv window; attention: a KV cache of L + steps), then
 ``--steps`` greedy decode steps (one jit-compiled ``HybridLM.decode_step`` + argmax each, the
-tokens fed back) are timed after warm-up. Cache contents are zeros: the time of a step does not
-depend on them. Skipped (with the memory it would need) when the caches do not fit in
-``--memory-fraction`` of the device memory. Parameters are cast to ``--param-dtype``
-(bfloat16 by default, as for serving); compute is bfloat16.
+tokens fed back) are timed after warm-up. No prompt is run: the caches are filled
+synthetically (zeros, attention's first L steps marked visible), since the time of a step does
+not depend on their contents; so a 64K context needs no 64K prefill. A point whose caches (from
+the shapes) do not fit in ``--memory-fraction`` of the device memory left free is recorded as
+``OOM (needs X GiB ...)`` without allocating anything (e.g. attention-only at batch 32 x 64K:
+~192 GiB of KV cache against an H200's 141 GB); an out-of-memory error while running is
+recorded the same way instead of ending the script. ``--memory-limit-gib`` sets the device
+memory by hand (where the backend reports none, e.g. CPU, to test that path). Parameters are
+cast to ``--param-dtype`` (bfloat16 by default, as for serving); compute is bfloat16.
+
+Only the missing points of the 2026-11-29 run (1K and 16K were measured):
+``--contexts 4096 65536``. Rows are appended to ``--out`` as they are measured.
 
 Columns: decode tokens/s (batch × steps / time), ms per step, cache GiB (from the shapes),
 device GiB in use during decoding (parameters + caches + workspace; where the backend reports
@@ -50,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (>= 1)")
     parser.add_argument("--param-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--memory-fraction", type=float, default=0.85)
+    parser.add_argument("--memory-limit-gib", type=float, default=None,
+                        help="device memory to plan against (default: what the backend reports)")
+    parser.add_argument("--models", default="hybrid,attention-only")
     parser.add_argument("--out", default=None, help="also write the rows as JSON lines here")
     return parser.parse_args(argv)
 
@@ -83,9 +94,16 @@ def nbytes(tree):
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def device_bytes_in_use():
+def device_bytes_in_use(args=None):
     stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("bytes_in_use"), stats.get("bytes_limit")
+    limit = stats.get("bytes_limit")
+    if args is not None and args.memory_limit_gib is not None:
+        limit = args.memory_limit_gib * GiB
+    return stats.get("bytes_in_use", 0 if limit else None), limit
+
+
+def is_out_of_memory(err) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
 
 
 def bench_one(generator, model, batch, context, args):
@@ -93,9 +111,24 @@ def bench_one(generator, model, batch, context, args):
     _, shapes = nnx.eval_shape(lambda m, t: m.prefill(t, None, max_len=max_len), model,
                                jax.ShapeDtypeStruct((batch, 1), jnp.int32))
     cache_bytes = nbytes(shapes)
-    in_use, limit = device_bytes_in_use()
+    in_use, limit = device_bytes_in_use(args)
+    needs = (cache_bytes + (in_use or 0)) / GiB
     if limit and in_use is not None and cache_bytes > args.memory_fraction * limit - in_use:
-        return dict(cache_gib=cache_bytes / GiB, skipped="does not fit")
+        return dict(cache_gib=cache_bytes / GiB, skipped=(
+            f"OOM (needs {needs:.3g} GiB: cache {cache_bytes / GiB:.3g} + in use "
+            f"{in_use / GiB:.3g}; {args.memory_fraction:.0%} of {limit / GiB:.3g} GiB "
+            f"available)"))
+    try:
+        return run_point(generator, model, batch, context, args, max_len, cache_bytes)
+    except Exception as err:  # noqa: BLE001 — only out-of-memory is recorded, not raised
+        if not is_out_of_memory(err):
+            raise
+        return dict(cache_gib=cache_bytes / GiB, skipped=(
+            f"OOM while running (needs more than {needs:.3g} GiB from the shapes; "
+            f"{str(err).splitlines()[0][:160]})"))
+
+
+def run_point(generator, model, batch, context, args, max_len, cache_bytes):
     caches = synthetic_caches(model, batch, context, max_len)
     tokens = jnp.zeros((batch,), jnp.int32)
     start = time.perf_counter()
@@ -119,6 +152,9 @@ def bench_one(generator, model, batch, context, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    # One handwritten ThreeFry kernel instead of a compiled hash per parameter init (faster
+    # compiles of the eager random init on GPU; no effect elsewhere).
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
     if args.warmup < 1 or args.steps < 1:
         sys.exit("decode_bench: --warmup and --steps must be >= 1")
     contexts = args.contexts or ([64, 256] if args.tiny else
@@ -127,8 +163,16 @@ def main(argv=None):
           f"{args.param_dtype}", flush=True)
     rows = []
     begin = time.perf_counter()
+    if args.out:
+        open(args.out, "w").close()
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     for name, config in model_configs(args).items():
+        if name not in wanted:
+            continue
+        start = time.perf_counter()
         model = HybridLM(config, rngs=nnx.Rngs(0))
+        jax.block_until_ready(nnx.state(model))
+        print(f"{name}: model built in {time.perf_counter() - start:.1f} s", flush=True)
         params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         generator = Generator(model)
         for batch in args.batches:
@@ -137,6 +181,9 @@ def main(argv=None):
                 row.update(bench_one(generator, model, batch, context, args))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
         del model, generator
     print(f"\n{'model':<15}{'batch':>6}{'context':>9}{'tok/s':>11}{'ms/step':>9}"
           f"{'cache GiB':>11}{'device GiB':>12}")
@@ -149,10 +196,6 @@ def main(argv=None):
         print(f"{r['model']:<15}{r['batch']:>6}{r['context']:>9}{r['tokens_per_s']:>11.0f}"
               f"{r['ms_per_step']:>9.2f}{r['cache_gib']:>11.2f}{device:>12}")
     print(f"total {time.perf_counter() - begin:.0f} s")
-    if args.out:
-        with open(args.out, "w") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

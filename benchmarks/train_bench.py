@@ -1,16 +1,42 @@
-"""Training throughput on the GPU: tokens/s and model FLOPs utilisation (MFU).
+"""Training throughput on the GPU: tokens/s, MFU, where a step's time goes, and 1 vs 2 GPUs.
 
-    PYTHONPATH=. python benchmarks/train_bench.py [--quick]       # one GPU
-    PYTHONPATH=. python benchmarks/train_bench.py --two-gpu [--quick]
+    PYTHONPATH=. python3 benchmarks/train_bench.py [--json FILE]              # one GPU
+    PYTHONPATH=. python3 benchmarks/train_bench.py --two-gpu [--json FILE]    # two GPUs
+    PYTHONPATH=. python3 benchmarks/train_bench.py --tiny [--two-gpu]         # CPU smoke test
 
-One GPU: the 400M hybrid (``configs/model/hybrid_400m.yaml``) and an attention-only model of
-the same shape (every layer ``A``), seq 4096, bf16 compute with float32 master weights, M²RNN
-``backend="auto"``; then where a step's time goes, from forward+backward timings of one
-M²RNN mixer, one attention mixer and one SwiGLU MLP at the same batch and length.
+One GPU (in this order, each section saved to ``--json`` as soon as it ends):
 
-``--two-gpu``: the hybrid on 1 GPU, data-parallel on 2 (mesh data=2) and FSDP on 2 (fsdp=2),
-same initialisation and batches: the 2-GPU losses must match the 1-GPU loss over the first
-steps (bf16, so within a tolerance), plus their throughput.
+1. the attention-only model: ``configs/model/hybrid_400m.yaml`` with every layer ``A`` (same
+   d_model, MLP, vocabulary). Its attention path is chosen by ``--attention`` (default
+   ``auto``): cuDNN flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``
+   with ``is_causal`` and the packed rows' documents as a boolean mask, which cuDNN takes as an
+   additive (B, 1, S, S) bias: no S x S scores in float32, no bias gradient), and if that cannot
+   be compiled or run, XLA attention with per-block rematerialisation (one layer's S x S scores
+   alive at a time). XLA attention without remat needs ~160 GiB at batch 4 x 4096 and is never
+   tried by ``auto``. The path used is printed and saved (``attention_path``).
+2. where the time goes: forward+backward of one (RMSNorm + M²RNN mixer), one (RMSNorm +
+   attention mixer), one (RMSNorm + SwiGLU), and of embedding + final norm + LM head +
+   cross-entropy, each jitted alone at the bench shape (median after warm-up,
+   ``benchmarks/timing.py``), times their counts; the optimizer update (clip + AdamW + apply,
+   float32 master weights) timed alone on the model's real state. Printed as ms and % of the
+   measured step for both models; the remainder is residual adds, overlap and what the
+   isolated timings miss.
+3. the 400M hybrid as configured (XLA attention in its 3 attention layers, M²RNN
+   ``backend="auto"``, no remat).
+
+``--two-gpu``: the hybrid on a 1-device mesh (the reference), then data-parallel (mesh data=2)
+and FSDP (fsdp=2) on 2 devices, for ``--steps`` steps (default 8) on the same batches from the
+same initial state: the state is initialised once on one device, copied to the host and put on
+each mesh (so the three runs start from identical values and the init compiles once). Per-step
+losses, max |loss - 1-device loss|, tokens/s and compile times go to ``--json``; layouts already
+in that file are skipped (a rerun after a timeout does only what is missing).
+
+Init: a state initialised under jit used to take ~60 s on an H200, nearly all compile. Every
+parameter draws its own ``jax.random.normal``; XLA inlines a ThreeFry hash into every such
+fusion and compiles each of them to PTX (jax PR #1756 describes this compile-time blow-up).
+This script switches on ``jax_threefry_gpu_kernel_lowering`` (one handwritten ThreeFry kernel
+instead; ``--no-threefry-kernel`` turns it off) and prints init lower / compile / run times
+separately, as it does for the train step (compiled ahead of time with ``.lower().compile()``).
 
 Model FLOPs per token (forward + backward = 3 x forward; recomputation not counted):
 
@@ -22,31 +48,94 @@ Model FLOPs per token (forward + backward = 3 x forward; recomputation not count
 
 MFU = (dense + attention + recurrence) · tokens/s / peak bf16 FLOP/s (989 TFLOP/s for an
 H100/H200 SXM, dense; ``--peak-tflops`` for others). Tokens come from the Python standard
-library's sources as bytes (in memory; grain is not needed here).
+library's sources as bytes (in memory; the ``grain`` package is not needed).
 """
 
 import argparse
 import dataclasses
+import gc
+import json
+import os
 import statistics
+import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from m2rnn_jax import ModelConfig
+from m2rnn_jax.layers.linear import Embed, Linear
 from m2rnn_jax.layers.mlp import SwiGLU
+from m2rnn_jax.layers.norm import RMSNorm
+from m2rnn_jax.layers.params import model_dtypes
 from m2rnn_jax.layers.registry import mixer_class
 from m2rnn_jax.typed_config import load_yaml
 from train import sharding
 from train.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
-from train.data import PackedRows, read_bytes, stdlib_python_files
+from train.data import PackedRows, model_inputs, read_bytes, stdlib_python_files
 from train.step import build_trainee, put_batch
-from timing import median_seconds  # benchmarks/ is on sys.path when run as a script
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 HYBRID_CONFIG = "configs/model/hybrid_400m.yaml"
+TINY_CONFIG = "configs/model/tiny_hybrid.yaml"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0}
+GiB = 2 ** 30
+LAYOUTS = {"1": ("1 device", (1, 1, 1), 1),
+           "dp": ("2 devices data-parallel", (2, 1, 1), 2),
+           "fsdp": ("2 devices FSDP", (1, 2, 1), 2)}
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+class Report:
+    """The JSON results file, rewritten after every section (a timeout keeps what is done)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.data = {}
+        if path and os.path.exists(path):
+            with open(path) as fh:
+                self.data = json.load(fh)
+
+    def put(self, section, key, value):
+        self.data.setdefault(section, {})[key] = value
+        self.save()
+
+    def save(self):
+        if not self.path:
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.data, fh, indent=1, default=str)
+        os.replace(tmp, self.path)
+
+
+def short_error(err) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def peak_memory_gib():
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / GiB
+
+
+def compiled_gib(compiled):
+    """Arguments + outputs - aliased + temporaries of a compiled step, GiB per device."""
+    try:
+        m = compiled.memory_analysis()
+        total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                 + m.temp_size_in_bytes)
+        return total / GiB
+    except Exception:  # noqa: BLE001 — not every backend reports it
+        return None
 
 
 def flops_per_token(model_config: ModelConfig, abstract_params, seq_len: int) -> dict:
@@ -101,170 +190,487 @@ def train_config(model_config, batch, seq_len, steps, mesh=(1, 1, 1), remat=Fals
                        mesh=MeshConfig(*mesh))
 
 
-def is_out_of_memory(err) -> bool:
-    return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
+# ----------------------------------------------------------------------------- init + steps
 
-
-def run_steps_fitting(config, devices, batches):
-    """``run_steps``, retried with per-block rematerialisation if the step runs out of memory
-    (the attention-only model's S x S scores at seq 4096 may not fit without it)."""
+def init_state(config, device):
+    """The initial train state on one device, with lower / compile / run seconds."""
+    trainee = build_trainee(config, sharding.make_mesh(config.mesh, [device]))
+    jitted, seed = trainee.init_state.func, trainee.init_state.args[0]
+    t0 = time.perf_counter()
     try:
-        return run_steps(config, devices, batches)
-    except Exception as err:  # noqa: BLE001 — only out-of-memory is retried
-        if config.remat or not is_out_of_memory(err):
+        lowered = jitted.lower(seed)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+    except Exception as err:  # noqa: BLE001 — the ThreeFry kernel is only a compile-time aid
+        if not jax.config.jax_threefry_gpu_kernel_lowering:
             raise
-        print(f"  out of memory without remat ({str(err).splitlines()[0][:120]}); "
-              f"retrying with remat=True", flush=True)
-        return run_steps(dataclasses.replace(config, remat=True), devices, batches)
+        print(f"  init with the ThreeFry GPU kernel failed ({short_error(err)}); without it",
+              flush=True)
+        jax.config.update("jax_threefry_gpu_kernel_lowering", False)
+        t0 = time.perf_counter()
+        lowered = jitted.lower(seed)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+    t2 = time.perf_counter()
+    state = jax.block_until_ready(compiled(seed))
+    t3 = time.perf_counter()
+    times = {"lower_s": t1 - t0, "compile_s": t2 - t1, "run_s": t3 - t2,
+             "threefry_gpu_kernel": bool(jax.config.jax_threefry_gpu_kernel_lowering)}
+    print(f"  init {trainee.num_params / 1e6:.1f}M params: lower {times['lower_s']:.1f} s, "
+          f"compile {times['compile_s']:.1f} s, run {times['run_s']:.1f} s", flush=True)
+    return state, times
 
 
-def run_steps(config, devices, batches):
-    """Trains on ``batches`` (the first one compiles); returns losses and timings."""
+def run_steps(config, devices, batches, state, *, time_optimizer=False):
+    """Trains from ``state`` (put on the mesh; consumed) on ``batches``: losses and timings.
+
+    The step is compiled ahead of time (timed on its own); every step is waited for, the
+    median of steps 3.. is the step time.
+    """
     mesh = sharding.make_mesh(config.mesh, devices)
     trainee = build_trainee(config, mesh)
+    state = jax.device_put(state, trainee.state_shardings)
+    placed = [put_batch(b, trainee, accum_steps=1) for b in batches]
     t0 = time.perf_counter()
-    state = jax.block_until_ready(trainee.init_state())
-    print(f"  initialised {trainee.num_params / 1e6:.1f}M params on mesh "
-          f"{dict(mesh.shape)} in {time.perf_counter() - t0:.1f} s (compile included)", flush=True)
+    compiled = trainee.train_step.lower(state, placed[0]).compile()
+    compile_s = time.perf_counter() - t0
+    step_gib = compiled_gib(compiled)
+    print(f"  mesh {dict(mesh.shape)}: train step compiled in {compile_s:.1f} s; its memory "
+          f"(per device, XLA's analysis) {'n/a' if step_gib is None else f'{step_gib:.1f}'} GiB",
+          flush=True)
     losses, times = [], []
-    start = time.perf_counter()
-    for i, batch in enumerate(batches):
+    for batch in placed:
         t0 = time.perf_counter()
-        state, metrics = trainee.train_step(state, put_batch(batch, trainee, accum_steps=1))
+        state, metrics = compiled(state, batch)
         losses.append(float(metrics["loss"]))  # blocks: each step timed on its own
         times.append(time.perf_counter() - t0)
-        if i == 0:
-            compile_s = time.perf_counter() - start
-            print(f"  first step (compile) {compile_s:.1f} s, loss {losses[0]:.4f}", flush=True)
     step_s = statistics.median(times[2:]) if len(times) > 3 else times[-1]
-    del state
-    return {"trainee": trainee, "losses": losses, "step_s": step_s, "compile_s": compile_s,
-            "remat": config.remat}
+    print(f"  losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
+    print(f"  step times (ms) {' '.join(f'{t * 1e3:.0f}' for t in times)}; "
+          f"median {step_s * 1e3:.1f} ms", flush=True)
+    result = {"losses": losses, "step_times_s": times, "step_s": step_s,
+              "compile_s": compile_s, "remat": config.remat,
+              "attention_implementation": config.model.attention.implementation,
+              "step_gib": step_gib, "process_peak_gib": peak_memory_gib(),
+              "num_params": trainee.num_params}
+    if time_optimizer:
+        result["optimizer_s"] = optimizer_seconds(trainee, state)
+        print(f"  optimizer update alone {result['optimizer_s'] * 1e3:.1f} ms", flush=True)
+    result["flops"] = flops_per_token(config.model, trainee.abstract_params,
+                                      config.data.seq_len)
+    del state, compiled
+    gc.collect()
+    return result
 
 
-def layer_seconds(model_config, make_layer, batch, seq_len, segment_ids):
-    """Forward + backward seconds of one layer on ``(batch, seq_len, d_model)`` bf16 input."""
-    layer = make_layer(model_config)
-    graphdef, params = nnx.split(layer, nnx.Param)
+def optimizer_seconds(trainee, state):
+    """Seconds of one optimizer update + apply on the real state (the params stand in for the
+    gradients: the update's cost does not depend on their values)."""
+    optimizer = trainee.optimizer
+
+    def update(params, opt_state, grads):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    fn = jax.jit(update)
+    return median_seconds(fn, state["params"], state["opt_state"], state["params"], repeats=5)
+
+
+# ----------------------------------------------------------------------------- layer shares
+
+class MixerPart(nnx.Module):
+    """RMSNorm + one mixer, as in a block (the residual add left out)."""
+
+    def __init__(self, config, letter, *, rngs):
+        dtype, param_dtype = model_dtypes(config)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.mixer = mixer_class(letter)(config, rngs=rngs)
+
+    def __call__(self, x, segment_ids):
+        return self.mixer(self.norm(x), segment_ids=segment_ids)
+
+
+class MlpPart(nnx.Module):
+    def __init__(self, config, *, rngs):
+        dtype, param_dtype = model_dtypes(config)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.mlp = SwiGLU(config, rngs=rngs)
+
+    def __call__(self, x, segment_ids):
+        return self.mlp(self.norm(x))
+
+
+class HeadPart(nnx.Module):
+    """Embedding lookup, final norm, LM head and the masked cross-entropy sum; ``x`` stands in
+    for the blocks' output (added to the embeddings so both get gradients)."""
+
+    def __init__(self, config, *, rngs):
+        dtype, param_dtype = model_dtypes(config)
+        self.embed = Embed(config.vocab_size, config.d_model, std=config.init_std, rngs=rngs,
+                           dtype=dtype, param_dtype=param_dtype)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.head = Linear(config.d_model, config.vocab_size, ("embed", "vocab"),
+                           std=config.init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, tokens, segment_ids):
+        inputs, _, targets, mask = model_inputs(tokens, segment_ids)
+        logits = self.head(self.norm(x + self.embed(inputs)), out_dtype=jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return jnp.sum(jnp.where(mask, losses, 0.0))
+
+
+def part_seconds(part, batch, d_model, compute_dtype):
+    """Forward + backward seconds of ``part`` on a ``(B, S, d_model)`` compute-dtype input."""
+    graphdef, params = nnx.split(part, nnx.Param)
+    tokens, segment_ids = jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"])
+    x_segments = segment_ids[:, :-1]
+    shape = (tokens.shape[0], tokens.shape[1] - 1, d_model)
     keys = jax.random.split(jax.random.key(0), 2)
-    x = jax.random.normal(keys[0], (batch, seq_len, model_config.d_model), jnp.bfloat16)
-    probe = jax.random.normal(keys[1], x.shape, jnp.float32)
+    x = jax.random.normal(keys[0], shape, jnp.float32).astype(compute_dtype)
+    probe = jax.random.normal(keys[1], shape, jnp.float32)
 
-    def loss(p, inputs):
-        module = nnx.merge(graphdef, p)
-        out = module(inputs) if segment_ids is None else module(inputs, segment_ids=segment_ids)
-        return jnp.sum(out.astype(jnp.float32) * probe)
+    if isinstance(part, HeadPart):
+        def loss(p, inputs):
+            return nnx.merge(graphdef, p)(inputs, tokens, segment_ids)
+    else:
+        def loss(p, inputs):
+            out = nnx.merge(graphdef, p)(inputs, x_segments)
+            return jnp.sum(out.astype(jnp.float32) * probe)
 
     return median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x, repeats=5)
 
 
-def one_gpu(args, hybrid):
-    batch, seq_len = args.batch, args.seq_len
-    steps = 5 if args.quick else 12
-    batches = text_batches(seq_len, batch, steps)
+def layer_shares(model_configs, batch, report):
+    """Seconds of each component (fwd+bwd, one instance) for the given model configs."""
+    timings = {}
+    for model_config in model_configs:
+        compute = jnp.dtype(model_config.compute_dtype)
+        parts = {f"mixer {letter}" + ("" if letter != "A" else
+                                      f" ({model_config.attention.implementation or 'xla'})"):
+                 (lambda c, l=letter: MixerPart(c, l, rngs=nnx.Rngs(0)))
+                 for letter in sorted(set(model_config.layer_pattern))}
+        parts["mlp"] = lambda c: MlpPart(c, rngs=nnx.Rngs(0))
+        parts["embed+head+loss"] = lambda c: HeadPart(c, rngs=nnx.Rngs(0))
+        for name, make in parts.items():
+            if name in timings:
+                continue
+            try:
+                part = make(model_config)
+                seconds = part_seconds(part, batch, model_config.d_model, compute)
+                del part
+                timings[name] = seconds
+                print(f"  {name:28s} fwd+bwd {seconds * 1e3:8.2f} ms", flush=True)
+            except Exception as err:  # noqa: BLE001 — record and go on
+                timings[name] = None
+                print(f"  {name}: failed: {short_error(err)}", flush=True)
+            report.put("component_s", name, timings[name])
+            gc.collect()
+    return timings
+
+
+def print_shares(name, model_config, result, timings):
+    step_s = result["step_s"]
+    pattern = model_config.layer_pattern
+    impl = model_config.attention.implementation or "xla"
+    rows = []
+    labels = (("M", "M²RNN mixers (+norm)"), ("A", f"attention mixers (+norm, {impl})"),
+              ("D", "gated-deltanet mixers (+norm)"), ("S", "mamba2 mixers (+norm)"))
+    for letter, label in labels:
+        count = pattern.count(letter)
+        if count:
+            key = f"mixer {letter}" + (f" ({impl})" if letter == "A" else "")
+            one = timings.get(key)
+            rows.append((f"{label} x{count}", None if one is None else count * one))
+    one = timings.get("mlp")
+    rows.append((f"SwiGLU MLPs (+norm) x{len(pattern)}",
+                 None if one is None else len(pattern) * one))
+    rows.append(("embedding + final norm + head + loss", timings.get("embed+head+loss")))
+    rows.append(("optimizer update (clip + AdamW + apply)", result.get("optimizer_s")))
+    known = sum(s for _, s in rows if s is not None)
+    rows.append(("rest (residual adds, overlap, unmeasured)", step_s - known))
+    remat = " (remat: its recompute is in the rest)" if result["remat"] else ""
+    print(f"\n== where the {name} step goes: one component fwd+bwd alone x count; measured step "
+          f"{step_s * 1e3:.1f} ms{remat} ==")
+    for label, seconds in rows:
+        if seconds is None:
+            print(f"  {label:46s} {'n/a':>9s}")
+        else:
+            print(f"  {label:46s} {seconds * 1e3:9.1f} ms  {seconds / step_s:6.1%}")
+    return [(label, seconds) for label, seconds in rows]
+
+
+# ----------------------------------------------------------------------------- one device
+
+def attention_paths(choice, remat):
+    """(implementation, remat) pairs to try, in order, for the attention-only model."""
+    if choice == "auto":
+        return [("cudnn", remat), ("xla", True)]
+    if choice == "xla-remat":
+        return [("xla", True)]
+    return [(choice, remat)]
+
+
+def with_attention(model_config, implementation):
+    return dataclasses.replace(model_config, attention=dataclasses.replace(
+        model_config.attention, implementation=implementation))
+
+
+def check_attention(model_config, implementation, batch, length=1024):
+    """Max relative difference of one attention mixer's output and input gradient between
+    ``implementation`` and XLA, on two packed rows of the batch (first ``length`` steps)."""
+    rows = min(2, batch["segment_ids"].shape[0])
+    length = min(length, batch["segment_ids"].shape[1] - 1)
+    segment_ids = jnp.asarray(batch["segment_ids"][:rows, :length])
+    x = jax.random.normal(jax.random.key(1), (rows, length, model_config.d_model),
+                          jnp.float32).astype(model_config.compute_dtype)
+    probe = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
+    outputs = []
+    for impl in (implementation, "xla"):
+        layer = mixer_class("A")(with_attention(model_config, impl), rngs=nnx.Rngs(0))
+
+        def loss(inputs, layer=layer):
+            out = layer(inputs, segment_ids=segment_ids).astype(jnp.float32)
+            return jnp.sum(out * probe), out
+
+        grad, out = jax.jit(jax.grad(loss, has_aux=True))(x)
+        outputs.append((np.asarray(out, np.float32), np.asarray(grad, np.float32)))
+    return max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+               for a, b in zip(*outputs))
+
+
+def train_model(name, model_config, args, batches, report, paths):
+    """Init + train ``model_config`` on one device, trying attention ``paths`` in order."""
+    device = jax.devices()[0]
+    base = train_config(model_config, args.batch, args.seq_len, args.steps)
+    host_state = None
+    init_times = None
+    failures = []
+    for implementation, remat in paths:
+        config = dataclasses.replace(base, remat=remat,
+                                     model=with_attention(model_config, implementation))
+        label = f"{implementation or 'xla'}{' + remat' if remat else ''}"
+        print(f"\n-- {name}: attention {label}", flush=True)
+        try:
+            if implementation not in (None, "xla"):
+                error = check_attention(config.model, implementation, batches[0])
+                print(f"  {implementation} vs xla attention (fwd output, input grad; 2 packed "
+                      f"rows): max relative difference {error:.2e}", flush=True)
+                if not error < 2e-2:
+                    raise ValueError(f"{implementation} attention differs from xla by {error:.2e}")
+            if host_state is None:
+                state, init_times = init_state(config, device)
+                if len(paths) > 1:  # kept for a retry: a failed run may consume the state
+                    host_state = jax.device_get(state)
+            else:
+                state = host_state
+            result = run_steps(config, [device], batches, state, time_optimizer=True)
+        except Exception as err:  # noqa: BLE001 — the next path is tried
+            failures.append(f"{label}: {short_error(err)}")
+            print(f"  attention {label} failed: {short_error(err)}", flush=True)
+            if args.verbose:
+                traceback.print_exc()
+            state = None
+            gc.collect()
+            continue
+        result.update(attention_path=label, init=init_times, failed_paths=failures,
+                      pattern=model_config.layer_pattern)
+        result["config"] = config
+        report.put("train", name, {k: v for k, v in result.items() if k != "config"})
+        return result
+    report.put("train", name, {"error": failures})
+    return None
+
+
+def one_device(args, hybrid, report):
+    batches = text_batches(args.seq_len, args.batch, args.steps)
     attention_only = dataclasses.replace(hybrid, layer_pattern="A" * hybrid.num_layers)
     peak = peak_flops(args.peak_tflops)
-    device = jax.devices()[:1]
-    rows = []
     results = {}
-    for name, model_config in (("hybrid", hybrid), ("attention-only", attention_only)):
-        config = train_config(model_config, batch, seq_len, steps, remat=args.remat)
-        result = run_steps_fitting(config, device, batches)
-        print(f"  {name}: {result['step_s'] * 1e3:.1f} ms/step", flush=True)
-        flops = flops_per_token(model_config, result["trainee"].abstract_params, seq_len)
-        tokens_per_s = batch * seq_len / result["step_s"]
-        mfu = sum(flops.values()) * tokens_per_s / peak if peak else float("nan")
-        results[name] = result
-        rows.append((name, result["remat"], result["trainee"].num_params / 1e6,
-                     result["step_s"] * 1e3, tokens_per_s, sum(flops.values()) / 1e9, mfu,
-                     result["compile_s"], flops))
-    print(f"\n== one GPU ({jax.devices()[0].device_kind}), batch {batch} x seq {seq_len}, "
-          f"bf16, M²RNN backend=auto ==")
-    print(f"{'model':16s} {'params':>8s} {'step ms':>9s} {'tokens/s':>10s} "
-          f"{'GFLOP/tok':>10s} {'MFU':>6s} {'compile s':>9s} {'remat':>6s}")
-    for name, remat, params, ms, tps, gflop, mfu, compile_s, _ in rows:
-        print(f"{name:16s} {params:7.1f}M {ms:9.1f} {tps:10,.0f} {gflop:10.3f} "
-              f"{mfu:6.1%} {compile_s:9.1f} {'yes' if remat else 'no':>6s}")
-    flops = rows[0][-1]
-    print("hybrid FLOPs/token by term (GFLOP): " + ", ".join(
-        f"{k} {v / 1e9:.3f}" for k, v in flops.items()))
+    if "attention-only" in args.models:
+        results["attention-only"] = train_model(
+            "attention-only", attention_only, args, batches, report,
+            attention_paths(args.attention, args.remat))
+    timings = {}
+    if args.shares:
+        print("\n-- components, fwd+bwd alone at the bench shape", flush=True)
+        configs = [hybrid]
+        if results.get("attention-only"):
+            configs.append(results["attention-only"]["config"].model)
+        timings = layer_shares(configs, batches[0], report)
+    if "hybrid" in args.models:
+        results["hybrid"] = train_model("hybrid", hybrid, args, batches, report,
+                                        [(hybrid.attention.implementation, args.remat)])
 
-    segment_ids = jnp.asarray(batches[0]["segment_ids"][:, :-1])
-    layer_batch = batch
-    m_s = layer_seconds(hybrid, lambda c: mixer_class("M")(c, rngs=nnx.Rngs(0)), layer_batch,
-                        seq_len, segment_ids)
-    a_s = layer_seconds(hybrid, lambda c: mixer_class("A")(c, rngs=nnx.Rngs(0)), layer_batch,
-                        seq_len, segment_ids)
-    mlp_s = layer_seconds(hybrid, lambda c: SwiGLU(c, rngs=nnx.Rngs(0)), layer_batch, seq_len,
-                          None)
-    step_s = results["hybrid"]["step_s"]
-    pattern = hybrid.layer_pattern
-    parts = {"M²RNN mixers": pattern.count("M") * m_s,
-             "attention mixers": pattern.count("A") * a_s,
-             "SwiGLU MLPs": len(pattern) * mlp_s}
-    parts["rest (embed, head, norms, optimizer, overlap)"] = step_s - sum(parts.values())
-    print(f"\n== where the hybrid's step goes (one layer fwd+bwd x count; step "
-          f"{step_s * 1e3:.1f} ms) ==")
-    print(f"one M²RNN mixer {m_s * 1e3:.2f} ms, one attention mixer {a_s * 1e3:.2f} ms, "
-          f"one SwiGLU {mlp_s * 1e3:.2f} ms")
-    for name, seconds in parts.items():
-        print(f"  {name:46s} {seconds * 1e3:9.1f} ms  {seconds / step_s:6.1%}")
+    print(f"\n== one device ({jax.devices()[0].device_kind}), batch {args.batch} x seq "
+          f"{args.seq_len}, {hybrid.compute_dtype} compute / {hybrid.param_dtype} weights, "
+          f"M²RNN backend={hybrid.m2rnn.backend} ==")
+    print(f"{'model':15s} {'params':>8s} {'step ms':>8s} {'tokens/s':>9s} {'GFLOP/tok':>9s} "
+          f"{'MFU':>6s} {'step GiB':>8s} {'compile s':>9s} {'init s':>6s}  attention")
+    for name in ("hybrid", "attention-only"):
+        result = results.get(name)
+        if name not in args.models:
+            continue
+        if not result:
+            print(f"{name:15s} failed: {report.data.get('train', {}).get(name)}")
+            continue
+        tokens_per_s = args.batch * args.seq_len / result["step_s"]
+        gflop = sum(result["flops"].values()) / 1e9
+        mfu = gflop * 1e9 * tokens_per_s / peak if peak else float("nan")
+        result.update(tokens_per_s=tokens_per_s, mfu=mfu)
+        report.put("train", name, {k: v for k, v in result.items() if k != "config"})
+        init_s = (sum(v for k, v in result["init"].items() if k.endswith("_s"))
+                  if result["init"] else float("nan"))
+        peak_gib = result["step_gib"]
+        print(f"{name:15s} {result['num_params'] / 1e6:7.1f}M {result['step_s'] * 1e3:8.1f} "
+              f"{tokens_per_s:9,.0f} {gflop:9.3f} {mfu:6.1%} "
+              f"{'n/a' if peak_gib is None else f'{peak_gib:.1f}':>8s} "
+              f"{result['compile_s']:9.1f} {init_s:6.1f}  {result['attention_path']}")
+    for name, result in results.items():
+        if result:
+            print(f"{name} FLOPs/token by term (GFLOP): " + ", ".join(
+                f"{k} {v / 1e9:.3f}" for k, v in result["flops"].items()))
+    if timings:
+        for name, result in results.items():
+            if result:
+                rows = print_shares(name, result["config"].model, result, timings)
+                report.put("shares", name, {label: s for label, s in rows})
+        if not results.get("hybrid") and args.hybrid_step_ms:
+            stub = {"step_s": args.hybrid_step_ms / 1e3, "remat": False}
+            rows = print_shares(f"hybrid (step from --hybrid-step-ms)", hybrid, stub, timings)
+            report.put("shares", "hybrid", {label: s for label, s in rows})
 
 
-def two_gpu(args, hybrid):
+# ----------------------------------------------------------------------------- two devices
+
+def two_devices(args, hybrid, report):
     if len(jax.devices()) < 2:
         raise SystemExit(f"--two-gpu needs 2 devices, found {len(jax.devices())}")
-    batch, seq_len = args.batch, args.seq_len
-    steps = 8 if args.quick else 20
-    batches = text_batches(seq_len, batch, steps)
-    layouts = (("1 GPU", (1, 1, 1), jax.devices()[:1]),
-               ("2 GPUs data-parallel", (2, 1, 1), jax.devices()[:2]),
-               ("2 GPUs FSDP", (1, 2, 1), jax.devices()[:2]))
-    results = []
-    for name, mesh, devices in layouts:
-        config = train_config(hybrid, batch, seq_len, steps, mesh=mesh, remat=args.remat)
-        result = run_steps_fitting(config, devices, batches)
-        print(f"  {name}: {result['step_s'] * 1e3:.1f} ms/step", flush=True)
-        results.append((name, result))
-        del result["trainee"]
-    reference = np.array(results[0][1]["losses"])
-    print(f"\n== hybrid on 1 vs 2 GPUs, global batch {batch} x seq {seq_len}, bf16, "
-          f"{steps} steps ==")
-    print(f"{'layout':22s} {'step ms':>9s} {'tokens/s':>10s} {'loss 1st':>9s} "
-          f"{'loss last':>9s} {'max |Δloss|':>12s} {'match':>6s}")
-    all_match = True
-    for name, result in results:
+    done = report.data.get("two_gpu", {})
+    todo = [key for key in args.layouts if not (key in done and "losses" in done[key])]
+    report.put("meta", "two_gpu_steps", args.steps)
+    if todo:
+        print(f"layouts to run: {', '.join(todo)} (done before: "
+              f"{', '.join(k for k in done if k not in todo) or 'none'})", flush=True)
+        batches = text_batches(args.seq_len, args.batch, args.steps)
+        config = train_config(hybrid, args.batch, args.seq_len, args.steps, remat=args.remat)
+        state, init_times = init_state(config, jax.devices()[0])
+        report.put("meta", "init_s", init_times)
+        host_state = jax.device_get(state)
+        del state
+        for key in todo:
+            name, mesh, count = LAYOUTS[key]
+            print(f"\n-- {name}", flush=True)
+            start = time.perf_counter()
+            try:
+                result = run_steps(dataclasses.replace(config, mesh=MeshConfig(*mesh)),
+                                   jax.devices()[:count], batches, host_state)
+            except Exception as err:  # noqa: BLE001 — record and go on to the next layout
+                print(f"  {name} failed: {short_error(err)}", flush=True)
+                if args.verbose:
+                    traceback.print_exc()
+                report.put("two_gpu", key, {"name": name, "error": short_error(err)})
+                continue
+            result.update(name=name, mesh=mesh, wall_s=time.perf_counter() - start,
+                          tokens_per_s=args.batch * args.seq_len / result["step_s"])
+            report.put("two_gpu", key, result)
+    done = report.data.get("two_gpu", {})
+    reference = done.get("1", {}).get("losses")
+    print(f"\n== hybrid on 1 vs 2 devices ({jax.devices()[0].device_kind}), global batch "
+          f"{args.batch} x seq {args.seq_len}, {hybrid.compute_dtype}, {args.steps} steps, "
+          f"same initial state and batches ==")
+    print(f"{'layout':24s} {'step ms':>8s} {'tokens/s':>9s} {'compile s':>9s} {'loss 1st':>9s} "
+          f"{'loss last':>9s} {'max |Δloss|':>11s} {'match':>5s}")
+    all_match = reference is not None
+    for key in LAYOUTS:
+        result = done.get(key)
+        if result is None:
+            continue
+        name = LAYOUTS[key][0]
+        if "losses" not in result:
+            print(f"{name:24s} failed: {result.get('error')}")
+            all_match = False
+            continue
         losses = np.array(result["losses"])
-        diff = float(np.max(np.abs(losses - reference)))
-        # bf16 compute with a different reduction order: allow 1% of the loss.
-        match = diff <= 0.01 * float(np.max(np.abs(reference)))
-        all_match &= match
-        tokens_per_s = batch * seq_len / result["step_s"]
-        print(f"{name:22s} {result['step_s'] * 1e3:9.1f} {tokens_per_s:10,.0f} {losses[0]:9.4f}"
-              f" {losses[-1]:9.4f} {diff:12.2e} {'yes' if match else 'NO':>6s}")
-    print("2-GPU losses match 1 GPU" if all_match else "MISMATCH between 1 and 2 GPUs")
+        diff = match = None
+        if reference is not None and len(reference) == len(losses):
+            diff = float(np.max(np.abs(losses - np.array(reference))))
+            # bf16 compute with another reduction order: allow 1% of the loss.
+            match = diff <= 0.01 * float(np.max(np.abs(reference)))
+            result.update(max_abs_diff_vs_1=diff, match=match)
+            report.put("two_gpu", key, result)
+        all_match &= bool(match)
+        print(f"{name:24s} {result['step_s'] * 1e3:8.1f} {result['tokens_per_s']:9,.0f} "
+              f"{result['compile_s']:9.1f} {losses[0]:9.4f} {losses[-1]:9.4f} "
+              f"{'n/a' if diff is None else f'{diff:.2e}':>11s} "
+              f"{'n/a' if match is None else 'yes' if match else 'NO':>5s}")
+    print("per-step losses:")
+    for key in LAYOUTS:
+        if "losses" in done.get(key, {}):
+            print(f"  {key:5s} " + " ".join(f"{x:.4f}" for x in done[key]["losses"]))
+    missing = [k for k in args.layouts if "losses" not in done.get(k, {})]
+    print("2-device losses match 1 device" if all_match and not missing else
+          f"NOT all matched (missing: {missing or 'none'})")
 
+
+# ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--two-gpu", action="store_true", help="DP and FSDP on 2 GPUs vs 1")
-    parser.add_argument("--quick", action="store_true", help="fewer steps and a smaller batch")
-    parser.add_argument("--model", default=HYBRID_CONFIG, help="hybrid ModelConfig YAML")
-    parser.add_argument("--batch", type=int, default=None, help="rows per step (default 8; "
-                        "--quick 4)")
-    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--two-gpu", action="store_true", help="1-device vs DP vs FSDP on 2")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny config, seq 64, batch 4, 4 steps (CPU smoke test)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps (5)")
+    parser.add_argument("--model", default=None, help="hybrid ModelConfig YAML")
+    parser.add_argument("--batch", type=int, default=None, help="rows per step (default 4)")
+    parser.add_argument("--seq-len", type=int, default=None, help="default 4096 (tiny 64)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train steps per run (default 10; --two-gpu 8; --quick 5)")
+    parser.add_argument("--models", default="attention-only,hybrid",
+                        help="one device: which of attention-only,hybrid to train")
+    parser.add_argument("--attention", default="auto",
+                        choices=["auto", "cudnn", "xla", "xla-remat"],
+                        help="attention-only model's attention: auto = cudnn, else xla+remat")
+    parser.add_argument("--no-shares", dest="shares", action="store_false",
+                        help="skip the per-component timings")
+    parser.add_argument("--hybrid-step-ms", type=float, default=None,
+                        help="hybrid step for the shares table when the hybrid is not trained")
+    parser.add_argument("--layouts", default="1,dp,fsdp", help="--two-gpu: which layouts")
     parser.add_argument("--remat", action="store_true", help="recompute block activations")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="peak bf16 TFLOP/s of one device for MFU (default by device kind)")
+    parser.add_argument("--json", default=None, help="results file (also the resume state)")
+    parser.add_argument("--no-threefry-kernel", action="store_true",
+                        help="leave jax_threefry_gpu_kernel_lowering off")
+    parser.add_argument("--verbose", action="store_true", help="tracebacks of failures")
     args = parser.parse_args(argv)
-    if args.batch is None:
-        args.batch = 4 if args.quick else 8
+    args.model = args.model or (TINY_CONFIG if args.tiny else HYBRID_CONFIG)
+    args.batch = args.batch or 4
+    args.seq_len = args.seq_len or (64 if args.tiny else 4096)
+    args.steps = args.steps or (4 if args.tiny else 5 if args.quick else
+                                8 if args.two_gpu else 10)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.layouts = [m.strip() for m in args.layouts.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in ("hybrid", "attention-only")] + \
+        [k for k in args.layouts if k not in LAYOUTS]
+    if unknown:
+        parser.error(f"unknown --models/--layouts entries {unknown}")
+    if not args.no_threefry_kernel:
+        jax.config.update("jax_threefry_gpu_kernel_lowering", True)
     hybrid = load_yaml(ModelConfig, args.model)
     hybrid = dataclasses.replace(hybrid, compute_dtype="bfloat16", param_dtype="float32")
+    report = Report(args.json)
+    report.put("meta", "jax", jax.__version__)
+    report.put("meta", "devices", f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+    report.put("meta", "shape", {"batch": args.batch, "seq_len": args.seq_len,
+                                 "model": args.model})
     print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; "
-          f"hybrid model {args.model} (pattern {hybrid.layer_pattern})")
+          f"model {args.model} (pattern {hybrid.layer_pattern}); batch {args.batch} x seq "
+          f"{args.seq_len}; {args.steps} steps", flush=True)
     start = time.perf_counter()
-    (two_gpu if args.two_gpu else one_gpu)(args, hybrid)
+    (two_devices if args.two_gpu else one_device)(args, hybrid, report)
     print(f"\nbenchmark wall time {time.perf_counter() - start:.0f} s")
 
 

@@ -76,15 +76,13 @@ class Attention(nnx.Module):
         batch, seq_len = x.shape[:2]
         positions = positions_in_document(segment_ids, batch, seq_len)
         q, k, v = self._project(x, positions)
-        if segment_ids is None:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                               implementation=self.cfg.implementation)
-        else:
-            causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
-            same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-            mask = (causal[None] & same_doc)[:, None]  # (B, 1, T, S)
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                               implementation=self.cfg.implementation)
+        # Causality goes in as is_causal (cuDNN's flash kernel then skips the blocks above the
+        # diagonal); packed documents as a boolean (B, 1, T, S) mask, which the cuDNN path turns
+        # into an additive bias (no bias gradient is computed for a boolean mask).
+        mask = None if segment_ids is None else \
+            (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                           implementation=self.cfg.implementation)
         y = self.o_proj(out.reshape(batch, seq_len, -1))
         if max_len is None:
             return y, None
