@@ -39,6 +39,7 @@ def parse_args(argv):
     p.add_argument("--eval-lens", help="comma-separated evaluation lengths (task.eval_lengths)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (train.steps)")
     p.add_argument("--seeds", type=int, help="seeds per model (train.seeds)")
+    p.add_argument("--first-seed", type=int, help="first seed (train.first_seed)")
     p.add_argument("--batch-size", type=int, help="train.batch_size")
     p.add_argument("--lr", type=float, help="peak learning rate (train.learning_rate)")
     p.add_argument("--time-budget-s", type=float,
@@ -58,6 +59,7 @@ def load_config(args):
         path = by_group if by_group.exists() else CONFIG_DIR / "s5.yaml"
     config = load_yaml(ExperimentConfig, path)
     flags = {"task.group": args.group, "train.steps": args.steps, "train.seeds": args.seeds,
+             "train.first_seed": args.first_seed,
              "task.train_length": args.train_len, "train.batch_size": args.batch_size,
              "train.learning_rate": args.lr, "train.time_budget_s": args.time_budget_s,
              "out_dir": args.out,
@@ -102,7 +104,7 @@ def main(argv=None):
         runner = ModelRunner(name, config.model_config(name, group.order), train)
         print(f"{name}: {runner.num_params:,} parameters, layer pattern "
               f"{runner.model_config.layer_pattern}", flush=True)
-        for seed in range(train.seeds):
+        for seed in range(train.first_seed, train.first_seed + train.seeds):
             deadline = None
             if train.time_budget_s is not None:  # cumulative shares: unused time rolls over
                 deadline = start + train.time_budget_s * (len(results) + 1) / total_runs

@@ -54,7 +54,8 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.99
     clip_grad_norm: float | None = 1.0
-    seeds: int = 3  # seeds 0 .. seeds-1 per model (the model init and the training words)
+    seeds: int = 3  # seeds first_seed .. first_seed+seeds-1 per model (init and training words)
+    first_seed: int = 0  # lets parallel processes each take other seeds of one experiment
     time_budget_s: float | None = None  # wall-clock for all runs; split evenly, stops early
     log_every: int = 50  # steps between progress-bar updates of loss/accuracy
 
@@ -63,6 +64,8 @@ class TrainConfig:
             _positive(getattr(self, name), f"train.{name}")
         if not self.learning_rate > 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.first_seed < 0:
+            raise ConfigError(f"train.first_seed must be >= 0, got {self.first_seed}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
