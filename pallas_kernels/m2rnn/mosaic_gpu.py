@@ -47,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from m2rnn_jax.heads import expand_heads
+from m2rnn_jax.heads import expand_heads, sum_heads
 
 DEFAULT_CHUNK_SIZE = 64  # the checkpoint interval (as gpu.py); staging is DEFAULT_STAGE_SIZE
 DEFAULT_STAGE_SIZE = 32  # bf16: ~25 KiB of SMEM per CTA (64: ~46 KiB, at most 4 CTAs per SM)
@@ -344,3 +344,262 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     y, h_final = outs[0], outs[1]
     checkpoints = outs[2] if save_checkpoints else None
     return y, h_final, checkpoints
+
+
+# ----------------------------------------------------------------------------------- backward
+
+SUBCHUNK = 4  # backward: states recomputed into registers at once (4·16 = the wgmma M of dW)
+
+
+def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, approx_tanh,
+                interpret):
+    q_ref, k_ref, v_ref, f_ref, w_ref, wt_ref, *rest = refs
+    keep_ref = rest.pop(0) if has_keep else None
+    (ckpt_ref, dy_ref, dhf_ref, dq_ref, dk_ref, dv_ref, df_ref, dw_ref, dh0_ref,
+     q_s, k_s, v_s, dy_s, f_s, keep_s, w_s, wt_s, sub_s, h_s, xs_s, ds_s,
+     dq_s, dk_s, dv_s, df_s, dwo_s, in_bar, w_bar) = rest
+    b = lax.axis_index("b")
+    n = lax.axis_index("n")
+    grp = lax.div(n, jnp.int32(heads_per_group))
+    wgmma_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
+    sub = SUBCHUNK
+    subs = chunk // sub
+    cols = pl.ds(n * VALUE_DIM, VALUE_DIM)
+
+    plgpu.copy_gmem_to_smem(w_ref.at[n], w_s, w_bar)
+    plgpu.copy_gmem_to_smem(wt_ref.at[n], wt_s, w_bar)
+    plgpu.copy_gmem_to_smem(dhf_ref.at[b, n], h_s, w_bar)
+    plgpu.barrier_wait(w_bar)
+    g_later = plgpu.load(h_s, layout=wgmma_layout, optimized=False)
+
+    def clamp(x):
+        return x if clip is None else jnp.minimum(jnp.maximum(x, -clip), clip)
+
+    def matmul_w(x, w_smem):
+        """x (64×16 f32) · w (16×16 bf16 in SMEM) on bf16 hi/lo parts of x."""
+        hi, lo = _bf16_parts(x, 2)
+        if interpret:
+            return sum(jnp.dot(a, w_smem[...], preferred_element_type=_F32) for a in (hi, lo))
+
+        def products(acc_ref):
+            plgpu.wgmma(acc_ref, hi, w_smem)
+            plgpu.wgmma(acc_ref, lo, w_smem)
+            return acc_ref[...]
+
+        return pl.run_scoped(products, plgpu.ACC((KEY_DIM, VALUE_DIM), _F32))
+
+    def load_step(t):
+        k_t = plgpu.load(k_s.at[t], layout=row_layout, optimized=False).astype(_F32)
+        v_t = plgpu.load(v_s.at[t], layout=col_layout, optimized=False).astype(_F32)
+        keep_t = keep_s[t] if has_keep else None
+        return k_t, v_t, f_s[t], keep_t
+
+    def advance(h, t):
+        """H_{t-1} before a reset -> (reset H_{t-1}, Z_t, H_t)."""
+        k_t, v_t, f_t, keep_t = load_step(t)
+        if keep_t is not None:
+            h = h * keep_t
+        kv = lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0]) * lax.broadcast_in_dim(
+            v_t, (KEY_DIM, VALUE_DIM), [1])
+        z = jnp.tanh(matmul_w(h, w_s) + kv)
+        return h, z, z + f_t * (h - z)
+
+    def chunk_loop(acc_ref, g_later, dw):
+        def chunk_body(i, carry):
+            g_later, dw = carry
+            c = num_chunks - 1 - i
+            steps = pl.ds(c * chunk, chunk)
+            # The previous chunk's output blocks (and h_s) have been read by their copies.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.commit_smem()
+            plgpu.copy_gmem_to_smem(q_ref.at[b, steps, grp], q_s, in_bar)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, steps, grp], k_s, in_bar)
+            plgpu.copy_gmem_to_smem(v_ref.at[b, steps, n], v_s, in_bar)
+            plgpu.copy_gmem_to_smem(dy_ref.at[b, steps, n], dy_s, in_bar)
+            plgpu.copy_gmem_to_smem(f_ref.at[b, n, steps], f_s, in_bar)
+            plgpu.copy_gmem_to_smem(ckpt_ref.at[b, c, :, cols], h_s, in_bar)
+            if has_keep:
+                plgpu.copy_gmem_to_smem(keep_ref.at[b, steps], keep_s, in_bar)
+            plgpu.barrier_wait(in_bar)
+
+            # Phase 1: the state at every sub-chunk start, into SMEM.
+            def record(j, h):
+                sub_s[j] = h
+                for m in range(sub):
+                    _, _, h = advance(h, j * sub + m)
+                return h
+
+            h = plgpu.load(h_s, layout=wgmma_layout, optimized=False)
+            lax.fori_loop(0, subs, record, h)
+
+            # Phase 2: sub-chunks in reverse, recomputed into registers and walked back.
+            def walk_back(i2, carry):
+                g_later, dw = carry
+                j = subs - 1 - i2
+                h = sub_s[j]
+                befores, prevs, zs = [h], [], []
+                for m in range(sub):
+                    h_prev, z, h = advance(h, j * sub + m)
+                    befores.append(h)
+                    prevs.append(h_prev)
+                    zs.append(z)
+                if not interpret:
+                    plgpu.wgmma_wait(0)  # the last sub-chunk's dW wgmma has read xs_s/ds_s
+                for m in reversed(range(sub)):
+                    t = j * sub + m
+                    k_t, v_t, f_t, keep_t = load_step(t)
+                    q_t = plgpu.load(q_s.at[t], layout=row_layout, optimized=False).astype(_F32)
+                    dy_t = plgpu.load(dy_s.at[t], layout=col_layout, optimized=False).astype(_F32)
+                    dy_b = lax.broadcast_in_dim(dy_t, (KEY_DIM, VALUE_DIM), [1])
+                    # SPEC §1: clamp what arrives from later steps, then add the read-out's.
+                    g = clamp(g_later) + lax.broadcast_in_dim(
+                        q_t, (KEY_DIM, VALUE_DIM), [0]) * dy_b
+                    h_prev, z = prevs[m], zs[m]
+                    du = (1.0 - f_t) * g * (1.0 - z * z)
+                    g_later = f_t * g + matmul_w(du, wt_s)
+                    if keep_t is not None:
+                        g_later = g_later * keep_t
+                    dq_s[t] = jnp.sum(befores[m + 1] * dy_b, axis=1).astype(dq_s.dtype)
+                    dk_s[t] = jnp.sum(du * lax.broadcast_in_dim(
+                        v_t, (KEY_DIM, VALUE_DIM), [1]), axis=1).astype(dk_s.dtype)
+                    dv_s[t] = jnp.sum(du * lax.broadcast_in_dim(
+                        k_t, (KEY_DIM, VALUE_DIM), [0]), axis=0).astype(dv_s.dtype)
+                    df_s[t] = jnp.sum(jnp.sum(g * (h_prev - z), axis=0))
+                    if interpret:
+                        dw = dw + jnp.dot(h_prev.T, du, preferred_element_type=_F32)
+                    else:
+                        blk = pl.ds(m * VALUE_DIM, VALUE_DIM)
+                        xs_s[:, blk] = h_prev.astype(_BF16)
+                        ds_s[:, blk] = du.astype(_BF16)
+                if not interpret:
+                    # dW += Σ_m H_{t-1}ᵀ du_t: one wgmma, M = (step, column of H), N = (step,
+                    # column of du); the diagonal 16×16 blocks are summed outside.
+                    plgpu.commit_smem()
+                    plgpu.wgmma(acc_ref, xs_s.transpose((1, 0)), ds_s)
+                return g_later, dw
+
+            carry = lax.fori_loop(0, subs, walk_back, (g_later, dw))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dq_s, dq_ref.at[b, steps, n])
+            plgpu.copy_smem_to_gmem(dk_s, dk_ref.at[b, steps, n])
+            plgpu.copy_smem_to_gmem(dv_s, dv_ref.at[b, steps, n])
+            plgpu.copy_smem_to_gmem(df_s, df_ref.at[b, n, steps])
+            return carry
+
+        return lax.fori_loop(0, num_chunks, chunk_body, (g_later, dw))
+
+    dw0 = jnp.zeros((VALUE_DIM, VALUE_DIM), _F32)
+    if interpret:
+        g_later, dw = chunk_loop(None, g_later, dw0)
+        dwo_s[...] = jnp.zeros((KEY_DIM, KEY_DIM), _F32)
+        dwo_s[0:VALUE_DIM, 0:VALUE_DIM] = dw
+    else:
+        def with_acc(acc_ref):
+            g_later_out, _ = chunk_loop(acc_ref, g_later, None)
+            plgpu.wgmma_wait(0)
+            dwo_s[...] = acc_ref[...]
+            return g_later_out
+
+        g_later = pl.run_scoped(with_acc, plgpu.ACC((KEY_DIM, KEY_DIM), _F32))
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    h_s[...] = g_later
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(h_s, dh0_ref.at[b, n])
+    plgpu.copy_smem_to_gmem(dwo_s, dw_ref.at[b, n])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
+             chunk_size=DEFAULT_CHUNK_SIZE, approx_tanh=False, no_auto_barriers=False,
+             qk_grad_dtype=_BF16, interpret=None):
+    """The backend-interface backward: ``(dq, dk, dv, dw, df, dh0)`` (bfloat16 inputs).
+
+    Consumes the checkpoints of ``forward`` (or ``gpu.forward``) with the same ``chunk_size``.
+    Grid ``(B, N)``, one warpgroup per CTA; chunks in reverse; per chunk the inputs are copied
+    to SMEM with TMA, the states every ``SUBCHUNK`` steps recomputed from the checkpoint into
+    SMEM, then each sub-chunk's states recomputed into registers and walked back. ``du Wᵀ`` is a
+    register-A wgmma on bf16 hi/lo parts of ``du`` (Wᵀ exact in bf16). ``dW`` accumulates in a
+    64×64 wgmma accumulator, one wgmma per sub-chunk on bf16 ``H_{t-1}`` and ``du`` stacks
+    (M = 4 steps × 16; only the diagonal blocks are used). dq/dk are written per head
+    (``qk_grad_dtype``, B·S·N·64 each) and summed over the heads of a group in XLA.
+    """
+    _check_supported(q, k, v, w, f, h0, keep, chunk_size)
+    if chunk_size % SUBCHUNK:
+        raise ValueError(f"chunk_size must be a multiple of {SUBCHUNK}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    batch, seq_len = q.shape[:2]
+    num_heads = dh_final.shape[1]
+    groups = math.lcm(q.shape[2], k.shape[2])
+    dtype = v.dtype
+    qg = expand_heads(q, groups, axis=2)
+    kg = expand_heads(k, groups, axis=2)
+    vn = expand_heads(v, num_heads, axis=2)
+    fn = jnp.transpose(expand_heads(f, num_heads, axis=2).astype(_F32), (0, 2, 1))
+    wn = expand_heads(w, num_heads, axis=0).astype(_BF16)
+    wt = jnp.swapaxes(wn, 1, 2)
+    dyn = dy.astype(dtype)
+    has_keep = keep is not None
+    inputs = [qg, kg, vn, fn, wn, wt]
+    if has_keep:
+        inputs.append(keep.astype(_F32))
+    inputs += [checkpoints, dyn, dh_final.astype(_F32)]
+    num_chunks = seq_len // chunk_size
+    c = chunk_size
+    out_type = [
+        jax.ShapeDtypeStruct((batch, seq_len, num_heads, KEY_DIM), qk_grad_dtype),   # dq
+        jax.ShapeDtypeStruct((batch, seq_len, num_heads, KEY_DIM), qk_grad_dtype),   # dk
+        jax.ShapeDtypeStruct((batch, seq_len, num_heads, VALUE_DIM), dtype),         # dv
+        jax.ShapeDtypeStruct((batch, num_heads, seq_len), _F32),                     # df
+        jax.ShapeDtypeStruct((batch, num_heads, KEY_DIM, KEY_DIM), _F32),            # dW blocks
+        jax.ShapeDtypeStruct((batch, num_heads, KEY_DIM, VALUE_DIM), _F32),          # dh0
+    ]
+    w_transforms = (plgpu.TilingTransform((8, VALUE_DIM)), plgpu.SwizzleTransform(32))
+    scratch = [
+        plgpu.SMEM((c, KEY_DIM), dtype),                     # q
+        plgpu.SMEM((c, KEY_DIM), dtype),                     # k
+        plgpu.SMEM((c, VALUE_DIM), dtype),                   # v
+        plgpu.SMEM((c, VALUE_DIM), dtype),                   # dy
+        plgpu.SMEM((c,), _F32),                              # f
+        plgpu.SMEM((c,), _F32),                              # keep
+        plgpu.SMEM((VALUE_DIM, VALUE_DIM), _BF16, transforms=w_transforms),  # W
+        plgpu.SMEM((VALUE_DIM, VALUE_DIM), _BF16, transforms=w_transforms),  # Wᵀ
+        plgpu.SMEM((c // SUBCHUNK, KEY_DIM, VALUE_DIM), _F32),  # sub-chunk start states
+        plgpu.SMEM((KEY_DIM, VALUE_DIM), _F32),              # checkpoint / dh_final / dh0
+        plgpu.SMEM((KEY_DIM, KEY_DIM), _BF16, transforms=w_transforms),  # H_{t-1} stack
+        plgpu.SMEM((KEY_DIM, KEY_DIM), _BF16, transforms=w_transforms),  # du stack
+        plgpu.SMEM((c, KEY_DIM), qk_grad_dtype),             # dq
+        plgpu.SMEM((c, KEY_DIM), qk_grad_dtype),             # dk
+        plgpu.SMEM((c, VALUE_DIM), dtype),                   # dv
+        plgpu.SMEM((c,), _F32),                              # df
+        plgpu.SMEM((KEY_DIM, KEY_DIM), _F32),                # dW accumulator out
+        plgpu.Barrier(num_arrivals=7 if has_keep else 6),
+        plgpu.Barrier(num_arrivals=3),
+    ]
+    kernel = functools.partial(
+        _bwd_kernel, chunk=chunk_size, num_chunks=num_chunks,
+        heads_per_group=num_heads // groups, has_keep=has_keep, clip=gradient_clipping,
+        approx_tanh=approx_tanh, interpret=bool(interpret))
+    dq, dk, dv, df, dw_blocks, dh0 = plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch, grid=(batch, num_heads),
+        grid_names=("b", "n"),
+        compiler_params=plgpu.CompilerParams(approx_math=bool(approx_tanh),
+                                             unsafe_no_auto_barriers=bool(no_auto_barriers)),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="m2rnn_backward_mosaic",
+    )(*inputs)
+    # Per-head dq/dk -> the L = lcm(Nq, Nk) groups -> q's and k's own heads.
+    hpg = num_heads // groups
+    dq = jnp.sum(dq.astype(_F32).reshape(batch, seq_len, groups, hpg, KEY_DIM), axis=3)
+    dk = jnp.sum(dk.astype(_F32).reshape(batch, seq_len, groups, hpg, KEY_DIM), axis=3)
+    dq = sum_heads(dq, q.shape[2], axis=2)
+    dk = sum_heads(dk, k.shape[2], axis=2)
+    dv = sum_heads(dv.astype(_F32), v.shape[2], axis=2)
+    df = sum_heads(jnp.transpose(df, (0, 2, 1)), f.shape[2], axis=2)
+    blocks = dw_blocks.reshape(batch, num_heads, 4, VALUE_DIM, 4, VALUE_DIM)
+    dw = jnp.einsum("bnivjw->nvw", blocks * jnp.eye(4, dtype=_F32)[None, None, :, None, :, None])
+    dw = sum_heads(dw, w.shape[0], axis=0)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dw.astype(w.dtype),
+            df.astype(f.dtype), dh0)
