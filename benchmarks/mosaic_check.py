@@ -1,0 +1,165 @@
+"""Checks the Mosaic GPU forward and backward on the GPU against the scan, then times them.
+
+Run from the repository root on a machine with an H100/H200 (one run, a few minutes):
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/mosaic_check.py
+
+1. Correctness, bfloat16, B=2, S=256, N=4 (Nq=Nk=1, K=64, V=16, random initial state, resets,
+   gradient clipping c=1): the scan (``m2rnn_jax.reference``) on the same bf16 inputs against
+   Mosaic forward + Mosaic backward (chunk 64 and 32) and Mosaic forward + Triton backward;
+   relative error of y, h_final and every gradient (want < 1e-2).
+2. Timings, bf16, no initial state, median of 10 after 3 warm-ups (``benchmarks/timing.py``), at
+   8×4096×84 and 4×4096×132: forward (Triton; Mosaic approx tanh + warp partials) and
+   forward+backward variants, with the extra memory of the compiled fwd+bwd
+   (``memory_analysis()``: temp + output − alias). Each variant runs in its own try/except.
+"""
+
+import functools
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_seconds  # noqa: E402  (benchmarks/ on sys.path)
+
+from m2rnn_jax import reference  # noqa: E402
+from pallas_kernels.m2rnn import gpu, mosaic_gpu  # noqa: E402
+
+SHAPES = [(8, 4096, 84), (4, 4096, 132)]
+FAST_FWD = {"approx_tanh": True, "y_reduction": "warp_partials"}
+NAMES = ("dq", "dk", "dv", "dw", "df", "dh0")
+
+
+def _relative_error(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return f"shape {got.shape} != {want.shape}"
+    if not np.all(np.isfinite(got)):
+        return "non-finite"
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def _inputs(seed, batch, seq_len, heads, *, random_state):
+    dtype = jnp.bfloat16
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    q = jax.random.normal(ks[0], (batch, seq_len, 1, 64), dtype)
+    k = (0.5 * jax.random.normal(ks[1], (batch, seq_len, 1, 64))).astype(dtype)
+    v = jax.random.normal(ks[2], (batch, seq_len, heads, 16), dtype)
+    w = (0.3 * jax.random.normal(ks[3], (heads, 16, 16))).astype(dtype)
+    f = jax.random.uniform(ks[4], (batch, seq_len, heads), dtype, 0.05, 0.95)
+    h0 = (jax.random.normal(ks[5], (batch, heads, 64, 16)) if random_state
+          else jnp.zeros((batch, heads, 64, 16)))
+    dy = jax.random.normal(ks[6], (batch, seq_len, heads, 16), dtype)
+    dh = jax.random.normal(ks[7], (batch, heads, 64, 16)) if random_state else jnp.zeros(
+        (batch, heads, 64, 16))
+    return (q, k, v, w, f, h0), dy, dh
+
+
+def _fwd_bwd(fwd, bwd, chunk, clip):
+    def run(args, keep, dy, dh):
+        y, h_final, ckpt = fwd(*args, keep, chunk_size=chunk, save_checkpoints=True)
+        grads = bwd(*args, keep, ckpt, dy, dh, gradient_clipping=clip, chunk_size=chunk)
+        return y, h_final, grads
+    return run
+
+
+def _variants():
+    mosaic_fwd = functools.partial(mosaic_gpu.forward, **FAST_FWD)
+    return {
+        "mosaic_fwd+mosaic_bwd_c64": _fwd_bwd(mosaic_fwd, mosaic_gpu.backward, 64, 1.0),
+        "mosaic_fwd+mosaic_bwd_c32": _fwd_bwd(mosaic_fwd, mosaic_gpu.backward, 32, 1.0),
+        "mosaic_fwd+mosaic_bwd_c64_approx": _fwd_bwd(
+            mosaic_fwd, functools.partial(mosaic_gpu.backward, approx_tanh=True), 64, 1.0),
+        "mosaic_fwd+triton_bwd_c64": _fwd_bwd(mosaic_fwd, gpu.backward, 64, 1.0),
+        "triton_fwd+triton_bwd_c64": _fwd_bwd(gpu.forward, gpu.backward, 64, 1.0),
+    }
+
+
+def check_correctness():
+    batch, seq_len, heads = 2, 256, 4
+    keep = jnp.ones((batch, seq_len)).at[0, 40].set(0.0).at[1, 200].set(0.0)
+    args, dy, dh = _inputs(0, batch, seq_len, heads, random_state=True)
+    ref = jax.jit(_fwd_bwd(reference.forward, reference.backward, 64, 1.0))
+    y_ref, hf_ref, g_ref = ref(args, keep, dy, dh)
+    for name, fn in _variants().items():
+        if name.startswith("triton_fwd"):
+            continue
+        try:
+            y, h_final, grads = jax.jit(fn)(args, keep, dy, dh)
+            errs = {"y": _relative_error(y, y_ref), "h_final": _relative_error(h_final, hf_ref)}
+            errs.update({n: _relative_error(g, w) for n, g, w in zip(NAMES, grads, g_ref)})
+            ok = all(isinstance(e, float) and e < 1e-2 for e in errs.values())
+            shown = {n: (f"{e:.1e}" if isinstance(e, float) else e) for n, e in errs.items()}
+            print(f"correctness bf16 {name:34s} {shown} pass={ok}", flush=True)
+        except Exception:  # noqa: BLE001 - report and go on
+            print(f"correctness bf16 {name} FAILED:", flush=True)
+            traceback.print_exc()
+
+
+def _extra_memory(jitted, *args):
+    try:
+        m = jitted.lower(*args).compile().memory_analysis()
+        extra = m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+        return f"{extra / 2**30:.2f}"
+    except Exception as err:  # noqa: BLE001
+        return f"? ({type(err).__name__})"
+
+
+def time_all():
+    rows = []
+    for batch, seq_len, heads in SHAPES:
+        shape = f"{batch}x{seq_len}x{heads}"
+        args, dy, dh = _inputs(1, batch, seq_len, heads, random_state=False)
+        forwards = {
+            "fwd triton_c64": functools.partial(gpu.forward, chunk_size=64,
+                                                save_checkpoints=False),
+            "fwd mosaic_approx_warppart": functools.partial(
+                mosaic_gpu.forward, chunk_size=64, save_checkpoints=False, **FAST_FWD),
+            "fwd mosaic_approx_warppart_ckpt64": functools.partial(
+                mosaic_gpu.forward, chunk_size=64, save_checkpoints=True, **FAST_FWD),
+        }
+        for name, fn in forwards.items():
+            try:
+                start = time.perf_counter()
+                jitted = jax.jit(lambda a, fn=fn: fn(*a, None))
+                jax.block_until_ready(jitted(args))
+                compile_s = time.perf_counter() - start
+                ms = median_seconds(jitted, args, repeats=10, warmup=3) * 1e3
+                rows.append((shape, name, f"{ms:.3f}", f"{compile_s:.1f}", "-"))
+            except Exception as err:  # noqa: BLE001
+                traceback.print_exc()
+                rows.append((shape, name, "FAILED", "-", f"{type(err).__name__}"[:40]))
+            print("  ".join(rows[-1]), flush=True)
+        for name, fn in _variants().items():
+            try:
+                start = time.perf_counter()
+                jitted = jax.jit(lambda a, d, h, fn=fn: fn(a, None, d, h))
+                jax.block_until_ready(jitted(args, dy, dh))
+                compile_s = time.perf_counter() - start
+                ms = median_seconds(jitted, args, dy, dh, repeats=10, warmup=3) * 1e3
+                mem = _extra_memory(jitted, args, dy, dh)
+                rows.append((shape, "fwd+bwd " + name, f"{ms:.3f}", f"{compile_s:.1f}", mem))
+            except Exception as err:  # noqa: BLE001
+                traceback.print_exc()
+                rows.append((shape, "fwd+bwd " + name, "FAILED", "-",
+                             f"{type(err).__name__}"[:40]))
+            print("  ".join(rows[-1]), flush=True)
+    print("\nshape         variant                                      ms   first call s  "
+          "extra GiB")
+    for shape, name, ms, compile_s, mem in rows:
+        print(f"{shape:13s} {name:42s} {ms:>9s} {compile_s:>13s}  {mem}")
+
+
+def main():
+    print(f"jax {jax.__version__}, devices: {jax.devices()}", flush=True)
+    check_correctness()
+    time_all()
+
+
+if __name__ == "__main__":
+    main()
