@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2rnn_jax import m2rnn
-from pallas_kernels.m2rnn import gpu
+from pallas_kernels.m2rnn import gpu, mosaic_gpu
 from timing import median_seconds  # benchmarks/ is on sys.path when run as a script
 
 SHAPES = [(8, 4096, 84), (4, 4096, 132), (1, 16384, 84), (1, 65536, 84)]
@@ -254,18 +254,27 @@ def bench_inputs(key, batch, seq_len, heads):
     return (q, k, v, w, f, h0), (dy, dh)
 
 
-def op_fns():
+def op_fns(backend):
     @jax.jit
     def op_forward(q, k, v, w, f):
-        return m2rnn(q, k, v, w, f, None, CLIP, backend="pallas_gpu")
+        return m2rnn(q, k, v, w, f, None, CLIP, backend=backend)
 
     @jax.jit
     def op_forward_backward(q, k, v, w, f, dy):
-        (y, h), vjp = jax.vjp(lambda *xs: m2rnn(*xs, None, CLIP, backend="pallas_gpu"),
+        (y, h), vjp = jax.vjp(lambda *xs: m2rnn(*xs, None, CLIP, backend=backend),
                               q, k, v, w, f)
         return y, vjp((dy, jnp.zeros_like(h)))
 
     return op_forward, op_forward_backward
+
+
+def resolved_backend(backend, q, k, v, w, f):
+    """The kernel ``backend="auto"`` runs for these inputs (the Mosaic kernels on a Hopper GPU
+    for bf16 K=64 V=16, else the Triton-lowered ones)."""
+    if backend != "auto":
+        return backend
+    h0 = jax.ShapeDtypeStruct((q.shape[0], v.shape[2], q.shape[-1], v.shape[-1]), jnp.float32)
+    return "mosaic_gpu" if mosaic_gpu.supports(q, k, v, w, f, h0) else "pallas_gpu"
 
 
 def compile_all(jobs, workers):
@@ -337,6 +346,9 @@ def main():
                              "'all' (variants and ablations) or 'none'")
     parser.add_argument("--shapes", default="all",
                         help="op shapes to time: 'all', 'first' (8×4096×84 only) or 'none'")
+    parser.add_argument("--op-backend", default="auto",
+                        help="backend of the op timings: auto (Mosaic kernels on a Hopper GPU "
+                             "for bf16 K=64 V=16, else Triton), pallas_gpu or mosaic_gpu")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--workers", type=int, default=12, help="parallel compilations")
     parser.add_argument("--ptx", metavar="VARIANT",
@@ -407,12 +419,13 @@ def main():
     for batch, seq_len, heads in shapes:
         (q, k, v, w, f, _), (dy, _) = bench_inputs(jax.random.fold_in(key, seq_len),
                                                     batch, seq_len, heads)
-        op_forward, op_forward_backward = op_fns()
+        op_forward, op_forward_backward = op_fns(args.op_backend)
         shape = (batch, seq_len, heads)
+        label = resolved_backend(args.op_backend, q, k, v, w, f)
         jobs.append({"name": "op", "shape": shape, "what": "fwd", "fn": op_forward,
-                     "args": (q, k, v, w, f)})
+                     "args": (q, k, v, w, f), "backend": label})
         jobs.append({"name": "op", "shape": shape, "what": "fwd_bwd", "fn": op_forward_backward,
-                     "args": (q, k, v, w, f, dy)})
+                     "args": (q, k, v, w, f, dy), "backend": label})
 
     compile_all(jobs, args.workers)
     print(f"compiled {len(jobs)} jobs at {time.time() - started:.0f} s", flush=True)
@@ -437,6 +450,8 @@ def main():
                     slot["extra_mem_gib"] = extra_memory_gib(job["compiled"])
         except Exception as err:
             slot.setdefault("errors", []).append(f"{job['what']}: {type(err).__name__}: {err}"[:800])
+        if "backend" in job:
+            slot["backend"] = job["backend"]
         if "config" in job:
             slot["config"] = {**dataclasses.asdict(job["config"]), "chunk": job["chunk"]}
         print(f"[done] {job['name']} {job.get('shape', '')} {job['what']} "
@@ -458,13 +473,13 @@ def main():
                   f"{row.get('fwd_bwd_ms', float('nan')):>12.2f}"
                   f"{'' if err is None else f'{err:.1e}':>10}"
                   + (f"  ERR {row['errors']}"[:300] if "errors" in row else ""))
-    print(f"{'op B×S×N':<22}{'fwd ms':>9}{'fwd+bwd ms':>12}{'extra GiB':>10}")
+    print(f"{'op B×S×N':<22}{'fwd ms':>9}{'fwd+bwd ms':>12}{'extra GiB':>10}  backend")
     for row in rows:
         if row["kind"] == "op":
             b, s_, n = row["shape"]
             print(f"{f'{b}×{s_}×{n}':<22}{row.get('fwd_ms', float('nan')):>9.2f}"
                   f"{row.get('fwd_bwd_ms', float('nan')):>12.2f}"
-                  f"{row.get('extra_mem_gib', float('nan')):>10.3f}"
+                  f"{row.get('extra_mem_gib', float('nan')):>10.3f}  {row.get('backend', '')}"
                   + (f"  ERR {row['errors']}"[:300] if "errors" in row else ""))
 
 

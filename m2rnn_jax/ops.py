@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("auto", "scan", "pallas", "pallas_gpu", "pallas_tpu")
+BACKENDS = ("auto", "scan", "pallas", "pallas_gpu", "mosaic_gpu", "pallas_tpu")
 
 # Backend name -> module implementing forward/backward (imported on first use).
 _BACKEND_MODULES = {
     "scan": "m2rnn_jax.reference",
     "pallas_gpu": "pallas_kernels.m2rnn.gpu",
+    "mosaic_gpu": "pallas_kernels.m2rnn.mosaic_gpu",
     "pallas_tpu": "pallas_kernels.m2rnn.tpu",
 }
 
@@ -44,7 +45,10 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
       segment_ids: optional ``(B, S)`` integer document ids of packed rows; the state restarts
         from zero where the id changes (the first document starts from ``input_state``).
       backend: one of ``"auto"`` (Pallas kernel on GPU/TPU, scan on CPU), ``"scan"``,
-        ``"pallas"`` (the kernel for the current platform), ``"pallas_gpu"``, ``"pallas_tpu"``.
+        ``"pallas"`` (the kernel for the current platform), ``"pallas_gpu"`` (Triton lowering,
+        any shape and dtype), ``"mosaic_gpu"`` (Mosaic GPU, Hopper, bfloat16, K=64, V=16: the
+        fastest where it applies), ``"pallas_tpu"``. On a Hopper GPU ``"auto"`` and
+        ``"pallas"`` pick ``mosaic_gpu`` for inputs it supports, else ``pallas_gpu``.
       chunk_size: steps per chunk (state checkpoint interval); ``None`` takes the backend's.
 
     Returns:
@@ -54,9 +58,14 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
     num_heads = _validate(query, key, value, weight, forget_input, input_state,
                           gradient_clipping, segment_ids)
     name = _resolve_backend(backend)
-    module = _backend_module(name)
     batch, seq_len, _, key_dim = query.shape
     value_dim = value.shape[-1]
+    if name == "pallas_gpu" and backend in ("auto", "pallas"):
+        state_shape = jax.ShapeDtypeStruct((batch, num_heads, key_dim, value_dim), jnp.float32)
+        if _backend_module("mosaic_gpu").supports(query, key, value, weight, forget_input,
+                                                  state_shape):
+            name = "mosaic_gpu"
+    module = _backend_module(name)
     chunk = module.choose_chunk_size(seq_len, chunk_size) if hasattr(module, "choose_chunk_size") \
         else min(chunk_size or module.DEFAULT_CHUNK_SIZE, seq_len)
     if not isinstance(chunk, int) or chunk < 1:

@@ -108,7 +108,8 @@ def test_lowers_for_cuda():
     sds = jax.ShapeDtypeStruct
     fast = {"approx_tanh": True, "unroll": 4, "no_auto_barriers": True,
             "y_reduction": "warp_partials"}  # the options interpret mode cannot fully run
-    for dtype, with_keep, options in ((jnp.bfloat16, False, {}), (jnp.bfloat16, True, {}),
+    plain = {"approx_tanh": False, "y_reduction": "per_step"}
+    for dtype, with_keep, options in ((jnp.bfloat16, False, plain), (jnp.bfloat16, True, {}),
                                       (jnp.bfloat16, True, fast)):
         args = [sds((2, 128, 1, 64), dtype), sds((2, 128, 1, 64), dtype),
                 sds((2, 128, 3, 16), dtype), sds((3, 16, 16), dtype), sds((2, 128, 3), dtype),
@@ -166,3 +167,34 @@ def test_backward_lowers_for_cuda():
                            interpret=False)
     exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
     assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_op_with_mosaic_backend_matches_scan():
+    """Through the public op (its padding of S = 40 to the chunk of 32, segment resets,
+    clipping and custom_vjp) with ``backend="mosaic_gpu"``: y, final state and every gradient
+    against the scan on the same bfloat16 inputs."""
+    q, k, v, w, f, _ = _problem(31, 2, 40, (1, 1, 2, 2, 2), jnp.bfloat16)
+    seg = jnp.cumsum(jax.random.bernoulli(jax.random.PRNGKey(32), 0.1, (2, 40)), 1)
+    ks = jax.random.split(jax.random.PRNGKey(33), 2)
+    cot = (jax.random.normal(ks[0], (2, 40, 2, 16), jnp.bfloat16),
+           jax.random.normal(ks[1], (2, 2, 64, 16)))
+
+    def outputs_and_grads(backend):
+        def op(*xs):
+            return m2rnn(*xs, None, 1.0, segment_ids=seg.astype(jnp.int32), backend=backend)
+
+        out, vjp = jax.vjp(op, q, k, v, w, f)
+        return [*out, *vjp(cot)]
+
+    got, want = outputs_and_grads("mosaic_gpu"), outputs_and_grads("scan")
+    errors = [relative_error(g, x) for g, x in zip(got, want)]
+    assert max(errors) < BF16_TOLERANCE, errors
+
+
+def test_auto_backend_needs_a_hopper_gpu():
+    """``supports`` is what lets ``backend="auto"`` pick these kernels: never off a Hopper GPU
+    (here: the CPU), and never for inputs the kernels reject."""
+    q, k, v, w, f, h0 = _problem(0, 1, 16, (1, 1, 2, 2, 2), jnp.bfloat16)
+    assert not mosaic_gpu.supports(q, k, v, w, f, h0)
+    assert mosaic_gpu._unsupported(q, k, v, w, f, h0) == []
+    assert mosaic_gpu._unsupported(q.astype(jnp.float32), k, v, w, f, h0)

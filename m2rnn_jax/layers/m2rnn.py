@@ -137,7 +137,10 @@ class M2RNN(nnx.Module):
         qkv = causal_depthwise_conv(qkv_in, self.conv_weight[...], conv_bias, segment_ids)
         q, k, v = self._activate(*self._heads(qkv))
         f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
-        y, state = m2rnn(q, k, v, self.W[...], f, initial_state, self.cfg.gradient_clipping,
+        # W in the compute dtype like every other weight (bf16 training: bf16 W, which also lets
+        # backend="auto" pick the Mosaic kernels on Hopper GPUs).
+        y, state = m2rnn(q, k, v, self.W[...].astype(v.dtype), f, initial_state,
+                         self.cfg.gradient_clipping,
                          segment_ids=segment_ids, backend=self.cfg.backend,
                          chunk_size=self.cfg.chunk_size)
         cache = {"state": state, "conv": conv_window(qkv_in, segment_ids, self.cfg.conv_kernel)}
@@ -155,5 +158,5 @@ class M2RNN(nnx.Module):
         f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
         # One step of the same op through the portable backend: a kernel launch per token
         # would cost more than the step itself.
-        y, state = m2rnn(q, k, v, self.W[...], f, cache["state"], backend="scan")
+        y, state = m2rnn(q, k, v, self.W[...].astype(v.dtype), f, cache["state"], backend="scan")
         return self._output(y, v, g), {"state": state, "conv": window[:, 1:]}
