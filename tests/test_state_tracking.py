@@ -89,6 +89,23 @@ def test_uniform_lengths_mask_a_prefix_and_generators_are_seeded():
                                   tasks.eval_word_problems(group, 3, 5, 6).tokens)
 
 
+def test_length_curriculum_masks_late_positions_and_grows_to_the_train_length():
+    group = groups.group_by_name("S3")
+    batch = tasks.sample_word_problems(group, np.random.default_rng(1), 8, 12, "fixed", 5)
+    assert batch.tokens.shape == batch.mask.shape == (8, 12)  # shapes never change
+    np.testing.assert_array_equal(batch.mask, np.repeat((np.arange(12) < 5)[None], 8, 0))
+    uniform = tasks.sample_word_problems(group, np.random.default_rng(1), 64, 12, "uniform", 5)
+    assert uniform.mask.sum(axis=1).max() <= 5
+    lengths = [tasks.curriculum_length(step, 4, 64, 100) for step in range(120)]
+    assert lengths[0] == 4 and lengths[100:] == [64] * 20
+    assert all(a <= b for a, b in zip(lengths, lengths[1:])) and 16 in lengths
+    assert tasks.curriculum_length(0, 4, 64, 0) == 64  # off
+    with pytest.raises(ValueError, match="scored_length"):
+        tasks.sample_word_problems(group, np.random.default_rng(1), 8, 12, "fixed", 13)
+    with pytest.raises(ConfigError, match="curriculum_start_length"):
+        TaskConfig(train_length=8, curriculum_steps=10, curriculum_start_length=16)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: groups.group_by_name("Q8"), "group must be"),
     (lambda: groups.from_generators([[0, 0, 1]]), "generators must be permutations"),
@@ -115,7 +132,7 @@ import yaml  # noqa: E402
 
 from m2rnn_jax.typed_config import ConfigError, load_yaml  # noqa: E402
 from train.state_tracking import cli  # noqa: E402
-from train.state_tracking.config import ExperimentConfig  # noqa: E402
+from train.state_tracking.config import ExperimentConfig, TaskConfig  # noqa: E402
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "state_tracking"
 

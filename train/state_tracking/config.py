@@ -33,10 +33,21 @@ class TaskConfig:
     eval_sequences: int = 512  # per eval length, the same words for every model and seed
     eval_batch_size: int = 128
     eval_seed: int = 1234
+    # Length curriculum: over the first `curriculum_steps` training steps the scored length
+    # grows geometrically from `curriculum_start_length` to `train_length` (later positions are
+    # masked out of the loss). 0 = off.
+    curriculum_steps: int = 0
+    curriculum_start_length: int = 4
 
     def __post_init__(self):
-        for name in ("train_length", "eval_sequences", "eval_batch_size"):
+        for name in ("train_length", "eval_sequences", "eval_batch_size",
+                     "curriculum_start_length"):
             _positive(getattr(self, name), f"task.{name}")
+        if self.curriculum_steps < 0:
+            raise ConfigError(f"task.curriculum_steps must be >= 0, got {self.curriculum_steps}")
+        if self.curriculum_steps and self.curriculum_start_length > self.train_length:
+            raise ConfigError(f"task.curriculum_start_length ({self.curriculum_start_length}) "
+                              f"must not exceed task.train_length ({self.train_length})")
         if not self.eval_lengths:
             raise ConfigError("task.eval_lengths must list at least one length")
         for length in self.eval_lengths:

@@ -41,12 +41,14 @@ def prefix_products(group: PermutationGroup, tokens: np.ndarray) -> np.ndarray:
 
 
 def sample_word_problems(group: PermutationGroup, rng: np.random.Generator, batch_size: int,
-                         length: int, length_sampling: str = "fixed") -> WordProblemBatch:
+                         length: int, length_sampling: str = "fixed",
+                         scored_length: int | None = None) -> WordProblemBatch:
     """A batch of uniformly random words with their prefix products.
 
-    ``length_sampling="fixed"``: every row has ``length`` scored positions. ``"uniform"``: row
-    ``b`` is scored on its first ``l_b ~ U{1, …, length}`` positions only (the rest is
-    padding for a causal model, masked out of the loss).
+    ``length_sampling="fixed"``: every row has ``scored_length`` (default ``length``) scored
+    positions. ``"uniform"``: row ``b`` is scored on its first ``l_b ~ U{1, …, scored_length}``
+    positions only. Unscored positions are padding for a causal model, masked out of the loss
+    (the arrays keep ``length`` columns, so a curriculum does not change shapes).
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -55,14 +57,28 @@ def sample_word_problems(group: PermutationGroup, rng: np.random.Generator, batc
     if length_sampling not in LENGTH_SAMPLING:
         raise ValueError(f"length_sampling must be one of {LENGTH_SAMPLING}, "
                          f"got {length_sampling!r}")
+    if scored_length is None:
+        scored_length = length
+    elif not isinstance(scored_length, (int, np.integer)) or not 1 <= scored_length <= length:
+        raise ValueError(f"scored_length must be an integer in [1, {length}], "
+                         f"got {scored_length!r}")
     tokens = rng.integers(0, group.order, size=(batch_size, length), dtype=np.int32)
     targets = prefix_products(group, tokens)
     if length_sampling == "fixed":
-        mask = np.ones((batch_size, length), np.float32)
+        lengths = np.full((batch_size, 1), scored_length)
     else:
-        lengths = rng.integers(1, length + 1, size=(batch_size, 1))
-        mask = (np.arange(length)[None, :] < lengths).astype(np.float32)
+        lengths = rng.integers(1, scored_length + 1, size=(batch_size, 1))
+    mask = (np.arange(length)[None, :] < lengths).astype(np.float32)
     return WordProblemBatch(tokens=tokens, targets=targets, mask=mask)
+
+
+def curriculum_length(step: int, start_length: int, final_length: int, steps: int) -> int:
+    """Scored length at ``step`` of a length curriculum: grows geometrically from
+    ``start_length`` to ``final_length`` over ``steps`` steps, then stays there."""
+    if steps <= 0 or step >= steps or start_length >= final_length:
+        return final_length
+    grown = start_length * (final_length / start_length) ** (step / steps)
+    return max(start_length, min(final_length, int(grown)))
 
 
 def eval_word_problems(group: PermutationGroup, seed: int, num_sequences: int,

@@ -18,7 +18,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from m2rnn_jax import HybridLM, decay_mask
-from train.state_tracking.tasks import eval_word_problems, sample_word_problems
+from train.state_tracking.tasks import curriculum_length, eval_word_problems, sample_word_problems
 
 
 @dataclasses.dataclass
@@ -97,8 +97,10 @@ class ModelRunner:
         compile_s, loss, accuracy, steps = 0.0, float("nan"), float("nan"), 0
         start = time.perf_counter()
         for step in range(cfg.steps):
+            scored = curriculum_length(step, task_config.curriculum_start_length,
+                                       task_config.train_length, task_config.curriculum_steps)
             batch = sample_word_problems(group, rng, cfg.batch_size, task_config.train_length,
-                                         task_config.length_sampling)
+                                         task_config.length_sampling, scored)
             params, opt_state, loss_t, accuracy_t = self._train_step(
                 params, opt_state, batch.tokens, batch.targets, batch.mask)
             steps = step + 1
