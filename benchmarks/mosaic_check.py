@@ -2,11 +2,14 @@
 
 Run from the repository root on a machine with an H100/H200 (one run, a few minutes):
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/mosaic_check.py
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/mosaic_check.py [--all] [--only SUBSTR]
 
 1. Correctness, bfloat16, B=2, S=256, N=4 (Nq=Nk=1, K=64, V=16, random initial state, resets,
    gradient clipping c=1): the scan (``m2rnn_jax.reference``) on the same bf16 inputs against
-   Mosaic forward + Mosaic backward (chunk 64 and 32) and Mosaic forward + Triton backward;
+   Mosaic forward + Mosaic backward variants (``_variants``: the default, chunk 32, and the
+   opt-in backward options: ``qk_grad_sum="kernel"`` = dq/dk summed over a group's heads by TMA
+   reduce-add in the kernel, ``reductions="warp_sums"`` = no per-step cross-warp exchange,
+   ``no_auto_barriers``, ``approx_tanh``); with ``--all`` also chunk 64 and the Triton backward;
    relative error of y, h_final and every gradient (want < 1e-2).
 2. Timings, bf16, no initial state, median of 10 after 3 warm-ups (``benchmarks/timing.py``), at
    8×4096×84 and 4×4096×132: forward (Triton; Mosaic approx tanh + warp partials) and
@@ -68,16 +71,40 @@ def _fwd_bwd(fwd, bwd, chunk, clip):
     return run
 
 
+# Backward options (mosaic_gpu.backward keywords) of the named variants; "" = the defaults.
+QKSUM = {"qk_grad_sum": "kernel"}
+WS = {"reductions": "warp_sums"}
+NAB = {"no_auto_barriers": True}
+APPROX = {"approx_tanh": True}
+BWD_OPTIONS = {
+    "c32": (32, {}),                                   # the default (21.8 ms, 1.19 GiB)
+    "c32_qksum": (32, QKSUM),
+    "c32_warpsums": (32, WS),
+    "c32_warpsums_qksum": (32, {**WS, **QKSUM}),
+    "c32_warpsums_qksum_approx": (32, {**WS, **QKSUM, **APPROX}),
+    "c32_warpsums_qksum_nab": (32, {**WS, **QKSUM, **NAB}),
+    "c32_warpsums_qksum_nab_approx": (32, {**WS, **QKSUM, **NAB, **APPROX}),
+    "c64_warpsums_qksum_nab_approx": (64, {**WS, **QKSUM, **NAB, **APPROX}),
+}
+ARGS = None  # the parsed command line (main)
+
+
 def _variants():
     mosaic_fwd = functools.partial(mosaic_gpu.forward, **FAST_FWD)
-    return {
-        "mosaic_fwd+mosaic_bwd_c64": _fwd_bwd(mosaic_fwd, mosaic_gpu.backward, 64, 1.0),
-        "mosaic_fwd+mosaic_bwd_c32": _fwd_bwd(mosaic_fwd, mosaic_gpu.backward, 32, 1.0),
-        "mosaic_fwd+mosaic_bwd_c64_approx": _fwd_bwd(
-            mosaic_fwd, functools.partial(mosaic_gpu.backward, approx_tanh=True), 64, 1.0),
-        "mosaic_fwd+triton_bwd_c64": _fwd_bwd(mosaic_fwd, gpu.backward, 64, 1.0),
-        "triton_fwd+triton_bwd_c64": _fwd_bwd(gpu.forward, gpu.backward, 64, 1.0),
-    }
+    out = {f"mosaic_fwd+mosaic_bwd_{name}": _fwd_bwd(
+        mosaic_fwd, functools.partial(mosaic_gpu.backward, **options), chunk, 1.0)
+        for name, (chunk, options) in BWD_OPTIONS.items()}
+    if ARGS is not None and ARGS.all:
+        out.update({
+            "mosaic_fwd+mosaic_bwd_c64": _fwd_bwd(mosaic_fwd, mosaic_gpu.backward, 64, 1.0),
+            "mosaic_fwd+mosaic_bwd_c64_approx": _fwd_bwd(
+                mosaic_fwd, functools.partial(mosaic_gpu.backward, approx_tanh=True), 64, 1.0),
+            "mosaic_fwd+triton_bwd_c64": _fwd_bwd(mosaic_fwd, gpu.backward, 64, 1.0),
+            "triton_fwd+triton_bwd_c64": _fwd_bwd(gpu.forward, gpu.backward, 64, 1.0),
+        })
+    if ARGS is not None and ARGS.only:
+        out = {name: fn for name, fn in out.items() if ARGS.only in name}
+    return out
 
 
 def check_correctness():
@@ -123,6 +150,8 @@ def time_all():
             "fwd mosaic_approx_warppart_ckpt64": functools.partial(
                 mosaic_gpu.forward, chunk_size=64, save_checkpoints=True, **FAST_FWD),
         }
+        if ARGS is not None and ARGS.skip_forward:
+            forwards = {}
         for name, fn in forwards.items():
             try:
                 start = time.perf_counter()
@@ -149,13 +178,21 @@ def time_all():
                 rows.append((shape, "fwd+bwd " + name, "FAILED", "-",
                              f"{type(err).__name__}"[:40]))
             print("  ".join(rows[-1]), flush=True)
-    print("\nshape         variant                                      ms   first call s  "
+    print("\nshape         variant                                                          ms   first call s  "
           "extra GiB")
     for shape, name, ms, compile_s, mem in rows:
-        print(f"{shape:13s} {name:42s} {ms:>9s} {compile_s:>13s}  {mem}")
+        print(f"{shape:13s} {name:62s} {ms:>9s} {compile_s:>13s}  {mem}")
 
 
 def main():
+    import argparse
+    global ARGS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true",
+                        help="also chunk 64 and the Triton backward (measured 2026-11-30)")
+    parser.add_argument("--only", default="", help="fwd+bwd variants whose name contains this")
+    parser.add_argument("--skip-forward", action="store_true", help="no forward-only timings")
+    ARGS = parser.parse_args()
     print(f"jax {jax.__version__}, devices: {jax.devices()}", flush=True)
     check_correctness()
     time_all()

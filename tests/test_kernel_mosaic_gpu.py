@@ -154,6 +154,72 @@ def test_bfloat16_backward_matches_scan(case):
     assert max(errors.values()) < BF16_TOLERANCE, errors
 
 
+# Backward options (opt-in; the defaults above are what was measured): (case, options).
+BWD_OPTION_CASES = {
+    # Per-warp dv/df partials and warp-local dq/dk row sums, summed once per chunk.
+    "warp_sums": ("paper_grouping_keep_clip", {"reductions": "warp_sums"}),
+    # dq/dk summed over a group's heads in the kernel (interpret: per-head float32 + XLA sum,
+    # the TMA reduce-add is checked by lowering), with the warp sums, two q/k groups.
+    "kernel_qk_sum_warp_sums": ("two_qk_groups_noclip",
+                                {"reductions": "warp_sums", "qk_grad_sum": "kernel"}),
+}
+
+
+@pytest.mark.parametrize("option_case", list(BWD_OPTION_CASES))
+def test_bfloat16_backward_options_match_scan(option_case):
+    case, options = BWD_OPTION_CASES[option_case]
+    heads, seq_len, chunk, with_keep, clip = BWD_CASES[case]
+    n = max(heads)
+    args = _problem(40 + list(BWD_OPTION_CASES).index(option_case), 2, seq_len, heads,
+                    jnp.bfloat16)
+    keep = _keep(2, seq_len, 8) if with_keep else None
+    ks = jax.random.split(jax.random.PRNGKey(12), 2)
+    dy = jax.random.normal(ks[0], (2, seq_len, n, 16), jnp.bfloat16)
+    dh = jax.random.normal(ks[1], (2, n, 64, 16))
+    _, _, ckpt = reference.forward(*args, keep, chunk_size=chunk)
+    want = reference.backward(*args, keep, ckpt, dy, dh, gradient_clipping=clip,
+                              chunk_size=chunk)
+    # The reference's checkpoints in the Mosaic layout (B, S/C, 64, N·16).
+    ckpt = jnp.transpose(ckpt, (1, 0, 3, 2, 4)).reshape(2, seq_len // chunk, 64, n * 16)
+    got = mosaic_gpu.backward(*args, keep, ckpt, dy, dh, gradient_clipping=clip,
+                              chunk_size=chunk, interpret=True, **options)
+    names = ("dq", "dk", "dv", "dw", "df", "dh0")
+    for name, g, w in zip(names, got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape)
+    errors = {name: relative_error(g, w) for name, g, w in zip(names, got, want)}
+    assert max(errors.values()) < BF16_TOLERANCE, errors
+
+
+def test_backward_option_errors():
+    args = _problem(0, 1, 32, (1, 1, 2, 2, 2), jnp.bfloat16)
+    ckpt = jnp.zeros((1, 1, 64, 32))
+    for bad in ({"qk_grad_sum": "atomic"}, {"reductions": "shuffle"}):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            mosaic_gpu.backward(*args, None, ckpt, args[2], args[5], gradient_clipping=None,
+                                chunk_size=32, interpret=True, **bad)
+
+
+def test_backward_options_lower_for_cuda():
+    """The options' real paths for sm_90 on the CPU: TMA reduce-add of float32 dq/dk into
+    ``jax.new_ref`` buffers (aliased to outputs), the inline per-step warp sums and per-chunk
+    partial sums, without automatic barriers and with approx tanh."""
+    sds = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    args = [sds((2, 64, 1, 64), bf), sds((2, 64, 1, 64), bf), sds((2, 64, 3, 16), bf),
+            sds((3, 16, 16), bf), sds((2, 64, 3), bf), sds((2, 3, 64, 16), jnp.float32),
+            sds((2, 64), jnp.float32), sds((2, 2, 64, 48), jnp.float32),
+            sds((2, 64, 3, 16), bf), sds((2, 3, 64, 16), jnp.float32)]
+    for options in ({"qk_grad_sum": "kernel"}, {"reductions": "warp_sums"},
+                    {"reductions": "warp_sums", "qk_grad_sum": "kernel",
+                     "no_auto_barriers": True, "approx_tanh": True}):
+        fn = functools.partial(mosaic_gpu.backward, gradient_clipping=1.0, chunk_size=32,
+                               interpret=False, **options)
+        module = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+        assert "mosaic_gpu" in module
+        # In-kernel dq/dk sums: the zero-initialised buffers are aliased inputs/outputs.
+        assert ("output_operand_alias" in module) == (options.get("qk_grad_sum") == "kernel")
+
+
 def test_backward_lowers_for_cuda():
     """The backward's real paths (register-A wgmma for du·Wᵀ, transposed-A wgmma for dW on
     SMEM stacks) through Mosaic GPU's layout inference and lowering for sm_90, on the CPU."""
