@@ -130,18 +130,26 @@ BWD_CASES = {
 }
 
 
+def _backward_problem(case, seed, keep_seed, cotangent_seed):
+    """Random bf16 inputs and cotangents for a BWD_CASES case, the scan's gradients for them
+    and the scan's checkpoints (``(S/C, B, N, K, V)``)."""
+    heads, seq_len, chunk, with_keep, clip = BWD_CASES[case]
+    n = max(heads)
+    args = _problem(seed, 2, seq_len, heads, jnp.bfloat16)
+    keep = _keep(2, seq_len, keep_seed) if with_keep else None
+    ks = jax.random.split(jax.random.PRNGKey(cotangent_seed), 2)
+    dy = jax.random.normal(ks[0], (2, seq_len, n, 16), jnp.bfloat16)
+    dh = jax.random.normal(ks[1], (2, n, 64, 16))
+    _, _, ckpt = reference.forward(*args, keep, chunk_size=chunk)
+    want = reference.backward(*args, keep, ckpt, dy, dh, gradient_clipping=clip,
+                              chunk_size=chunk)
+    return args, keep, dy, dh, want, ckpt
+
+
 @pytest.mark.parametrize("case", list(BWD_CASES))
 def test_bfloat16_backward_matches_scan(case):
     heads, seq_len, chunk, with_keep, clip = BWD_CASES[case]
-    n = max(heads)
-    args = _problem(20 + list(BWD_CASES).index(case), 2, seq_len, heads, jnp.bfloat16)
-    keep = _keep(2, seq_len, 7) if with_keep else None
-    ks = jax.random.split(jax.random.PRNGKey(11), 2)
-    dy = jax.random.normal(ks[0], (2, seq_len, n, 16), jnp.bfloat16)
-    dh = jax.random.normal(ks[1], (2, n, 64, 16))
-    _, _, ref_ckpt = reference.forward(*args, keep, chunk_size=chunk)
-    want = reference.backward(*args, keep, ref_ckpt, dy, dh, gradient_clipping=clip,
-                              chunk_size=chunk)
+    args, keep, dy, dh, want, _ = _backward_problem(case, 20 + list(BWD_CASES).index(case), 7, 11)
     _, _, ckpt = mosaic_gpu.forward(*args, keep, chunk_size=chunk, interpret=True)
     got = mosaic_gpu.backward(*args, keep, ckpt, dy, dh, gradient_clipping=clip,
                               chunk_size=chunk, interpret=True)
@@ -170,15 +178,8 @@ def test_bfloat16_backward_options_match_scan(option_case):
     case, options = BWD_OPTION_CASES[option_case]
     heads, seq_len, chunk, with_keep, clip = BWD_CASES[case]
     n = max(heads)
-    args = _problem(40 + list(BWD_OPTION_CASES).index(option_case), 2, seq_len, heads,
-                    jnp.bfloat16)
-    keep = _keep(2, seq_len, 8) if with_keep else None
-    ks = jax.random.split(jax.random.PRNGKey(12), 2)
-    dy = jax.random.normal(ks[0], (2, seq_len, n, 16), jnp.bfloat16)
-    dh = jax.random.normal(ks[1], (2, n, 64, 16))
-    _, _, ckpt = reference.forward(*args, keep, chunk_size=chunk)
-    want = reference.backward(*args, keep, ckpt, dy, dh, gradient_clipping=clip,
-                              chunk_size=chunk)
+    args, keep, dy, dh, want, ckpt = _backward_problem(
+        case, 40 + list(BWD_OPTION_CASES).index(option_case), 8, 12)
     # The reference's checkpoints in the Mosaic layout (B, S/C, 64, N·16).
     ckpt = jnp.transpose(ckpt, (1, 0, 3, 2, 4)).reshape(2, seq_len // chunk, 64, n * 16)
     got = mosaic_gpu.backward(*args, keep, ckpt, dy, dh, gradient_clipping=clip,
@@ -199,16 +200,22 @@ def test_backward_option_errors():
                                 chunk_size=32, interpret=True, **bad)
 
 
+def _backward_shapes(seq_len, chunk):
+    """Abstract backward arguments (B=2, Nq=Nk=1, N=3, reset mask, checkpoints every
+    ``chunk``) for the CUDA lowering checks."""
+    sds, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+    return [sds((2, seq_len, 1, 64), bf), sds((2, seq_len, 1, 64), bf),
+            sds((2, seq_len, 3, 16), bf), sds((3, 16, 16), bf), sds((2, seq_len, 3), bf),
+            sds((2, 3, 64, 16), f32), sds((2, seq_len), f32),
+            sds((2, seq_len // chunk, 64, 48), f32), sds((2, seq_len, 3, 16), bf),
+            sds((2, 3, 64, 16), f32)]
+
+
 def test_backward_options_lower_for_cuda():
     """The options' real paths for sm_90 on the CPU: TMA reduce-add of float32 dq/dk into
     ``jax.new_ref`` buffers (aliased to outputs), the inline per-step warp sums and per-chunk
     partial sums, without automatic barriers and with approx tanh."""
-    sds = jax.ShapeDtypeStruct
-    bf = jnp.bfloat16
-    args = [sds((2, 64, 1, 64), bf), sds((2, 64, 1, 64), bf), sds((2, 64, 3, 16), bf),
-            sds((3, 16, 16), bf), sds((2, 64, 3), bf), sds((2, 3, 64, 16), jnp.float32),
-            sds((2, 64), jnp.float32), sds((2, 2, 64, 48), jnp.float32),
-            sds((2, 64, 3, 16), bf), sds((2, 3, 64, 16), jnp.float32)]
+    args = _backward_shapes(seq_len=64, chunk=32)
     for options in ({"qk_grad_sum": "kernel"}, {"reductions": "warp_sums"},
                     {"reductions": "warp_sums", "qk_grad_sum": "kernel",
                      "no_auto_barriers": True, "approx_tanh": True}):
@@ -223,12 +230,7 @@ def test_backward_options_lower_for_cuda():
 def test_backward_lowers_for_cuda():
     """The backward's real paths (register-A wgmma for du·Wᵀ, transposed-A wgmma for dW on
     SMEM stacks) through Mosaic GPU's layout inference and lowering for sm_90, on the CPU."""
-    sds = jax.ShapeDtypeStruct
-    bf = jnp.bfloat16
-    args = [sds((2, 128, 1, 64), bf), sds((2, 128, 1, 64), bf), sds((2, 128, 3, 16), bf),
-            sds((3, 16, 16), bf), sds((2, 128, 3), bf), sds((2, 3, 64, 16), jnp.float32),
-            sds((2, 128), jnp.float32), sds((2, 2, 64, 48), jnp.float32),
-            sds((2, 128, 3, 16), bf), sds((2, 3, 64, 16), jnp.float32)]
+    args = _backward_shapes(seq_len=128, chunk=64)
     fn = functools.partial(mosaic_gpu.backward, gradient_clipping=1.0, chunk_size=64,
                            interpret=False)
     exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)

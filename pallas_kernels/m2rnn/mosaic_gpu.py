@@ -130,6 +130,25 @@ def supports(q, k, v, w, f, h0):
     return not _unsupported(q, k, v, w, f, h0)
 
 
+def _per_head_inputs(q, k, v, f, num_heads):
+    """The kernels' input layout (XLA side): q/k expanded to L = lcm(Nq, Nk) groups, v to N
+    heads, f to N heads as float32 ``(B, N, S)`` (one 1-D TMA per head and block)."""
+    groups = math.lcm(q.shape[2], k.shape[2])
+    fn = jnp.transpose(expand_heads(f, num_heads, axis=2).astype(_F32), (0, 2, 1))
+    return (groups, expand_heads(q, groups, axis=2), expand_heads(k, groups, axis=2),
+            expand_heads(v, num_heads, axis=2), fn)
+
+
+def _launch(kernel, out_type, scratch, grid, approx_tanh, no_auto_barriers, interpret, name):
+    """``plgpu.kernel`` over the (batch, head) grid, one warpgroup per CTA; the Mosaic GPU
+    interpreter when ``interpret``."""
+    return plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("b", "n"),
+        compiler_params=plgpu.CompilerParams(approx_math=bool(approx_tanh),
+                                             unsafe_no_auto_barriers=bool(no_auto_barriers)),
+        interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name=name)
+
+
 def _bf16_parts(x, parts):
     """x ≈ sum of ``parts`` bf16 terms (each the bf16 rounding of what the previous left)."""
     out = []
@@ -147,6 +166,22 @@ def _products(state_parts, weight_parts):
             if i + j < state_parts]
 
 
+def _wgmma_registers_and_lane(p):
+    """For the inline Mosaic GPU helpers below: ``p``'s registers (a 64×16 float32 array in the
+    WGMMA layout), this thread's warp and lane in the warpgroup, and an i32 constant maker."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    i32 = ir.IntegerType.get_signless(32)
+    const = lambda x: mgpu_utils.c(x, i32)
+    regs = p.registers
+    if regs.shape != (1, 2, 1, 1, 2, 1, 1, 1, 1):
+        raise NotImplementedError(f"unexpected WGMMA register shape {regs.shape}")
+    tid = arith.remui(mgpu_utils.thread_idx(), const(128))
+    return regs, arith.divui(tid, const(32)), arith.remui(tid, const(32)), const
+
+
 def _store_warp_partial_sums(ctx, p, part_ref):
     """Mosaic GPU code: each warp's sum over its 16 rows of ``p`` (64×16 float32, WGMMA layout)
     into ``part_ref[warp, :]`` (a (4, 16) float32 SMEM ref); no cross-warp exchange.
@@ -159,14 +194,8 @@ def _store_warp_partial_sums(ctx, p, part_ref):
     from jax._src.lib.mlir.dialects import arith, vector
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-    const = lambda x: mgpu_utils.c(x, i32)
-    regs = p.registers
-    if regs.shape != (1, 2, 1, 1, 2, 1, 1, 1, 1):
-        raise NotImplementedError(f"unexpected WGMMA register shape {regs.shape}")
-    tid = arith.remui(mgpu_utils.thread_idx(), const(128))
-    warp = arith.divui(tid, const(32))
-    lane = arith.remui(tid, const(32))
+    index = ir.IndexType.get()
+    regs, warp, lane, const = _wgmma_registers_and_lane(p)
     col0 = arith.muli(arith.remui(lane, const(4)), const(2))
     for j in range(2):
         part = arith.addf(regs[0, j, 0, 0, 0, 0, 0, 0, 0], regs[0, j, 0, 0, 1, 0, 0, 0, 0])
@@ -194,14 +223,8 @@ def _store_warp_sums(ctx, p, ref, *, over):
     from jax._src.lib.mlir.dialects import arith, memref, vector
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-    const = lambda x: mgpu_utils.c(x, i32)
-    regs = p.registers
-    if regs.shape != (1, 2, 1, 1, 2, 1, 1, 1, 1):
-        raise NotImplementedError(f"unexpected WGMMA register shape {regs.shape}")
-    tid = arith.remui(mgpu_utils.thread_idx(), const(128))
-    warp = arith.divui(tid, const(32))
-    lane = arith.remui(tid, const(32))
+    index = ir.IndexType.get()
+    regs, warp, lane, const = _wgmma_registers_and_lane(p)
 
     def element_sum(vec):  # vector<2xf32> -> f32
         e0 = vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
@@ -408,12 +431,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         interpret = jax.default_backend() != "gpu"
     batch, seq_len = q.shape[:2]
     num_heads = h0.shape[1]
-    groups = math.lcm(q.shape[2], k.shape[2])
     dtype = v.dtype
-    qg = expand_heads(q, groups, axis=2)
-    kg = expand_heads(k, groups, axis=2)
-    vn = expand_heads(v, num_heads, axis=2)
-    fn = jnp.transpose(expand_heads(f, num_heads, axis=2).astype(_F32), (0, 2, 1))
+    groups, qg, kg, vn, fn = _per_head_inputs(q, k, v, f, num_heads)
     if not isinstance(stage_size, int) or stage_size < 8 or stage_size % 8:
         raise ValueError(f"stage_size must be a positive multiple of 8, got {stage_size!r}")
     stage = stage_size if chunk_size % stage_size == 0 else chunk_size
@@ -463,14 +482,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         weight_parts=weight_parts, has_keep=has_keep, unroll=unroll,
         warp_partials=warp_partials,
         save_checkpoints=save_checkpoints, interpret=bool(interpret))
-    outs = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, grid=(batch, num_heads),
-        grid_names=("b", "n"),
-        compiler_params=plgpu.CompilerParams(approx_math=bool(approx_tanh),
-                                             unsafe_no_auto_barriers=bool(no_auto_barriers)),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="m2rnn_forward_mosaic",
-    )(*inputs)
+    outs = _launch(kernel, out_type, scratch, (batch, num_heads), approx_tanh,
+                   no_auto_barriers, interpret, "m2rnn_forward_mosaic")(*inputs)
     y, h_final = outs[0], outs[1]
     checkpoints = outs[2] if save_checkpoints else None
     return y, h_final, checkpoints
@@ -752,12 +765,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     warp_sums = reductions == "warp_sums"
     batch, seq_len = q.shape[:2]
     num_heads = dh_final.shape[1]
-    groups = math.lcm(q.shape[2], k.shape[2])
     dtype = v.dtype
-    qg = expand_heads(q, groups, axis=2)
-    kg = expand_heads(k, groups, axis=2)
-    vn = expand_heads(v, num_heads, axis=2)
-    fn = jnp.transpose(expand_heads(f, num_heads, axis=2).astype(_F32), (0, 2, 1))
+    groups, qg, kg, vn, fn = _per_head_inputs(q, k, v, f, num_heads)
     wn = expand_heads(w, num_heads, axis=0).astype(_BF16)
     wt = jnp.swapaxes(wn, 1, 2)
     dyn = dy.astype(dtype)
@@ -823,14 +832,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         _bwd_kernel, chunk=chunk_size, num_chunks=num_chunks,
         heads_per_group=num_heads // groups, has_keep=has_keep, clip=gradient_clipping,
         approx_tanh=approx_tanh, interpret=bool(interpret), **extra)
-    outs = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, grid=(batch, num_heads),
-        grid_names=("b", "n"),
-        compiler_params=plgpu.CompilerParams(approx_math=bool(approx_tanh),
-                                             unsafe_no_auto_barriers=bool(no_auto_barriers)),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-        kernel_name="m2rnn_backward_mosaic",
-    )(*inputs)
+    outs = _launch(kernel, out_type, scratch, (batch, num_heads), approx_tanh,
+                   no_auto_barriers, interpret, "m2rnn_backward_mosaic")(*inputs)
     if qk_reduce_add:
         dv, df, dw_blocks, dh0 = outs
         dq, dk = qk_refs[0][...], qk_refs[1][...]   # already summed over the group's heads
