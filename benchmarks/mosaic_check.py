@@ -192,7 +192,18 @@ def main():
                         help="also chunk 64 and the Triton backward (measured 2026-11-30)")
     parser.add_argument("--only", default="", help="fwd+bwd variants whose name contains this")
     parser.add_argument("--skip-forward", action="store_true", help="no forward-only timings")
+    parser.add_argument("--dump", metavar="DIR",
+                        help="have Mosaic GPU write each kernel's PTX, SASS and ptxas resource "
+                             "report (registers, spills, shared memory) under DIR: the cheapest "
+                             "way to see per-step instruction counts (no profiler in the image); "
+                             "if nothing appears, export the MOSAIC_GPU_DUMP_* variables before "
+                             "starting Python")
     ARGS = parser.parse_args()
+    if ARGS.dump:
+        # Read by the Mosaic GPU compiler when a kernel is compiled, i.e. after this point.
+        os.makedirs(ARGS.dump, exist_ok=True)
+        os.environ.update(MOSAIC_GPU_DUMP_TO=ARGS.dump, MOSAIC_GPU_DUMP_PTX="1",
+                          MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_PTXAS="1")
     print(f"jax {jax.__version__}, devices: {jax.devices()}", flush=True)
     check_correctness()
     time_all()
