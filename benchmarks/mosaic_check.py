@@ -11,9 +11,12 @@ Run from the repository root on a machine with an H100/H200 (one run, a few minu
    reduce-add in the kernel, ``reductions="warp_sums"`` = no per-step cross-warp exchange,
    ``no_auto_barriers``, ``approx_tanh``); with ``--all`` also chunk 64 and the Triton backward;
    relative error of y, h_final and every gradient (want < 1e-2).
+   Before those, the opt-in forward variants (``FWD_OPTIONS``: ``heads_per_cta=2`` = two heads
+   per CTA as two interleaved state chains, ``acc_init="kv"`` = wgmma accumulator initialised
+   with k vᵀ) against the scan's forward (y, h_final, checkpoints).
 2. Timings, bf16, no initial state, median of 10 after 3 warm-ups (``benchmarks/timing.py``), at
-   8×4096×84 and 4×4096×132: forward (Triton; Mosaic approx tanh + warp partials) and
-   forward+backward variants, with the extra memory of the compiled fwd+bwd
+   8×4096×84 and 4×4096×132: forward (Triton; Mosaic approx tanh + warp partials, and the
+   ``FWD_OPTIONS`` variants) and forward+backward variants, with the extra memory of the compiled fwd+bwd
    (``memory_analysis()``: temp + output − alias). Each variant runs in its own try/except.
 """
 
@@ -35,6 +38,16 @@ from pallas_kernels.m2rnn import gpu, mosaic_gpu  # noqa: E402
 
 SHAPES = [(8, 4096, 84), (4, 4096, 132)]
 FAST_FWD = {"approx_tanh": True, "y_reduction": "warp_partials"}
+# Opt-in forward options (mosaic_gpu.forward keywords) of the named forward variants, on top of
+# FAST_FWD (= the defaults). Static estimate (benchmarks/mosaic_static_cost.py, KERNEL_NOTES run
+# 6): 150 instructions per warp per head-step by default; heads2 138 with half the wgmma
+# rendezvous per head-step; acc_kv 142; heads2_acc_kv 129.
+FWD_OPTIONS = {
+    "heads2": {"heads_per_cta": 2},
+    "acc_kv": {"acc_init": "kv"},
+    "heads2_acc_kv": {"heads_per_cta": 2, "acc_init": "kv"},
+    "heads2_acc_kv_nab": {"heads_per_cta": 2, "acc_init": "kv", "no_auto_barriers": True},
+}
 NAMES = ("dq", "dk", "dv", "dw", "df", "dh0")
 
 
@@ -107,10 +120,30 @@ def _variants():
     return out
 
 
+def check_forward_variants(args, keep):
+    """The opt-in forward variants (FWD_OPTIONS) against the scan: y, h_final, checkpoints."""
+    want = jax.jit(functools.partial(reference.forward, chunk_size=64))(*args, keep)
+    for name, options in FWD_OPTIONS.items():
+        try:
+            fn = jax.jit(functools.partial(mosaic_gpu.forward, chunk_size=64, **FAST_FWD,
+                                           **options))
+            y, h_final, ckpt = fn(*args, keep)
+            want_ckpt = jnp.transpose(want[2], (1, 0, 3, 2, 4)).reshape(ckpt.shape)
+            errs = {"y": _relative_error(y, want[0]), "h_final": _relative_error(h_final, want[1]),
+                    "ckpt": _relative_error(ckpt, want_ckpt)}
+            ok = all(isinstance(e, float) and e < 1e-2 for e in errs.values())
+            shown = {n: (f"{e:.1e}" if isinstance(e, float) else e) for n, e in errs.items()}
+            print(f"correctness bf16 fwd mosaic_{name:24s} {shown} pass={ok}", flush=True)
+        except Exception:  # noqa: BLE001 - report and go on
+            print(f"correctness bf16 fwd mosaic_{name} FAILED:", flush=True)
+            traceback.print_exc()
+
+
 def check_correctness():
     batch, seq_len, heads = 2, 256, 4
     keep = jnp.ones((batch, seq_len)).at[0, 40].set(0.0).at[1, 200].set(0.0)
     args, dy, dh = _inputs(0, batch, seq_len, heads, random_state=True)
+    check_forward_variants(args, keep)
     ref = jax.jit(_fwd_bwd(reference.forward, reference.backward, 64, 1.0))
     y_ref, hf_ref, g_ref = ref(args, keep, dy, dh)
     for name, fn in _variants().items():
@@ -150,6 +183,9 @@ def time_all():
             "fwd mosaic_approx_warppart_ckpt64": functools.partial(
                 mosaic_gpu.forward, chunk_size=64, save_checkpoints=True, **FAST_FWD),
         }
+        for fname, options in FWD_OPTIONS.items():
+            forwards[f"fwd mosaic_approx_warppart_{fname}"] = functools.partial(
+                mosaic_gpu.forward, chunk_size=64, save_checkpoints=False, **FAST_FWD, **options)
         if ARGS is not None and ARGS.skip_forward:
             forwards = {}
         for name, fn in forwards.items():

@@ -72,6 +72,41 @@ def test_bfloat16_forward_matches_scan(case):
         assert got[2] is None
 
 
+# Forward options (opt-in; the default above is what was measured): (heads, S, checkpoint
+# interval, keep, checkpoints, options). N / L must be even for two heads per CTA.
+# One case (the interpreter is slow): two heads per CTA (grid (B, N/2)) in two q/k groups of
+# two heads each, W shared by pairs, resets, both heads' checkpoints; the kv-initialised
+# accumulator (interpret mode computes the same sum as a dot; its wgmma path is lowered below).
+FWD_OPTION_CASES = {
+    "heads2_two_groups_keep_acc_kv": ((2, 2, 4, 4, 2), 64, 32, True, True,
+                                      {"heads_per_cta": 2, "acc_init": "kv"}),
+}
+
+
+@pytest.mark.parametrize("case", list(FWD_OPTION_CASES))
+def test_bfloat16_forward_options_match_scan(case):
+    heads, seq_len, chunk, with_keep, checkpoints, options = FWD_OPTION_CASES[case]
+    args = _problem(50 + list(FWD_OPTION_CASES).index(case), 2, seq_len, heads, jnp.bfloat16)
+    keep = _keep(2, seq_len, 6) if with_keep else None
+    want = reference.forward(*args, keep, chunk_size=chunk, save_checkpoints=True)
+    got = mosaic_gpu.forward(*args, keep, chunk_size=chunk, save_checkpoints=checkpoints,
+                             interpret=True, **options)
+    errors = {"y": relative_error(got[0], want[0]), "h_final": relative_error(got[1], want[1])}
+    if checkpoints:
+        want_ckpt = jnp.transpose(want[2], (1, 0, 3, 2, 4)).reshape(got[2].shape)
+        errors["checkpoints"] = relative_error(got[2], want_ckpt)
+    assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
+    assert max(errors.values()) < BF16_TOLERANCE, errors
+
+
+def test_forward_option_errors():
+    args = _problem(0, 1, 16, (1, 1, 3, 3, 3), jnp.bfloat16)
+    for bad, match in (({"heads_per_cta": 2}, "heads per q/k group"),
+                       ({"heads_per_cta": 4}, "heads_per_cta"), ({"acc_init": "one"}, "acc_init")):
+        with pytest.raises(ValueError, match=match):
+            mosaic_gpu.forward(*args, None, chunk_size=8, interpret=True, **bad)
+
+
 def test_checkpoints_feed_the_triton_backward():
     """The Mosaic forward's checkpoints through gpu.backward give the scan's gradients."""
     args = _problem(9, 1, 128, (1, 1, 2, 2, 2), jnp.bfloat16)
@@ -116,6 +151,22 @@ def test_lowers_for_cuda():
                 sds((2, 3, 64, 16), jnp.float32),
                 sds((2, 128), jnp.float32) if with_keep else None]
         fn = functools.partial(mosaic_gpu.forward, chunk_size=64, save_checkpoints=with_keep,
+                               interpret=False, **options)
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+        assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_forward_options_lower_for_cuda():
+    """The opt-in forward options' real paths (two heads per CTA: four register-A wgmmas per
+    step and one wait; the kv-initialised accumulator under ``pl.run_state``) for sm_90."""
+    sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    args = [sds((2, 128, 1, 64), bf), sds((2, 128, 1, 64), bf), sds((2, 128, 4, 16), bf),
+            sds((4, 16, 16), bf), sds((2, 128, 4), bf), sds((2, 4, 64, 16), jnp.float32),
+            sds((2, 128), jnp.float32)]
+    for options in ({"heads_per_cta": 2}, {"acc_init": "kv"},
+                    {"heads_per_cta": 2, "acc_init": "kv", "no_auto_barriers": True,
+                     "unroll": 2}):
+        fn = functools.partial(mosaic_gpu.forward, chunk_size=64, save_checkpoints=True,
                                interpret=False, **options)
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
         assert "mosaic_gpu" in exported.mlir_module()

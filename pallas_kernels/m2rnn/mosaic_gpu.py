@@ -296,20 +296,29 @@ def _sum_partials(ctx, src, dst, *, axis):
 
 
 def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, weight_parts, has_keep,
-            save_checkpoints, unroll, warp_partials, interpret):
+            save_checkpoints, unroll, warp_partials, interpret, heads_per_cta=1, acc_init="zero"):
     q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     y_ref, h_final_ref, *rest = rest
     ckpt_ref = rest.pop(0) if save_checkpoints else None
     (q_smem, k_smem, v_smem, f_smem, keep_smem, y_smem, part_smem, w_smem, h_smem,
-     in_barriers, w_barrier) = rest
+     in_barriers, w_barrier, *more_heads) = rest
+    # Per head of the CTA: its v, f, y, per-warp y, W and state buffers (head 0: the ones above;
+    # ``heads_per_cta`` > 1 appends six per further head).
+    per_head = [(v_smem, f_smem, y_smem, part_smem, w_smem, h_smem)] + [
+        tuple(more_heads[6 * i:6 * i + 6]) for i in range(heads_per_cta - 1)]
+    v_bufs, f_bufs, y_bufs, part_bufs, w_bufs, h_bufs = (list(x) for x in zip(*per_head))
     if warp_partials:
         store_partials = plgpu.inline_mgpu(
             arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(_store_warp_partial_sums)
 
     b = lax.axis_index("b")
     n = lax.axis_index("n")
-    g = lax.div(n, jnp.int32(heads_per_group))
+    if heads_per_cta == 1:
+        heads = [n]
+    else:
+        heads = [n * heads_per_cta + i for i in range(heads_per_cta)]
+    g = lax.div(heads[0], jnp.int32(heads_per_group))  # the CTA's heads share one q/k group
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)   # (64,): one value per row of H
     col_layout = plgpu.Layout.WGMMA.reduce(0)   # (16,): one value per column of H
@@ -319,50 +328,72 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
         barrier = in_barriers.at[slot]
         plgpu.copy_gmem_to_smem(q_ref.at[b, steps, g], q_smem.at[slot], barrier)
         plgpu.copy_gmem_to_smem(k_ref.at[b, steps, g], k_smem.at[slot], barrier)
-        plgpu.copy_gmem_to_smem(v_ref.at[b, steps, n], v_smem.at[slot], barrier)
-        plgpu.copy_gmem_to_smem(f_ref.at[b, n, steps], f_smem.at[slot], barrier)
+        for hh, head in enumerate(heads):
+            plgpu.copy_gmem_to_smem(v_ref.at[b, steps, head], v_bufs[hh].at[slot], barrier)
+            plgpu.copy_gmem_to_smem(f_ref.at[b, head, steps], f_bufs[hh].at[slot], barrier)
         if has_keep:
             plgpu.copy_gmem_to_smem(keep_ref.at[b, steps], keep_smem.at[slot], barrier)
 
     # W (bf16 parts) and h0 once per CTA; the first chunk's inputs.
-    plgpu.copy_gmem_to_smem(w_ref.at[n], w_smem, w_barrier)
-    plgpu.copy_gmem_to_smem(h0_ref.at[b, n], h_smem, w_barrier)
+    for hh, head in enumerate(heads):
+        plgpu.copy_gmem_to_smem(w_ref.at[head], w_bufs[hh], w_barrier)
+        plgpu.copy_gmem_to_smem(h0_ref.at[b, head], h_bufs[hh], w_barrier)
     start_chunk_copies(0, 0)
     plgpu.barrier_wait(w_barrier)
-    h = plgpu.load(h_smem, layout=wgmma_layout, optimized=False)
+    hs = tuple(plgpu.load(h_bufs[hh], layout=wgmma_layout, optimized=False)
+               for hh in range(heads_per_cta))
 
-    def step(t, h, slot):
+    def step(t, hs, slot):
         k_t = plgpu.load(k_smem.at[slot, t], layout=row_layout, optimized=False).astype(_F32)
-        v_t = plgpu.load(v_smem.at[slot, t], layout=col_layout, optimized=False).astype(_F32)
+        vs = [plgpu.load(v_bufs[hh].at[slot, t], layout=col_layout,
+                         optimized=False).astype(_F32) for hh in range(heads_per_cta)]
         q_t = plgpu.load(q_smem.at[slot, t], layout=row_layout, optimized=False).astype(_F32)
-        f_t = f_smem[slot, t]
+        fs = [f_bufs[hh][slot, t] for hh in range(heads_per_cta)]
         if has_keep:
-            h = h * keep_smem[slot, t]
-        kv = lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0]) * lax.broadcast_in_dim(
-            v_t, (KEY_DIM, VALUE_DIM), [1])
-        h_parts = _bf16_parts(h, state_parts)
-        pairs = [(h_parts[i], j) for i, j in _products(state_parts, weight_parts)]
+            keep_t = keep_smem[slot, t]
+            hs = [h * keep_t for h in hs]
+        k_b = lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0])
+        kvs = [k_b * lax.broadcast_in_dim(v_t, (KEY_DIM, VALUE_DIM), [1]) for v_t in vs]
+        pairs = []  # per head: the (bf16 state part, weight part) products
+        for h in hs:
+            h_parts = _bf16_parts(h, state_parts)
+            pairs.append([(h_parts[i], j) for i, j in _products(state_parts, weight_parts)])
         if interpret:
             # The interpreter's wgmma takes the A operand only from SMEM: the same bf16
             # products with float32 accumulation, as a dot.
-            hw = sum(jnp.dot(a, w_smem[p], preferred_element_type=_F32) for a, p in pairs)
-        else:
-            def products(acc_ref):  # a zero-initialised accumulator
-                for a, p in pairs:
-                    plgpu.wgmma(acc_ref, a, w_smem.at[p])
-                return acc_ref[...]  # waits for the WGMMAs
+            us = [sum(jnp.dot(a, w_bufs[hh][p], preferred_element_type=_F32)
+                      for a, p in pairs[hh]) + kvs[hh] for hh in range(heads_per_cta)]
+        elif acc_init == "kv":
+            # The accumulators start at k vᵀ: no zero-initialised registers, no add after.
+            def products(acc_refs):
+                for hh, acc_ref in enumerate(acc_refs):
+                    for a, p in pairs[hh]:
+                        plgpu.wgmma(acc_ref, a, w_bufs[hh].at[p])
 
-            hw = pl.run_scoped(products, plgpu.ACC((KEY_DIM, VALUE_DIM), _F32))
-        z = jnp.tanh(hw + kv)
-        h = z + f_t * (h - z)
-        hq = h * lax.broadcast_in_dim(q_t, (KEY_DIM, VALUE_DIM), [0])
-        if warp_partials:
-            store_partials(hq, part_smem.at[:, t])  # summed over the warps once per chunk
+            us = list(pl.run_state(products)(tuple(plgpu.ACC.init(kv) for kv in kvs)))
         else:
-            y_smem[slot, t] = jnp.sum(hq, axis=0).astype(y_smem.dtype)
-        return h
+            def products(*acc_refs):  # zero-initialised accumulators
+                for hh, acc_ref in enumerate(acc_refs):
+                    for a, p in pairs[hh]:
+                        plgpu.wgmma(acc_ref, a, w_bufs[hh].at[p])
+                return tuple(acc_ref[...] for acc_ref in acc_refs)  # waits for the WGMMAs
 
-    def chunk_body(c, h):
+            hws = pl.run_scoped(products, *[plgpu.ACC((KEY_DIM, VALUE_DIM), _F32)
+                                            for _ in range(heads_per_cta)])
+            us = [hw + kv for hw, kv in zip(hws, kvs)]
+        out = []
+        for hh, (h, u, f_t) in enumerate(zip(hs, us, fs)):
+            z = jnp.tanh(u)
+            h = z + f_t * (h - z)
+            hq = h * lax.broadcast_in_dim(q_t, (KEY_DIM, VALUE_DIM), [0])
+            if warp_partials:
+                store_partials(hq, part_bufs[hh].at[:, t])  # summed over the warps per chunk
+            else:
+                y_bufs[hh][slot, t] = jnp.sum(hq, axis=0).astype(y_bufs[hh].dtype)
+            out.append(h)
+        return tuple(out)
+
+    def chunk_body(c, hs):
         slot = lax.rem(c, 2)
         if save_checkpoints:
             # The state every ``ckpt_every`` staging blocks (the checkpoint interval), through
@@ -370,11 +401,13 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
             @pl.when(lax.rem(c, ckpt_every) == 0)
             def _():
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                h_smem[...] = h
+                for hh in range(heads_per_cta):
+                    h_bufs[hh][...] = hs[hh]
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    h_smem, ckpt_ref.at[b, lax.div(c, ckpt_every), :,
-                                        pl.ds(n * VALUE_DIM, VALUE_DIM)])
+                for hh, head in enumerate(heads):
+                    plgpu.copy_smem_to_gmem(
+                        h_bufs[hh], ckpt_ref.at[b, lax.div(c, ckpt_every), :,
+                                                pl.ds(head * VALUE_DIM, VALUE_DIM)])
         # Every thread is past its reads of the other slot (the last chunk): prefetch into it.
         plgpu.commit_smem()
 
@@ -384,32 +417,39 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
 
         plgpu.barrier_wait(in_barriers.at[slot])
         # The y slot written two chunks ago must have been read by its copy to GMEM.
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-        def steps(i, h):
+        plgpu.wait_smem_to_gmem(heads_per_cta, wait_read_only=True)
+        def steps(i, hs):
             for j in range(unroll):
-                h = step(i * unroll + j, h, slot)
-            return h
+                hs = step(i * unroll + j, hs, slot)
+            return hs
 
-        h = lax.fori_loop(0, chunk // unroll, steps, h)
+        hs = lax.fori_loop(0, chunk // unroll, steps, hs)
         if warp_partials:
             plgpu.commit_smem()  # every warp's partial sums are written
-            y_smem[slot] = (part_smem[0] + part_smem[1] + part_smem[2]
-                            + part_smem[3]).astype(y_smem.dtype)
+            for hh in range(heads_per_cta):
+                part = part_bufs[hh]
+                y_bufs[hh][slot] = (part[0] + part[1] + part[2] + part[3]).astype(
+                    y_bufs[hh].dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y_smem.at[slot], y_ref.at[b, pl.ds(c * chunk, chunk), n])
-        return h
+        for hh, head in enumerate(heads):
+            plgpu.copy_smem_to_gmem(y_bufs[hh].at[slot],
+                                    y_ref.at[b, pl.ds(c * chunk, chunk), head])
+        return hs
 
-    h = lax.fori_loop(0, num_chunks, chunk_body, h)
+    hs = lax.fori_loop(0, num_chunks, chunk_body, hs)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    h_smem[...] = h
+    for hh in range(heads_per_cta):
+        h_bufs[hh][...] = hs[hh]
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(h_smem, h_final_ref.at[b, n])
+    for hh, head in enumerate(heads):
+        plgpu.copy_smem_to_gmem(h_bufs[hh], h_final_ref.at[b, head])
     plgpu.wait_smem_to_gmem(0)
 
 
 def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_checkpoints=True,
             stage_size=DEFAULT_STAGE_SIZE, approx_tanh=True, state_split=None, unroll=1,
-            no_auto_barriers=False, y_reduction="warp_partials", interpret=None):
+            no_auto_barriers=False, y_reduction="warp_partials", heads_per_cta=1,
+            acc_init="zero", interpret=None):
     """The backend-interface forward: ``(y (B,S,N,V), h_final (B,N,K,V) f32, checkpoints)``.
 
     ``checkpoints`` is ``(B, S/C, 64, N·16)`` float32 (the state at each chunk start, the layout
@@ -425,6 +465,17 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     Defaults are the measured best on an H200 (8×4096×84: 3.16 ms; per-step y reduction 4.41,
     exact tanh 5.35): ``approx_tanh`` (tanh.approx.f32, rel. error ~2⁻¹¹, under bfloat16's
     rounding; y vs the scan 1.7e-4 at S=256) and per-warp y partials.
+
+    Options (opt-in; not yet measured on a GPU, see benchmarks/KERNEL_NOTES.md run 6):
+
+    * ``heads_per_cta=2``: each CTA (still one warpgroup) runs two heads of the same q/k group
+      as two independent state chains in the same instruction stream: grid ``(B, N/2)``; q and
+      k are loaded once per step for both; the four wgmmas of a step (hi/lo × 2 heads) are
+      issued back to back and waited for once. Halves the warpgroup rendezvous (wgmma issue and
+      wait) per head-step and gives each warp two chains to overlap. Needs ``N / L`` even
+      (L = lcm(Nq, Nk), the q/k groups); SMEM per CTA +~14 KiB.
+    * ``acc_init="kv"``: the wgmma accumulator starts at ``k_t v_tᵀ`` (``plgpu.ACC.init``
+      under ``pl.run_state``) instead of zeros, saving the zero-initialising moves and the add.
     """
     _check_supported(q, k, v, w, f, h0, keep, chunk_size)
     if interpret is None:
@@ -440,6 +491,13 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         raise ValueError(f"unroll must be a positive divisor of chunk_size, got {unroll!r}")
     if y_reduction not in ("per_step", "warp_partials"):
         raise ValueError(f"y_reduction must be 'per_step' or 'warp_partials', got {y_reduction!r}")
+    if heads_per_cta not in (1, 2):
+        raise ValueError(f"heads_per_cta must be 1 or 2, got {heads_per_cta!r}")
+    if (num_heads // groups) % heads_per_cta:
+        raise ValueError(f"heads_per_cta={heads_per_cta} needs the heads per q/k group "
+                         f"({num_heads // groups}) to be a multiple of it")
+    if acc_init not in ("zero", "kv"):
+        raise ValueError(f"acc_init must be 'zero' or 'kv', got {acc_init!r}")
     # The interpreter cannot run inline Mosaic GPU code: it reduces per step.
     warp_partials = y_reduction == "warp_partials" and not interpret
     if state_split is None:
@@ -473,16 +531,21 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         plgpu.SMEM((weight_parts, VALUE_DIM, VALUE_DIM), _BF16, transforms=w_transforms),
         plgpu.SMEM((KEY_DIM, VALUE_DIM), _F32),                  # h0 / checkpoints / final
         # One arrival per TMA copy that signals the barrier.
-        plgpu.Barrier(num_barriers=2, num_arrivals=5 if has_keep else 4),
-        plgpu.Barrier(num_arrivals=2),
+        plgpu.Barrier(num_barriers=2,
+                      num_arrivals=(5 if has_keep else 4) + 2 * (heads_per_cta - 1)),
+        plgpu.Barrier(num_arrivals=2 * heads_per_cta),
     ]
+    for _ in range(heads_per_cta - 1):  # the further heads' v, f, y, per-warp y, W, state
+        scratch += [scratch[2], scratch[3], scratch[5], scratch[6], scratch[7], scratch[8]]
     kernel = functools.partial(
         _kernel, chunk=stage, num_chunks=num_chunks, ckpt_every=chunk_size // stage,
         heads_per_group=num_heads // groups, state_parts=state_split,
         weight_parts=weight_parts, has_keep=has_keep, unroll=unroll,
         warp_partials=warp_partials,
-        save_checkpoints=save_checkpoints, interpret=bool(interpret))
-    outs = _launch(kernel, out_type, scratch, (batch, num_heads), approx_tanh,
+        save_checkpoints=save_checkpoints, interpret=bool(interpret),
+        **({"heads_per_cta": heads_per_cta} if heads_per_cta != 1 else {}),
+        **({"acc_init": acc_init} if acc_init != "zero" else {}))
+    outs = _launch(kernel, out_type, scratch, (batch, num_heads // heads_per_cta), approx_tanh,
                    no_auto_barriers, interpret, "m2rnn_forward_mosaic")(*inputs)
     y, h_final = outs[0], outs[1]
     checkpoints = outs[2] if save_checkpoints else None
