@@ -120,6 +120,13 @@ def _variants():
     return out
 
 
+def _report(label, errs):
+    """One correctness line: each relative error (or why there is none), pass = all < 1e-2."""
+    ok = all(isinstance(e, float) and e < 1e-2 for e in errs.values())
+    shown = {n: (f"{e:.1e}" if isinstance(e, float) else e) for n, e in errs.items()}
+    print(f"correctness bf16 {label} {shown} pass={ok}", flush=True)
+
+
 def check_forward_variants(args, keep):
     """The opt-in forward variants (FWD_OPTIONS) against the scan: y, h_final, checkpoints."""
     want = jax.jit(functools.partial(reference.forward, chunk_size=64))(*args, keep)
@@ -129,11 +136,9 @@ def check_forward_variants(args, keep):
                                            **options))
             y, h_final, ckpt = fn(*args, keep)
             want_ckpt = jnp.transpose(want[2], (1, 0, 3, 2, 4)).reshape(ckpt.shape)
-            errs = {"y": _relative_error(y, want[0]), "h_final": _relative_error(h_final, want[1]),
-                    "ckpt": _relative_error(ckpt, want_ckpt)}
-            ok = all(isinstance(e, float) and e < 1e-2 for e in errs.values())
-            shown = {n: (f"{e:.1e}" if isinstance(e, float) else e) for n, e in errs.items()}
-            print(f"correctness bf16 fwd mosaic_{name:24s} {shown} pass={ok}", flush=True)
+            _report(f"fwd mosaic_{name:24s}", {
+                "y": _relative_error(y, want[0]), "h_final": _relative_error(h_final, want[1]),
+                "ckpt": _relative_error(ckpt, want_ckpt)})
         except Exception:  # noqa: BLE001 - report and go on
             print(f"correctness bf16 fwd mosaic_{name} FAILED:", flush=True)
             traceback.print_exc()
@@ -153,9 +158,7 @@ def check_correctness():
             y, h_final, grads = jax.jit(fn)(args, keep, dy, dh)
             errs = {"y": _relative_error(y, y_ref), "h_final": _relative_error(h_final, hf_ref)}
             errs.update({n: _relative_error(g, w) for n, g, w in zip(NAMES, grads, g_ref)})
-            ok = all(isinstance(e, float) and e < 1e-2 for e in errs.values())
-            shown = {n: (f"{e:.1e}" if isinstance(e, float) else e) for n, e in errs.items()}
-            print(f"correctness bf16 {name:34s} {shown} pass={ok}", flush=True)
+            _report(f"{name:34s}", errs)
         except Exception:  # noqa: BLE001 - report and go on
             print(f"correctness bf16 {name} FAILED:", flush=True)
             traceback.print_exc()
