@@ -1,0 +1,112 @@
+"""Shared by the Mosaic GPU forward and backward: supported inputs, the XLA-side input layout,
+the launch, the bf16 splitting of float32 operands."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from m2rnn_jax.heads import expand_heads
+
+# The checkpoint interval. 32 measured faster than 64 on an H200 (8×4096×84 fwd+bwd 21.9 vs
+# 30.0 ms) for 0.17 GiB more memory (1.20 vs 1.03 GiB); benchmarks/RESULTS.md.
+DEFAULT_CHUNK_SIZE = 32
+DEFAULT_STAGE_SIZE = 32  # bf16: ~25 KiB of SMEM per CTA (64: ~46 KiB, at most 4 CTAs per SM)
+KEY_DIM = 64
+VALUE_DIM = 16
+_F32 = jnp.float32
+_BF16 = jnp.bfloat16
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16),)
+
+
+def choose_chunk_size(seq_len, requested):
+    if requested is None:
+        requested = DEFAULT_CHUNK_SIZE
+    if not isinstance(requested, int) or requested < 8 or requested % 8:
+        raise ValueError(f"chunk_size for the Mosaic GPU kernel must be a positive multiple of 8, "
+                         f"got {requested!r}")
+    return min(requested, -(-seq_len // 8) * 8)
+
+
+def _unsupported(q, k, v, w, f, h0):
+    """Why these inputs do not fit the kernels (empty when they do)."""
+    batch, seq_len, nq, key_dim = q.shape
+    num_heads, value_dim = h0.shape[1], v.shape[-1]
+    problems = []
+    if key_dim != KEY_DIM or k.shape[-1] != KEY_DIM:
+        problems.append(f"K must be {KEY_DIM} (got {key_dim})")
+    if value_dim != VALUE_DIM or w.shape[-2:] != (VALUE_DIM, VALUE_DIM):
+        problems.append(f"V must be {VALUE_DIM} (got {value_dim})")
+    if h0.shape != (batch, num_heads, KEY_DIM, VALUE_DIM):
+        problems.append(f"h0 must be (B, N, {KEY_DIM}, {VALUE_DIM}) (got {h0.shape})")
+    for name, x in (("q", q), ("k", k), ("v", v), ("w", w)):
+        if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
+            problems.append(
+                f"{name} must be bfloat16 (got {x.dtype}); float32 inputs: use the Triton kernel "
+                f"(pallas_kernels.m2rnn.gpu) — the float32 Mosaic path (3-part split) missed 1e-4 "
+                f"on an H200 (y rel. error 2.2e-3)")
+    if jnp.dtype(f.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        problems.append(f"f must be bfloat16 or float32 (got {f.dtype})")
+    heads = (nq, k.shape[2], v.shape[2], f.shape[2], w.shape[0])
+    if any(num_heads % h for h in heads):
+        problems.append(f"every head count must divide N = {num_heads} (got {heads})")
+    return problems
+
+
+def _check_supported(q, k, v, w, f, h0, keep, chunk_size):
+    batch, seq_len = q.shape[:2]
+    problems = _unsupported(q, k, v, w, f, h0)
+    if not isinstance(chunk_size, int) or chunk_size < 8 or chunk_size % 8 or seq_len % chunk_size:
+        problems.append(f"chunk_size must be a multiple of 8 dividing S = {seq_len} "
+                        f"(got {chunk_size})")
+    if keep is not None and keep.shape != (batch, seq_len):
+        problems.append(f"keep must be (B, S) (got {keep.shape})")
+    if problems:
+        raise ValueError("Mosaic GPU M²RNN kernels do not support these inputs: "
+                         + "; ".join(problems))
+
+
+def supports(q, k, v, w, f, h0):
+    """True when the op's inputs fit these kernels (bfloat16, K = 64, V = 16) and the GPU is a
+    Hopper (wgmma: compute capability 9.x). ``backend="auto"`` picks them then."""
+    device = jax.devices()[0]
+    if device.platform != "gpu" or not str(getattr(device, "compute_capability", "")).startswith("9"):
+        return False
+    return not _unsupported(q, k, v, w, f, h0)
+
+
+def _per_head_inputs(q, k, v, f, num_heads):
+    """The kernels' input layout (XLA side): q/k expanded to L = lcm(Nq, Nk) groups, v to N
+    heads, f to N heads as float32 ``(B, N, S)`` (one 1-D TMA per head and block)."""
+    groups = math.lcm(q.shape[2], k.shape[2])
+    fn = jnp.transpose(expand_heads(f, num_heads, axis=2).astype(_F32), (0, 2, 1))
+    return (groups, expand_heads(q, groups, axis=2), expand_heads(k, groups, axis=2),
+            expand_heads(v, num_heads, axis=2), fn)
+
+
+def _launch(kernel, out_type, scratch, grid, approx_tanh, no_auto_barriers, interpret, name):
+    """``plgpu.kernel`` over the (batch, head) grid, one warpgroup per CTA; the Mosaic GPU
+    interpreter when ``interpret``."""
+    return plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("b", "n"),
+        compiler_params=plgpu.CompilerParams(approx_math=bool(approx_tanh),
+                                             unsafe_no_auto_barriers=bool(no_auto_barriers)),
+        interpret=plgpu.InterpretGPUParams() if interpret else None, kernel_name=name)
+
+
+def _bf16_parts(x, parts):
+    """x ≈ sum of ``parts`` bf16 terms (each the bf16 rounding of what the previous left)."""
+    out = []
+    rest = x.astype(_F32)
+    for _ in range(parts):
+        part = rest.astype(_BF16)
+        out.append(part)
+        rest = rest - part.astype(_F32)
+    return out
+
+
+def _products(state_parts, weight_parts):
+    """The (state part, weight part) products kept: those of total order < state_parts."""
+    return [(i, j) for i in range(state_parts) for j in range(weight_parts)
+            if i + j < state_parts]
