@@ -104,6 +104,14 @@ def test_length_curriculum_masks_late_positions_and_grows_to_the_train_length():
         tasks.sample_word_problems(group, np.random.default_rng(1), 8, 12, "fixed", 13)
     with pytest.raises(ConfigError, match="curriculum_start_length"):
         TaskConfig(train_length=8, curriculum_steps=10, curriculum_start_length=16)
+    # The accuracy-gated curriculum: doubles at the threshold, never past the train length.
+    assert tasks.gated_curriculum_length(2, 0.95, 0.95, 64) == 4
+    assert tasks.gated_curriculum_length(2, 0.94, 0.95, 64) == 2
+    assert tasks.gated_curriculum_length(48, 0.99, 0.95, 64) == 64
+    with pytest.raises(ConfigError, match="two curricula"):
+        TaskConfig(curriculum_steps=10, curriculum_accuracy=0.9)
+    with pytest.raises(ConfigError, match="curriculum_accuracy"):
+        TaskConfig(curriculum_accuracy=1.5)
 
 
 @pytest.mark.parametrize("call, message", [
@@ -174,7 +182,10 @@ def test_command_writes_well_formed_results(tmp_path):
     out = tmp_path / "out"
     results = cli.main(["--config", str(tiny_experiment(tmp_path, models)), "--out", str(out),
                         "--models", "m2rnn,attention_rope,mamba2", "--seeds", "1",
-                        "--first-seed", "2", "--no-progress"])
+                        "--first-seed", "2", "--no-progress",
+                        # exercises the accuracy-gated curriculum (grows at every log step)
+                        "--set", "task.curriculum_accuracy=1e-6",
+                        "--set", "task.curriculum_start_length=2"])
     assert [r.model for r in results] == ["m2rnn", "attention_rope", "mamba2"]
     assert all(r.steps == 3 and np.isfinite(r.final_loss) for r in results)
 

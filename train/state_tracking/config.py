@@ -38,6 +38,10 @@ class TaskConfig:
     # masked out of the loss). 0 = off.
     curriculum_steps: int = 0
     curriculum_start_length: int = 4
+    # Accuracy-gated curriculum instead (when set): start at `curriculum_start_length` and
+    # double the scored length whenever the training accuracy, read every `train.log_every`
+    # steps, reaches this value. Excludes `curriculum_steps`.
+    curriculum_accuracy: float | None = None
 
     def __post_init__(self):
         for name in ("train_length", "eval_sequences", "eval_batch_size",
@@ -45,7 +49,15 @@ class TaskConfig:
             _positive(getattr(self, name), f"task.{name}")
         if self.curriculum_steps < 0:
             raise ConfigError(f"task.curriculum_steps must be >= 0, got {self.curriculum_steps}")
-        if self.curriculum_steps and self.curriculum_start_length > self.train_length:
+        if self.curriculum_accuracy is not None:
+            if not 0 < self.curriculum_accuracy <= 1:
+                raise ConfigError(f"task.curriculum_accuracy must be in (0, 1], got "
+                                  f"{self.curriculum_accuracy}")
+            if self.curriculum_steps:
+                raise ConfigError("task.curriculum_accuracy and task.curriculum_steps are two "
+                                  "curricula: set one of them")
+        curriculum = self.curriculum_steps or self.curriculum_accuracy is not None
+        if curriculum and self.curriculum_start_length > self.train_length:
             raise ConfigError(f"task.curriculum_start_length ({self.curriculum_start_length}) "
                               f"must not exceed task.train_length ({self.train_length})")
         if not self.eval_lengths:

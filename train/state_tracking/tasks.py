@@ -81,6 +81,15 @@ def curriculum_length(step: int, start_length: int, final_length: int, steps: in
     return max(start_length, min(final_length, int(grown)))
 
 
+def gated_curriculum_length(scored_length: int, train_accuracy: float, threshold: float,
+                            final_length: int) -> int:
+    """Accuracy-gated length curriculum: the scored length doubles (up to ``final_length``) once
+    the training accuracy at the current length reaches ``threshold``."""
+    if train_accuracy >= threshold:
+        return min(2 * scored_length, final_length)
+    return scored_length
+
+
 def eval_word_problems(group: PermutationGroup, seed: int, num_sequences: int,
                        length: int) -> WordProblemBatch:
     """The fixed evaluation set for one length: the same words for every model and run."""

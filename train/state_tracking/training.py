@@ -18,7 +18,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from m2rnn_jax import HybridLM, decay_mask
-from train.state_tracking.tasks import curriculum_length, eval_word_problems, sample_word_problems
+from train.state_tracking.tasks import (curriculum_length, eval_word_problems,
+                                        gated_curriculum_length, sample_word_problems)
 
 
 @dataclasses.dataclass
@@ -96,9 +97,12 @@ class ModelRunner:
                    leave=False, dynamic_ncols=True)
         compile_s, loss, accuracy, steps = 0.0, float("nan"), float("nan"), 0
         start = time.perf_counter()
+        gated = task_config.curriculum_accuracy is not None
+        scored = task_config.curriculum_start_length if gated else None
         for step in range(cfg.steps):
-            scored = curriculum_length(step, task_config.curriculum_start_length,
-                                       task_config.train_length, task_config.curriculum_steps)
+            if not gated:
+                scored = curriculum_length(step, task_config.curriculum_start_length,
+                                           task_config.train_length, task_config.curriculum_steps)
             batch = sample_word_problems(group, rng, cfg.batch_size, task_config.train_length,
                                          task_config.length_sampling, scored)
             params, opt_state, loss_t, accuracy_t = self._train_step(
@@ -109,7 +113,16 @@ class ModelRunner:
                 compile_s = time.perf_counter() - start
             if steps % cfg.log_every == 0 or steps == cfg.steps:
                 loss, accuracy = float(loss_t), float(accuracy_t)  # waits for the step
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", refresh=False)
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", len=scored,
+                                refresh=False)
+                if gated:
+                    grown = gated_curriculum_length(scored, accuracy,
+                                                    task_config.curriculum_accuracy,
+                                                    task_config.train_length)
+                    if grown != scored:
+                        tqdm.write(f"{self.name} seed {seed}: step {steps}, training accuracy "
+                                   f"{accuracy:.3f} at length {scored} -> length {grown}")
+                    scored = grown
                 bar.update(steps - bar.n)
                 if deadline is not None and time.perf_counter() > deadline:
                     break
