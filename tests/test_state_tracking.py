@@ -242,3 +242,31 @@ def test_command_does_not_import_grain():
             "assert 'grain' not in sys.modules, sorted(m for m in sys.modules if 'grain' in m)")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_models_are_causal_so_curriculum_prefixes_are_exact(tmp_path):
+    """A curriculum step trains on a prefix of the words (training.py): exact only if no model
+    looks ahead. Logits of a prefix must equal the prefix of the full logits, for every model
+    kind of the experiments, with chunked layers at a length that is not a multiple of their
+    chunk."""
+    from train.state_tracking.training import ModelRunner
+
+    models = {
+        "m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
+                                                 "backend": "scan"}},
+        "attention": {"layer_pattern": "A", "attention": {"num_heads": 2}},
+        "mamba2": {"layer_pattern": "S", "mamba2": {"num_heads": 2, "head_dim": 4,
+                                                    "state_dim": 4, "chunk_size": 4}},
+        "gated_deltanet": {"layer_pattern": "D", "gated_deltanet": {
+            "num_heads": 2, "key_dim": 4, "value_dim": 4, "chunk_size": 4}},
+    }
+    config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, models))
+    tokens = np.random.default_rng(0).integers(0, 6, size=(3, 11)).astype(np.int32)
+    for name in models:
+        runner = ModelRunner(name, config.model_config(name, 6), config.train)
+        params = runner.init_params(0)
+        full = np.asarray(runner._logits(params, tokens))
+        for width in (2, 5):
+            prefix = np.asarray(runner._logits(params, tokens[:, :width]))
+            np.testing.assert_allclose(prefix, full[:, :width], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{name} at width {width}")
