@@ -204,6 +204,21 @@ def test_prefill_then_decode_matches_the_full_sequence(letter, inputs):
         np.testing.assert_allclose(np.asarray(y[:, 0]), full[:, t], rtol=1e-4, atol=1e-5)
 
 
+def _packed_keep(b, s):
+    """Reset mask of two packed rows of 13 steps (documents of 5+8 and 4+3+6 steps)."""
+    assert (b, s) == (2, 13)
+    return continues_document(jnp.asarray([[0] * 5 + [1] * 8, [2] * 4 + [3] * 3 + [4] * 6]), b, s)
+
+
+def _assert_chunked_matches(chunked_fn, args, want):
+    """The chunked form at chunk sizes that divide S, do not, and cover it, against the step
+    scan's (outputs, final state)."""
+    for chunk in (4, 5, 13):
+        got = jax.jit(chunked_fn, static_argnums=len(args))(*args, chunk)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_diagonal_recurrence_matches_the_scan():
     """Chunks that do not divide S, documents starting inside and at chunk edges, strong decays."""
     rng = np.random.default_rng(4)
@@ -212,15 +227,9 @@ def test_chunked_diagonal_recurrence_matches_the_scan():
                  for shape in ((b, s, h, p), (b, s, h, n), (b, s, h, n)))
     dt = rng.uniform(0.01, 2.0, (b, s, h)).astype(np.float32)
     log_decay = -rng.uniform(0.0, 3.0, (b, s, h)).astype(np.float32)
-    segment_ids = jnp.asarray([[0] * 5 + [1] * 8, [2] * 4 + [3] * 3 + [4] * 6])
-    keep = continues_document(segment_ids, b, s)
-    want, want_state = diagonal_recurrence(x, dt, np.exp(log_decay), bm, cm, keep)
-    for chunk in (4, 5, 13):
-        got, state = jax.jit(diagonal_recurrence_chunked, static_argnums=6)(
-            x, dt, log_decay, bm, cm, keep, chunk)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(state), np.asarray(want_state), rtol=1e-5,
-                                   atol=1e-5)
+    keep = _packed_keep(b, s)
+    want = diagonal_recurrence(x, dt, np.exp(log_decay), bm, cm, keep)
+    _assert_chunked_matches(diagonal_recurrence_chunked, (x, dt, log_decay, bm, cm, keep), want)
 
 
 def test_chunked_gated_delta_rule_matches_the_scan():
@@ -231,15 +240,9 @@ def test_chunked_gated_delta_rule_matches_the_scan():
     v = rng.standard_normal((b, s, h, vd)).astype(np.float32)
     log_alpha = -rng.uniform(0.0, 3.0, (b, s, h)).astype(np.float32)
     beta = rng.uniform(0.0, 1.0, (b, s, h)).astype(np.float32)
-    segment_ids = jnp.asarray([[0] * 5 + [1] * 8, [2] * 4 + [3] * 3 + [4] * 6])
-    keep = continues_document(segment_ids, b, s)
-    want, want_state = gated_delta_rule(q, k, v, np.exp(log_alpha), beta, keep)
-    for chunk in (4, 5, 13):
-        got, state = jax.jit(gated_delta_rule_chunked, static_argnums=6)(
-            q, k, v, log_alpha, beta, keep, chunk)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(state), np.asarray(want_state), rtol=1e-5,
-                                   atol=1e-5)
+    keep = _packed_keep(b, s)
+    want = gated_delta_rule(q, k, v, np.exp(log_alpha), beta, keep)
+    _assert_chunked_matches(gated_delta_rule_chunked, (q, k, v, log_alpha, beta, keep), want)
 
 
 def test_letters_registered_and_build_into_hybrid_lm():
