@@ -28,7 +28,7 @@ from jax import lax
 from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
 from m2rnn_jax.layers.linear import Linear
 from m2rnn_jax.layers.m2rnn import init_A_log, init_dt_bias
-from m2rnn_jax.layers.mamba2 import continues_document
+from m2rnn_jax.layers.mamba2 import chunk_layout, continues_document
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
 from m2rnn_jax.layers.registry import register_mixer
@@ -78,19 +78,10 @@ def gated_delta_rule_chunked(q, k, v, log_alpha, beta, keep, chunk_size):
     """
     batch, seq_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    chunk = min(chunk_size, seq_len)
-    pad = -seq_len % chunk
-
-    def chunks(a, fill=0.0):  # (B, S, ...) -> (B, Z, C, ...), padded steps change nothing
-        a = jnp.pad(a.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),
-                    constant_values=fill)
-        return a.reshape((batch, -1, chunk) + a.shape[2:])
-
-    q, k, v, log_alpha, beta = (chunks(a) for a in (q, k, v, log_alpha, beta))
-    starts = jnp.cumsum(1.0 - chunks(keep, 1.0), axis=2)  # documents begun so far in the chunk
+    to_chunks, starts, same = chunk_layout(keep, chunk_size)  # padded steps change nothing
+    chunk = starts.shape[2]
+    q, k, v, log_alpha, beta = (to_chunks(a) for a in (q, k, v, log_alpha, beta))
     g = jnp.cumsum(log_alpha, axis=2)  # (b, z, c, h)
-    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-    same = (starts[..., :, None] == starts[..., None, :]) & causal  # (b, z, t, s)
     gap = jnp.moveaxis(g[:, :, :, None, :] - g[:, :, None, :, :], -1, 2)  # (b, z, h, t, s)
     decay = jnp.exp(jnp.where(same[:, :, None], gap, -jnp.inf))  # Γ, zero above the diagonal
     reach = jnp.moveaxis(jnp.where(starts == 0, 1.0, 0.0)[..., None] * jnp.exp(g), -1, 2)

@@ -67,6 +67,25 @@ def diagonal_recurrence(x, dt, decay, B, C, keep, initial_state=None):
     return jnp.moveaxis(y, 0, 1), h_final
 
 
+def chunk_layout(keep, chunk_size):
+    """What the chunked baselines share: ``to_chunks`` (``(B, S, ...)`` -> float32
+    ``(B, Z, C, ...)``, S zero-padded to a multiple of the chunk ``C = min(chunk_size, S)``),
+    ``starts`` (documents begun so far in each chunk, a start at step t counting at t; padded
+    steps continue the document) and ``same`` (``(B, Z, t, s)``: s ≤ t in one document)."""
+    batch, seq_len = keep.shape
+    chunk = min(chunk_size, seq_len)
+    pad = -seq_len % chunk
+
+    def to_chunks(a, fill=0.0):
+        a = jnp.pad(a.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),
+                    constant_values=fill)
+        return a.reshape((batch, -1, chunk) + a.shape[2:])
+
+    starts = jnp.cumsum(1.0 - to_chunks(keep, 1.0), axis=2)  # (b, z, c)
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
+    return to_chunks, starts, (starts[..., :, None] == starts[..., None, :]) & causal
+
+
 def diagonal_recurrence_chunked(x, dt, log_decay, B, C, keep, chunk_size):
     """Same result as ``diagonal_recurrence`` with ``decay = exp(log_decay)`` (zero initial
     state), by chunks of ``chunk_size``; the decay enters as its log so that no step underflows.
@@ -76,18 +95,10 @@ def diagonal_recurrence_chunked(x, dt, log_decay, B, C, keep, chunk_size):
     """
     batch, seq_len, heads, head_dim = x.shape
     state_dim = B.shape[-1]
-    chunk = min(chunk_size, seq_len)
-    pad = -seq_len % chunk
-    f32 = lambda a, fill=0.0: jnp.pad(a.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (
-        a.ndim - 2), constant_values=fill).reshape((batch, -1, chunk) + a.shape[2:])
     # Padded steps have dt = 0 and a = 1: they change nothing.
-    x, dt, log_a, B, C = (f32(a) for a in (x, dt, log_decay, B, C))
-    keep = f32(keep, 1.0)
-    # Documents started so far in the chunk (a start at step t counts at t).
-    starts = jnp.cumsum(1.0 - keep, axis=2)  # (b, z, c)
+    to_chunks, starts, same = chunk_layout(keep, chunk_size)
+    x, dt, log_a, B, C = (to_chunks(a) for a in (x, dt, log_decay, B, C))
     cum = jnp.cumsum(log_a, axis=2)  # (b, z, c, h)
-    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-    same = (starts[..., :, None] == starts[..., None, :]) & causal  # (b, z, t, s)
     gap = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (b, z, t, s, h): c_t - c_s
     weights = jnp.exp(jnp.where(same[..., None], gap, -jnp.inf))
     scores = jnp.einsum("bzthn,bzshn->bztsh", C, B, precision=_HIGHEST)
