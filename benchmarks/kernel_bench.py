@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from m2rnn_jax import m2rnn
-from pallas_kernels.m2rnn import gpu, mosaic_gpu
+from m2rnn_jax.ops import resolve_backend
+from pallas_kernels.m2rnn import gpu
 from timing import median_seconds  # benchmarks/ is on sys.path when run as a script
 
 SHAPES = [(8, 4096, 84), (4, 4096, 132), (1, 16384, 84), (1, 65536, 84)]
@@ -268,15 +269,6 @@ def op_fns(backend):
     return op_forward, op_forward_backward
 
 
-def resolved_backend(backend, q, k, v, w, f):
-    """The kernel ``backend="auto"`` runs for these inputs (the Mosaic kernels on a Hopper GPU
-    for bf16 K=64 V=16, else the Triton-lowered ones)."""
-    if backend != "auto":
-        return backend
-    h0 = jax.ShapeDtypeStruct((q.shape[0], v.shape[2], q.shape[-1], v.shape[-1]), jnp.float32)
-    return "mosaic_gpu" if mosaic_gpu.supports(q, k, v, w, f, h0) else "pallas_gpu"
-
-
 def compile_all(jobs, workers):
     """Lowers each job (serially: ablations patch the module while tracing), then compiles them
     in parallel threads. Sets job["compiled"] or job["error"]."""
@@ -421,7 +413,7 @@ def main():
                                                     batch, seq_len, heads)
         op_forward, op_forward_backward = op_fns(args.op_backend)
         shape = (batch, seq_len, heads)
-        label = resolved_backend(args.op_backend, q, k, v, w, f)
+        label = resolve_backend(args.op_backend, q, k, v, w, f)
         jobs.append({"name": "op", "shape": shape, "what": "fwd", "fn": op_forward,
                      "args": (q, k, v, w, f), "backend": label})
         jobs.append({"name": "op", "shape": shape, "what": "fwd_bwd", "fn": op_forward_backward,

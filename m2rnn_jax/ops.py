@@ -57,14 +57,9 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
     """
     num_heads = _validate(query, key, value, weight, forget_input, input_state,
                           gradient_clipping, segment_ids)
-    name = _resolve_backend(backend)
+    name = resolve_backend(backend, query, key, value, weight, forget_input)
     batch, seq_len, _, key_dim = query.shape
     value_dim = value.shape[-1]
-    if name == "pallas_gpu" and backend in ("auto", "pallas"):
-        state_shape = jax.ShapeDtypeStruct((batch, num_heads, key_dim, value_dim), jnp.float32)
-        if _backend_module("mosaic_gpu").supports(query, key, value, weight, forget_input,
-                                                  state_shape):
-            name = "mosaic_gpu"
     module = _backend_module(name)
     chunk = module.choose_chunk_size(seq_len, chunk_size) if hasattr(module, "choose_chunk_size") \
         else min(chunk_size or module.DEFAULT_CHUNK_SIZE, seq_len)
@@ -121,7 +116,22 @@ def keep_mask(segment_ids):
     return jnp.concatenate([first, same], axis=1).astype(jnp.float32)
 
 
-def _resolve_backend(backend):
+def resolve_backend(backend, query, key, value, weight, forget_input):
+    """The backend ``m2rnn`` runs for these (valid) arguments: ``"auto"``/``"pallas"`` resolved
+    for the platform, and on a Hopper GPU the Mosaic kernels where they support the inputs."""
+    name = _platform_backend(backend)
+    if name == "pallas_gpu" and backend in ("auto", "pallas"):
+        num_heads = max(query.shape[2], key.shape[2], value.shape[2], forget_input.shape[2],
+                        weight.shape[0])
+        state_shape = jax.ShapeDtypeStruct(
+            (query.shape[0], num_heads, query.shape[-1], value.shape[-1]), jnp.float32)
+        if _backend_module("mosaic_gpu").supports(query, key, value, weight, forget_input,
+                                                  state_shape):
+            return "mosaic_gpu"
+    return name
+
+
+def _platform_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     platform = jax.default_backend()
