@@ -33,6 +33,8 @@ class RunResult:
     eval_s: float
     final_loss: float
     final_train_accuracy: float
+    # Longest scored length trained on (the curriculum's last length; train_length without one).
+    final_scored_length: int
     # One entry per evaluation length: {"length", "position_accuracy", "sequence_accuracy"}.
     evals: list
 
@@ -120,6 +122,11 @@ class ModelRunner:
                 loss, accuracy = float(loss_t), float(accuracy_t)  # waits for the step
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", len=scored,
                                 refresh=False)
+                if not progress:  # headless runs (logs, sweeps) still show how training goes
+                    print(f"{self.name} seed {seed}: step {steps}, loss {loss:.3f}, training "
+                          f"accuracy {accuracy:.3f}, scored length "
+                          f"{task_config.train_length if scored is None else scored}, "
+                          f"{time.perf_counter() - start:.0f}s", flush=True)
                 if gated:
                     grown = gated_curriculum_length(scored, accuracy,
                                                     task_config.curriculum_accuracy,
@@ -140,7 +147,9 @@ class ModelRunner:
         return RunResult(model=self.name, seed=seed, num_params=self.num_params, steps=steps,
                          compile_s=compile_s, train_s=train_s,
                          eval_s=time.perf_counter() - eval_start, final_loss=loss,
-                         final_train_accuracy=accuracy, evals=evals)
+                         final_train_accuracy=accuracy,
+                         final_scored_length=task_config.train_length if scored is None
+                         else scored, evals=evals)
 
     def evaluate(self, params, group, task_config, length):
         words = eval_word_problems(group, task_config.eval_seed, task_config.eval_sequences,

@@ -1,0 +1,108 @@
+"""Runs named variants of one state-tracking experiment side by side and tabulates them.
+
+Each variant is one process of ``python -m train.state_tracking.cli`` (one model, one seed) with
+its own ``--set`` overrides, all on the same GPU (or the CPU), logging to ``OUT/<variant>.log``
+and writing ``OUT/<variant>/results.json``. The table at the end shows how far each variant got:
+steps, the longest curriculum length it was trained on, its last training accuracy, and the
+per-position accuracy at each evaluation length. Use it to find settings cheaply before
+spending seeds and baselines on them.
+
+    PYTHONPATH=. python3 benchmarks/state_tracking_sweep.py --variants all --time-budget-s 420 \
+        --out /tmp/sweep [--gpu 1] [-- extra cli flags, e.g. --train-len 16]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+M2RNN = "models.m2rnn.m2rnn."
+# Decay init that makes f = exp(-A·dt) small at the start (A·dt in [0.8, 16]): each step
+# replaces most of the state, as an Elman RNN's does, instead of integrating slowly (SPEC §2's
+# init gives f ≈ 0.9).
+OVERWRITE = [f"{M2RNN}A_init_min=8.0", f"{M2RNN}dt_init_min=0.1", f"{M2RNN}dt_init_max=1.0"]
+WIDE = [f"{M2RNN}value_dim=256", f"{M2RNN}num_heads=1"]
+VARIANTS = {
+    "base": [],  # the config as written
+    "overwrite": OVERWRITE,
+    "v256": WIDE,
+    "v256_overwrite": WIDE + OVERWRITE,
+    "v128_h4_overwrite": [f"{M2RNN}value_dim=128"] + OVERWRITE,
+    "v256_overwrite_lr5e-4": WIDE + OVERWRITE + ["train.learning_rate=5e-4"],
+    "v256_overwrite_noclip": WIDE + OVERWRITE + [f"{M2RNN}gradient_clipping=null"],
+    "v128_h4_overwrite_3layers": [f"{M2RNN}value_dim=128", "models.m2rnn.layer_pattern=MMM"]
+    + OVERWRITE,
+}
+# What every variant shares (the cli's own flags may follow `--` on the command line).
+COMMON = ["--config", "configs/state_tracking/s5_gated.yaml", "--models", "m2rnn", "--seeds",
+          "1", "--steps", "200000", "--train-len", "16", "--eval-lens", "16,64,128",
+          "--batch-size", "256", "--no-progress", "--set", "train.log_every=250",
+          "--set", f"{M2RNN}backend=scan"]
+
+
+def launch(name, overrides, args, extra):
+    out = os.path.join(args.out, name)
+    cmd = [sys.executable, "-m", "train.state_tracking.cli", *COMMON, "--time-budget-s",
+           str(args.time_budget_s), "--out", out, *extra]
+    for assignment in overrides:
+        cmd += ["--set", assignment]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    # Several processes share one GPU: let each take a slice of its memory, not 75 %.
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / max(1, args.parallel):.3f}")
+    log = open(os.path.join(args.out, f"{name}.log"), "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+def summarize(names, out_dir):
+    rows = []
+    for name in names:
+        path = os.path.join(out_dir, name, "results.json")
+        if not os.path.exists(path):
+            rows.append(f"{name:30s} no results (see {name}.log)")
+            continue
+        with open(path) as fh:
+            data = json.load(fh)
+        run = data["runs"][0]
+        accs = "  ".join(f"L={r['length']}: {100 * r['position_accuracy']:5.1f}%"
+                         for r in data["results"])
+        rows.append(f"{name:30s} {run['steps']:>7d} {run.get('final_scored_length', '?'):>6} "
+                    f"{100 * run['final_train_accuracy']:7.1f}%  {accs}")
+    header = f"{'variant':30s} {'steps':>7s} {'length':>6s} {'train acc':>8s}  eval per-position"
+    return "\n".join([header, *rows])
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default="all",
+                   help=f"comma-separated names, or all: {', '.join(VARIANTS)}")
+    p.add_argument("--time-budget-s", type=float, default=420.0, help="per variant")
+    p.add_argument("--out", required=True)
+    p.add_argument("--gpu", help="CUDA_VISIBLE_DEVICES for every variant")
+    args = p.parse_args(argv)
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    args.parallel = len(names)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.time()
+    procs = {name: launch(name, VARIANTS[name], args, extra) for name in names}
+    for name, (proc, log) in procs.items():
+        proc.wait()
+        log.close()
+        print(f"{name}: exit {proc.returncode} after {time.time() - start:.0f}s", flush=True)
+    table = summarize(names, args.out)
+    with open(os.path.join(args.out, "sweep.txt"), "w") as fh:
+        fh.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
