@@ -213,14 +213,15 @@ def test_bfloat16_backward_matches_scan(case):
     assert max(errors.values()) < BF16_TOLERANCE, errors
 
 
-# Backward options (opt-in; the defaults above are what was measured): (case, options).
+# Backward options other than the defaults (the defaults: per-warp dv/df partials and
+# warp-local dq/dk row sums summed once per chunk, dq/dk summed over a group's heads in the
+# kernel — interpret: per-head float32 + XLA sum, the TMA reduce-add is checked by lowering —,
+# approx tanh): (case, options).
 BWD_OPTION_CASES = {
-    # Per-warp dv/df partials and warp-local dq/dk row sums, summed once per chunk.
-    "warp_sums": ("paper_grouping_keep_clip", {"reductions": "warp_sums"}),
-    # dq/dk summed over a group's heads in the kernel (interpret: per-head float32 + XLA sum,
-    # the TMA reduce-add is checked by lowering), with the warp sums, two q/k groups.
-    "kernel_qk_sum_warp_sums": ("two_qk_groups_noclip",
-                                {"reductions": "warp_sums", "qk_grad_sum": "kernel"}),
+    # The first measured path: per-step cross-warp reductions, per-head bf16 dq/dk summed in XLA.
+    "per_step_xla_sum": ("paper_grouping_keep_clip",
+                         {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False}),
+    "per_step_kernel_sum": ("two_qk_groups_noclip", {"reductions": "per_step"}),
 }
 
 
@@ -263,19 +264,19 @@ def _backward_shapes(seq_len, chunk):
 
 
 def test_backward_options_lower_for_cuda():
-    """The options' real paths for sm_90 on the CPU: TMA reduce-add of float32 dq/dk into
-    ``jax.new_ref`` buffers (aliased to outputs), the inline per-step warp sums and per-chunk
-    partial sums, without automatic barriers and with approx tanh."""
+    """The real paths for sm_90 on the CPU, defaults and alternatives: TMA reduce-add of
+    float32 dq/dk into ``jax.new_ref`` buffers (aliased to outputs) or per-head outputs, inline
+    per-step warp sums without automatic barriers or per-step cross-warp reductions."""
     args = _backward_shapes(seq_len=64, chunk=32)
-    for options in ({"qk_grad_sum": "kernel"}, {"reductions": "warp_sums"},
-                    {"reductions": "warp_sums", "qk_grad_sum": "kernel",
-                     "no_auto_barriers": True, "approx_tanh": True}):
+    for options in ({}, {"qk_grad_sum": "xla"}, {"reductions": "per_step"},
+                    {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False}):
         fn = functools.partial(mosaic_gpu.backward, gradient_clipping=1.0, chunk_size=32,
                                interpret=False, **options)
         module = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
         assert "mosaic_gpu" in module
         # In-kernel dq/dk sums: the zero-initialised buffers are aliased inputs/outputs.
-        assert ("output_operand_alias" in module) == (options.get("qk_grad_sum") == "kernel")
+        assert ("output_operand_alias" in module) == (
+            options.get("qk_grad_sum", "kernel") == "kernel")
 
 
 def test_backward_lowers_for_cuda():

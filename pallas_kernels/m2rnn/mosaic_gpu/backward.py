@@ -235,8 +235,8 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
 
 
 def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
-             chunk_size=DEFAULT_CHUNK_SIZE, approx_tanh=False, no_auto_barriers=False,
-             qk_grad_dtype=_BF16, qk_grad_sum="xla", reductions="per_step", interpret=None):
+             chunk_size=DEFAULT_CHUNK_SIZE, approx_tanh=True, no_auto_barriers=None,
+             qk_grad_dtype=_BF16, qk_grad_sum="kernel", reductions="warp_sums", interpret=None):
     """The backend-interface backward: ``(dq, dk, dv, dw, df, dh0)`` (bfloat16 inputs).
 
     Consumes the checkpoints of ``forward`` (or ``gpu.forward``) with the same ``chunk_size``.
@@ -245,13 +245,18 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     SMEM, then each sub-chunk's states recomputed into registers and walked back. ``du Wᵀ`` is a
     register-A wgmma on bf16 hi/lo parts of ``du`` (Wᵀ exact in bf16). ``dW`` accumulates in a
     64×64 wgmma accumulator, one wgmma per sub-chunk on bf16 ``H_{t-1}`` and ``du`` stacks
-    (M = 4 steps × 16; only the diagonal blocks are used). dq/dk are written per head
-    (``qk_grad_dtype``, B·S·N·64 each) and summed over the heads of a group in XLA.
+    (M = 4 steps × 16; only the diagonal blocks are used). dq/dk of a group's heads are summed
+    in the kernel (``qk_grad_sum``, below).
 
-    Options (the defaults are what was measured on 2026-11-30: 8×4096×84 fwd+bwd 21.8 ms,
-    1.19 GiB):
+    Options. The defaults are the fastest combination measured on an H200 (2026-11-30,
+    ``benchmarks/mosaic_check.py``): 8×4096×84 fwd+bwd 13.5 ms and 0.56 GiB extra, against
+    21.6 ms / 1.20 GiB with ``qk_grad_sum="xla", reductions="per_step", approx_tanh=False,
+    no_auto_barriers=False`` (bf16 error against the scan at 2×256×4 at most 2.8e-3, dW).
 
-    * ``qk_grad_sum="kernel"``: each CTA adds its float32 dq/dk chunk into zero-initialised
+    * ``approx_tanh``: ``tanh.approx.f32`` in the recomputed states (as the forward).
+    * ``qk_grad_sum="xla"``: dq/dk written per head (``qk_grad_dtype``, B·S·N·64 each) and
+      summed over the heads of a group in XLA.
+    * ``qk_grad_sum="kernel"`` (default): each CTA adds its float32 dq/dk chunk into zero-initialised
       ``(B, S, L, 64)`` float32 buffers with a TMA reduce-add (``cp.reduce.async.bulk.tensor``
       .add, in L2); the buffers are ``jax.new_ref`` inputs of the kernel (aliased to outputs).
       Replaces the per-head ``2·B·S·N·64`` bf16 outputs (0.66 GiB at 8×4096×84) by
@@ -259,8 +264,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
       SMEM dq/dk blocks become float32 (+4 KiB at C = 32). The Mosaic GPU interpreter cannot
       run TMA reductions: in interpret mode the kernel writes per-head float32 dq/dk that XLA
       sums (the same values); ``jax.export`` for CUDA lowers the real path.
-    * ``reductions="warp_sums"``: no cross-warp exchange per step. Today each step stores dq,
-      dk, dv, df with four Pallas SMEM stores (each bracketed by warpgroup barriers under
+    * ``reductions="warp_sums"`` (default): no cross-warp exchange per step. With
+      ``"per_step"`` each step stores dq, dk, dv, df with four Pallas SMEM stores (each bracketed by warpgroup barriers under
       Mosaic's automatic barriers) and reduces dv (over rows) and df (over all) across the 4
       warps through SMEM. With this option inline Mosaic GPU code writes per step, without
       barriers: dq/dk row sums (warp-local: shuffles over the 4 lanes of a row) to float32
@@ -268,9 +273,9 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
       the 4 warps' partials are added once per chunk (as the forward's y). +16–24 KiB SMEM at
       C = 32. Interpret mode computes the same partial buffers with jnp ops.
     * ``no_auto_barriers``: ``CompilerParams(unsafe_no_auto_barriers=True)``; with it an
-      explicit barrier follows the sub-chunk start states' stores. Meant with ``warp_sums``
-      (the remaining per-step Pallas stores are the dW stacks, written and read by wgmma
-      across ``commit_smem``/``wgmma_wait``).
+      explicit barrier follows the sub-chunk start states' stores. ``None`` (default) = on with
+      ``warp_sums``, for which it is meant (the remaining per-step Pallas stores are the dW
+      stacks, written and read by wgmma across ``commit_smem``/``wgmma_wait``), off otherwise.
     """
     _check_supported(q, k, v, w, f, h0, keep, chunk_size)
     if chunk_size % SUBCHUNK:
@@ -286,6 +291,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     if qk_grad_sum == "kernel":
         qk_grad_dtype = _F32
     warp_sums = reductions == "warp_sums"
+    if no_auto_barriers is None:
+        no_auto_barriers = warp_sums
     batch, seq_len = q.shape[:2]
     num_heads = dh_final.shape[1]
     dtype = v.dtype
