@@ -24,6 +24,14 @@ M2RNN = "models.m2rnn.m2rnn."
 # init gives f ≈ 0.9).
 OVERWRITE = [f"{M2RNN}A_init_min=8.0", f"{M2RNN}dt_init_min=0.1", f"{M2RNN}dt_init_max=1.0"]
 WIDE = [f"{M2RNN}value_dim=256", f"{M2RNN}num_heads=1"]
+# Gates f ≈ 0.2-0.85 at the start: the per-head gate is the model's only product of state and
+# input (f·H), so start where its gradient is largest.
+GATE_MID = [f"{M2RNN}A_init_min=0.5", f"{M2RNN}A_init_max=1.5", f"{M2RNN}dt_init_min=0.3",
+            f"{M2RNN}dt_init_max=1.0"]
+H16_V64 = [f"{M2RNN}num_heads=16", f"{M2RNN}value_dim=64"]
+# f ≈ 0.5-0.95 at the start (A·dt in [0.05, 0.7]).
+GATE_HIGH = [f"{M2RNN}A_init_min=0.5", f"{M2RNN}A_init_max=1.0", f"{M2RNN}dt_init_min=0.1",
+             f"{M2RNN}dt_init_max=0.7"]
 VARIANTS = {
     "base": [],  # the config as written
     "overwrite": OVERWRITE,
@@ -34,6 +42,27 @@ VARIANTS = {
     "v256_overwrite_noclip": WIDE + OVERWRITE + [f"{M2RNN}gradient_clipping=null"],
     "v128_h4_overwrite_3layers": [f"{M2RNN}value_dim=128", "models.m2rnn.layer_pattern=MMM"]
     + OVERWRITE,
+    # More heads = more input-dependent gates per layer.
+    "h32_v16": [f"{M2RNN}num_heads=32", f"{M2RNN}value_dim=16"],
+    "h32_v16_gatemid": [f"{M2RNN}num_heads=32", f"{M2RNN}value_dim=16"] + GATE_MID,
+    "h64_v8_gatemid": [f"{M2RNN}num_heads=64", f"{M2RNN}value_dim=8"] + GATE_MID,
+    "h32_v16_k4_kheads_gatemid": [f"{M2RNN}num_heads=32", f"{M2RNN}value_dim=16",
+                                  f"{M2RNN}key_dim=4", f"{M2RNN}num_k_heads=32"] + GATE_MID,
+    "h16_v64_gatemid": H16_V64 + GATE_MID,
+    "h32_v16_gatemid_lr5e-3": [f"{M2RNN}num_heads=32", f"{M2RNN}value_dim=16",
+                               "train.learning_rate=5e-3"] + GATE_MID,
+    # Around the first variant that got past length 4 (h16_v64_gatemid, 2026-11-30).
+    "h16_v64_gatemid_seed1": H16_V64 + GATE_MID + ["train.first_seed=1"],
+    "h16_v64_gatemid_seed2": H16_V64 + GATE_MID + ["train.first_seed=2"],
+    "h8_v64_gatemid": [f"{M2RNN}num_heads=8", f"{M2RNN}value_dim=64"] + GATE_MID,
+    "h32_v64_gatemid": [f"{M2RNN}num_heads=32", f"{M2RNN}value_dim=64"] + GATE_MID,
+    "h16_v128_gatemid": [f"{M2RNN}num_heads=16", f"{M2RNN}value_dim=128"] + GATE_MID,
+    "h16_v64_gatemid_lr1e-3": H16_V64 + GATE_MID + ["train.learning_rate=1e-3"],
+    "h16_v64_gatemid_lr4e-3": H16_V64 + GATE_MID + ["train.learning_rate=4e-3"],
+    "h16_v64_gatehigh": H16_V64 + GATE_HIGH,
+    "h16_v64_gatemid_1layer": H16_V64 + GATE_MID + ["models.m2rnn.layer_pattern=M"],
+    "h16_v64_gatemid_3layers": H16_V64 + GATE_MID + ["models.m2rnn.layer_pattern=MMM"],
+    "h16_v64_gatemid_identity_w": H16_V64 + GATE_MID + [f"{M2RNN}transition_init=identity"],
 }
 # What every variant shares (the cli's own flags may follow `--` on the command line).
 COMMON = ["--config", "configs/state_tracking/s5_gated.yaml", "--models", "m2rnn", "--seeds",
