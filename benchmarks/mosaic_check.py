@@ -229,10 +229,10 @@ def main():
     parser.add_argument("--skip-forward", action="store_true", help="no forward-only timings")
     parser.add_argument("--dump", metavar="DIR",
                         help="have Mosaic GPU write each kernel's PTX, SASS and ptxas resource "
-                             "report (registers, spills, shared memory) under DIR: the cheapest "
-                             "way to see per-step instruction counts (no profiler in the image); "
-                             "if nothing appears, export the MOSAIC_GPU_DUMP_* variables before "
-                             "starting Python")
+                             "report (registers, spills, shared memory) under DIR, and "
+                             "DIR/summary.txt (benchmarks/sass_summary.py: ptxas lines, SASS "
+                             "instructions per loop by kind). SASS needs nvdisasm on PATH: carry "
+                             "the nvidia-cuda-nvdisasm wheel (KERNEL_NOTES.md)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes in interpret mode off the GPU: checks this script "
                              "runs end to end (every variant), not the kernels' speed")
@@ -248,6 +248,11 @@ def main():
     print(f"jax {jax.__version__}, devices: {jax.devices()}", flush=True)
     check_correctness()
     time_all()
+    if ARGS.dump:  # the dump is large (85 MB compressed); its summary is what to bring back
+        from sass_summary import summarize
+        with open(os.path.join(ARGS.dump, "summary.txt"), "w") as fh:
+            fh.write(summarize(ARGS.dump))
+        print(f"wrote {os.path.join(ARGS.dump, 'summary.txt')}", flush=True)
 
 
 if __name__ == "__main__":
