@@ -23,18 +23,26 @@ M2RNN = "models.m2rnn.m2rnn."
 # replaces most of the state, as an Elman RNN's does, instead of integrating slowly (SPEC §2's
 # init gives f ≈ 0.9).
 OVERWRITE = [f"{M2RNN}A_init_min=8.0", f"{M2RNN}dt_init_min=0.1", f"{M2RNN}dt_init_max=1.0"]
-WIDE = [f"{M2RNN}value_dim=256", f"{M2RNN}num_heads=1"]
 # Gates f ≈ 0.2-0.85 at the start: the per-head gate is the model's only product of state and
 # input (f·H), so start where its gradient is largest.
 GATE_MID = [f"{M2RNN}A_init_min=0.5", f"{M2RNN}A_init_max=1.5", f"{M2RNN}dt_init_min=0.3",
             f"{M2RNN}dt_init_max=1.0"]
-H16_V64 = [f"{M2RNN}num_heads=16", f"{M2RNN}value_dim=64"]
+
+
+def heads(num_heads, value_dim):
+    """Overrides for ``num_heads`` heads of width ``value_dim``."""
+    return [f"{M2RNN}num_heads={num_heads}", f"{M2RNN}value_dim={value_dim}"]
+
+
+H16_V64 = heads(16, 64)
+WIDE = heads(1, 256)
 # f ≈ 0.5-0.95 at the start (A·dt in [0.05, 0.7]).
 GATE_HIGH = [f"{M2RNN}A_init_min=0.5", f"{M2RNN}A_init_max=1.0", f"{M2RNN}dt_init_min=0.1",
              f"{M2RNN}dt_init_max=0.7"]
 VARIANTS = {
     "base": [],  # the config as written
     "overwrite": OVERWRITE,
+    "gatemid": GATE_MID,
     "v256": WIDE,
     "v256_overwrite": WIDE + OVERWRITE,
     "v128_h4_overwrite": [f"{M2RNN}value_dim=128"] + OVERWRITE,
@@ -43,20 +51,19 @@ VARIANTS = {
     "v128_h4_overwrite_3layers": [f"{M2RNN}value_dim=128", "models.m2rnn.layer_pattern=MMM"]
     + OVERWRITE,
     # More heads = more input-dependent gates per layer.
-    "h32_v16": [f"{M2RNN}num_heads=32", f"{M2RNN}value_dim=16"],
-    "h32_v16_gatemid": [f"{M2RNN}num_heads=32", f"{M2RNN}value_dim=16"] + GATE_MID,
-    "h64_v8_gatemid": [f"{M2RNN}num_heads=64", f"{M2RNN}value_dim=8"] + GATE_MID,
-    "h32_v16_k4_kheads_gatemid": [f"{M2RNN}num_heads=32", f"{M2RNN}value_dim=16",
-                                  f"{M2RNN}key_dim=4", f"{M2RNN}num_k_heads=32"] + GATE_MID,
+    "h32_v16": heads(32, 16),
+    "h32_v16_gatemid": heads(32, 16) + GATE_MID,
+    "h64_v8_gatemid": heads(64, 8) + GATE_MID,
+    "h32_v16_k4_kheads_gatemid": heads(32, 16) + [f"{M2RNN}key_dim=4",
+                                                  f"{M2RNN}num_k_heads=32"] + GATE_MID,
     "h16_v64_gatemid": H16_V64 + GATE_MID,
-    "h32_v16_gatemid_lr5e-3": [f"{M2RNN}num_heads=32", f"{M2RNN}value_dim=16",
-                               "train.learning_rate=5e-3"] + GATE_MID,
+    "h32_v16_gatemid_lr5e-3": heads(32, 16) + ["train.learning_rate=5e-3"] + GATE_MID,
     # Around the first variant that got past length 4 (h16_v64_gatemid, 2026-11-30).
     "h16_v64_gatemid_seed1": H16_V64 + GATE_MID + ["train.first_seed=1"],
     "h16_v64_gatemid_seed2": H16_V64 + GATE_MID + ["train.first_seed=2"],
-    "h8_v64_gatemid": [f"{M2RNN}num_heads=8", f"{M2RNN}value_dim=64"] + GATE_MID,
-    "h32_v64_gatemid": [f"{M2RNN}num_heads=32", f"{M2RNN}value_dim=64"] + GATE_MID,
-    "h16_v128_gatemid": [f"{M2RNN}num_heads=16", f"{M2RNN}value_dim=128"] + GATE_MID,
+    "h8_v64_gatemid": heads(8, 64) + GATE_MID,
+    "h32_v64_gatemid": heads(32, 64) + GATE_MID,
+    "h16_v128_gatemid": heads(16, 128) + GATE_MID,
     "h16_v64_gatemid_lr1e-3": H16_V64 + GATE_MID + ["train.learning_rate=1e-3"],
     "h16_v64_gatemid_lr4e-3": H16_V64 + GATE_MID + ["train.learning_rate=4e-3"],
     "h16_v64_gatehigh": H16_V64 + GATE_HIGH,
