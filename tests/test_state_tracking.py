@@ -270,3 +270,46 @@ def test_models_are_causal_so_curriculum_prefixes_are_exact(tmp_path):
             prefix = np.asarray(runner._logits(params, tokens[:, :width]))
             np.testing.assert_allclose(prefix, full[:, :width], rtol=1e-5, atol=1e-5,
                                        err_msg=f"{name} at width {width}")
+
+
+def test_runs_resume_from_checkpoints_exactly(tmp_path):
+    """A run stopped part-way and continued from its checkpoint ends where an uninterrupted
+    run ends (same parameters, curriculum length and data), and bad checkpoints are named."""
+    import dataclasses
+    import os
+
+    from train.state_tracking import checkpoint
+    from train.state_tracking.training import ModelRunner
+
+    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 2,
+                                                       "value_dim": 4, "backend": "scan"}}}
+    config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, models))
+    config = cli.override(config, ["train.steps=6", "train.log_every=2",
+                                   "task.curriculum_accuracy=1e-6",
+                                   "task.curriculum_start_length=2"])
+    group = cli.build_group(config.task)
+
+    def runner(steps):
+        train = dataclasses.replace(config.train, steps=steps)
+        return ModelRunner("m2rnn", config.model_config("m2rnn", group.order), train)
+
+    whole = runner(6)
+    want = whole.run(0, group, config.task, progress=False)
+    path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
+    # Stop after the first logged step (deadline already passed), then resume to the end.
+    first = whole.run(0, group, config.task, deadline=0.0, progress=False,
+                      checkpoint_path=path)
+    assert first.steps == 2 and os.path.exists(path)
+    got = whole.run(0, group, config.task, progress=False, checkpoint_path=path)
+    assert got.resumed_from_step == 2 and got.steps == 6
+    assert got.final_scored_length == want.final_scored_length == 6  # grew 2 -> 4 -> 6
+    assert got.final_loss == pytest.approx(want.final_loss, rel=1e-5)
+    assert got.evals == want.evals
+
+    # Other settings (here: steps) or a damaged file: a clear error naming the file.
+    with pytest.raises(checkpoint.CheckpointError, match="other settings"):
+        runner(8).run(0, group, config.task, progress=False, checkpoint_path=path)
+    with open(path, "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(checkpoint.CheckpointError, match="m2rnn_seed0.msgpack is unreadable"):
+        whole.run(0, group, config.task, progress=False, checkpoint_path=path)

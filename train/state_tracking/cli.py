@@ -10,10 +10,14 @@ Settings come from a YAML file (``--config``; by default ``configs/state_trackin
 when it exists, else ``s5.yaml``); the flags below override it, and ``--set key=value``
 overrides any key (e.g. ``--set models.m2rnn.m2rnn.backend=scan``). Writes ``results.csv``,
 ``results.json`` and ``accuracy_vs_length.png`` to the output folder and prints a summary.
+Each run saves its state to ``<out>/checkpoints/`` every minute and when it stops (a kill
+loses at most the last minute); running the same command again continues every unfinished run
+from there (``--restart`` starts over), so long runs can span several sessions.
 """
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import sys
 import time
@@ -21,6 +25,7 @@ import time
 import yaml
 
 from m2rnn_jax.typed_config import ConfigError, from_dict, load_yaml, override
+from train.state_tracking import checkpoint
 from train.state_tracking.config import ExperimentConfig
 from train.state_tracking.groups import from_generators, group_by_name
 from train.state_tracking.report import summary_table, write_all
@@ -48,6 +53,9 @@ def parse_args(argv):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (repeatable), e.g. train.weight_decay=0.01")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--restart", action="store_true",
+                   help="delete the runs' checkpoints in the output folder first (by default a "
+                        "run resumes from its checkpoint there)")
     return p.parse_args(argv)
 
 
@@ -108,7 +116,13 @@ def main(argv=None):
             deadline = None
             if train.time_budget_s is not None:  # cumulative shares: unused time rolls over
                 deadline = start + train.time_budget_s * (len(results) + 1) / total_runs
-            result = runner.run(seed, group, task, deadline, progress=not args.no_progress)
+            ckpt = None
+            if train.checkpoint_every_s is not None:
+                ckpt = checkpoint.path_for(os.path.join(config.out_dir, "checkpoints"), name, seed)
+                if args.restart and os.path.exists(ckpt):
+                    os.remove(ckpt)
+            result = runner.run(seed, group, task, deadline, progress=not args.no_progress,
+                                checkpoint_path=ckpt)
             results.append(result)
             accs = ", ".join(f"L={e['length']}: {100 * e['position_accuracy']:.1f}%"
                              for e in result.evals)

@@ -81,6 +81,9 @@ class TrainConfig:
     first_seed: int = 0  # lets parallel processes each take other seeds of one experiment
     time_budget_s: float | None = None  # wall-clock for all runs; split evenly, stops early
     log_every: int = 50  # steps between progress-bar updates of loss/accuracy
+    # Seconds between saves of a run's state to out_dir/checkpoints/ (and one when it stops);
+    # a rerun of the same command resumes from there. null = no checkpoints.
+    checkpoint_every_s: float | None = 60.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seeds", "log_every"):
@@ -91,6 +94,9 @@ class TrainConfig:
             raise ConfigError(f"train.first_seed must be >= 0, got {self.first_seed}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.checkpoint_every_s is not None and not self.checkpoint_every_s >= 0:
+            raise ConfigError(f"train.checkpoint_every_s must be null or >= 0, got "
+                              f"{self.checkpoint_every_s}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ConfigError(f"train.time_budget_s must be null or > 0, got "
                               f"{self.time_budget_s}")

@@ -8,6 +8,7 @@ only the first seed of a model pays for compilation.
 """
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -18,6 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from m2rnn_jax import HybridLM, decay_mask
+from train.state_tracking import checkpoint
 from train.state_tracking.tasks import (curriculum_length, eval_word_problems,
                                         gated_curriculum_length, sample_word_problems)
 
@@ -35,6 +37,7 @@ class RunResult:
     final_train_accuracy: float
     # Longest scored length trained on (the curriculum's last length; train_length without one).
     final_scored_length: int
+    resumed_from_step: int  # 0 unless the run continued from a checkpoint
     # One entry per evaluation length: {"length", "position_accuracy", "sequence_accuracy"}.
     evals: list
 
@@ -88,20 +91,40 @@ class ModelRunner:
         model = HybridLM(self.model_config, rngs=nnx.Rngs(seed))
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
-    def run(self, seed, group, task_config, deadline=None, progress=True) -> RunResult:
+    def run(self, seed, group, task_config, deadline=None, progress=True,
+            checkpoint_path=None) -> RunResult:
         """Trains from seed ``seed`` and evaluates; stops training early past ``deadline``
-        (a ``time.perf_counter()`` value)."""
+        (a ``time.perf_counter()`` value). With ``checkpoint_path``, resumes from that file if
+        it exists and saves to it every ``train.checkpoint_every_s`` seconds and at the end."""
         cfg = self.train_config
         params = self.init_params(seed)
         opt_state = self.optimizer.init(params)
         rng = np.random.default_rng([seed, 0x5EED])
-        bar = tqdm(total=cfg.steps, desc=f"{self.name} seed {seed}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
-        compile_s, loss, accuracy, steps = 0.0, float("nan"), float("nan"), 0
-        start = time.perf_counter()
         gated = task_config.curriculum_accuracy is not None
         scored = task_config.curriculum_start_length if gated else None
-        for step in range(cfg.steps):
+        loss, accuracy, first_step = float("nan"), float("nan"), 0
+        run_fingerprint = checkpoint.fingerprint(self.model_config, cfg, task_config, seed)
+        if checkpoint_path is not None and os.path.exists(checkpoint_path):
+            saved = checkpoint.load(checkpoint_path, params, opt_state, run_fingerprint)
+            params, opt_state, first_step, scored = (saved.params, saved.opt_state, saved.step,
+                                                     saved.scored)
+            loss, accuracy = saved.loss, saved.accuracy
+            rng.bit_generator.state = saved.rng_state
+            tqdm.write(f"{self.name} seed {seed}: resumed at step {first_step} from "
+                       f"{checkpoint_path}")
+
+        def save_checkpoint():
+            if checkpoint_path is not None:
+                checkpoint.save(checkpoint_path, checkpoint.RunState(
+                    params, opt_state, steps, scored, rng.bit_generator.state, loss, accuracy),
+                    run_fingerprint)
+
+        bar = tqdm(total=cfg.steps, initial=first_step, desc=f"{self.name} seed {seed}",
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        compile_s, steps = 0.0, first_step
+        start = last_save = time.perf_counter()
+        loss_t = accuracy_t = None
+        for step in range(first_step, cfg.steps):
             if not gated:
                 scored = curriculum_length(step, task_config.curriculum_start_length,
                                            task_config.train_length, task_config.curriculum_steps)
@@ -115,7 +138,7 @@ class ModelRunner:
                 params, opt_state, batch.tokens[:, :width], batch.targets[:, :width],
                 batch.mask[:, :width])
             steps = step + 1
-            if step == 0:
+            if step == first_step:
                 loss_t.block_until_ready()
                 compile_s = time.perf_counter() - start
             if steps % cfg.log_every == 0 or steps == cfg.steps:
@@ -136,9 +159,15 @@ class ModelRunner:
                                    f"{accuracy:.3f} at length {scored} -> length {grown}")
                     scored = grown
                 bar.update(steps - bar.n)
-                if deadline is not None and time.perf_counter() > deadline:
+                now = time.perf_counter()
+                if cfg.checkpoint_every_s is not None and now - last_save > cfg.checkpoint_every_s:
+                    save_checkpoint()
+                    last_save = now
+                if deadline is not None and now > deadline:
                     break
-        loss, accuracy = float(loss_t), float(accuracy_t)
+        if loss_t is not None:  # trained in this call (not only resumed a finished run)
+            loss, accuracy = float(loss_t), float(accuracy_t)
+            save_checkpoint()
         bar.close()
         train_s = time.perf_counter() - start - compile_s
         eval_start = time.perf_counter()
@@ -147,7 +176,7 @@ class ModelRunner:
         return RunResult(model=self.name, seed=seed, num_params=self.num_params, steps=steps,
                          compile_s=compile_s, train_s=train_s,
                          eval_s=time.perf_counter() - eval_start, final_loss=loss,
-                         final_train_accuracy=accuracy,
+                         final_train_accuracy=accuracy, resumed_from_step=first_step,
                          final_scored_length=task_config.train_length if scored is None
                          else scored, evals=evals)
 

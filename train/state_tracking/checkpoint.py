@@ -1,0 +1,90 @@
+"""Resumable state-tracking runs: one file per (model, seed) with everything a run needs to
+continue exactly where it stopped — parameters, optimizer state, step, curriculum length, the
+data generator's state — and a fingerprint of the settings it was trained with.
+
+Long S5 runs outlast one device call (10 minutes) and one session's budget, and a killed run
+must not lose its work: ``training.ModelRunner.run`` saves every ``train.checkpoint_every_s``
+seconds and when it stops, and resumes from the file if it exists. A file written under other
+settings, or an unreadable one, is an error that names the file, never silently ignored or
+overwritten. Serialisation is Flax's msgpack (``flax.serialization``): one small file per run,
+easy to carry between machines.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+from flax import serialization
+
+FORMAT = 1
+# Settings that do not change what a run computes (how long this invocation may take, how
+# often it logs or saves, which seeds the command line asked for).
+_NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds", "first_seed"}
+_EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be resumed from (unreadable, or other settings)."""
+
+
+@dataclasses.dataclass
+class RunState:
+    params: dict
+    opt_state: object
+    step: int  # optimizer steps taken
+    scored: int | None  # the curriculum's scored length at ``step`` (None: no curriculum)
+    rng_state: dict  # numpy bit generator state of the training words
+    loss: float
+    accuracy: float
+
+
+def fingerprint(model_config, train_config, task_config, seed) -> str:
+    """A short hash of everything that decides a run's trajectory."""
+    train = {k: v for k, v in dataclasses.asdict(train_config).items()
+             if k not in _NOT_FINGERPRINTED}
+    task = {k: v for k, v in dataclasses.asdict(task_config).items() if k not in _EVAL_ONLY}
+    text = json.dumps({"model": dataclasses.asdict(model_config), "train": train, "task": task,
+                       "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def path_for(directory, model, seed):
+    return os.path.join(directory, f"{model}_seed{seed}.msgpack")
+
+
+def save(path, state: RunState, run_fingerprint: str):
+    """Writes ``state`` atomically (a kill mid-write leaves the previous file intact)."""
+    meta = {"format": FORMAT, "fingerprint": run_fingerprint, "step": state.step,
+            "scored": state.scored, "rng_state": state.rng_state, "loss": state.loss,
+            "accuracy": state.accuracy}
+    payload = {"meta": json.dumps(meta),
+               "tree": serialization.to_state_dict({"params": state.params,
+                                                    "opt_state": state.opt_state})}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(serialization.msgpack_serialize(payload))
+    os.replace(tmp, path)
+
+
+def load(path, target_params, target_opt_state, run_fingerprint: str) -> RunState:
+    """The state saved at ``path``, shaped like the targets; ``CheckpointError`` if the file is
+    unreadable or was written under other settings."""
+    try:
+        with open(path, "rb") as fh:
+            payload = serialization.msgpack_restore(fh.read())
+        meta = json.loads(payload["meta"])
+        tree = serialization.from_state_dict(
+            {"params": target_params, "opt_state": target_opt_state}, payload["tree"])
+    except Exception as err:  # noqa: BLE001 - any decoding failure means the same thing
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
+                              f"{err}); delete it to start this run over") from err
+    if meta.get("format") != FORMAT or meta.get("fingerprint") != run_fingerprint:
+        raise CheckpointError(
+            f"checkpoint {path} was written under other settings (fingerprint "
+            f"{meta.get('fingerprint')}, this run {run_fingerprint}); use another output "
+            f"folder or delete it to start this run over")
+    return RunState(params=tree["params"], opt_state=tree["opt_state"], step=meta["step"],
+                    scored=meta["scored"], rng_state=meta["rng_state"], loss=meta["loss"],
+                    accuracy=meta["accuracy"])
