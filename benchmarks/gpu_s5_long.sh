@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The long S5 runs (configs/state_tracking/s5_long.yaml, M2RNN, seeds 0-2), continued call after
+# call and session after session: each `run` call trains every seed for BUDGET seconds from its
+# checkpoint and brings the checkpoints back (13.9 MB each: under the 16 MiB a file may have).
+#
+#   device (kind nvidia-h200-x2, carry ["runs/s5_long"]):
+#       OUT=$OUT bash benchmarks/gpu_s5_long.sh run [BUDGET_S, default 480]
+#   here, after the call (FILES = the call's files_at folder):
+#       bash benchmarks/gpu_s5_long.sh unpack FILES
+#
+# runs/s5_long/seed<k>/ holds each seed's checkpoint, log, results.{csv,json} and plot; `run`
+# starts a seed from scratch when it has no checkpoint. Seeds 0 and 2 share GPU 0, seed 1 has
+# GPU 1. The last lines printed are each seed's latest progress line and evaluation.
+# CPU smoke test (tiny evaluation; RUNS_DIR keeps it away from real runs):
+#   RUNS_DIR=/tmp/s5l PATH=.venv/bin:$PATH EXTRA_ARGS="--eval-lens 8 --set task.eval_sequences=8" \
+#     OUT=/tmp/o bash benchmarks/gpu_s5_long.sh run 20
+set -u
+RUNS=${RUNS_DIR:-runs/s5_long}
+case "${1:-}" in
+  run)
+    BUDGET=${2:-480}
+    export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.4
+    for seed in 0 1 2; do
+      mkdir -p $RUNS/seed$seed
+      CUDA_VISIBLE_DEVICES=$((seed % 2)) timeout $((BUDGET + 120)) python3 -m \
+        train.state_tracking.cli --config configs/state_tracking/s5_long.yaml --models m2rnn \
+        --seeds 1 --first-seed $seed --time-budget-s "$BUDGET" --no-progress \
+        --out $RUNS/seed$seed ${EXTRA_ARGS:-} >> $RUNS/seed$seed/log.txt 2>&1 &
+    done
+    wait
+    for seed in 0 1 2; do
+      cp $RUNS/seed$seed/checkpoints/m2rnn_seed$seed.msgpack "$OUT/" 2>/dev/null
+      echo "== seed $seed"
+      grep -E "resumed|-> length" $RUNS/seed$seed/log.txt | tail -n 4
+      grep -E "^m2rnn seed .*: step" $RUNS/seed$seed/log.txt | tail -n 1
+      grep -E "^  seed " $RUNS/seed$seed/log.txt | tail -n 1
+    done
+    (cd $RUNS && tar czf "$OUT/s5_long_results.tgz" seed*/log.txt seed*/results.* \
+      seed*/accuracy_vs_length.png 2>/dev/null)
+    ls -la "$OUT"
+    ;;
+  unpack)
+    FILES=${2:?usage: $0 unpack FILES_AT}
+    for seed in 0 1 2; do
+      mkdir -p $RUNS/seed$seed/checkpoints
+      [ -f "$FILES/m2rnn_seed$seed.msgpack" ] && \
+        cp "$FILES/m2rnn_seed$seed.msgpack" $RUNS/seed$seed/checkpoints/
+    done
+    [ -f "$FILES/s5_long_results.tgz" ] && tar xzf "$FILES/s5_long_results.tgz" -C $RUNS
+    ls -la $RUNS/seed*/checkpoints
+    ;;
+  *) echo "usage: OUT=dir bash $0 run [BUDGET_S] | bash $0 unpack FILES_AT" >&2; exit 2 ;;
+esac
