@@ -124,6 +124,7 @@ class ModelRunner:
         compile_s, steps = 0.0, first_step
         start = last_save = time.perf_counter()
         loss_t = accuracy_t = None
+        trained_length = scored  # the scored length of the last step taken (None: all)
         for step in range(first_step, cfg.steps):
             if not gated:
                 scored = curriculum_length(step, task_config.curriculum_start_length,
@@ -137,7 +138,7 @@ class ModelRunner:
             params, opt_state, loss_t, accuracy_t = self._train_step(
                 params, opt_state, batch.tokens[:, :width], batch.targets[:, :width],
                 batch.mask[:, :width])
-            steps = step + 1
+            steps, trained_length = step + 1, scored
             if step == first_step:
                 loss_t.block_until_ready()
                 compile_s = time.perf_counter() - start
@@ -177,8 +178,8 @@ class ModelRunner:
                          compile_s=compile_s, train_s=train_s,
                          eval_s=time.perf_counter() - eval_start, final_loss=loss,
                          final_train_accuracy=accuracy, resumed_from_step=first_step,
-                         final_scored_length=task_config.train_length if scored is None
-                         else scored, evals=evals)
+                         final_scored_length=task_config.train_length
+                         if trained_length is None else trained_length, evals=evals)
 
     def evaluate(self, params, group, task_config, length):
         words = eval_word_problems(group, task_config.eval_seed, task_config.eval_sequences,
