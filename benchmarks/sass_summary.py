@@ -33,7 +33,7 @@ KINDS = {
     "integer": ("IMAD", "IADD3", "IADD", "LEA", "SHF", "LOP3", "ISETP", "IABS", "IMNMX", "SEL",
                 "SGXT", "BMSK", "FLO", "POPC", "UIADD3", "UIMAD", "ULEA", "USHF", "ULOP3",
                 "UISETP", "USEL", "UMOV", "USGXT", "UPRMT", "R2UR", "S2UR", "S2R", "CS2R"),
-    "move": ("MOV", "MOV32I", "IMAD.MOV"),
+    "move": ("MOV", "MOV32I"),  # and IMAD.MOV (kind_of)
     "control": ("BRA", "BSSY", "BSYNC", "EXIT", "NOP", "YIELD", "CALL", "RET", "PLOP3", "ELECT",
                 "ENDCOLLECTIVE", "ACQBULK"),
 }
@@ -45,7 +45,7 @@ _PTXAS = re.compile(r"ptxas (info|warning)\s*:\s*(.*)")
 
 
 def kind_of(opcode, suffix=""):
-    if opcode == "IMAD" and suffix.startswith(".MOV"):
+    if opcode == "IMAD" and suffix.startswith(".MOV"):  # ptxas's favourite register move
         return "move"
     return _KIND_OF.get(opcode, "other")
 
