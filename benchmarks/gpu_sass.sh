@@ -13,9 +13,10 @@ NVD=/tmp/nvdisasm
 mkdir -p $NVD && python3 -m zipfile -e .whl/nvidia_cuda_nvdisasm-*.whl $NVD || exit 1
 chmod +x $NVD/nvidia/cu13/bin/nvdisasm && export PATH=$NVD/nvidia/cu13/bin:$PATH
 nvdisasm --version | tail -n 1
-# --only c32: the default backward and the first one (for comparison), with the forwards.
-PYTHONPATH=. PYTHONUNBUFFERED=1 timeout 420 python3 benchmarks/mosaic_check.py --dump /tmp/dump \
-  --only c32 > "$OUT/mosaic_check.log" 2>&1
+# Default: the default backward and the first one (for comparison), with the forwards;
+# MOSAIC_ARGS replaces those mosaic_check flags, SASS_TIMEOUT_S its time limit (420 s).
+PYTHONPATH=. PYTHONUNBUFFERED=1 timeout ${SASS_TIMEOUT_S:-420} python3 benchmarks/mosaic_check.py \
+  --dump /tmp/dump ${MOSAIC_ARGS:---only c32,c32_previous} > "$OUT/mosaic_check.log" 2>&1
 echo "mosaic_check exit $?"
 cp /tmp/dump/summary.txt "$OUT/" 2>/dev/null || python3 benchmarks/sass_summary.py /tmp/dump \
   > "$OUT/summary.txt"

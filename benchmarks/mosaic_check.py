@@ -48,6 +48,7 @@ FWD_OPTIONS = {
     "acc_kv": {"acc_init": "kv"},
     "heads2_acc_kv": {"heads_per_cta": 2, "acc_init": "kv"},
     "heads2_acc_kv_nab": {"heads_per_cta": 2, "acc_init": "kv", "no_auto_barriers": True},
+    "warp_scatter": {"y_reduction": "warp_scatter"},
 }
 NAMES = ("dq", "dk", "dv", "dw", "df", "dh0")
 
@@ -93,6 +94,7 @@ BWD_OPTIONS = {
     "c32": (32, {}),                      # the default
     "c32_previous": (32, PREVIOUS),       # the first measured path (21.6 ms, 1.20 GiB)
     "c64": (64, {}),
+    "c32_scatter": (32, {"scatter_sums": True}),
 }
 ARGS = None  # the parsed command line (main)
 
@@ -108,8 +110,25 @@ def _variants():
             "triton_fwd+triton_bwd_c64": _fwd_bwd(gpu.forward, gpu.backward, 64, 1.0),
         })
     if ARGS is not None and ARGS.only:
-        out = {name: fn for name, fn in out.items() if ARGS.only in name}
+        keep = set(ARGS.only.split(","))
+        unknown = keep - set(BWD_OPTIONS)
+        if unknown:
+            raise SystemExit(f"--only: unknown backward variants {sorted(unknown)}; known: "
+                             f"{list(BWD_OPTIONS)}")
+        out = {name: fn for name, fn in out.items()
+               if name.rsplit("mosaic_bwd_", 1)[-1] in keep}
     return out
+
+
+def _forward_options():
+    """FWD_OPTIONS, or those named by ``--fwd``."""
+    if ARGS is None or ARGS.fwd is None:
+        return FWD_OPTIONS
+    names = [n for n in ARGS.fwd.split(",") if n]
+    unknown = set(names) - set(FWD_OPTIONS)
+    if unknown:
+        raise SystemExit(f"--fwd: unknown forward options {sorted(unknown)}; known: {list(FWD_OPTIONS)}")
+    return {n: FWD_OPTIONS[n] for n in names}
 
 
 def _report(label, errs):
@@ -122,10 +141,10 @@ def _report(label, errs):
 def check_forward_variants(args, keep):
     """The opt-in forward variants (FWD_OPTIONS) against the scan: y, h_final, checkpoints."""
     want = jax.jit(functools.partial(reference.forward, chunk_size=64))(*args, keep)
-    for name, options in FWD_OPTIONS.items():
+    for name, options in _forward_options().items():
         try:
-            fn = jax.jit(functools.partial(mosaic_gpu.forward, chunk_size=64, **FAST_FWD,
-                                           **options))
+            fn = jax.jit(functools.partial(mosaic_gpu.forward, chunk_size=64,
+                                           **{**FAST_FWD, **options}))
             y, h_final, ckpt = fn(*args, keep)
             want_ckpt = jnp.transpose(want[2], (1, 0, 3, 2, 4)).reshape(ckpt.shape)
             _report(f"fwd mosaic_{name:24s}", {
@@ -182,9 +201,10 @@ def time_all():
             "fwd mosaic_approx_warppart_ckpt64": functools.partial(
                 mosaic_gpu.forward, chunk_size=64, save_checkpoints=True, **FAST_FWD),
         }
-        for fname, options in FWD_OPTIONS.items():
+        for fname, options in _forward_options().items():
             forwards[f"fwd mosaic_approx_warppart_{fname}"] = functools.partial(
-                mosaic_gpu.forward, chunk_size=64, save_checkpoints=False, **FAST_FWD, **options)
+                mosaic_gpu.forward, chunk_size=64, save_checkpoints=False,
+                **{**FAST_FWD, **options})
         if ARGS is not None and ARGS.skip_forward:
             forwards = {}
         for name, fn in forwards.items():
@@ -219,14 +239,107 @@ def time_all():
         print(f"{shape:13s} {name:62s} {ms:>9s} {compile_s:>13s}  {mem}")
 
 
+class _JnpWithoutTanh:
+    """jnp with ``tanh`` the identity (timing-only ablation of the forward)."""
+
+    def __getattr__(self, name):
+        return getattr(jnp, name)
+
+    @staticmethod
+    def tanh(x):
+        return x
+
+
+def _forward_ablations():
+    """Timing-only ablations of the default Mosaic forward (results wrong on purpose): what
+    each part of a step costs. name -> (patch context manager, forward keywords)."""
+    from kernel_bench import _patched
+    import importlib
+    fwd_module = importlib.import_module("pallas_kernels.m2rnn.mosaic_gpu.forward")
+    return {
+        "default": (_patched(fwd_module), {}),
+        "state_split1 (one bf16 wgmma: no lo part)": (_patched(fwd_module), {"state_split": 1}),
+        "abl_no_tanh": (_patched(fwd_module, jnp=_JnpWithoutTanh()), {}),
+        "abl_no_y (no y partials)": (_patched(
+            fwd_module, _store_warp_partial_sums=lambda ctx, p, ref, scatter=False: None), {}),
+        "abl_no_wgmma (no split, no H W)": (_patched(fwd_module, _products=lambda s, w: []), {}),
+    }
+
+
+SCALING_BATCHES = (1, 2, 3, 4, 5, 6)  # × 132 heads: 1..6 CTAs on every SM of an H200
+SCALING_HEADS = 132
+
+
+def _time_forward(label, fn, args):
+    try:
+        start = time.perf_counter()
+        jitted = jax.jit(lambda a: fn(*a, None))
+        jax.block_until_ready(jitted(args))
+        compile_s = time.perf_counter() - start
+        ms = median_seconds(jitted, args, repeats=10, warmup=3) * 1e3
+        return ms, compile_s
+    except Exception:  # noqa: BLE001 - report and go on
+        print(f"{label} FAILED:", flush=True)
+        traceback.print_exc()
+        return None, None
+
+
+def probe_forward():
+    """The forward's ablations at the first shape, and its time against the number of CTAs per
+    SM (B × S × 132 heads, B = 1..6): how much of a step is one chain's latency and how much
+    is sharing the SM."""
+    batch, seq_len, heads = SHAPES[0]
+    args, _, _ = _inputs(1, batch, seq_len, heads, random_state=False)
+    rows = []
+    for name, (patch, options) in _forward_ablations().items():
+        with patch():  # active while the kernel is traced (first call)
+            fn = functools.partial(mosaic_gpu.forward, chunk_size=64, save_checkpoints=False,
+                                   **{**FAST_FWD, **options})
+            ms, compile_s = _time_forward(name, fn, args)
+        rows.append((f"{batch}x{seq_len}x{heads}", name, ms))
+        print(f"probe {rows[-1][0]} {name}: {ms} ms", flush=True)
+    sms = jax.devices()[0].core_count if hasattr(jax.devices()[0], "core_count") else 132
+    scaling = []
+    for b in SCALING_BATCHES:
+        args, _, _ = _inputs(1, b, seq_len, SCALING_HEADS, random_state=False)
+        fn = functools.partial(mosaic_gpu.forward, chunk_size=64, save_checkpoints=False,
+                               **FAST_FWD)
+        ms, _ = _time_forward(f"scaling B={b}", fn, args)
+        per_sm = -(-b * SCALING_HEADS // sms)
+        scaling.append((b, per_sm, ms))
+        print(f"probe scaling {b}x{seq_len}x{SCALING_HEADS}: {ms} ms", flush=True)
+    print(f"\nforward ablations (ms, median of 10)")
+    for shape, name, ms in rows:
+        print(f"{shape:13s} {name:44s} {'FAILED' if ms is None else f'{ms:9.3f}'}")
+    print(f"\nforward vs CTAs per SM ({sms} SMs): ns per step, and per step per CTA")
+    for b, per_sm, ms in scaling:
+        ctas = b * SCALING_HEADS
+        if ms is None:
+            print(f"B={b} ({ctas} CTAs, {per_sm}/SM)  FAILED")
+            continue
+        ns = ms * 1e6 / seq_len
+        print(f"B={b} ({ctas} CTAs, {per_sm}/SM)  {ms:8.3f} ms  {ns:7.1f} ns/step  "
+              f"{ns / per_sm:7.1f} ns/step/CTA")
+
+
 def main():
     import argparse
-    global ARGS
+    global ARGS, SHAPES, CHECK_SHAPE, SCALING_BATCHES, SCALING_HEADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true",
                         help="also the Triton backward (measured 2026-11-30)")
-    parser.add_argument("--only", default="", help="fwd+bwd variants whose name contains this")
+    parser.add_argument("--only", default="",
+                        help="comma-separated BWD_OPTIONS names of the fwd+bwd variants to run "
+                             f"(default all: {', '.join(BWD_OPTIONS)})")
     parser.add_argument("--skip-forward", action="store_true", help="no forward-only timings")
+    parser.add_argument("--fwd", default=None,
+                        help="comma-separated FWD_OPTIONS names to check and time (default all)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated BxSxN shapes to time (default "
+                             + ",".join("x".join(map(str, sh)) for sh in SHAPES) + ")")
+    parser.add_argument("--probe", action="store_true",
+                        help="also the forward's timing-only ablations and its time against "
+                             "CTAs per SM (probe_forward)")
     parser.add_argument("--dump", metavar="DIR",
                         help="have Mosaic GPU write each kernel's PTX, SASS and ptxas resource "
                              "report (registers, spills, shared memory) under DIR, and "
@@ -238,8 +351,9 @@ def main():
                              "runs end to end (every variant), not the kernels' speed")
     ARGS = parser.parse_args()
     if ARGS.smoke:
-        global SHAPES, CHECK_SHAPE
-        SHAPES, CHECK_SHAPE = [(1, 64, 2)], (1, 64, 2)
+        SHAPES, CHECK_SHAPE, SCALING_BATCHES, SCALING_HEADS = [(1, 64, 2)], (1, 64, 2), (1,), 2
+    if ARGS.shapes:
+        SHAPES = [tuple(int(x) for x in sh.split("x")) for sh in ARGS.shapes.split(",")]
     if ARGS.dump:
         # Read by the Mosaic GPU compiler when a kernel is compiled, i.e. after this point.
         os.makedirs(ARGS.dump, exist_ok=True)
@@ -247,6 +361,8 @@ def main():
                           MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_PTXAS="1")
     print(f"jax {jax.__version__}, devices: {jax.devices()}", flush=True)
     check_correctness()
+    if ARGS.probe:
+        probe_forward()
     time_all()
     if ARGS.dump:  # the dump is large (85 MB compressed); its summary is what to bring back
         from sass_summary import summarize

@@ -18,7 +18,8 @@ SUBCHUNK = 4  # backward: states recomputed into registers at once (4·16 = the 
 
 
 def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, approx_tanh,
-                interpret, warp_sums=False, qk_reduce_add=False, no_auto_barriers=False):
+                interpret, warp_sums=False, qk_reduce_add=False, no_auto_barriers=False,
+                scatter_sums=False):
     q_ref, k_ref, v_ref, f_ref, w_ref, wt_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     # With ``qk_reduce_add`` dq_ref/dk_ref are the zero-initialised (B, S, L, 64) float32 Refs
@@ -36,7 +37,9 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
                 return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(
                     functools.partial(_store_warp_sums, over=over))
             row_sums, col_partials, all_partials = (
-                inline_sums("columns"), inline_sums("warp_rows"), inline_sums("warp_all"))
+                inline_sums("columns"),
+                inline_sums("warp_rows_scatter" if scatter_sums else "warp_rows"),
+                inline_sums("warp_all"))
 
             def sum_partials(src, dst, axis):
                 plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))(
@@ -236,7 +239,8 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
 
 def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
              chunk_size=DEFAULT_CHUNK_SIZE, approx_tanh=True, no_auto_barriers=None,
-             qk_grad_dtype=_BF16, qk_grad_sum="kernel", reductions="warp_sums", interpret=None):
+             qk_grad_dtype=_BF16, qk_grad_sum="kernel", reductions="warp_sums", scatter_sums=False,
+             interpret=None):
     """The backend-interface backward: ``(dq, dk, dv, dw, df, dh0)`` (bfloat16 inputs).
 
     Consumes the checkpoints of ``forward`` (or ``gpu.forward``) with the same ``chunk_size``.
@@ -272,6 +276,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
       (C, 64) SMEM, per-warp dv column partials to (4, C, 16) and per-warp df totals to (4, C);
       the 4 warps' partials are added once per chunk (as the forward's y). +16–24 KiB SMEM at
       C = 32. Interpret mode computes the same partial buffers with jnp ops.
+    * ``scatter_sums`` (opt-in, with ``warp_sums``): the per-warp dv column sums by a lane
+      reduce-scatter (4 shuffles instead of 12; ``warp_sums._store_warp_partial_sums``).
     * ``no_auto_barriers``: ``CompilerParams(unsafe_no_auto_barriers=True)``; with it an
       explicit barrier follows the sub-chunk start states' stores. ``None`` (default) = on with
       ``warp_sums``, for which it is meant (the remaining per-step Pallas stores are the dW
@@ -354,6 +360,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
             scratch += [plgpu.SMEM((c, KEY_DIM), _F32),      # dq row sums
                         plgpu.SMEM((c, KEY_DIM), _F32)]      # dk row sums
         extra["warp_sums"] = True
+        if scatter_sums:
+            extra["scatter_sums"] = True
     if qk_reduce_add:
         extra["qk_reduce_add"] = True
     if no_auto_barriers:

@@ -29,8 +29,8 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
         tuple(more_heads[6 * i:6 * i + 6]) for i in range(heads_per_cta - 1)]
     v_bufs, f_bufs, y_bufs, part_bufs, w_bufs, h_bufs = (list(x) for x in zip(*per_head))
     if warp_partials:
-        store_partials = plgpu.inline_mgpu(
-            arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(_store_warp_partial_sums)
+        store_partials = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(
+            functools.partial(_store_warp_partial_sums, scatter=warp_partials == "scatter"))
 
     b = lax.axis_index("b")
     n = lax.axis_index("n")
@@ -194,6 +194,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
       issued back to back and waited for once. Halves the warpgroup rendezvous (wgmma issue and
       wait) per head-step and gives each warp two chains to overlap. Needs ``N / L`` even
       (L = lcm(Nq, Nk), the q/k groups); SMEM per CTA +~14 KiB.
+    * ``y_reduction="warp_scatter"``: the per-warp y partials by a lane reduce-scatter (4
+      shuffles per step instead of 12; ``warp_sums._store_warp_partial_sums``).
     * ``acc_init="kv"``: the wgmma accumulator starts at ``k_t v_tᵀ`` (``plgpu.ACC.init``
       under ``pl.run_state``) instead of zeros, saving the zero-initialising moves and the add.
     """
@@ -209,8 +211,9 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     stage = stage_size if chunk_size % stage_size == 0 else chunk_size
     if not isinstance(unroll, int) or unroll < 1 or stage % unroll:
         raise ValueError(f"unroll must be a positive divisor of chunk_size, got {unroll!r}")
-    if y_reduction not in ("per_step", "warp_partials"):
-        raise ValueError(f"y_reduction must be 'per_step' or 'warp_partials', got {y_reduction!r}")
+    if y_reduction not in ("per_step", "warp_partials", "warp_scatter"):
+        raise ValueError(f"y_reduction must be 'per_step', 'warp_partials' or 'warp_scatter', "
+                         f"got {y_reduction!r}")
     if heads_per_cta not in (1, 2):
         raise ValueError(f"heads_per_cta must be 1 or 2, got {heads_per_cta!r}")
     if (num_heads // groups) % heads_per_cta:
@@ -219,7 +222,9 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     if acc_init not in ("zero", "kv"):
         raise ValueError(f"acc_init must be 'zero' or 'kv', got {acc_init!r}")
     # The interpreter cannot run inline Mosaic GPU code: it reduces per step.
-    warp_partials = y_reduction == "warp_partials" and not interpret
+    warp_partials = False
+    if y_reduction != "per_step" and not interpret:
+        warp_partials = "scatter" if y_reduction == "warp_scatter" else True
     if state_split is None:
         state_split = 3 if jnp.dtype(dtype) == jnp.float32 else 2
     if state_split not in (1, 2, 3):

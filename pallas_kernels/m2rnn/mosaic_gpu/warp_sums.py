@@ -20,27 +20,55 @@ def _wgmma_registers_and_lane(p):
     return regs, arith.divui(tid, const(32)), arith.remui(tid, const(32)), const
 
 
-def _store_warp_partial_sums(ctx, p, part_ref):
+def _store_warp_partial_sums(ctx, p, part_ref, *, scatter=False):
     """Mosaic GPU code: each warp's sum over its 16 rows of ``p`` (64×16 float32, WGMMA layout)
     into ``part_ref[warp, :]`` (a (4, 16) float32 SMEM ref); no cross-warp exchange.
 
     In the WGMMA layout thread (warp w, lane l) holds rows 16w + 8i + l//4 (i = 0, 1) and columns
     8j + 2(l%4) + e (j, e = 0, 1) as registers [0, j, 0, 0, i, 0, 0, 0, 0] of 2 values.
+
+    The 8 lanes sharing a column set (lane bits 2-4) are summed either by a full butterfly on
+    all 4 values (12 shuffles and adds), or with ``scatter`` by a reduce-scatter: at lane bit 4
+    a lane keeps one column block j and sends the other (2 shuffles), at bit 3 one column e of
+    that block (1 shuffle), at bit 2 both lanes finish the same column (1 shuffle): 4 shuffles
+    and adds (plus selects) and one scalar store per lane.
     """
     del ctx
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, vector
+    from jax._src.lib.mlir.dialects import arith, memref, vector
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     index = ir.IndexType.get()
     regs, warp, lane, const = _wgmma_registers_and_lane(p)
     col0 = arith.muli(arith.remui(lane, const(4)), const(2))
-    for j in range(2):
-        part = arith.addf(regs[0, j, 0, 0, 0, 0, 0, 0, 0], regs[0, j, 0, 0, 1, 0, 0, 0, 0])
-        for distance in (4, 8, 16):  # the lane bits that select the row (l // 4)
-            part = arith.addf(part, mgpu_utils.shfl_bfly(part, distance))
-        col = arith.addi(col0, const(8 * j))
-        vector.store(part, part_ref, [arith.index_cast(index, warp), arith.index_cast(index, col)])
+    parts = [arith.addf(regs[0, j, 0, 0, 0, 0, 0, 0, 0], regs[0, j, 0, 0, 1, 0, 0, 0, 0])
+             for j in range(2)]  # this lane's two rows summed: column block j, 2 columns
+    if not scatter:
+        for j, part in enumerate(parts):
+            for distance in (4, 8, 16):  # the lane bits that select the row (l // 4)
+                part = arith.addf(part, mgpu_utils.shfl_bfly(part, distance))
+            col = arith.addi(col0, const(8 * j))
+            vector.store(part, part_ref, [arith.index_cast(index, warp),
+                                          arith.index_cast(index, col)])
+        return
+
+    def lane_bit(bit):
+        return arith.cmpi(arith.CmpIPredicate.ne, arith.andi(lane, const(1 << bit)), const(0))
+
+    def extract(vec, i):
+        return vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
+
+    bit4, bit3 = lane_bit(4), lane_bit(3)
+    keep = arith.select(bit4, parts[1], parts[0])
+    send = arith.select(bit4, parts[0], parts[1])
+    pair = arith.addf(keep, mgpu_utils.shfl_bfly(send, 16))  # block j = bit 4, over bit 4
+    e0, e1 = extract(pair, 0), extract(pair, 1)
+    value = arith.addf(arith.select(bit3, e1, e0),
+                       mgpu_utils.shfl_bfly(arith.select(bit3, e0, e1), 8))
+    value = arith.addf(value, mgpu_utils.shfl_bfly(value, 4))
+    col = arith.addi(arith.addi(col0, arith.select(bit4, const(8), const(0))),
+                     arith.select(bit3, const(1), const(0)))
+    memref.store(value, part_ref, [arith.index_cast(index, warp), arith.index_cast(index, col)])
 
 
 def _store_warp_sums(ctx, p, ref, *, over):
@@ -54,8 +82,8 @@ def _store_warp_sums(ctx, p, ref, *, over):
     Layout: see ``_store_warp_partial_sums``. Every lane of a group holding the same sum stores it
     (same value, same address).
     """
-    if over == "warp_rows":
-        return _store_warp_partial_sums(ctx, p, ref)
+    if over in ("warp_rows", "warp_rows_scatter"):
+        return _store_warp_partial_sums(ctx, p, ref, scatter=over == "warp_rows_scatter")
     del ctx
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, memref, vector
