@@ -10,7 +10,8 @@
 #
 # runs/s5_long/seed<k>/ holds each seed's checkpoint, log, results.{csv,json} and plot; `run`
 # starts a seed from scratch when it has no checkpoint. Seeds 0 and 2 share GPU 0, seed 1 has
-# GPU 1. The last lines printed are each seed's latest progress line and evaluation.
+# GPU 1 (GPUS="1" puts every seed on GPU 1; MEM_FRACTION sets each process's share of its
+# GPU's memory, default 0.4). The last lines printed are each seed's latest progress line and evaluation.
 # CPU smoke test (tiny evaluation; RUNS_DIR keeps it away from real runs):
 #   RUNS_DIR=/tmp/s5l PATH=.venv/bin:$PATH EXTRA_ARGS="--eval-lens 8 --set task.eval_sequences=8" \
 #     OUT=/tmp/o bash benchmarks/gpu_s5_long.sh run 20
@@ -19,10 +20,11 @@ RUNS=${RUNS_DIR:-runs/s5_long}
 case "${1:-}" in
   run)
     BUDGET=${2:-480}
-    export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.4
+    export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.4}
+    read -r -a gpus <<< "${GPUS:-0 1}"
     for seed in 0 1 2; do
       mkdir -p $RUNS/seed$seed
-      CUDA_VISIBLE_DEVICES=$((seed % 2)) timeout $((BUDGET + 120)) python3 -m \
+      CUDA_VISIBLE_DEVICES=${gpus[$((seed % ${#gpus[@]}))]} timeout $((BUDGET + 120)) python3 -m \
         train.state_tracking.cli --config configs/state_tracking/s5_long.yaml --models m2rnn \
         --seeds 1 --first-seed $seed --time-budget-s "$BUDGET" --no-progress \
         --out $RUNS/seed$seed ${EXTRA_ARGS:-} >> $RUNS/seed$seed/log.txt 2>&1 &

@@ -63,6 +63,8 @@ VARIANTS = {
     "h16_v64_gatemid_seed2": H16_V64 + GATE_MID + ["train.first_seed=2"],
     "h8_v64_gatemid": heads(8, 64) + GATE_MID,
     "h32_v64_gatemid": heads(32, 64) + GATE_MID,
+    "h32_v64_gatemid_seed1": heads(32, 64) + GATE_MID + ["train.first_seed=1"],
+    "h32_v64_gatemid_seed2": heads(32, 64) + GATE_MID + ["train.first_seed=2"],
     "h16_v128_gatemid": heads(16, 128) + GATE_MID,
     "h16_v64_gatemid_lr1e-3": H16_V64 + GATE_MID + ["train.learning_rate=1e-3"],
     "h16_v64_gatemid_lr4e-3": H16_V64 + GATE_MID + ["train.learning_rate=4e-3"],
