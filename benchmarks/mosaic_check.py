@@ -49,6 +49,10 @@ FWD_OPTIONS = {
     "heads2_acc_kv": {"heads_per_cta": 2, "acc_init": "kv"},
     "heads2_acc_kv_nab": {"heads_per_cta": 2, "acc_init": "kv", "no_auto_barriers": True},
     "warp_scatter": {"y_reduction": "warp_scatter"},
+    "f16_state": {"f16_state": True},
+    "f16_tanh": {"f16_tanh": True},
+    "f16_state_tanh_scatter": {"f16_state": True, "f16_tanh": True, "y_reduction": "warp_scatter"},
+    "f16_state_scatter": {"f16_state": True, "y_reduction": "warp_scatter"},
 }
 NAMES = ("dq", "dk", "dv", "dw", "df", "dh0")
 
@@ -95,15 +99,23 @@ BWD_OPTIONS = {
     "c32_previous": (32, PREVIOUS),       # the first measured path (21.6 ms, 1.20 GiB)
     "c64": (64, {}),
     "c32_scatter": (32, {"scatter_sums": True}),
+    # With forward options too (the backward recomputes the forward's states the same way).
+    "c32_scatter_f16": (32, {"scatter_sums": True, "f16_state": True},
+                        {"f16_state": True, "y_reduction": "warp_scatter"}),
+    "c32_scatter_f16_tanh": (32, {"scatter_sums": True, "f16_state": True, "f16_tanh": True},
+                             {"f16_state": True, "f16_tanh": True, "y_reduction": "warp_scatter"}),
 }
 ARGS = None  # the parsed command line (main)
 
 
 def _variants():
+    out = {}
+    for name, (chunk, options, *fwd_options) in BWD_OPTIONS.items():
+        mosaic_fwd = functools.partial(mosaic_gpu.forward,
+                                       **{**FAST_FWD, **(fwd_options[0] if fwd_options else {})})
+        out[f"mosaic_fwd+mosaic_bwd_{name}"] = _fwd_bwd(
+            mosaic_fwd, functools.partial(mosaic_gpu.backward, **options), chunk, 1.0)
     mosaic_fwd = functools.partial(mosaic_gpu.forward, **FAST_FWD)
-    out = {f"mosaic_fwd+mosaic_bwd_{name}": _fwd_bwd(
-        mosaic_fwd, functools.partial(mosaic_gpu.backward, **options), chunk, 1.0)
-        for name, (chunk, options) in BWD_OPTIONS.items()}
     if ARGS is not None and ARGS.all:
         out.update({
             "mosaic_fwd+triton_bwd_c64": _fwd_bwd(mosaic_fwd, gpu.backward, 64, 1.0),
@@ -337,6 +349,10 @@ def main():
     parser.add_argument("--shapes", default=None,
                         help="comma-separated BxSxN shapes to time (default "
                              + ",".join("x".join(map(str, sh)) for sh in SHAPES) + ")")
+    parser.add_argument("--check-shape", default=None,
+                        help="BxSxN of the correctness check (default "
+                             + "x".join(map(str, CHECK_SHAPE)) + ")")
+    parser.add_argument("--no-timing", action="store_true", help="the correctness check only")
     parser.add_argument("--probe", action="store_true",
                         help="also the forward's timing-only ablations and its time against "
                              "CTAs per SM (probe_forward)")
@@ -352,6 +368,8 @@ def main():
     ARGS = parser.parse_args()
     if ARGS.smoke:
         SHAPES, CHECK_SHAPE, SCALING_BATCHES, SCALING_HEADS = [(1, 64, 2)], (1, 64, 2), (1,), 2
+    if ARGS.check_shape:
+        CHECK_SHAPE = tuple(int(x) for x in ARGS.check_shape.split("x"))
     if ARGS.shapes:
         SHAPES = [tuple(int(x) for x in sh.split("x")) for sh in ARGS.shapes.split(",")]
     if ARGS.dump:
@@ -363,7 +381,8 @@ def main():
     check_correctness()
     if ARGS.probe:
         probe_forward()
-    time_all()
+    if not ARGS.no_timing:
+        time_all()
     if ARGS.dump:  # the dump is large (85 MB compressed); its summary is what to bring back
         from sass_summary import summarize
         with open(os.path.join(ARGS.dump, "summary.txt"), "w") as fh:

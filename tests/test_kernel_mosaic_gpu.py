@@ -80,6 +80,9 @@ def test_bfloat16_forward_matches_scan(case):
 FWD_OPTION_CASES = {
     "heads2_two_groups_keep_acc_kv": ((2, 2, 4, 4, 2), 64, 32, True, True,
                                       {"heads_per_cta": 2, "acc_init": "kv"}),
+    # One float16 wgmma for H W and tanh on float16 pairs, resets, checkpoints.
+    "f16_state_tanh_keep": ((1, 1, 2, 2, 2), 64, 32, True, True,
+                            {"f16_state": True, "f16_tanh": True}),
 }
 
 
@@ -102,7 +105,10 @@ def test_bfloat16_forward_options_match_scan(case):
 def test_forward_option_errors():
     args = _problem(0, 1, 16, (1, 1, 3, 3, 3), jnp.bfloat16)
     for bad, match in (({"heads_per_cta": 2}, "heads per q/k group"),
-                       ({"heads_per_cta": 4}, "heads_per_cta"), ({"acc_init": "one"}, "acc_init")):
+                       ({"heads_per_cta": 4}, "heads_per_cta"), ({"acc_init": "one"}, "acc_init"),
+                       ({"f16_state": True, "state_split": 2}, "f16_state"),
+                       ({"f16_tanh": True, "approx_tanh": False}, "f16_tanh"),
+                       ({"y_reduction": "tree"}, "y_reduction")):
         with pytest.raises(ValueError, match=match):
             mosaic_gpu.forward(*args, None, chunk_size=8, interpret=True, **bad)
 
@@ -166,7 +172,8 @@ def test_forward_options_lower_for_cuda():
             sds((2, 128), jnp.float32)]
     for options in ({"heads_per_cta": 2}, {"acc_init": "kv"},
                     {"heads_per_cta": 2, "acc_init": "kv", "no_auto_barriers": True,
-                     "unroll": 2}, {"y_reduction": "warp_scatter"}):
+                     "unroll": 2}, {"y_reduction": "warp_scatter"},
+                    {"f16_state": True, "f16_tanh": True}):
         fn = functools.partial(mosaic_gpu.forward, chunk_size=64, save_checkpoints=True,
                                interpret=False, **options)
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
@@ -223,6 +230,8 @@ BWD_OPTION_CASES = {
     "per_step_xla_sum": ("paper_grouping_keep_clip",
                          {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False}),
     "per_step_kernel_sum": ("two_qk_groups_noclip", {"reductions": "per_step"}),
+    # States recomputed with one float16 wgmma and float16-pair tanh (the forward's options).
+    "f16_state_tanh": ("paper_grouping_keep_clip", {"f16_state": True, "f16_tanh": True}),
 }
 
 
@@ -269,7 +278,8 @@ def test_backward_options_lower_for_cuda():
     float32 dq/dk into ``jax.new_ref`` buffers (aliased to outputs) or per-head outputs, inline
     per-step warp sums without automatic barriers or per-step cross-warp reductions."""
     args = _backward_shapes(seq_len=64, chunk=32)
-    for options in ({}, {"qk_grad_sum": "xla"}, {"reductions": "per_step"}, {"scatter_sums": True},
+    for options in ({}, {"qk_grad_sum": "xla"}, {"reductions": "per_step"},
+                    {"scatter_sums": True, "f16_state": True, "f16_tanh": True},
                     {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False}):
         fn = functools.partial(mosaic_gpu.backward, gradient_clipping=1.0, chunk_size=32,
                                interpret=False, **options)

@@ -10,8 +10,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from m2rnn_jax.heads import expand_heads, sum_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
-                                                    _bf16_parts, DEFAULT_CHUNK_SIZE, KEY_DIM,
-                                                    VALUE_DIM, _F32, _BF16)
+                                                    _state_parts, _tanh,
+                                                    DEFAULT_CHUNK_SIZE, KEY_DIM, VALUE_DIM, _F32,
+                                                    _BF16, _F16)
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import _store_warp_sums, _sum_partials
 
 SUBCHUNK = 4  # backward: states recomputed into registers at once (4·16 = the wgmma M of dW)
@@ -19,7 +20,7 @@ SUBCHUNK = 4  # backward: states recomputed into registers at once (4·16 = the 
 
 def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, approx_tanh,
                 interpret, warp_sums=False, qk_reduce_add=False, no_auto_barriers=False,
-                scatter_sums=False):
+                scatter_sums=False, f16_state=False, f16_tanh=False):
     q_ref, k_ref, v_ref, f_ref, w_ref, wt_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     # With ``qk_reduce_add`` dq_ref/dk_ref are the zero-initialised (B, S, L, 64) float32 Refs
@@ -63,15 +64,16 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
     def clamp(x):
         return x if clip is None else jnp.minimum(jnp.maximum(x, -clip), clip)
 
-    def matmul_w(x, w_smem):
-        """x (64×16 f32) · w (16×16 bf16 in SMEM) on bf16 hi/lo parts of x."""
-        hi, lo = _bf16_parts(x, 2)
+    def matmul_w(x, w_smem, f16=False):
+        """x (64×16 f32) · w (16×16 in SMEM) on bf16 hi/lo parts of x (w bf16), or with ``f16``
+        on one float16 part (w float16: the recomputed states, as the forward's f16_state)."""
+        parts = _state_parts(x, 2, f16)
         if interpret:
-            return sum(jnp.dot(a, w_smem[...], preferred_element_type=_F32) for a in (hi, lo))
+            return sum(jnp.dot(a, w_smem[...], preferred_element_type=_F32) for a in parts)
 
         def products(acc_ref):
-            plgpu.wgmma(acc_ref, hi, w_smem)
-            plgpu.wgmma(acc_ref, lo, w_smem)
+            for a in parts:
+                plgpu.wgmma(acc_ref, a, w_smem)
             return acc_ref[...]
 
         return pl.run_scoped(products, plgpu.ACC((KEY_DIM, VALUE_DIM), _F32))
@@ -89,7 +91,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
             h = h * keep_t
         kv = lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0]) * lax.broadcast_in_dim(
             v_t, (KEY_DIM, VALUE_DIM), [1])
-        z = jnp.tanh(matmul_w(h, w_s) + kv)
+        z = _tanh(matmul_w(h, w_s, f16_state) + kv, f16_tanh)
         return h, z, z + f_t * (h - z)
 
     def chunk_loop(acc_ref, g_later, dw):
@@ -240,7 +242,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
 def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
              chunk_size=DEFAULT_CHUNK_SIZE, approx_tanh=True, no_auto_barriers=None,
              qk_grad_dtype=_BF16, qk_grad_sum="kernel", reductions="warp_sums", scatter_sums=False,
-             interpret=None):
+             f16_state=False, f16_tanh=False, interpret=None):
     """The backend-interface backward: ``(dq, dk, dv, dw, df, dh0)`` (bfloat16 inputs).
 
     Consumes the checkpoints of ``forward`` (or ``gpu.forward``) with the same ``chunk_size``.
@@ -278,6 +280,9 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
       C = 32. Interpret mode computes the same partial buffers with jnp ops.
     * ``scatter_sums`` (opt-in, with ``warp_sums``): the per-warp dv column sums by a lane
       reduce-scatter (4 shuffles instead of 12; ``warp_sums._store_warp_partial_sums``).
+    * ``f16_state``, ``f16_tanh`` (opt-in): the recomputed states as the forward's options of
+      the same names (one float16 wgmma for ``H W``; ``tanh.approx.f16x2``): pass the forward's
+      values. ``du Wᵀ`` keeps bf16 hi/lo parts (gradients need bf16's exponent range).
     * ``no_auto_barriers``: ``CompilerParams(unsafe_no_auto_barriers=True)``; with it an
       explicit barrier follows the sub-chunk start states' stores. ``None`` (default) = on with
       ``warp_sums``, for which it is meant (the remaining per-step Pallas stores are the dW
@@ -303,8 +308,12 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     num_heads = dh_final.shape[1]
     dtype = v.dtype
     groups, qg, kg, vn, fn = _per_head_inputs(q, k, v, f, num_heads)
+    if f16_tanh and not approx_tanh:
+        raise ValueError("f16_tanh needs approx_tanh (tanh.approx.f16x2)")
     wn = expand_heads(w, num_heads, axis=0).astype(_BF16)
     wt = jnp.swapaxes(wn, 1, 2)
+    if f16_state:
+        wn = wn.astype(_F16)  # only the recomputation's H W reads it
     dyn = dy.astype(dtype)
     has_keep = keep is not None
     inputs = [qg, kg, vn, fn, wn, wt]
@@ -338,7 +347,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         plgpu.SMEM((c, VALUE_DIM), dtype),                   # dy
         plgpu.SMEM((c,), _F32),                              # f
         plgpu.SMEM((c,), _F32),                              # keep
-        plgpu.SMEM((VALUE_DIM, VALUE_DIM), _BF16, transforms=w_transforms),  # W
+        plgpu.SMEM((VALUE_DIM, VALUE_DIM), wn.dtype, transforms=w_transforms),  # W
         plgpu.SMEM((VALUE_DIM, VALUE_DIM), _BF16, transforms=w_transforms),  # Wᵀ
         plgpu.SMEM((c // SUBCHUNK, KEY_DIM, VALUE_DIM), _F32),  # sub-chunk start states
         plgpu.SMEM((KEY_DIM, VALUE_DIM), _F32),              # checkpoint / dh_final / dh0
@@ -362,6 +371,9 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         extra["warp_sums"] = True
         if scatter_sums:
             extra["scatter_sums"] = True
+    for name, on in (("f16_state", f16_state), ("f16_tanh", f16_tanh)):
+        if on:
+            extra[name] = True
     if qk_reduce_add:
         extra["qk_reduce_add"] = True
     if no_auto_barriers:

@@ -17,6 +17,7 @@ KEY_DIM = 64
 VALUE_DIM = 16
 _F32 = jnp.float32
 _BF16 = jnp.bfloat16
+_F16 = jnp.float16
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16),)
 
 
@@ -104,6 +105,22 @@ def _bf16_parts(x, parts):
         out.append(part)
         rest = rest - part.astype(_F32)
     return out
+
+
+def _state_parts(x, parts, f16_state):
+    """The A operands of ``x · W``: ``parts`` bf16 terms, or with ``f16_state`` one float16
+    term (11 significant bits; W is then float16 too). float16 is safe for the state, which the
+    gated tanh update keeps within max(|H_0|, 1), not for gradients (their range needs bf16's
+    exponent)."""
+    return [x.astype(_F16)] if f16_state else _bf16_parts(x, parts)
+
+
+def _tanh(u, f16_tanh):
+    """tanh of a float32 array; with ``f16_tanh`` on float16 pairs (``tanh.approx.f16x2`` under
+    approx math: one MUFU op per two values; its error ~2⁻¹¹ is that of ``tanh.approx.f32``)."""
+    if f16_tanh:
+        return jnp.tanh(u.astype(_F16)).astype(_F32)
+    return jnp.tanh(u)
 
 
 def _products(state_parts, weight_parts):

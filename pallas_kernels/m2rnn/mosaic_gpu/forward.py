@@ -10,13 +10,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from m2rnn_jax.heads import expand_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
-                                                    _bf16_parts, _products, DEFAULT_CHUNK_SIZE,
+                                                    _bf16_parts, _state_parts, _tanh, _products,
+                                                    DEFAULT_CHUNK_SIZE,
                                                     DEFAULT_STAGE_SIZE, KEY_DIM, VALUE_DIM, _F32,
-                                                    _BF16)
+                                                    _BF16, _F16)
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import _store_warp_partial_sums
 
 def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, weight_parts, has_keep,
-            save_checkpoints, unroll, warp_partials, interpret, heads_per_cta=1, acc_init="zero"):
+            save_checkpoints, unroll, warp_partials, interpret, heads_per_cta=1, acc_init="zero",
+            f16_state=False, f16_tanh=False):
     q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     y_ref, h_final_ref, *rest = rest
@@ -76,7 +78,7 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
         kvs = [k_b * lax.broadcast_in_dim(v_t, (KEY_DIM, VALUE_DIM), [1]) for v_t in vs]
         pairs = []  # per head: the (bf16 state part, weight part) products
         for h in hs:
-            h_parts = _bf16_parts(h, state_parts)
+            h_parts = _state_parts(h, state_parts, f16_state)
             pairs.append([(h_parts[i], j) for i, j in _products(state_parts, weight_parts)])
         if interpret:
             # The interpreter's wgmma takes the A operand only from SMEM: the same bf16
@@ -103,7 +105,7 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
             us = [hw + kv for hw, kv in zip(hws, kvs)]
         out = []
         for hh, (h, u, f_t) in enumerate(zip(hs, us, fs)):
-            z = jnp.tanh(u)
+            z = _tanh(u, f16_tanh)
             h = z + f_t * (h - z)
             hq = h * lax.broadcast_in_dim(q_t, (KEY_DIM, VALUE_DIM), [0])
             if warp_partials:
@@ -169,7 +171,7 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
 def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_checkpoints=True,
             stage_size=DEFAULT_STAGE_SIZE, approx_tanh=True, state_split=None, unroll=1,
             no_auto_barriers=False, y_reduction="warp_partials", heads_per_cta=1,
-            acc_init="zero", interpret=None):
+            acc_init="zero", f16_state=False, f16_tanh=False, interpret=None):
     """The backend-interface forward: ``(y (B,S,N,V), h_final (B,N,K,V) f32, checkpoints)``.
 
     ``checkpoints`` is ``(B, S/C, 64, N·16)`` float32 (the state at each chunk start, the layout
@@ -196,6 +198,11 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
       (L = lcm(Nq, Nk), the q/k groups); SMEM per CTA +~14 KiB.
     * ``y_reduction="warp_scatter"``: the per-warp y partials by a lane reduce-scatter (4
       shuffles per step instead of 12; ``warp_sums._store_warp_partial_sums``).
+    * ``f16_state``: ``H W`` as one wgmma on float16 ``H`` (rounded to 11 significant bits)
+      and float16 ``W`` instead of two on bf16 hi/lo parts (16 bits). Needs ``state_split`` 1
+      (the default then) and ``|H_0|`` < 65504 (the update keeps ``|H|`` ≤ max(|H_0|, 1)).
+    * ``f16_tanh``: ``tanh.approx.f16x2`` on float16 pairs of ``u`` (half the MUFU ops, more
+      conversions); needs ``approx_tanh``.
     * ``acc_init="kv"``: the wgmma accumulator starts at ``k_t v_tᵀ`` (``plgpu.ACC.init``
       under ``pl.run_state``) instead of zeros, saving the zero-initialising moves and the add.
     """
@@ -226,12 +233,18 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     if y_reduction != "per_step" and not interpret:
         warp_partials = "scatter" if y_reduction == "warp_scatter" else True
     if state_split is None:
-        state_split = 3 if jnp.dtype(dtype) == jnp.float32 else 2
+        state_split = 1 if f16_state else (3 if jnp.dtype(dtype) == jnp.float32 else 2)
+    if f16_state and (state_split != 1 or jnp.dtype(w.dtype) != jnp.bfloat16):
+        raise ValueError("f16_state needs state_split=1 and bfloat16 W")
+    if f16_tanh and not approx_tanh:
+        raise ValueError("f16_tanh needs approx_tanh (tanh.approx.f16x2)")
     if state_split not in (1, 2, 3):
         raise ValueError(f"state_split must be 1, 2 or 3, got {state_split!r}")
     # bfloat16 W is exact in one part; float32 W in as many parts as the state.
     weight_parts = 1 if jnp.dtype(w.dtype) == jnp.bfloat16 else state_split
-    w_parts = jnp.stack(_bf16_parts(expand_heads(w, num_heads, axis=0), weight_parts), axis=1)
+    w_heads = expand_heads(w, num_heads, axis=0)
+    w_parts = (w_heads.astype(_F16)[:, None] if f16_state
+               else jnp.stack(_bf16_parts(w_heads, weight_parts), axis=1))
     num_chunks = seq_len // stage
     has_keep = keep is not None
 
@@ -253,7 +266,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         plgpu.SMEM((2, stage), _F32),                       # keep (unused without keep)
         plgpu.SMEM((2, stage, VALUE_DIM), dtype),           # y
         plgpu.SMEM((4, stage if warp_partials else 1, VALUE_DIM), _F32),  # per-warp y
-        plgpu.SMEM((weight_parts, VALUE_DIM, VALUE_DIM), _BF16, transforms=w_transforms),
+        plgpu.SMEM((weight_parts, VALUE_DIM, VALUE_DIM), w_parts.dtype, transforms=w_transforms),
         plgpu.SMEM((KEY_DIM, VALUE_DIM), _F32),                  # h0 / checkpoints / final
         # One arrival per TMA copy that signals the barrier.
         plgpu.Barrier(num_barriers=2,
@@ -269,7 +282,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         warp_partials=warp_partials,
         save_checkpoints=save_checkpoints, interpret=bool(interpret),
         **({"heads_per_cta": heads_per_cta} if heads_per_cta != 1 else {}),
-        **({"acc_init": acc_init} if acc_init != "zero" else {}))
+        **({"acc_init": acc_init} if acc_init != "zero" else {}),
+        **({"f16_state": True} if f16_state else {}), **({"f16_tanh": True} if f16_tanh else {}))
     outs = _launch(kernel, out_type, scratch, (batch, num_heads // heads_per_cta), approx_tanh,
                    no_auto_barriers, interpret, "m2rnn_forward_mosaic")(*inputs)
     y, h_final = outs[0], outs[1]
