@@ -13,12 +13,9 @@ NVD=/tmp/nvdisasm
 mkdir -p $NVD && python3 -m zipfile -e .whl/nvidia_cuda_nvdisasm-*.whl $NVD || exit 1
 chmod +x $NVD/nvidia/cu13/bin/nvdisasm && export PATH=$NVD/nvidia/cu13/bin:$PATH
 nvdisasm --version | tail -n 1
-# Mosaic runs <CUDA root>/bin/nvdisasm, the CUDA root being where its ptxas is (PATH is not
-# searched): put nvdisasm beside every ptxas of the image.
-for ptxas in $(find $(python3 -c 'import site; print(" ".join(site.getsitepackages()))') \
-               /usr/local/cuda* -path "*/bin/ptxas" 2>/dev/null); do
-  cp -n $NVD/nvidia/cu13/bin/nvdisasm "$(dirname "$ptxas")/" && echo "nvdisasm -> $(dirname "$ptxas")"
-done
+# Mosaic runs <CUDA root>/bin/nvdisasm, the CUDA root being jax's (PATH is not searched).
+ROOT=$(python3 -c 'from jax._src import lib; print(lib.cuda_path or "/usr/local/cuda")')
+mkdir -p "$ROOT/bin" && cp $NVD/nvidia/cu13/bin/nvdisasm "$ROOT/bin/" && echo "nvdisasm -> $ROOT/bin"
 # Default: the default backward and the first one (for comparison), with the forwards;
 # MOSAIC_ARGS replaces those mosaic_check flags, SASS_TIMEOUT_S its time limit (420 s).
 PYTHONPATH=. PYTHONUNBUFFERED=1 timeout ${SASS_TIMEOUT_S:-420} python3 benchmarks/mosaic_check.py \

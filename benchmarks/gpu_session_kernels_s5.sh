@@ -1,31 +1,47 @@
 #!/usr/bin/env bash
 # One device call (kind nvidia-h200-x2, carry [".whl", "runs/s5_long"]), ~9.5 minutes:
 #   GPU 0: the Mosaic kernels' SASS/ptxas summary (benchmarks/gpu_sass.sh, small shape), an
-#          optional extra correctness check (CHECK_ARGS), mosaic_check with KERNEL_ARGS; then,
-#          with S3=1, S3 for every model (configs/state_tracking/s3.yaml, 3 seeds, one process
-#          per model) for the rest of the call;
-#   GPU 1: the long S5 runs (benchmarks/gpu_s5_long.sh, all three seeds) and S5_VARIANTS of
-#          benchmarks/state_tracking_sweep.py side by side.
+#          optional correctness check (CHECK_ARGS for mosaic_check), the kernel timings
+#          (KERNEL_CMD), then, with AFTER_KERNELS=s3, S3 for every model for the rest of the
+#          call (configs/state_tracking/s3.yaml, 3 seeds, 6000 steps, one process per model);
+#   GPU 1: the long S5 runs (benchmarks/gpu_s5_long.sh, all three seeds, BUDGET_S seconds),
+#          S5_VARIANTS of benchmarks/state_tracking_sweep.py and, with S5_BASELINES=1, the
+#          baselines of configs/state_tracking/s5_long.yaml (seed 0, one process per model,
+#          from scratch: not carried between calls), side by side.
 #   device:  OUT=$OUT bash benchmarks/gpu_session_kernels_s5.sh
 #   here:    bash benchmarks/gpu_s5_long.sh unpack FILES_AT; tar xzf FILES_AT/logs.tgz -C DIR
-# Brings back the three S5 checkpoints, s5_long_results.tgz and logs.tgz (every log).
-# 2026-11-30 (third session), call 1: the defaults below. Call 2:
-#   S5_VARIANTS= S3=1 CHECK_ARGS="--no-timing --check-shape 2x2048x4 --fwd f16_state,f16_state_tanh_scatter
-#   --only c32,c32_scatter_f16,c32_scatter_f16_tanh" KERNEL_ARGS="--fwd warp_scatter,f16_state,f16_tanh,
-#   f16_state_scatter,f16_state_tanh_scatter --only c32,c32_scatter,c32_scatter_f16,c32_scatter_f16_tanh"
+# Brings back the three S5 checkpoints, s5_long_results.tgz and logs.tgz (every log and result
+# file, no checkpoints).
+# 2026-11-30, third session (calls 1 and 2 ran commits 082d3b8 and fccaea6, whose variant names they use):
+#   call 1: S5_BASELINES=0 S5_VARIANTS=h32_v64_gatemid_seed1,h32_v64_gatemid_seed2
+#           KERNEL_CMD="python3 benchmarks/mosaic_check.py --probe --fwd warp_scatter --only c32,c32_scatter"
+#   call 2: S5_BASELINES=0 AFTER_KERNELS=s3 CHECK_ARGS="--no-timing --check-shape 2x2048x4 --fwd f16_state,
+#           f16_state_tanh_scatter --only c32,c32_scatter_f16,c32_scatter_f16_tanh"
+#           KERNEL_CMD="python3 benchmarks/mosaic_check.py --fwd warp_scatter,f16_state,f16_tanh,
+#           f16_state_scatter,f16_state_tanh_scatter --only c32,c32_scatter,c32_scatter_f16,c32_scatter_f16_tanh"
+#   call 3: the defaults below.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 START=$(date +%s)
 BUDGET=${BUDGET_S:-420}
 LOGS=/tmp/logs && mkdir -p $LOGS
-S5_VARIANTS=${S5_VARIANTS-h32_v64_gatemid_seed1,h32_v64_gatemid_seed2}
-KERNEL_ARGS=${KERNEL_ARGS:---probe --fwd warp_scatter --only c32,c32_scatter}
+S5_VARIANTS=${S5_VARIANTS:-}
+KERNEL_CMD=${KERNEL_CMD:-python3 benchmarks/kernel_bench.py --variants none --reps 10 --workers 16}
+AFTER_KERNELS=${AFTER_KERNELS:-}
+ST="python3 -m train.state_tracking.cli --no-progress"
 (GPUS="1" MEM_FRACTION=0.15 OUT=$OUT bash benchmarks/gpu_s5_long.sh run $BUDGET \
   > $LOGS/s5_long.txt 2>&1) &
 if [ -n "$S5_VARIANTS" ]; then
   (XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 python3 benchmarks/state_tracking_sweep.py --gpu 1 \
     --time-budget-s $BUDGET --out /tmp/sweep --variants $S5_VARIANTS > $LOGS/sweep.txt 2>&1;
     cp /tmp/sweep/*.log $LOGS/) &
+fi
+if [ "${S5_BASELINES:-1}" = 1 ]; then
+  for m in attention attention_rope mamba2 gated_deltanet; do
+    CUDA_VISIBLE_DEVICES=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.1 timeout $((BUDGET + 120)) $ST \
+      --config configs/state_tracking/s5_long.yaml --models $m --seeds 1 \
+      --time-budget-s $BUDGET --out $LOGS/s5_long_$m > $LOGS/s5_long_$m.txt 2>&1 &
+  done
 fi
 CUDA_VISIBLE_DEVICES=0 SASS_TIMEOUT_S=150 OUT=$LOGS \
   MOSAIC_ARGS='--fwd= --only c32 --shapes 2x512x8 --skip-forward' \
@@ -34,25 +50,25 @@ if [ -n "${CHECK_ARGS:-}" ]; then
   CUDA_VISIBLE_DEVICES=0 timeout 120 python3 benchmarks/mosaic_check.py $CHECK_ARGS \
     > $LOGS/check.txt 2>&1
 fi
-CUDA_VISIBLE_DEVICES=0 timeout 330 python3 benchmarks/mosaic_check.py $KERNEL_ARGS \
-  > $LOGS/kernels.txt 2>&1
-echo "kernels exit $?"
-if [ "${S3:-0}" = 1 ]; then
-  S3_BUDGET=$(( BUDGET + 60 - ($(date +%s) - START) ))
-  [ $S3_BUDGET -lt 60 ] && S3_BUDGET=60
-  for m in m2rnn attention attention_rope mamba2 gated_deltanet; do
-    CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 timeout $((S3_BUDGET + 90)) \
-      python3 -m train.state_tracking.cli --no-progress --config configs/state_tracking/s3.yaml \
-      --models $m --seeds 3 --steps 6000 --batch-size 256 --time-budget-s $S3_BUDGET \
-      --out $LOGS/s3/$m > $LOGS/s3_$m.txt 2>&1 &
-  done
-fi
+CUDA_VISIBLE_DEVICES=0 timeout 300 $KERNEL_CMD > $LOGS/kernels.txt 2>&1
+echo "kernels exit $? at $(( $(date +%s) - START ))s"
+REST=$(( BUDGET + 60 - ($(date +%s) - START) ))
+[ $REST -lt 60 ] && REST=60
+case "$AFTER_KERNELS" in
+  s3)
+    for m in m2rnn attention attention_rope mamba2 gated_deltanet; do
+      CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 timeout $((REST + 90)) $ST \
+        --config configs/state_tracking/s3.yaml --models $m --seeds 3 --steps 6000 \
+        --batch-size 256 --time-budget-s $REST --out $LOGS/s3/$m > $LOGS/s3_$m.txt 2>&1 &
+    done ;;
+esac
 wait
 (cd /tmp && tar czf "$OUT/logs.tgz" --exclude=checkpoints logs)
 grep -A40 "^forward ablations" $LOGS/kernels.txt
 grep -A30 "^shape " $LOGS/kernels.txt
+tail -n 30 $LOGS/kernels.txt
 grep "correctness" $LOGS/kernels.txt $LOGS/check.txt 2>/dev/null
-head -n 40 $LOGS/summary.txt 2>/dev/null
+head -n 30 $LOGS/summary.txt 2>/dev/null
 tail -n 12 $LOGS/sweep.txt 2>/dev/null
-tail -n 3 $LOGS/s3_*.txt 2>/dev/null
+tail -n 3 $LOGS/s3_*.txt $LOGS/s5_long_*.txt 2>/dev/null
 tail -n 16 $LOGS/s5_long.txt

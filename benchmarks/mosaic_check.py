@@ -37,22 +37,21 @@ from m2rnn_jax import reference  # noqa: E402
 from pallas_kernels.m2rnn import gpu, mosaic_gpu  # noqa: E402
 
 SHAPES = [(8, 4096, 84), (4, 4096, 132)]
-FAST_FWD = {"approx_tanh": True, "y_reduction": "warp_partials"}
-# Opt-in forward options (mosaic_gpu.forward keywords) of the named forward variants, on top of
-# FAST_FWD (= the defaults). Static estimate (benchmarks/mosaic_static_cost.py, KERNEL_NOTES run
-# 6): 150 instructions per warp per head-step by default; heads2 138 with half the wgmma
-# rendezvous per head-step; acc_kv 142; heads2_acc_kv 129. Measured (2026-11-30, 8×4096×84):
-# 3.06 ms default, heads2 3.01, acc_kv 3.25, heads2_acc_kv 3.11, + nab 3.09 — no real gain.
+FAST_FWD = {}  # the forward's defaults (hi/lo state parts, lane reduce-scatter y partials, approx tanh)
+# Forward options (mosaic_gpu.forward keywords) of the named forward variants, on top of the
+# defaults. Measured 2026-11-30 (8×4096×84): defaults 2.81 ms; f16_state 2.25; butterfly (the
+# previous default) 3.10; f16_state_tanh 2.40. With the butterfly path as the base: heads2
+# 3.01 vs 3.06 ms, acc_kv 3.25, heads2_acc_kv 3.11, + nab 3.09.
+F16 = {"f16_state": True}
+BUTTERFLY = {"y_reduction": "warp_partials"}
 FWD_OPTIONS = {
+    "f16_state": F16,
+    "butterfly": BUTTERFLY,
+    "f16_state_tanh": {"f16_state": True, "f16_tanh": True},
     "heads2": {"heads_per_cta": 2},
     "acc_kv": {"acc_init": "kv"},
     "heads2_acc_kv": {"heads_per_cta": 2, "acc_init": "kv"},
     "heads2_acc_kv_nab": {"heads_per_cta": 2, "acc_init": "kv", "no_auto_barriers": True},
-    "warp_scatter": {"y_reduction": "warp_scatter"},
-    "f16_state": {"f16_state": True},
-    "f16_tanh": {"f16_tanh": True},
-    "f16_state_tanh_scatter": {"f16_state": True, "f16_tanh": True, "y_reduction": "warp_scatter"},
-    "f16_state_scatter": {"f16_state": True, "y_reduction": "warp_scatter"},
 }
 NAMES = ("dq", "dk", "dv", "dw", "df", "dh0")
 
@@ -90,20 +89,19 @@ def _fwd_bwd(fwd, bwd, chunk, clip):
     return run
 
 
-# Backward options (mosaic_gpu.backward keywords) of the named variants; {} = the defaults
-# (warp sums, in-kernel dq/dk sums, no automatic barriers, approx tanh: 13.5 ms, 0.56 GiB at
-# 8×4096×84 on 2026-11-30; KERNEL_NOTES run 7 has every combination).
-PREVIOUS = {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False}
+# Backward options (mosaic_gpu.backward keywords) of the named variants, and the forward's
+# options where they differ from its defaults (the backward recomputes the forward's states the
+# same way); {} = the defaults (hi/lo states, reduce-scatter dv sums, warp sums, in-kernel dq/dk
+# sums, no automatic barriers, approx tanh: 13.4 ms, 0.56 GiB at 8×4096×84 on 2026-11-30;
+# f16 10.6 ms; KERNEL_NOTES run 7 has the earlier combinations).
+PREVIOUS = {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False,
+            "scatter_sums": False}
 BWD_OPTIONS = {
-    "c32": (32, {}),                      # the default
-    "c32_previous": (32, PREVIOUS),       # the first measured path (21.6 ms, 1.20 GiB)
+    "c32": (32, {}),                                                    # the default
+    "c32_f16": (32, F16, F16),
+    "c32_butterfly": (32, {"scatter_sums": False}, BUTTERFLY),
+    "c32_previous": (32, PREVIOUS, BUTTERFLY),    # the first measured path (21.6 ms)
     "c64": (64, {}),
-    "c32_scatter": (32, {"scatter_sums": True}),
-    # With forward options too (the backward recomputes the forward's states the same way).
-    "c32_scatter_f16": (32, {"scatter_sums": True, "f16_state": True},
-                        {"f16_state": True, "y_reduction": "warp_scatter"}),
-    "c32_scatter_f16_tanh": (32, {"scatter_sums": True, "f16_state": True, "f16_tanh": True},
-                             {"f16_state": True, "f16_tanh": True, "y_reduction": "warp_scatter"}),
 }
 ARGS = None  # the parsed command line (main)
 

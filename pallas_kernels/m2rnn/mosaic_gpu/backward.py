@@ -241,7 +241,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
 
 def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
              chunk_size=DEFAULT_CHUNK_SIZE, approx_tanh=True, no_auto_barriers=None,
-             qk_grad_dtype=_BF16, qk_grad_sum="kernel", reductions="warp_sums", scatter_sums=False,
+             qk_grad_dtype=_BF16, qk_grad_sum="kernel", reductions="warp_sums", scatter_sums=True,
              f16_state=False, f16_tanh=False, interpret=None):
     """The backend-interface backward: ``(dq, dk, dv, dw, df, dh0)`` (bfloat16 inputs).
 
@@ -255,9 +255,11 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     in the kernel (``qk_grad_sum``, below).
 
     Options. The defaults are the fastest combination measured on an H200 (2026-11-30,
-    ``benchmarks/mosaic_check.py``): 8×4096×84 fwd+bwd 13.5 ms and 0.56 GiB extra, against
-    21.6 ms / 1.20 GiB with ``qk_grad_sum="xla", reductions="per_step", approx_tanh=False,
-    no_auto_barriers=False`` (bf16 error against the scan at 2×256×4 at most 2.8e-3, dW).
+    ``benchmarks/mosaic_check.py``, with the forward's defaults): 8×4096×84 fwd+bwd 13.4 ms and
+    0.56 GiB extra (13.5 ms with butterfly sums; 10.6 ms with ``f16_state`` here and in the
+    forward; 21.6 ms / 1.20 GiB with
+    ``qk_grad_sum="xla", reductions="per_step", approx_tanh=False, no_auto_barriers=False``;
+    bf16 error against the scan at 2×256×4 at most 2.7e-3, dW).
 
     * ``approx_tanh``: ``tanh.approx.f32`` in the recomputed states (as the forward).
     * ``qk_grad_sum="xla"``: dq/dk written per head (``qk_grad_dtype``, B·S·N·64 each) and
@@ -278,11 +280,12 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
       (C, 64) SMEM, per-warp dv column partials to (4, C, 16) and per-warp df totals to (4, C);
       the 4 warps' partials are added once per chunk (as the forward's y). +16–24 KiB SMEM at
       C = 32. Interpret mode computes the same partial buffers with jnp ops.
-    * ``scatter_sums`` (opt-in, with ``warp_sums``): the per-warp dv column sums by a lane
+    * ``scatter_sums`` (default, with ``warp_sums``): the per-warp dv column sums by a lane
       reduce-scatter (4 shuffles instead of 12; ``warp_sums._store_warp_partial_sums``).
     * ``f16_state``, ``f16_tanh`` (opt-in): the recomputed states as the forward's options of
-      the same names (one float16 wgmma for ``H W``; ``tanh.approx.f16x2``): pass the forward's
-      values. ``du Wᵀ`` keeps bf16 hi/lo parts (gradients need bf16's exponent range).
+      the same names (one float16 wgmma for ``H W``, faster and less exact;
+      ``tanh.approx.f16x2``): pass the forward's values. ``du Wᵀ`` keeps bf16 hi/lo parts (gradients need bf16's exponent
+      range).
     * ``no_auto_barriers``: ``CompilerParams(unsafe_no_auto_barriers=True)``; with it an
       explicit barrier follows the sub-chunk start states' stores. ``None`` (default) = on with
       ``warp_sums``, for which it is meant (the remaining per-step Pallas stores are the dW

@@ -170,7 +170,7 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
 
 def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_checkpoints=True,
             stage_size=DEFAULT_STAGE_SIZE, approx_tanh=True, state_split=None, unroll=1,
-            no_auto_barriers=False, y_reduction="warp_partials", heads_per_cta=1,
+            no_auto_barriers=False, y_reduction="warp_scatter", heads_per_cta=1,
             acc_init="zero", f16_state=False, f16_tanh=False, interpret=None):
     """The backend-interface forward: ``(y (B,S,N,V), h_final (B,N,K,V) f32, checkpoints)``.
 
@@ -184,27 +184,29 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     ``stage_size`` steps and saves the state every ``chunk_size / stage_size`` blocks; otherwise it
     stages ``chunk_size`` steps.
 
-    Defaults are the measured best on an H200 (8×4096×84: 3.16 ms; per-step y reduction 4.41,
-    exact tanh 5.35): ``approx_tanh`` (tanh.approx.f32, rel. error ~2⁻¹¹, under bfloat16's
-    rounding; y vs the scan 1.7e-4 at S=256) and per-warp y partials.
+    Defaults (H200, 2026-11-30, 8×4096×84 bf16, median of 10; ``benchmarks/mosaic_check.py``,
+    RESULTS.md): ``H W`` on bf16 hi/lo parts of ``H`` (``state_split=2``, 16 significant bits),
+    ``y_reduction="warp_scatter"`` (each warp sums its 16 rows of ``H_t ⊙ q_t`` with a lane
+    reduce-scatter, 4 shuffles per step instead of 12, into SMEM partials the 4 warps add once
+    per staging block: 3.10 → 2.81 ms; ``"warp_partials"``: full butterflies; ``"per_step"``:
+    Mosaic's cross-warp reduction every step, 4.41 ms), ``approx_tanh`` (``tanh.approx.f32``,
+    relative error ~2⁻¹¹; exact tanh 5.35 ms).
 
-    Options (opt-in; not yet measured on a GPU, see benchmarks/KERNEL_NOTES.md run 6):
+    * ``f16_state`` (opt-in, faster, less exact): ``H W`` as one wgmma on float16 ``H`` (11
+      significant bits) and float16 ``W``: 2.81 → 2.25 ms (fwd+bwd with the backward's
+      ``f16_state`` 13.4 → 10.6 ms). y vs the scan 8.0e-4 instead of 1.5e-4 for a contracting
+      recurrence (W ~ 0.3·N(0, 1), S = 256 and 2048), but where the recurrence amplifies
+      perturbations (W ~ 0.6·N(0, 1), no clipping) gradients differ from the scan by 0.1–0.2
+      (hi/lo parts: 4e-3). ``|H|`` stays ≤ max(|H_0|, 1) under the gated tanh update, so
+      float16's range holds for ``|H_0|`` < 65504. Needs ``state_split`` 1 (the default then).
 
-    * ``heads_per_cta=2``: each CTA (still one warpgroup) runs two heads of the same q/k group
-      as two independent state chains in the same instruction stream: grid ``(B, N/2)``; q and
-      k are loaded once per step for both; the four wgmmas of a step (hi/lo × 2 heads) are
-      issued back to back and waited for once. Halves the warpgroup rendezvous (wgmma issue and
-      wait) per head-step and gives each warp two chains to overlap. Needs ``N / L`` even
-      (L = lcm(Nq, Nk), the q/k groups); SMEM per CTA +~14 KiB.
-    * ``y_reduction="warp_scatter"``: the per-warp y partials by a lane reduce-scatter (4
-      shuffles per step instead of 12; ``warp_sums._store_warp_partial_sums``).
-    * ``f16_state``: ``H W`` as one wgmma on float16 ``H`` (rounded to 11 significant bits)
-      and float16 ``W`` instead of two on bf16 hi/lo parts (16 bits). Needs ``state_split`` 1
-      (the default then) and ``|H_0|`` < 65504 (the update keeps ``|H|`` ≤ max(|H_0|, 1)).
-    * ``f16_tanh``: ``tanh.approx.f16x2`` on float16 pairs of ``u`` (half the MUFU ops, more
-      conversions); needs ``approx_tanh``.
-    * ``acc_init="kv"``: the wgmma accumulator starts at ``k_t v_tᵀ`` (``plgpu.ACC.init``
-      under ``pl.run_state``) instead of zeros, saving the zero-initialising moves and the add.
+    Options measured without gain (kept opt-in for the record, RESULTS "Mosaic GPU variants"):
+
+    * ``heads_per_cta=2``: two heads of one q/k group per CTA as two interleaved state chains
+      (grid ``(B, N/2)``; needs ``N / L`` even): 3.01 vs 3.06 ms.
+    * ``acc_init="kv"``: the wgmma accumulator starts at ``k_t v_tᵀ``: 3.25 vs 3.06 ms.
+    * ``f16_tanh``: ``tanh.approx.f16x2`` on float16 pairs (half the MUFU ops, more
+      conversions; needs ``approx_tanh``): 3.19 vs 3.14 ms, and 2.40 vs 2.25 ms with f16_state.
     """
     _check_supported(q, k, v, w, f, h0, keep, chunk_size)
     if interpret is None:
