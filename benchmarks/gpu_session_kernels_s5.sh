@@ -2,8 +2,9 @@
 # One device call (kind nvidia-h200-x2, carry [".whl", "runs/s5_long"]), ~9.5 minutes:
 #   GPU 0: the Mosaic kernels' SASS/ptxas summary (benchmarks/gpu_sass.sh, small shape), an
 #          optional correctness check (CHECK_ARGS for mosaic_check), the kernel timings
-#          (KERNEL_CMD), then, with AFTER_KERNELS=s3, S3 for every model for the rest of the
-#          call (configs/state_tracking/s3.yaml, 3 seeds, 6000 steps, one process per model);
+#          (KERNEL_CMD), then for the rest of the call AFTER_KERNELS: s3 = S3 for every model
+#          (configs/state_tracking/s3.yaml, 3 seeds, 6000 steps, one process per model), or
+#          train_bench = the 400M hybrid's train step (benchmarks/train_bench.py);
 #   GPU 1: the long S5 runs (benchmarks/gpu_s5_long.sh, all three seeds, BUDGET_S seconds),
 #          S5_VARIANTS of benchmarks/state_tracking_sweep.py and, with S5_BASELINES=1, the
 #          baselines of configs/state_tracking/s5_long.yaml (seed 0, one process per model,
@@ -19,7 +20,7 @@
 #           f16_state_tanh_scatter --only c32,c32_scatter_f16,c32_scatter_f16_tanh"
 #           KERNEL_CMD="python3 benchmarks/mosaic_check.py --fwd warp_scatter,f16_state,f16_tanh,
 #           f16_state_scatter,f16_state_tanh_scatter --only c32,c32_scatter,c32_scatter_f16,c32_scatter_f16_tanh"
-#   call 3: the defaults below.
+#   call 3: AFTER_KERNELS=train_bench (the rest: the defaults below).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -55,6 +56,9 @@ echo "kernels exit $? at $(( $(date +%s) - START ))s"
 REST=$(( BUDGET + 60 - ($(date +%s) - START) ))
 [ $REST -lt 60 ] && REST=60
 case "$AFTER_KERNELS" in
+  train_bench)
+    CUDA_VISIBLE_DEVICES=0 timeout $((REST + 60)) python3 benchmarks/train_bench.py \
+      --models hybrid --no-shares > $LOGS/train_bench.txt 2>&1 & ;;
   s3)
     for m in m2rnn attention attention_rope mamba2 gated_deltanet; do
       CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 timeout $((REST + 90)) $ST \
@@ -71,4 +75,5 @@ grep "correctness" $LOGS/kernels.txt $LOGS/check.txt 2>/dev/null
 head -n 30 $LOGS/summary.txt 2>/dev/null
 tail -n 12 $LOGS/sweep.txt 2>/dev/null
 tail -n 3 $LOGS/s3_*.txt $LOGS/s5_long_*.txt 2>/dev/null
+tail -n 12 $LOGS/train_bench.txt 2>/dev/null
 tail -n 16 $LOGS/s5_long.txt
