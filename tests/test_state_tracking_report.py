@@ -1,0 +1,81 @@
+"""benchmarks/state_tracking_report.py: merging per-process results and reading the cli's
+progress lines (from a real headless run, so a change of the log format fails here)."""
+
+import csv
+import os
+import sys
+
+import matplotlib.pyplot as plt
+import pytest
+
+from test_state_tracking import tiny_experiment
+from train.state_tracking import cli
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import state_tracking_report  # noqa: E402
+
+
+def test_progress_lines_are_parsed_in_step_order_and_resumes_replace_steps():
+    log = "\n".join([
+        "config ...: word problems over S5",
+        "m2rnn seed 1: step 100, loss 3.876, training accuracy 0.505, scored length 2, 54s",
+        "m2rnn seed 1: step 200, training accuracy 0.962 at length 2 -> length 4",
+        "m2rnn seed 1: step 200, loss 2.100, training accuracy 0.962, scored length 2, 60s",
+        "m2rnn seed 1: resumed at step 100 from runs/x.msgpack",
+        "m2rnn seed 1: step 200, loss 2.000, training accuracy 0.970, scored length 4, 5s",
+        "attention seed 0: step 100, loss nan, training accuracy 0.010, scored length 8, 9s",
+    ])
+    runs = state_tracking_report.read_progress(log)
+    assert runs == {("m2rnn", 1): [(100, 0.505, 2), (200, 0.970, 4)],
+                    ("attention", 0): [(100, 0.010, 8)]}
+
+
+def test_merges_separate_runs_and_plots_their_progress(tmp_path, capsys, monkeypatch):
+    m2rnn = {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
+                                             "backend": "scan"}}
+    attention = {"layer_pattern": "A", "attention": {"num_heads": 2}}
+    results, logs = [], []
+    for name, model in (("m2rnn", m2rnn), ("attention", attention)):
+        out = tmp_path / name
+        capsys.readouterr()
+        cli.main(["--config", str(tiny_experiment(tmp_path, {name: model}, name)),
+                  "--out", str(out), "--seeds", "1", "--no-progress"])
+        log = tmp_path / f"{name}.log"
+        log.write_text(capsys.readouterr().out)
+        results.append(str(out / "results.csv"))
+        logs.append(str(log))
+    prefix = str(tmp_path / "merged")
+    monkeypatch.setattr(sys, "argv", ["state_tracking_report.py", "--out", prefix,
+                                      "--results", *results, "--logs", *logs])
+    state_tracking_report.main()
+    printed = capsys.readouterr().out
+    assert "m2rnn" in printed and "attention" in printed and "L=12" in printed
+
+    with open(prefix + ".csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["model"], int(r["length"])) for r in rows} == {
+        (m, n) for m in ("m2rnn", "attention") for n in (6, 12)}
+    # Every step of the tiny runs (log_every 1, 3 steps) was read from the logs.
+    for log in logs:
+        with open(log) as fh:
+            runs = state_tracking_report.read_progress(fh.read())
+        (points,) = runs.values()
+        assert [p[0] for p in points] == [1, 2, 3]
+        assert all(0.0 <= p[1] <= 1.0 and p[2] == 6 for p in points)
+    for path in (prefix + ".png", prefix + "_progress.png"):
+        image = plt.imread(path)
+        assert image.ndim == 3 and image[..., :3].std() > 0.01
+
+
+def test_refuses_runs_of_different_groups(tmp_path, monkeypatch):
+    paths = []
+    for group in ("S3", "S5"):
+        path = tmp_path / f"{group}.csv"
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(state_tracking_report.report.CSV_COLUMNS)
+            writer.writerow(["m2rnn", 0, 16, 0.5, 0.1, 100, 10, 16, group])
+        paths.append(str(path))
+    monkeypatch.setattr(sys, "argv", ["x", "--out", str(tmp_path / "m"), "--results", *paths])
+    with pytest.raises(SystemExit, match="one group"):
+        state_tracking_report.main()
