@@ -13,34 +13,35 @@ Tiling (what lives where):
     operand from registers: ``H`` is split into ``state_split`` bf16 parts (hi, lo[, lo2]) and
     float32 ``W`` likewise; the products of total order < ``state_split`` are accumulated in
     float32 (bf16 inputs: 2 parts of H, W exact: 2 wgmmas; float32 inputs: 3 and 3: 6 wgmmas,
-    ~24 mantissa bits). The accumulator starts at zero; ``k_t v_tᵀ`` is added after.
-  * Per chunk, q/k (C×64, the head's q/k group), v (C×16), f (C), keep (C) are copied
-    GMEM→SMEM with TMA into one of two slots (the next chunk is prefetched while this one runs);
-    ``y`` (C×16) is written to an SMEM slot and copied to GMEM once per chunk.
-  * ``y_t = H_tᵀ q_t`` is a reduction over the 64 rows (across the 4 warps). ``y_reduction=
-    "per_step"``: Mosaic's ``reduce_sum(axis=0)`` each step (shuffles, then an SMEM exchange and
-    a warpgroup barrier). ``"warp_partials"``: each warp sums its 16 rows with shuffles and
-    stores 16 partial sums to SMEM (inline Mosaic GPU code, no barrier); the 4 warps' partials
-    are added once per chunk. ``y_t`` is off the dependency chain (``H_{t+1}`` does not need it).
+    ~24 mantissa bits). ``f16_state`` (opt-in): one float16 part of H and float16 W, one wgmma
+    — faster, less exact (see ``forward``). The accumulator starts at zero; ``k_t v_tᵀ`` is
+    added after.
+  * Per staging block (32 steps), q/k (the head's q/k group), v, f, keep are copied GMEM→SMEM
+    with TMA into one of two slots (the next block is prefetched while this one runs); ``y``
+    is written to an SMEM slot and copied to GMEM once per block; the state is saved every
+    ``chunk_size`` steps when checkpoints are asked for.
+  * ``y_t = H_tᵀ q_t`` is a reduction over the 64 rows (across the 4 warps). Default
+    ``y_reduction="warp_scatter"``: each warp sums its 16 rows with a lane reduce-scatter
+    (inline Mosaic GPU code: 4 shuffles, no barrier) into SMEM partials that the 4 warps add
+    once per block, so ``y_t`` is off the dependency chain (``H_{t+1}`` does not need it);
+    ``"warp_partials"``: the same with a full butterfly; ``"per_step"``: Mosaic's
+    ``reduce_sum(axis=0)`` each step (an SMEM exchange and a warpgroup barrier per step).
   * Knobs for the GPU run: ``approx_tanh`` (``CompilerParams(approx_math=True)``: tanh.approx),
     ``unroll`` (steps per loop iteration), ``no_auto_barriers``
-    (``CompilerParams(unsafe_no_auto_barriers=True)``: threads exchange data through SMEM only
-    across explicit ``commit_smem`` barriers — the per-warp partials, TMA'd inputs/outputs —
-    and h_smem is read and written by each thread at the same addresses).
+    (``CompilerParams(unsafe_no_auto_barriers=True)``).
 
 Backward (``backward``; what lives where): grid ``(B, N)``, one warpgroup per CTA, chunks in
 reverse. Per chunk: q/k/v/dy/f/keep and the chunk's checkpoint TMA'd to SMEM; the state every
 4 steps recomputed into SMEM (``sub_s``, C/4 × 64×16 float32); per sub-chunk the 4 states in
 registers; ``g`` (the state gradient) a WGMMA-layout register array; ``du Wᵀ`` a register-A
-wgmma; dW a 64×64 wgmma accumulator fed from bf16 SMEM stacks of H_{t-1} and du (``xs_s``,
-``ds_s``, written every step). Per-step outputs dq, dk (row sums), dv (column sums) and df
-(total) go to SMEM blocks copied to GMEM once per chunk. Defaults (measured): Pallas stores
-per step with Mosaic's automatic barriers, dv/df reduced across the 4 warps every step, dq/dk
-per head in bf16 summed in XLA. Options (opt-in, see ``backward``): ``reductions="warp_sums"``
-(inline per-warp sums in SMEM: ``dvp`` (4, C, 16), ``dfp`` (C, 4), float32 dq/dk rows (C, 64);
-added once per chunk), ``qk_grad_sum="kernel"`` (float32 dq/dk blocks TMA reduce-added into
-zero-initialised (B, S, L, 64) float32 ``jax.new_ref`` buffers), ``no_auto_barriers``,
-``approx_tanh``.
+wgmma on bf16 hi/lo parts of ``du``; dW a 64×64 wgmma accumulator fed from bf16 SMEM stacks of
+H_{t-1} and du (``xs_s``, ``ds_s``, written every step). Defaults (measured fastest, see
+``backward``): per step each warp writes its dq/dk row sums (float32, warp-local), its dv column
+partials (lane reduce-scatter) and its df total to SMEM without barriers; the 4 warps' partials
+are added once per chunk; each chunk's float32 dq/dk are TMA reduce-added into zero-initialised
+(B, S, L, 64) float32 ``jax.new_ref`` buffers shared by a q/k group's heads; no automatic
+barriers; approx tanh in the recomputation. Options: ``reductions="per_step"``,
+``qk_grad_sum="xla"``, ``scatter_sums=False``, ``f16_state``, ``f16_tanh``.
 
 Inputs are re-laid out in XLA first: q/k expanded to ``L = lcm(Nq, Nk)`` groups, v to N heads,
 f transposed to ``(B, N, S)`` float32 (a 1-D TMA per head and chunk), W to bf16 hi/lo parts.
