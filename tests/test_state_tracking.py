@@ -306,10 +306,41 @@ def test_runs_resume_from_checkpoints_exactly(tmp_path):
     assert got.final_loss == pytest.approx(want.final_loss, rel=1e-5)
     assert got.evals == want.evals
 
-    # Other settings (here: steps) or a damaged file: a clear error naming the file.
+    # Other settings (here: the batch size) or a damaged file: a clear error naming the file.
+    other = ModelRunner("m2rnn", config.model_config("m2rnn", group.order),
+                        dataclasses.replace(config.train, batch_size=8))
     with pytest.raises(checkpoint.CheckpointError, match="other settings"):
-        runner(8).run(0, group, config.task, progress=False, checkpoint_path=path)
+        other.run(0, group, config.task, progress=False, checkpoint_path=path)
     with open(path, "r+b") as fh:
         fh.truncate(100)
     with pytest.raises(checkpoint.CheckpointError, match="m2rnn_seed0.msgpack is unreadable"):
         whole.run(0, group, config.task, progress=False, checkpoint_path=path)
+
+
+def test_runs_continue_under_a_new_schedule(tmp_path, capsys):
+    """More steps and another learning rate continue a finished run from its checkpoint (and
+    say so); the same run restarted under the new schedule ends elsewhere."""
+    import dataclasses
+
+    from train.state_tracking.training import ModelRunner
+
+    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 2,
+                                                       "value_dim": 4, "backend": "scan"}}}
+    config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, models))
+    config = cli.override(config, ["train.steps=4", "train.log_every=2"])
+    group = cli.build_group(config.task)
+
+    def runner(**train):
+        return ModelRunner("m2rnn", config.model_config("m2rnn", group.order),
+                           dataclasses.replace(config.train, **train))
+
+    path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
+    assert runner().run(0, group, config.task, progress=False, checkpoint_path=path).steps == 4
+    capsys.readouterr()
+    longer = runner(steps=8, learning_rate=1e-4)
+    got = longer.run(0, group, config.task, progress=False, checkpoint_path=path)
+    assert got.resumed_from_step == 4 and got.steps == 8
+    printed = capsys.readouterr().out
+    assert "new schedule" in printed and "learning_rate" in printed and "steps 4 -> 8" in printed
+    fresh = longer.run(0, group, config.task, progress=False)
+    assert fresh.resumed_from_step == 0 and fresh.final_loss != pytest.approx(got.final_loss)

@@ -6,7 +6,10 @@ Long S5 runs outlast one device call (10 minutes) and one session's budget, and 
 must not lose its work: ``training.ModelRunner.run`` saves every ``train.checkpoint_every_s``
 seconds and when it stops, and resumes from the file if it exists. A file written under other
 settings, or an unreadable one, is an error that names the file, never silently ignored or
-overwritten. Serialisation is Flax's msgpack (``flax.serialization``): one small file per run,
+overwritten. One exception: the learning-rate schedule and the number of steps
+(``SCHEDULE_KEYS``) may change between invocations — a run continues its trajectory under the
+new schedule (say, a lower rate once the curriculum reaches the training length, or more
+steps), and the runner prints what changed. Serialisation is Flax's msgpack (``flax.serialization``): one small file per run,
 easy to carry between machines.
 """
 
@@ -22,6 +25,8 @@ FORMAT = 1
 # often it logs or saves, which seeds the command line asked for).
 _NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds", "first_seed"}
 _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
+# The learning-rate schedule and the run's length: a run may be continued under new values.
+SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps")
 
 
 class CheckpointError(RuntimeError):
@@ -37,25 +42,45 @@ class RunState:
     rng_state: dict  # numpy bit generator state of the training words
     loss: float
     accuracy: float
+    schedule: dict | None = None  # SCHEDULE_KEYS when saved (None: files of older versions)
 
 
-def fingerprint(model_config, train_config, task_config, seed) -> str:
-    """A short hash of everything that decides a run's trajectory."""
-    train = {k: v for k, v in dataclasses.asdict(train_config).items()
-             if k not in _NOT_FINGERPRINTED}
+@dataclasses.dataclass(frozen=True)
+class Fingerprints:
+    """What a checkpoint is matched against: ``exact`` (every setting), ``trajectory`` (every
+    setting but the schedule) and the ``schedule`` values themselves."""
+    exact: str
+    trajectory: str
+    schedule: dict
+
+
+def fingerprint(model_config, train_config, task_config, seed, *, with_schedule=True) -> str:
+    """A short hash of everything that decides a run's trajectory (without ``SCHEDULE_KEYS``
+    when ``with_schedule`` is false)."""
+    skip = _NOT_FINGERPRINTED | (set() if with_schedule else set(SCHEDULE_KEYS))
+    train = {k: v for k, v in dataclasses.asdict(train_config).items() if k not in skip}
     task = {k: v for k, v in dataclasses.asdict(task_config).items() if k not in _EVAL_ONLY}
     text = json.dumps({"model": dataclasses.asdict(model_config), "train": train, "task": task,
                        "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def fingerprints(model_config, train_config, task_config, seed) -> Fingerprints:
+    return Fingerprints(
+        exact=fingerprint(model_config, train_config, task_config, seed),
+        trajectory=fingerprint(model_config, train_config, task_config, seed,
+                               with_schedule=False),
+        schedule={k: getattr(train_config, k) for k in SCHEDULE_KEYS})
+
+
 def path_for(directory, model, seed):
     return os.path.join(directory, f"{model}_seed{seed}.msgpack")
 
 
-def save(path, state: RunState, run_fingerprint: str):
+def save(path, state: RunState, prints: Fingerprints):
     """Writes ``state`` atomically (a kill mid-write leaves the previous file intact)."""
-    meta = {"format": FORMAT, "fingerprint": run_fingerprint, "step": state.step,
+    meta = {"format": FORMAT, "fingerprint": prints.exact, "trajectory": prints.trajectory,
+            "schedule": prints.schedule, "step": state.step,
             "scored": state.scored, "rng_state": state.rng_state, "loss": state.loss,
             "accuracy": state.accuracy}
     payload = {"meta": json.dumps(meta),
@@ -68,9 +93,11 @@ def save(path, state: RunState, run_fingerprint: str):
     os.replace(tmp, path)
 
 
-def load(path, target_params, target_opt_state, run_fingerprint: str) -> RunState:
+def load(path, target_params, target_opt_state, prints: Fingerprints) -> RunState:
     """The state saved at ``path``, shaped like the targets; ``CheckpointError`` if the file is
-    unreadable or was written under other settings."""
+    unreadable or was written under other settings (other than ``SCHEDULE_KEYS``; files
+    without a trajectory fingerprint, written before schedules could change, must match
+    exactly)."""
     try:
         with open(path, "rb") as fh:
             payload = serialization.msgpack_restore(fh.read())
@@ -80,11 +107,14 @@ def load(path, target_params, target_opt_state, run_fingerprint: str) -> RunStat
     except Exception as err:  # noqa: BLE001 - any decoding failure means the same thing
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
                               f"{err}); delete it to start this run over") from err
-    if meta.get("format") != FORMAT or meta.get("fingerprint") != run_fingerprint:
+    same = meta.get("fingerprint") == prints.exact or (
+        meta.get("trajectory") is not None and meta.get("trajectory") == prints.trajectory)
+    if meta.get("format") != FORMAT or not same:
         raise CheckpointError(
             f"checkpoint {path} was written under other settings (fingerprint "
-            f"{meta.get('fingerprint')}, this run {run_fingerprint}); use another output "
-            f"folder or delete it to start this run over")
+            f"{meta.get('fingerprint')}, this run {prints.exact}; only "
+            f"{', '.join(SCHEDULE_KEYS)} may change); use another output folder or delete it "
+            f"to start this run over")
     return RunState(params=tree["params"], opt_state=tree["opt_state"], step=meta["step"],
                     scored=meta["scored"], rng_state=meta["rng_state"], loss=meta["loss"],
-                    accuracy=meta["accuracy"])
+                    accuracy=meta["accuracy"], schedule=meta.get("schedule"))

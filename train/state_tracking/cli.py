@@ -12,7 +12,10 @@ overrides any key (e.g. ``--set models.m2rnn.m2rnn.backend=scan``). Writes ``res
 ``results.json`` and ``accuracy_vs_length.png`` to the output folder and prints a summary.
 Each run saves its state to ``<out>/checkpoints/`` every minute and when it stops (a kill
 loses at most the last minute); running the same command again continues every unfinished run
-from there (``--restart`` starts over), so long runs can span several sessions.
+from there (``--restart`` starts over), so long runs can span several sessions. A run may
+continue under a new learning-rate schedule or step count (``--steps``, ``--set
+train.learning_rate=...``, ``warmup_steps``, ``min_lr_ratio``); any other change of settings
+is refused with the file's name.
 """
 
 import argparse

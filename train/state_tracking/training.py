@@ -103,21 +103,26 @@ class ModelRunner:
         gated = task_config.curriculum_accuracy is not None
         scored = task_config.curriculum_start_length if gated else None
         loss, accuracy, first_step = float("nan"), float("nan"), 0
-        run_fingerprint = checkpoint.fingerprint(self.model_config, cfg, task_config, seed)
+        prints = checkpoint.fingerprints(self.model_config, cfg, task_config, seed)
         if checkpoint_path is not None and os.path.exists(checkpoint_path):
-            saved = checkpoint.load(checkpoint_path, params, opt_state, run_fingerprint)
+            saved = checkpoint.load(checkpoint_path, params, opt_state, prints)
             params, opt_state, first_step, scored = (saved.params, saved.opt_state, saved.step,
                                                      saved.scored)
             loss, accuracy = saved.loss, saved.accuracy
             rng.bit_generator.state = saved.rng_state
             tqdm.write(f"{self.name} seed {seed}: resumed at step {first_step} from "
                        f"{checkpoint_path}")
+            changed = {k: (v, prints.schedule[k]) for k, v in (saved.schedule or {}).items()
+                       if v != prints.schedule[k]}
+            if changed:
+                tqdm.write(f"{self.name} seed {seed}: continues under a new schedule: " + ", ".join(
+                    f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
 
         def save_checkpoint():
             if checkpoint_path is not None:
                 checkpoint.save(checkpoint_path, checkpoint.RunState(
                     params, opt_state, steps, scored, rng.bit_generator.state, loss, accuracy),
-                    run_fingerprint)
+                    prints)
 
         bar = tqdm(total=cfg.steps, initial=first_step, desc=f"{self.name} seed {seed}",
                    disable=not progress, leave=False, dynamic_ncols=True)
