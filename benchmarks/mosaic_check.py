@@ -44,7 +44,9 @@ FAST_FWD = {}  # the forward's defaults (hi/lo state parts, lane reduce-scatter 
 # 3.01 vs 3.06 ms, acc_kv 3.25, heads2_acc_kv 3.11, + nab 3.09.
 F16 = {"f16_state": True}
 BUTTERFLY = {"y_reduction": "warp_partials"}
+HI_LO_BITS = {"hi_lo_split": "bits"}  # prepared 2026-11-30, not yet measured
 FWD_OPTIONS = {
+    "hi_lo_bits": HI_LO_BITS,
     "f16_state": F16,
     "butterfly": BUTTERFLY,
     "f16_state_tanh": {"f16_state": True, "f16_tanh": True},
@@ -99,6 +101,7 @@ PREVIOUS = {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False
 BWD_OPTIONS = {
     "c32": (32, {}),                                                    # the default
     "c32_f16": (32, F16, F16),
+    "c32_hi_lo_bits": (32, HI_LO_BITS, HI_LO_BITS),
     "c32_butterfly": (32, {"scatter_sums": False}, BUTTERFLY),
     "c32_previous": (32, PREVIOUS, BUTTERFLY),    # the first measured path (21.6 ms)
     "c64": (64, {}),

@@ -10,7 +10,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from m2rnn_jax.heads import expand_heads, sum_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
-                                                    _state_parts, _tanh,
+                                                    _state_parts, _tanh, hi_lo_splitter,
                                                     DEFAULT_CHUNK_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import _store_warp_sums, _sum_partials
@@ -20,7 +20,7 @@ SUBCHUNK = 4  # backward: states recomputed into registers at once (4·16 = the 
 
 def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, approx_tanh,
                 interpret, warp_sums=False, qk_reduce_add=False, no_auto_barriers=False,
-                scatter_sums=False, f16_state=False, f16_tanh=False):
+                scatter_sums=False, f16_state=False, f16_tanh=False, hi_lo_split="cvt"):
     q_ref, k_ref, v_ref, f_ref, w_ref, wt_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     # With ``qk_reduce_add`` dq_ref/dk_ref are the zero-initialised (B, S, L, 64) float32 Refs
@@ -64,10 +64,12 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
     def clamp(x):
         return x if clip is None else jnp.minimum(jnp.maximum(x, -clip), clip)
 
+    split_hi_lo = hi_lo_splitter(hi_lo_split, interpret)
+
     def matmul_w(x, w_smem, f16=False):
         """x (64×16 f32) · w (16×16 in SMEM) on bf16 hi/lo parts of x (w bf16), or with ``f16``
         on one float16 part (w float16: the recomputed states, as the forward's f16_state)."""
-        parts = _state_parts(x, 2, f16)
+        parts = _state_parts(x, 1, True) if f16 else split_hi_lo(x)
         if interpret:
             return sum(jnp.dot(a, w_smem[...], preferred_element_type=_F32) for a in parts)
 
@@ -242,7 +244,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
 def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
              chunk_size=DEFAULT_CHUNK_SIZE, approx_tanh=True, no_auto_barriers=None,
              qk_grad_dtype=_BF16, qk_grad_sum="kernel", reductions="warp_sums", scatter_sums=True,
-             f16_state=False, f16_tanh=False, interpret=None):
+             f16_state=False, f16_tanh=False, hi_lo_split="cvt", interpret=None):
     """The backend-interface backward: ``(dq, dk, dv, dw, df, dh0)`` (bfloat16 inputs).
 
     Consumes the checkpoints of ``forward`` (or ``gpu.forward``) with the same ``chunk_size``.
@@ -313,6 +315,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     groups, qg, kg, vn, fn = _per_head_inputs(q, k, v, f, num_heads)
     if f16_tanh and not approx_tanh:
         raise ValueError("f16_tanh needs approx_tanh (tanh.approx.f16x2)")
+    hi_lo_splitter(hi_lo_split, True)  # validates the name
     wn = expand_heads(w, num_heads, axis=0).astype(_BF16)
     wt = jnp.swapaxes(wn, 1, 2)
     if f16_state:
@@ -377,6 +380,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     for name, on in (("f16_state", f16_state), ("f16_tanh", f16_tanh)):
         if on:
             extra[name] = True
+    if hi_lo_split != "cvt":
+        extra["hi_lo_split"] = hi_lo_split
     if qk_reduce_add:
         extra["qk_reduce_add"] = True
     if no_auto_barriers:
