@@ -11,7 +11,9 @@
 # runs/s5_long/seed<k>/ holds each seed's checkpoint, log, results.{csv,json} and plot; `run`
 # starts a seed from scratch when it has no checkpoint. Seeds 0 and 2 share GPU 0, seed 1 has
 # GPU 1 (GPUS="1" puts every seed on GPU 1; MEM_FRACTION sets each process's share of its
-# GPU's memory, default 0.4). The last lines printed are each seed's latest progress line and evaluation.
+# GPU's memory, default 0.4; EXTRA_ARGS are cli flags for every seed, EXTRA_ARGS_SEED<k> for
+# seed k only, e.g. EXTRA_ARGS_SEED0="--set train.learning_rate=5e-4": a run may continue
+# under a new schedule). The last lines printed are each seed's latest progress line and evaluation.
 # CPU smoke test (tiny evaluation; RUNS_DIR keeps it away from real runs):
 #   RUNS_DIR=/tmp/s5l PATH=.venv/bin:$PATH EXTRA_ARGS="--eval-lens 8 --set task.eval_sequences=8" \
 #     OUT=/tmp/o bash benchmarks/gpu_s5_long.sh run 20
@@ -24,10 +26,11 @@ case "${1:-}" in
     read -r -a gpus <<< "${GPUS:-0 1}"
     for seed in 0 1 2; do
       mkdir -p $RUNS/seed$seed
+      seed_args=EXTRA_ARGS_SEED$seed
       CUDA_VISIBLE_DEVICES=${gpus[$((seed % ${#gpus[@]}))]} timeout $((BUDGET + 120)) python3 -m \
         train.state_tracking.cli --config configs/state_tracking/s5_long.yaml --models m2rnn \
         --seeds 1 --first-seed $seed --time-budget-s "$BUDGET" --no-progress \
-        --out $RUNS/seed$seed ${EXTRA_ARGS:-} >> $RUNS/seed$seed/log.txt 2>&1 &
+        --out $RUNS/seed$seed ${EXTRA_ARGS:-} ${!seed_args:-} >> $RUNS/seed$seed/log.txt 2>&1 &
     done
     wait
     for seed in 0 1 2; do
