@@ -9,8 +9,8 @@ settings, or an unreadable one, is an error that names the file, never silently 
 overwritten. One exception: the learning-rate schedule and the number of steps
 (``SCHEDULE_KEYS``) may change between invocations — a run continues its trajectory under the
 new schedule (say, a lower rate once the curriculum reaches the training length, or more
-steps), and the runner prints what changed. Serialisation is Flax's msgpack (``flax.serialization``): one small file per run,
-easy to carry between machines.
+steps), and the runner prints what changed. Serialisation is Flax's msgpack
+(``flax.serialization``): one small file per run, easy to carry between machines.
 """
 
 import dataclasses
@@ -66,6 +66,7 @@ def fingerprint(model_config, train_config, task_config, seed, *, with_schedule=
 
 
 def fingerprints(model_config, train_config, task_config, seed) -> Fingerprints:
+    """The fingerprints a run's checkpoint is saved with and matched against."""
     return Fingerprints(
         exact=fingerprint(model_config, train_config, task_config, seed),
         trajectory=fingerprint(model_config, train_config, task_config, seed,

@@ -41,7 +41,7 @@ partials (lane reduce-scatter) and its df total to SMEM without barriers; the 4 
 are added once per chunk; each chunk's float32 dq/dk are TMA reduce-added into zero-initialised
 (B, S, L, 64) float32 ``jax.new_ref`` buffers shared by a q/k group's heads; no automatic
 barriers; approx tanh in the recomputation. Options: ``reductions="per_step"``,
-``qk_grad_sum="xla"``, ``scatter_sums=False``, ``f16_state``, ``f16_tanh``.
+``qk_grad_sum="xla"``, ``scatter_sums=False``, ``f16_state``, ``f16_tanh``, ``hi_lo_split``.
 
 Inputs are re-laid out in XLA first: q/k expanded to ``L = lcm(Nq, Nk)`` groups, v to N heads,
 f transposed to ``(B, N, S)`` float32 (a 1-D TMA per head and chunk), W to bf16 hi/lo parts.

@@ -11,6 +11,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from m2rnn_jax.heads import expand_heads, sum_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
                                                     _state_parts, _tanh, hi_lo_splitter,
+                                                    check_hi_lo_split,
                                                     DEFAULT_CHUNK_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import _store_warp_sums, _sum_partials
@@ -286,8 +287,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
       reduce-scatter (4 shuffles instead of 12; ``warp_sums._store_warp_partial_sums``).
     * ``f16_state``, ``f16_tanh`` (opt-in): the recomputed states as the forward's options of
       the same names (one float16 wgmma for ``H W``, faster and less exact;
-      ``tanh.approx.f16x2``): pass the forward's values. ``du Wᵀ`` keeps bf16 hi/lo parts (gradients need bf16's exponent
-      range).
+      ``tanh.approx.f16x2``): pass the forward's values. ``du Wᵀ`` keeps bf16 hi/lo parts
+      (gradients need bf16's exponent range).
     * ``no_auto_barriers``: ``CompilerParams(unsafe_no_auto_barriers=True)``; with it an
       explicit barrier follows the sub-chunk start states' stores. ``None`` (default) = on with
       ``warp_sums``, for which it is meant (the remaining per-step Pallas stores are the dW
@@ -315,7 +316,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     groups, qg, kg, vn, fn = _per_head_inputs(q, k, v, f, num_heads)
     if f16_tanh and not approx_tanh:
         raise ValueError("f16_tanh needs approx_tanh (tanh.approx.f16x2)")
-    hi_lo_splitter(hi_lo_split, True)  # validates the name
+    check_hi_lo_split(hi_lo_split)
     wn = expand_heads(w, num_heads, axis=0).astype(_BF16)
     wt = jnp.swapaxes(wn, 1, 2)
     if f16_state:

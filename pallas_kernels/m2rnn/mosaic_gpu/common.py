@@ -155,12 +155,16 @@ def _hi_lo_by_bits_inline(ctx, x):
             fa.FragmentedArray(_registers=los, _layout=x.layout, _is_signed=None))
 
 
+def check_hi_lo_split(hi_lo_split):
+    if hi_lo_split not in HI_LO_SPLITS:
+        raise ValueError(f"hi_lo_split must be one of {HI_LO_SPLITS}, got {hi_lo_split!r}")
+
+
 def hi_lo_splitter(hi_lo_split, interpret):
     """``x -> [hi, lo]`` (bf16 parts of a 64×16 float32 WGMMA-layout array) for ``hi_lo_split``
     "cvt" (round to bf16, the rest rounded: ``_bf16_parts``) or "bits" (``_hi_lo_by_bits``;
     inline Mosaic GPU code off the interpreter)."""
-    if hi_lo_split not in HI_LO_SPLITS:
-        raise ValueError(f"hi_lo_split must be one of {HI_LO_SPLITS}, got {hi_lo_split!r}")
+    check_hi_lo_split(hi_lo_split)
     if hi_lo_split == "cvt":
         return lambda x: _bf16_parts(x, 2)
     if interpret:

@@ -11,7 +11,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from m2rnn_jax.heads import expand_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
                                                     _bf16_parts, _state_parts, _tanh, _products,
-                                                    hi_lo_splitter,
+                                                    hi_lo_splitter, check_hi_lo_split,
                                                     DEFAULT_CHUNK_SIZE,
                                                     DEFAULT_STAGE_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
@@ -250,7 +250,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         raise ValueError("f16_state needs state_split=1 and bfloat16 W")
     if f16_tanh and not approx_tanh:
         raise ValueError("f16_tanh needs approx_tanh (tanh.approx.f16x2)")
-    hi_lo_splitter(hi_lo_split, True)  # validates the name
+    check_hi_lo_split(hi_lo_split)
     if state_split not in (1, 2, 3):
         raise ValueError(f"state_split must be 1, 2 or 3, got {state_split!r}")
     # bfloat16 W is exact in one part; float32 W in as many parts as the state.

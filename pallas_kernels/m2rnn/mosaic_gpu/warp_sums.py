@@ -56,7 +56,8 @@ def _store_warp_partial_sums(ctx, p, part_ref, *, scatter=False):
         return arith.cmpi(arith.CmpIPredicate.ne, arith.andi(lane, const(1 << bit)), const(0))
 
     def extract(vec, i):
-        return vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
+        return vector.extract(vec, dynamic_position=[],
+                              static_position=ir.DenseI64ArrayAttr.get([i]))
 
     bit4, bit3 = lane_bit(4), lane_bit(3)
     keep = arith.select(bit4, parts[1], parts[0])
