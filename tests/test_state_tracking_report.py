@@ -1,11 +1,14 @@
-"""benchmarks/state_tracking_report.py: merging per-process results and reading the cli's
-progress lines (from a real headless run, so a change of the log format fails here)."""
+"""The state-tracking analysis scripts: benchmarks/state_tracking_report.py (merging
+per-process results, reading the cli's progress lines from a real headless run, so a change of
+the log format fails here) and benchmarks/state_tracking_positions.py (accuracy per position
+from a run's checkpoint)."""
 
 import csv
 import os
 import sys
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 from test_state_tracking import tiny_experiment
@@ -79,3 +82,44 @@ def test_refuses_runs_of_different_groups(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["x", "--out", str(tmp_path / "m"), "--results", *paths])
     with pytest.raises(SystemExit, match="one group"):
         state_tracking_report.main()
+
+
+def test_position_accuracy_from_a_runs_checkpoint(tmp_path, monkeypatch, capsys):
+    """benchmarks/state_tracking_positions.py reads a run's checkpoint (same config) and
+    writes one accuracy per position; its first position matches a direct evaluation."""
+    import state_tracking_positions
+    from m2rnn_jax.typed_config import load_yaml
+    from train.state_tracking.config import ExperimentConfig
+    from train.state_tracking.tasks import eval_word_problems
+    from train.state_tracking.training import ModelRunner
+
+    model = {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
+                                             "backend": "scan"}}
+    config_path = tiny_experiment(tmp_path, {"m2rnn": model})
+    out = tmp_path / "run"
+    cli.main(["--config", str(config_path), "--out", str(out), "--seeds", "1",
+              "--first-seed", "3", "--no-progress"])
+    prefix = str(tmp_path / "positions")
+    monkeypatch.setattr(sys, "argv", ["x", "--config", str(config_path), "--run", f"3:{out}",
+                                      "--length", "10", "--sequences", "8", "--batch-size", "4",
+                                      "--out", prefix])
+    state_tracking_positions.main()
+    with open(prefix + ".csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["position"]) for r in rows] == list(range(1, 11))
+    assert all(r["seed"] == "3" and r["step"] == "3" for r in rows)
+    accuracies = [float(r["accuracy"]) for r in rows]
+    assert all(0.0 <= a <= 1.0 for a in accuracies)
+
+    config = load_yaml(ExperimentConfig, config_path)
+    group = cli.build_group(config.task)
+    runner = ModelRunner("m2rnn", config.model_config("m2rnn", group.order), config.train)
+    params, step, _ = state_tracking_positions.load_run(runner, config, 3, str(out))
+    words = eval_word_problems(group, config.task.eval_seed, 8, 10)
+    first = np.mean(np.argmax(np.asarray(runner._logits(params, words.tokens)), -1)[:, 0]
+                    == words.targets[:, 0])
+    assert step == 3 and accuracies[0] == pytest.approx(first)
+    image = plt.imread(prefix + ".png")
+    assert image.ndim == 3 and image[..., :3].std() > 0.01
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        state_tracking_positions.load_run(runner, config, 4, str(out))

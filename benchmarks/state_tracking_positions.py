@@ -1,0 +1,111 @@
+"""Accuracy at each position of long word problems, for trained state-tracking runs: where a
+model that is right at its training length starts to fail (a gradual drift, or a collapse past
+some length), read from the runs' checkpoints.
+
+    PYTHONPATH=. python3 benchmarks/state_tracking_positions.py \
+        --config configs/state_tracking/s5_long.yaml --model m2rnn \
+        --run 0:runs/s5_long/seed0 --run 2:runs/s5_long/seed2 --length 512 --out PREFIX
+
+``--run SEED:OUT`` names a run by its seed and output folder (its checkpoint is
+``OUT/checkpoints/<model>_seed<SEED>.msgpack``, written under the same config). Evaluates the
+config's fixed evaluation words of ``--length`` (the first ``--sequences`` of them) and writes
+``PREFIX.csv`` (seed, position, accuracy) and ``PREFIX.png`` (accuracy against position, each
+run's curriculum length and the training length marked). Runs on the CPU in a minute.
+"""
+
+import argparse
+import csv
+import os
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from m2rnn_jax.typed_config import load_yaml  # noqa: E402
+from train.state_tracking import checkpoint, cli  # noqa: E402
+from train.state_tracking.config import ExperimentConfig  # noqa: E402
+from train.state_tracking.tasks import eval_word_problems  # noqa: E402
+from train.state_tracking.training import ModelRunner  # noqa: E402
+
+
+def position_accuracy(runner, params, tokens, targets, batch_size):
+    """Fraction of sequences right at each position, (length,)."""
+    correct = []
+    logits_fn = jax.jit(runner._logits)
+    for first in range(0, tokens.shape[0], batch_size):
+        logits = logits_fn(params, tokens[first:first + batch_size])
+        correct.append(np.asarray(jnp.argmax(logits, -1) == targets[first:first + batch_size]))
+    return np.concatenate(correct).mean(axis=0)
+
+
+def load_run(runner, config, seed, out_dir):
+    """(params, step, curriculum length) from the run's checkpoint."""
+    path = checkpoint.path_for(os.path.join(out_dir, "checkpoints"), runner.name, seed)
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint {path}")
+    params = runner.init_params(seed)
+    prints = checkpoint.fingerprints(runner.model_config, config.train, config.task, seed)
+    saved = checkpoint.load(path, params, runner.optimizer.init(params), prints)
+    return saved.params, saved.step, saved.scored
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--model", default="m2rnn")
+    p.add_argument("--run", action="append", required=True, metavar="SEED:OUT")
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--sequences", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="output prefix (PREFIX.csv, PREFIX.png)")
+    args = p.parse_args()
+    config = load_yaml(ExperimentConfig, args.config)
+    group = cli.build_group(config.task)
+    runner = ModelRunner(args.model, config.model_config(args.model, group.order), config.train)
+    words = eval_word_problems(group, config.task.eval_seed, args.sequences, args.length)
+    rows, curves = [], []
+    for spec in args.run:
+        seed_text, out_dir = spec.split(":", 1)
+        seed = int(seed_text)
+        params, step, scored = load_run(runner, config, seed, out_dir)
+        acc = position_accuracy(runner, params, words.tokens, words.targets, args.batch_size)
+        curves.append((seed, step, scored, acc))
+        rows += [{"seed": seed, "step": step, "position": i + 1, "accuracy": float(a)}
+                 for i, a in enumerate(acc)]
+        train = config.task.train_length
+        print(f"seed {seed} (step {step}, curriculum length {scored}): accuracy at positions "
+              f"1-{train} {acc[:train].mean():.3f}, {train + 1}-{2 * train} "
+              f"{acc[train:2 * train].mean():.3f}, last {train} {acc[-train:].mean():.3f}")
+    with open(args.out + ".csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=("seed", "step", "position", "accuracy"))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    for i, (seed, step, scored, acc) in enumerate(curves):
+        ax.plot(np.arange(1, len(acc) + 1), acc, color=f"C{i}", linewidth=0.9,
+                label=f"seed {seed}: step {step}, curriculum length {scored}")
+        if scored is not None:
+            ax.axvline(scored, color=f"C{i}", linestyle=":", linewidth=1)
+    ax.axvline(config.task.train_length, color="gray", linestyle="--", linewidth=1,
+               label=f"training length {config.task.train_length}")
+    ax.axhline(1.0 / group.order, color="black", linewidth=0.6, label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("position")
+    ax.set_ylabel(f"accuracy ({args.sequences} sequences)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{config.task.group}, {args.model}: accuracy at each position of length-"
+                 f"{args.length} words")
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {args.out}.csv, {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()
