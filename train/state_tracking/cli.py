@@ -13,9 +13,9 @@ overrides any key (e.g. ``--set models.m2rnn.m2rnn.backend=scan``). Writes ``res
 Each run saves its state to ``<out>/checkpoints/`` every minute and when it stops (a kill
 loses at most the last minute); running the same command again continues every unfinished run
 from there (``--restart`` starts over), so long runs can span several sessions. A run may
-continue under a new learning-rate schedule or step count (``--steps``, ``--set
-train.learning_rate=...``, ``warmup_steps``, ``min_lr_ratio``); any other change of settings
-is refused with the file's name.
+continue under a new learning-rate schedule or step count (``--steps``, ``--lr``, ``--set
+train.warmup_steps=...`` or ``train.min_lr_ratio``); any other change of settings is refused
+with the file's name.
 """
 
 import argparse
