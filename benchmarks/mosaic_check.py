@@ -308,7 +308,7 @@ def probe_forward():
         with patch():  # active while the kernel is traced (first call)
             fn = functools.partial(mosaic_gpu.forward, chunk_size=64, save_checkpoints=False,
                                    **{**FAST_FWD, **options})
-            ms, compile_s = _time_forward(name, fn, args)
+            ms, _ = _time_forward(name, fn, args)
         rows.append((f"{batch}x{seq_len}x{heads}", name, ms))
         print(f"probe {rows[-1][0]} {name}: {ms} ms", flush=True)
     sms = jax.devices()[0].core_count if hasattr(jax.devices()[0], "core_count") else 132
@@ -321,7 +321,7 @@ def probe_forward():
         per_sm = -(-b * SCALING_HEADS // sms)
         scaling.append((b, per_sm, ms))
         print(f"probe scaling {b}x{seq_len}x{SCALING_HEADS}: {ms} ms", flush=True)
-    print(f"\nforward ablations (ms, median of 10)")
+    print("\nforward ablations (ms, median of 10)")
     for shape, name, ms in rows:
         print(f"{shape:13s} {name:44s} {'FAILED' if ms is None else f'{ms:9.3f}'}")
     print(f"\nforward vs CTAs per SM ({sms} SMs): ns per step, and per step per CTA")
