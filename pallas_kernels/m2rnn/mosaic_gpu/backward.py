@@ -10,8 +10,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from m2rnn_jax.heads import expand_heads, sum_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
-                                                    _state_parts, _tanh, hi_lo_splitter,
-                                                    check_hi_lo_split,
+                                                    _tanh, state_splitter, check_hi_lo_split,
                                                     DEFAULT_CHUNK_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import _store_warp_sums, _sum_partials
@@ -65,12 +64,12 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
     def clamp(x):
         return x if clip is None else jnp.minimum(jnp.maximum(x, -clip), clip)
 
-    split_hi_lo = hi_lo_splitter(hi_lo_split, interpret)
+    split_state = state_splitter(2, f16_state, hi_lo_split, interpret)  # as the forward's
+    split_grad = state_splitter(2, False, hi_lo_split, interpret)  # du: bf16's range
 
-    def matmul_w(x, w_smem, f16=False):
-        """x (64×16 f32) · w (16×16 in SMEM) on bf16 hi/lo parts of x (w bf16), or with ``f16``
-        on one float16 part (w float16: the recomputed states, as the forward's f16_state)."""
-        parts = _state_parts(x, 1, True) if f16 else split_hi_lo(x)
+    def matmul_w(x, w_smem, split):
+        """x (64×16 f32) · w (16×16 in SMEM, the parts' dtype) on the parts ``split`` makes."""
+        parts = split(x)
         if interpret:
             return sum(jnp.dot(a, w_smem[...], preferred_element_type=_F32) for a in parts)
 
@@ -94,7 +93,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
             h = h * keep_t
         kv = lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0]) * lax.broadcast_in_dim(
             v_t, (KEY_DIM, VALUE_DIM), [1])
-        z = _tanh(matmul_w(h, w_s, f16_state) + kv, f16_tanh)
+        z = _tanh(matmul_w(h, w_s, split_state) + kv, f16_tanh)
         return h, z, z + f_t * (h - z)
 
     def chunk_loop(acc_ref, g_later, dw):
@@ -151,7 +150,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
                         q_t, (KEY_DIM, VALUE_DIM), [0]) * dy_b
                     h_prev, z = prevs[m], zs[m]
                     du = (1.0 - f_t) * g * (1.0 - z * z)
-                    g_later = f_t * g + matmul_w(du, wt_s)
+                    g_later = f_t * g + matmul_w(du, wt_s, split_grad)
                     if keep_t is not None:
                         g_later = g_later * keep_t
                     if warp_sums:
@@ -267,8 +266,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     * ``approx_tanh``: ``tanh.approx.f32`` in the recomputed states (as the forward).
     * ``qk_grad_sum="xla"``: dq/dk written per head (``qk_grad_dtype``, B·S·N·64 each) and
       summed over the heads of a group in XLA.
-    * ``qk_grad_sum="kernel"`` (default): each CTA adds its float32 dq/dk chunk into zero-initialised
-      ``(B, S, L, 64)`` float32 buffers with a TMA reduce-add (``cp.reduce.async.bulk.tensor``
+    * ``qk_grad_sum="kernel"`` (default): each CTA adds its float32 dq/dk chunk into
+      zero-initialised ``(B, S, L, 64)`` float32 buffers with a TMA reduce-add (``cp.reduce.async.bulk.tensor``
       .add, in L2); the buffers are ``jax.new_ref`` inputs of the kernel (aliased to outputs).
       Replaces the per-head ``2·B·S·N·64`` bf16 outputs (0.66 GiB at 8×4096×84) by
       ``2·B·S·L·64`` float32 (16 MiB): extra memory of fwd+bwd ≈ 1.19 − 0.66 + 0.02 ≈ 0.55 GiB.
@@ -276,8 +275,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
       run TMA reductions: in interpret mode the kernel writes per-head float32 dq/dk that XLA
       sums (the same values); ``jax.export`` for CUDA lowers the real path.
     * ``reductions="warp_sums"`` (default): no cross-warp exchange per step. With
-      ``"per_step"`` each step stores dq, dk, dv, df with four Pallas SMEM stores (each bracketed by warpgroup barriers under
-      Mosaic's automatic barriers) and reduces dv (over rows) and df (over all) across the 4
+      ``"per_step"`` each step stores dq, dk, dv, df with four Pallas SMEM stores (each
+      bracketed by warpgroup barriers under Mosaic's automatic barriers) and reduces dv (over rows) and df (over all) across the 4
       warps through SMEM. With this option inline Mosaic GPU code writes per step, without
       barriers: dq/dk row sums (warp-local: shuffles over the 4 lanes of a row) to float32
       (C, 64) SMEM, per-warp dv column partials to (4, C, 16) and per-warp df totals to (4, C);
@@ -378,11 +377,6 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         extra["warp_sums"] = True
         if scatter_sums:
             extra["scatter_sums"] = True
-    for name, on in (("f16_state", f16_state), ("f16_tanh", f16_tanh)):
-        if on:
-            extra[name] = True
-    if hi_lo_split != "cvt":
-        extra["hi_lo_split"] = hi_lo_split
     if qk_reduce_add:
         extra["qk_reduce_add"] = True
     if no_auto_barriers:
@@ -390,7 +384,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     kernel = functools.partial(
         _bwd_kernel, chunk=chunk_size, num_chunks=num_chunks,
         heads_per_group=num_heads // groups, has_keep=has_keep, clip=gradient_clipping,
-        approx_tanh=approx_tanh, interpret=bool(interpret), **extra)
+        approx_tanh=approx_tanh, interpret=bool(interpret), f16_state=f16_state,
+        f16_tanh=f16_tanh, hi_lo_split=hi_lo_split, **extra)
     outs = _launch(kernel, out_type, scratch, (batch, num_heads), approx_tanh,
                    no_auto_barriers, interpret, "m2rnn_backward_mosaic")(*inputs)
     if qk_reduce_add:

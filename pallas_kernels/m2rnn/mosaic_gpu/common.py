@@ -160,27 +160,26 @@ def check_hi_lo_split(hi_lo_split):
         raise ValueError(f"hi_lo_split must be one of {HI_LO_SPLITS}, got {hi_lo_split!r}")
 
 
-def hi_lo_splitter(hi_lo_split, interpret):
-    """``x -> [hi, lo]`` (bf16 parts of a 64×16 float32 WGMMA-layout array) for ``hi_lo_split``
-    "cvt" (round to bf16, the rest rounded: ``_bf16_parts``) or "bits" (``_hi_lo_by_bits``;
-    inline Mosaic GPU code off the interpreter)."""
+def state_splitter(parts, f16_state, hi_lo_split, interpret):
+    """``x -> [A operands of x · W]`` for a 64×16 float32 WGMMA-layout array ``x``.
+
+    With ``f16_state`` one float16 part (11 significant bits; W is then float16 too): safe for
+    the state, which the gated tanh update keeps within max(|H_0|, 1), not for gradients (their
+    range needs bf16's exponent). Otherwise ``parts`` bf16 parts (``_bf16_parts``: each the
+    rounding of what the previous left), two of them split as ``hi_lo_split`` says: "cvt"
+    (that rounding) or "bits" (``_hi_lo_by_bits``; inline Mosaic GPU code off the interpreter).
+    """
     check_hi_lo_split(hi_lo_split)
-    if hi_lo_split == "cvt":
-        return lambda x: _bf16_parts(x, 2)
+    if f16_state:
+        return lambda x: [x.astype(_F16)]
+    if parts != 2 or hi_lo_split == "cvt":
+        return lambda x: _bf16_parts(x, parts)
     if interpret:
         return lambda x: list(_hi_lo_by_bits(x))
     part = plgpu.ShapeDtypeStruct((KEY_DIM, VALUE_DIM), _BF16, layout=plgpu.Layout.WGMMA)
     inline = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=(part, part))(
         _hi_lo_by_bits_inline)
     return lambda x: list(inline(x))
-
-
-def _state_parts(x, parts, f16_state):
-    """The A operands of ``x · W``: ``parts`` bf16 terms, or with ``f16_state`` one float16
-    term (11 significant bits; W is then float16 too). float16 is safe for the state, which the
-    gated tanh update keeps within max(|H_0|, 1), not for gradients (their range needs bf16's
-    exponent)."""
-    return [x.astype(_F16)] if f16_state else _bf16_parts(x, parts)
 
 
 def _tanh(u, f16_tanh):

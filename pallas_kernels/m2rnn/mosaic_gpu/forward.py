@@ -10,15 +10,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from m2rnn_jax.heads import expand_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
-                                                    _bf16_parts, _state_parts, _tanh, _products,
-                                                    hi_lo_splitter, check_hi_lo_split,
+                                                    _bf16_parts, _tanh, _products, state_splitter,
+                                                    check_hi_lo_split,
                                                     DEFAULT_CHUNK_SIZE,
                                                     DEFAULT_STAGE_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import _store_warp_partial_sums
 
 def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, weight_parts, has_keep,
-            save_checkpoints, unroll, warp_partials, interpret, heads_per_cta=1, acc_init="zero",
+            save_checkpoints, unroll, y_reduction, interpret, heads_per_cta=1, acc_init="zero",
             f16_state=False, f16_tanh=False, hi_lo_split="cvt"):
     q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
@@ -31,11 +31,12 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
     per_head = [(v_smem, f_smem, y_smem, part_smem, w_smem, h_smem)] + [
         tuple(more_heads[6 * i:6 * i + 6]) for i in range(heads_per_cta - 1)]
     v_bufs, f_bufs, y_bufs, part_bufs, w_bufs, h_bufs = (list(x) for x in zip(*per_head))
+    warp_partials = y_reduction != "per_step"
     if warp_partials:
         store_partials = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(
-            functools.partial(_store_warp_partial_sums, scatter=warp_partials == "scatter"))
+            functools.partial(_store_warp_partial_sums, scatter=y_reduction == "warp_scatter"))
 
-    split_hi_lo = hi_lo_splitter(hi_lo_split, interpret)
+    split_state = state_splitter(state_parts, f16_state, hi_lo_split, interpret)
     b = lax.axis_index("b")
     n = lax.axis_index("n")
     if heads_per_cta == 1:
@@ -80,10 +81,7 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
         kvs = [k_b * lax.broadcast_in_dim(v_t, (KEY_DIM, VALUE_DIM), [1]) for v_t in vs]
         pairs = []  # per head: the (bf16 state part, weight part) products
         for h in hs:
-            if state_parts == 2 and not f16_state:
-                h_parts = split_hi_lo(h)
-            else:
-                h_parts = _state_parts(h, state_parts, f16_state)
+            h_parts = split_state(h)
             pairs.append([(h_parts[i], j) for i, j in _products(state_parts, weight_parts)])
         if interpret:
             # The interpreter's wgmma takes the A operand only from SMEM: the same bf16
@@ -241,9 +239,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     if acc_init not in ("zero", "kv"):
         raise ValueError(f"acc_init must be 'zero' or 'kv', got {acc_init!r}")
     # The interpreter cannot run inline Mosaic GPU code: it reduces per step.
-    warp_partials = False
-    if y_reduction != "per_step" and not interpret:
-        warp_partials = "scatter" if y_reduction == "warp_scatter" else True
+    if interpret:
+        y_reduction = "per_step"
     if state_split is None:
         state_split = 1 if f16_state else (3 if jnp.dtype(dtype) == jnp.float32 else 2)
     if f16_state and (state_split != 1 or jnp.dtype(w.dtype) != jnp.bfloat16):
@@ -278,7 +275,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         plgpu.SMEM((2, stage), _F32),                       # f
         plgpu.SMEM((2, stage), _F32),                       # keep (unused without keep)
         plgpu.SMEM((2, stage, VALUE_DIM), dtype),           # y
-        plgpu.SMEM((4, stage if warp_partials else 1, VALUE_DIM), _F32),  # per-warp y
+        plgpu.SMEM((4, stage if y_reduction != "per_step" else 1, VALUE_DIM), _F32),  # per-warp y
         plgpu.SMEM((weight_parts, VALUE_DIM, VALUE_DIM), w_parts.dtype, transforms=w_transforms),
         plgpu.SMEM((KEY_DIM, VALUE_DIM), _F32),                  # h0 / checkpoints / final
         # One arrival per TMA copy that signals the barrier.
@@ -292,12 +289,10 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         _kernel, chunk=stage, num_chunks=num_chunks, ckpt_every=chunk_size // stage,
         heads_per_group=num_heads // groups, state_parts=state_split,
         weight_parts=weight_parts, has_keep=has_keep, unroll=unroll,
-        warp_partials=warp_partials,
+        y_reduction=y_reduction, f16_state=f16_state, f16_tanh=f16_tanh, hi_lo_split=hi_lo_split,
         save_checkpoints=save_checkpoints, interpret=bool(interpret),
         **({"heads_per_cta": heads_per_cta} if heads_per_cta != 1 else {}),
-        **({"acc_init": acc_init} if acc_init != "zero" else {}),
-        **({"f16_state": True} if f16_state else {}), **({"f16_tanh": True} if f16_tanh else {}),
-        **({"hi_lo_split": hi_lo_split} if hi_lo_split != "cvt" else {}))
+        **({"acc_init": acc_init} if acc_init != "zero" else {}))
     outs = _launch(kernel, out_type, scratch, (batch, num_heads // heads_per_cta), approx_tanh,
                    no_auto_barriers, interpret, "m2rnn_forward_mosaic")(*inputs)
     y, h_final = outs[0], outs[1]
