@@ -17,9 +17,9 @@ from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_
                                                     _BF16, _F16)
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import _store_warp_partial_sums
 
-def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, weight_parts, has_keep,
-            save_checkpoints, unroll, y_reduction, interpret, heads_per_cta=1, acc_init="zero",
-            f16_state=False, f16_tanh=False, hi_lo_split="cvt"):
+def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, weight_parts,
+            has_keep, save_checkpoints, unroll, y_reduction, interpret, heads_per_cta=1,
+            acc_init="zero", f16_state=False, f16_tanh=False, hi_lo_split="cvt"):
     q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     y_ref, h_final_ref, *rest = rest
