@@ -5,12 +5,15 @@
 #
 #   device (kind nvidia-h200-x2, carry ["runs/s5_long"]):
 #       OUT=$OUT bash benchmarks/gpu_s5_long.sh run [BUDGET_S, default 480]
+#       (run = train, then collect: several `train` calls with their own SEEDS, GPUS and
+#       EXTRA_ARGS may run side by side before one `collect`)
 #   here, after the call (FILES = the call's files_at folder):
 #       bash benchmarks/gpu_s5_long.sh unpack FILES
 #
-# runs/s5_long/seed<k>/ holds each seed's checkpoint, log, results.{csv,json} and plot; `run`
-# starts a seed from scratch when it has no checkpoint. Seeds 0 and 2 share GPU 0, seed 1 has
-# GPU 1 (GPUS="1" puts every seed on GPU 1; MEM_FRACTION sets each process's share of its
+# runs/s5_long/seed<k>/ holds each seed's checkpoint, log, results.{csv,json} and plot; `train`
+# starts a seed from scratch when it has no checkpoint. SEEDS (default "0 1 2") are the seeds
+# trained; seed k runs on GPU ${GPUS[k % len]}: by default seeds 0 and 2 share GPU 0, seed 1
+# has GPU 1 (GPUS="1" puts every seed on GPU 1; MEM_FRACTION sets each process's share of its
 # GPU's memory, default 0.4; EXTRA_ARGS are cli flags for every seed, EXTRA_ARGS_SEED<k> for
 # seed k only, e.g. EXTRA_ARGS_SEED0="--set train.learning_rate=5e-4": a run may continue
 # under a new schedule). The last lines printed are each seed's latest progress line and evaluation.
@@ -19,31 +22,38 @@
 #     OUT=/tmp/o bash benchmarks/gpu_s5_long.sh run 20
 set -u
 RUNS=${RUNS_DIR:-runs/s5_long}
+train() {
+  BUDGET=${1:-480}
+  export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.4}
+  read -r -a gpus <<< "${GPUS:-0 1}"
+  for seed in ${SEEDS:-0 1 2}; do
+    mkdir -p $RUNS/seed$seed
+    seed_args=EXTRA_ARGS_SEED$seed
+    CUDA_VISIBLE_DEVICES=${gpus[$((seed % ${#gpus[@]}))]} timeout $((BUDGET + 120)) python3 -m \
+      train.state_tracking.cli --config configs/state_tracking/s5_long.yaml --models m2rnn \
+      --seeds 1 --first-seed $seed --time-budget-s "$BUDGET" --no-progress \
+      --out $RUNS/seed$seed ${EXTRA_ARGS:-} ${!seed_args:-} >> $RUNS/seed$seed/log.txt 2>&1 &
+  done
+  wait
+}
+
+collect() {
+  for seed in 0 1 2; do
+    cp $RUNS/seed$seed/checkpoints/m2rnn_seed$seed.msgpack "$OUT/" 2>/dev/null
+    echo "== seed $seed"
+    grep -E "resumed|-> length" $RUNS/seed$seed/log.txt | tail -n 4
+    grep -E "^m2rnn seed .*: step" $RUNS/seed$seed/log.txt | tail -n 1
+    grep -E "^  seed " $RUNS/seed$seed/log.txt | tail -n 1
+  done
+  (cd $RUNS && tar czf "$OUT/s5_long_results.tgz" seed*/log.txt seed*/results.* \
+    seed*/accuracy_vs_length.png 2>/dev/null)
+  ls -la "$OUT"
+}
+
 case "${1:-}" in
-  run)
-    BUDGET=${2:-480}
-    export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.4}
-    read -r -a gpus <<< "${GPUS:-0 1}"
-    for seed in 0 1 2; do
-      mkdir -p $RUNS/seed$seed
-      seed_args=EXTRA_ARGS_SEED$seed
-      CUDA_VISIBLE_DEVICES=${gpus[$((seed % ${#gpus[@]}))]} timeout $((BUDGET + 120)) python3 -m \
-        train.state_tracking.cli --config configs/state_tracking/s5_long.yaml --models m2rnn \
-        --seeds 1 --first-seed $seed --time-budget-s "$BUDGET" --no-progress \
-        --out $RUNS/seed$seed ${EXTRA_ARGS:-} ${!seed_args:-} >> $RUNS/seed$seed/log.txt 2>&1 &
-    done
-    wait
-    for seed in 0 1 2; do
-      cp $RUNS/seed$seed/checkpoints/m2rnn_seed$seed.msgpack "$OUT/" 2>/dev/null
-      echo "== seed $seed"
-      grep -E "resumed|-> length" $RUNS/seed$seed/log.txt | tail -n 4
-      grep -E "^m2rnn seed .*: step" $RUNS/seed$seed/log.txt | tail -n 1
-      grep -E "^  seed " $RUNS/seed$seed/log.txt | tail -n 1
-    done
-    (cd $RUNS && tar czf "$OUT/s5_long_results.tgz" seed*/log.txt seed*/results.* \
-      seed*/accuracy_vs_length.png 2>/dev/null)
-    ls -la "$OUT"
-    ;;
+  run) train "${2:-480}"; collect ;;
+  train) train "${2:-480}" ;;
+  collect) collect ;;
   unpack)
     FILES=${2:?usage: $0 unpack FILES_AT}
     for seed in 0 1 2; do
@@ -54,5 +64,6 @@ case "${1:-}" in
     [ -f "$FILES/s5_long_results.tgz" ] && tar xzf "$FILES/s5_long_results.tgz" -C $RUNS
     ls -la $RUNS/seed*/checkpoints
     ;;
-  *) echo "usage: OUT=dir bash $0 run [BUDGET_S] | bash $0 unpack FILES_AT" >&2; exit 2 ;;
+  *) echo "usage: OUT=dir bash $0 run|train [BUDGET_S] | OUT=dir bash $0 collect |" \
+       "bash $0 unpack FILES_AT" >&2; exit 2 ;;
 esac

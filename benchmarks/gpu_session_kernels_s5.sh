@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One device call (kind nvidia-h200-x2, carry [".whl", "runs/s5_long"]), ~9.5 minutes:
-#   GPU 0: the Mosaic kernels' SASS/ptxas summary (benchmarks/gpu_sass.sh, small shape), an
-#          optional correctness check (CHECK_ARGS for mosaic_check), the kernel timings
-#          (KERNEL_CMD), then for the rest of the call AFTER_KERNELS: s3 = S3 for every model
+#   GPU 0: with SASS=1 the Mosaic kernels' SASS/ptxas summary (benchmarks/gpu_sass.sh, small
+#          shape), with STEP_BENCH_ARGS the S5 train step's timings
+#          (benchmarks/state_tracking_step_bench.py), an optional correctness check (CHECK_ARGS
+#          for mosaic_check), the kernel timings (KERNEL_CMD), then for the rest of the call
+#          the S5 seeds S5_GPU0_SEEDS (if any) and AFTER_KERNELS: s3 = S3 for every model
 #          (configs/state_tracking/s3.yaml, 3 seeds, 6000 steps, one process per model), or
 #          train_bench = the 400M hybrid's train step (benchmarks/train_bench.py);
-#   GPU 1: the long S5 runs (benchmarks/gpu_s5_long.sh, all three seeds, BUDGET_S seconds),
+#   GPU 1: the long S5 runs (benchmarks/gpu_s5_long.sh, the seeds S5_GPU1_SEEDS, default all
+#          three, BUDGET_S seconds; EXTRA_ARGS_SEED<k> are seed k's cli flags),
 #          S5_VARIANTS of benchmarks/state_tracking_sweep.py and, with S5_BASELINES=1, the
 #          baselines of configs/state_tracking/s5_long.yaml (seed 0, one process per model,
 #          from scratch: not carried between calls), side by side.
@@ -30,7 +33,8 @@ S5_VARIANTS=${S5_VARIANTS:-}
 KERNEL_CMD=${KERNEL_CMD:-python3 benchmarks/kernel_bench.py --variants none --reps 10 --workers 16}
 AFTER_KERNELS=${AFTER_KERNELS:-}
 ST="python3 -m train.state_tracking.cli --no-progress"
-(GPUS="1" MEM_FRACTION=0.15 OUT=$OUT bash benchmarks/gpu_s5_long.sh run $BUDGET \
+S5="bash benchmarks/gpu_s5_long.sh"
+(SEEDS="${S5_GPU1_SEEDS:-0 1 2}" GPUS="1" MEM_FRACTION=0.15 OUT=$OUT $S5 train $BUDGET \
   > $LOGS/s5_long.txt 2>&1) &
 if [ -n "$S5_VARIANTS" ]; then
   (XLA_PYTHON_CLIENT_MEM_FRACTION=0.15 python3 benchmarks/state_tracking_sweep.py --gpu 1 \
@@ -44,9 +48,15 @@ if [ "${S5_BASELINES:-1}" = 1 ]; then
       --time-budget-s $BUDGET --out $LOGS/s5_long_$m > $LOGS/s5_long_$m.txt 2>&1 &
   done
 fi
-CUDA_VISIBLE_DEVICES=0 SASS_TIMEOUT_S=150 OUT=$LOGS \
-  MOSAIC_ARGS='--fwd= --only c32 --shapes 2x512x8 --skip-forward' \
-  bash benchmarks/gpu_sass.sh > $LOGS/sass.txt 2>&1
+if [ "${SASS:-0}" = 1 ]; then
+  CUDA_VISIBLE_DEVICES=0 SASS_TIMEOUT_S=150 OUT=$LOGS \
+    MOSAIC_ARGS='--fwd= --only c32 --shapes 2x512x8 --skip-forward' \
+    bash benchmarks/gpu_sass.sh > $LOGS/sass.txt 2>&1
+fi
+if [ -n "${STEP_BENCH_ARGS:-}" ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/state_tracking_step_bench.py \
+    $STEP_BENCH_ARGS > $LOGS/step_bench.txt 2>&1
+fi
 if [ -n "${CHECK_ARGS:-}" ]; then
   CUDA_VISIBLE_DEVICES=0 timeout 120 python3 benchmarks/mosaic_check.py $CHECK_ARGS \
     > $LOGS/check.txt 2>&1
@@ -55,6 +65,10 @@ CUDA_VISIBLE_DEVICES=0 timeout 300 $KERNEL_CMD > $LOGS/kernels.txt 2>&1
 echo "kernels exit $? at $(( $(date +%s) - START ))s"
 REST=$(( BUDGET + 60 - ($(date +%s) - START) ))
 [ $REST -lt 60 ] && REST=60
+if [ -n "${S5_GPU0_SEEDS:-}" ]; then
+  (SEEDS="$S5_GPU0_SEEDS" GPUS="0" MEM_FRACTION=0.3 $S5 train $REST > $LOGS/s5_long_gpu0.txt \
+    2>&1) &
+fi
 case "$AFTER_KERNELS" in
   train_bench)
     CUDA_VISIBLE_DEVICES=0 timeout $((REST + 60)) python3 benchmarks/train_bench.py \
@@ -67,6 +81,7 @@ case "$AFTER_KERNELS" in
     done ;;
 esac
 wait
+OUT=$OUT $S5 collect >> $LOGS/s5_long.txt 2>&1
 (cd /tmp && tar czf "$OUT/logs.tgz" --exclude=checkpoints logs)
 grep -A40 "^forward ablations" $LOGS/kernels.txt
 grep -A30 "^shape " $LOGS/kernels.txt
@@ -76,4 +91,5 @@ head -n 30 $LOGS/summary.txt 2>/dev/null
 tail -n 12 $LOGS/sweep.txt 2>/dev/null
 tail -n 3 $LOGS/s3_*.txt $LOGS/s5_long_*.txt 2>/dev/null
 tail -n 12 $LOGS/train_bench.txt 2>/dev/null
+tail -n 14 $LOGS/step_bench.txt 2>/dev/null
 tail -n 16 $LOGS/s5_long.txt

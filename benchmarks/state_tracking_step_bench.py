@@ -1,0 +1,124 @@
+"""Times one model's state-tracking train step under named variants (XLA flags, config changes).
+
+The S5 runs are many small steps (batch 512, length <= 64, a 2-layer model of ~0.3M parameters):
+their speed is set by per-step overheads (kernel launches, the scan's loop), not by the
+arithmetic. Each variant runs in its own process (XLA_FLAGS must be set before JAX starts) and
+times ``ModelRunner``'s jitted step the way training calls it: ``--steps`` steps dispatched
+back to back, one wait at the end; the median over ``--reps`` such blocks after a warm-up.
+
+    PYTHONPATH=. python3 benchmarks/state_tracking_step_bench.py \
+        --config configs/state_tracking/s5_long.yaml --model m2rnn --widths 8,64 \
+        --variants scan,unroll_auto,command_buffer_while
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+M2RNN = "models.m2rnn.m2rnn."
+# name -> (XLA_FLAGS, config overrides)
+VARIANTS = {
+    "scan": ("", []),
+    "unroll_auto": ("--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_AUTO_UNROLL", []),
+    "unroll_full": ("--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL", []),
+    # CUDA graphs that also capture the scan's while loops: no host round trip per iteration.
+    "command_buffer_while": ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,"
+                             "WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1", []),
+    "pallas_gpu": ("", [f"{M2RNN}backend=pallas_gpu"]),
+    "auto": ("", [f"{M2RNN}backend=auto"]),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/state_tracking/s5_long.yaml")
+    p.add_argument("--model", default="m2rnn")
+    p.add_argument("--batch-size", type=int, help="default: the config's train.batch_size")
+    p.add_argument("--widths", default="8,64", help="comma-separated step widths (lengths)")
+    p.add_argument("--variants", default="scan,unroll_auto,command_buffer_while",
+                   help=f"comma-separated names from {sorted(VARIANTS)}")
+    p.add_argument("--steps", type=int, default=50, help="steps per timed block")
+    p.add_argument("--reps", type=int, default=5, help="timed blocks (the median is reported)")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # a variant's name: time it here
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    return args
+
+
+def time_variant(args):
+    """Runs in the child process: JSON lines {variant, width, ms_per_step, compile_s}."""
+    import jax
+    import numpy as np
+
+    from train.state_tracking.cli import build_group, load_config, parse_args as cli_args
+    from train.state_tracking.tasks import sample_word_problems
+    from train.state_tracking.training import ModelRunner
+
+    overrides = sum((["--set", s] for s in VARIANTS[args.child][1]), [])
+    config, _ = load_config(cli_args(["--config", args.config, "--models", args.model]
+                                     + overrides))
+    group = build_group(config.task)
+    train = config.train if args.batch_size is None else \
+        dataclasses.replace(config.train, batch_size=args.batch_size)
+    runner = ModelRunner(args.model, config.model_config(args.model, group.order), train)
+    rng = np.random.default_rng(0)
+    for width in (int(w) for w in args.widths.split(",")):
+        params = runner.init_params(0)
+        opt_state = runner.optimizer.init(params)
+        batches = [sample_word_problems(group, rng, train.batch_size, width)
+                   for _ in range(4)]
+        start = time.perf_counter()
+        step = runner._train_step
+        for i in range(3):  # compile, then warm up
+            b = batches[i % len(batches)]
+            params, opt_state, loss, _ = step(params, opt_state, b.tokens, b.targets, b.mask)
+            loss.block_until_ready()
+            if i == 0:
+                compile_s = time.perf_counter() - start
+        times = []
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            for i in range(args.steps):
+                b = batches[i % len(batches)]
+                params, opt_state, loss, _ = step(params, opt_state, b.tokens, b.targets, b.mask)
+            loss.block_until_ready()
+            times.append((time.perf_counter() - start) / args.steps)
+        print(json.dumps({"variant": args.child, "width": width, "compile_s": compile_s,
+                          "ms_per_step": 1e3 * float(np.median(times)),
+                          "device": str(jax.devices()[0].device_kind)}), flush=True)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.child:
+        time_variant(args)
+        return
+    rows = []
+    for name in args.variants.split(","):
+        flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), VARIANTS[name][0]) if f)
+        cmd = [sys.executable, __file__, "--child", name, "--config", args.config, "--model",
+               args.model, "--widths", args.widths, "--steps", str(args.steps), "--reps",
+               str(args.reps)] + ([] if args.batch_size is None else
+                                  ["--batch-size", str(args.batch_size)])
+        proc = subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": flags}, capture_output=True,
+                              text=True)
+        found = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0:
+            print(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}", flush=True)
+        for row in found:
+            print(json.dumps(row), flush=True)
+        rows += found
+    print(f"\n{'variant':<22} {'width':>5} {'ms/step':>8} {'steps/s':>8} {'compile s':>9}")
+    for r in rows:
+        print(f"{r['variant']:<22} {r['width']:>5} {r['ms_per_step']:>8.2f} "
+              f"{1e3 / r['ms_per_step']:>8.0f} {r['compile_s']:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
