@@ -37,16 +37,18 @@ from m2rnn_jax import reference  # noqa: E402
 from pallas_kernels.m2rnn import gpu, mosaic_gpu  # noqa: E402
 
 SHAPES = [(8, 4096, 84), (4, 4096, 132)]
-FAST_FWD = {}  # the forward's defaults (hi/lo state parts, lane reduce-scatter y partials, approx tanh)
+FAST_FWD = {}  # the forward's defaults (hi/lo state parts split by bit operations, lane
+#               reduce-scatter y partials, approx tanh)
 # Forward options (mosaic_gpu.forward keywords) of the named forward variants, on top of the
-# defaults. Measured 2026-11-30 (8×4096×84): defaults 2.81 ms; f16_state 2.25; butterfly (the
-# previous default) 3.10; f16_state_tanh 2.40. With the butterfly path as the base: heads2
-# 3.01 vs 3.06 ms, acc_kv 3.25, heads2_acc_kv 3.11, + nab 3.09.
+# defaults. Measured 2026-11-30 (8×4096×84), with the hi/lo split by conversions as the base:
+# base 2.81–3.12 ms; hi/lo split by bit operations (now the default) 2.60 vs 2.91 (same call);
+# f16_state 2.25; butterfly (an earlier default) 3.10; f16_state_tanh 2.40. With the butterfly
+# path as the base: heads2 3.01 vs 3.06 ms, acc_kv 3.25, heads2_acc_kv 3.11, + nab 3.09.
 F16 = {"f16_state": True}
 BUTTERFLY = {"y_reduction": "warp_partials"}
-HI_LO_BITS = {"hi_lo_split": "bits"}  # prepared 2026-11-30, not yet measured
+HI_LO_CVT = {"hi_lo_split": "cvt"}  # the default until 2026-11-30's measurement
 FWD_OPTIONS = {
-    "hi_lo_bits": HI_LO_BITS,
+    "hi_lo_cvt": HI_LO_CVT,
     "f16_state": F16,
     "butterfly": BUTTERFLY,
     "f16_state_tanh": {"f16_state": True, "f16_tanh": True},
@@ -93,15 +95,16 @@ def _fwd_bwd(fwd, bwd, chunk, clip):
 
 # Backward options (mosaic_gpu.backward keywords) of the named variants, and the forward's
 # options where they differ from its defaults (the backward recomputes the forward's states the
-# same way); {} = the defaults (hi/lo states, reduce-scatter dv sums, warp sums, in-kernel dq/dk
-# sums, no automatic barriers, approx tanh: 13.4 ms, 0.56 GiB at 8×4096×84 on 2026-11-30;
-# f16 10.6 ms; KERNEL_NOTES run 7 has the earlier combinations).
+# same way); {} = the defaults (hi/lo states split by bit operations, reduce-scatter dv sums,
+# warp sums, in-kernel dq/dk sums, no automatic barriers, approx tanh: 12.0 ms, 0.56 GiB at
+# 8×4096×84 on 2026-11-30; hi/lo by conversions 13.2 ms; f16 10.6 ms; KERNEL_NOTES run 7 has the
+# earlier combinations).
 PREVIOUS = {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False,
             "scatter_sums": False}
 BWD_OPTIONS = {
     "c32": (32, {}),                                                    # the default
     "c32_f16": (32, F16, F16),
-    "c32_hi_lo_bits": (32, HI_LO_BITS, HI_LO_BITS),
+    "c32_hi_lo_cvt": (32, HI_LO_CVT, HI_LO_CVT),
     "c32_butterfly": (32, {"scatter_sums": False}, BUTTERFLY),
     "c32_previous": (32, PREVIOUS, BUTTERFLY),    # the first measured path (21.6 ms)
     "c64": (64, {}),

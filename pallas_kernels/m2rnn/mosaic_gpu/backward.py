@@ -20,7 +20,7 @@ SUBCHUNK = 4  # backward: states recomputed into registers at once (4·16 = the 
 
 def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, approx_tanh,
                 interpret, warp_sums=False, qk_reduce_add=False, no_auto_barriers=False,
-                scatter_sums=False, f16_state=False, f16_tanh=False, hi_lo_split="cvt"):
+                scatter_sums=False, f16_state=False, f16_tanh=False, hi_lo_split="bits"):
     q_ref, k_ref, v_ref, f_ref, w_ref, wt_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     # With ``qk_reduce_add`` dq_ref/dk_ref are the zero-initialised (B, S, L, 64) float32 Refs
@@ -244,7 +244,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
 def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
              chunk_size=DEFAULT_CHUNK_SIZE, approx_tanh=True, no_auto_barriers=None,
              qk_grad_dtype=_BF16, qk_grad_sum="kernel", reductions="warp_sums", scatter_sums=True,
-             f16_state=False, f16_tanh=False, hi_lo_split="cvt", interpret=None):
+             f16_state=False, f16_tanh=False, hi_lo_split="bits", interpret=None):
     """The backend-interface backward: ``(dq, dk, dv, dw, df, dh0)`` (bfloat16 inputs).
 
     Consumes the checkpoints of ``forward`` (or ``gpu.forward``) with the same ``chunk_size``.
@@ -257,9 +257,9 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     in the kernel (``qk_grad_sum``, below).
 
     Options. The defaults are the fastest combination measured on an H200 (2026-11-30,
-    ``benchmarks/mosaic_check.py``, with the forward's defaults): 8×4096×84 fwd+bwd 13.4 ms and
-    0.56 GiB extra (13.5 ms with butterfly sums; 10.6 ms with ``f16_state`` here and in the
-    forward; 21.6 ms / 1.20 GiB with
+    ``benchmarks/mosaic_check.py``, with the forward's defaults): 8×4096×84 fwd+bwd 12.0 ms and
+    0.56 GiB extra (13.2 ms with ``hi_lo_split="cvt"`` here and in the forward; 13.5 ms with
+    butterfly sums; 10.6 ms with ``f16_state`` here and in the forward; 21.6 ms / 1.20 GiB with
     ``qk_grad_sum="xla", reductions="per_step", approx_tanh=False, no_auto_barriers=False``;
     bf16 error against the scan at 2×256×4 at most 2.7e-3, dW).
 
@@ -284,6 +284,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
       C = 32. Interpret mode computes the same partial buffers with jnp ops.
     * ``scatter_sums`` (default, with ``warp_sums``): the per-warp dv column sums by a lane
       reduce-scatter (4 shuffles instead of 12; ``warp_sums._store_warp_partial_sums``).
+    * ``hi_lo_split`` (default ``"bits"``): how the bf16 hi/lo parts of the recomputed states
+      and of ``du`` are made, as the forward's option of that name.
     * ``f16_state``, ``f16_tanh`` (opt-in): the recomputed states as the forward's options of
       the same names (one float16 wgmma for ``H W``, faster and less exact;
       ``tanh.approx.f16x2``): pass the forward's values. ``du Wᵀ`` keeps bf16 hi/lo parts

@@ -112,21 +112,26 @@ def _bf16_parts(x, parts):
 HI_LO_SPLITS = ("cvt", "bits")
 
 
+_ROUND_TO_BF16 = 0x8000  # added to float32 bits before keeping the upper 16: rounds |x| half up
+
+
 def _hi_lo_by_bits(x):
-    """bf16 (hi, lo) of float32 ``x`` with hi = ``x`` truncated to its upper 16 bits (exact in
-    bf16) and lo = ``x`` − hi (exact in float32) rounded to bf16: ≈ 16 significant bits, one
-    fewer than rounding's split, at fewer instructions (``_hi_lo_by_bits_inline``). The jnp
-    form: what the interpreter runs, the same values as the inline code."""
-    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000)
-    hi = lax.bitcast_convert_type(bits, _F32)
+    """bf16 (hi, lo) of float32 ``x`` by integer operations: hi = the upper 16 bits of ``x``'s
+    bits + 0x8000 (``x`` rounded to bf16, ties away from zero; exact in bf16), lo = ``x`` − hi
+    (exact in float32) rounded to bf16. As accurate as rounding's split (≈ 17 significant bits;
+    truncating hi instead lost a bit, and measurably so where the recurrence amplifies errors),
+    with one conversion per pair instead of two (``_hi_lo_by_bits_inline``). The jnp form: what
+    the interpreter runs, the same values as the inline code."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32) + jnp.uint32(_ROUND_TO_BF16)
+    hi = lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), _F32)
     return hi.astype(_BF16), (x - hi).astype(_BF16)
 
 
 def _hi_lo_by_bits_inline(ctx, x):
     """Mosaic GPU code for ``_hi_lo_by_bits`` on a WGMMA-layout float32 array: per register
-    pair one ``prmt`` packs the two upper halves (hi), two ``and`` + two ``sub`` + one
-    ``cvt.rn.bf16x2`` make lo — 6 instructions per pair where converting (round, widen back,
-    subtract, convert) takes 8."""
+    pair two integer ``add`` round, one ``prmt`` packs the two upper halves (hi), two ``and`` +
+    two ``sub`` + one ``cvt.rn.bf16x2`` make lo — integer and float32 pipes instead of the
+    second pair conversion (round, widen back, subtract, convert) of ``_bf16_parts``."""
     del ctx
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm, vector
@@ -142,13 +147,15 @@ def _hi_lo_by_bits_inline(ctx, x):
         bits = vector.bitcast(pair_i32, reg)
         a, b = (vector.extract(bits, dynamic_position=[],
                                static_position=ir.DenseI64ArrayAttr.get([i])) for i in (0, 1))
+        ra, rb = (llvm.inline_asm(i32, [r], f"add.u32 $0, $1, {_ROUND_TO_BF16:#x};", "=r,r")
+                  for r in (a, b))
         # Element 0 of a bf16 pair is the low half of the 32-bit register.
-        hi = llvm.inline_asm(i32, [a, b], "prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r")
+        hi = llvm.inline_asm(i32, [ra, rb], "prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r")
         lo = llvm.inline_asm(
-            i32, [a, b],
-            "{ .reg .b32 ta, tb; and.b32 ta, $1, 0xffff0000; and.b32 tb, $2, 0xffff0000; "
+            i32, [a, b, ra, rb],
+            "{ .reg .b32 ta, tb; and.b32 ta, $3, 0xffff0000; and.b32 tb, $4, 0xffff0000; "
             "sub.f32 ta, $1, ta; sub.f32 tb, $2, tb; cvt.rn.bf16x2.f32 $0, tb, ta; }",
-            "=r,r,r")
+            "=r,r,r,r,r")
         his[idx] = mgpu_utils.bitcast(hi, pair_bf16)
         los[idx] = mgpu_utils.bitcast(lo, pair_bf16)
     return (fa.FragmentedArray(_registers=his, _layout=x.layout, _is_signed=None),

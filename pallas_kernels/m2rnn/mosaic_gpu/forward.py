@@ -19,7 +19,7 @@ from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import _store_warp_partial_sums
 
 def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, weight_parts,
             has_keep, save_checkpoints, unroll, y_reduction, interpret, heads_per_cta=1,
-            acc_init="zero", f16_state=False, f16_tanh=False, hi_lo_split="cvt"):
+            acc_init="zero", f16_state=False, f16_tanh=False, hi_lo_split="bits"):
     q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     y_ref, h_final_ref, *rest = rest
@@ -174,7 +174,7 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
 def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_checkpoints=True,
             stage_size=DEFAULT_STAGE_SIZE, approx_tanh=True, state_split=None, unroll=1,
             no_auto_barriers=False, y_reduction="warp_scatter", heads_per_cta=1,
-            acc_init="zero", f16_state=False, f16_tanh=False, hi_lo_split="cvt",
+            acc_init="zero", f16_state=False, f16_tanh=False, hi_lo_split="bits",
             interpret=None):
     """The backend-interface forward: ``(y (B,S,N,V), h_final (B,N,K,V) f32, checkpoints)``.
 
@@ -189,7 +189,11 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     stages ``chunk_size`` steps.
 
     Defaults (H200, 2026-11-30, 8×4096×84 bf16, median of 10; ``benchmarks/mosaic_check.py``,
-    RESULTS.md): ``H W`` on bf16 hi/lo parts of ``H`` (``state_split=2``, 16 significant bits),
+    RESULTS.md): ``H W`` on bf16 hi/lo parts of ``H`` (``state_split=2``, ≈ 17 significant
+    bits) made by integer operations (``hi_lo_split="bits"``: hi = ``H`` rounded to its upper
+    16 bits by an integer add, packed by one ``prmt`` per pair, lo = the rest converted: one
+    conversion per pair instead of two): 2.91 → 2.60 ms, the same values as the conversions'
+    split but at ties (the same errors against the scan),
     ``y_reduction="warp_scatter"`` (each warp sums its 16 rows of ``H_t ⊙ q_t`` with a lane
     reduce-scatter, 4 shuffles per step instead of 12, into SMEM partials the 4 warps add once
     per staging block: 3.10 → 2.81 ms; ``"warp_partials"``: full butterflies; ``"per_step"``:
@@ -209,10 +213,10 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     * ``heads_per_cta=2``: two heads of one q/k group per CTA as two interleaved state chains
       (grid ``(B, N/2)``; needs ``N / L`` even): 3.01 vs 3.06 ms.
     * ``acc_init="kv"``: the wgmma accumulator starts at ``k_t v_tᵀ``: 3.25 vs 3.06 ms.
-    * ``hi_lo_split="bits"``: the hi/lo parts of ``H`` by bit operations (hi = ``H``
-      truncated to its upper 16 bits, packed by one ``prmt`` per pair; lo = the rest rounded)
-      instead of conversions: 24 instructions per step instead of 32 in the SASS, one bit less
-      (≈ 16 significant bits). Not yet measured on a GPU.
+    * ``hi_lo_split="cvt"``: the hi/lo parts by two conversions, the default until the bit
+      split was measured: 2.91 vs 2.60 ms (the bit split with a truncated hi, one bit less:
+      3.12 vs 2.58 ms in another call, but errors up to 4× larger where the recurrence
+      amplifies them).
     * ``f16_tanh``: ``tanh.approx.f16x2`` on float16 pairs (half the MUFU ops, more
       conversions; needs ``approx_tanh``): 3.19 vs 3.14 ms, and 2.40 vs 2.25 ms with f16_state.
     """
