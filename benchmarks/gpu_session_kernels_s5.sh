@@ -3,7 +3,7 @@
 #   GPU 0: with SASS=1 the Mosaic kernels' SASS/ptxas summary (benchmarks/gpu_sass.sh, small
 #          shape), with STEP_BENCH_ARGS the S5 train step's timings
 #          (benchmarks/state_tracking_step_bench.py), an optional correctness check (CHECK_ARGS
-#          for mosaic_check), the kernel timings (KERNEL_CMD), then for the rest of the call
+#          for mosaic_check, CHECK_TIMEOUT_S), the kernel timings (KERNEL_CMD), then for the rest of the call
 #          the S5 seeds S5_GPU0_SEEDS (if any) and AFTER_KERNELS: s3 = S3 for every model
 #          (configs/state_tracking/s3.yaml, 3 seeds, 6000 steps, one process per model), or
 #          train_bench = the 400M hybrid's train step (benchmarks/train_bench.py);
@@ -58,7 +58,7 @@ if [ -n "${STEP_BENCH_ARGS:-}" ]; then
     $STEP_BENCH_ARGS > $LOGS/step_bench.txt 2>&1
 fi
 if [ -n "${CHECK_ARGS:-}" ]; then
-  CUDA_VISIBLE_DEVICES=0 timeout 120 python3 benchmarks/mosaic_check.py $CHECK_ARGS \
+  CUDA_VISIBLE_DEVICES=0 timeout ${CHECK_TIMEOUT_S:-120} python3 benchmarks/mosaic_check.py $CHECK_ARGS \
     > $LOGS/check.txt 2>&1
 fi
 CUDA_VISIBLE_DEVICES=0 timeout 300 $KERNEL_CMD > $LOGS/kernels.txt 2>&1

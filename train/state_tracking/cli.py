@@ -129,8 +129,9 @@ def main(argv=None):
             results.append(result)
             accs = ", ".join(f"L={e['length']}: {100 * e['position_accuracy']:.1f}%"
                              for e in result.evals)
+            taken = result.steps - result.resumed_from_step  # in this call
             print(f"  seed {seed}: {result.steps} steps, compile {result.compile_s:.1f}s, train "
-                  f"{result.train_s:.1f}s ({result.steps / max(result.train_s, 1e-9):.0f} "
+                  f"{result.train_s:.1f}s ({taken / max(result.train_s, 1e-9):.0f} "
                   f"steps/s), eval {result.eval_s:.1f}s, loss {result.final_loss:.3f}; "
                   f"per-position accuracy {accs}", flush=True)
     config_dict = dataclasses.asdict(config)
