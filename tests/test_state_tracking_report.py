@@ -123,3 +123,88 @@ def test_position_accuracy_from_a_runs_checkpoint(tmp_path, monkeypatch, capsys)
     assert image.ndim == 3 and image[..., :3].std() > 0.01
     with pytest.raises(SystemExit, match="no checkpoint"):
         state_tracking_positions.load_run(runner, config, 4, str(out))
+
+
+def test_drift_helpers_against_brute_force():
+    """benchmarks/state_tracking_drift.py: permutation parity against the determinant of the
+    permutation matrix; the centroid distance and the linear probe on synthetic states whose
+    answers are known."""
+    import state_tracking_drift as drift
+    from train.state_tracking.groups import group_by_name
+
+    group = group_by_name("S4")
+    parity = drift.permutation_parity(group)
+    dets = [np.linalg.det(np.eye(group.degree)[perm]) for perm in group.elements]
+    np.testing.assert_array_equal(parity, (np.round(dets) < 0).astype(int))
+    assert parity.sum() == group.order // 2
+
+    rng = np.random.default_rng(0)
+    length, batch, dim, num_elements = 12, 40, 24, 6
+    codes = rng.normal(size=(num_elements, dim)).astype(np.float32)
+    elements = rng.integers(0, num_elements, size=(length, batch))
+    correct = np.ones((length, batch), bool)
+    # Exact codes up to position 6, then a noise that grows with the position.
+    noise = np.arange(length)[:, None, None] >= 6
+    scale = np.maximum(np.arange(length) - 5, 0)[:, None, None] * 0.5
+    states = codes[elements] + noise * scale * rng.normal(size=(length, batch, dim))
+    states = states.astype(np.float32)
+    distance = drift.centroid_distance(states, elements, correct, 1, 6)
+    np.testing.assert_allclose(distance[:6], 0.0, atol=1e-3)
+    assert np.all(np.diff(distance[6:]) > 0)
+    probe = drift.probe_accuracy(states, elements, correct, 1, 6)
+    np.testing.assert_array_equal(probe[:6], 1.0)
+    assert probe[-1] < 0.9
+    # A label the states do not hold is not read: the probe is fitted and scored on other words.
+    random_labels = rng.integers(0, 2, size=(length, batch))
+    assert drift.probe_accuracy(states, random_labels, correct, 1, 6)[:6].mean() < 0.8
+
+
+def test_drift_from_a_runs_checkpoint(tmp_path, monkeypatch, capsys):
+    """The drift script follows the states token by token: its accuracy is the full-sequence
+    model's; a head whose state is zeroed after every step forgets the past (its state at t
+    depends on token t alone: no conv window here), the other heads do not."""
+    import state_tracking_drift as drift
+    from m2rnn_jax.typed_config import load_yaml
+    from train.state_tracking.config import ExperimentConfig
+    from train.state_tracking.tasks import eval_word_problems
+    from train.state_tracking.training import ModelRunner
+
+    model = {"layer_pattern": "MM", "m2rnn": {"num_heads": 2, "key_dim": 1, "value_dim": 4,
+                                              "backend": "scan", "transition_init": "normal",
+                                              "conv_kernel": 1}}
+    config_path = tiny_experiment(tmp_path, {"m2rnn": model})
+    out = tmp_path / "run"
+    cli.main(["--config", str(config_path), "--out", str(out), "--seeds", "1",
+              "--first-seed", "1", "--no-progress"])
+    config = load_yaml(ExperimentConfig, config_path)
+    group = cli.build_group(config.task)
+    runner = ModelRunner("m2rnn", config.model_config("m2rnn", group.order), config.train)
+    params, _, _ = drift.load_run(runner, config, 1, str(out))
+    words = eval_word_problems(group, config.task.eval_seed, 8, 12)
+    logits, states = drift.states_along(runner, params, words.tokens)
+    full = np.asarray(runner._logits(params, words.tokens))
+    np.testing.assert_allclose(logits.transpose(1, 0, 2), full, rtol=1e-4, atol=1e-4)
+    assert len(states) == 2 and states[0].shape == (12, 8, 2 * 1 * 4)
+    tokens = np.array(words.tokens)
+    tokens[:, 5] = 2  # every word has the same token at position 6, after different pasts
+    _, kept = drift.states_along(runner, params, tokens)
+    _, zeroed = drift.states_along(runner, params, tokens, zeroed=((0, 1),))
+    head1, head0 = slice(4, 8), slice(0, 4)
+    assert np.ptp(kept[0][5, :, head1], axis=0).max() > 1e-4  # the past shows in the state
+    np.testing.assert_allclose(np.ptp(zeroed[0][5, :, head1], axis=0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(zeroed[0][:, :, head0], kept[0][:, :, head0], rtol=1e-6)
+
+    prefix = str(tmp_path / "drift")
+    monkeypatch.setattr(sys, "argv", ["x", "--config", str(config_path), "--run", f"1:{out}",
+                                      "--zero-state", "1:2:1", "--length", "12", "--sequences",
+                                      "8", "--centroid-from", "2", "--out", prefix])
+    drift.main()
+    with open(prefix + ".csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["run"] for r in rows} == {"seed 1", "seed 1, state 0 in 2:1"}
+    plain = [float(r["accuracy"]) for r in rows if r["run"] == "seed 1"]
+    want = (full.argmax(-1) == words.targets).mean(0)
+    np.testing.assert_allclose(plain, want)
+    assert "have the right parity" in capsys.readouterr().out
+    image = plt.imread(prefix + ".png")
+    assert image.ndim == 3 and image[..., :3].std() > 0.01
