@@ -269,20 +269,21 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     * ``qk_grad_sum="kernel"`` (default): each CTA adds its float32 dq/dk chunk into
       zero-initialised ``(B, S, L, 64)`` float32 buffers with a TMA reduce-add
       (``cp.reduce.async.bulk.tensor .add``, in L2); the buffers are ``jax.new_ref`` inputs
-      of the kernel (aliased to outputs). Replaces the per-head ``2·B·S·N·64`` bf16 outputs (0.66 GiB at 8×4096×84) by
-      ``2·B·S·L·64`` float32 (16 MiB): extra memory of fwd+bwd
-      ≈ 1.19 − 0.66 + 0.02 ≈ 0.55 GiB.
-      SMEM dq/dk blocks become float32 (+4 KiB at C = 32). The Mosaic GPU interpreter cannot
-      run TMA reductions: in interpret mode the kernel writes per-head float32 dq/dk that XLA
-      sums (the same values); ``jax.export`` for CUDA lowers the real path.
+      of the kernel (aliased to outputs). Replaces the per-head ``2·B·S·N·64`` bf16 outputs
+      (0.66 GiB at 8×4096×84) by ``2·B·S·L·64`` float32 (16 MiB): extra memory of fwd+bwd
+      ≈ 1.19 − 0.66 + 0.02 ≈ 0.55 GiB. SMEM dq/dk blocks become float32 (+4 KiB at C = 32).
+      The Mosaic GPU interpreter cannot run TMA reductions: in interpret mode the kernel
+      writes per-head float32 dq/dk that XLA sums (the same values); ``jax.export`` for CUDA
+      lowers the real path.
     * ``reductions="warp_sums"`` (default): no cross-warp exchange per step. With
       ``"per_step"`` each step stores dq, dk, dv, df with four Pallas SMEM stores (each
       bracketed by warpgroup barriers under Mosaic's automatic barriers) and reduces dv (over
       rows) and df (over all) across the 4 warps through SMEM. With this option inline Mosaic
-      GPU code writes per step, without barriers: dq/dk row sums (warp-local: shuffles over the 4 lanes of a row) to float32
-      (C, 64) SMEM, per-warp dv column partials to (4, C, 16) and per-warp df totals to (4, C);
-      the 4 warps' partials are added once per chunk (as the forward's y). +16–24 KiB SMEM at
-      C = 32. Interpret mode computes the same partial buffers with jnp ops.
+      GPU code writes per step, without barriers: dq/dk row sums (warp-local: shuffles over
+      the 4 lanes of a row) to float32 (C, 64) SMEM, per-warp dv column partials to
+      (4, C, 16) and per-warp df totals to (4, C); the 4 warps' partials are added once per
+      chunk (as the forward's y). +16–24 KiB SMEM at C = 32. Interpret mode computes the
+      same partial buffers with jnp ops.
     * ``scatter_sums`` (default, with ``warp_sums``): the per-warp dv column sums by a lane
       reduce-scatter (4 shuffles instead of 12; ``warp_sums._store_warp_partial_sums``).
     * ``hi_lo_split`` (default ``"bits"``): how the bf16 hi/lo parts of the recomputed states
