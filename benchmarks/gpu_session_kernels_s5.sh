@@ -24,6 +24,15 @@
 #           KERNEL_CMD="python3 benchmarks/mosaic_check.py --fwd warp_scatter,f16_state,f16_tanh,
 #           f16_state_scatter,f16_state_tanh_scatter --only c32,c32_scatter,c32_scatter_f16,c32_scatter_f16_tanh"
 #   call 3: AFTER_KERNELS=train_bench (the rest: the defaults below).
+# 2026-11-30, fourth session (calls 1 and 2; call 3 ran gpu_s5_long.sh alone, see RESULTS.md):
+#   call 1 (dd351b2): BUDGET_S=420 S5_BASELINES=0 EXTRA_ARGS_SEED0="--set train.steps=100000"
+#           EXTRA_ARGS_SEED1="--lr 1e-3" EXTRA_ARGS_SEED2="--lr 1e-3" STEP_BENCH_ARGS="--widths 8,64
+#           --variants scan,unroll_full,command_buffer_while,pallas_gpu --reps 5 --steps 50"
+#           KERNEL_CMD="python3 benchmarks/mosaic_check.py --fwd hi_lo_bits --only c32,c32_hi_lo_bits"
+#   call 2 (f780236's tree): BUDGET_S=420 S5_BASELINES=0 S5_GPU1_SEEDS=0 S5_GPU0_SEEDS=2
+#           EXTRA_ARGS_SEED0="--lr 1e-3 --set train.steps=140000"
+#           EXTRA_ARGS_SEED2="--lr 1e-3 --set train.steps=180000" CHECK_TIMEOUT_S=220
+#           CHECK_ARGS="--fwd hi_lo_cvt --only c32,c32_hi_lo_cvt" (KERNEL_CMD: the default)
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 START=$(date +%s)
