@@ -43,13 +43,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from state_tracking_positions import load_run  # noqa: E402
-
-from m2rnn_jax.typed_config import load_yaml  # noqa: E402
-from train.state_tracking import cli  # noqa: E402
-from train.state_tracking.config import ExperimentConfig  # noqa: E402
-from train.state_tracking.tasks import eval_word_problems  # noqa: E402
-from train.state_tracking.training import ModelRunner  # noqa: E402
+from state_tracking_positions import add_run_arguments, load_experiment, load_run  # noqa: E402
 
 
 def states_along(runner, params, tokens, zeroed=()):
@@ -150,11 +144,7 @@ def squared_distances(a, b):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--model", default="m2rnn")
-    p.add_argument("--run", action="append", required=True, metavar="SEED:OUT")
-    p.add_argument("--length", type=int, default=1024)
-    p.add_argument("--sequences", type=int, default=64)
+    add_run_arguments(p, length=1024, sequences=64)
     p.add_argument("--centroid-from", type=int, default=16,
                    help="first position (1-based) of the centroids' window; it ends at the "
                         "training length")
@@ -167,19 +157,14 @@ def main():
     for item in filter(None, args.zero_state.split(",")):
         seed_text, layer, head = item.split(":")
         interventions.setdefault(int(seed_text), []).append((int(layer) - 1, int(head)))
-    config = load_yaml(ExperimentConfig, args.config)
-    group = cli.build_group(config.task)
+    config, group, runner, words, runs = load_experiment(args)
     train_length = config.task.train_length
     if not 1 <= args.centroid_from < train_length <= args.length:
         p.error(f"need 1 <= --centroid-from < training length ({train_length}) <= --length")
-    runner = ModelRunner(args.model, config.model_config(args.model, group.order), config.train)
-    words = eval_word_problems(group, config.task.eval_seed, args.sequences, args.length)
     elements = words.targets.T  # (L, B): the prefix product each state should represent
     parity = permutation_parity(group)
     rows, results = [], []
-    for spec in args.run:
-        seed_text, out_dir = spec.split(":", 1)
-        seed = int(seed_text)
+    for seed, out_dir in runs:
         params, step, _ = load_run(runner, config, seed, out_dir)
         cases = [(f"seed {seed}", ())]
         if seed in interventions:

@@ -53,24 +53,35 @@ def load_run(runner, config, seed, out_dir):
     return saved.params, saved.step, saved.scored
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_arguments(p, length, sequences):
+    """The options this script shares with ``state_tracking_drift.py``: which runs, which words."""
     p.add_argument("--config", required=True)
     p.add_argument("--model", default="m2rnn")
     p.add_argument("--run", action="append", required=True, metavar="SEED:OUT")
-    p.add_argument("--length", type=int, default=512)
-    p.add_argument("--sequences", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", required=True, help="output prefix (PREFIX.csv, PREFIX.png)")
-    args = p.parse_args()
+    p.add_argument("--length", type=int, default=length)
+    p.add_argument("--sequences", type=int, default=sequences)
+
+
+def load_experiment(args):
+    """``(config, group, runner, words, [(seed, out_dir)])`` for ``add_run_arguments``'s
+    options: the words are the config's fixed evaluation words of ``--length``."""
     config = load_yaml(ExperimentConfig, args.config)
     group = cli.build_group(config.task)
     runner = ModelRunner(args.model, config.model_config(args.model, group.order), config.train)
     words = eval_word_problems(group, config.task.eval_seed, args.sequences, args.length)
+    runs = [(int(spec.split(":", 1)[0]), spec.split(":", 1)[1]) for spec in args.run]
+    return config, group, runner, words, runs
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(p, length=512, sequences=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="output prefix (PREFIX.csv, PREFIX.png)")
+    args = p.parse_args()
+    config, group, runner, words, runs = load_experiment(args)
     rows, curves = [], []
-    for spec in args.run:
-        seed_text, out_dir = spec.split(":", 1)
-        seed = int(seed_text)
+    for seed, out_dir in runs:
         params, step, scored = load_run(runner, config, seed, out_dir)
         acc = position_accuracy(runner, params, words.tokens, words.targets, args.batch_size)
         curves.append((seed, step, scored, acc))
