@@ -116,8 +116,8 @@ _ROUND_TO_BF16 = 0x8000  # added to float32 bits before keeping the upper 16: ro
 
 
 def _hi_lo_by_bits(x):
-    """bf16 (hi, lo) of float32 ``x`` by integer operations: hi = the upper 16 bits of ``x``'s
-    bits + 0x8000 (``x`` rounded to bf16, ties away from zero; exact in bf16), lo = ``x`` − hi
+    """bf16 (hi, lo) of float32 ``x`` by integer operations: hi = the upper 16 bits of
+    (``x``'s bits + 0x8000), i.e. ``x`` rounded to bf16 with ties away from zero, lo = ``x`` − hi
     (exact in float32) rounded to bf16. As accurate as rounding's split (≈ 17 significant bits;
     truncating hi instead lost a bit, and measurably so where the recurrence amplifies errors),
     with one conversion per pair instead of two (``_hi_lo_by_bits_inline``). The jnp form: what
