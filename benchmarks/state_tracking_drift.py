@@ -99,11 +99,9 @@ def centroid_distance(states, elements, correct, first, last):
     known = centroids[seen]
     if len(known) < 2:  # the model was right on fewer than two elements: nothing to compare
         return np.full(states.shape[0], np.nan)
-    pair = np.sqrt(np.maximum(squared_distances(known, known), 0))
+    pair = np.sqrt(((known[:, None] - known[None]) ** 2).sum(-1))
     scale = pair[np.triu_indices(len(known), 1)].mean()
-    flat = states.reshape(-1, states.shape[-1])
-    own = squared_distances(flat, centroids)[np.arange(len(flat)), elements.ravel()]
-    distance = np.sqrt(np.maximum(own, 0)).reshape(elements.shape) / scale
+    distance = np.sqrt(((states - centroids[elements]) ** 2).sum(-1)) / scale
     return np.nanmean(np.where(seen[elements], distance, np.nan), axis=1)
 
 
@@ -114,9 +112,9 @@ def probe_accuracy(states, labels, correct, first, last, ridge=1e-3):
     model is right, measured on the second half."""
     half = states.shape[1] // 2
     window = slice(first - 1, last)
-    x = states[window, :half].reshape(-1, states.shape[-1])
-    y = labels[window, :half].ravel()[correct[window, :half].ravel()]
-    x = x[correct[window, :half].ravel()]
+    ok = correct[window, :half].ravel()
+    x = states[window, :half].reshape(-1, states.shape[-1])[ok]
+    y = labels[window, :half].ravel()[ok]
     if len(np.unique(y)) < 2:  # nothing to tell apart where the model was right
         return np.full(states.shape[0], np.nan)
     mean = x.mean(axis=0)
@@ -135,11 +133,6 @@ def permutation_parity(group):
     inversions = (perms[:, :, None] > perms[:, None, :]) & np.triu(
         np.ones((group.degree, group.degree), bool), 1)
     return inversions.sum(axis=(1, 2)) % 2
-
-
-def squared_distances(a, b):
-    """‖a_i − b_j‖² for rows of ``a (n, D)`` and ``b (m, D)``, without an (n, m, D) array."""
-    return (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
 
 
 def main():
