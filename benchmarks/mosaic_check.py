@@ -47,8 +47,13 @@ FAST_FWD = {}  # the forward's defaults (hi/lo state parts split by bit operatio
 F16 = {"f16_state": True}
 BUTTERFLY = {"y_reduction": "warp_partials"}
 HI_LO_CVT = {"hi_lo_split": "cvt"}  # the default until 2026-11-30's measurement
+BITS_LO = {"hi_lo_split": "bits_lo"}  # lo rounded by an integer add too (no conversion)
+FMA_Y = {"y_reduction": "warp_scatter_fma"}  # H ⊙ q fused into the y partials' row sums
 FWD_OPTIONS = {
     "hi_lo_cvt": HI_LO_CVT,
+    "bits_lo": BITS_LO,
+    "fma_y": FMA_Y,
+    "bits_lo_fma_y": {**BITS_LO, **FMA_Y},
     "f16_state": F16,
     "butterfly": BUTTERFLY,
     "f16_state_tanh": {"f16_state": True, "f16_tanh": True},
@@ -105,6 +110,8 @@ BWD_OPTIONS = {
     "c32": (32, {}),                                                    # the default
     "c32_f16": (32, F16, F16),
     "c32_hi_lo_cvt": (32, HI_LO_CVT, HI_LO_CVT),
+    "c32_bits_lo": (32, BITS_LO, BITS_LO),
+    "c32_bits_lo_fma_y": (32, BITS_LO, {**BITS_LO, **FMA_Y}),
     "c32_butterfly": (32, {"scatter_sums": False}, BUTTERFLY),
     "c32_previous": (32, PREVIOUS, BUTTERFLY),    # the first measured path (21.6 ms)
     "c64": (64, {}),

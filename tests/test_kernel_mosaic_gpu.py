@@ -83,6 +83,8 @@ FWD_OPTION_CASES = {
                                       {"heads_per_cta": 2, "acc_init": "kv"}),
     # The hi/lo state parts by two roundings (the default splits by bit operations).
     "hi_lo_cvt_keep": ((1, 1, 2, 2, 2), 64, 32, True, True, {"hi_lo_split": "cvt"}),
+    # lo rounded by the integer add too (no conversion in the split).
+    "hi_lo_bits_lo": ((1, 1, 2, 2, 2), 64, 32, False, True, {"hi_lo_split": "bits_lo"}),
     # One float16 wgmma for H W and tanh on float16 pairs, resets, checkpoints.
     "f16_state_tanh_keep": ((1, 1, 2, 2, 2), 64, 32, True, True,
                             {"f16_state": True, "f16_tanh": True}),
@@ -132,6 +134,13 @@ def test_hi_lo_split_by_bits_against_float64():
     got = np.asarray(hi, np.float64) + np.asarray(lo, np.float64)
     rel = np.abs(got - x64) / np.abs(x64)
     assert rel.max() < 2.0 ** -16
+    # lo by the same integer rounding: lo within 2⁻⁸ of the exact remainder, hi unchanged.
+    hi_b, lo_b = common._hi_lo_by_bits(x, lo_by_bits=True)
+    np.testing.assert_array_equal(np.asarray(hi_b, np.float32), np.asarray(hi, np.float32))
+    rest = x64 - np.asarray(hi, np.float64)
+    assert np.all(np.abs(np.asarray(lo_b, np.float64) - rest) <= 2.0 ** -8 * np.abs(rest))
+    assert (np.abs(np.asarray(hi_b, np.float64) + np.asarray(lo_b, np.float64) - x64)
+            / np.abs(x64)).max() < 2.0 ** -16
     hi_rn, lo_rn = common._bf16_parts(x, 2)
     rel_rn = np.abs(np.asarray(hi_rn, np.float64) + np.asarray(lo_rn, np.float64) - x64) / np.abs(x64)
     assert rel.mean() < 1.2 * rel_rn.mean()
@@ -198,7 +207,8 @@ def test_forward_options_lower_for_cuda():
     for options in ({"heads_per_cta": 2}, {"acc_init": "kv"},
                     {"heads_per_cta": 2, "acc_init": "kv", "no_auto_barriers": True,
                      "unroll": 2}, {"y_reduction": "warp_partials"},
-                    {"f16_state": True, "f16_tanh": True}, {"hi_lo_split": "cvt"}):
+                    {"f16_state": True, "f16_tanh": True}, {"hi_lo_split": "cvt"},
+                    {"hi_lo_split": "bits_lo", "y_reduction": "warp_scatter_fma"}):
         fn = functools.partial(mosaic_gpu.forward, chunk_size=64, save_checkpoints=True,
                                interpret=False, **options)
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
@@ -257,6 +267,7 @@ BWD_OPTION_CASES = {
     "per_step_kernel_sum": ("two_qk_groups_noclip", {"reductions": "per_step"}),
     # Hi/lo parts of the recomputed states and of du by two roundings (default: bit operations).
     "hi_lo_cvt": ("two_qk_groups_noclip", {"hi_lo_split": "cvt"}),
+    "hi_lo_bits_lo": ("two_qk_groups_noclip", {"hi_lo_split": "bits_lo"}),
     # States recomputed with one float16 wgmma and float16-pair tanh (the forward's options).
     "f16_state_tanh": ("paper_grouping_keep_clip", {"f16_state": True, "f16_tanh": True}),
 }
@@ -307,7 +318,7 @@ def test_backward_options_lower_for_cuda():
     args = _backward_shapes(seq_len=64, chunk=32)
     for options in ({}, {"qk_grad_sum": "xla"}, {"reductions": "per_step"},
                     {"scatter_sums": False}, {"f16_state": True, "f16_tanh": True},
-                    {"hi_lo_split": "cvt"},
+                    {"hi_lo_split": "cvt"}, {"hi_lo_split": "bits_lo"},
                     {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False}):
         fn = functools.partial(mosaic_gpu.backward, gradient_clipping=1.0, chunk_size=32,
                                interpret=False, **options)

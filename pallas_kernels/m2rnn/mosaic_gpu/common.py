@@ -1,6 +1,7 @@
 """Shared by the Mosaic GPU forward and backward: supported inputs, the XLA-side input layout,
 the launch, the bf16 splitting of float32 operands."""
 
+import functools
 import math
 
 import jax
@@ -109,25 +110,34 @@ def _bf16_parts(x, parts):
     return out
 
 
-HI_LO_SPLITS = ("cvt", "bits")
+HI_LO_SPLITS = ("cvt", "bits", "bits_lo")
 
 
 _ROUND_TO_BF16 = 0x8000  # added to float32 bits before keeping the upper 16: rounds |x| half up
 
 
-def _hi_lo_by_bits(x):
+def _round_bits_to_bf16(x):
+    """float32 ``x`` rounded to bf16 (ties away from zero) as a float32, by integer ops."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32) + jnp.uint32(_ROUND_TO_BF16)
+    return lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), _F32)
+
+
+def _hi_lo_by_bits(x, lo_by_bits=False):
     """bf16 (hi, lo) of float32 ``x`` by integer operations: hi = the upper 16 bits of
     (``x``'s bits + 0x8000), i.e. ``x`` rounded to bf16 with ties away from zero, lo = ``x`` − hi
     (exact in float32) rounded to bf16. As accurate as rounding's split (≈ 17 significant bits;
     truncating hi instead lost a bit, and measurably so where the recurrence amplifies errors),
     with one conversion per pair instead of two (``_hi_lo_by_bits_inline``). The jnp form: what
-    the interpreter runs, the same values as the inline code."""
-    bits = lax.bitcast_convert_type(x, jnp.uint32) + jnp.uint32(_ROUND_TO_BF16)
-    hi = lax.bitcast_convert_type(bits & jnp.uint32(0xFFFF0000), _F32)
-    return hi.astype(_BF16), (x - hi).astype(_BF16)
+    the interpreter runs, the same values as the inline code. ``lo_by_bits``: lo rounded by the
+    same integer add (ties away from zero; no conversion at all)."""
+    hi = _round_bits_to_bf16(x)
+    lo = x - hi
+    if lo_by_bits:
+        lo = _round_bits_to_bf16(lo)
+    return hi.astype(_BF16), lo.astype(_BF16)
 
 
-def _hi_lo_by_bits_inline(ctx, x):
+def _hi_lo_by_bits_inline(ctx, x, lo_by_bits=False):
     """Mosaic GPU code for ``_hi_lo_by_bits`` on a WGMMA-layout float32 array: per register
     pair two integer ``add`` round, one ``prmt`` packs the two upper halves (hi), two ``and`` +
     two ``sub`` + one ``cvt.rn.bf16x2`` make lo — integer and float32 pipes instead of the
@@ -151,11 +161,19 @@ def _hi_lo_by_bits_inline(ctx, x):
                   for r in (a, b))
         # Element 0 of a bf16 pair is the low half of the 32-bit register.
         hi = llvm.inline_asm(i32, [ra, rb], "prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r")
-        lo = llvm.inline_asm(
-            i32, [a, b, ra, rb],
-            "{ .reg .b32 ta, tb; and.b32 ta, $3, 0xffff0000; and.b32 tb, $4, 0xffff0000; "
-            "sub.f32 ta, $1, ta; sub.f32 tb, $2, tb; cvt.rn.bf16x2.f32 $0, tb, ta; }",
-            "=r,r,r,r,r")
+        if lo_by_bits:  # the remainders rounded by the integer add, packed like hi
+            lo = llvm.inline_asm(
+                i32, [a, b, ra, rb],
+                "{ .reg .b32 ta, tb; and.b32 ta, $3, 0xffff0000; and.b32 tb, $4, 0xffff0000; "
+                f"sub.f32 ta, $1, ta; sub.f32 tb, $2, tb; add.u32 ta, ta, {_ROUND_TO_BF16:#x}; "
+                f"add.u32 tb, tb, {_ROUND_TO_BF16:#x}; prmt.b32 $0, ta, tb, 0x7632; }}",
+                "=r,r,r,r,r")
+        else:
+            lo = llvm.inline_asm(
+                i32, [a, b, ra, rb],
+                "{ .reg .b32 ta, tb; and.b32 ta, $3, 0xffff0000; and.b32 tb, $4, 0xffff0000; "
+                "sub.f32 ta, $1, ta; sub.f32 tb, $2, tb; cvt.rn.bf16x2.f32 $0, tb, ta; }",
+                "=r,r,r,r,r")
         his[idx] = mgpu_utils.bitcast(hi, pair_bf16)
         los[idx] = mgpu_utils.bitcast(lo, pair_bf16)
     return (fa.FragmentedArray(_registers=his, _layout=x.layout, _is_signed=None),
@@ -174,18 +192,20 @@ def state_splitter(parts, f16_state, hi_lo_split, interpret):
     the state, which the gated tanh update keeps within max(|H_0|, 1), not for gradients (their
     range needs bf16's exponent). Otherwise ``parts`` bf16 parts (``_bf16_parts``: each the
     rounding of what the previous left), two of them split as ``hi_lo_split`` says: "cvt"
-    (that rounding) or "bits" (``_hi_lo_by_bits``; inline Mosaic GPU code off the interpreter).
+    (that rounding), "bits" (``_hi_lo_by_bits``; inline Mosaic GPU code off the interpreter) or
+    "bits_lo" (lo rounded by bits too).
     """
     check_hi_lo_split(hi_lo_split)
     if f16_state:
         return lambda x: [x.astype(_F16)]
     if parts != 2 or hi_lo_split == "cvt":
         return lambda x: _bf16_parts(x, parts)
+    lo_by_bits = hi_lo_split == "bits_lo"
     if interpret:
-        return lambda x: list(_hi_lo_by_bits(x))
+        return lambda x: list(_hi_lo_by_bits(x, lo_by_bits))
     part = plgpu.ShapeDtypeStruct((KEY_DIM, VALUE_DIM), _BF16, layout=plgpu.Layout.WGMMA)
     inline = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=(part, part))(
-        _hi_lo_by_bits_inline)
+        functools.partial(_hi_lo_by_bits_inline, lo_by_bits=lo_by_bits))
     return lambda x: list(inline(x))
 
 

@@ -15,7 +15,8 @@ from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_
                                                     DEFAULT_CHUNK_SIZE,
                                                     DEFAULT_STAGE_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
-from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import _store_warp_partial_sums
+from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import (_store_warp_partial_products,
+                                                       _store_warp_partial_sums)
 
 def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, weight_parts,
             has_keep, save_checkpoints, unroll, y_reduction, interpret, heads_per_cta=1,
@@ -32,9 +33,17 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
         tuple(more_heads[6 * i:6 * i + 6]) for i in range(heads_per_cta - 1)]
     v_bufs, f_bufs, y_bufs, part_bufs, w_bufs, h_bufs = (list(x) for x in zip(*per_head))
     warp_partials = y_reduction != "per_step"
+    fused_hq = y_reduction == "warp_scatter_fma"
     if warp_partials:
-        store_partials = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(
-            functools.partial(_store_warp_partial_sums, scatter=y_reduction == "warp_scatter"))
+        scatter = y_reduction in ("warp_scatter", "warp_scatter_fma")
+        if fused_hq:  # H ⊙ q inside the inline code: (H, q broadcast, partials)
+            store_partials = plgpu.inline_mgpu(
+                arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType()))(
+                functools.partial(_store_warp_partial_products, scatter=scatter))
+        else:
+            store_partials = plgpu.inline_mgpu(
+                arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(
+                functools.partial(_store_warp_partial_sums, scatter=scatter))
 
     split_state = state_splitter(state_parts, f16_state, hi_lo_split, interpret)
     b = lax.axis_index("b")
@@ -110,10 +119,13 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
         for hh, (h, u, f_t) in enumerate(zip(hs, us, fs)):
             z = _tanh(u, f16_tanh)
             h = z + f_t * (h - z)
-            hq = h * lax.broadcast_in_dim(q_t, (KEY_DIM, VALUE_DIM), [0])
-            if warp_partials:
-                store_partials(hq, part_bufs[hh].at[:, t])  # summed over the warps per chunk
+            q_b = lax.broadcast_in_dim(q_t, (KEY_DIM, VALUE_DIM), [0])
+            if fused_hq:
+                store_partials(h, q_b, part_bufs[hh].at[:, t])
+            elif warp_partials:
+                store_partials(h * q_b, part_bufs[hh].at[:, t])  # summed over the warps per chunk
             else:
+                hq = h * q_b
                 y_bufs[hh][slot, t] = jnp.sum(hq, axis=0).astype(y_bufs[hh].dtype)
             out.append(h)
         return tuple(out)
@@ -171,6 +183,9 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
     plgpu.wait_smem_to_gmem(0)
 
 
+Y_REDUCTIONS = ("per_step", "warp_partials", "warp_scatter", "warp_scatter_fma")
+
+
 def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_checkpoints=True,
             stage_size=DEFAULT_STAGE_SIZE, approx_tanh=True, state_split=None, unroll=1,
             no_auto_barriers=False, y_reduction="warp_scatter", heads_per_cta=1,
@@ -197,7 +212,9 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     ``y_reduction="warp_scatter"`` (each warp sums its 16 rows of ``H_t ⊙ q_t`` with a lane
     reduce-scatter, 4 shuffles per step instead of 12, into SMEM partials the 4 warps add once
     per staging block: 3.10 → 2.81 ms; ``"warp_partials"``: full butterflies; ``"per_step"``:
-    Mosaic's cross-warp reduction every step, 4.41 ms), ``approx_tanh`` (``tanh.approx.f32``,
+    Mosaic's cross-warp reduction every step, 4.41 ms; ``"warp_scatter_fma"``: the same with
+    ``H ⊙ q`` fused into the sum of each lane's two rows, one multiply and one FMA per register
+    pair instead of two multiplies and an add), ``approx_tanh`` (``tanh.approx.f32``,
     relative error ~2⁻¹¹; exact tanh 5.35 ms).
 
     * ``f16_state`` (opt-in, faster, less exact): ``H W`` as one wgmma on float16 ``H`` (11
@@ -232,9 +249,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     stage = stage_size if chunk_size % stage_size == 0 else chunk_size
     if not isinstance(unroll, int) or unroll < 1 or stage % unroll:
         raise ValueError(f"unroll must be a positive divisor of chunk_size, got {unroll!r}")
-    if y_reduction not in ("per_step", "warp_partials", "warp_scatter"):
-        raise ValueError(f"y_reduction must be 'per_step', 'warp_partials' or 'warp_scatter', "
-                         f"got {y_reduction!r}")
+    if y_reduction not in Y_REDUCTIONS:
+        raise ValueError(f"y_reduction must be one of {Y_REDUCTIONS}, got {y_reduction!r}")
     if heads_per_cta not in (1, 2):
         raise ValueError(f"heads_per_cta must be 1 or 2, got {heads_per_cta!r}")
     if (num_heads // groups) % heads_per_cta:

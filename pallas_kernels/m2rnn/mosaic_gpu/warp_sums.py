@@ -13,11 +13,15 @@ def _wgmma_registers_and_lane(p):
 
     i32 = ir.IntegerType.get_signless(32)
     const = lambda x: mgpu_utils.c(x, i32)
+    tid = arith.remui(mgpu_utils.thread_idx(), const(128))
+    return _wgmma_registers(p), arith.divui(tid, const(32)), arith.remui(tid, const(32)), const
+
+
+def _wgmma_registers(p):
     regs = p.registers
     if regs.shape != (1, 2, 1, 1, 2, 1, 1, 1, 1):
         raise NotImplementedError(f"unexpected WGMMA register shape {regs.shape}")
-    tid = arith.remui(mgpu_utils.thread_idx(), const(128))
-    return regs, arith.divui(tid, const(32)), arith.remui(tid, const(32)), const
+    return regs
 
 
 def _store_warp_partial_sums(ctx, p, part_ref, *, scatter=False):
@@ -34,15 +38,39 @@ def _store_warp_partial_sums(ctx, p, part_ref, *, scatter=False):
     and adds (plus selects) and one scalar store per lane.
     """
     del ctx
+    from jax._src.lib.mlir.dialects import arith
+
+    regs, warp, lane, const = _wgmma_registers_and_lane(p)
+    parts = [arith.addf(regs[0, j, 0, 0, 0, 0, 0, 0, 0], regs[0, j, 0, 0, 1, 0, 0, 0, 0])
+             for j in range(2)]  # this lane's two rows summed: column block j, 2 columns
+    _store_lane_parts(parts, warp, lane, const, part_ref, scatter)
+
+
+def _store_warp_partial_products(ctx, p, factor, part_ref, *, scatter=False):
+    """``_store_warp_partial_sums`` of ``p ⊙ factor`` (both 64×16 float32, WGMMA layout), the
+    product fused into the sum of a lane's two rows: one multiply and one FMA per register
+    pair instead of two multiplies and an add."""
+    del ctx
+    from jax._src.lib.mlir.dialects import arith, llvm
+
+    regs, warp, lane, const = _wgmma_registers_and_lane(p)
+    fregs = _wgmma_registers(factor)
+    parts = []
+    for j in range(2):
+        r0, r1 = (0, j, 0, 0, 0, 0, 0, 0, 0), (0, j, 0, 0, 1, 0, 0, 0, 0)
+        parts.append(llvm.intr_fma(regs[r1], fregs[r1], arith.mulf(regs[r0], fregs[r0])))
+    _store_lane_parts(parts, warp, lane, const, part_ref, scatter)
+
+
+def _store_lane_parts(parts, warp, lane, const, part_ref, scatter):
+    """The warp sums of ``parts`` (per column block j: this lane's two rows already summed,
+    2 columns) into ``part_ref[warp, :]``, as ``_store_warp_partial_sums`` describes."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, memref, vector
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     index = ir.IndexType.get()
-    regs, warp, lane, const = _wgmma_registers_and_lane(p)
     col0 = arith.muli(arith.remui(lane, const(4)), const(2))
-    parts = [arith.addf(regs[0, j, 0, 0, 0, 0, 0, 0, 0], regs[0, j, 0, 0, 1, 0, 0, 0, 0])
-             for j in range(2)]  # this lane's two rows summed: column block j, 2 columns
     if not scatter:
         for j, part in enumerate(parts):
             for distance in (4, 8, 16):  # the lane bits that select the row (l // 4)
