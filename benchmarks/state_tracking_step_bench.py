@@ -13,6 +13,7 @@ back to back, one wait at the end; the median over ``--reps`` such blocks after 
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -74,7 +75,7 @@ def time_variant(args):
         batches = [sample_word_problems(group, rng, train.batch_size, width)
                    for _ in range(4)]
         start = time.perf_counter()
-        step = runner._train_step
+        step = functools.partial(runner._train_step, noise_key=jax.random.key(0))
         for i in range(3):  # compile, then warm up
             b = batches[i % len(batches)]
             params, opt_state, loss, _ = step(params, opt_state, b.tokens, b.targets, b.mask)

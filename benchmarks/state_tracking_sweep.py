@@ -14,6 +14,7 @@ spending seeds and baselines on them.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -73,6 +74,25 @@ VARIANTS = {
     "h16_v64_gatemid_3layers": H16_V64 + GATE_MID + ["models.m2rnn.layer_pattern=MMM"],
     "h16_v64_gatemid_identity_w": H16_V64 + GATE_MID + [f"{M2RNN}transition_init=identity"],
 }
+# Continuations of one A5 run (fifth session): `--start-from` its checkpoint (gatemid model of
+# s5_gated.yaml, train length 16, 36,000 steps: benchmarks/state_tracking/a5_lr_drop_cpu.txt)
+# under a constant learning rate, with or without noise on the M²RNN states in training;
+# run with `-- --group A5 --eval-lens 16,64,128,256`. Only SCHEDULE_KEYS differ from the run.
+
+
+def continuation(lr, noise=0.0):
+    return GATE_MID + [f"train.learning_rate={lr}", "train.min_lr_ratio=1.0",
+                       f"train.state_noise_std={noise}"]
+
+
+VARIANTS.update({
+    "cont_lr2e-4": continuation(2e-4),
+    "cont_lr5e-5": continuation(5e-5),
+    "cont_lr2e-4_noise0.02": continuation(2e-4, 0.02),
+    "cont_lr2e-4_noise0.05": continuation(2e-4, 0.05),
+    "cont_lr1e-3_noise0.05": continuation(1e-3, 0.05),
+    "cont_lr2e-4_noise0.1": continuation(2e-4, 0.1),
+})
 # What every variant shares (the cli's own flags may follow `--` on the command line).
 COMMON = ["--config", "configs/state_tracking/s5_gated.yaml", "--models", "m2rnn", "--seeds",
           "1", "--steps", "200000", "--train-len", "16", "--eval-lens", "16,64,128",
@@ -82,6 +102,12 @@ COMMON = ["--config", "configs/state_tracking/s5_gated.yaml", "--models", "m2rnn
 
 def launch(name, overrides, args, extra):
     out = os.path.join(args.out, name)
+    if args.start_from:
+        # The run resumes from a copy of that checkpoint (unless it has its own already).
+        target = os.path.join(out, "checkpoints", os.path.basename(args.start_from))
+        if not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(args.start_from, target)
     cmd = [sys.executable, "-m", "train.state_tracking.cli", *COMMON, "--time-budget-s",
            str(args.time_budget_s), "--out", out, *extra]
     for assignment in overrides:
@@ -123,6 +149,9 @@ def main():
     p.add_argument("--time-budget-s", type=float, default=420.0, help="per variant")
     p.add_argument("--out", required=True)
     p.add_argument("--gpu", help="CUDA_VISIBLE_DEVICES for every variant")
+    p.add_argument("--start-from", metavar="CKPT",
+                   help="a run's checkpoint (m2rnn_seed<k>.msgpack) every variant continues "
+                        "from; the variants may differ from that run only in its schedule")
     args = p.parse_args(argv)
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]

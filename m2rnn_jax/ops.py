@@ -25,7 +25,7 @@ _BACKEND_MODULES = {
 
 
 def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_clipping=None, *,
-          segment_ids=None, backend="auto", chunk_size=None):
+          segment_ids=None, backend="auto", chunk_size=None, state_noise=None):
     """M²RNN recurrence over a batch of sequences (SPEC §1).
 
     Per head n (each tensor's group is ``n // (N / its head count)``)::
@@ -50,6 +50,11 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
         fastest where it applies), ``"pallas_tpu"``. On a Hopper GPU ``"auto"`` and
         ``"pallas"`` pick ``mosaic_gpu`` for inputs it supports, else ``pallas_gpu``.
       chunk_size: steps per chunk (state checkpoint interval); ``None`` takes the backend's.
+      state_noise: optional ``(key, std)``, a training-time regulariser: ``std``·N(0, 1) noise
+        drawn from the PRNG ``key`` is added to every state entry after every step. The
+        recurrence then runs as a plain ``lax.scan`` differentiated by JAX
+        (``reference.noisy_forward``: same clipping rule, memory growing as S) whatever
+        ``backend`` says. ``std = 0`` is the same as ``None``.
 
     Returns:
       ``(y, final_state)``: ``y (B, S, N, V)`` in ``value``'s dtype and the float32 final
@@ -57,6 +62,7 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
     """
     num_heads = _validate(query, key, value, weight, forget_input, input_state,
                           gradient_clipping, segment_ids)
+    noise_std = _validate_state_noise(state_noise)
     name = resolve_backend(backend, query, key, value, weight, forget_input)
     batch, seq_len, _, key_dim = query.shape
     value_dim = value.shape[-1]
@@ -71,6 +77,11 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
     else:
         h0 = input_state.astype(jnp.float32)
     keep = None if segment_ids is None else keep_mask(segment_ids)
+    clip = None if gradient_clipping is None else float(gradient_clipping)
+    if noise_std:
+        return _backend_module("scan").noisy_forward(
+            query, key, value, weight, forget_input, h0, keep, noise_key=state_noise[0],
+            noise_std=noise_std, gradient_clipping=clip)
 
     pad = -seq_len % chunk
     q, k, v, f = query, key, value, forget_input
@@ -80,7 +91,6 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
         f = jnp.pad(f, ((0, 0), (0, pad), (0, 0)), constant_values=1)
         if keep is not None:
             keep = jnp.pad(keep, ((0, 0), (0, pad)), constant_values=1)
-    clip = None if gradient_clipping is None else float(gradient_clipping)
     y, final_state = _recurrence(name, chunk, clip, q, k, v, weight, f, h0, keep)
     return y[:, :seq_len], final_state
 
@@ -164,6 +174,21 @@ def values_on_host(x):
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
         return all(d.platform == "cpu" for d in x.devices())
     return False
+
+
+def _validate_state_noise(state_noise):
+    """``state_noise`` -> its std as a float (0.0 for ``None``)."""
+    if state_noise is None:
+        return 0.0
+    if not isinstance(state_noise, tuple) or len(state_noise) != 2:
+        raise ValueError(f"state_noise must be None or a (key, std) pair, got {state_noise!r}")
+    key, std = state_noise
+    if isinstance(std, jax.core.Tracer) or not np.isscalar(std) or not float(std) >= 0:
+        raise ValueError(f"state_noise's std must be a non-negative Python number, got {std!r}")
+    if not (hasattr(key, "dtype") and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                       or key.shape == (2,))):
+        raise ValueError(f"state_noise's key must be a JAX PRNG key, got {key!r}")
+    return float(std)
 
 
 def _shape_error(arg, expected, got):

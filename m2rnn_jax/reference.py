@@ -15,6 +15,8 @@ dtype. The forward keeps only the state at each chunk start (``S / chunk_size`` 
 backward recomputes a chunk's states from it, so memory grows as S/C rather than S.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -129,3 +131,48 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     return (_from_chunks(dq).astype(q.dtype), _from_chunks(dk).astype(k.dtype),
             _from_chunks(dv).astype(v.dtype), dw.astype(w.dtype), _from_chunks(df).astype(f.dtype),
             dh0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _clamp_cotangent(h, gradient_clipping):
+    """Identity; the cotangent passing back through it is clamped to ``[-c, c]``."""
+    return h
+
+
+def _clamp_cotangent_fwd(h, gradient_clipping):
+    return h, None
+
+
+def _clamp_cotangent_bwd(gradient_clipping, _, g):
+    return (jnp.clip(g, -gradient_clipping, gradient_clipping),)
+
+
+_clamp_cotangent.defvjp(_clamp_cotangent_fwd, _clamp_cotangent_bwd)
+
+
+def noisy_forward(q, k, v, w, f, h0, keep, *, noise_key, noise_std, gradient_clipping):
+    """Training-time variant: ``H_t ← H_t + noise_std·ε_t`` after every step (ε_t ~ N(0, 1)
+    per state entry, drawn from ``noise_key``), so the readout and later steps see a perturbed
+    state. Returns ``(y, h_final)``; differentiated by JAX itself (the noise is a constant),
+    with SPEC §1's clipping rule as a clamp on the cotangent of the carried state. Inputs as
+    ``forward``'s, any S (no chunking); memory grows as S, as for any autodiff scan."""
+    num_heads = h0.shape[1]
+    w_n = expand_heads(w.astype(_F32), num_heads, axis=0)
+    xs = tuple(None if x is None else jnp.moveaxis(x, 1, 0) for x in (q, k, v, f, keep))
+    keys = jax.random.split(noise_key, q.shape[1])
+
+    def clamp(h):
+        return h if gradient_clipping is None else _clamp_cotangent(h, gradient_clipping)
+
+    def step(h, inputs):
+        x, key = inputs
+        q_n, k_n, v_n, f_n, keep_t = _step_inputs(x, num_heads)
+        _, _, h = _transition(h, w_n, k_n, v_n, f_n, keep_t)
+        h = h + noise_std * jax.random.normal(key, h.shape, _F32)
+        y = jnp.einsum("bnkv,bnk->bnv", h, q_n, precision=_HIGHEST)
+        # What reaches H_t from later steps (or as the final state's cotangent) is clamped;
+        # the readout's part is not, nor the gradient of h0 (as the op's backward).
+        return clamp(h), y.astype(v.dtype)
+
+    h_final, y = lax.scan(step, h0.astype(_F32), (xs, keys))
+    return jnp.moveaxis(y, 0, 1), h_final

@@ -8,6 +8,7 @@ import pytest
 import numpy_reference
 from numpy_reference import relative_error
 from m2rnn_jax import m2rnn
+from m2rnn_jax.ops import keep_mask as m2rnn_keep_mask
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -184,3 +185,69 @@ def test_jit_and_auto_backend_on_cpu_match_scan():
     jitted = jax.jit(lambda i, s: m2rnn(**i, segment_ids=s))(inputs, jnp.asarray(segment_ids))
     for a, b in zip(eager, jitted):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["grouped-segments-with-state", "odd-shapes-no-state"])
+def test_state_noise_of_zero_matches_float64_numpy(case):
+    """The noisy recurrence's own path (a scan differentiated by JAX, the clipping rule as a
+    clamp on the carried state's cotangent) at std 0: values and gradients as the float64
+    reference, clipping active."""
+    from m2rnn_jax import reference
+    batch, seq_len, heads, key_dim, value_dim, with_state, segments = {
+        "grouped-segments-with-state": (2, 13, (1, 1, 2, 2, 2), 4, 3, True, True),
+        "odd-shapes-no-state": (1, 9, (2, 1, 2, 2, 1), 5, 3, False, False)}[case]
+    rng = np.random.default_rng(len(case))
+    inputs, segment_ids = random_inputs(rng, batch, seq_len, heads, key_dim, value_dim,
+                                        with_state, segments)
+    n = max(heads)
+    dy = rng.normal(size=(batch, seq_len, n, value_dim))
+    dh = rng.normal(size=(batch, n, key_dim, value_dim))
+    keep = None if segment_ids is None else m2rnn_keep_mask(jnp.asarray(segment_ids))
+    h0 = inputs["input_state"]
+    h0 = jnp.zeros((batch, n, key_dim, value_dim)) if h0 is None else h0
+    names = ("query", "key", "value", "weight", "forget_input")
+
+    def run(*arrays):
+        return reference.noisy_forward(*arrays, keep, noise_key=jax.random.key(0),
+                                       noise_std=0.0, gradient_clipping=0.05)
+
+    (y, final), vjp = jax.vjp(run, *(inputs[x] for x in names), h0)
+    grads = vjp((jnp.asarray(dy, jnp.float32), jnp.asarray(dh, jnp.float32)))
+    args = [inputs[x] for x in names]
+    y_ref, final_ref, _ = numpy_reference.forward(*args, inputs["input_state"], segment_ids)
+    ref_grads = numpy_reference.backward(*args, dy, dh, inputs["input_state"], segment_ids, 0.05)
+    assert relative_error(y, y_ref) < 1e-4 and relative_error(final, final_ref) < 1e-4
+    for name, got, want in zip(names + ("input_state",), grads, ref_grads):
+        assert relative_error(got, want) < 1e-4, name
+
+
+def test_state_noise_is_added_to_the_state_after_every_step():
+    """With std > 0 the op's output is the recurrence whose state gets std·ε_t after step t
+    (ε from the key, as the docstring says), checked by a NumPy loop; the same key gives the
+    same output, another key another; std 0 is the noiseless op."""
+    rng = np.random.default_rng(5)
+    inputs, _ = random_inputs(rng, 2, 7, (1, 1, 2, 2, 2), 3, 4, with_state=True)
+    args = [inputs[x] for x in ("query", "key", "value", "weight", "forget_input",
+                                "input_state")]
+    key, std = jax.random.key(11), 0.3
+    y, final = m2rnn(*args, backend="scan", state_noise=(key, std))
+    eps = [np.asarray(jax.random.normal(k, (2, 2, 3, 4))) for k in jax.random.split(key, 7)]
+    q, k, v, w, f, h = (np.asarray(x, np.float64) for x in args)
+    for t in range(7):
+        z = np.tanh(np.einsum("bnkv,nvw->bnkw", h, w)
+                    + k[:, t, 0, None, :, None] * v[:, t, :, None, :])
+        ft = f[:, t, :, None, None]
+        h = ft * h + (1 - ft) * z + std * eps[t]
+        assert relative_error(y[:, t], np.einsum("bnkv,bk->bnv", h, q[:, t, 0])) < 1e-5, t
+    assert relative_error(final, h) < 1e-5
+    again, _ = m2rnn(*args, backend="scan", state_noise=(key, std))
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(y))
+    other, _ = m2rnn(*args, backend="scan", state_noise=(jax.random.key(12), std))
+    assert relative_error(other, y) > 1e-2
+    clean, _ = m2rnn(*args, backend="scan")
+    zero, _ = m2rnn(*args, backend="scan", state_noise=(key, 0.0))
+    np.testing.assert_array_equal(np.asarray(zero), np.asarray(clean))
+    for bad, match in (((key,), "pair"), ((key, -1.0), "non-negative"),
+                       ((np.zeros(3), 0.1), "PRNG key")):
+        with pytest.raises(ValueError, match=match):
+            m2rnn(*args, backend="scan", state_noise=bad)

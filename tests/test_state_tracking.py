@@ -344,3 +344,36 @@ def test_runs_continue_under_a_new_schedule(tmp_path, capsys):
     assert "new schedule" in printed and "learning_rate" in printed and "steps 4 -> 8" in printed
     fresh = longer.run(0, group, config.task, progress=False)
     assert fresh.resumed_from_step == 0 and fresh.final_loss != pytest.approx(got.final_loss)
+
+
+def test_state_noise_continues_a_run_and_changes_its_training(tmp_path, capsys):
+    """``train.state_noise_std`` may change between invocations (the runner says so); noisy
+    training ends elsewhere than clean training, and a bad value is a config error."""
+    import dataclasses
+
+    from m2rnn_jax.typed_config import ConfigError
+    from train.state_tracking.config import TrainConfig
+    from train.state_tracking.training import ModelRunner
+
+    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 2,
+                                                       "value_dim": 4, "backend": "scan"}}}
+    config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, models))
+    config = cli.override(config, ["train.steps=4", "train.log_every=2"])
+    group = cli.build_group(config.task)
+
+    def runner(**train):
+        return ModelRunner("m2rnn", config.model_config("m2rnn", group.order),
+                           dataclasses.replace(config.train, **train))
+
+    path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
+    runner().run(0, group, config.task, progress=False, checkpoint_path=path)
+    capsys.readouterr()
+    noisy = runner(steps=8, state_noise_std=0.3)
+    got = noisy.run(0, group, config.task, progress=False, checkpoint_path=path)
+    assert got.resumed_from_step == 4 and got.steps == 8
+    assert "state_noise_std 0.0 -> 0.3" in capsys.readouterr().out
+    clean = runner(steps=8).run(0, group, config.task, progress=False)
+    noisy_fresh = noisy.run(0, group, config.task, progress=False)
+    assert noisy_fresh.final_loss != pytest.approx(clean.final_loss)
+    with pytest.raises(ConfigError, match="state_noise_std"):
+        TrainConfig(state_noise_std=-0.1)

@@ -121,8 +121,10 @@ class M2RNN(nnx.Module):
         gated = gated.reshape(gated.shape[:-2] + (cfg.output_width,))
         return self.out_proj(self.out_norm(gated))
 
-    def __call__(self, x, segment_ids=None):
-        return self.prefill(x, segment_ids)[0]
+    def __call__(self, x, segment_ids=None, state_noise=None):
+        """``state_noise``: optional ``(key, std)``, training-time noise on the recurrence's
+        state (``m2rnn_jax.ops.m2rnn``)."""
+        return self._run(x, segment_ids, None, state_noise)[0]
 
     def prefill(self, x, segment_ids=None, max_len=None, initial_state=None):
         """Full-sequence path: ``(out (B, S, d_model), cache)``.
@@ -132,6 +134,9 @@ class M2RNN(nnx.Module):
         ``conv_kernel - 1`` pre-conv q|k|v inputs of each row's last document.
         """
         del max_len
+        return self._run(x, segment_ids, initial_state, None)
+
+    def _run(self, x, segment_ids, initial_state, state_noise):
         qkv_in, f_logits, g = self._split(self.in_proj(x))
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
         qkv = causal_depthwise_conv(qkv_in, self.conv_weight[...], conv_bias, segment_ids)
@@ -142,7 +147,7 @@ class M2RNN(nnx.Module):
         y, state = m2rnn(q, k, v, self.W[...].astype(v.dtype), f, initial_state,
                          self.cfg.gradient_clipping,
                          segment_ids=segment_ids, backend=self.cfg.backend,
-                         chunk_size=self.cfg.chunk_size)
+                         chunk_size=self.cfg.chunk_size, state_noise=state_noise)
         cache = {"state": state, "conv": conv_window(qkv_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(y, v, g), cache
 

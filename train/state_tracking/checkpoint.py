@@ -6,10 +6,10 @@ Long S5 runs outlast one device call (10 minutes) and one session's budget, and 
 must not lose its work: ``training.ModelRunner.run`` saves every ``train.checkpoint_every_s``
 seconds and when it stops, and resumes from the file if it exists. A file written under other
 settings, or an unreadable one, is an error that names the file, never silently ignored or
-overwritten. One exception: the learning-rate schedule and the number of steps
-(``SCHEDULE_KEYS``) may change between invocations — a run continues its trajectory under the
-new schedule (say, a lower rate once the curriculum reaches the training length, or more
-steps), and the runner prints what changed. Serialisation is Flax's msgpack
+overwritten. One exception: the learning-rate schedule, the number of steps and the training
+noise on the state (``SCHEDULE_KEYS``) may change between invocations — a run continues its
+trajectory under the new schedule (say, a lower rate once the curriculum reaches the training
+length, or more steps), and the runner prints what changed. Serialisation is Flax's msgpack
 (``flax.serialization``): one small file per run, easy to carry between machines.
 """
 
@@ -25,8 +25,9 @@ FORMAT = 1
 # often it logs or saves, which seeds the command line asked for).
 _NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds", "first_seed"}
 _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
-# The learning-rate schedule and the run's length: a run may be continued under new values.
-SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps")
+# The learning-rate schedule, the run's length and the training noise: a run may be continued
+# under new values.
+SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps", "state_noise_std")
 
 
 class CheckpointError(RuntimeError):

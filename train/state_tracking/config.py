@@ -77,6 +77,10 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.99
     clip_grad_norm: float | None = 1.0
+    # Std of N(0, 1) noise added to every M²RNN state entry after every training step (0 =
+    # off; evaluation is always noise-free). Meant to make the state's code of the group
+    # elements an attractor, so that errors do not accumulate past the training length.
+    state_noise_std: float = 0.0
     seeds: int = 3  # seeds first_seed .. first_seed+seeds-1 per model (init and training words)
     first_seed: int = 0  # lets parallel processes each take other seeds of one experiment
     time_budget_s: float | None = None  # wall-clock for all runs; split evenly, stops early
@@ -92,6 +96,9 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
         if self.first_seed < 0:
             raise ConfigError(f"train.first_seed must be >= 0, got {self.first_seed}")
+        if not (isinstance(self.state_noise_std, (int, float)) and self.state_noise_std >= 0):
+            raise ConfigError(f"train.state_noise_std must be a number >= 0, got "
+                              f"{self.state_noise_std!r}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.checkpoint_every_s is not None and not self.checkpoint_every_s >= 0:

@@ -66,12 +66,15 @@ class ModelRunner:
         self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
         self._eval_step = jax.jit(self._correct)
 
-    def _logits(self, params, tokens):
-        return nnx.merge(self.graphdef, params)(tokens)
+    def _logits(self, params, tokens, state_noise=None):
+        return nnx.merge(self.graphdef, params)(tokens, state_noise=state_noise)
 
-    def _step(self, params, opt_state, tokens, targets, mask):
+    def _step(self, params, opt_state, tokens, targets, mask, noise_key):
+        std = self.train_config.state_noise_std
+        state_noise = (noise_key, std) if std else None
+
         def loss_fn(params):
-            logits = self._logits(params, tokens)
+            logits = self._logits(params, tokens, state_noise)
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
             loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
             accuracy = jnp.sum((logits.argmax(-1) == targets) * mask) / jnp.maximum(
@@ -100,6 +103,7 @@ class ModelRunner:
         params = self.init_params(seed)
         opt_state = self.optimizer.init(params)
         rng = np.random.default_rng([seed, 0x5EED])
+        noise_root = jax.random.key(seed)  # the state noise of step t: fold_in(noise_root, t)
         gated = task_config.curriculum_accuracy is not None
         scored = task_config.curriculum_start_length if gated else None
         loss, accuracy, first_step = float("nan"), float("nan"), 0
@@ -112,8 +116,11 @@ class ModelRunner:
             rng.bit_generator.state = saved.rng_state
             tqdm.write(f"{self.name} seed {seed}: resumed at step {first_step} from "
                        f"{checkpoint_path}")
-            changed = {k: (v, prints.schedule[k]) for k, v in (saved.schedule or {}).items()
-                       if v != prints.schedule[k]}
+            # Keys missing from older files held their defaults then.
+            defaults = type(cfg)()
+            changed = {k: (saved.schedule.get(k, getattr(defaults, k)), new)
+                       for k, new in prints.schedule.items()} if saved.schedule else {}
+            changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}
             if changed:
                 tqdm.write(f"{self.name} seed {seed}: continues under a new schedule: " + ", ".join(
                     f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
@@ -142,7 +149,7 @@ class ModelRunner:
                 task_config.train_length, 1 << (scored - 1).bit_length())
             params, opt_state, loss_t, accuracy_t = self._train_step(
                 params, opt_state, batch.tokens[:, :width], batch.targets[:, :width],
-                batch.mask[:, :width])
+                batch.mask[:, :width], jax.random.fold_in(noise_root, step))
             steps, trained_length = step + 1, scored
             if step == first_step:
                 loss_t.block_until_ready()
