@@ -8,8 +8,10 @@ writes ``PREFIX.csv`` (the rows of every ``results.csv``), ``PREFIX.png`` (accur
 length, ``train.state_tracking.report.plot``) and, with ``--logs``, ``PREFIX_progress.png``:
 per run, the curriculum's scored length and the training accuracy against the training step,
 read from the progress lines the cli prints (``<model> seed <k>: step <n>, loss <l>, training
-accuracy <a>, scored length <s>, ...``; a resumed run continues the same lines). The summary
-table prints last.
+accuracy <a>, scored length <s>, ...``; a resumed run continues the same lines), and
+``PREFIX_evals.png``: per seed, the accuracy at each evaluation length printed after each
+invocation, against the step, with the schedule changes marked. The summary table prints
+last.
 """
 
 import argparse
@@ -25,6 +27,12 @@ from train.state_tracking import report  # noqa: E402
 
 PROGRESS = re.compile(r"^(?P<model>\S+) seed (?P<seed>\d+): step (?P<step>\d+), loss [-\d.naif]+, "
                       r"training accuracy (?P<acc>[\d.]+), scored length (?P<length>\d+)")
+# The summary line a run prints after its evaluation, and the lines of a resumed run.
+EVALUATION = re.compile(r"^  seed (?P<seed>\d+): (?P<step>\d+) steps, .*per-position accuracy "
+                        r"(?P<accs>.*)$")
+RESUMED = re.compile(r"^(?P<model>\S+) seed (?P<seed>\d+): resumed at step (?P<step>\d+)")
+SCHEDULE = re.compile(r"^(?P<model>\S+) seed (?P<seed>\d+): continues under a new schedule: "
+                      r"(?P<changes>.*)$")
 _INT_COLUMNS = ("seed", "length", "num_params", "steps", "train_length")
 _FLOAT_COLUMNS = ("position_accuracy", "sequence_accuracy")
 
@@ -56,6 +64,52 @@ def read_progress(text):
             runs.setdefault(key, {})[int(m["step"])] = (float(m["acc"]), int(m["length"]))
     return {key: [(step, acc, length) for step, (acc, length) in sorted(points.items())]
             for key, points in runs.items()}
+
+
+def read_evaluations(text):
+    """From one run's cli log (one model; a run resumed call after call): ``(evaluations,
+    changes)`` = ``{seed: [(step, {length: per-position accuracy}), ...]}`` and ``{seed:
+    [(step, "what changed"), ...]}``, the schedule changes at the step the run resumed from."""
+    evaluations, changes, resumed = {}, {}, {}
+    for line in text.splitlines():
+        if m := EVALUATION.match(line):
+            accs = {int(n): float(a) / 100 for n, a in re.findall(r"L=(\d+): ([\d.]+)%",
+                                                                   m["accs"])}
+            evaluations.setdefault(int(m["seed"]), []).append((int(m["step"]), accs))
+        elif m := RESUMED.match(line):
+            resumed[int(m["seed"])] = int(m["step"])
+        elif (m := SCHEDULE.match(line)) and int(m["seed"]) in resumed:
+            seed = int(m["seed"])
+            changes.setdefault(seed, []).append((resumed[seed], m["changes"]))
+    return evaluations, changes
+
+
+def plot_evaluations(path, evaluations, changes, title):
+    """Per seed, the per-position accuracy at each evaluation length against the step of
+    each evaluation, with the steps where the schedule changed marked."""
+    seeds = sorted(evaluations)
+    fig, axes = plt.subplots(len(seeds), 1, figsize=(10, 3.2 * len(seeds)), sharex=True,
+                             squeeze=False)
+    for ax, seed in zip(axes[:, 0], seeds):
+        points = sorted(evaluations[seed])
+        lengths = sorted({n for _, accs in points for n in accs})
+        for i, length in enumerate(lengths):
+            xy = [(step, accs[length]) for step, accs in points if length in accs]
+            ax.plot(*zip(*xy), marker="o", markersize=3, color=f"C{i}", label=f"L={length}")
+        for step, what in changes.get(seed, []):
+            ax.axvline(step, color="0.6", linestyle=":", linewidth=1)
+            lr = re.search(r"learning_rate \S+ -> (\S+?)(,|$)", what)
+            ax.annotate(f"lr {lr[1]}" if lr else what, (step, 1.0), fontsize=7,
+                        rotation=90, va="top", ha="right", color="0.4")
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel(f"seed {seed}: accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right", ncol=len(lengths))
+    axes[-1, 0].set_xlabel("training step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_progress(path, runs, title):
@@ -97,15 +151,24 @@ def main():
     report.plot(args.out + ".png", rows, group, train_length)
     written = [args.out + ".csv", args.out + ".png"]
     if args.logs:
-        runs = {}
+        runs, evaluations, changes = {}, {}, {}
         for path in args.logs:
             with open(path) as fh:
-                runs.update(read_progress(fh.read()))
+                text = fh.read()
+            runs.update(read_progress(text))
+            run_evaluations, run_changes = read_evaluations(text)
+            evaluations.update(run_evaluations)
+            changes.update(run_changes)
         if not runs:
             raise SystemExit("no progress lines in " + ", ".join(args.logs))
         plot_progress(args.out + "_progress.png", runs,
                       f"{group}: length curriculum and training accuracy against the step")
         written.append(args.out + "_progress.png")
+        if evaluations:
+            plot_evaluations(args.out + "_evals.png", evaluations, changes,
+                             f"{group}: accuracy at each length after each call "
+                             f"(train length {train_length})")
+            written.append(args.out + "_evals.png")
     print(report.summary_table(rows))
     print("wrote " + ", ".join(written))
 

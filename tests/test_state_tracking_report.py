@@ -33,6 +33,21 @@ def test_progress_lines_are_parsed_in_step_order_and_resumes_replace_steps():
                     ("attention", 0): [(100, 0.010, 8)]}
 
 
+def test_evaluations_and_schedule_changes_are_read_per_seed():
+    log = "\n".join([
+        "  seed 2: 1000 steps, compile 9.0s, train 30.0s (33 steps/s), eval 1.0s, loss 0.500; "
+        "per-position accuracy L=64: 36.2%, L=128: 20.1%",
+        "m2rnn seed 2: resumed at step 1000 from runs/x.msgpack",
+        "m2rnn seed 2: continues under a new schedule: learning_rate 0.001 -> 3e-05, steps 5 -> 9",
+        "  seed 2: 1500 steps, compile 9.0s, train 30.0s (33 steps/s), eval 1.0s, loss 0.100; "
+        "per-position accuracy L=64: 99.0%, L=128: 75.5%",
+    ])
+    evaluations, changes = state_tracking_report.read_evaluations(log)
+    assert evaluations == {2: [(1000, {64: pytest.approx(0.362), 128: pytest.approx(0.201)}),
+                               (1500, {64: pytest.approx(0.99), 128: pytest.approx(0.755)})]}
+    assert changes == {2: [(1000, "learning_rate 0.001 -> 3e-05, steps 5 -> 9")]}
+
+
 def test_merges_separate_runs_and_plots_their_progress(tmp_path, capsys, monkeypatch):
     m2rnn = {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
                                              "backend": "scan"}}
@@ -65,7 +80,12 @@ def test_merges_separate_runs_and_plots_their_progress(tmp_path, capsys, monkeyp
         (points,) = runs.values()
         assert [p[0] for p in points] == [1, 2, 3]
         assert all(0.0 <= p[1] <= 1.0 and p[2] == 6 for p in points)
-    for path in (prefix + ".png", prefix + "_progress.png"):
+        # The evaluation summary each invocation prints (the real cli's line format).
+        evaluations, changes = state_tracking_report.read_evaluations(open(log).read())
+        assert list(evaluations) == [0] and changes == {}
+        ((step, accs),) = evaluations[0]
+        assert step == 3 and sorted(accs) == [6, 12] and all(0 <= a <= 1 for a in accs.values())
+    for path in (prefix + ".png", prefix + "_progress.png", prefix + "_evals.png"):
         image = plt.imread(path)
         assert image.ndim == 3 and image[..., :3].std() > 0.01
 
