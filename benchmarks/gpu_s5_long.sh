@@ -16,7 +16,10 @@
 # has GPU 1 (GPUS="1" puts every seed on GPU 1; MEM_FRACTION sets each process's share of its
 # GPU's memory, default 0.4; EXTRA_ARGS are cli flags for every seed, EXTRA_ARGS_SEED<k> for
 # seed k only, e.g. EXTRA_ARGS_SEED0="--set train.learning_rate=5e-4": a run may continue
-# under a new schedule). The last lines printed are each seed's latest progress line and evaluation.
+# under a new schedule; seeds 0-2 predate s5_long.yaml's length decay and were continued by
+# hand: give them `--set train.length_decay_steps=0` with their own --lr, or the decay starts
+# from the step they resume at). The last lines printed are each seed's latest progress line
+# and evaluation.
 # CPU smoke test (tiny evaluation; RUNS_DIR keeps it away from real runs):
 #   RUNS_DIR=/tmp/s5l PATH=.venv/bin:$PATH EXTRA_ARGS="--eval-lens 8 --set task.eval_sequences=8" \
 #     OUT=/tmp/o bash benchmarks/gpu_s5_long.sh run 20

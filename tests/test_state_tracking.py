@@ -377,3 +377,52 @@ def test_state_noise_continues_a_run_and_changes_its_training(tmp_path, capsys):
     assert noisy_fresh.final_loss != pytest.approx(clean.final_loss)
     with pytest.raises(ConfigError, match="state_noise_std"):
         TrainConfig(state_noise_std=-0.1)
+
+
+def test_length_decay_factor_falls_geometrically_from_the_curriculum_end():
+    from train.state_tracking.config import TrainConfig
+    from train.state_tracking.training import length_decay_factor
+
+    cfg = TrainConfig(length_decay_steps=100, length_decay_ratio=0.02)
+    assert length_decay_factor(cfg, 50, None) == 1.0  # not at the training length yet
+    assert length_decay_factor(cfg, 10, 10) == pytest.approx(1.0)
+    assert length_decay_factor(cfg, 60, 10) == pytest.approx(math.sqrt(0.02))  # halfway
+    assert length_decay_factor(cfg, 85, 10) == pytest.approx(0.02 ** 0.75)
+    assert length_decay_factor(cfg, 110, 10) == length_decay_factor(cfg, 10 ** 6, 10) == 0.02
+    assert length_decay_factor(TrainConfig(), 60, 10) == 1.0  # off by default
+
+
+def test_length_decay_starts_at_the_curriculum_end_and_survives_a_resume(tmp_path, capsys):
+    """The decay starts when the gated curriculum reaches the training length (and says so);
+    a run continued from a checkpoint taken after that step ends exactly where an
+    uninterrupted run ends (the step is saved); the decay changes the trajectory."""
+    import dataclasses
+
+    from train.state_tracking.training import ModelRunner
+
+    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 2,
+                                                       "value_dim": 4, "backend": "scan"}}}
+    config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, models))
+    # A constant base rate, so that only the decay depends on when the run stops.
+    config = cli.override(config, ["train.log_every=2", "train.warmup_steps=0",
+                                   "train.min_lr_ratio=1.0", "train.learning_rate=3e-2",
+                                   "task.curriculum_accuracy=1e-6",
+                                   "task.curriculum_start_length=2"])
+    group = cli.build_group(config.task)
+
+    def runner(steps, decay=4):
+        train = dataclasses.replace(config.train, steps=steps, length_decay_steps=decay,
+                                    length_decay_ratio=0.1)
+        return ModelRunner("m2rnn", config.model_config("m2rnn", group.order), train)
+
+    capsys.readouterr()
+    whole = runner(10).run(0, group, config.task, progress=False)
+    assert "step 4: scored length at the training length" in capsys.readouterr().out
+    path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
+    runner(6).run(0, group, config.task, progress=False, checkpoint_path=path)  # reached at 4
+    resumed = runner(10).run(0, group, config.task, progress=False, checkpoint_path=path)
+    assert resumed.resumed_from_step == 6
+    assert resumed.final_loss == pytest.approx(whole.final_loss, rel=1e-5)
+    assert resumed.evals == whole.evals
+    no_decay = runner(10, decay=0).run(0, group, config.task, progress=False)
+    assert no_decay.final_loss != pytest.approx(whole.final_loss, rel=1e-4)

@@ -27,7 +27,8 @@ _NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds
 _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
 # The learning-rate schedule, the run's length and the training noise: a run may be continued
 # under new values.
-SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps", "state_noise_std")
+SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps", "state_noise_std",
+                 "length_decay_steps", "length_decay_ratio")
 
 
 class CheckpointError(RuntimeError):
@@ -44,6 +45,9 @@ class RunState:
     loss: float
     accuracy: float
     schedule: dict | None = None  # SCHEDULE_KEYS when saved (None: files of older versions)
+    # The step at which the scored length reached the training length (None: not yet, or a
+    # file of an older version).
+    reached_step: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +88,7 @@ def save(path, state: RunState, prints: Fingerprints):
     meta = {"format": FORMAT, "fingerprint": prints.exact, "trajectory": prints.trajectory,
             "schedule": prints.schedule, "step": state.step,
             "scored": state.scored, "rng_state": state.rng_state, "loss": state.loss,
-            "accuracy": state.accuracy}
+            "accuracy": state.accuracy, "reached_step": state.reached_step}
     payload = {"meta": json.dumps(meta),
                "tree": serialization.to_state_dict({"params": state.params,
                                                     "opt_state": state.opt_state})}
@@ -119,4 +123,5 @@ def load(path, target_params, target_opt_state, prints: Fingerprints) -> RunStat
             f"to start this run over")
     return RunState(params=tree["params"], opt_state=tree["opt_state"], step=meta["step"],
                     scored=meta["scored"], rng_state=meta["rng_state"], loss=meta["loss"],
-                    accuracy=meta["accuracy"], schedule=meta.get("schedule"))
+                    accuracy=meta["accuracy"], schedule=meta.get("schedule"),
+                    reached_step=meta.get("reached_step"))

@@ -81,6 +81,13 @@ class TrainConfig:
     # off; evaluation is always noise-free). Meant to make the state's code of the group
     # elements an attractor, so that errors do not accumulate past the training length.
     state_noise_std: float = 0.0
+    # Once the scored length reaches the training length (the curriculum's end; step 0 without
+    # a curriculum) the learning rate is multiplied by a factor that falls geometrically from 1
+    # to `length_decay_ratio` over `length_decay_steps` steps, then stays there (0 = off). The rate that gets a model through the curriculum is too high to make its code
+    # exact beyond the training length (RESULTS, state tracking, fifth session); the step at
+    # which the curriculum ends differs from seed to seed, hence a decay tied to it.
+    length_decay_steps: int = 0
+    length_decay_ratio: float = 0.01
     seeds: int = 3  # seeds first_seed .. first_seed+seeds-1 per model (init and training words)
     first_seed: int = 0  # lets parallel processes each take other seeds of one experiment
     time_budget_s: float | None = None  # wall-clock for all runs; split evenly, stops early
@@ -99,6 +106,13 @@ class TrainConfig:
         if not (isinstance(self.state_noise_std, (int, float)) and self.state_noise_std >= 0):
             raise ConfigError(f"train.state_noise_std must be a number >= 0, got "
                               f"{self.state_noise_std!r}")
+        if not isinstance(self.length_decay_steps, int) or self.length_decay_steps < 0:
+            raise ConfigError(f"train.length_decay_steps must be an integer >= 0, got "
+                              f"{self.length_decay_steps!r}")
+        if not (isinstance(self.length_decay_ratio, (int, float))
+                and 0 < self.length_decay_ratio <= 1):
+            raise ConfigError(f"train.length_decay_ratio must be in (0, 1], got "
+                              f"{self.length_decay_ratio!r}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.checkpoint_every_s is not None and not self.checkpoint_every_s >= 0:

@@ -42,6 +42,17 @@ class RunResult:
     evals: list
 
 
+def length_decay_factor(train_config, step, reached_step):
+    """The factor on the learning rate at ``step`` (``train.length_decay_*``): 1 before the
+    scored length reaches the training length (``reached_step``), then falling geometrically
+    to ``length_decay_ratio`` over ``length_decay_steps`` steps (as many steps per factor of
+    ten: the runs needed time at each of 1e-3, 1e-4 and 3e-5), then that ratio."""
+    if not train_config.length_decay_steps or reached_step is None or step < reached_step:
+        return 1.0
+    progress = min(1.0, (step - reached_step) / train_config.length_decay_steps)
+    return train_config.length_decay_ratio ** progress
+
+
 class ModelRunner:
     """Jitted train / eval steps of one model architecture, shared by its seeds."""
 
@@ -69,7 +80,8 @@ class ModelRunner:
     def _logits(self, params, tokens, state_noise=None):
         return nnx.merge(self.graphdef, params)(tokens, state_noise=state_noise)
 
-    def _step(self, params, opt_state, tokens, targets, mask, noise_key):
+    def _step(self, params, opt_state, tokens, targets, mask, noise_key, lr_factor):
+        """One AdamW step; ``lr_factor`` (a traced scalar) multiplies the schedule's rate."""
         std = self.train_config.state_noise_std
         state_noise = (noise_key, std) if std else None
 
@@ -83,6 +95,9 @@ class ModelRunner:
 
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        # Scaling AdamW's update scales its rate (weight decay included) and leaves its state
+        # (the moments) as it is: checkpoints keep their structure.
+        updates = jax.tree.map(lambda u: (u * lr_factor).astype(u.dtype), updates)
         return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
     def _correct(self, params, tokens, targets):
@@ -106,13 +121,13 @@ class ModelRunner:
         noise_root = jax.random.key(seed)  # the state noise of step t: fold_in(noise_root, t)
         gated = task_config.curriculum_accuracy is not None
         scored = task_config.curriculum_start_length if gated else None
-        loss, accuracy, first_step = float("nan"), float("nan"), 0
+        loss, accuracy, first_step, reached_step = float("nan"), float("nan"), 0, None
         prints = checkpoint.fingerprints(self.model_config, cfg, task_config, seed)
         if checkpoint_path is not None and os.path.exists(checkpoint_path):
             saved = checkpoint.load(checkpoint_path, params, opt_state, prints)
             params, opt_state, first_step, scored = (saved.params, saved.opt_state, saved.step,
                                                      saved.scored)
-            loss, accuracy = saved.loss, saved.accuracy
+            loss, accuracy, reached_step = saved.loss, saved.accuracy, saved.reached_step
             rng.bit_generator.state = saved.rng_state
             tqdm.write(f"{self.name} seed {seed}: resumed at step {first_step} from "
                        f"{checkpoint_path}")
@@ -128,8 +143,8 @@ class ModelRunner:
         def save_checkpoint():
             if checkpoint_path is not None:
                 checkpoint.save(checkpoint_path, checkpoint.RunState(
-                    params, opt_state, steps, scored, rng.bit_generator.state, loss, accuracy),
-                    prints)
+                    params, opt_state, steps, scored, rng.bit_generator.state, loss, accuracy,
+                    reached_step=reached_step), prints)
 
         bar = tqdm(total=cfg.steps, initial=first_step, desc=f"{self.name} seed {seed}",
                    disable=not progress, leave=False, dynamic_ncols=True)
@@ -141,6 +156,13 @@ class ModelRunner:
             if not gated:
                 scored = curriculum_length(step, task_config.curriculum_start_length,
                                            task_config.train_length, task_config.curriculum_steps)
+            if reached_step is None and (scored is None or scored >= task_config.train_length):
+                # (Files of older versions resumed at the training length: from here.)
+                reached_step = step
+                if cfg.length_decay_steps:
+                    tqdm.write(f"{self.name} seed {seed}: step {step}: scored length at the "
+                               f"training length; the learning rate falls by "
+                               f"{cfg.length_decay_ratio}x over {cfg.length_decay_steps} steps")
             batch = sample_word_problems(group, rng, cfg.batch_size, task_config.train_length,
                                          task_config.length_sampling, scored)
             # Causal models: positions past the scored ones change nothing, so a curriculum
@@ -149,7 +171,8 @@ class ModelRunner:
                 task_config.train_length, 1 << (scored - 1).bit_length())
             params, opt_state, loss_t, accuracy_t = self._train_step(
                 params, opt_state, batch.tokens[:, :width], batch.targets[:, :width],
-                batch.mask[:, :width], jax.random.fold_in(noise_root, step))
+                batch.mask[:, :width], jax.random.fold_in(noise_root, step),
+                np.float32(length_decay_factor(cfg, step, reached_step)))
             steps, trained_length = step + 1, scored
             if step == first_step:
                 loss_t.block_until_ready()
