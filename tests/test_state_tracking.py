@@ -281,9 +281,7 @@ def test_runs_resume_from_checkpoints_exactly(tmp_path):
     from train.state_tracking import checkpoint
     from train.state_tracking.training import ModelRunner
 
-    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 2,
-                                                       "value_dim": 4, "backend": "scan"}}}
-    config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, models))
+    config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, TINY_M2RNN))
     config = cli.override(config, ["train.steps=6", "train.log_every=2",
                                    "task.curriculum_accuracy=1e-6",
                                    "task.curriculum_start_length=2"])
@@ -317,23 +315,32 @@ def test_runs_resume_from_checkpoints_exactly(tmp_path):
         whole.run(0, group, config.task, progress=False, checkpoint_path=path)
 
 
-def test_runs_continue_under_a_new_schedule(tmp_path, capsys):
-    """More steps and another learning rate continue a finished run from its checkpoint (and
-    say so); the same run restarted under the new schedule ends elsewhere."""
+TINY_M2RNN = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 2,
+                                                       "value_dim": 4, "backend": "scan"}}}
+
+
+def tiny_m2rnn_runs(tmp_path, overrides):
+    """``(config, group, runner)`` of the tiny one-layer M²RNN experiment with ``overrides``;
+    ``runner(**train)`` is a ``ModelRunner`` with those ``TrainConfig`` fields replaced."""
     import dataclasses
 
     from train.state_tracking.training import ModelRunner
 
-    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 2,
-                                                       "value_dim": 4, "backend": "scan"}}}
-    config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, models))
-    config = cli.override(config, ["train.steps=4", "train.log_every=2"])
+    config = cli.override(load_yaml(ExperimentConfig, tiny_experiment(tmp_path, TINY_M2RNN)),
+                          overrides)
     group = cli.build_group(config.task)
 
     def runner(**train):
         return ModelRunner("m2rnn", config.model_config("m2rnn", group.order),
                            dataclasses.replace(config.train, **train))
 
+    return config, group, runner
+
+
+def test_runs_continue_under_a_new_schedule(tmp_path, capsys):
+    """More steps and another learning rate continue a finished run from its checkpoint (and
+    say so); the same run restarted under the new schedule ends elsewhere."""
+    config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
     path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
     assert runner().run(0, group, config.task, progress=False, checkpoint_path=path).steps == 4
     capsys.readouterr()
@@ -349,22 +356,10 @@ def test_runs_continue_under_a_new_schedule(tmp_path, capsys):
 def test_state_noise_continues_a_run_and_changes_its_training(tmp_path, capsys):
     """``train.state_noise_std`` may change between invocations (the runner says so); noisy
     training ends elsewhere than clean training, and a bad value is a config error."""
-    import dataclasses
-
     from m2rnn_jax.typed_config import ConfigError
     from train.state_tracking.config import TrainConfig
-    from train.state_tracking.training import ModelRunner
 
-    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 2,
-                                                       "value_dim": 4, "backend": "scan"}}}
-    config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, models))
-    config = cli.override(config, ["train.steps=4", "train.log_every=2"])
-    group = cli.build_group(config.task)
-
-    def runner(**train):
-        return ModelRunner("m2rnn", config.model_config("m2rnn", group.order),
-                           dataclasses.replace(config.train, **train))
-
+    config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
     path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
     runner().run(0, group, config.task, progress=False, checkpoint_path=path)
     capsys.readouterr()
@@ -396,24 +391,14 @@ def test_length_decay_starts_at_the_curriculum_end_and_survives_a_resume(tmp_pat
     """The decay starts when the gated curriculum reaches the training length (and says so);
     a run continued from a checkpoint taken after that step ends exactly where an
     uninterrupted run ends (the step is saved); the decay changes the trajectory."""
-    import dataclasses
-
-    from train.state_tracking.training import ModelRunner
-
-    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 2,
-                                                       "value_dim": 4, "backend": "scan"}}}
-    config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, models))
     # A constant base rate, so that only the decay depends on when the run stops.
-    config = cli.override(config, ["train.log_every=2", "train.warmup_steps=0",
-                                   "train.min_lr_ratio=1.0", "train.learning_rate=3e-2",
-                                   "task.curriculum_accuracy=1e-6",
-                                   "task.curriculum_start_length=2"])
-    group = cli.build_group(config.task)
+    config, group, make = tiny_m2rnn_runs(tmp_path, [
+        "train.log_every=2", "train.warmup_steps=0", "train.min_lr_ratio=1.0",
+        "train.learning_rate=3e-2", "task.curriculum_accuracy=1e-6",
+        "task.curriculum_start_length=2"])
 
     def runner(steps, decay=4):
-        train = dataclasses.replace(config.train, steps=steps, length_decay_steps=decay,
-                                    length_decay_ratio=0.1)
-        return ModelRunner("m2rnn", config.model_config("m2rnn", group.order), train)
+        return make(steps=steps, length_decay_steps=decay, length_decay_ratio=0.1)
 
     capsys.readouterr()
     whole = runner(10).run(0, group, config.task, progress=False)
