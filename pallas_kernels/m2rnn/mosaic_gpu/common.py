@@ -161,19 +161,14 @@ def _hi_lo_by_bits_inline(ctx, x, lo_by_bits=False):
                   for r in (a, b))
         # Element 0 of a bf16 pair is the low half of the 32-bit register.
         hi = llvm.inline_asm(i32, [ra, rb], "prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r")
+        remainders = ("{ .reg .b32 ta, tb; and.b32 ta, $3, 0xffff0000; "
+                      "and.b32 tb, $4, 0xffff0000; sub.f32 ta, $1, ta; sub.f32 tb, $2, tb; ")
         if lo_by_bits:  # the remainders rounded by the integer add, packed like hi
-            lo = llvm.inline_asm(
-                i32, [a, b, ra, rb],
-                "{ .reg .b32 ta, tb; and.b32 ta, $3, 0xffff0000; and.b32 tb, $4, 0xffff0000; "
-                f"sub.f32 ta, $1, ta; sub.f32 tb, $2, tb; add.u32 ta, ta, {_ROUND_TO_BF16:#x}; "
-                f"add.u32 tb, tb, {_ROUND_TO_BF16:#x}; prmt.b32 $0, ta, tb, 0x7632; }}",
-                "=r,r,r,r,r")
+            pack = (f"add.u32 ta, ta, {_ROUND_TO_BF16:#x}; add.u32 tb, tb, {_ROUND_TO_BF16:#x}; "
+                    "prmt.b32 $0, ta, tb, 0x7632; }")
         else:
-            lo = llvm.inline_asm(
-                i32, [a, b, ra, rb],
-                "{ .reg .b32 ta, tb; and.b32 ta, $3, 0xffff0000; and.b32 tb, $4, 0xffff0000; "
-                "sub.f32 ta, $1, ta; sub.f32 tb, $2, tb; cvt.rn.bf16x2.f32 $0, tb, ta; }",
-                "=r,r,r,r,r")
+            pack = "cvt.rn.bf16x2.f32 $0, tb, ta; }"
+        lo = llvm.inline_asm(i32, [a, b, ra, rb], remainders + pack, "=r,r,r,r,r")
         his[idx] = mgpu_utils.bitcast(hi, pair_bf16)
         los[idx] = mgpu_utils.bitcast(lo, pair_bf16)
     return (fa.FragmentedArray(_registers=his, _layout=x.layout, _is_signed=None),

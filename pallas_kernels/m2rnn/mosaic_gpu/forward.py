@@ -212,9 +212,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     ``y_reduction="warp_scatter"`` (each warp sums its 16 rows of ``H_t ⊙ q_t`` with a lane
     reduce-scatter, 4 shuffles per step instead of 12, into SMEM partials the 4 warps add once
     per staging block: 3.10 → 2.81 ms; ``"warp_partials"``: full butterflies; ``"per_step"``:
-    Mosaic's cross-warp reduction every step, 4.41 ms; ``"warp_scatter_fma"``: the same with
-    ``H ⊙ q`` fused into the sum of each lane's two rows, one multiply and one FMA per register
-    pair instead of two multiplies and an add), ``approx_tanh`` (``tanh.approx.f32``,
+    Mosaic's cross-warp reduction every step, 4.41 ms), ``approx_tanh`` (``tanh.approx.f32``,
     relative error ~2⁻¹¹; exact tanh 5.35 ms).
 
     * ``f16_state`` (opt-in, faster, less exact): ``H W`` as one wgmma on float16 ``H`` (11
@@ -234,6 +232,11 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
       split was measured: 2.91 vs 2.60 ms (the bit split with a truncated hi, one bit less:
       3.12 vs 2.58 ms in another call, but errors up to 4× larger where the recurrence
       amplifies them).
+    * ``hi_lo_split="bits_lo"``: lo rounded by the integer add too (no conversion in the
+      split): 3.27 vs 2.70 ms (fifth session: the integer pipe saturates instead).
+    * ``y_reduction="warp_scatter_fma"``: ``H ⊙ q`` fused into the sum of each lane's two rows
+      (one multiply and one FMA per register pair instead of two multiplies and an add):
+      2.76 vs 2.70 ms.
     * ``f16_tanh``: ``tanh.approx.f16x2`` on float16 pairs (half the MUFU ops, more
       conversions; needs ``approx_tanh``): 3.19 vs 3.14 ms, and 2.40 vs 2.25 ms with f16_state.
     """
