@@ -75,8 +75,8 @@ def time_variant(args):
         batches = [sample_word_problems(group, rng, train.batch_size, width)
                    for _ in range(4)]
         start = time.perf_counter()
-        step = functools.partial(runner._train_step, noise_key=jax.random.key(0),
-                                 lr_factor=np.float32(1.0))
+        step = functools.partial(runner._train_step, noise_root=jax.random.key(0),
+                                 step=np.int32(0), lr_factor=np.float32(1.0))
         for i in range(3):  # compile, then warm up
             b = batches[i % len(batches)]
             params, opt_state, loss, _ = step(params, opt_state, b.tokens, b.targets, b.mask)

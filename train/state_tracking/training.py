@@ -80,10 +80,11 @@ class ModelRunner:
     def _logits(self, params, tokens, state_noise=None):
         return nnx.merge(self.graphdef, params)(tokens, state_noise=state_noise)
 
-    def _step(self, params, opt_state, tokens, targets, mask, noise_key, lr_factor):
-        """One AdamW step; ``lr_factor`` (a traced scalar) multiplies the schedule's rate."""
+    def _step(self, params, opt_state, tokens, targets, mask, noise_root, step, lr_factor):
+        """One AdamW step; ``lr_factor`` (a traced scalar) multiplies the schedule's rate; the
+        state noise of step ``step`` (when on) is drawn from ``fold_in(noise_root, step)``."""
         std = self.train_config.state_noise_std
-        state_noise = (noise_key, std) if std else None
+        state_noise = (jax.random.fold_in(noise_root, step), std) if std else None
 
         def loss_fn(params):
             logits = self._logits(params, tokens, state_noise)
@@ -118,7 +119,7 @@ class ModelRunner:
         params = self.init_params(seed)
         opt_state = self.optimizer.init(params)
         rng = np.random.default_rng([seed, 0x5EED])
-        noise_root = jax.random.key(seed)  # the state noise of step t: fold_in(noise_root, t)
+        noise_root = jax.random.key(seed)  # the state noise's key (folded with the step)
         gated = task_config.curriculum_accuracy is not None
         scored = task_config.curriculum_start_length if gated else None
         loss, accuracy, first_step, reached_step = float("nan"), float("nan"), 0, None
@@ -171,7 +172,7 @@ class ModelRunner:
                 task_config.train_length, 1 << (scored - 1).bit_length())
             params, opt_state, loss_t, accuracy_t = self._train_step(
                 params, opt_state, batch.tokens[:, :width], batch.targets[:, :width],
-                batch.mask[:, :width], jax.random.fold_in(noise_root, step),
+                batch.mask[:, :width], noise_root, np.int32(step),
                 np.float32(length_decay_factor(cfg, step, reached_step)))
             steps, trained_length = step + 1, scored
             if step == first_step:
