@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BACKENDS = ("auto", "scan", "pallas", "pallas_gpu", "mosaic_gpu", "pallas_tpu")
+BACKENDS = ("auto", "scan", "pallas", "pallas_gpu", "pallas_gpu_vector", "mosaic_gpu",
+            "pallas_tpu")
 
 # Backend name -> module implementing forward/backward (imported on first use).
 _BACKEND_MODULES = {
     "scan": "m2rnn_jax.reference",
     "pallas_gpu": "pallas_kernels.m2rnn.gpu",
+    "pallas_gpu_vector": "pallas_kernels.m2rnn.gpu_vector",
     "mosaic_gpu": "pallas_kernels.m2rnn.mosaic_gpu",
     "pallas_tpu": "pallas_kernels.m2rnn.tpu",
 }
@@ -46,9 +48,11 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
         from zero where the id changes (the first document starts from ``input_state``).
       backend: one of ``"auto"`` (Pallas kernel on GPU/TPU, scan on CPU), ``"scan"``,
         ``"pallas"`` (the kernel for the current platform), ``"pallas_gpu"`` (Triton lowering,
-        any shape and dtype), ``"mosaic_gpu"`` (Mosaic GPU, Hopper, bfloat16, K=64, V=16: the
-        fastest where it applies), ``"pallas_tpu"``. On a Hopper GPU ``"auto"`` and
-        ``"pallas"`` pick ``mosaic_gpu`` for inputs it supports, else ``pallas_gpu``.
+        any shape and dtype), ``"pallas_gpu_vector"`` (Triton lowering, K = 1: a block of
+        batch rows per program), ``"mosaic_gpu"`` (Mosaic GPU, Hopper, bfloat16, K=64, V=16:
+        the fastest where it applies), ``"pallas_tpu"``. On a GPU ``"auto"`` and ``"pallas"``
+        pick ``mosaic_gpu`` for inputs it supports (Hopper), else ``pallas_gpu_vector`` when
+        K = 1, else ``pallas_gpu``.
       chunk_size: steps per chunk (state checkpoint interval); ``None`` takes the backend's.
       state_noise: optional ``(key, std)``, a training-time regulariser: ``std``·N(0, 1) noise
         drawn from the PRNG ``key`` is added to every state entry after every step. The
@@ -128,7 +132,8 @@ def keep_mask(segment_ids):
 
 def resolve_backend(backend, query, key, value, weight, forget_input):
     """The backend ``m2rnn`` runs for these (valid) arguments: ``"auto"``/``"pallas"`` resolved
-    for the platform, and on a Hopper GPU the Mosaic kernels where they support the inputs."""
+    for the platform; on a GPU the Mosaic kernels where they support the inputs (Hopper), the
+    vector-state kernels where K = 1."""
     name = _platform_backend(backend)
     if name == "pallas_gpu" and backend in ("auto", "pallas"):
         num_heads = max(query.shape[2], key.shape[2], value.shape[2], forget_input.shape[2],
@@ -138,6 +143,9 @@ def resolve_backend(backend, query, key, value, weight, forget_input):
         if _backend_module("mosaic_gpu").supports(query, key, value, weight, forget_input,
                                                   state_shape):
             return "mosaic_gpu"
+        if _backend_module("pallas_gpu_vector").supports(query, key, value, weight,
+                                                         forget_input):
+            return "pallas_gpu_vector"
     return name
 
 
