@@ -41,7 +41,8 @@ train() {
 }
 
 collect() {
-  for seed in 0 1 2; do
+  # COLLECT_SEEDS: the seeds whose checkpoints come back (13.9 MB each; 64 MiB per call).
+  for seed in ${COLLECT_SEEDS:-0 1 2}; do
     cp $RUNS/seed$seed/checkpoints/m2rnn_seed$seed.msgpack "$OUT/" 2>/dev/null
     echo "== seed $seed"
     grep -E "resumed|-> length" $RUNS/seed$seed/log.txt | tail -n 4
@@ -59,10 +60,10 @@ case "${1:-}" in
   collect) collect ;;
   unpack)
     FILES=${2:?usage: $0 unpack FILES_AT}
-    for seed in 0 1 2; do
+    for seed in 0 1 2 3 4 5 6 7; do
+      [ -f "$FILES/m2rnn_seed$seed.msgpack" ] || continue
       mkdir -p $RUNS/seed$seed/checkpoints
-      [ -f "$FILES/m2rnn_seed$seed.msgpack" ] && \
-        cp "$FILES/m2rnn_seed$seed.msgpack" $RUNS/seed$seed/checkpoints/
+      cp "$FILES/m2rnn_seed$seed.msgpack" $RUNS/seed$seed/checkpoints/
     done
     [ -f "$FILES/s5_long_results.tgz" ] && tar xzf "$FILES/s5_long_results.tgz" -C $RUNS
     ls -la $RUNS/seed*/checkpoints

@@ -30,6 +30,7 @@ VARIANTS = {
     "command_buffer_while": ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,"
                              "WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1", []),
     "pallas_gpu": ("", [f"{M2RNN}backend=pallas_gpu"]),
+    "pallas_gpu_vector": ("", [f"{M2RNN}backend=pallas_gpu_vector"]),
     "auto": ("", [f"{M2RNN}backend=auto"]),
 }
 
