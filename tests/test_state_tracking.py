@@ -309,6 +309,12 @@ def test_runs_resume_from_checkpoints_exactly(tmp_path):
                         dataclasses.replace(config.train, batch_size=8))
     with pytest.raises(checkpoint.CheckpointError, match="other settings"):
         other.run(0, group, config.task, progress=False, checkpoint_path=path)
+    # The recurrence's backend is not a setting of the run: the file resumes under another.
+    model = config.model_config("m2rnn", group.order)
+    moved = ModelRunner("m2rnn", dataclasses.replace(
+        model, m2rnn=dataclasses.replace(model.m2rnn, backend="auto")), config.train)
+    assert moved.run(0, group, config.task, progress=False,
+                     checkpoint_path=path).resumed_from_step == 6
     with open(path, "r+b") as fh:
         fh.truncate(100)
     with pytest.raises(checkpoint.CheckpointError, match="m2rnn_seed0.msgpack is unreadable"):

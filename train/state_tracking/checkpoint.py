@@ -6,7 +6,8 @@ Long S5 runs outlast one device call (10 minutes) and one session's budget, and 
 must not lose its work: ``training.ModelRunner.run`` saves every ``train.checkpoint_every_s``
 seconds and when it stops, and resumes from the file if it exists. A file written under other
 settings, or an unreadable one, is an error that names the file, never silently ignored or
-overwritten. One exception: the learning-rate schedule, the number of steps and the training
+overwritten. The recurrence's backend is not part of the settings (it computes the same function);
+and one exception: the learning-rate schedule, the number of steps and the training
 noise on the state (``SCHEDULE_KEYS``) may change between invocations — a run continues its
 trajectory under the new schedule (say, a lower rate once the curriculum reaches the training
 length, or more steps), and the runner prints what changed. Serialisation is Flax's msgpack
@@ -24,6 +25,7 @@ FORMAT = 1
 # Settings that do not change what a run computes (how long this invocation may take, how
 # often it logs or saves, which seeds the command line asked for).
 _NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds", "first_seed"}
+_HASHED_BACKEND = "scan"
 _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
 # The learning-rate schedule, the run's length and the training noise: a run may be continued
 # under new values.
@@ -65,7 +67,12 @@ def fingerprint(model_config, train_config, task_config, seed, *, with_schedule=
     skip = _NOT_FINGERPRINTED | (set() if with_schedule else set(SCHEDULE_KEYS))
     train = {k: v for k, v in dataclasses.asdict(train_config).items() if k not in skip}
     task = {k: v for k, v in dataclasses.asdict(task_config).items() if k not in _EVAL_ONLY}
-    text = json.dumps({"model": dataclasses.asdict(model_config), "train": train, "task": task,
+    model = dataclasses.asdict(model_config)
+    # The recurrence's backend computes the same function (to rounding): a run may move between
+    # backends, e.g. from the scan to the GPU kernels. It is hashed as "scan", the value of
+    # every run before this rule, so their files still match.
+    model["m2rnn"] = {**model["m2rnn"], "backend": _HASHED_BACKEND}
+    text = json.dumps({"model": model, "train": train, "task": task,
                        "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
