@@ -41,8 +41,9 @@ train() {
 }
 
 collect() {
-  # COLLECT_SEEDS: the seeds whose checkpoints come back (13.9 MB each; 64 MiB per call).
-  for seed in ${COLLECT_SEEDS:-0 1 2}; do
+  # COLLECT_SEEDS (default SEEDS): the seeds whose checkpoints come back (13.9 MB each; at
+  # most 64 MiB per call, so four).
+  for seed in ${COLLECT_SEEDS:-${SEEDS:-0 1 2}}; do
     cp $RUNS/seed$seed/checkpoints/m2rnn_seed$seed.msgpack "$OUT/" 2>/dev/null
     echo "== seed $seed"
     grep -E "resumed|-> length" $RUNS/seed$seed/log.txt | tail -n 4
