@@ -23,8 +23,9 @@ from flax import serialization
 
 FORMAT = 1
 # Settings that do not change what a run computes (how long this invocation may take, how
-# often it logs or saves, which seeds the command line asked for).
-_NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds", "first_seed"}
+# often it logs or saves, which seeds the command line asked for and how many share a step).
+_NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds", "first_seed",
+                      "seeds_per_step"}
 _HASHED_BACKEND = "scan"
 _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
 # The learning-rate schedule, the run's length and the training noise: a run may be continued

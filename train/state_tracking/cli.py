@@ -48,6 +48,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, help="optimizer steps per run (train.steps)")
     p.add_argument("--seeds", type=int, help="seeds per model (train.seeds)")
     p.add_argument("--first-seed", type=int, help="first seed (train.first_seed)")
+    p.add_argument("--seeds-per-step", type=int,
+                   help="seeds of a model trained together in one vmapped step "
+                        "(train.seeds_per_step; faster on a GPU)")
     p.add_argument("--batch-size", type=int, help="train.batch_size")
     p.add_argument("--lr", type=float, help="peak learning rate (train.learning_rate)")
     p.add_argument("--time-budget-s", type=float,
@@ -70,7 +73,7 @@ def load_config(args):
         path = by_group if by_group.exists() else CONFIG_DIR / "s5.yaml"
     config = load_yaml(ExperimentConfig, path)
     flags = {"task.group": args.group, "train.steps": args.steps, "train.seeds": args.seeds,
-             "train.first_seed": args.first_seed,
+             "train.first_seed": args.first_seed, "train.seeds_per_step": args.seeds_per_step,
              "task.train_length": args.train_len, "train.batch_size": args.batch_size,
              "train.learning_rate": args.lr, "train.time_budget_s": args.time_budget_s,
              "out_dir": args.out,
@@ -115,25 +118,32 @@ def main(argv=None):
         runner = ModelRunner(name, config.model_config(name, group.order), train)
         print(f"{name}: {runner.num_params:,} parameters, layer pattern "
               f"{runner.model_config.layer_pattern}", flush=True)
-        for seed in range(train.first_seed, train.first_seed + train.seeds):
+        seeds = list(range(train.first_seed, train.first_seed + train.seeds))
+        for first in range(0, len(seeds), train.seeds_per_step):
+            group_seeds = seeds[first:first + train.seeds_per_step]  # trained in one step
             deadline = None
             if train.time_budget_s is not None:  # cumulative shares: unused time rolls over
-                deadline = start + train.time_budget_s * (len(results) + 1) / total_runs
-            ckpt = None
+                deadline = start + train.time_budget_s * (
+                    len(results) + len(group_seeds)) / total_runs
+            ckpts = [None] * len(group_seeds)
             if train.checkpoint_every_s is not None:
-                ckpt = checkpoint.path_for(os.path.join(config.out_dir, "checkpoints"), name, seed)
-                if args.restart and os.path.exists(ckpt):
-                    os.remove(ckpt)
-            result = runner.run(seed, group, task, deadline, progress=not args.no_progress,
-                                checkpoint_path=ckpt)
-            results.append(result)
-            accs = ", ".join(f"L={e['length']}: {100 * e['position_accuracy']:.1f}%"
-                             for e in result.evals)
-            taken = result.steps - result.resumed_from_step  # in this call
-            print(f"  seed {seed}: {result.steps} steps, compile {result.compile_s:.1f}s, train "
-                  f"{result.train_s:.1f}s ({taken / max(result.train_s, 1e-9):.0f} "
-                  f"steps/s), eval {result.eval_s:.1f}s, loss {result.final_loss:.3f}; "
-                  f"per-position accuracy {accs}", flush=True)
+                ckpts = [checkpoint.path_for(os.path.join(config.out_dir, "checkpoints"), name,
+                                             seed) for seed in group_seeds]
+                for ckpt in ckpts:
+                    if args.restart and os.path.exists(ckpt):
+                        os.remove(ckpt)
+            for result in runner.run_seeds(group_seeds, group, task, deadline,
+                                           progress=not args.no_progress,
+                                           checkpoint_paths=ckpts):
+                results.append(result)
+                accs = ", ".join(f"L={e['length']}: {100 * e['position_accuracy']:.1f}%"
+                                 for e in result.evals)
+                taken = result.steps - result.resumed_from_step  # in this call
+                print(f"  seed {result.seed}: {result.steps} steps, compile "
+                      f"{result.compile_s:.1f}s, train {result.train_s:.1f}s "
+                      f"({taken / max(result.train_s, 1e-9):.0f} steps/s), eval "
+                      f"{result.eval_s:.1f}s, loss {result.final_loss:.3f}; per-position "
+                      f"accuracy {accs}", flush=True)
     config_dict = dataclasses.asdict(config)
     config_dict["group_order"] = group.order
     paths, rows = write_all(config.out_dir, results, group.name, task.train_length, config_dict)

@@ -90,6 +90,10 @@ class TrainConfig:
     length_decay_ratio: float = 0.01
     seeds: int = 3  # seeds first_seed .. first_seed+seeds-1 per model (init and training words)
     first_seed: int = 0  # lets parallel processes each take other seeds of one experiment
+    # Seeds of a model trained together, as one step vmapped over them (ModelRunner.run_seeds):
+    # on a GPU these small steps are bound by kernel launches, so K seeds cost little more
+    # than one. Each seed's run is the same as alone, up to rounding.
+    seeds_per_step: int = 1
     time_budget_s: float | None = None  # wall-clock for all runs; split evenly, stops early
     log_every: int = 50  # steps between progress-bar updates of loss/accuracy
     # Seconds between saves of a run's state to out_dir/checkpoints/ (and one when it stops);
@@ -97,7 +101,7 @@ class TrainConfig:
     checkpoint_every_s: float | None = 60.0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seeds", "log_every"):
+        for name in ("steps", "batch_size", "seeds", "seeds_per_step", "log_every"):
             _positive(getattr(self, name), f"train.{name}")
         if not self.learning_rate > 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")

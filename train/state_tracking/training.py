@@ -74,7 +74,8 @@ class ModelRunner:
                                  weight_decay=train_config.weight_decay,
                                  mask=nnx.to_pure_dict(decay_mask(abstract_params))))
         self.optimizer = optax.chain(*parts)
-        self._train_step = jax.jit(self._step, donate_argnums=(0, 1))
+        # Over a leading seed axis (``run_seeds``): every argument and result is per seed.
+        self._train_step = jax.jit(jax.vmap(self._step), donate_argnums=(0, 1))
         self._eval_step = jax.jit(self._correct)
 
     def _logits(self, params, tokens, state_noise=None):
@@ -115,22 +116,109 @@ class ModelRunner:
         """Trains from seed ``seed`` and evaluates; stops training early past ``deadline``
         (a ``time.perf_counter()`` value). With ``checkpoint_path``, resumes from that file if
         it exists and saves to it every ``train.checkpoint_every_s`` seconds and at the end."""
+        return self.run_seeds([seed], group, task_config, deadline, progress,
+                              [checkpoint_path])[0]
+
+    def run_seeds(self, seeds, group, task_config, deadline=None, progress=True,
+                  checkpoint_paths=None) -> list:
+        """``run`` for several seeds at once: their steps are one vmapped step over a leading
+        seed axis (on a GPU, where these small steps are bound by kernel launches, K seeds
+        cost little more than one). Each seed keeps its own data, curriculum, schedule and
+        checkpoint file, as in ``run``; a step runs at the widest of the seeds' curriculum
+        widths, and the positions past a seed's own width are unscored (the models are
+        causal), so each seed's trajectory is its ``run``'s up to rounding (state noise, when
+        on, is drawn for the wider shape). A seed that reaches ``train.steps`` leaves the
+        group. Returns one ``RunResult`` per seed, in order."""
+        cfg = self.train_config
+        paths = checkpoint_paths or [None] * len(seeds)
+        runs = [self._start_seed(seed, task_config, path) for seed, path in zip(seeds, paths)]
+        gated = task_config.curriculum_accuracy is not None
+        label = f"{self.name} seed{'s' if len(seeds) > 1 else ''} " + ",".join(map(str, seeds))
+        bar = tqdm(total=cfg.steps * len(runs), initial=sum(r.steps for r in runs), desc=label,
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        compile_s = 0.0
+        start = last_save = time.perf_counter()
+        active = [r for r in runs if r.steps < cfg.steps]
+        if active:
+            params, opt_state, noise_roots = _stack_runs(active)
+        first_tick, stopped = True, False
+        while active and not stopped:
+            batches = [self._next_batch(r, group, task_config, gated) for r in active]
+            width = max(b[0] for b in batches)
+            tokens, targets, mask = (np.stack([b[1][i][:, :width] for b in batches])
+                                     for i in range(3))
+            steps = np.array([r.steps for r in active], np.int32)
+            lr_factors = np.array([length_decay_factor(cfg, r.steps, r.reached_step)
+                                   for r in active], np.float32)
+            params, opt_state, loss_t, accuracy_t = self._train_step(
+                params, opt_state, tokens, targets, mask, noise_roots, steps, lr_factors)
+            for r in active:
+                r.steps += 1
+                r.trained_length = r.scored
+                r.taken += 1
+            if first_tick:
+                loss_t.block_until_ready()
+                compile_s = time.perf_counter() - start
+                first_tick = False
+            logging = [i for i, r in enumerate(active)
+                       if r.steps % cfg.log_every == 0 or r.steps == cfg.steps]
+            if logging:
+                losses, accuracies = np.asarray(loss_t), np.asarray(accuracy_t)  # waits
+                for i in logging:
+                    self._log(active[i], float(losses[i]), float(accuracies[i]), task_config,
+                              gated, start, progress, bar)
+                bar.update(sum(r.steps for r in runs) - bar.n)
+                now = time.perf_counter()
+                finished = [i for i, r in enumerate(active) if r.steps == cfg.steps]
+                save_due = cfg.checkpoint_every_s is not None and \
+                    now - last_save > cfg.checkpoint_every_s
+                stopped = deadline is not None and now > deadline
+                if finished or save_due or stopped:
+                    for i, r in enumerate(active):
+                        r.params, r.opt_state = _unstack(params, i), _unstack(opt_state, i)
+                        r.loss, r.accuracy = float(losses[i]), float(accuracies[i])
+                        if save_due or stopped or i in finished:
+                            r.save()
+                    last_save = now if save_due else last_save
+                if finished:
+                    active = [r for r in active if r.steps < cfg.steps]
+                    if active and not stopped:  # the rest go on as a smaller group
+                        params, opt_state, noise_roots = _stack_runs(active)
+        bar.close()
+        train_s = time.perf_counter() - start - compile_s
+        results = []
+        for r in runs:
+            eval_start = time.perf_counter()
+            evals = [self.evaluate(r.params, group, task_config, length)
+                     for length in task_config.eval_lengths]
+            results.append(RunResult(
+                model=self.name, seed=r.seed, num_params=self.num_params, steps=r.steps,
+                compile_s=compile_s if r.taken else 0.0, train_s=train_s if r.taken else 0.0,
+                eval_s=time.perf_counter() - eval_start, final_loss=r.loss,
+                final_train_accuracy=r.accuracy, resumed_from_step=r.first_step,
+                final_scored_length=task_config.train_length
+                if r.trained_length is None else r.trained_length, evals=evals))
+        return results
+
+    def _start_seed(self, seed, task_config, checkpoint_path):
+        """A seed's run state: fresh, or resumed from its checkpoint file."""
         cfg = self.train_config
         params = self.init_params(seed)
         opt_state = self.optimizer.init(params)
-        rng = np.random.default_rng([seed, 0x5EED])
-        noise_root = jax.random.key(seed)  # the state noise's key (folded with the step)
         gated = task_config.curriculum_accuracy is not None
-        scored = task_config.curriculum_start_length if gated else None
-        loss, accuracy, first_step, reached_step = float("nan"), float("nan"), 0, None
         prints = checkpoint.fingerprints(self.model_config, cfg, task_config, seed)
+        run = _SeedRun(seed=seed, params=params, opt_state=opt_state,
+                       rng=np.random.default_rng([seed, 0x5EED]),
+                       scored=task_config.curriculum_start_length if gated else None,
+                       checkpoint_path=checkpoint_path, prints=prints)
         if checkpoint_path is not None and os.path.exists(checkpoint_path):
             saved = checkpoint.load(checkpoint_path, params, opt_state, prints)
-            params, opt_state, first_step, scored = (saved.params, saved.opt_state, saved.step,
-                                                     saved.scored)
-            loss, accuracy, reached_step = saved.loss, saved.accuracy, saved.reached_step
-            rng.bit_generator.state = saved.rng_state
-            tqdm.write(f"{self.name} seed {seed}: resumed at step {first_step} from "
+            run.params, run.opt_state, run.first_step, run.scored = (
+                saved.params, saved.opt_state, saved.step, saved.scored)
+            run.loss, run.accuracy, run.reached_step = saved.loss, saved.accuracy, \
+                saved.reached_step
+            run.rng.bit_generator.state = saved.rng_state
+            tqdm.write(f"{self.name} seed {seed}: resumed at step {run.first_step} from "
                        f"{checkpoint_path}")
             # Keys missing from older files held their defaults then.
             defaults = type(cfg)()
@@ -140,82 +228,49 @@ class ModelRunner:
             if changed:
                 tqdm.write(f"{self.name} seed {seed}: continues under a new schedule: " + ", ".join(
                     f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+        run.steps = run.first_step
+        run.trained_length = run.scored
+        return run
 
-        def save_checkpoint():
-            if checkpoint_path is not None:
-                checkpoint.save(checkpoint_path, checkpoint.RunState(
-                    params, opt_state, steps, scored, rng.bit_generator.state, loss, accuracy,
-                    reached_step=reached_step), prints)
-
-        bar = tqdm(total=cfg.steps, initial=first_step, desc=f"{self.name} seed {seed}",
-                   disable=not progress, leave=False, dynamic_ncols=True)
-        compile_s, steps = 0.0, first_step
-        start = last_save = time.perf_counter()
-        loss_t = accuracy_t = None
-        trained_length = scored  # the scored length of the last step taken (None: all)
-        for step in range(first_step, cfg.steps):
-            if not gated:
-                scored = curriculum_length(step, task_config.curriculum_start_length,
+    def _next_batch(self, run, group, task_config, gated):
+        """The seed's next training words: ``(width, (tokens, targets, mask))``."""
+        cfg = self.train_config
+        if not gated:
+            run.scored = curriculum_length(run.steps, task_config.curriculum_start_length,
                                            task_config.train_length, task_config.curriculum_steps)
-            if reached_step is None and (scored is None or scored >= task_config.train_length):
-                # (Files of older versions resumed at the training length: from here.)
-                reached_step = step
-                if cfg.length_decay_steps:
-                    tqdm.write(f"{self.name} seed {seed}: step {step}: scored length at the "
-                               f"training length; the learning rate falls by "
-                               f"{cfg.length_decay_ratio}x over {cfg.length_decay_steps} steps")
-            batch = sample_word_problems(group, rng, cfg.batch_size, task_config.train_length,
-                                         task_config.length_sampling, scored)
-            # Causal models: positions past the scored ones change nothing, so a curriculum
-            # step runs on the shortest power-of-two prefix (a few compilations, much less work).
-            width = task_config.train_length if scored is None else min(
-                task_config.train_length, 1 << (scored - 1).bit_length())
-            params, opt_state, loss_t, accuracy_t = self._train_step(
-                params, opt_state, batch.tokens[:, :width], batch.targets[:, :width],
-                batch.mask[:, :width], noise_root, np.int32(step),
-                np.float32(length_decay_factor(cfg, step, reached_step)))
-            steps, trained_length = step + 1, scored
-            if step == first_step:
-                loss_t.block_until_ready()
-                compile_s = time.perf_counter() - start
-            if steps % cfg.log_every == 0 or steps == cfg.steps:
-                loss, accuracy = float(loss_t), float(accuracy_t)  # waits for the step
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", len=scored,
-                                refresh=False)
-                if not progress:  # headless runs (logs, sweeps) still show how training goes
-                    print(f"{self.name} seed {seed}: step {steps}, loss {loss:.3f}, training "
-                          f"accuracy {accuracy:.3f}, scored length "
-                          f"{task_config.train_length if scored is None else scored}, "
-                          f"{time.perf_counter() - start:.0f}s", flush=True)
-                if gated:
-                    grown = gated_curriculum_length(scored, accuracy,
-                                                    task_config.curriculum_accuracy,
-                                                    task_config.train_length)
-                    if grown != scored:
-                        tqdm.write(f"{self.name} seed {seed}: step {steps}, training accuracy "
-                                   f"{accuracy:.3f} at length {scored} -> length {grown}")
-                    scored = grown
-                bar.update(steps - bar.n)
-                now = time.perf_counter()
-                if cfg.checkpoint_every_s is not None and now - last_save > cfg.checkpoint_every_s:
-                    save_checkpoint()
-                    last_save = now
-                if deadline is not None and now > deadline:
-                    break
-        if loss_t is not None:  # trained in this call (not only resumed a finished run)
-            loss, accuracy = float(loss_t), float(accuracy_t)
-            save_checkpoint()
-        bar.close()
-        train_s = time.perf_counter() - start - compile_s
-        eval_start = time.perf_counter()
-        evals = [self.evaluate(params, group, task_config, length)
-                 for length in task_config.eval_lengths]
-        return RunResult(model=self.name, seed=seed, num_params=self.num_params, steps=steps,
-                         compile_s=compile_s, train_s=train_s,
-                         eval_s=time.perf_counter() - eval_start, final_loss=loss,
-                         final_train_accuracy=accuracy, resumed_from_step=first_step,
-                         final_scored_length=task_config.train_length
-                         if trained_length is None else trained_length, evals=evals)
+        if run.reached_step is None and (run.scored is None
+                                         or run.scored >= task_config.train_length):
+            # (Files of older versions resumed at the training length: from here.)
+            run.reached_step = run.steps
+            if cfg.length_decay_steps:
+                tqdm.write(f"{self.name} seed {run.seed}: step {run.steps}: scored length at "
+                           f"the training length; the learning rate falls by "
+                           f"{cfg.length_decay_ratio}x over {cfg.length_decay_steps} steps")
+        batch = sample_word_problems(group, run.rng, cfg.batch_size, task_config.train_length,
+                                     task_config.length_sampling, run.scored)
+        # Causal models: positions past the scored ones change nothing, so a curriculum step
+        # runs on the shortest power-of-two prefix (a few compilations, much less work).
+        width = task_config.train_length if run.scored is None else min(
+            task_config.train_length, 1 << (run.scored - 1).bit_length())
+        return width, (batch.tokens, batch.targets, batch.mask)
+
+    def _log(self, run, loss, accuracy, task_config, gated, start, progress, bar):
+        run.loss, run.accuracy = loss, accuracy
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", len=run.scored,
+                        refresh=False)
+        if not progress:  # headless runs (logs, sweeps) still show how training goes
+            print(f"{self.name} seed {run.seed}: step {run.steps}, loss {loss:.3f}, training "
+                  f"accuracy {accuracy:.3f}, scored length "
+                  f"{task_config.train_length if run.scored is None else run.scored}, "
+                  f"{time.perf_counter() - start:.0f}s", flush=True)
+        if gated:
+            grown = gated_curriculum_length(run.scored, accuracy,
+                                            task_config.curriculum_accuracy,
+                                            task_config.train_length)
+            if grown != run.scored:
+                tqdm.write(f"{self.name} seed {run.seed}: step {run.steps}, training accuracy "
+                           f"{accuracy:.3f} at length {run.scored} -> length {grown}")
+            run.scored = grown
 
     def evaluate(self, params, group, task_config, length):
         words = eval_word_problems(group, task_config.eval_seed, task_config.eval_sequences,
@@ -229,3 +284,45 @@ class ModelRunner:
         n = task_config.eval_sequences
         return {"length": length, "position_accuracy": correct_positions / (n * length),
                 "sequence_accuracy": all_correct / n}
+
+
+@dataclasses.dataclass
+class _SeedRun:
+    """One seed's state in ``ModelRunner.run_seeds`` (its parameters while it is not stacked
+    with the others)."""
+    seed: int
+    params: dict
+    opt_state: object
+    rng: np.random.Generator  # the training words
+    scored: int | None  # the curriculum's scored length (None: all positions)
+    checkpoint_path: str | None
+    prints: checkpoint.Fingerprints
+    first_step: int = 0
+    steps: int = 0  # optimizer steps taken so far (resumed ones included)
+    taken: int = 0  # in this call
+    reached_step: int | None = None
+    trained_length: int | None = None  # the scored length of the last step taken
+    loss: float = float("nan")
+    accuracy: float = float("nan")
+
+    def save(self):
+        if self.checkpoint_path is not None and self.taken:  # (nothing new otherwise)
+            checkpoint.save(self.checkpoint_path, checkpoint.RunState(
+                self.params, self.opt_state, self.steps, self.scored,
+                self.rng.bit_generator.state, self.loss, self.accuracy,
+                reached_step=self.reached_step), self.prints)
+
+
+def _stack_runs(runs):
+    """The runs' parameters, optimizer states and state-noise keys along a leading seed axis."""
+    def stack(trees):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+    seeds = np.array([r.seed for r in runs], np.uint32)
+    return (stack([r.params for r in runs]), stack([r.opt_state for r in runs]),
+            jax.vmap(jax.random.key)(seeds))
+
+
+def _unstack(tree, index):
+    return jax.tree.map(lambda x: x[index], tree)
+
