@@ -20,6 +20,10 @@
 # hand: give them `--set train.length_decay_steps=0` with their own --lr, or the decay starts
 # from the step they resume at). The last lines printed are each seed's latest progress line
 # and evaluation.
+# GROUP_SEEDS (consecutive, e.g. "3 4 5") also trains those seeds together in one process
+# (--seeds-per-step: one vmapped step for all) on GPU ${GROUP_GPU:-0}, in $RUNS/group (its own
+# checkpoints, log and results; EXTRA_ARGS_GROUP are its extra flags); their checkpoints come
+# back as group_m2rnn_seed<k>.msgpack. Mind the 64 MiB a call brings back: four checkpoints.
 # CPU smoke test (tiny evaluation; RUNS_DIR keeps it away from real runs):
 #   RUNS_DIR=/tmp/s5l PATH=.venv/bin:$PATH EXTRA_ARGS="--eval-lens 8 --set task.eval_sequences=8" \
 #     OUT=/tmp/o bash benchmarks/gpu_s5_long.sh run 20
@@ -37,6 +41,16 @@ train() {
       --seeds 1 --first-seed $seed --time-budget-s "$BUDGET" --no-progress \
       --out $RUNS/seed$seed ${EXTRA_ARGS:-} ${!seed_args:-} >> $RUNS/seed$seed/log.txt 2>&1 &
   done
+  if [ -n "${GROUP_SEEDS:-}" ]; then
+    # Consecutive seeds trained together in one process (train.seeds_per_step), in $RUNS/group.
+    read -r -a group <<< "$GROUP_SEEDS"
+    mkdir -p $RUNS/group
+    CUDA_VISIBLE_DEVICES=${GROUP_GPU:-0} timeout $((BUDGET + 120)) python3 -m \
+      train.state_tracking.cli --config configs/state_tracking/s5_long.yaml --models m2rnn \
+      --seeds ${#group[@]} --first-seed ${group[0]} --seeds-per-step ${#group[@]} \
+      --time-budget-s "$BUDGET" --no-progress --out $RUNS/group ${EXTRA_ARGS:-} \
+      ${EXTRA_ARGS_GROUP:-} >> $RUNS/group/log.txt 2>&1 &
+  fi
   wait
 }
 
@@ -50,8 +64,14 @@ collect() {
     grep -E "^m2rnn seed .*: step" $RUNS/seed$seed/log.txt | tail -n 1
     grep -E "^  seed " $RUNS/seed$seed/log.txt | tail -n 1
   done
+  if [ -d $RUNS/group ]; then
+    for f in $RUNS/group/checkpoints/*.msgpack; do cp "$f" "$OUT/group_$(basename "$f")"; done
+    echo "== group"
+    grep -E "^m2rnn seed .*: step" $RUNS/group/log.txt | tail -n 3
+    grep -E "^  seed " $RUNS/group/log.txt | tail -n 3
+  fi
   (cd $RUNS && tar czf "$OUT/s5_long_results.tgz" seed*/log.txt seed*/results.* \
-    seed*/accuracy_vs_length.png 2>/dev/null)
+    seed*/accuracy_vs_length.png group/log.txt group/results.* 2>/dev/null)
   ls -la "$OUT"
 }
 
@@ -65,6 +85,11 @@ case "${1:-}" in
       [ -f "$FILES/m2rnn_seed$seed.msgpack" ] || continue
       mkdir -p $RUNS/seed$seed/checkpoints
       cp "$FILES/m2rnn_seed$seed.msgpack" $RUNS/seed$seed/checkpoints/
+    done
+    for f in "$FILES"/group_*.msgpack; do
+      [ -f "$f" ] || continue
+      mkdir -p $RUNS/group/checkpoints
+      cp "$f" "$RUNS/group/checkpoints/$(basename "$f" | sed 's/^group_//')"
     done
     [ -f "$FILES/s5_long_results.tgz" ] && tar xzf "$FILES/s5_long_results.tgz" -C $RUNS
     ls -la $RUNS/seed*/checkpoints

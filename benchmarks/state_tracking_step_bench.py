@@ -8,7 +8,10 @@ back to back, one wait at the end; the median over ``--reps`` such blocks after 
 
     PYTHONPATH=. python3 benchmarks/state_tracking_step_bench.py \
         --config configs/state_tracking/s5_long.yaml --model m2rnn --widths 8,64 \
-        --variants scan,unroll_auto,command_buffer_while
+        --variants scan,unroll_auto,command_buffer_while [--seeds-per-step K]
+
+``--seeds-per-step K`` times the step as ``run_seeds`` runs it for K seeds (vmapped over them);
+the table's seed-steps/s is K steps per step.
 """
 
 import argparse
@@ -43,6 +46,8 @@ def parse_args(argv):
     p.add_argument("--widths", default="8,64", help="comma-separated step widths (lengths)")
     p.add_argument("--variants", default="scan,unroll_auto,command_buffer_while",
                    help=f"comma-separated names from {sorted(VARIANTS)}")
+    p.add_argument("--seeds-per-step", type=int, default=1,
+                   help="seeds in one vmapped step (train.seeds_per_step)")
     p.add_argument("--steps", type=int, default=50, help="steps per timed block")
     p.add_argument("--reps", type=int, default=5, help="timed blocks (the median is reported)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # a variant's name: time it here
@@ -56,6 +61,7 @@ def parse_args(argv):
 def time_variant(args):
     """Runs in the child process: JSON lines {variant, width, ms_per_step, compile_s}."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from train.state_tracking.cli import build_group, load_config, parse_args as cli_args
@@ -70,17 +76,24 @@ def time_variant(args):
         dataclasses.replace(config.train, batch_size=args.batch_size)
     runner = ModelRunner(args.model, config.model_config(args.model, group.order), train)
     rng = np.random.default_rng(0)
+    k = args.seeds_per_step
+    stack = functools.partial(jax.tree.map, lambda *xs: jnp.stack(xs))
     for width in (int(w) for w in args.widths.split(",")):
-        params = runner.init_params(0)
-        opt_state = runner.optimizer.init(params)
-        batches = [sample_word_problems(group, rng, train.batch_size, width)
-                   for _ in range(4)]
+        # The runner's step is vmapped over a leading seed axis (run_seeds): K seeds.
+        params = stack(*[runner.init_params(seed) for seed in range(k)])
+        opt_state = stack(*[runner.optimizer.init(runner.init_params(seed))
+                            for seed in range(k)])
+        batches = []
+        for _ in range(4):
+            words = [sample_word_problems(group, rng, train.batch_size, width) for _ in range(k)]
+            batches.append([np.stack([getattr(w, name) for w in words])
+                            for name in ("tokens", "targets", "mask")])
         start = time.perf_counter()
-        step = functools.partial(runner._train_step, noise_root=jax.random.key(0),
-                                 step=np.int32(0), lr_factor=np.float32(1.0))
+        step = functools.partial(runner._train_step,
+                                 noise_root=jax.vmap(jax.random.key)(np.arange(k)),
+                                 step=np.zeros(k, np.int32), lr_factor=np.ones(k, np.float32))
         for i in range(3):  # compile, then warm up
-            b = batches[i % len(batches)]
-            params, opt_state, loss, _ = step(params, opt_state, b.tokens, b.targets, b.mask)
+            params, opt_state, loss, _ = step(params, opt_state, *batches[i % len(batches)])
             loss.block_until_ready()
             if i == 0:
                 compile_s = time.perf_counter() - start
@@ -88,11 +101,11 @@ def time_variant(args):
         for _ in range(args.reps):
             start = time.perf_counter()
             for i in range(args.steps):
-                b = batches[i % len(batches)]
-                params, opt_state, loss, _ = step(params, opt_state, b.tokens, b.targets, b.mask)
+                params, opt_state, loss, _ = step(params, opt_state, *batches[i % len(batches)])
             loss.block_until_ready()
             times.append((time.perf_counter() - start) / args.steps)
-        print(json.dumps({"variant": args.child, "width": width, "compile_s": compile_s,
+        print(json.dumps({"variant": args.child, "width": width, "seeds_per_step": k,
+                          "compile_s": compile_s,
                           "ms_per_step": 1e3 * float(np.median(times)),
                           "device": str(jax.devices()[0].device_kind)}), flush=True)
 
@@ -107,7 +120,8 @@ def main(argv=None):
         flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), VARIANTS[name][0]) if f)
         cmd = [sys.executable, __file__, "--child", name, "--config", args.config, "--model",
                args.model, "--widths", args.widths, "--steps", str(args.steps), "--reps",
-               str(args.reps)] + ([] if args.batch_size is None else
+               str(args.reps), "--seeds-per-step", str(args.seeds_per_step)] + (
+                   [] if args.batch_size is None else
                                   ["--batch-size", str(args.batch_size)])
         proc = subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": flags}, capture_output=True,
                               text=True)
@@ -117,10 +131,12 @@ def main(argv=None):
         for row in found:
             print(json.dumps(row), flush=True)
         rows += found
-    print(f"\n{'variant':<22} {'width':>5} {'ms/step':>8} {'steps/s':>8} {'compile s':>9}")
+    print(f"\n{'variant':<22} {'width':>5} {'seeds':>5} {'ms/step':>8} {'seed-steps/s':>12} "
+          f"{'compile s':>9}")
     for r in rows:
-        print(f"{r['variant']:<22} {r['width']:>5} {r['ms_per_step']:>8.2f} "
-              f"{1e3 / r['ms_per_step']:>8.0f} {r['compile_s']:>9.1f}")
+        k = r.get("seeds_per_step", 1)
+        print(f"{r['variant']:<22} {r['width']:>5} {k:>5} {r['ms_per_step']:>8.2f} "
+              f"{1e3 * k / r['ms_per_step']:>12.0f} {r['compile_s']:>9.1f}")
 
 
 if __name__ == "__main__":
