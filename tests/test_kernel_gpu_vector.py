@@ -100,8 +100,8 @@ def test_errors_and_dispatch(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernels_lower_to_triton_for_an_h200(monkeypatch, dtype):
-    """The kernels as the GPU compiles them (not the interpreter): forward and backward lower to
-    Triton custom calls for an H200 on this CPU machine, so an op the Triton lowering lacks
+    """The kernels as the GPU compiles them (not the interpreter): forward and backward (and
+    the forward vmapped) lower to Triton custom calls for an H200 on this CPU machine, so an op the Triton lowering lacks
     fails here rather than in device time. (Pallas asks the local GPU for its compute
     capability; there is none here, so the H200's is supplied through that private hook.)"""
     import functools
@@ -123,7 +123,12 @@ def test_kernels_lower_to_triton_for_an_h200(monkeypatch, dtype):
     forward = jax.jit(functools.partial(gpu_vector.forward, chunk_size=chunk))
     backward = jax.jit(functools.partial(gpu_vector.backward, chunk_size=chunk,
                                          gradient_clipping=1.0))
+    # Vmapped over a leading axis too (state tracking trains seeds together that way).
+    seeds = jax.jit(jax.vmap(functools.partial(gpu_vector.forward, chunk_size=chunk),
+                             in_axes=(0, 0, 0, 0, 0, 0, None)))
+    two = [spec((2,) + x.shape, x.dtype) for x in (qk, qk, v, w, f, h0)]
     for fn, args in ((forward, (qk, qk, v, w, f, h0, keep)),
-                     (backward, (qk, qk, v, w, f, h0, keep, checkpoints, v, h0))):
+                     (backward, (qk, qk, v, w, f, h0, keep, checkpoints, v, h0)),
+                     (seeds, (*two, None))):
         text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1
