@@ -91,12 +91,14 @@ def chunk_quantum(config=None):
     return math.lcm(config.unroll, config.subchunk)
 
 
-def choose_chunk_size(seq_len, requested):
-    quantum = chunk_quantum()
+def choose_chunk_size(seq_len, requested, *, quantum=None, backend="pallas_gpu"):
+    """The chunk for ``seq_len`` steps: ``requested`` (default 64) checked against the chunk
+    quantum (this module's default configuration's unless given), at most S rounded up."""
+    quantum = quantum or chunk_quantum()
     if requested is None:
         requested = DEFAULT_CHUNK_SIZE
     elif not isinstance(requested, int) or requested < 1 or requested % quantum:
-        raise ValueError(f"chunk_size for the pallas_gpu backend must be a positive multiple of "
+        raise ValueError(f"chunk_size for the {backend} backend must be a positive multiple of "
                          f"{quantum}, got {requested!r}")
     return min(requested, -(-seq_len // quantum) * quantum)
 

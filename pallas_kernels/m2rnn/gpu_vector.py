@@ -32,7 +32,6 @@ dots for bfloat16 inputs; the state is float32 whatever the input dtype.
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +40,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from m2rnn_jax.heads import sum_heads
+from pallas_kernels.m2rnn import gpu
 from pallas_kernels.m2rnn.gpu import (_TRANSPOSED_LHS, _dot, _interpret, _next_pow2,
                                       _pad_last)
 
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = gpu.DEFAULT_CHUNK_SIZE
 _F32 = jnp.float32
 _FLOAT32_DOTS = {"ieee": lax.Precision.HIGHEST, "split": "split",
                  "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
@@ -84,18 +84,12 @@ DEFAULT_CONFIG = VectorKernelConfig()
 
 def chunk_quantum(config=None):
     """Chunk sizes must be multiples of this (the forward unroll and the backward sub-chunk)."""
-    config = config or DEFAULT_CONFIG
-    return math.lcm(config.unroll, config.subchunk)
+    return gpu.chunk_quantum(config or DEFAULT_CONFIG)
 
 
 def choose_chunk_size(seq_len, requested):
-    quantum = chunk_quantum()
-    if requested is None:
-        requested = DEFAULT_CHUNK_SIZE
-    elif not isinstance(requested, int) or requested < 1 or requested % quantum:
-        raise ValueError(f"chunk_size for the pallas_gpu_vector backend must be a positive "
-                         f"multiple of {quantum}, got {requested!r}")
-    return min(requested, -(-seq_len // quantum) * quantum)
+    return gpu.choose_chunk_size(seq_len, requested, quantum=chunk_quantum(),
+                                 backend="pallas_gpu_vector")
 
 
 def supports(query, key, value, weight, forget_input):
@@ -323,13 +317,6 @@ def _backward_kernel(*refs, lay, chunk, subchunk, has_keep, precision, w_is_bf16
 # ----------------------------------------------------------------------------- backend interface
 
 
-def _check_chunk(seq_len, chunk_size, config):
-    quantum = chunk_quantum(config)
-    if chunk_size % quantum or seq_len % chunk_size:
-        raise ValueError(f"chunk_size must be a multiple of {quantum} dividing S = {seq_len}, "
-                         f"got {chunk_size}")
-
-
 def _inputs(q, k, v, w, f, keep, lay):
     inputs = [_time_major(q[..., 0], lay), _time_major(k[..., 0], lay), _time_major(v, lay),
               _time_major(f, lay), _weights(w, lay)]
@@ -349,7 +336,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
             config=None):
     config = config or DEFAULT_CONFIG
     lay = _plan(q, k, v, w, f, h0, config)
-    _check_chunk(lay.seq_len, chunk_size, config)
+    gpu._check_chunk(lay.seq_len, chunk_size, config)
     inputs, keep_rows = _inputs(q, k, v, w, f, keep, lay)
     inputs.append(_states_to_rows(h0, lay))
     if keep_rows is not None:
@@ -375,7 +362,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     del h0  # the checkpoints start with it
     config = config or DEFAULT_CONFIG
     lay = _plan(q, k, v, w, f, dh_final, config)
-    _check_chunk(lay.seq_len, chunk_size, config)
+    gpu._check_chunk(lay.seq_len, chunk_size, config)
     inputs, keep_rows = _inputs(q, k, v, w, f, keep, lay)
     if keep_rows is not None:
         inputs.append(keep_rows)
