@@ -37,6 +37,8 @@ CONFIGS = {
     "split": {"float32_dots": "split"},
     "tf32x3": {"float32_dots": "tf32x3"},
     "unroll2": {"unroll": 2},
+    "unroll4": {"unroll": 4},
+    "warps16": {"num_warps": 16, "backward_num_warps": 16},
 }
 
 
