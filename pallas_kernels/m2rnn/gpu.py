@@ -328,16 +328,11 @@ def _backward_kernel(*refs, lay, chunk, config, has_keep, precision, approx_tanh
     w_t = w.T
     b, p, g_idx, cols = step.b, step.p, step.group, step.cols
     sub = config.subchunk
-    subs_per_chunk = chunk // sub
     num_chunks = lay.seq_len // chunk
     key_slice = pl.ds(0, lay.key_pad)
 
     def clamp(x):
         return x if clip is None else jnp.clip(x, -clip, clip)
-
-    def barrier():
-        if not interpret:  # the interpreter runs a program's threads as one
-            pltriton.debug_barrier()
 
     replica = lax.rem(p, replicas)
 
@@ -381,35 +376,57 @@ def _backward_kernel(*refs, lay, chunk, config, has_keep, precision, approx_tanh
             dv_ref[b, t, cols] = jnp.sum(du * k[:, None], axis=0).astype(dv_ref.dtype)
         return g_later, dw
 
+    def store_scratch(s, h):
+        scratch_ref[b, p, s] = h
+
+    dw0 = jnp.zeros((lay.cols, lay.cols), _F32)
+    g, dw = walk_chunks_in_reverse(
+        step, (dh_final_ref[b, :, cols], dw0), num_chunks=num_chunks, chunk=chunk, subchunk=sub,
+        chunk_start=lambda c: ckpt_ref[b, c, :, cols], store_scratch=store_scratch,
+        load_scratch=lambda s: scratch_ref[b, p, s], walk_back_sub_chunk=backward_sub_chunk,
+        interpret=interpret)
+    dh0_ref[b, :, cols] = g
+    dw_ref[b, p] = dw
+
+
+def walk_chunks_in_reverse(step, carry, *, num_chunks, chunk, subchunk, chunk_start,
+                           store_scratch, load_scratch, walk_back_sub_chunk, interpret):
+    """The backward kernels' time loop (two-level recomputation), shared with ``gpu_vector``.
+
+    Chunks in reverse. For each, the state at the start of every sub-chunk is recomputed from
+    the chunk's checkpoint ``chunk_start(c)`` with ``step`` (``step.advance(h, step.load(t))``)
+    into this program's scratch (``store_scratch(s, h)``; it stays in L2); then, sub-chunk by
+    sub-chunk in reverse, ``walk_back_sub_chunk(t0, state at t0, carry) -> carry`` recomputes
+    its ``subchunk`` states into registers and walks them back. Returns the last carry."""
+    subs_per_chunk = chunk // subchunk
+
+    def barrier():
+        if not interpret:  # the interpreter runs a program's threads as one
+            pltriton.debug_barrier()
+
     def chunk_body(i, carry):
         c = num_chunks - 1 - i
         t_chunk = c * chunk
 
-        # Phase 1: the state at the start of every sub-chunk, into this program's scratch.
         def record(s, h):
-            scratch_ref[b, p, s] = h
-            for j in range(sub):
-                _, _, h = step.advance(h, step.load(t_chunk + s * sub + j))
+            store_scratch(s, h)
+            for j in range(subchunk):
+                _, _, h = step.advance(h, step.load(t_chunk + s * subchunk + j))
             return h
 
-        h = lax.fori_loop(0, subs_per_chunk - 1, record, ckpt_ref[b, c, :, cols])
-        scratch_ref[b, p, subs_per_chunk - 1] = h
-        # Other threads of the program read what this one wrote.
-        barrier()
+        h = lax.fori_loop(0, subs_per_chunk - 1, record, chunk_start(c))
+        store_scratch(subs_per_chunk - 1, h)
+        barrier()  # other threads of the program read what this one wrote
 
-        # Phase 2: sub-chunks in reverse, each recomputed into registers and walked back.
         def walk_back(i2, carry):
             s = subs_per_chunk - 1 - i2
-            return backward_sub_chunk(t_chunk + s * sub, scratch_ref[b, p, s], carry)
+            return walk_back_sub_chunk(t_chunk + s * subchunk, load_scratch(s), carry)
 
         carry = lax.fori_loop(0, subs_per_chunk, walk_back, carry)
         barrier()  # the next chunk overwrites the scratch
         return carry
 
-    dw0 = jnp.zeros((lay.cols, lay.cols), _F32)
-    g, dw = lax.fori_loop(0, num_chunks, chunk_body, (dh_final_ref[b, :, cols], dw0))
-    dh0_ref[b, :, cols] = g
-    dw_ref[b, p] = dw
+    return lax.fori_loop(0, num_chunks, chunk_body, carry)
 
 
 # ----------------------------------------------------------------------------- backend interface

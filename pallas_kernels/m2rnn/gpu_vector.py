@@ -250,14 +250,9 @@ def _backward_kernel(*refs, lay, chunk, subchunk, has_keep, precision, w_is_bf16
     step = _Step(lay, q_ref, k_ref, v_ref, f_ref, w_ref, keep_ref, precision, w_is_bf16)
     n, block, rows = step.head, step.block, step.rows
     w_t = step.w.T
-    subs_per_chunk = chunk // subchunk
 
     def clamp(x):
         return x if clip is None else jnp.clip(x, -clip, clip)
-
-    def barrier():
-        if not interpret:  # the interpreter runs a program's threads as one
-            pltriton.debug_barrier()
 
     def walk_back_sub_chunk(t0, h, carry):
         g_later, dw = carry
@@ -285,31 +280,15 @@ def _backward_kernel(*refs, lay, chunk, subchunk, has_keep, precision, w_is_bf16
                 g_later = g_later * keep[:, None]
         return g_later, dw
 
-    def chunk_body(i, carry):
-        c = lay.seq_len // chunk - 1 - i
-        t_chunk = c * chunk
-
-        # The state at the start of every sub-chunk, into this program's scratch.
-        def record(s, h):
-            scratch_ref[n, block, s] = h
-            for j in range(subchunk):
-                _, _, h = step.advance(h, step.load(t_chunk + s * subchunk + j))
-            return h
-
-        h = lax.fori_loop(0, subs_per_chunk - 1, record, ckpt_ref[n, c, rows, :])
-        scratch_ref[n, block, subs_per_chunk - 1] = h
-        barrier()  # other threads of the program read what this one wrote
-
-        def walk_back(i2, carry):
-            s = subs_per_chunk - 1 - i2
-            return walk_back_sub_chunk(t_chunk + s * subchunk, scratch_ref[n, block, s], carry)
-
-        carry = lax.fori_loop(0, subs_per_chunk, walk_back, carry)
-        barrier()  # the next chunk overwrites the scratch
-        return carry
+    def store_scratch(s, h):
+        scratch_ref[n, block, s] = h
 
     dw0 = jnp.zeros((lay.value_pad, lay.value_pad), _F32)
-    g, dw = lax.fori_loop(0, lay.seq_len // chunk, chunk_body, (dh_final_ref[n, rows, :], dw0))
+    g, dw = gpu.walk_chunks_in_reverse(
+        step, (dh_final_ref[n, rows, :], dw0), num_chunks=lay.seq_len // chunk, chunk=chunk,
+        subchunk=subchunk, chunk_start=lambda c: ckpt_ref[n, c, rows, :],
+        store_scratch=store_scratch, load_scratch=lambda s: scratch_ref[n, block, s],
+        walk_back_sub_chunk=walk_back_sub_chunk, interpret=interpret)
     dh0_ref[n, rows, :] = g
     dw_ref[n, block] = dw
 
