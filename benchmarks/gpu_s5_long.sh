@@ -33,7 +33,7 @@ train() {
   BUDGET=${1:-480}
   export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.4}
   read -r -a gpus <<< "${GPUS:-0 1}"
-  for seed in ${SEEDS:-0 1 2}; do
+  for seed in ${SEEDS-0 1 2}; do
     mkdir -p $RUNS/seed$seed
     seed_args=EXTRA_ARGS_SEED$seed
     CUDA_VISIBLE_DEVICES=${gpus[$((seed % ${#gpus[@]}))]} timeout $((BUDGET + 120)) python3 -m \

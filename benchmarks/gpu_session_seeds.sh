@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call (kind nvidia-h200-x2, carry ["runs/s5_long/seed0", "runs/s5_long/group"]): the
+# long S5 runs go on, seed 0 alone on GPU 1 and GROUP_SEEDS trained together on GPU 0, after the
+# state-tracking step bench (seeds trained together) and KERNEL_CMD (if any) ran on GPU 0.
+#
+#   device: OUT=$OUT bash benchmarks/gpu_session_seeds.sh [BUDGET_S, default 420]
+#
+# GPU 1: seed 0 (SEED0_ARGS: its hand-run schedule, a constant 1e-5 by default).
+# GPU 0: benchmarks/state_tracking_step_bench.py for BENCH_SEEDS_PER_STEP (default "1 3"; 0 skips
+# it), then KERNEL_CMD (e.g. "python3 benchmarks/mosaic_check.py ..."; output in
+# $OUT/kernels.txt, KERNEL_TIMEOUT_S default 240), then GROUP_SEEDS (default "3 4 5",
+# s5_long.yaml as it is) for what is left of BUDGET_S.
+# Checkpoints, logs and results come back in $OUT (gpu_s5_long.sh collect).
+set -u
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+BUDGET=${1:-420}
+start=$(date +%s)
+SEED0_ARGS=${SEED0_ARGS:---lr 1e-5 --set train.min_lr_ratio=1.0 --set train.steps=400000 \
+--set train.length_decay_steps=0}
+EXTRA_ARGS_SEED0="$SEED0_ARGS" SEEDS=0 GPUS=1 MEM_FRACTION=0.45 \
+  bash benchmarks/gpu_s5_long.sh train "$BUDGET" &
+: > "$OUT/step_bench.txt"
+for k in ${BENCH_SEEDS_PER_STEP:-1 3}; do
+  [ "$k" -gt 0 ] || continue
+  CUDA_VISIBLE_DEVICES=0 timeout 100 python3 benchmarks/state_tracking_step_bench.py \
+    --widths "${BENCH_WIDTHS:-4,64}" --variants pallas_gpu_vector --seeds-per-step "$k" \
+    --steps 30 --reps 3 >> "$OUT/step_bench.txt" 2>&1
+done
+if [ -n "${KERNEL_CMD:-}" ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout "${KERNEL_TIMEOUT_S:-240}" bash -c "$KERNEL_CMD" \
+    > "$OUT/kernels.txt" 2>&1
+  echo "kernel command exit $?"
+fi
+left=$((BUDGET - $(date +%s) + start))
+echo "step bench done; GPU 0 trains seeds ${GROUP_SEEDS:-3 4 5} together for ${left}s"
+if [ "$left" -gt 60 ]; then
+  SEEDS="" GROUP_SEEDS="${GROUP_SEEDS:-3 4 5}" GROUP_GPU=0 MEM_FRACTION=0.45 \
+    bash benchmarks/gpu_s5_long.sh train "$left"
+fi
+wait
+SEEDS=0 bash benchmarks/gpu_s5_long.sh collect
+grep -E "^(pallas|scan|variant)" "$OUT/step_bench.txt"
+[ -f "$OUT/kernels.txt" ] && grep -E "^(correctness|device|shape|[0-9]+x)" "$OUT/kernels.txt" \
+  | tail -n 30
