@@ -88,6 +88,9 @@ FWD_OPTION_CASES = {
     # One float16 wgmma for H W and tanh on float16 pairs, resets, checkpoints.
     "f16_state_tanh_keep": ((1, 1, 2, 2, 2), 64, 32, True, True,
                             {"f16_state": True, "f16_tanh": True}),
+    # H W by warp-level mma.sync (interpret mode: the same products as a dot; W's fragment
+    # input and its SMEM copy run).
+    "mma_sync_keep": ((1, 1, 2, 2, 2), 64, 32, True, True, {"state_product": "mma_sync"}),
 }
 
 
@@ -114,7 +117,10 @@ def test_forward_option_errors():
                        ({"f16_state": True, "state_split": 2}, "f16_state"),
                        ({"f16_tanh": True, "approx_tanh": False}, "f16_tanh"),
                        ({"y_reduction": "tree"}, "y_reduction"),
-                       ({"hi_lo_split": "round"}, "hi_lo_split")):
+                       ({"hi_lo_split": "round"}, "hi_lo_split"),
+                       ({"state_product": "dot"}, "state_product"),
+                       ({"state_product": "mma_sync", "hi_lo_split": "cvt"}, "split by bits"),
+                       ({"state_product": "mma_sync", "acc_init": "kv"}, "acc_init")):
         with pytest.raises(ValueError, match=match):
             mosaic_gpu.forward(*args, None, chunk_size=8, interpret=True, **bad)
 
@@ -144,6 +150,65 @@ def test_hi_lo_split_by_bits_against_float64():
     hi_rn, lo_rn = common._bf16_parts(x, 2)
     rel_rn = np.abs(np.asarray(hi_rn, np.float64) + np.asarray(lo_rn, np.float64) - x64) / np.abs(x64)
     assert rel.mean() < 1.2 * rel_rn.mean()
+
+
+def _wgmma_register(row, col):
+    """(warp, lane, register (j, h), element) holding [row, col] of a 64×16 WGMMA-layout array:
+    rows 16w + l//4 + 8h, columns 8j + 2(l%4) + e (PTX ISA, wgmma .m64n16 D fragments)."""
+    warp, r = divmod(row, 16)
+    half, g = divmod(r, 8)
+    j, c = divmod(col, 8)
+    return warp, 4 * g + c // 2, (j, half), c % 2
+
+
+def test_mma_sync_fragments_compute_h_w():
+    """The mma.sync path's register bookkeeping, simulated lane by lane with the PTX ISA's
+    m16n8k16 fragment definitions (A: a0..a7 = rows g, g+8 of k 0-7 then k 8-15, two per
+    register; B: b0..b3 = k 2t+e, 8+2t+e of column g; C/D: c0..c3 = rows g, g+8 of columns
+    2t+e), on random H and W: the kernel's A registers (H's own WGMMA registers, taken
+    (j, h) = (0,0), (0,1), (1,0), (1,1)), B registers (``mma_weight_fragments(W)``'s WGMMA
+    registers (n, 0), (n, 1)) and outputs (registers (n, 0), (n, 1)) give H W."""
+    from pallas_kernels.m2rnn.mosaic_gpu import common
+    rng = np.random.default_rng(7)
+    h = rng.standard_normal((64, 16))
+    w = rng.standard_normal((16, 16)).astype(np.float32).astype(np.float64)
+    frag = np.asarray(common.mma_weight_fragments(jnp.asarray(w, jnp.float32)), np.float64)
+    assert frag.shape == (64, 16)
+    regs = {}  # (array, warp, lane, (j, h)) -> two elements
+
+    for name, array in (("h", h), ("w", frag)):
+        for row in range(64):
+            for col in range(16):
+                warp, lane, reg, e = _wgmma_register(row, col)
+                regs.setdefault((name, warp, lane, reg), [0.0, 0.0])[e] = array[row, col]
+    out = np.full((64, 16), np.nan)
+    for warp in range(4):
+        a_frag = np.zeros((16, 16))  # what the warp's lanes feed as A, placed per PTX
+        for lane in range(32):
+            g, t = divmod(lane, 4)
+            a = [x for reg in ((0, 0), (0, 1), (1, 0), (1, 1)) for x in regs["h", warp, lane, reg]]
+            for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t),
+                                            (g + 8, 2 * t + 1), (g, 2 * t + 8), (g, 2 * t + 9),
+                                            (g + 8, 2 * t + 8), (g + 8, 2 * t + 9)]):
+                a_frag[row, col] = a[i]
+        for n in (0, 1):
+            b_frag = np.zeros((16, 8))
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                b = [x for reg in ((n, 0), (n, 1)) for x in regs["w", warp, lane, reg]]
+                for i, k in enumerate((2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9)):
+                    b_frag[k, g] = b[i]
+            d = a_frag @ b_frag
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t),
+                                                (g + 8, 2 * t + 1)]):
+                    # output registers (n, 0) then (n, 1), two elements each
+                    half, e = divmod(i, 2)
+                    out_row, out_col = 16 * warp + g + 8 * half, 8 * n + 2 * t + e
+                    assert _wgmma_register(out_row, out_col) == (warp, lane, (n, half), e)
+                    out[out_row, out_col] = d[row, col]
+    np.testing.assert_allclose(out, h @ w, rtol=1e-12, atol=1e-12)
 
 
 def test_checkpoints_feed_the_triton_backward():
@@ -208,7 +273,9 @@ def test_forward_options_lower_for_cuda():
                     {"heads_per_cta": 2, "acc_init": "kv", "no_auto_barriers": True,
                      "unroll": 2}, {"y_reduction": "warp_partials"},
                     {"f16_state": True, "f16_tanh": True}, {"hi_lo_split": "cvt"},
-                    {"hi_lo_split": "bits_lo", "y_reduction": "warp_scatter_fma"}):
+                    {"hi_lo_split": "bits_lo", "y_reduction": "warp_scatter_fma"},
+                    {"state_product": "mma_sync"},
+                    {"state_product": "mma_sync", "hi_lo_split": "bits_lo", "unroll": 2}):
         fn = functools.partial(mosaic_gpu.forward, chunk_size=64, save_checkpoints=True,
                                interpret=False, **options)
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
@@ -270,6 +337,9 @@ BWD_OPTION_CASES = {
     "hi_lo_bits_lo": ("two_qk_groups_noclip", {"hi_lo_split": "bits_lo"}),
     # States recomputed with one float16 wgmma and float16-pair tanh (the forward's options).
     "f16_state_tanh": ("paper_grouping_keep_clip", {"f16_state": True, "f16_tanh": True}),
+    # H W and du Wᵀ by mma.sync with the addend as accumulator (interpret: as a dot + addend;
+    # the fragment inputs and their SMEM copies run).
+    "mma_sync": ("paper_grouping_keep_clip", {"state_product": "mma_sync"}),
 }
 
 
@@ -294,8 +364,9 @@ def test_bfloat16_backward_options_match_scan(option_case):
 def test_backward_option_errors():
     args = _problem(0, 1, 32, (1, 1, 2, 2, 2), jnp.bfloat16)
     ckpt = jnp.zeros((1, 1, 64, 32))
-    for bad in ({"qk_grad_sum": "atomic"}, {"reductions": "shuffle"}):
-        with pytest.raises(ValueError, match=list(bad)[0]):
+    for bad in ({"qk_grad_sum": "atomic"}, {"reductions": "shuffle"}, {"state_product": "x"},
+                {"state_product": "mma_sync", "f16_state": True}):
+        with pytest.raises(ValueError, match=list(bad)[-1]):
             mosaic_gpu.backward(*args, None, ckpt, args[2], args[5], gradient_clipping=None,
                                 chunk_size=32, interpret=True, **bad)
 
@@ -319,6 +390,7 @@ def test_backward_options_lower_for_cuda():
     for options in ({}, {"qk_grad_sum": "xla"}, {"reductions": "per_step"},
                     {"scatter_sums": False}, {"f16_state": True, "f16_tanh": True},
                     {"hi_lo_split": "cvt"}, {"hi_lo_split": "bits_lo"},
+                    {"state_product": "mma_sync"},
                     {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False}):
         fn = functools.partial(mosaic_gpu.backward, gradient_clipping=1.0, chunk_size=32,
                                interpret=False, **options)

@@ -11,6 +11,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from m2rnn_jax.heads import expand_heads, sum_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
                                                     _tanh, state_splitter, check_hi_lo_split,
+                                                    check_state_product, mma_state_products,
+                                                    mma_weight_fragments,
                                                     DEFAULT_CHUNK_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import _store_warp_sums, _sum_partials
@@ -20,14 +22,18 @@ SUBCHUNK = 4  # backward: states recomputed into registers at once (4·16 = the 
 
 def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, approx_tanh,
                 interpret, warp_sums=False, qk_reduce_add=False, no_auto_barriers=False,
-                scatter_sums=False, f16_state=False, f16_tanh=False, hi_lo_split="bits"):
+                scatter_sums=False, f16_state=False, f16_tanh=False, hi_lo_split="bits",
+                state_product="wgmma"):
     q_ref, k_ref, v_ref, f_ref, w_ref, wt_ref, *rest = refs
+    mma_sync = state_product == "mma_sync"
+    w_frag_ref, wt_frag_ref = (rest.pop(0), rest.pop(0)) if mma_sync else (None, None)
     keep_ref = rest.pop(0) if has_keep else None
     # With ``qk_reduce_add`` dq_ref/dk_ref are the zero-initialised (B, S, L, 64) float32 Refs
     # (inputs aliased to outputs), else per-head (B, S, N, 64) outputs: same position.
     (ckpt_ref, dy_ref, dhf_ref, dq_ref, dk_ref, dv_ref, df_ref, dw_ref, dh0_ref,
      q_s, k_s, v_s, dy_s, f_s, keep_s, w_s, wt_s, sub_s, h_s, xs_s, ds_s,
      dq_s, dk_s, dv_s, df_s, dwo_s, in_bar, w_bar, *sums_s) = rest
+    w_frag_s, wt_frag_s = (sums_s.pop(0), sums_s.pop(0)) if mma_sync else (None, None)
     if warp_sums:
         # Per-warp partial sums of dv (4, C, 16) and df (C, 4); float32 row sums of dq/dk
         # (C, 64): dq_s/dk_s themselves when they are float32.
@@ -58,8 +64,16 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
     plgpu.copy_gmem_to_smem(w_ref.at[n], w_s, w_bar)
     plgpu.copy_gmem_to_smem(wt_ref.at[n], wt_s, w_bar)
     plgpu.copy_gmem_to_smem(dhf_ref.at[b, n], h_s, w_bar)
+    if mma_sync:
+        plgpu.copy_gmem_to_smem(w_frag_ref.at[n], w_frag_s, w_bar)
+        plgpu.copy_gmem_to_smem(wt_frag_ref.at[n], wt_frag_s, w_bar)
     plgpu.barrier_wait(w_bar)
     g_later = plgpu.load(h_s, layout=wgmma_layout, optimized=False)
+    if mma_sync and not interpret:
+        # W's and Wᵀ's mma.sync B fragments: loop-invariant registers (4 per thread each).
+        frags = {id(buf): plgpu.load(buf_f, layout=wgmma_layout, optimized=False).astype(_BF16)
+                 for buf, buf_f in ((w_s, w_frag_s), (wt_s, wt_frag_s))}
+        products_by_mma = mma_state_products(hi_lo_split)
 
     def clamp(x):
         return x if clip is None else jnp.minimum(jnp.maximum(x, -clip), clip)
@@ -67,18 +81,22 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
     split_state = state_splitter(2, f16_state, hi_lo_split, interpret)  # as the forward's
     split_grad = state_splitter(2, False, hi_lo_split, interpret)  # du: bf16's range
 
-    def matmul_w(x, w_smem, split):
-        """x (64×16 f32) · w (16×16 in SMEM, the parts' dtype) on the parts ``split`` makes."""
+    def matmul_w(x, w_smem, split, addend):
+        """addend + x (64×16 f32) · w (16×16 in SMEM, the parts' dtype) on the parts ``split``
+        makes (by mma.sync with ``state_product="mma_sync"``: the addend is its accumulator)."""
+        if mma_sync and not interpret:
+            return products_by_mma(x, frags[id(w_smem)], addend)
         parts = split(x)
         if interpret:
-            return sum(jnp.dot(a, w_smem[...], preferred_element_type=_F32) for a in parts)
+            return sum(jnp.dot(a, w_smem[...], preferred_element_type=_F32)
+                       for a in parts) + addend
 
         def products(acc_ref):
             for a in parts:
                 plgpu.wgmma(acc_ref, a, w_smem)
             return acc_ref[...]
 
-        return pl.run_scoped(products, plgpu.ACC((KEY_DIM, VALUE_DIM), _F32))
+        return pl.run_scoped(products, plgpu.ACC((KEY_DIM, VALUE_DIM), _F32)) + addend
 
     def load_step(t):
         k_t = plgpu.load(k_s.at[t], layout=row_layout, optimized=False).astype(_F32)
@@ -93,7 +111,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
             h = h * keep_t
         kv = lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0]) * lax.broadcast_in_dim(
             v_t, (KEY_DIM, VALUE_DIM), [1])
-        z = _tanh(matmul_w(h, w_s, split_state) + kv, f16_tanh)
+        z = _tanh(matmul_w(h, w_s, split_state, kv), f16_tanh)
         return h, z, z + f_t * (h - z)
 
     def chunk_loop(acc_ref, g_later, dw):
@@ -150,7 +168,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
                         q_t, (KEY_DIM, VALUE_DIM), [0]) * dy_b
                     h_prev, z = prevs[m], zs[m]
                     du = (1.0 - f_t) * g * (1.0 - z * z)
-                    g_later = f_t * g + matmul_w(du, wt_s, split_grad)
+                    g_later = matmul_w(du, wt_s, split_grad, f_t * g)
                     if keep_t is not None:
                         g_later = g_later * keep_t
                     if warp_sums:
@@ -244,7 +262,8 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
 def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
              chunk_size=DEFAULT_CHUNK_SIZE, approx_tanh=True, no_auto_barriers=None,
              qk_grad_dtype=_BF16, qk_grad_sum="kernel", reductions="warp_sums", scatter_sums=True,
-             f16_state=False, f16_tanh=False, hi_lo_split="bits", interpret=None):
+             f16_state=False, f16_tanh=False, hi_lo_split="bits", state_product="wgmma",
+             interpret=None):
     """The backend-interface backward: ``(dq, dk, dv, dw, df, dh0)`` (bfloat16 inputs).
 
     Consumes the checkpoints of ``forward`` (or ``gpu.forward``) with the same ``chunk_size``.
@@ -292,6 +311,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
       the same names (one float16 wgmma for ``H W``, faster and less exact;
       ``tanh.approx.f16x2``): pass the forward's values. ``du Wᵀ`` keeps bf16 hi/lo parts
       (gradients need bf16's exponent range).
+    * ``state_product="mma_sync"`` (opt-in): ``H W`` and ``du Wᵀ`` by warp-level mma.sync with
+      the addend (``k vᵀ``, ``f ⊙ g``) as the accumulator, as the forward's option of that name.
     * ``no_auto_barriers``: ``CompilerParams(unsafe_no_auto_barriers=True)``; with it an
       explicit barrier follows the sub-chunk start states' stores. ``None`` (default) = on with
       ``warp_sums``, for which it is meant (the remaining per-step Pallas stores are the dW
@@ -320,6 +341,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     if f16_tanh and not approx_tanh:
         raise ValueError("f16_tanh needs approx_tanh (tanh.approx.f16x2)")
     check_hi_lo_split(hi_lo_split)
+    check_state_product(state_product, 2, 1, f16_state, hi_lo_split)
+    mma_sync = state_product == "mma_sync"
     wn = expand_heads(w, num_heads, axis=0).astype(_BF16)
     wt = jnp.swapaxes(wn, 1, 2)
     if f16_state:
@@ -327,6 +350,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     dyn = dy.astype(dtype)
     has_keep = keep is not None
     inputs = [qg, kg, vn, fn, wn, wt]
+    if mma_sync:
+        inputs += [mma_weight_fragments(wn), mma_weight_fragments(wt)]
     if has_keep:
         inputs.append(keep.astype(_F32))
     inputs += [checkpoints, dyn, dh_final.astype(_F32)]
@@ -369,9 +394,12 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         plgpu.SMEM((c,), _F32),                              # df
         plgpu.SMEM((KEY_DIM, KEY_DIM), _F32),                # dW accumulator out
         plgpu.Barrier(num_arrivals=7 if has_keep else 6),
-        plgpu.Barrier(num_arrivals=3),
+        plgpu.Barrier(num_arrivals=3 + 2 * mma_sync),
     ]
     extra = {}
+    if mma_sync:
+        scratch += [plgpu.SMEM((KEY_DIM, VALUE_DIM), _F32)] * 2  # W's, Wᵀ's mma.sync fragments
+        extra["state_product"] = state_product
     if warp_sums:
         scratch += [plgpu.SMEM((4, c, VALUE_DIM), _F32),     # per-warp dv partials
                     plgpu.SMEM((c, 4), _F32)]                # per-warp df partials

@@ -137,42 +137,137 @@ def _hi_lo_by_bits(x, lo_by_bits=False):
     return hi.astype(_BF16), lo.astype(_BF16)
 
 
+def _hi_lo_pair_by_bits(reg, lo_by_bits=False):
+    """One register pair (``vector<2xf32>``) of ``_hi_lo_by_bits`` as two i32 registers
+    (hi, lo), each two packed bf16 (element 0 in the low half): two integer ``add`` round, one
+    ``prmt`` packs the two upper halves (hi), two ``and`` + two ``sub`` + one
+    ``cvt.rn.bf16x2`` make lo — integer and float32 pipes instead of the second pair
+    conversion (round, widen back, subtract, convert) of ``_bf16_parts``."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm, vector
+
+    i32 = ir.IntegerType.get_signless(32)
+    bits = vector.bitcast(ir.VectorType.get([2], i32), reg)
+    a, b = (vector.extract(bits, dynamic_position=[],
+                           static_position=ir.DenseI64ArrayAttr.get([i])) for i in (0, 1))
+    ra, rb = (llvm.inline_asm(i32, [r], f"add.u32 $0, $1, {_ROUND_TO_BF16:#x};", "=r,r")
+              for r in (a, b))
+    # Element 0 of a bf16 pair is the low half of the 32-bit register.
+    hi = llvm.inline_asm(i32, [ra, rb], "prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r")
+    remainders = ("{ .reg .b32 ta, tb; and.b32 ta, $3, 0xffff0000; "
+                  "and.b32 tb, $4, 0xffff0000; sub.f32 ta, $1, ta; sub.f32 tb, $2, tb; ")
+    if lo_by_bits:  # the remainders rounded by the integer add, packed like hi
+        pack = (f"add.u32 ta, ta, {_ROUND_TO_BF16:#x}; add.u32 tb, tb, {_ROUND_TO_BF16:#x}; "
+                "prmt.b32 $0, ta, tb, 0x7632; }")
+    else:
+        pack = "cvt.rn.bf16x2.f32 $0, tb, ta; }"
+    lo = llvm.inline_asm(i32, [a, b, ra, rb], remainders + pack, "=r,r,r,r,r")
+    return hi, lo
+
+
 def _hi_lo_by_bits_inline(ctx, x, lo_by_bits=False):
-    """Mosaic GPU code for ``_hi_lo_by_bits`` on a WGMMA-layout float32 array: per register
-    pair two integer ``add`` round, one ``prmt`` packs the two upper halves (hi), two ``and`` +
-    two ``sub`` + one ``cvt.rn.bf16x2`` make lo — integer and float32 pipes instead of the
-    second pair conversion (round, widen back, subtract, convert) of ``_bf16_parts``."""
+    """Mosaic GPU code for ``_hi_lo_by_bits`` on a WGMMA-layout float32 array
+    (``_hi_lo_pair_by_bits`` per register pair)."""
+    del ctx
+    from jax._src.lib.mlir import ir
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    pair_bf16 = ir.VectorType.get([2], ir.BF16Type.get())
+    his = np.empty(x.registers.shape, dtype=object)
+    los = np.empty(x.registers.shape, dtype=object)
+    for idx, reg in np.ndenumerate(x.registers):
+        hi, lo = _hi_lo_pair_by_bits(reg, lo_by_bits)
+        his[idx] = mgpu_utils.bitcast(hi, pair_bf16)
+        los[idx] = mgpu_utils.bitcast(lo, pair_bf16)
+    return (fa.FragmentedArray(_registers=his, _layout=x.layout, _is_signed=None),
+            fa.FragmentedArray(_registers=los, _layout=x.layout, _is_signed=None))
+
+
+STATE_PRODUCTS = ("wgmma", "mma_sync")
+_MMA_BF16 = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+
+
+def check_state_product(state_product, state_parts, weight_parts, f16_state, hi_lo_split):
+    if state_product not in STATE_PRODUCTS:
+        raise ValueError(f"state_product must be one of {STATE_PRODUCTS}, got {state_product!r}")
+    if state_product == "mma_sync" and (state_parts != 2 or weight_parts != 1 or f16_state
+                                        or hi_lo_split == "cvt"):
+        raise ValueError("state_product='mma_sync' needs bfloat16 W and two bf16 state parts "
+                         "split by bits (state_split=2, hi_lo_split 'bits' or 'bits_lo', no "
+                         "f16_state)")
+
+
+def mma_weight_fragments(w):
+    """``(..., 16, 16)`` W → ``(..., 64, 16)`` float32 (exact bf16 values) laid out so that,
+    loaded in the WGMMA register layout, every warp's lanes hold the B fragments of
+    ``mma.sync.m16n8k16`` for W.
+
+    In that layout, lane ``l`` of warp ``w`` holds register (j, h) = elements
+    ``[16w + l//4 + 8h, 8j + 2(l%4) + e]`` (e = 0, 1); the B fragment of output columns
+    ``8n .. 8n+7`` is two registers, ``W[8h + 2(l%4) + e, 8n + l//4]`` for h = 0, 1. So
+    ``M[8R + r, 8C + c] = W[8R + c, 8C + r]``: each 8×8 block of W transposed, the 16 rows
+    repeated for the 4 warps (``tests/test_kernel_mosaic_gpu.py`` checks this against the PTX
+    fragment definitions)."""
+    lead = w.shape[:-2]
+    blocks = jnp.swapaxes(w.astype(_F32).reshape(*lead, 2, 8, 2, 8), -1, -3)
+    return jnp.tile(blocks.reshape(*lead, VALUE_DIM, VALUE_DIM), (1,) * len(lead) + (4, 1))
+
+
+def _state_products_mma_inline(ctx, h, w_frag, kv, lo_by_bits=False):
+    """``H W + k vᵀ`` for the 64×16 float32 WGMMA-layout ``H`` and ``kv`` by warp-level
+    ``mma.sync.m16n8k16`` (no warpgroup rendezvous: each warp multiplies its own 16 rows):
+    ``H`` split into bf16 hi/lo parts by ``_hi_lo_pair_by_bits``, whose registers are already
+    the A fragments (the accumulator layout of a 16×16 tile is the A layout of a k16 operand);
+    per 8 output columns one mma on lo with ``k vᵀ`` as the addend, then one on hi.
+    ``w_frag``: ``mma_weight_fragments(W)`` as bf16 in the WGMMA layout (B fragments)."""
     del ctx
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm, vector
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    i32 = ir.IntegerType.get_signless(32)
-    pair_i32 = ir.VectorType.get([2], i32)
-    pair_bf16 = ir.VectorType.get([2], ir.BF16Type.get())
-    his = np.empty(x.registers.shape, dtype=object)
-    los = np.empty(x.registers.shape, dtype=object)
-    for idx, reg in np.ndenumerate(x.registers):
-        bits = vector.bitcast(pair_i32, reg)
-        a, b = (vector.extract(bits, dynamic_position=[],
-                               static_position=ir.DenseI64ArrayAttr.get([i])) for i in (0, 1))
-        ra, rb = (llvm.inline_asm(i32, [r], f"add.u32 $0, $1, {_ROUND_TO_BF16:#x};", "=r,r")
-                  for r in (a, b))
-        # Element 0 of a bf16 pair is the low half of the 32-bit register.
-        hi = llvm.inline_asm(i32, [ra, rb], "prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r")
-        remainders = ("{ .reg .b32 ta, tb; and.b32 ta, $3, 0xffff0000; "
-                      "and.b32 tb, $4, 0xffff0000; sub.f32 ta, $1, ta; sub.f32 tb, $2, tb; ")
-        if lo_by_bits:  # the remainders rounded by the integer add, packed like hi
-            pack = (f"add.u32 ta, ta, {_ROUND_TO_BF16:#x}; add.u32 tb, tb, {_ROUND_TO_BF16:#x}; "
-                    "prmt.b32 $0, ta, tb, 0x7632; }")
-        else:
-            pack = "cvt.rn.bf16x2.f32 $0, tb, ta; }"
-        lo = llvm.inline_asm(i32, [a, b, ra, rb], remainders + pack, "=r,r,r,r,r")
-        his[idx] = mgpu_utils.bitcast(hi, pair_bf16)
-        los[idx] = mgpu_utils.bitcast(lo, pair_bf16)
-    return (fa.FragmentedArray(_registers=his, _layout=x.layout, _is_signed=None),
-            fa.FragmentedArray(_registers=los, _layout=x.layout, _is_signed=None))
+    f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
+    shape = h.registers.shape
+    if shape != (1, 2, 1, 1, 2, 1, 1, 1, 1):  # registers (j = column block, h = row half)
+        raise NotImplementedError(f"unexpected WGMMA register shape {shape}")
+
+    def reg(array, j, half):
+        return array.registers[0, j, 0, 0, half, 0, 0, 0, 0]
+
+    def element(vec, e):
+        return vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
+
+    parts = {(j, half): _hi_lo_pair_by_bits(reg(h, j, half), lo_by_bits)
+             for j in (0, 1) for half in (0, 1)}
+    # A fragment a0..a3: (k 0-7, row g), (k 0-7, row g+8), (k 8-15, row g), (k 8-15, row g+8).
+    a_hi = [parts[(j, half)][0] for j in (0, 1) for half in (0, 1)]
+    a_lo = [parts[(j, half)][1] for j in (0, 1) for half in (0, 1)]
+    result_type = llvm.StructType.get_literal([f32] * 4)
+    asm = f"{_MMA_BF16} {{$0,$1,$2,$3}}, {{$4,$5,$6,$7}}, {{$8,$9}}, {{$10,$11,$12,$13}};"
+    constraints = ",".join(["=f"] * 4 + ["r"] * 6 + ["f"] * 4)
+    out = np.empty(shape, dtype=object)
+    pair_f32 = ir.VectorType.get([2], f32)
+    for n in (0, 1):
+        b = [mgpu_utils.bitcast(reg(w_frag, n, half), i32) for half in (0, 1)]
+        acc = [element(reg(kv, n, half), e) for half in (0, 1) for e in (0, 1)]
+        for a in (a_lo, a_hi):  # the small part first
+            res = llvm.inline_asm(result_type, a + b + acc, asm, constraints)
+            acc = [llvm.extractvalue(f32, res, [i]) for i in range(4)]
+        for half in (0, 1):
+            vec = llvm.mlir_undef(pair_f32)
+            for e in (0, 1):
+                vec = llvm.insertelement(vec, acc[2 * half + e], position=mgpu_utils.c(e, i32))
+            out[0, n, 0, 0, half, 0, 0, 0, 0] = vec
+    return fa.FragmentedArray(_registers=out, _layout=h.layout, _is_signed=None)
+
+
+def mma_state_products(hi_lo_split):
+    """``(H, W fragments, k vᵀ) -> H W + k vᵀ`` by ``_state_products_mma_inline``."""
+    out = plgpu.ShapeDtypeStruct((KEY_DIM, VALUE_DIM), _F32, layout=plgpu.Layout.WGMMA)
+    return plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,) * 3, return_type=out)(
+        functools.partial(_state_products_mma_inline, lo_by_bits=hi_lo_split == "bits_lo"))
 
 
 def check_hi_lo_split(hi_lo_split):

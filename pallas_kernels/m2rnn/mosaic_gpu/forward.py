@@ -11,7 +11,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from m2rnn_jax.heads import expand_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
                                                     _bf16_parts, _tanh, _products, state_splitter,
-                                                    check_hi_lo_split,
+                                                    check_hi_lo_split, check_state_product,
+                                                    mma_state_products, mma_weight_fragments,
                                                     DEFAULT_CHUNK_SIZE,
                                                     DEFAULT_STAGE_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
@@ -20,13 +21,17 @@ from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import (_store_warp_partial_produ
 
 def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, weight_parts,
             has_keep, save_checkpoints, unroll, y_reduction, interpret, heads_per_cta=1,
-            acc_init="zero", f16_state=False, f16_tanh=False, hi_lo_split="bits"):
+            acc_init="zero", f16_state=False, f16_tanh=False, hi_lo_split="bits",
+            state_product="wgmma"):
     q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
+    mma_sync = state_product == "mma_sync"
+    w_frag_ref = rest.pop(0) if mma_sync else None
     keep_ref = rest.pop(0) if has_keep else None
     y_ref, h_final_ref, *rest = rest
     ckpt_ref = rest.pop(0) if save_checkpoints else None
     (q_smem, k_smem, v_smem, f_smem, keep_smem, y_smem, part_smem, w_smem, h_smem,
      in_barriers, w_barrier, *more_heads) = rest
+    w_frag_smem = more_heads.pop(0) if mma_sync else None
     # Per head of the CTA: its v, f, y, per-warp y, W and state buffers (head 0: the ones above;
     # ``heads_per_cta`` > 1 appends six per further head).
     per_head = [(v_smem, f_smem, y_smem, part_smem, w_smem, h_smem)] + [
@@ -72,10 +77,16 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
     for hh, head in enumerate(heads):
         plgpu.copy_gmem_to_smem(w_ref.at[head], w_bufs[hh], w_barrier)
         plgpu.copy_gmem_to_smem(h0_ref.at[b, head], h_bufs[hh], w_barrier)
+    if mma_sync:
+        plgpu.copy_gmem_to_smem(w_frag_ref.at[heads[0]], w_frag_smem, w_barrier)
     start_chunk_copies(0, 0)
     plgpu.barrier_wait(w_barrier)
     hs = tuple(plgpu.load(h_bufs[hh], layout=wgmma_layout, optimized=False)
                for hh in range(heads_per_cta))
+    if mma_sync and not interpret:
+        # W's mma.sync B fragments: loop-invariant registers (4 per thread).
+        w_frag = plgpu.load(w_frag_smem, layout=wgmma_layout, optimized=False).astype(_BF16)
+        products_by_mma = mma_state_products(hi_lo_split)
 
     def step(t, hs, slot):
         k_t = plgpu.load(k_smem.at[slot, t], layout=row_layout, optimized=False).astype(_F32)
@@ -89,7 +100,7 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
         k_b = lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0])
         kvs = [k_b * lax.broadcast_in_dim(v_t, (KEY_DIM, VALUE_DIM), [1]) for v_t in vs]
         pairs = []  # per head: the (bf16 state part, weight part) products
-        for h in hs:
+        for h in ([] if mma_sync and not interpret else hs):
             h_parts = split_state(h)
             pairs.append([(h_parts[i], j) for i, j in _products(state_parts, weight_parts)])
         if interpret:
@@ -97,6 +108,8 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
             # products with float32 accumulation, as a dot.
             us = [sum(jnp.dot(a, w_bufs[hh][p], preferred_element_type=_F32)
                       for a, p in pairs[hh]) + kvs[hh] for hh in range(heads_per_cta)]
+        elif mma_sync:
+            us = [products_by_mma(hs[0], w_frag, kvs[0])]
         elif acc_init == "kv":
             # The accumulators start at k vᵀ: no zero-initialised registers, no add after.
             def products(acc_refs):
@@ -190,7 +203,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
             stage_size=DEFAULT_STAGE_SIZE, approx_tanh=True, state_split=None, unroll=1,
             no_auto_barriers=False, y_reduction="warp_scatter", heads_per_cta=1,
             acc_init="zero", f16_state=False, f16_tanh=False, hi_lo_split="bits",
-            interpret=None):
+            state_product="wgmma", interpret=None):
     """The backend-interface forward: ``(y (B,S,N,V), h_final (B,N,K,V) f32, checkpoints)``.
 
     ``checkpoints`` is ``(B, S/C, 64, N·16)`` float32 (the state at each chunk start, the layout
@@ -237,6 +250,11 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     * ``y_reduction="warp_scatter_fma"``: ``H ⊙ q`` fused into the sum of each lane's two rows
       (one multiply and one FMA per register pair instead of two multiplies and an add):
       2.76 vs 2.70 ms.
+    * ``state_product="mma_sync"``: ``H W`` by warp-level ``mma.sync.m16n8k16`` (four per warp
+      per step on the same bf16 hi/lo parts, W's B fragments held in registers) instead of two
+      register-A wgmmas: each warp's 16 rows go on without the warpgroup's rendezvous. Needs
+      ``heads_per_cta=1``, ``acc_init="zero"``, the bit split. Interpret mode computes the same
+      products as a dot.
     * ``f16_tanh``: ``tanh.approx.f16x2`` on float16 pairs (half the MUFU ops, more
       conversions; needs ``approx_tanh``): 3.19 vs 3.14 ms, and 2.40 vs 2.25 ms with f16_state.
     """
@@ -275,6 +293,10 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         raise ValueError(f"state_split must be 1, 2 or 3, got {state_split!r}")
     # bfloat16 W is exact in one part; float32 W in as many parts as the state.
     weight_parts = 1 if jnp.dtype(w.dtype) == jnp.bfloat16 else state_split
+    check_state_product(state_product, state_split, weight_parts, f16_state, hi_lo_split)
+    mma_sync = state_product == "mma_sync"
+    if mma_sync and (heads_per_cta != 1 or acc_init != "zero"):
+        raise ValueError("state_product='mma_sync' needs heads_per_cta=1 and acc_init='zero'")
     w_heads = expand_heads(w, num_heads, axis=0)
     w_parts = (w_heads.astype(_F16)[:, None] if f16_state
                else jnp.stack(_bf16_parts(w_heads, weight_parts), axis=1))
@@ -282,6 +304,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     has_keep = keep is not None
 
     inputs = [qg, kg, vn, fn, w_parts, h0.astype(_F32)]
+    if mma_sync:
+        inputs.append(mma_weight_fragments(w_heads))
     if has_keep:
         inputs.append(keep.astype(_F32))
     out_type = [jax.ShapeDtypeStruct((batch, seq_len, num_heads, VALUE_DIM), dtype),
@@ -304,8 +328,10 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         # One arrival per TMA copy that signals the barrier.
         plgpu.Barrier(num_barriers=2,
                       num_arrivals=(5 if has_keep else 4) + 2 * (heads_per_cta - 1)),
-        plgpu.Barrier(num_arrivals=2 * heads_per_cta),
+        plgpu.Barrier(num_arrivals=2 * heads_per_cta + mma_sync),
     ]
+    if mma_sync:
+        scratch.append(plgpu.SMEM((KEY_DIM, VALUE_DIM), _F32))  # W's mma.sync fragments
     for _ in range(heads_per_cta - 1):  # the further heads' v, f, y, per-warp y, W, state
         scratch += [scratch[2], scratch[3], scratch[5], scratch[6], scratch[7], scratch[8]]
     kernel = functools.partial(
@@ -315,7 +341,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         y_reduction=y_reduction, f16_state=f16_state, f16_tanh=f16_tanh, hi_lo_split=hi_lo_split,
         save_checkpoints=save_checkpoints, interpret=bool(interpret),
         **({"heads_per_cta": heads_per_cta} if heads_per_cta != 1 else {}),
-        **({"acc_init": acc_init} if acc_init != "zero" else {}))
+        **({"acc_init": acc_init} if acc_init != "zero" else {}),
+        **({"state_product": state_product} if mma_sync else {}))
     outs = _launch(kernel, out_type, scratch, (batch, num_heads // heads_per_cta), approx_tanh,
                    no_auto_barriers, interpret, "m2rnn_forward_mosaic")(*inputs)
     y, h_final = outs[0], outs[1]
