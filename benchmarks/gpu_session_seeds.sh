@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# One device call (kind nvidia-h200-x2, carry ["runs/s5_long/seed0", "runs/s5_long/group"]): the
-# long S5 runs go on, seed 0 alone on GPU 1 and GROUP_SEEDS trained together on GPU 0, after the
-# state-tracking step bench (seeds trained together) and KERNEL_CMD (if any) ran on GPU 0.
+# One device call (kind nvidia-h200-x2, carry ["runs/s5_long/seed0", "runs/s5_long/seed5",
+# "runs/s5_long/group"]): the long S5 runs go on, GPU1_SEEDS alone on GPU 1, GPU0_SEEDS alone and
+# GROUP_SEEDS trained together on GPU 0, after the state-tracking step bench (seeds trained
+# together) and KERNEL_CMD (if any) ran on GPU 0.
 #
 #   device: OUT=$OUT bash benchmarks/gpu_session_seeds.sh [BUDGET_S, default 420]
 #
-# GPU 1: seed 0 (SEED0_ARGS: its hand-run schedule, a constant 1e-5 by default).
+# GPU 1: GPU1_SEEDS (default "0"; seed 0 with SEED0_ARGS, its hand-run schedule: a constant 3e-6
+# by default, the rate of the seventh session's last call).
 # GPU 0: benchmarks/state_tracking_step_bench.py for BENCH_SEEDS_PER_STEP (default "1 3"; 0 skips
 # it), then KERNEL_CMD (e.g. "python3 benchmarks/mosaic_check.py ..."; output in
-# $OUT/kernels.txt, KERNEL_TIMEOUT_S default 240), then GROUP_SEEDS (default "3 4 5",
-# s5_long.yaml as it is) for what is left of BUDGET_S.
+# $OUT/kernels.txt, KERNEL_TIMEOUT_S default 240), then for what is left of BUDGET_S GPU0_SEEDS
+# (default "5") alone and GROUP_SEEDS (default "3 4") together, s5_long.yaml as it is. A seed that
+# reaches the training length can leave the group: move its checkpoint from
+# runs/s5_long/group/checkpoints to runs/s5_long/seed<k>/checkpoints (one step of a group runs
+# at its widest seed's width, and at width 64 K seeds cost K times one: RESULTS.md).
 # Checkpoints, logs and results come back in $OUT (gpu_s5_long.sh collect).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 BUDGET=${1:-420}
 start=$(date +%s)
-SEED0_ARGS=${SEED0_ARGS:---lr 1e-5 --set train.min_lr_ratio=1.0 --set train.steps=400000 \
+SEED0_ARGS=${SEED0_ARGS:---lr 3e-6 --set train.min_lr_ratio=1.0 --set train.steps=600000 \
 --set train.length_decay_steps=0}
-EXTRA_ARGS_SEED0="$SEED0_ARGS" SEEDS=0 GPUS=1 MEM_FRACTION=0.45 \
+GPU1_SEEDS=${GPU1_SEEDS-0}
+GPU0_SEEDS=${GPU0_SEEDS-5}
+GROUP_SEEDS=${GROUP_SEEDS-3 4}
+EXTRA_ARGS_SEED0="$SEED0_ARGS" SEEDS="$GPU1_SEEDS" GPUS=1 MEM_FRACTION=0.45 \
   bash benchmarks/gpu_s5_long.sh train "$BUDGET" &
 : > "$OUT/step_bench.txt"
 for k in ${BENCH_SEEDS_PER_STEP:-1 3}; do
@@ -32,13 +40,13 @@ if [ -n "${KERNEL_CMD:-}" ]; then
   echo "kernel command exit $?"
 fi
 left=$((BUDGET - $(date +%s) + start))
-echo "step bench done; GPU 0 trains seeds ${GROUP_SEEDS:-3 4 5} together for ${left}s"
+echo "GPU 0 trains seeds [$GPU0_SEEDS] alone and [$GROUP_SEEDS] together for ${left}s"
 if [ "$left" -gt 60 ]; then
-  SEEDS="" GROUP_SEEDS="${GROUP_SEEDS:-3 4 5}" GROUP_GPU=0 MEM_FRACTION=0.45 \
-    bash benchmarks/gpu_s5_long.sh train "$left"
+  EXTRA_ARGS_SEED0="$SEED0_ARGS" SEEDS="$GPU0_SEEDS" GPUS=0 GROUP_SEEDS="$GROUP_SEEDS" \
+    GROUP_GPU=0 MEM_FRACTION=0.45 bash benchmarks/gpu_s5_long.sh train "$left"
 fi
 wait
-SEEDS=0 bash benchmarks/gpu_s5_long.sh collect
+SEEDS="$GPU1_SEEDS $GPU0_SEEDS" bash benchmarks/gpu_s5_long.sh collect
 grep -E "^(pallas|scan|variant)" "$OUT/step_bench.txt"
 [ -f "$OUT/kernels.txt" ] && grep -E "^(correctness|device|shape|[0-9]+x)" "$OUT/kernels.txt" \
   | tail -n 30
