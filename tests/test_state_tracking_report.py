@@ -5,6 +5,7 @@ from a run's checkpoint)."""
 
 import csv
 import os
+import re
 import sys
 
 import matplotlib.pyplot as plt
@@ -228,3 +229,36 @@ def test_drift_from_a_runs_checkpoint(tmp_path, monkeypatch, capsys):
     assert "have the right parity" in capsys.readouterr().out
     image = plt.imread(prefix + ".png")
     assert image.ndim == 3 and image[..., :3].std() > 0.01
+
+
+def test_interpolation_between_two_checkpoints_of_a_run(tmp_path, capsys):
+    """benchmarks/state_tracking_interpolate.py: w = 0 and w = 1 evaluate the two checkpoints
+    themselves (as the cli's own evaluation of each), and their distance is reported."""
+    import shutil
+    import state_tracking_interpolate
+
+    model = {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
+                                             "backend": "scan"}}
+    config_path = tiny_experiment(tmp_path, {"m2rnn": model})
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints" / "m2rnn_seed1.msgpack"
+    evals = []
+    for steps in (3, 9):  # the second call resumes from the first's checkpoint
+        results = cli.main(["--config", str(config_path), "--out", str(out), "--seeds", "1",
+                            "--first-seed", "1", "--no-progress", "--steps", str(steps),
+                            "--set", "train.learning_rate=0.05"])
+        evals.append({e["length"]: e["position_accuracy"] for e in results[0].evals})
+        if steps == 3:
+            shutil.copy(ckpt, tmp_path / "first.msgpack")
+    capsys.readouterr()
+    state_tracking_interpolate.main([
+        "--config", str(config_path), "--seed", "1", str(tmp_path / "first.msgpack"),
+        str(ckpt), "--weights", "0,1,0.5", "--lengths", "6,12"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("steps 3 -> 9;")
+    assert float(lines[0].rsplit("=", 1)[1]) > 0
+    rows = {float(line.split()[0]): [float(x) for x in re.findall(r"([\d.]+) \(", line)]
+            for line in lines[2:]}
+    assert set(rows) == {0.0, 1.0, 0.5}
+    for w, cli_evals in ((0.0, evals[0]), (1.0, evals[1])):
+        assert rows[w] == pytest.approx([100 * cli_evals[6], 100 * cli_evals[12]], abs=0.006)
