@@ -38,8 +38,10 @@ _FLOAT_COLUMNS = ("position_accuracy", "sequence_accuracy")
 
 
 def read_rows(paths):
-    """The rows of the given results.csv files, typed as ``report.result_rows`` makes them."""
-    rows = []
+    """The rows of the given results.csv files, typed as ``report.result_rows`` makes them. A
+    (group, model, seed, length) in several files (a seed that moved from one run folder to another,
+    e.g. out of a group trained together) keeps the row with the most steps."""
+    latest = {}
     for path in paths:
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
@@ -47,10 +49,12 @@ def read_rows(paths):
                     row[key] = int(row[key])
                 for key in _FLOAT_COLUMNS:
                     row[key] = float(row[key])
-                rows.append(row)
-    if not rows:
+                key = (row["group"], row["model"], row["seed"], row["length"])
+                if key not in latest or row["steps"] >= latest[key]["steps"]:
+                    latest[key] = row
+    if not latest:
         raise SystemExit("no result rows in " + ", ".join(paths))
-    return rows
+    return list(latest.values())
 
 
 def read_progress(text):
@@ -82,6 +86,27 @@ def read_evaluations(text):
             seed = int(m["seed"])
             changes.setdefault(seed, []).append((resumed[seed], m["changes"]))
     return evaluations, changes
+
+
+def merge_logs(paths):
+    """``(progress, evaluations, changes)`` of ``read_progress`` and ``read_evaluations`` over
+    several cli logs; a seed in more than one log (it moved between run folders) gets the
+    union of its points, in step order (a step in two logs: the later log's)."""
+    progress, evaluations, changes = {}, {}, {}
+    for path in paths:
+        with open(path) as fh:
+            text = fh.read()
+        for key, points in read_progress(text).items():
+            progress.setdefault(key, {}).update({step: rest for step, *rest in points})
+        run_evaluations, run_changes = read_evaluations(text)
+        for seed, points in run_evaluations.items():
+            evaluations.setdefault(seed, {}).update(dict(points))
+        for seed, points in run_changes.items():
+            changes.setdefault(seed, []).extend(points)
+    return ({key: [(step, *rest) for step, rest in sorted(points.items())]
+             for key, points in progress.items()},
+            {seed: sorted(points.items()) for seed, points in evaluations.items()},
+            {seed: sorted(points) for seed, points in changes.items()})
 
 
 def plot_evaluations(path, evaluations, changes, title):
@@ -151,14 +176,7 @@ def main():
     report.plot(args.out + ".png", rows, group, train_length)
     written = [args.out + ".csv", args.out + ".png"]
     if args.logs:
-        runs, evaluations, changes = {}, {}, {}
-        for path in args.logs:
-            with open(path) as fh:
-                text = fh.read()
-            runs.update(read_progress(text))
-            run_evaluations, run_changes = read_evaluations(text)
-            evaluations.update(run_evaluations)
-            changes.update(run_changes)
+        runs, evaluations, changes = merge_logs(args.logs)
         if not runs:
             raise SystemExit("no progress lines in " + ", ".join(args.logs))
         plot_progress(args.out + "_progress.png", runs,

@@ -49,6 +49,42 @@ def test_evaluations_and_schedule_changes_are_read_per_seed():
     assert changes == {2: [(1000, "learning_rate 0.001 -> 3e-05, steps 5 -> 9")]}
 
 
+def test_a_seed_that_moved_between_run_folders_keeps_its_whole_history(tmp_path):
+    """Seed 5 trained in a group's folder, then alone in its own: the logs' progress and
+    evaluations are merged per seed in step order, and of its result rows the latest count."""
+    group_log = tmp_path / "group.txt"
+    group_log.write_text("\n".join([
+        "m2rnn seed 5: step 100, loss 3.0, training accuracy 0.500, scored length 2, 5s",
+        "m2rnn seed 4: step 100, loss 3.1, training accuracy 0.400, scored length 2, 5s",
+        "  seed 5: 100 steps, compile 9.0s, train 3.0s (33 steps/s), eval 1.0s, loss 3.0; "
+        "per-position accuracy L=64: 10.0%",
+        "m2rnn seed 5: step 200, loss 2.0, training accuracy 0.700, scored length 4, 9s",
+        "  seed 5: 200 steps, compile 9.0s, train 3.0s (33 steps/s), eval 1.0s, loss 2.0; "
+        "per-position accuracy L=64: 20.0%"]))
+    solo_log = tmp_path / "solo.txt"
+    solo_log.write_text("\n".join([
+        "m2rnn seed 5: resumed at step 200 from runs/seed5/x.msgpack",
+        "m2rnn seed 5: continues under a new schedule: learning_rate 0.002 -> 1e-05",
+        "m2rnn seed 5: step 300, loss 1.0, training accuracy 0.900, scored length 8, 4s",
+        "  seed 5: 300 steps, compile 9.0s, train 3.0s (33 steps/s), eval 1.0s, loss 1.0; "
+        "per-position accuracy L=64: 30.0%"]))
+    progress, evaluations, changes = state_tracking_report.merge_logs([group_log, solo_log])
+    assert progress[("m2rnn", 5)] == [(100, 0.5, 2), (200, 0.7, 4), (300, 0.9, 8)]
+    assert progress[("m2rnn", 4)] == [(100, 0.4, 2)]
+    assert [step for step, _ in evaluations[5]] == [100, 200, 300]
+    assert evaluations[5][2][1] == {64: pytest.approx(0.3)}
+    assert changes == {5: [(200, "learning_rate 0.002 -> 1e-05")]}
+
+    header = "model,seed,length,position_accuracy,sequence_accuracy,num_params,steps,train_length,group\n"
+    (tmp_path / "group.csv").write_text(header + "m2rnn,5,64,0.2,0.0,10,200,64,S5\n"
+                                        "m2rnn,4,64,0.1,0.0,10,200,64,S5\n")
+    (tmp_path / "solo.csv").write_text(header + "m2rnn,5,64,0.3,0.0,10,300,64,S5\n")
+    for order in (["group.csv", "solo.csv"], ["solo.csv", "group.csv"]):
+        rows = state_tracking_report.read_rows([str(tmp_path / name) for name in order])
+        assert sorted((r["seed"], r["steps"], r["position_accuracy"]) for r in rows) == [
+            (4, 200, 0.1), (5, 300, 0.3)]
+
+
 def test_merges_separate_runs_and_plots_their_progress(tmp_path, capsys, monkeypatch):
     m2rnn = {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
                                              "backend": "scan"}}
