@@ -50,7 +50,7 @@ def parse_args(argv):
     p.add_argument("--first-seed", type=int, help="first seed (train.first_seed)")
     p.add_argument("--seeds-per-step", type=int,
                    help="seeds of a model trained together in one vmapped step "
-                        "(train.seeds_per_step; faster on a GPU)")
+                        "(train.seeds_per_step; faster on a GPU while the seeds are short)")
     p.add_argument("--batch-size", type=int, help="train.batch_size")
     p.add_argument("--lr", type=float, help="peak learning rate (train.learning_rate)")
     p.add_argument("--time-budget-s", type=float,

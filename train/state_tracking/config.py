@@ -90,9 +90,9 @@ class TrainConfig:
     length_decay_ratio: float = 0.01
     seeds: int = 3  # seeds first_seed .. first_seed+seeds-1 per model (init and training words)
     first_seed: int = 0  # lets parallel processes each take other seeds of one experiment
-    # Seeds of a model trained together, as one step vmapped over them (ModelRunner.run_seeds):
-    # on a GPU these small steps are bound by kernel launches, so K seeds cost little more
-    # than one. Each seed's run is the same as alone, up to rounding.
+    # Seeds of a model trained together, as one step vmapped over them (ModelRunner.run_seeds).
+    # Each seed's run is the same as alone, up to rounding. On an H200 it pays only at short
+    # lengths (3 seeds: 1.41x the seed-steps/s at length 4, 1.04x at 64; RESULTS.md).
     seeds_per_step: int = 1
     time_budget_s: float | None = None  # wall-clock for all runs; split evenly, stops early
     log_every: int = 50  # steps between progress-bar updates of loss/accuracy
