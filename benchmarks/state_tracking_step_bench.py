@@ -11,7 +11,9 @@ back to back, one wait at the end; the median over ``--reps`` such blocks after 
         --variants scan,unroll_auto,command_buffer_while [--seeds-per-step K]
 
 ``--seeds-per-step K`` times the step as ``run_seeds`` runs it for K seeds (vmapped over them);
-the table's seed-steps/s is K steps per step.
+the table's seed-steps/s is K steps per step. ``--profile DIR`` also records a ``jax.profiler``
+trace of ``--steps`` steps of each variant and width after its timing (``DIR/<variant>_w<width>``)
+and prints ``benchmarks/trace_summary.py``'s table of the busiest device timelines.
 """
 
 import argparse
@@ -50,6 +52,8 @@ def parse_args(argv):
                    help="seeds in one vmapped step (train.seeds_per_step)")
     p.add_argument("--steps", type=int, default=50, help="steps per timed block")
     p.add_argument("--reps", type=int, default=5, help="timed blocks (the median is reported)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="record a jax.profiler trace per variant and width under DIR")
     p.add_argument("--child", help=argparse.SUPPRESS)  # a variant's name: time it here
     args = p.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -67,6 +71,8 @@ def time_variant(args):
     from train.state_tracking.cli import build_group, load_config, parse_args as cli_args
     from train.state_tracking.tasks import sample_word_problems
     from train.state_tracking.training import ModelRunner
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import trace_summary  # benchmarks/trace_summary.py
 
     overrides = sum((["--set", s] for s in VARIANTS[args.child][1]), [])
     config, _ = load_config(cli_args(["--config", args.config, "--models", args.model]
@@ -104,6 +110,18 @@ def time_variant(args):
                 params, opt_state, loss, _ = step(params, opt_state, *batches[i % len(batches)])
             loss.block_until_ready()
             times.append((time.perf_counter() - start) / args.steps)
+        if args.profile:
+            trace_dir = os.path.join(args.profile, f"{args.child}_w{width}")
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                for i in range(args.steps):
+                    params, opt_state, loss, _ = step(params, opt_state,
+                                                      *batches[i % len(batches)])
+                loss.block_until_ready()
+            try:  # the device's timelines ("/device:GPU:0", or "/host:CPU" on a CPU)
+                trace_summary.main([trace_dir, "--top", "12", "--threads", "4", "--process",
+                                    jax.devices()[0].platform.upper()])
+            except SystemExit as err:
+                print(f"trace summary: {err}", flush=True)
         print(json.dumps({"variant": args.child, "width": width, "seeds_per_step": k,
                           "compile_s": compile_s,
                           "ms_per_step": 1e3 * float(np.median(times)),
@@ -121,6 +139,7 @@ def main(argv=None):
         cmd = [sys.executable, __file__, "--child", name, "--config", args.config, "--model",
                args.model, "--widths", args.widths, "--steps", str(args.steps), "--reps",
                str(args.reps), "--seeds-per-step", str(args.seeds_per_step)] + (
+                   ["--profile", args.profile] if args.profile else []) + (
                    [] if args.batch_size is None else
                                   ["--batch-size", str(args.batch_size)])
         proc = subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": flags}, capture_output=True,
@@ -128,6 +147,9 @@ def main(argv=None):
         found = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0:
             print(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}", flush=True)
+        if args.profile:  # the child's trace summaries
+            print("\n".join(line for line in proc.stdout.splitlines()
+                            if not line.startswith("{")), flush=True)
         for row in found:
             print(json.dumps(row), flush=True)
         rows += found
