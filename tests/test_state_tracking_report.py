@@ -75,7 +75,7 @@ def test_a_seed_that_moved_between_run_folders_keeps_its_whole_history(tmp_path)
     assert evaluations[5][2][1] == {64: pytest.approx(0.3)}
     assert changes == {5: [(200, "learning_rate 0.002 -> 1e-05")]}
 
-    header = "model,seed,length,position_accuracy,sequence_accuracy,num_params,steps,train_length,group\n"
+    header = ",".join(state_tracking_report.report.CSV_COLUMNS) + "\n"
     (tmp_path / "group.csv").write_text(header + "m2rnn,5,64,0.2,0.0,10,200,64,S5\n"
                                         "m2rnn,4,64,0.1,0.0,10,200,64,S5\n")
     (tmp_path / "solo.csv").write_text(header + "m2rnn,5,64,0.3,0.0,10,300,64,S5\n")

@@ -236,7 +236,8 @@ def _state_products_mma_inline(ctx, h, w_frag, kv, lo_by_bits=False):
         return array.registers[0, j, 0, 0, half, 0, 0, 0, 0]
 
     def element(vec, e):
-        return vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([e]))
+        return vector.extract(vec, dynamic_position=[],
+                              static_position=ir.DenseI64ArrayAttr.get([e]))
 
     parts = {(j, half): _hi_lo_pair_by_bits(reg(h, j, half), lo_by_bits)
              for j in (0, 1) for half in (0, 1)}
