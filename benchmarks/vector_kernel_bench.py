@@ -39,6 +39,13 @@ CONFIGS = {
     "unroll2": {"unroll": 2},
     "unroll4": {"unroll": 4},
     "warps16": {"num_warps": 16, "backward_num_warps": 16},
+    # Fewest spills in benchmarks/triton_registers.py's offline estimate (seventh session):
+    # forward unroll 1 (255 registers, no spills; default 944 B spilled), backward sub-chunk 1
+    # (255 registers, 0.5 KiB spilled; default: 32 registers, 8 KiB spilled).
+    "unroll1": {"unroll": 1},
+    "sub1": {"subchunk": 1},
+    "unroll1_sub1": {"unroll": 1, "subchunk": 1},
+    "unroll2_sub1": {"unroll": 2, "subchunk": 1},
 }
 
 
