@@ -9,7 +9,8 @@
 # GPU 1: GPU1_SEEDS (default "0"; seed 0 with SEED0_ARGS, its hand-run schedule: a constant 3e-6
 # by default, the rate of the seventh session's last call).
 # GPU 0: benchmarks/state_tracking_step_bench.py for BENCH_SEEDS_PER_STEP (default "1 3"; 0 skips
-# it), then KERNEL_CMD (e.g. "python3 benchmarks/mosaic_check.py ..."; output in
+# it), then KERNEL_CMD (e.g. "python3 benchmarks/mosaic_check.py ..." or "bash
+# benchmarks/gpu_vector_probe.sh"; output in
 # $OUT/kernels.txt, KERNEL_TIMEOUT_S default 240), then for what is left of BUDGET_S GPU0_SEEDS
 # (default "5") alone and GROUP_SEEDS (default "3 4") together, s5_long.yaml as it is. A seed that
 # reaches the training length can leave the group: move its checkpoint from
@@ -48,5 +49,5 @@ fi
 wait
 SEEDS="$GPU1_SEEDS $GPU0_SEEDS" bash benchmarks/gpu_s5_long.sh collect
 grep -E "^(pallas|scan|variant)" "$OUT/step_bench.txt"
-[ -f "$OUT/kernels.txt" ] && grep -E "^(correctness|device|shape|[0-9]+x)" "$OUT/kernels.txt" \
-  | tail -n 30
+[ -f "$OUT/kernels.txt" ] && grep -E "^(correctness|device|shape|[0-9]+x|CHECK|time|XLA PTX|variant|pallas)" \
+  "$OUT/kernels.txt" | tail -n 30
