@@ -5,10 +5,11 @@
 #      XLA's PTX of the step (vector kernels included) comes back as $OUT/xla_ptx.tgz, for
 #      `python3 benchmarks/triton_registers.py --ptx ...` here (registers and spills as the GPU
 #      compiles them); the trace summary (busiest kernels per stream) is in the output;
-#   2. benchmarks/vector_kernel_bench.py for VECTOR_CONFIGS (default
-#      "default,unroll1_sub1,unroll2_sub1": the offline estimate's spill-free candidates).
+#   2. benchmarks/vector_kernel_bench.py for VECTOR_CONFIGS (default "default,unroll1_sub1,
+#      split_unroll1_sub1,split_unroll1_sub1_warps4": the offline estimate's candidates without
+#      spills; each configuration compiles four times, ~80 s).
 #
-#   device: OUT=$OUT bash benchmarks/gpu_vector_probe.sh      (about 3-4 minutes)
+#   device: OUT=$OUT bash benchmarks/gpu_vector_probe.sh      (about 7 minutes)
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 DUMP=/tmp/xla_dump_vector
@@ -21,5 +22,5 @@ if [ -n "$ptx" ]; then
 else
   echo "no PTX with m2rnn_vector under $DUMP: $(ls "$DUMP" | head -n 5)"
 fi
-timeout 260 python3 benchmarks/vector_kernel_bench.py \
-  --configs "${VECTOR_CONFIGS:-default,unroll1_sub1,unroll2_sub1}"
+timeout 360 python3 benchmarks/vector_kernel_bench.py \
+  --configs "${VECTOR_CONFIGS:-default,unroll1_sub1,split_unroll1_sub1,split_unroll1_sub1_warps4}"

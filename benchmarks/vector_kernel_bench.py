@@ -41,11 +41,16 @@ CONFIGS = {
     "warps16": {"num_warps": 16, "backward_num_warps": 16},
     # Fewest spills in benchmarks/triton_registers.py's offline estimate (seventh session):
     # forward unroll 1 (255 registers, no spills; default 944 B spilled), backward sub-chunk 1
-    # (255 registers, 0.5 KiB spilled; default: 32 registers, 8 KiB spilled).
+    # (255 registers, 0.5 KiB spilled; default: 32 registers, 8 KiB spilled). The split dots
+    # never spill: forward 64 registers (4 programs per SM), backward 164; with 4 warps 96
+    # and 245 (5 and 2 programs per SM).
     "unroll1": {"unroll": 1},
     "sub1": {"subchunk": 1},
     "unroll1_sub1": {"unroll": 1, "subchunk": 1},
     "unroll2_sub1": {"unroll": 2, "subchunk": 1},
+    "split_unroll1_sub1": {"float32_dots": "split", "unroll": 1, "subchunk": 1},
+    "split_unroll1_sub1_warps4": {"float32_dots": "split", "unroll": 1, "subchunk": 1,
+                                  "num_warps": 4, "backward_num_warps": 4},
 }
 
 
