@@ -69,10 +69,11 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
         plgpu.copy_gmem_to_smem(wt_frag_ref.at[n], wt_frag_s, w_bar)
     plgpu.barrier_wait(w_bar)
     g_later = plgpu.load(h_s, layout=wgmma_layout, optimized=False)
+    w_frag = wt_frag = None
     if mma_sync and not interpret:
         # W's and Wᵀ's mma.sync B fragments: loop-invariant registers (4 per thread each).
-        frags = {id(buf): plgpu.load(buf_f, layout=wgmma_layout, optimized=False).astype(_BF16)
-                 for buf, buf_f in ((w_s, w_frag_s), (wt_s, wt_frag_s))}
+        w_frag, wt_frag = (plgpu.load(buf, layout=wgmma_layout, optimized=False).astype(_BF16)
+                           for buf in (w_frag_s, wt_frag_s))
         products_by_mma = mma_state_products(hi_lo_split)
 
     def clamp(x):
@@ -81,11 +82,11 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
     split_state = state_splitter(2, f16_state, hi_lo_split, interpret)  # as the forward's
     split_grad = state_splitter(2, False, hi_lo_split, interpret)  # du: bf16's range
 
-    def matmul_w(x, w_smem, split, addend):
+    def matmul_w(x, w_smem, w_fragments, split, addend):
         """addend + x (64×16 f32) · w (16×16 in SMEM, the parts' dtype) on the parts ``split``
-        makes (by mma.sync with ``state_product="mma_sync"``: the addend is its accumulator)."""
-        if mma_sync and not interpret:
-            return products_by_mma(x, frags[id(w_smem)], addend)
+        makes (by mma.sync on w's B fragments when given: the addend is its accumulator)."""
+        if w_fragments is not None:
+            return products_by_mma(x, w_fragments, addend)
         parts = split(x)
         if interpret:
             return sum(jnp.dot(a, w_smem[...], preferred_element_type=_F32)
@@ -111,7 +112,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
             h = h * keep_t
         kv = lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0]) * lax.broadcast_in_dim(
             v_t, (KEY_DIM, VALUE_DIM), [1])
-        z = _tanh(matmul_w(h, w_s, split_state, kv), f16_tanh)
+        z = _tanh(matmul_w(h, w_s, w_frag, split_state, kv), f16_tanh)
         return h, z, z + f_t * (h - z)
 
     def chunk_loop(acc_ref, g_later, dw):
@@ -168,7 +169,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
                         q_t, (KEY_DIM, VALUE_DIM), [0]) * dy_b
                     h_prev, z = prevs[m], zs[m]
                     du = (1.0 - f_t) * g * (1.0 - z * z)
-                    g_later = matmul_w(du, wt_s, split_grad, f_t * g)
+                    g_later = matmul_w(du, wt_s, wt_frag, split_grad, f_t * g)
                     if keep_t is not None:
                         g_later = g_later * keep_t
                     if warp_sums:
