@@ -1,5 +1,5 @@
-"""Registers, spills and programs per SM of the vector-state kernels (``pallas_gpu_vector``) for
-an H100/H200, measured on a machine without a GPU.
+"""Registers, spills and programs per SM of the Pallas Triton kernels (``pallas_gpu_vector``, or
+``pallas_gpu`` with ``--kernel sequence``) for an H100/H200, measured on a machine without a GPU.
 
 Register pressure decides these kernels' speed (RESULTS.md, vector-state kernels), and the
 device time to find it out is scarce. Pallas lowers a kernel to a Triton module on any machine
@@ -10,7 +10,9 @@ that module, compiles it with the ``triton`` package for sm_90 and reads ``ptxas
     PYTHONPATH=. python3 benchmarks/triton_registers.py \\
         [--configs "default;block_rows=16,num_warps=4"] [--batch 512 --seq-len 64 --heads 16 --value-dim 64]
 
-Each ``--configs`` entry is ``VectorKernelConfig`` keywords (``default`` = the defaults). Caveat:
+Each ``--configs`` entry is ``VectorKernelConfig`` (``KernelConfig`` for ``--kernel sequence``,
+e.g. ``--kernel sequence --batch 8 --seq-len 4096 --heads 84 --key-dim 64 --value-dim 16
+--dtype bfloat16 --chunk 64``) keywords (``default`` = the defaults). Caveat:
 XLA compiles the module with its own Triton, not this package's, so these are estimates; the
 GPU's own PTX (``XLA_FLAGS=--xla_dump_to=DIR`` on the device writes ``*.ptx``) is the check:
 
@@ -149,6 +151,29 @@ def vector_kernel_calls(config, batch, seq_len, heads, value_dim, chunk, dtype):
              config.backward_num_warps)]
 
 
+def sequence_kernel_calls(config, batch, seq_len, heads, key_dim, value_dim, chunk, dtype):
+    """(name, function, abstract args, num_warps) of ``gpu.py``'s forward and backward (one
+    q/k group)."""
+    from pallas_kernels.m2rnn import gpu
+
+    spec = jax.ShapeDtypeStruct
+    qk = spec((batch, seq_len, 1, key_dim), dtype)
+    v = spec((batch, seq_len, heads, value_dim), dtype)
+    w = spec((heads, value_dim, value_dim), dtype)
+    f = spec((batch, seq_len, heads), dtype)
+    h0 = spec((batch, heads, key_dim, value_dim), jnp.float32)
+    pad = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731 - gpu.py's padding
+    # The checkpoints' layout (B, S/C, Kp, N·Vp), as gpu.forward writes them.
+    checkpoints = spec((batch, seq_len // chunk, pad(key_dim), heads * pad(value_dim)),
+                       jnp.float32)
+    forward = functools.partial(gpu.forward, chunk_size=chunk, config=config)
+    backward = functools.partial(gpu.backward, chunk_size=chunk, gradient_clipping=1.0,
+                                 config=config)
+    return [("forward", forward, (qk, qk, v, w, f, h0, None), config.num_warps),
+            ("backward", backward, (qk, qk, v, w, f, h0, None, checkpoints, v, h0),
+             config.num_warps)]
+
+
 def parse_configs(text):
     """``"default;block_rows=16,num_warps=4"`` -> [(label, keywords)]."""
     out = []
@@ -166,7 +191,10 @@ def parse_configs(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernel", choices=("vector", "sequence"), default="vector",
+                   help="pallas_gpu_vector (K = 1) or pallas_gpu (gpu.py)")
     p.add_argument("--configs", default="default")
+    p.add_argument("--key-dim", type=int, default=64, help="K (--kernel sequence)")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--heads", type=int, default=16)
@@ -183,21 +211,28 @@ def main(argv=None):
                       f"stores/loads {u['spill_stores']}/{u['spill_loads']} B, stack "
                       f"{u['stack']} B")
         return
-    from pallas_kernels.m2rnn import gpu_vector
+    from pallas_kernels.m2rnn import gpu, gpu_vector
     try:
         import triton  # noqa: F401
     except ImportError:
         raise SystemExit("needs the triton package: python3 -m pip install triton==3.6.0")
-    gpu_vector._interpret = lambda: False  # the GPU path, not the interpreter
+    # The GPU path, not the interpreter.
+    gpu._interpret = gpu_vector._interpret = lambda: False
     rows = []
     for label, keywords in parse_configs(args.configs):
-        config = gpu_vector.VectorKernelConfig(**keywords)
-        for name, fn, fn_args, warps in vector_kernel_calls(
-                config, args.batch, args.seq_len, args.heads, args.value_dim, args.chunk,
-                jnp.dtype(args.dtype)):
+        if args.kernel == "vector":
+            calls = vector_kernel_calls(gpu_vector.VectorKernelConfig(**keywords), args.batch,
+                                        args.seq_len, args.heads, args.value_dim, args.chunk,
+                                        jnp.dtype(args.dtype))
+        else:
+            calls = sequence_kernel_calls(gpu.KernelConfig(**keywords), args.batch,
+                                          args.seq_len, args.heads, args.key_dim,
+                                          args.value_dim, args.chunk, jnp.dtype(args.dtype))
+        num_stages = keywords.get("num_stages", 1)
+        for name, fn, fn_args, warps in calls:
             (module,) = capture_triton_modules(fn, *fn_args)
             with tempfile.TemporaryDirectory() as workdir:
-                usage = compile_for_sm90(module, warps, config.num_stages, workdir)
+                usage = compile_for_sm90(module, warps, num_stages, workdir)
             usage["programs_per_sm"] = programs_per_sm(usage["registers"], warps,
                                                        usage["shared"])
             rows.append((label, name, warps, usage))

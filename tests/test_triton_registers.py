@@ -26,6 +26,18 @@ def test_captures_the_vector_kernels_triton_modules(monkeypatch):
         assert "tt.dot" in module and "loc(" not in module  # no debug info to trip parsers
 
 
+def test_captures_the_sequence_kernels_triton_modules(monkeypatch):
+    from pallas_kernels.m2rnn import gpu
+
+    monkeypatch.setattr(gpu, "_interpret", lambda: False)
+    calls = triton_registers.sequence_kernel_calls(gpu.KernelConfig(), 2, 16, 2, 64, 16, 8,
+                                                   jnp.bfloat16)
+    assert [(name, warps) for name, _, _, warps in calls] == [("forward", 4), ("backward", 4)]
+    for name, fn, args, _ in calls:
+        (module,) = triton_registers.capture_triton_modules(fn, *args)
+        assert f"tt.func public @m2rnn_{name}" in module and "tt.dot" in module
+
+
 def test_ptxas_output_and_occupancy():
     text = """ptxas info    : 11 bytes gmem
 ptxas info    : Compiling entry function 'm2rnn_vector_forward' for 'sm_90a'
