@@ -129,49 +129,44 @@ def compile_for_sm90(module_text, num_warps, num_stages, workdir):
     return {**usage, "shared": int(kernel.metadata.shared)}
 
 
-def vector_kernel_calls(config, batch, seq_len, heads, value_dim, chunk, dtype):
-    """(name, function, abstract args, num_warps) of the forward and backward."""
-    from pallas_kernels.m2rnn import gpu_vector
-
-    spec = jax.ShapeDtypeStruct
-    qk = spec((batch, seq_len, 1, 1), dtype)
-    v = spec((batch, seq_len, heads, value_dim), dtype)
-    w = spec((heads, value_dim, value_dim), dtype)
-    f = spec((batch, seq_len, heads), dtype)
-    h0 = spec((batch, heads, 1, value_dim), jnp.float32)
-    # The checkpoints' padded layout (N, S/C, Bp, Vp), as gpu_vector's forward writes them.
-    batch_pad = -(-batch // config.block_rows) * config.block_rows
-    value_pad = max(16, 1 << (value_dim - 1).bit_length())
-    checkpoints = spec((heads, seq_len // chunk, batch_pad, value_pad), jnp.float32)
-    forward = functools.partial(gpu_vector.forward, chunk_size=chunk, config=config)
-    backward = functools.partial(gpu_vector.backward, chunk_size=chunk, gradient_clipping=1.0,
-                                 config=config)
-    return [("forward", forward, (qk, qk, v, w, f, h0, None), config.num_warps),
-            ("backward", backward, (qk, qk, v, w, f, h0, None, checkpoints, v, h0),
-             config.backward_num_warps)]
-
-
-def sequence_kernel_calls(config, batch, seq_len, heads, key_dim, value_dim, chunk, dtype):
-    """(name, function, abstract args, num_warps) of ``gpu.py``'s forward and backward (one
-    q/k group)."""
-    from pallas_kernels.m2rnn import gpu
-
+def _kernel_calls(kernels, config, batch, seq_len, heads, key_dim, value_dim, dtype,
+                  checkpoints_shape, chunk):
+    """(name, function, abstract args, num_warps) of ``kernels``' forward and backward (one q/k
+    group, no reset mask)."""
     spec = jax.ShapeDtypeStruct
     qk = spec((batch, seq_len, 1, key_dim), dtype)
     v = spec((batch, seq_len, heads, value_dim), dtype)
     w = spec((heads, value_dim, value_dim), dtype)
     f = spec((batch, seq_len, heads), dtype)
     h0 = spec((batch, heads, key_dim, value_dim), jnp.float32)
-    pad = lambda n: max(16, 1 << (n - 1).bit_length())  # noqa: E731 - gpu.py's padding
-    # The checkpoints' layout (B, S/C, Kp, N·Vp), as gpu.forward writes them.
-    checkpoints = spec((batch, seq_len // chunk, pad(key_dim), heads * pad(value_dim)),
-                       jnp.float32)
-    forward = functools.partial(gpu.forward, chunk_size=chunk, config=config)
-    backward = functools.partial(gpu.backward, chunk_size=chunk, gradient_clipping=1.0,
+    checkpoints = spec(checkpoints_shape, jnp.float32)
+    forward = functools.partial(kernels.forward, chunk_size=chunk, config=config)
+    backward = functools.partial(kernels.backward, chunk_size=chunk, gradient_clipping=1.0,
                                  config=config)
     return [("forward", forward, (qk, qk, v, w, f, h0, None), config.num_warps),
             ("backward", backward, (qk, qk, v, w, f, h0, None, checkpoints, v, h0),
-             config.num_warps)]
+             getattr(config, "backward_num_warps", config.num_warps))]
+
+
+def vector_kernel_calls(config, batch, seq_len, heads, value_dim, chunk, dtype):
+    """``_kernel_calls`` of ``gpu_vector`` (K = 1)."""
+    from pallas_kernels.m2rnn import gpu, gpu_vector
+
+    # The checkpoints' padded layout (N, S/C, Bp, Vp), as gpu_vector's forward writes them.
+    batch_pad = -(-batch // config.block_rows) * config.block_rows
+    value_pad = max(16, gpu._next_pow2(value_dim))
+    return _kernel_calls(gpu_vector, config, batch, seq_len, heads, 1, value_dim, dtype,
+                         (heads, seq_len // chunk, batch_pad, value_pad), chunk)
+
+
+def sequence_kernel_calls(config, batch, seq_len, heads, key_dim, value_dim, chunk, dtype):
+    """``_kernel_calls`` of ``gpu.py``."""
+    from pallas_kernels.m2rnn import gpu
+
+    # The checkpoints' layout (B, S/C, Kp, N·Vp), as gpu.forward writes them.
+    key_pad, value_pad = (max(16, gpu._next_pow2(n)) for n in (key_dim, value_dim))
+    return _kernel_calls(gpu, config, batch, seq_len, heads, key_dim, value_dim, dtype,
+                         (batch, seq_len // chunk, key_pad, heads * value_pad), chunk)
 
 
 def parse_configs(text):
