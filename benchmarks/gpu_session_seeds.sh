@@ -49,5 +49,5 @@ fi
 wait
 SEEDS="$GPU1_SEEDS $GPU0_SEEDS" bash benchmarks/gpu_s5_long.sh collect
 grep -E "^(pallas|scan|variant)" "$OUT/step_bench.txt"
-[ -f "$OUT/kernels.txt" ] && grep -E "^(correctness|device|shape|[0-9]+x|CHECK|time|XLA PTX|variant|pallas)" \
+[ -f "$OUT/kernels.txt" ] && grep -E "^(correctness|device|shape|[0-9]+x|CHECK|time|XLA (PTX|dump)|variant|pallas|==|1 +[0-9])" \
   "$OUT/kernels.txt" | tail -n 30

@@ -9,6 +9,9 @@ would help a run that wanders at a constant learning rate. CPU is enough:
         --config configs/state_tracking/s5_long.yaml --seed 0 \\
         runs/s5_long/snapshots/m2rnn_seed0_step345600.msgpack \\
         runs/s5_long/seed0/checkpoints/m2rnn_seed0.msgpack --weights 0,0.5,0.75,1,1.5,2
+
+The same file twice with ``--weights 1`` evaluates one checkpoint; ``--vector-config NAME``
+picks the vector-state kernels' configuration for it (to compare two on one checkpoint).
 """
 
 import argparse
@@ -31,7 +34,14 @@ def main(argv=None):
     p.add_argument("second")
     p.add_argument("--weights", default="0,0.5,1", help="comma-separated w")
     p.add_argument("--lengths", default="64,512", help="comma-separated evaluation lengths")
+    p.add_argument("--vector-config", metavar="NAME",
+                   help="the pallas_gpu_vector kernels' configuration (on a GPU): a name of "
+                        "benchmarks/vector_kernel_bench.py's CONFIGS, e.g. 'before'")
     args = p.parse_args(argv)
+    if args.vector_config:
+        import vector_kernel_bench  # benchmarks/ is on sys.path when run as a script
+
+        vector_kernel_bench.with_config(args.vector_config)
     config = load_yaml(ExperimentConfig, args.config)
     group = cli.build_group(config.task)
     runner = ModelRunner(args.model, config.model_config(args.model, group.order), config.train)

@@ -7,7 +7,12 @@ device processes hold one timeline per stream (kernel executions) and derived on
 modules); summing over all of them would count a kernel twice, so this prints each timeline of
 the matching processes separately: its busy time and its ``--top`` event names by total time.
 
-    python3 benchmarks/trace_summary.py DIR_OR_FILE [--process GPU] [--top 15]
+    python3 benchmarks/trace_summary.py DIR_OR_FILE [--process GPU] [--top 15] [--hlo DUMP_DIR]
+
+With ``--hlo`` (the ``XLA_FLAGS=--xla_dump_to=DUMP_DIR`` of the same program) each busy XLA
+kernel's instruction in the optimized HLO follows its timeline: its shapes and, for a fusion,
+the first lines of the fused computation, to say what a name like ``input_transpose_fusion_5``
+computes.
 
 ``benchmarks/state_tracking_step_bench.py --profile DIR`` records such a trace of the train step.
 """
@@ -18,6 +23,7 @@ import glob
 import gzip
 import json
 import os
+import re
 
 
 def find_trace(path):
@@ -65,6 +71,39 @@ def summarize(events, process_filter="", top=15):
     return sorted(rows, key=lambda r: -r[2])
 
 
+def hlo_definitions(dump_dir, names, body_lines=12):
+    """``{name: text}``: the instruction ``name`` in the optimized HLO modules under
+    ``dump_dir`` (``*after_optimizations.txt``) and, for a fusion, the head of the computation
+    it calls."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(dump_dir, "*after_optimizations.txt")),
+                       key=os.path.getsize, reverse=True):
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+        starts = {}  # computation name -> line index of its header
+        for i, line in enumerate(lines):
+            header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) ", line)
+            if header and line.rstrip().endswith("{"):
+                starts[header.group(1)] = i
+        for name in names:
+            if name in found:
+                continue
+            pattern = re.compile(rf"^\s*(?:ROOT )?%?{re.escape(name)} = ")
+            for line in lines:
+                if pattern.match(line):
+                    text = [line.strip()[:600]]
+                    called = re.search(r"calls=%?([\w.\-]+)", line)
+                    if called and called.group(1) in starts:
+                        first = starts[called.group(1)]
+                        for body in lines[first:first + body_lines + 1]:
+                            text.append("    " + body.strip()[:300])
+                            if body.strip() == "}":
+                                break
+                    found[name] = "\n".join(text)
+                    break
+    return found
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("path", help="a trace file, or the directory given to jax.profiler.trace")
@@ -72,6 +111,8 @@ def main(argv=None):
                    help="only processes whose name contains this (default GPU; '' = all)")
     p.add_argument("--top", type=int, default=15, help="event names shown per timeline")
     p.add_argument("--threads", type=int, default=6, help="timelines shown (busiest first)")
+    p.add_argument("--hlo", metavar="DUMP_DIR",
+                   help="XLA dump of the same program: print each busy kernel's HLO")
     args = p.parse_args(argv)
     path = find_trace(args.path)
     rows = summarize(read_events(path), args.process, args.top)
@@ -82,6 +123,13 @@ def main(argv=None):
         print(f"\n{process} / {thread}: {busy / 1e3:.3f} ms busy in {count} events")
         for name, total, calls in ranked:
             print(f"  {total / 1e3:9.3f} ms {100 * total / busy:5.1f} % {calls:6d}x  {name[:90]}")
+    if args.hlo:
+        names = [name for _, _, _, _, ranked in rows[:args.threads] for name, _, _ in ranked]
+        definitions = hlo_definitions(args.hlo, names)
+        print(f"\nHLO of the busy kernels ({len(definitions)} of {len(set(names))} found "
+              f"under {args.hlo}):")
+        for name, text in definitions.items():
+            print(f"\n{name}:\n{text}")
 
 
 if __name__ == "__main__":

@@ -28,29 +28,41 @@ from m2rnn_jax import m2rnn
 from pallas_kernels.m2rnn import gpu_vector
 from timing import median_seconds  # benchmarks/ is on sys.path when run as a script
 
+# The defaults until the eighth session: the sixth and seventh sessions' names are relative
+# to them.
+_BEFORE = {"float32_dots": "ieee", "unroll": 8, "subchunk": 2, "num_warps": 8,
+           "backward_num_warps": 8}
+
 # name -> VectorKernelConfig overrides
 CONFIGS = {
-    "default": {},  # R = 16 rows, 8 warps, unroll 8, sub-chunk 2, exact float32 dots
-    "sub4": {"subchunk": 4},
-    "warps4": {"num_warps": 4, "backward_num_warps": 4},
-    "rows32": {"block_rows": 32},
-    "split": {"float32_dots": "split"},
-    "tf32x3": {"float32_dots": "tf32x3"},
-    "unroll2": {"unroll": 2},
-    "unroll4": {"unroll": 4},
-    "warps16": {"num_warps": 16, "backward_num_warps": 16},
+    "default": {},  # R = 16 rows, 4 warps, unroll 1, sub-chunk 1, split dots (eighth session)
+    "before": _BEFORE,  # R = 16, 8 warps, unroll 8, sub-chunk 2, exact float32 dots
+    "sub4": {**_BEFORE, "subchunk": 4},
+    "warps4": {**_BEFORE, "num_warps": 4, "backward_num_warps": 4},
+    "rows32": {**_BEFORE, "block_rows": 32},
+    "split": {**_BEFORE, "float32_dots": "split"},
+    "tf32x3": {**_BEFORE, "float32_dots": "tf32x3"},
+    "unroll2": {**_BEFORE, "unroll": 2},
+    "unroll4": {**_BEFORE, "unroll": 4},
+    "warps16": {**_BEFORE, "num_warps": 16, "backward_num_warps": 16},
     # Fewest spills in benchmarks/triton_registers.py's offline estimate (seventh session):
-    # forward unroll 1 (255 registers, no spills; default 944 B spilled), backward sub-chunk 1
-    # (255 registers, 0.5 KiB spilled; default: 32 registers, 8 KiB spilled). The split dots
-    # never spill: forward 64 registers (4 programs per SM), backward 164; with 4 warps 96
-    # and 245 (5 and 2 programs per SM).
-    "unroll1": {"unroll": 1},
-    "sub1": {"subchunk": 1},
-    "unroll1_sub1": {"unroll": 1, "subchunk": 1},
-    "unroll2_sub1": {"unroll": 2, "subchunk": 1},
-    "split_unroll1_sub1": {"float32_dots": "split", "unroll": 1, "subchunk": 1},
-    "split_unroll1_sub1_warps4": {"float32_dots": "split", "unroll": 1, "subchunk": 1,
-                                  "num_warps": 4, "backward_num_warps": 4},
+    # forward unroll 1 (255 registers, no spills; then default 944 B spilled), backward
+    # sub-chunk 1 (255 registers, 0.5 KiB spilled; then default: 32 registers, 8 KiB spilled).
+    # The split dots never spill: forward 64 registers (4 programs per SM), backward 164; with
+    # 4 warps 96 and 245 (5 and 2 programs per SM).
+    "unroll1": {**_BEFORE, "unroll": 1},
+    "sub1": {**_BEFORE, "subchunk": 1},
+    "unroll1_sub1": {**_BEFORE, "unroll": 1, "subchunk": 1},
+    "unroll2_sub1": {**_BEFORE, "unroll": 2, "subchunk": 1},
+    "split_unroll1_sub1": {**_BEFORE, "float32_dots": "split", "unroll": 1, "subchunk": 1},
+    "split_unroll1_sub1_warps4": {},  # fastest of the seventh session's: the default since
+    # Around the eighth session's default (offline: forward unroll 2 126 registers, 4
+    # programs per SM; unroll 4 164, 3; R = 32 168, 3 (backward 8 B spilled); 2 forward warps
+    # 180, 5; backward unchanged at 245, 2 programs per SM, in all of them).
+    "d_unroll2": {"unroll": 2},
+    "d_unroll4": {"unroll": 4},
+    "d_rows32": {"block_rows": 32},
+    "d_fwd_warps2": {"num_warps": 2},
 }
 
 

@@ -89,10 +89,13 @@ def test_errors_and_dispatch(monkeypatch):
     with pytest.raises(ValueError, match="float32_dots"):
         gpu_vector.VectorKernelConfig(float32_dots="fp8")
     with pytest.raises(ValueError, match="chunk_size"):
-        gpu_vector.choose_chunk_size(64, 12)
+        gpu_vector.choose_chunk_size(64, 0)
+    q1, k1 = q[..., :1], k[..., :1]
+    with pytest.raises(ValueError, match="chunk_size must be a multiple of 8"):
+        gpu_vector.forward(q1, k1, v, w, f, h0, None, chunk_size=4,
+                           config=gpu_vector.VectorKernelConfig(unroll=8))
     # On a GPU, "auto" takes these kernels for K = 1 and the general ones otherwise.
     monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
-    q1, k1 = q[..., :1], k[..., :1]
     assert ops.resolve_backend("auto", q1, k1, v, w, f) == "pallas_gpu_vector"
     assert ops.resolve_backend("auto", q, k, v, w, f) == "pallas_gpu"
     assert ops.resolve_backend("scan", q1, k1, v, w, f) == "scan"

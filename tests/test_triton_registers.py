@@ -17,7 +17,7 @@ def test_captures_the_vector_kernels_triton_modules(monkeypatch):
     from pallas_kernels.m2rnn import gpu_vector
 
     monkeypatch.setattr(gpu_vector, "_interpret", lambda: False)
-    config = gpu_vector.VectorKernelConfig(unroll=2, subchunk=1)
+    config = gpu_vector.VectorKernelConfig(unroll=2, subchunk=1, num_warps=8, backward_num_warps=8)
     calls = triton_registers.vector_kernel_calls(config, 40, 16, 2, 5, 8, jnp.float32)
     assert [(name, warps) for name, _, _, warps in calls] == [("forward", 8), ("backward", 8)]
     for name, fn, args, _ in calls:
