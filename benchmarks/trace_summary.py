@@ -71,7 +71,7 @@ def summarize(events, process_filter="", top=15):
     return sorted(rows, key=lambda r: -r[2])
 
 
-def hlo_definitions(dump_dir, names, body_lines=12):
+def hlo_definitions(dump_dir, names, body_lines=30):
     """``{name: text}``: the instruction ``name`` in the optimized HLO modules under
     ``dump_dir`` (``*after_optimizations.txt``) and, for a fusion, the head of the computation
     it calls."""
@@ -88,7 +88,12 @@ def hlo_definitions(dump_dir, names, body_lines=12):
         for name in names:
             if name in found:
                 continue
-            pattern = re.compile(rf"^\s*(?:ROOT )?%?{re.escape(name)} = ")
+            # The profiler writes "fusion_5" for the HLO's "fusion.5".
+            spelled = re.escape(name)
+            suffix = re.match(r"^(.*)_(\d+)$", name)
+            if suffix:
+                spelled = f"(?:{spelled}|{re.escape(suffix.group(1))}\\.{suffix.group(2)})"
+            pattern = re.compile(rf"^\s*(?:ROOT )?%?{spelled} = ")
             for line in lines:
                 if pattern.match(line):
                     text = [line.strip()[:600]]

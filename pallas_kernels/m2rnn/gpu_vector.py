@@ -14,9 +14,13 @@ Tiling (what lives where):
   * Grid ``(N, Bp / R)``: one program per head and block of R batch rows (``Bp``: B padded to
     a multiple of R; padded rows carry zeros and add nothing to dW). The program walks the
     whole sequence; the state never leaves it.
-  * Outside the kernel the inputs are rearranged time-major per group, ``v (Nv, S, Bp, Vp)``,
-    ``q/k/f (N_x, S, Bp)``, ``keep (S, Bp)``, so a step's loads and stores are contiguous
-    blocks (one ``(R, Vp)`` tile of v and y, R-vectors of q, k, f).
+  * The V-wide tensors (v, y and their gradients) stay in the op's ``(B, S, N, V)`` layout
+    (padded to ``(Bp, S, N, Vp)`` only where B or V need it): a step's ``(R, Vp)`` tile is R
+    rows of Vp contiguous values. Rearranging them time-major cost more than the kernels: XLA
+    fused the transposes into the layer's elementwise gradient chain, and in the S5 train
+    step those fusions took ~2.5 of 8.1 ms (H200 profile, benchmarks/RESULTS.md). The
+    small per-head scalars are rearranged time-major per group, ``q/k/f (N_x, S, Bp)``,
+    ``keep (S, Bp)``, so their R-vectors are contiguous loads.
   * State: one float32 register tile ``(R, Vp)`` (Vp: V padded to a power of two >= 16, the
     Triton dot's minimum). The forward writes y and, when asked, the state every ``chunk``
     steps (memory grows as S/C).
@@ -142,19 +146,23 @@ def _pad_rows(x, lay, axis, value=0.0):
 
 
 def _time_major(x, lay):
-    """(B, S, G) or (B, S, G, V) -> (G, S, Bp) or (G, S, Bp, Vp)."""
-    x = jnp.swapaxes(jnp.moveaxis(x, 2, 0), 1, 2)
-    if x.ndim == 4:
-        x = _pad_last(x, lay.value_pad)
-    return _pad_rows(x, lay, axis=2)
+    """(B, S, G) -> (G, S, Bp)."""
+    return _pad_rows(jnp.swapaxes(jnp.moveaxis(x, 2, 0), 1, 2), lay, axis=2)
 
 
 def _from_time_major(x, lay):
-    """(N, S, Bp[, Vp]) -> (B, S, N[, V])."""
-    x = x[:, :, :lay.batch]
-    if x.ndim == 4:
-        x = x[..., :lay.value_dim]
-    return jnp.moveaxis(jnp.swapaxes(x, 1, 2), 0, 2)
+    """(N, S, Bp) -> (B, S, N)."""
+    return jnp.moveaxis(jnp.swapaxes(x[:, :, :lay.batch], 1, 2), 0, 2)
+
+
+def _padded(x, lay):
+    """(B, S, G, V) -> (Bp, S, G, Vp); no copy when B and V need no padding."""
+    return _pad_rows(_pad_last(x, lay.value_pad), lay, axis=0)
+
+
+def _unpadded(x, lay):
+    """(Bp, S, N, Vp) -> (B, S, N, V)."""
+    return x[:lay.batch, ..., :lay.value_dim]
 
 
 def _states_to_rows(x, lay):
@@ -203,7 +211,7 @@ class _Step:
         rows = self.rows
         q = q_ref[gq, t, rows].astype(_F32)
         k = k_ref[gk, t, rows].astype(_F32)
-        v = v_ref[gv, t, rows, :].astype(_F32)
+        v = v_ref[rows, t, gv, :].astype(_F32)
         f = f_ref[gf, t, rows].astype(_F32)
         keep = None if keep_ref is None else keep_ref[t, rows]
         return q, k, v, f, keep
@@ -237,7 +245,7 @@ def _forward_kernel(*refs, lay, chunk, unroll, has_keep, save_checkpoints, preci
         inputs = [step.load(t0 + j) for j in range(unroll)]  # issued together
         for j in range(unroll):
             _, _, h = step.advance(h, inputs[j])
-            y_ref[n, t0 + j, rows, :] = (inputs[j][0][:, None] * h).astype(y_ref.dtype)
+            y_ref[rows, t0 + j, n, :] = (inputs[j][0][:, None] * h).astype(y_ref.dtype)
         return h
 
     h = lax.fori_loop(0, lay.seq_len // unroll, run_group, h0_ref[n, rows, :])
@@ -260,7 +268,7 @@ def _backward_kernel(*refs, lay, chunk, subchunk, has_keep, precision, w_is_bf16
     def walk_back_sub_chunk(t0, h, carry):
         g_later, dw = carry
         inputs = [step.load(t0 + j) for j in range(subchunk)]
-        dys = [dy_ref[n, t0 + j, rows, :].astype(_F32) for j in range(subchunk)]
+        dys = [dy_ref[rows, t0 + j, n, :].astype(_F32) for j in range(subchunk)]
         states, zs = [h], []
         for j in range(subchunk):
             _, z, h = step.advance(h, inputs[j])
@@ -276,7 +284,7 @@ def _backward_kernel(*refs, lay, chunk, subchunk, has_keep, precision, w_is_bf16
             dq_ref[n, t, rows] = jnp.sum(states[j + 1] * dy, axis=1)
             df_ref[n, t, rows] = jnp.sum(g * (h_prev - z), axis=1)
             dk_ref[n, t, rows] = jnp.sum(du * v, axis=1)
-            dv_ref[n, t, rows, :] = (du * k[:, None]).astype(dv_ref.dtype)
+            dv_ref[rows, t, n, :] = (du * k[:, None]).astype(dv_ref.dtype)
             dw = dw + _dot(h_prev, du, precision, _TRANSPOSED_LHS)
             g_later = f[:, None] * g + _dot(du, w_t, precision, b_is_bf16=w_is_bf16)
             if keep is not None:
@@ -300,7 +308,7 @@ def _backward_kernel(*refs, lay, chunk, subchunk, has_keep, precision, w_is_bf16
 
 
 def _inputs(q, k, v, w, f, keep, lay):
-    inputs = [_time_major(q[..., 0], lay), _time_major(k[..., 0], lay), _time_major(v, lay),
+    inputs = [_time_major(q[..., 0], lay), _time_major(k[..., 0], lay), _padded(v, lay),
               _time_major(f, lay), _weights(w, lay)]
     keep = None if keep is None else _pad_rows(keep.astype(_F32).T, lay, axis=1, value=1.0)
     return inputs, keep
@@ -324,7 +332,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     if keep_rows is not None:
         inputs.append(keep_rows)
     n, s, bp, vp = lay.num_heads, lay.seq_len, lay.batch_pad, lay.value_pad
-    out_shape = [jax.ShapeDtypeStruct((n, s, bp, vp), v.dtype),
+    out_shape = [jax.ShapeDtypeStruct((bp, s, n, vp), v.dtype),
                  jax.ShapeDtypeStruct((n, bp, vp), _F32)]
     if save_checkpoints:
         out_shape.append(jax.ShapeDtypeStruct((n, s // chunk_size, bp, vp), _F32))
@@ -336,7 +344,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     outs = _call(kernel, out_shape, lay, config.num_warps, config,
                  "m2rnn_vector_forward")(*inputs)
     checkpoints = outs[2] if save_checkpoints else None
-    return _from_time_major(outs[0], lay), _states_from_rows(outs[1], lay), checkpoints
+    return _unpadded(outs[0], lay), _states_from_rows(outs[1], lay), checkpoints
 
 
 def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
@@ -348,12 +356,12 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     inputs, keep_rows = _inputs(q, k, v, w, f, keep, lay)
     if keep_rows is not None:
         inputs.append(keep_rows)
-    inputs += [checkpoints, _time_major(dy, lay), _states_to_rows(dh_final, lay)]
+    inputs += [checkpoints, _padded(dy, lay), _states_to_rows(dh_final, lay)]
     n, s, bp, vp = lay.num_heads, lay.seq_len, lay.batch_pad, lay.value_pad
     per_row = jax.ShapeDtypeStruct((n, s, bp), _F32)
     out_shape = [
         per_row, per_row,                                            # dq, dk
-        jax.ShapeDtypeStruct((n, s, bp, vp), _F32),                  # dv
+        jax.ShapeDtypeStruct((bp, s, n, vp), _F32),                  # dv
         per_row,                                                     # df
         jax.ShapeDtypeStruct((n, lay.row_blocks, vp, vp), _F32),     # dW per row block
         jax.ShapeDtypeStruct((n, bp, vp), _F32),                     # dh0
@@ -371,7 +379,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     nq, nk, nv, nf, nw = lay.groups
     dq = sum_heads(_from_time_major(dq, lay), nq, axis=2)[..., None]
     dk = sum_heads(_from_time_major(dk, lay), nk, axis=2)[..., None]
-    dv = sum_heads(_from_time_major(dv, lay), nv, axis=2)
+    dv = sum_heads(_unpadded(dv, lay), nv, axis=2)
     df = sum_heads(_from_time_major(df, lay), nf, axis=2)
     dw = sum_heads(jnp.sum(dw, axis=1)[:, :lay.value_dim, :lay.value_dim], nw, axis=0)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dw.astype(w.dtype),
