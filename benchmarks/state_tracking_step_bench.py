@@ -26,7 +26,7 @@ import sys
 import time
 
 M2RNN = "models.m2rnn.m2rnn."
-# name -> (XLA_FLAGS, config overrides)
+# name -> (XLA_FLAGS, config overrides[, pallas_gpu_vector VectorKernelConfig overrides])
 VARIANTS = {
     "scan": ("", []),
     "unroll_auto": ("--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_AUTO_UNROLL", []),
@@ -36,6 +36,10 @@ VARIANTS = {
                              "WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1", []),
     "pallas_gpu": ("", [f"{M2RNN}backend=pallas_gpu"]),
     "pallas_gpu_vector": ("", [f"{M2RNN}backend=pallas_gpu_vector"]),
+    # q, k, f and their gradients in the op's (B, S, N) layout (eighth session, to measure):
+    # the time-major q/k slices of the 1026-wide q|k|v tensor made XLA transpose all of it.
+    "pallas_gpu_vector_scalars_bm": ("", [f"{M2RNN}backend=pallas_gpu_vector"],
+                                     {"scalar_layout": "batch_major"}),
     "auto": ("", [f"{M2RNN}backend=auto"]),
 }
 
@@ -75,6 +79,10 @@ def time_variant(args):
     import trace_summary  # benchmarks/trace_summary.py
 
     overrides = sum((["--set", s] for s in VARIANTS[args.child][1]), [])
+    if len(VARIANTS[args.child]) > 2:
+        from pallas_kernels.m2rnn import gpu_vector
+        gpu_vector.DEFAULT_CONFIG = dataclasses.replace(gpu_vector.DEFAULT_CONFIG,
+                                                        **VARIANTS[args.child][2])
     config, _ = load_config(cli_args(["--config", args.config, "--models", args.model]
                                      + overrides))
     group = build_group(config.task)

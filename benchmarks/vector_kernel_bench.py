@@ -63,6 +63,9 @@ CONFIGS = {
     "d_unroll4": {"unroll": 4},
     "d_rows32": {"block_rows": 32},
     "d_fwd_warps2": {"num_warps": 2},
+    # q, k, f, keep, dq, dk, df in the op's (B, S, N) layout (offline: forward 98 registers,
+    # 4 programs per SM; backward 255, no spills, 2 per SM).
+    "d_scalars_batch_major": {"scalar_layout": "batch_major"},
 }
 
 

@@ -48,6 +48,8 @@ def test_bfloat16_matches_scan():
 @pytest.mark.parametrize("options", [
     {"block_rows": 32, "unroll": 2, "subchunk": 1},
     {"subchunk": 4, "float32_dots": "tf32x3"},  # exact dots in interpret mode
+    # q, k, f, keep and dq, dk, df in the op's (B, S, N) layout, padded rows, exact dots.
+    {"scalar_layout": "batch_major", "float32_dots": "ieee", "unroll": 2, "subchunk": 2},
 ])
 def test_kernel_options_match_reference_backend(options):
     """Non-default tiling through the backend interface, with a reset mask and clipping."""
@@ -88,6 +90,8 @@ def test_errors_and_dispatch(monkeypatch):
         gpu_vector.VectorKernelConfig(block_rows=8)
     with pytest.raises(ValueError, match="float32_dots"):
         gpu_vector.VectorKernelConfig(float32_dots="fp8")
+    with pytest.raises(ValueError, match="scalar_layout"):
+        gpu_vector.VectorKernelConfig(scalar_layout="column_major")
     with pytest.raises(ValueError, match="chunk_size"):
         gpu_vector.choose_chunk_size(64, 0)
     q1, k1 = q[..., :1], k[..., :1]
@@ -101,8 +105,10 @@ def test_errors_and_dispatch(monkeypatch):
     assert ops.resolve_backend("scan", q1, k1, v, w, f) == "scan"
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernels_lower_to_triton_for_an_h200(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,scalar_layout", [(jnp.float32, "time_major"),
+                                                  (jnp.bfloat16, "time_major"),
+                                                  (jnp.float32, "batch_major")])
+def test_kernels_lower_to_triton_for_an_h200(monkeypatch, dtype, scalar_layout):
     """The kernels as the GPU compiles them (not the interpreter): forward and backward (and
     the forward vmapped) lower to Triton custom calls for an H200 on this CPU machine, so an op the Triton lowering lacks
     fails here rather than in device time. (Pallas asks the local GPU for its compute
@@ -123,11 +129,13 @@ def test_kernels_lower_to_triton_for_an_h200(monkeypatch, dtype):
     h0 = spec((batch, heads, 1, value_dim), jnp.float32)
     keep = spec((batch, seq_len), jnp.float32)
     checkpoints = spec((heads, seq_len // chunk, 48, 16), jnp.float32)  # Bp = 48, Vp = 16
-    forward = jax.jit(functools.partial(gpu_vector.forward, chunk_size=chunk))
+    config = gpu_vector.VectorKernelConfig(scalar_layout=scalar_layout)
+    forward = jax.jit(functools.partial(gpu_vector.forward, chunk_size=chunk, config=config))
     backward = jax.jit(functools.partial(gpu_vector.backward, chunk_size=chunk,
-                                         gradient_clipping=1.0))
+                                         gradient_clipping=1.0, config=config))
     # Vmapped over a leading axis too (state tracking trains seeds together that way).
-    seeds = jax.jit(jax.vmap(functools.partial(gpu_vector.forward, chunk_size=chunk),
+    seeds = jax.jit(jax.vmap(functools.partial(gpu_vector.forward, chunk_size=chunk,
+                                               config=config),
                              in_axes=(0, 0, 0, 0, 0, 0, None)))
     two = [spec((2,) + x.shape, x.dtype) for x in (qk, qk, v, w, f, h0)]
     for fn, args in ((forward, (qk, qk, v, w, f, h0, keep)),

@@ -16,11 +16,11 @@ Tiling (what lives where):
     whole sequence; the state never leaves it.
   * The V-wide tensors (v, y and their gradients) stay in the op's ``(B, S, N, V)`` layout
     (padded to ``(Bp, S, N, Vp)`` only where B or V need it): a step's ``(R, Vp)`` tile is R
-    rows of Vp contiguous values. Rearranging them time-major cost more than the kernels: XLA
-    fused the transposes into the layer's elementwise gradient chain, and in the S5 train
-    step those fusions took ~2.5 of 8.1 ms (H200 profile, benchmarks/RESULTS.md). The
-    small per-head scalars are rearranged time-major per group, ``q/k/f (N_x, S, Bp)``,
-    ``keep (S, Bp)``, so their R-vectors are contiguous loads.
+    rows of Vp contiguous values (rearranging them time-major cost a transpose each way: the
+    forward at 512×1024×16×64 took 4.05 ms with them, 1.88 ms without; H200,
+    benchmarks/RESULTS.md). The small per-head scalars are rearranged time-major per group by
+    default, ``q/k/f (N_x, S, Bp)``, ``keep (S, Bp)``, so their R-vectors are contiguous loads
+    (``VectorKernelConfig.scalar_layout``).
   * State: one float32 register tile ``(R, Vp)`` (Vp: V padded to a power of two >= 16, the
     Triton dot's minimum). The forward writes y and, when asked, the state every ``chunk``
     steps (memory grows as S/C).
@@ -71,6 +71,12 @@ class VectorKernelConfig:
     # for "ieee", whose 64×64 FMA tiles need the registers), "tf32x3" (three TF32
     # tensor-core products). bfloat16 inputs always take "split", as in gpu.py.
     float32_dots: str = "split"
+    # The per-head scalars q, k, f, keep and the gradients dq, dk, df: "time_major" (rearranged
+    # outside to (N_x, S, Bp): a step loads contiguous R-vectors) or "batch_major" (the op's
+    # own (B, S, N_x): R strided scalars per step, no rearrangement; meant to let XLA keep the
+    # layer's activations row-major, where the time-major q/k slices of the 1026-wide q|k|v
+    # tensor made it transpose the whole tensor; not yet measured on a GPU).
+    scalar_layout: str = "time_major"
 
     def __post_init__(self):
         for name in ("block_rows", "num_warps", "backward_num_warps", "unroll", "subchunk"):
@@ -81,6 +87,9 @@ class VectorKernelConfig:
         if self.block_rows < 16:
             raise ValueError(f"VectorKernelConfig.block_rows must be >= 16 (the Triton dot's "
                              f"minimum), got {self.block_rows}")
+        if self.scalar_layout not in ("time_major", "batch_major"):
+            raise ValueError(f"VectorKernelConfig.scalar_layout must be 'time_major' or "
+                             f"'batch_major', got {self.scalar_layout!r}")
         if self.float32_dots not in _FLOAT32_DOTS:
             raise ValueError(f"VectorKernelConfig.float32_dots must be one of "
                              f"{tuple(_FLOAT32_DOTS)}, got {self.float32_dots!r}")
@@ -114,6 +123,7 @@ class _Layout:
     value_pad: int    # Vp
     block_rows: int   # R
     groups: tuple     # head counts of (q, k, v, f, w)
+    scalars_batch_major: bool  # VectorKernelConfig.scalar_layout == "batch_major"
 
     @property
     def batch_pad(self):
@@ -133,7 +143,7 @@ def _plan(q, k, v, w, f, state, config):
     groups = (q.shape[2], k.shape[2], v.shape[2], f.shape[2], w.shape[0])
     value_dim = v.shape[-1]
     return _Layout(batch, seq_len, state.shape[1], value_dim, max(16, _next_pow2(value_dim)),
-                   rows, groups)
+                   rows, groups, config.scalar_layout == "batch_major")
 
 
 def _pad_rows(x, lay, axis, value=0.0):
@@ -145,14 +155,25 @@ def _pad_rows(x, lay, axis, value=0.0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _time_major(x, lay):
-    """(B, S, G) -> (G, S, Bp)."""
-    return _pad_rows(jnp.swapaxes(jnp.moveaxis(x, 2, 0), 1, 2), lay, axis=2)
+def _scalars_in(x, lay, value=0.0):
+    """A per-head scalar input (B, S[, G]) in the kernels' layout: (G, S, Bp) (keep: (S, Bp))
+    time-major, (Bp, S[, G]) batch-major."""
+    if lay.scalars_batch_major:
+        return _pad_rows(x, lay, axis=0, value=value)
+    x = x.T if x.ndim == 2 else jnp.swapaxes(jnp.moveaxis(x, 2, 0), 1, 2)
+    return _pad_rows(x, lay, axis=x.ndim - 1, value=value)
 
 
-def _from_time_major(x, lay):
-    """(N, S, Bp) -> (B, S, N)."""
-    return jnp.moveaxis(jnp.swapaxes(x[:, :, :lay.batch], 1, 2), 0, 2)
+def _scalars_out(x, lay):
+    """A per-head scalar output of the kernels -> (B, S, N)."""
+    if lay.scalars_batch_major:
+        return x[:lay.batch]
+    return jnp.moveaxis(jnp.swapaxes(x[:, :, :lay.batch], 1, 2), 0, 2)  # (N, S, B) -> (B, S, N)
+
+
+def _scalars_shape(lay):
+    n, s, bp = lay.num_heads, lay.seq_len, lay.batch_pad
+    return (bp, s, n) if lay.scalars_batch_major else (n, s, bp)
 
 
 def _padded(x, lay):
@@ -197,6 +218,7 @@ class _Step:
 
     def __init__(self, lay, q_ref, k_ref, v_ref, f_ref, w_ref, keep_ref, precision, w_is_bf16):
         self.refs = (q_ref, k_ref, v_ref, f_ref, keep_ref)
+        self.batch_major = lay.scalars_batch_major
         self.precision, self.w_is_bf16 = precision, w_is_bf16
         self.head = pl.program_id(0)
         self.block = pl.program_id(1)
@@ -209,12 +231,24 @@ class _Step:
         q_ref, k_ref, v_ref, f_ref, keep_ref = self.refs
         gq, gk, gv, gf, _ = self.group
         rows = self.rows
-        q = q_ref[gq, t, rows].astype(_F32)
-        k = k_ref[gk, t, rows].astype(_F32)
+        q = self.scalars(q_ref, gq, t).astype(_F32)
+        k = self.scalars(k_ref, gk, t).astype(_F32)
         v = v_ref[rows, t, gv, :].astype(_F32)
-        f = f_ref[gf, t, rows].astype(_F32)
-        keep = None if keep_ref is None else keep_ref[t, rows]
+        f = self.scalars(f_ref, gf, t).astype(_F32)
+        keep = None
+        if keep_ref is not None:
+            keep = keep_ref[rows, t] if self.batch_major else keep_ref[t, rows]
         return q, k, v, f, keep
+
+    def scalars(self, ref, group, t):
+        """This program's R values of a per-head scalar tensor at step t."""
+        return ref[self.rows, t, group] if self.batch_major else ref[group, t, self.rows]
+
+    def store_scalars(self, ref, t, values):
+        if self.batch_major:
+            ref[self.rows, t, self.head] = values
+        else:
+            ref[self.head, t, self.rows] = values
 
     def advance(self, h, inputs):
         """H_{t-1} (before a possible reset) -> (reset H_{t-1}, Z_t, H_t), all (R, Vp)."""
@@ -281,9 +315,9 @@ def _backward_kernel(*refs, lay, chunk, subchunk, has_keep, precision, w_is_bf16
             # SPEC §1: clamp what arrives from later steps, then add this step's read-out.
             g = clamp(g_later) + q[:, None] * dy
             du = (1.0 - f)[:, None] * g * (1.0 - z * z)
-            dq_ref[n, t, rows] = jnp.sum(states[j + 1] * dy, axis=1)
-            df_ref[n, t, rows] = jnp.sum(g * (h_prev - z), axis=1)
-            dk_ref[n, t, rows] = jnp.sum(du * v, axis=1)
+            step.store_scalars(dq_ref, t, jnp.sum(states[j + 1] * dy, axis=1))
+            step.store_scalars(df_ref, t, jnp.sum(g * (h_prev - z), axis=1))
+            step.store_scalars(dk_ref, t, jnp.sum(du * v, axis=1))
             dv_ref[rows, t, n, :] = (du * k[:, None]).astype(dv_ref.dtype)
             dw = dw + _dot(h_prev, du, precision, _TRANSPOSED_LHS)
             g_later = f[:, None] * g + _dot(du, w_t, precision, b_is_bf16=w_is_bf16)
@@ -308,9 +342,9 @@ def _backward_kernel(*refs, lay, chunk, subchunk, has_keep, precision, w_is_bf16
 
 
 def _inputs(q, k, v, w, f, keep, lay):
-    inputs = [_time_major(q[..., 0], lay), _time_major(k[..., 0], lay), _padded(v, lay),
-              _time_major(f, lay), _weights(w, lay)]
-    keep = None if keep is None else _pad_rows(keep.astype(_F32).T, lay, axis=1, value=1.0)
+    inputs = [_scalars_in(q[..., 0], lay), _scalars_in(k[..., 0], lay), _padded(v, lay),
+              _scalars_in(f, lay), _weights(w, lay)]
+    keep = None if keep is None else _scalars_in(keep.astype(_F32), lay, value=1.0)
     return inputs, keep
 
 
@@ -358,7 +392,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         inputs.append(keep_rows)
     inputs += [checkpoints, _padded(dy, lay), _states_to_rows(dh_final, lay)]
     n, s, bp, vp = lay.num_heads, lay.seq_len, lay.batch_pad, lay.value_pad
-    per_row = jax.ShapeDtypeStruct((n, s, bp), _F32)
+    per_row = jax.ShapeDtypeStruct(_scalars_shape(lay), _F32)
     out_shape = [
         per_row, per_row,                                            # dq, dk
         jax.ShapeDtypeStruct((bp, s, n, vp), _F32),                  # dv
@@ -377,10 +411,10 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     dq, dk, dv, df, dw, dh0, _ = _call(kernel, out_shape, lay, config.backward_num_warps,
                                        config, "m2rnn_vector_backward")(*inputs)
     nq, nk, nv, nf, nw = lay.groups
-    dq = sum_heads(_from_time_major(dq, lay), nq, axis=2)[..., None]
-    dk = sum_heads(_from_time_major(dk, lay), nk, axis=2)[..., None]
+    dq = sum_heads(_scalars_out(dq, lay), nq, axis=2)[..., None]
+    dk = sum_heads(_scalars_out(dk, lay), nk, axis=2)[..., None]
     dv = sum_heads(_unpadded(dv, lay), nv, axis=2)
-    df = sum_heads(_from_time_major(df, lay), nf, axis=2)
+    df = sum_heads(_scalars_out(df, lay), nf, axis=2)
     dw = sum_heads(jnp.sum(dw, axis=1)[:, :lay.value_dim, :lay.value_dim], nw, axis=0)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dw.astype(w.dtype),
             df.astype(f.dtype), _states_from_rows(dh0, lay))
