@@ -61,6 +61,7 @@ FWD_OPTIONS = {
     "f16_state_tanh": {"f16_state": True, "f16_tanh": True},
     "heads2": {"heads_per_cta": 2},
     "acc_kv": {"acc_init": "kv"},
+    "acc_per_part": {"acc_init": "per_part"},  # hi·W and lo·W in separate accumulators
     "heads2_acc_kv": {"heads_per_cta": 2, "acc_init": "kv"},
     "heads2_acc_kv_nab": {"heads_per_cta": 2, "acc_init": "kv", "no_auto_barriers": True},
 }

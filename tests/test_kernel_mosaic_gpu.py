@@ -264,7 +264,8 @@ def test_forward_options_lower_for_cuda():
     """The opt-in forward options' real paths (two heads per CTA: four register-A wgmmas per
     step and one wait; the kv-initialised accumulator under ``pl.run_state``; the lane
     butterfly y partials; one float16 wgmma and float16-pair tanh; the hi/lo split by two
-    roundings instead of the default's inline ``prmt``/``cvt`` code) for sm_90."""
+    roundings instead of the default's inline ``prmt``/``cvt`` code; one accumulator per state
+    part, whose products interpret mode computes as the default's dot) for sm_90."""
     sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
     args = [sds((2, 128, 1, 64), bf), sds((2, 128, 1, 64), bf), sds((2, 128, 4, 16), bf),
             sds((4, 16, 16), bf), sds((2, 128, 4), bf), sds((2, 4, 64, 16), jnp.float32),
@@ -275,7 +276,8 @@ def test_forward_options_lower_for_cuda():
                     {"f16_state": True, "f16_tanh": True}, {"hi_lo_split": "cvt"},
                     {"hi_lo_split": "bits_lo", "y_reduction": "warp_scatter_fma"},
                     {"state_product": "mma_sync"},
-                    {"state_product": "mma_sync", "hi_lo_split": "bits_lo", "unroll": 2}):
+                    {"state_product": "mma_sync", "hi_lo_split": "bits_lo", "unroll": 2},
+                    {"acc_init": "per_part"}, {"heads_per_cta": 2, "acc_init": "per_part"}):
         fn = functools.partial(mosaic_gpu.forward, chunk_size=64, save_checkpoints=True,
                                interpret=False, **options)
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)

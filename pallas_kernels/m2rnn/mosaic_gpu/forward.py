@@ -118,6 +118,21 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
                         plgpu.wgmma(acc_ref, a, w_bufs[hh].at[p])
 
             us = list(pl.run_state(products)(tuple(plgpu.ACC.init(kv) for kv in kvs)))
+        elif acc_init == "per_part":
+            # One zero-initialised accumulator per (head, state part): a step's wgmmas are
+            # independent instead of chained through one accumulator; their sum is added after.
+            flat = [(hh, a, p) for hh in range(heads_per_cta) for a, p in pairs[hh]]
+
+            def products(*acc_refs):
+                for acc_ref, (hh, a, p) in zip(acc_refs, flat):
+                    plgpu.wgmma(acc_ref, a, w_bufs[hh].at[p])
+                return tuple(acc_ref[...] for acc_ref in acc_refs)  # waits for the WGMMAs
+
+            parts = pl.run_scoped(products, *[plgpu.ACC((KEY_DIM, VALUE_DIM), _F32)
+                                              for _ in flat])
+            us = list(kvs)
+            for (hh, _, _), part in zip(flat, parts):
+                us[hh] = us[hh] + part
         else:
             def products(*acc_refs):  # zero-initialised accumulators
                 for hh, acc_ref in enumerate(acc_refs):
@@ -241,6 +256,10 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     * ``heads_per_cta=2``: two heads of one q/k group per CTA as two interleaved state chains
       (grid ``(B, N/2)``; needs ``N / L`` even): 3.01 vs 3.06 ms.
     * ``acc_init="kv"``: the wgmma accumulator starts at ``k_t v_tᵀ``: 3.25 vs 3.06 ms.
+
+    Prepared, not yet measured: ``acc_init="per_part"``, each bf16 state part's product in its
+    own zero-initialised accumulator (two independent wgmmas per step instead of two chained
+    through one accumulator, then two adds), in case the chained accumulation serialises them.
     * ``hi_lo_split="cvt"``: the hi/lo parts by two conversions, the default until the bit
       split was measured: 2.91 vs 2.60 ms (the bit split with a truncated hi, one bit less:
       3.12 vs 2.58 ms in another call, but errors up to 4× larger where the recurrence
@@ -277,8 +296,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     if (num_heads // groups) % heads_per_cta:
         raise ValueError(f"heads_per_cta={heads_per_cta} needs the heads per q/k group "
                          f"({num_heads // groups}) to be a multiple of it")
-    if acc_init not in ("zero", "kv"):
-        raise ValueError(f"acc_init must be 'zero' or 'kv', got {acc_init!r}")
+    if acc_init not in ("zero", "kv", "per_part"):
+        raise ValueError(f"acc_init must be 'zero', 'kv' or 'per_part', got {acc_init!r}")
     # The interpreter cannot run inline Mosaic GPU code: it reduces per step.
     if interpret:
         y_reduction = "per_step"
