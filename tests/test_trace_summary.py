@@ -61,3 +61,41 @@ def test_summary_of_a_real_cpu_trace(tmp_path, capsys):
     trace_summary.main([str(tmp_path), "--process", "CPU"])
     out = capsys.readouterr().out
     assert "/host:CPU" in out and "ms busy in" in out
+
+
+def test_busy_kernels_found_in_the_optimized_hlo(tmp_path, capsys):
+    """``--hlo``: the profiler's ``fusion_5`` is the HLO's ``fusion.5``; its line and the head
+    of the computation it calls (up to its closing brace) are printed."""
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    (dump / "module_0001.jit_step.sm_9.0a_gpu_after_optimizations.txt").write_text("""HloModule m
+%fused_transpose.6 (p0: f32[8,4]) -> f32[4,8] {
+  %p0 = f32[8,4]{1,0} parameter(0)
+  ROOT %t = f32[4,8]{1,0} transpose(%p0), dimensions={1,0}
+}
+
+%other_computation (p: f32[]) -> f32[] {
+  ROOT %p = f32[] parameter(0)
+}
+
+ENTRY %main (x: f32[8,4]) -> f32[4,8] {
+  %x = f32[8,4]{1,0} parameter(0)
+  ROOT %input_transpose_fusion.5 = f32[4,8]{1,0} fusion(%x), kind=kInput, calls=%fused_transpose.6
+}
+""")
+    found = trace_summary.hlo_definitions(str(dump), ["input_transpose_fusion_5", "absent_1"])
+    assert list(found) == ["input_transpose_fusion_5"]
+    text = found["input_transpose_fusion_5"].splitlines()
+    assert text[0].startswith("ROOT %input_transpose_fusion.5 = f32[4,8]")
+    assert "transpose(%p0)" in text[-2] and text[-1].strip() == "}"  # stops at the brace
+    assert not any("other_computation" in line for line in text)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+              {"ph": "X", "pid": 1, "tid": 7, "name": "input_transpose_fusion_5", "ts": 0,
+               "dur": 30.0}]
+    with gzip.open(trace / "perfetto_trace.json.gz", "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    trace_summary.main([str(trace), "--hlo", str(dump)])
+    out = capsys.readouterr().out
+    assert "1 of 1 found" in out and "calls=%fused_transpose.6" in out
