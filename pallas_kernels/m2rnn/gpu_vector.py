@@ -235,20 +235,20 @@ class _Step:
         k = self.scalars(k_ref, gk, t).astype(_F32)
         v = v_ref[rows, t, gv, :].astype(_F32)
         f = self.scalars(f_ref, gf, t).astype(_F32)
-        keep = None
-        if keep_ref is not None:
-            keep = keep_ref[rows, t] if self.batch_major else keep_ref[t, rows]
+        keep = None if keep_ref is None else keep_ref[self.scalar_index(t)]
         return q, k, v, f, keep
 
+    def scalar_index(self, t, group=None):
+        """Where this program's R values of a per-head scalar tensor (of ``keep`` without a
+        group) at step t are, in the layout of ``scalar_layout``."""
+        head = () if group is None else (group,)
+        return (self.rows, t, *head) if self.batch_major else (*head, t, self.rows)
+
     def scalars(self, ref, group, t):
-        """This program's R values of a per-head scalar tensor at step t."""
-        return ref[self.rows, t, group] if self.batch_major else ref[group, t, self.rows]
+        return ref[self.scalar_index(t, group)]
 
     def store_scalars(self, ref, t, values):
-        if self.batch_major:
-            ref[self.rows, t, self.head] = values
-        else:
-            ref[self.head, t, self.rows] = values
+        ref[self.scalar_index(t, self.head)] = values
 
     def advance(self, h, inputs):
         """H_{t-1} (before a possible reset) -> (reset H_{t-1}, Z_t, H_t), all (R, Vp)."""
