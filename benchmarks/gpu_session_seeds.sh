@@ -13,9 +13,9 @@
 # it), then KERNEL_CMD (e.g. "python3 benchmarks/mosaic_check.py ..." or "bash
 # benchmarks/gpu_vector_probe.sh"; output in
 # $OUT/kernels.txt, KERNEL_TIMEOUT_S default 240), then for what is left of BUDGET_S GPU0_SEEDS
-# (default "5") alone and GROUP_SEEDS (default "3 4") together, s5_long.yaml as it is (the group
-# with EXTRA_ARGS_GROUP, default "--lr 5e-4": seeds 3-4 stuck at length 8 since the eighth
-# session's last call; without it their checkpoints would go back to 2e-3). A seed that
+# (default "5") alone and GROUP_SEEDS (default "6 7", fresh) together, s5_long.yaml as it is
+# (EXTRA_ARGS_GROUP adds flags; seeds 3 and 4, which found a fixed-depth solution at length 8,
+# are archived in runs/s5_long/group_seeds34: RESULTS.md, eighth session). A seed that
 # reaches the training length can leave the group: move its checkpoint from
 # runs/s5_long/group/checkpoints to runs/s5_long/seed<k>/checkpoints (one step of a group runs
 # at its widest seed's width, and at width 64 K seeds cost K times one: RESULTS.md).
@@ -26,10 +26,9 @@ BUDGET=${1:-420}
 start=$(date +%s)
 SEED0_ARGS=${SEED0_ARGS:---lr 3e-7 --set train.min_lr_ratio=1.0 --set train.steps=800000 \
 --set train.length_decay_steps=0}
-export EXTRA_ARGS_GROUP=${EXTRA_ARGS_GROUP---lr 5e-4}
 GPU1_SEEDS=${GPU1_SEEDS-0}
 GPU0_SEEDS=${GPU0_SEEDS-5}
-GROUP_SEEDS=${GROUP_SEEDS-3 4}
+GROUP_SEEDS=${GROUP_SEEDS-6 7}
 EXTRA_ARGS_SEED0="$SEED0_ARGS" SEEDS="$GPU1_SEEDS" GPUS=1 MEM_FRACTION=0.45 \
   bash benchmarks/gpu_s5_long.sh train "$BUDGET" &
 : > "$OUT/step_bench.txt"
