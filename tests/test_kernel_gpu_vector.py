@@ -143,3 +143,40 @@ def test_kernels_lower_to_triton_for_an_h200(monkeypatch, dtype, scalar_layout):
                      (seeds, (*two, None))):
         text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+def _per_token_transposes(jaxpr, seq_len):
+    """Transposes outside the kernels of arrays with a sequence axis, in a jaxpr and its
+    sub-jaxprs."""
+    found = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            continue
+        if eqn.primitive.name == "transpose" and seq_len in eqn.outvars[0].aval.shape:
+            found += 1
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                found += _per_token_transposes(inner, seq_len)
+    return found
+
+
+def test_batch_major_scalars_leave_no_per_token_transposes():
+    """With ``scalar_layout="batch_major"`` the op's fwd+bwd rearranges nothing that has a
+    sequence axis (the time-major q/k/f made XLA transpose the layer's whole q|k|v tensor in
+    the S5 train step; RESULTS.md); the default time-major scalars do."""
+    (q, k, v, w, f, h0), _, (dy, _) = _problem(27, 24, 40, (1, 1, 4, 4, 4), 1, 5)
+
+    def loss(q, k, v, w, f):
+        return jnp.sum(ops.m2rnn(q, k, v, w, f, h0, 1.0, backend="pallas_gpu_vector")[0] * dy)
+
+    counts = {}
+    for layout in ("time_major", "batch_major"):
+        old = gpu_vector.DEFAULT_CONFIG
+        gpu_vector.DEFAULT_CONFIG = gpu_vector.VectorKernelConfig(scalar_layout=layout)
+        try:
+            jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, w, f)
+        finally:
+            gpu_vector.DEFAULT_CONFIG = old
+        counts[layout] = _per_token_transposes(jaxpr.jaxpr, 40)
+    assert counts["time_major"] > 0 and counts["batch_major"] == 0, counts
