@@ -26,7 +26,8 @@ import sys
 import time
 
 M2RNN = "models.m2rnn.m2rnn."
-# name -> (XLA_FLAGS, config overrides[, pallas_gpu_vector VectorKernelConfig overrides])
+# name -> (XLA_FLAGS, config overrides[, a vector_kernel_bench.py CONFIGS name for the
+# pallas_gpu_vector kernels])
 VARIANTS = {
     "scan": ("", []),
     "unroll_auto": ("--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_AUTO_UNROLL", []),
@@ -39,7 +40,7 @@ VARIANTS = {
     # q, k, f and their gradients in the op's (B, S, N) layout (eighth session, to measure):
     # the time-major q/k slices of the 1026-wide q|k|v tensor made XLA transpose all of it.
     "pallas_gpu_vector_scalars_bm": ("", [f"{M2RNN}backend=pallas_gpu_vector"],
-                                     {"scalar_layout": "batch_major"}),
+                                     "d_scalars_batch_major"),
     "auto": ("", [f"{M2RNN}backend=auto"]),
 }
 
@@ -80,9 +81,9 @@ def time_variant(args):
 
     overrides = sum((["--set", s] for s in VARIANTS[args.child][1]), [])
     if len(VARIANTS[args.child]) > 2:
-        from pallas_kernels.m2rnn import gpu_vector
-        gpu_vector.DEFAULT_CONFIG = dataclasses.replace(gpu_vector.DEFAULT_CONFIG,
-                                                        **VARIANTS[args.child][2])
+        import vector_kernel_bench  # benchmarks/vector_kernel_bench.py
+
+        vector_kernel_bench.with_config(VARIANTS[args.child][2])
     config, _ = load_config(cli_args(["--config", args.config, "--models", args.model]
                                      + overrides))
     group = build_group(config.task)

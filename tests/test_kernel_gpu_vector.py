@@ -161,7 +161,7 @@ def _per_token_transposes(jaxpr, seq_len):
     return found
 
 
-def test_batch_major_scalars_leave_no_per_token_transposes():
+def test_batch_major_scalars_leave_no_per_token_transposes(monkeypatch):
     """With ``scalar_layout="batch_major"`` the op's fwd+bwd rearranges nothing that has a
     sequence axis (the time-major q/k/f made XLA transpose the layer's whole q|k|v tensor in
     the S5 train step; RESULTS.md); the default time-major scalars do."""
@@ -172,11 +172,8 @@ def test_batch_major_scalars_leave_no_per_token_transposes():
 
     counts = {}
     for layout in ("time_major", "batch_major"):
-        old = gpu_vector.DEFAULT_CONFIG
-        gpu_vector.DEFAULT_CONFIG = gpu_vector.VectorKernelConfig(scalar_layout=layout)
-        try:
-            jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, w, f)
-        finally:
-            gpu_vector.DEFAULT_CONFIG = old
+        monkeypatch.setattr(gpu_vector, "DEFAULT_CONFIG",
+                            gpu_vector.VectorKernelConfig(scalar_layout=layout))
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, w, f)
         counts[layout] = _per_token_transposes(jaxpr.jaxpr, 40)
     assert counts["time_major"] > 0 and counts["batch_major"] == 0, counts
