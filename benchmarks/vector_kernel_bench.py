@@ -31,11 +31,13 @@ from timing import median_seconds  # benchmarks/ is on sys.path when run as a sc
 # The defaults until the eighth session: the sixth and seventh sessions' names are relative
 # to them.
 _BEFORE = {"float32_dots": "ieee", "unroll": 8, "subchunk": 2, "num_warps": 8,
-           "backward_num_warps": 8}
+           "backward_num_warps": 8, "scalar_layout": "time_major"}
+_TIME_MAJOR = {"scalar_layout": "time_major"}  # the scalars' layout until the ninth session
 
 # name -> VectorKernelConfig overrides
 CONFIGS = {
-    "default": {},  # R = 16 rows, 4 warps, unroll 1, sub-chunk 1, split dots (eighth session)
+    "default": {},  # R = 16 rows, 4 warps, unroll 1, sub-chunk 1, split dots (eighth session),
+    # batch-major scalars (ninth session)
     "before": _BEFORE,  # R = 16, 8 warps, unroll 8, sub-chunk 2, exact float32 dots
     "sub4": {**_BEFORE, "subchunk": 4},
     "warps4": {**_BEFORE, "num_warps": 4, "backward_num_warps": 4},
@@ -55,17 +57,18 @@ CONFIGS = {
     "unroll1_sub1": {**_BEFORE, "unroll": 1, "subchunk": 1},
     "unroll2_sub1": {**_BEFORE, "unroll": 2, "subchunk": 1},
     "split_unroll1_sub1": {**_BEFORE, "float32_dots": "split", "unroll": 1, "subchunk": 1},
-    "split_unroll1_sub1_warps4": {},  # fastest of the seventh session's: the default since
+    # fastest of the seventh session's: the default of the eighth session
+    "split_unroll1_sub1_warps4": _TIME_MAJOR,
     # Around the eighth session's default (offline: forward unroll 2 126 registers, 4
     # programs per SM; unroll 4 164, 3; R = 32 168, 3 (backward 8 B spilled); 2 forward warps
     # 180, 5; backward unchanged at 245, 2 programs per SM, in all of them).
-    "d_unroll2": {"unroll": 2},
-    "d_unroll4": {"unroll": 4},
-    "d_rows32": {"block_rows": 32},
-    "d_fwd_warps2": {"num_warps": 2},
-    # q, k, f, keep, dq, dk, df in the op's (B, S, N) layout (offline: forward 98 registers,
-    # 4 programs per SM; backward 255, no spills, 2 per SM).
-    "d_scalars_batch_major": {"scalar_layout": "batch_major"},
+    "d_unroll2": {**_TIME_MAJOR, "unroll": 2},
+    "d_unroll4": {**_TIME_MAJOR, "unroll": 4},
+    "d_rows32": {**_TIME_MAJOR, "block_rows": 32},
+    "d_fwd_warps2": {**_TIME_MAJOR, "num_warps": 2},
+    # q, k, f, keep, dq, dk, df rearranged to (N_x, S, Bp) (offline: forward 96 registers, 4
+    # programs per SM; batch-major 98 and 4; backward 255 / 245, 2 per SM).
+    "d_scalars_time_major": _TIME_MAJOR,
 }
 
 

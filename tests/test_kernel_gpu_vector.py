@@ -48,8 +48,8 @@ def test_bfloat16_matches_scan():
 @pytest.mark.parametrize("options", [
     {"block_rows": 32, "unroll": 2, "subchunk": 1},
     {"subchunk": 4, "float32_dots": "tf32x3"},  # exact dots in interpret mode
-    # q, k, f, keep and dq, dk, df in the op's (B, S, N) layout, padded rows, exact dots.
-    {"scalar_layout": "batch_major", "float32_dots": "ieee", "unroll": 2, "subchunk": 2},
+    # q, k, f, keep and dq, dk, df rearranged to (N_x, S, Bp), padded rows, exact dots.
+    {"scalar_layout": "time_major", "float32_dots": "ieee", "unroll": 2, "subchunk": 2},
 ])
 def test_kernel_options_match_reference_backend(options):
     """Non-default tiling through the backend interface, with a reset mask and clipping."""
@@ -105,9 +105,9 @@ def test_errors_and_dispatch(monkeypatch):
     assert ops.resolve_backend("scan", q1, k1, v, w, f) == "scan"
 
 
-@pytest.mark.parametrize("dtype,scalar_layout", [(jnp.float32, "time_major"),
-                                                  (jnp.bfloat16, "time_major"),
-                                                  (jnp.float32, "batch_major")])
+@pytest.mark.parametrize("dtype,scalar_layout", [(jnp.float32, "batch_major"),
+                                                  (jnp.bfloat16, "batch_major"),
+                                                  (jnp.float32, "time_major")])
 def test_kernels_lower_to_triton_for_an_h200(monkeypatch, dtype, scalar_layout):
     """The kernels as the GPU compiles them (not the interpreter): forward and backward (and
     the forward vmapped) lower to Triton custom calls for an H200 on this CPU machine, so an op the Triton lowering lacks
@@ -162,9 +162,9 @@ def _per_token_transposes(jaxpr, seq_len):
 
 
 def test_batch_major_scalars_leave_no_per_token_transposes(monkeypatch):
-    """With ``scalar_layout="batch_major"`` the op's fwd+bwd rearranges nothing that has a
+    """With ``scalar_layout="batch_major"`` (the default) the op's fwd+bwd rearranges nothing that has a
     sequence axis (the time-major q/k/f made XLA transpose the layer's whole q|k|v tensor in
-    the S5 train step; RESULTS.md); the default time-major scalars do."""
+    the S5 train step; RESULTS.md); time-major scalars do."""
     (q, k, v, w, f, h0), _, (dy, _) = _problem(27, 24, 40, (1, 1, 4, 4, 4), 1, 5)
 
     def loss(q, k, v, w, f):

@@ -18,9 +18,11 @@ Tiling (what lives where):
     (padded to ``(Bp, S, N, Vp)`` only where B or V need it): a step's ``(R, Vp)`` tile is R
     rows of Vp contiguous values (rearranging them time-major cost a transpose each way: the
     forward at 512×1024×16×64 took 4.05 ms with them, 1.88 ms without; H200,
-    benchmarks/RESULTS.md). The small per-head scalars are rearranged time-major per group by
-    default, ``q/k/f (N_x, S, Bp)``, ``keep (S, Bp)``, so their R-vectors are contiguous loads
-    (``VectorKernelConfig.scalar_layout``).
+    benchmarks/RESULTS.md). So do the small per-head scalars q, k, f, keep and their gradients
+    by default, ``(Bp, S, N_x)``: a step loads R strided scalars, and XLA keeps the layer's
+    activations row-major (rearranged time-major, ``(N_x, S, Bp)``, their loads were contiguous
+    but XLA transposed the whole 1026-wide ``q|k|v`` tensor of the S5 model to slice them: train
+    step 8.12 -> 6.28 ms; ``VectorKernelConfig.scalar_layout``).
   * State: one float32 register tile ``(R, Vp)`` (Vp: V padded to a power of two >= 16, the
     Triton dot's minimum). The forward writes y and, when asked, the state every ``chunk``
     steps (memory grows as S/C).
@@ -57,8 +59,8 @@ _FLOAT32_DOTS = {"ieee": lax.Precision.HIGHEST, "split": "split",
 @dataclasses.dataclass(frozen=True)
 class VectorKernelConfig:
     """Tuning knobs (defaults measured on an H200, benchmarks/RESULTS.md: at the S5 model's
-    512×64×16×64 float32 fwd+bwd 1.15 ms against 2.03 for the earlier R = 16, 8 warps,
-    unroll 8, sub-chunk 2, exact dots, whose backward spilled registers)."""
+    512×64×16×64 float32 fwd+bwd 0.98 ms against 2.03 for the earlier R = 16, 8 warps,
+    unroll 8, sub-chunk 2, exact dots, time-major scalars, whose backward spilled registers)."""
 
     block_rows: int = 16   # R, batch rows per program (>= 16: the Triton dot's minimum)
     num_warps: int = 4     # forward
@@ -71,12 +73,13 @@ class VectorKernelConfig:
     # for "ieee", whose 64×64 FMA tiles need the registers), "tf32x3" (three TF32
     # tensor-core products). bfloat16 inputs always take "split", as in gpu.py.
     float32_dots: str = "split"
-    # The per-head scalars q, k, f, keep and the gradients dq, dk, df: "time_major" (rearranged
-    # outside to (N_x, S, Bp): a step loads contiguous R-vectors) or "batch_major" (the op's
-    # own (B, S, N_x): R strided scalars per step, no rearrangement; meant to let XLA keep the
-    # layer's activations row-major, where the time-major q/k slices of the 1026-wide q|k|v
-    # tensor made it transpose the whole tensor; not yet measured on a GPU).
-    scalar_layout: str = "time_major"
+    # The per-head scalars q, k, f, keep and the gradients dq, dk, df: "batch_major" (the op's
+    # own (B, S, N_x): R strided scalars per step, no rearrangement) or "time_major"
+    # (rearranged outside to (N_x, S, Bp): contiguous R-vectors per step, but XLA then
+    # transposed the S5 model's whole 1026-wide q|k|v tensor to slice q and k). H200, S5
+    # shape: op fwd+bwd 1.33 -> 0.98 ms, train step 8.12 -> 6.28 ms, forward at 512×1024
+    # 1.95 -> 2.08 ms (benchmarks/RESULTS.md, ninth session).
+    scalar_layout: str = "batch_major"
 
     def __post_init__(self):
         for name in ("block_rows", "num_warps", "backward_num_warps", "unroll", "subchunk"):
