@@ -367,7 +367,8 @@ def test_backward_option_errors():
     args = _problem(0, 1, 32, (1, 1, 2, 2, 2), jnp.bfloat16)
     ckpt = jnp.zeros((1, 1, 64, 32))
     for bad in ({"qk_grad_sum": "atomic"}, {"reductions": "shuffle"}, {"state_product": "x"},
-                {"state_product": "mma_sync", "f16_state": True}):
+                {"state_product": "mma_sync", "f16_state": True},
+                {"state_product": "mma_sync", "acc_per_part": True}):
         with pytest.raises(ValueError, match=list(bad)[-1]):
             mosaic_gpu.backward(*args, None, ckpt, args[2], args[5], gradient_clipping=None,
                                 chunk_size=32, interpret=True, **bad)
@@ -392,7 +393,7 @@ def test_backward_options_lower_for_cuda():
     for options in ({}, {"qk_grad_sum": "xla"}, {"reductions": "per_step"},
                     {"scatter_sums": False}, {"f16_state": True, "f16_tanh": True},
                     {"hi_lo_split": "cvt"}, {"hi_lo_split": "bits_lo"},
-                    {"state_product": "mma_sync"},
+                    {"state_product": "mma_sync"}, {"acc_per_part": True},
                     {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False}):
         fn = functools.partial(mosaic_gpu.backward, gradient_clipping=1.0, chunk_size=32,
                                interpret=False, **options)
