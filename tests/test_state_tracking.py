@@ -380,6 +380,68 @@ def test_state_noise_continues_a_run_and_changes_its_training(tmp_path, capsys):
         TrainConfig(state_noise_std=-0.1)
 
 
+def test_adam_eps_continues_a_run_and_scales_its_steps(tmp_path, capsys):
+    """``train.adam_eps`` may change between invocations (the runner says so); a large ε makes
+    the steps proportional to the gradient, so the parameters move far less over the same
+    steps at the same rate; a bad value is a config error."""
+    import jax
+
+    from m2rnn_jax.typed_config import ConfigError
+    from train.state_tracking import checkpoint
+    from train.state_tracking.config import TrainConfig
+
+    config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
+    path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
+    runner().run(0, group, config.task, progress=False, checkpoint_path=path)
+    capsys.readouterr()
+    got = runner(steps=8, adam_eps=1e-3).run(0, group, config.task, progress=False,
+                                            checkpoint_path=path)
+    assert got.resumed_from_step == 4 and got.steps == 8
+    assert "adam_eps 1e-08 -> 0.001" in capsys.readouterr().out
+
+    def distance_moved(name, **train):
+        r = runner(steps=6, warmup_steps=0, min_lr_ratio=1.0, **train)
+        saved = str(tmp_path / name / "m2rnn_seed0.msgpack")
+        r.run(0, group, config.task, progress=False, checkpoint_path=saved)
+        init = r.init_params(0)
+        prints = checkpoint.fingerprints(r.model_config, r.train_config, config.task, 0)
+        final = checkpoint.load(saved, init, r.optimizer.init(init), prints).params
+        return float(sum(np.sum(np.square(np.asarray(a) - np.asarray(b)))
+                         for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(final))))
+
+    assert 0 < distance_moved("large_eps", adam_eps=10.0) < 1e-3 * distance_moved("default")
+    with pytest.raises(ConfigError, match="adam_eps"):
+        TrainConfig(adam_eps=0.0)
+
+
+def test_batch_scale_continues_a_run_with_more_words_per_step(tmp_path, capsys, monkeypatch):
+    """``train.batch_scale`` may change between invocations (the runner says so) and multiplies
+    the words drawn per step; 0 is a config error."""
+    from m2rnn_jax.typed_config import ConfigError
+    from train.state_tracking import training
+    from train.state_tracking.config import TrainConfig
+
+    config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
+    path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
+    runner().run(0, group, config.task, progress=False, checkpoint_path=path)
+    capsys.readouterr()
+    drawn = []
+    original = training.sample_word_problems
+
+    def counting(group, rng, batch_size, *args):
+        drawn.append(batch_size)
+        return original(group, rng, batch_size, *args)
+
+    monkeypatch.setattr(training, "sample_word_problems", counting)
+    got = runner(steps=6, batch_scale=3).run(0, group, config.task, progress=False,
+                                             checkpoint_path=path)
+    assert got.resumed_from_step == 4 and got.steps == 6
+    assert "batch_scale 1 -> 3" in capsys.readouterr().out
+    assert drawn and set(drawn) == {3 * config.train.batch_size}, drawn
+    with pytest.raises(ConfigError, match="batch_scale"):
+        TrainConfig(batch_scale=0)
+
+
 def test_length_decay_factor_falls_geometrically_from_the_curriculum_end():
     from train.state_tracking.config import TrainConfig
     from train.state_tracking.training import length_decay_factor

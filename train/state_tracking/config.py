@@ -76,6 +76,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.99
+    # AdamW's ε (optax's default). At a training loss near 0 the gradients shrink far below
+    # 1e-8 relative to their running RMS and Adam still takes steps of about the learning rate
+    # in their direction; a larger ε makes the last phase's steps proportional to the gradient
+    # (SGD-like with rate learning_rate / ε) instead. May change when a run continues.
+    adam_eps: float = 1e-8
+    # Words per step = batch_size × batch_scale. Unlike batch_size (part of what a run is) the
+    # scale may change when a run continues: at the S5 plateau the mean of Adam's gradient
+    # estimate is ~1 % of its RMS (RESULTS.md, ninth session), so the steps are mostly
+    # minibatch noise, and a larger batch is the other way besides a lower rate to quiet them.
+    batch_scale: int = 1
     clip_grad_norm: float | None = 1.0
     # Std of N(0, 1) noise added to every M²RNN state entry after every training step (0 =
     # off; evaluation is always noise-free). Meant to make the state's code of the group
@@ -101,10 +111,13 @@ class TrainConfig:
     checkpoint_every_s: float | None = 60.0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seeds", "seeds_per_step", "log_every"):
+        for name in ("steps", "batch_size", "batch_scale", "seeds", "seeds_per_step",
+                     "log_every"):
             _positive(getattr(self, name), f"train.{name}")
         if not self.learning_rate > 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if not (isinstance(self.adam_eps, (int, float)) and self.adam_eps > 0):
+            raise ConfigError(f"train.adam_eps must be a number > 0, got {self.adam_eps!r}")
         if self.first_seed < 0:
             raise ConfigError(f"train.first_seed must be >= 0, got {self.first_seed}")
         if not (isinstance(self.state_noise_std, (int, float)) and self.state_noise_std >= 0):

@@ -71,7 +71,7 @@ class ModelRunner:
         parts = [] if train_config.clip_grad_norm is None else \
             [optax.clip_by_global_norm(train_config.clip_grad_norm)]
         parts.append(optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
-                                 weight_decay=train_config.weight_decay,
+                                 eps=train_config.adam_eps, weight_decay=train_config.weight_decay,
                                  mask=nnx.to_pure_dict(decay_mask(abstract_params))))
         self.optimizer = optax.chain(*parts)
         # Over a leading seed axis (``run_seeds``): every argument and result is per seed.
@@ -246,7 +246,8 @@ class ModelRunner:
                 tqdm.write(f"{self.name} seed {run.seed}: step {run.steps}: scored length at "
                            f"the training length; the learning rate falls by "
                            f"{cfg.length_decay_ratio}x over {cfg.length_decay_steps} steps")
-        batch = sample_word_problems(group, run.rng, cfg.batch_size, task_config.train_length,
+        batch = sample_word_problems(group, run.rng, cfg.batch_size * cfg.batch_scale,
+                                     task_config.train_length,
                                      task_config.length_sampling, run.scored)
         # Causal models: positions past the scored ones change nothing, so a curriculum step
         # runs on the shortest power-of-two prefix (a few compilations, much less work).
