@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_seconds  # noqa: E402  (benchmarks/ on sys.path)
+from timing import interleaved_medians, median_seconds  # noqa: E402  (benchmarks/ on sys.path)
 
 from m2rnn_jax import reference  # noqa: E402
 from pallas_kernels.m2rnn import gpu, mosaic_gpu  # noqa: E402
@@ -237,36 +237,41 @@ def time_all():
                 **{**FAST_FWD, **options})
         if ARGS is not None and ARGS.skip_forward:
             forwards = {}
+        # Compile every variant first, then time them interleaved (timing.interleaved_medians):
+        # one forward timed alone moved by up to 0.5 ms between calls (ninth session).
+        compiled = {}  # row name -> (jitted, args, compile seconds, extra GiB)
         for name, fn in forwards.items():
-            try:
-                start = time.perf_counter()
-                jitted = jax.jit(lambda a, fn=fn: fn(*a, None))
-                jax.block_until_ready(jitted(args))
-                compile_s = time.perf_counter() - start
-                ms = median_seconds(jitted, args, repeats=10, warmup=3) * 1e3
-                rows.append((shape, name, f"{ms:.3f}", f"{compile_s:.1f}", "-"))
-            except Exception as err:  # noqa: BLE001
-                traceback.print_exc()
-                rows.append((shape, name, "FAILED", "-", f"{type(err).__name__}"[:40]))
-            print("  ".join(rows[-1]), flush=True)
+            _compile(compiled, rows, shape, name, jax.jit(lambda a, fn=fn: fn(*a, None)), (args,),
+                     memory=False)
         for name, fn in _variants().items():
-            try:
-                start = time.perf_counter()
-                jitted = jax.jit(lambda a, d, h, fn=fn: fn(a, None, d, h))
-                jax.block_until_ready(jitted(args, dy, dh))
-                compile_s = time.perf_counter() - start
-                ms = median_seconds(jitted, args, dy, dh, repeats=10, warmup=3) * 1e3
-                mem = _extra_memory(jitted, args, dy, dh)
-                rows.append((shape, "fwd+bwd " + name, f"{ms:.3f}", f"{compile_s:.1f}", mem))
-            except Exception as err:  # noqa: BLE001
-                traceback.print_exc()
-                rows.append((shape, "fwd+bwd " + name, "FAILED", "-",
-                             f"{type(err).__name__}"[:40]))
+            _compile(compiled, rows, shape, "fwd+bwd " + name,
+                     jax.jit(lambda a, d, h, fn=fn: fn(a, None, d, h)), (args, dy, dh),
+                     memory=True)
+        timed = interleaved_medians({name: (jitted, a) for name, (jitted, a, _, _)
+                                     in compiled.items()}, rounds=5, repeats=4, warmup=3)
+        for name, (seconds, spread) in timed.items():
+            _, _, compile_s, mem = compiled[name]
+            rows.append((shape, name, f"{seconds * 1e3:.3f} ±{spread * 1e3 / 2:.3f}",
+                         f"{compile_s:.1f}", mem))
             print("  ".join(rows[-1]), flush=True)
-    print("\nshape         variant                                                          ms   first call s  "
-          "extra GiB")
+    print("\nshape         variant                                                   ms ±half-spread"
+          "  first call s  extra GiB")
     for shape, name, ms, compile_s, mem in rows:
-        print(f"{shape:13s} {name:62s} {ms:>9s} {compile_s:>13s}  {mem}")
+        print(f"{shape:13s} {name:58s} {ms:>16s} {compile_s:>13s}  {mem}")
+
+
+def _compile(compiled, rows, shape, name, jitted, args, *, memory):
+    """Runs ``jitted(*args)`` once (compiling it) into ``compiled[name]``, or a FAILED row."""
+    try:
+        start = time.perf_counter()
+        jax.block_until_ready(jitted(*args))
+        compile_s = time.perf_counter() - start
+        mem = _extra_memory(jitted, *args) if memory else "-"
+        compiled[name] = (jitted, args, compile_s, mem)
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        rows.append((shape, name, "FAILED", "-", f"{type(err).__name__}"[:40]))
+        print("  ".join(rows[-1]), flush=True)
 
 
 class _JnpWithoutTanh:
