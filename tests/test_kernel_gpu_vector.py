@@ -162,9 +162,9 @@ def _per_token_transposes(jaxpr, seq_len):
 
 
 def test_batch_major_scalars_leave_no_per_token_transposes(monkeypatch):
-    """With ``scalar_layout="batch_major"`` (the default) the op's fwd+bwd rearranges nothing that has a
-    sequence axis (the time-major q/k/f made XLA transpose the layer's whole q|k|v tensor in
-    the S5 train step; RESULTS.md); time-major scalars do."""
+    """With ``scalar_layout="batch_major"`` (the default) the op's fwd+bwd rearranges nothing
+    that has a sequence axis (the time-major q/k/f made XLA transpose the layer's whole q|k|v
+    tensor in the S5 train step; RESULTS.md); time-major scalars do."""
     (q, k, v, w, f, h0), _, (dy, _) = _problem(27, 24, 40, (1, 1, 4, 4, 4), 1, 5)
 
     def loss(q, k, v, w, f):

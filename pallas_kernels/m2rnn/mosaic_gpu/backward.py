@@ -12,7 +12,7 @@ from m2rnn_jax.heads import expand_heads, sum_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
                                                     _tanh, state_splitter, check_hi_lo_split,
                                                     check_state_product, mma_state_products,
-                                                    mma_weight_fragments,
+                                                    mma_weight_fragments, wgmma_products_apart,
                                                     DEFAULT_CHUNK_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import _store_warp_sums, _sum_partials
@@ -92,17 +92,9 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
             return sum(jnp.dot(a, w_smem[...], preferred_element_type=_F32)
                        for a in parts) + addend
 
-        if acc_per_part:
-            # One accumulator per part: the wgmmas are independent, not chained (as the
-            # forward's acc_init="per_part").
-            def products(*acc_refs):
-                for acc_ref, a in zip(acc_refs, parts):
-                    plgpu.wgmma(acc_ref, a, w_smem)
-                return tuple(acc_ref[...] for acc_ref in acc_refs)
-
+        if acc_per_part:  # as the forward's acc_init="per_part"
             out = addend
-            for part in pl.run_scoped(products, *[plgpu.ACC((KEY_DIM, VALUE_DIM), _F32)
-                                                  for _ in parts]):
+            for part in wgmma_products_apart([(a, w_smem, None) for a in parts]):
                 out = out + part
             return out
 
@@ -328,9 +320,9 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
       (gradients need bf16's exponent range).
     * ``state_product="mma_sync"`` (opt-in): ``H W`` and ``du Wᵀ`` by warp-level mma.sync with
       the addend (``k vᵀ``, ``f ⊙ g``) as the accumulator, as the forward's option of that name.
-    * ``acc_per_part`` (opt-in, prepared in the ninth session): each bf16 part's product
-      (``H W`` and ``du Wᵀ``) in its own accumulator, added after, as the forward's
-      ``acc_init="per_part"``, which measured 2.78 against 3.16 ms in one call.
+    * ``acc_per_part`` (opt-in): each bf16 part's product (``H W`` and ``du Wᵀ``) in its own
+      accumulator, added after, as the forward's ``acc_init="per_part"``; measured slower with
+      it (8×4096×84 fwd+bwd 12.29 vs 11.92 ms, ninth session).
     * ``no_auto_barriers``: ``CompilerParams(unsafe_no_auto_barriers=True)``; with it an
       explicit barrier follows the sub-chunk start states' stores. ``None`` (default) = on with
       ``warp_sums``, for which it is meant (the remaining per-step Pallas stores are the dW

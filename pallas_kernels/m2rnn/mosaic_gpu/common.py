@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from m2rnn_jax.heads import expand_heads
@@ -298,6 +299,19 @@ def state_splitter(parts, f16_state, hi_lo_split, interpret):
     inline = plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=(part, part))(
         functools.partial(_hi_lo_by_bits_inline, lo_by_bits=lo_by_bits))
     return lambda x: list(inline(x))
+
+
+def wgmma_products_apart(products_of):
+    """Mosaic GPU: ``a · b_ref[part]`` for each ``(a, b_ref, part)`` of ``products_of`` (A in
+    registers or SMEM, B in SMEM; ``part`` a static index into ``b_ref``, or None for all of
+    it), each in its own zero-initialised 64×16 float32 accumulator: independent wgmmas
+    instead of a chain through one accumulator. Their values, once all are done."""
+    def products(*acc_refs):
+        for acc_ref, (a, b_ref, part) in zip(acc_refs, products_of):
+            plgpu.wgmma(acc_ref, a, b_ref if part is None else b_ref.at[part])
+        return tuple(acc_ref[...] for acc_ref in acc_refs)  # waits for the wgmmas
+
+    return pl.run_scoped(products, *[plgpu.ACC((KEY_DIM, VALUE_DIM), _F32) for _ in products_of])
 
 
 def _tanh(u, f16_tanh):

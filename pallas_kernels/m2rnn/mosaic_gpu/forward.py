@@ -13,7 +13,7 @@ from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_
                                                     _bf16_parts, _tanh, _products, state_splitter,
                                                     check_hi_lo_split, check_state_product,
                                                     mma_state_products, mma_weight_fragments,
-                                                    DEFAULT_CHUNK_SIZE,
+                                                    wgmma_products_apart, DEFAULT_CHUNK_SIZE,
                                                     DEFAULT_STAGE_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import (_store_warp_partial_products,
@@ -122,14 +122,7 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
             # One zero-initialised accumulator per (head, state part): a step's wgmmas are
             # independent instead of chained through one accumulator; their sum is added after.
             flat = [(hh, a, p) for hh in range(heads_per_cta) for a, p in pairs[hh]]
-
-            def products(*acc_refs):
-                for acc_ref, (hh, a, p) in zip(acc_refs, flat):
-                    plgpu.wgmma(acc_ref, a, w_bufs[hh].at[p])
-                return tuple(acc_ref[...] for acc_ref in acc_refs)  # waits for the WGMMAs
-
-            parts = pl.run_scoped(products, *[plgpu.ACC((KEY_DIM, VALUE_DIM), _F32)
-                                              for _ in flat])
+            parts = wgmma_products_apart([(a, w_bufs[hh], p) for hh, a, p in flat])
             us = list(kvs)
             for (hh, _, _), part in zip(flat, parts):
                 us[hh] = us[hh] + part
