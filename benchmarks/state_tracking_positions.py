@@ -10,7 +10,9 @@ some length), read from the runs' checkpoints.
 ``OUT/checkpoints/<model>_seed<SEED>.msgpack``, written under the same config). Evaluates the
 config's fixed evaluation words of ``--length`` (the first ``--sequences`` of them) and writes
 ``PREFIX.csv`` (seed, position, accuracy) and ``PREFIX.png`` (accuracy against position, each
-run's curriculum length and the training length marked). Runs on the CPU in a minute.
+run's curriculum length and the training length marked), and prints how words go on after
+their first wrong answer (``after_first_error``: a clean slip to another element, or a code
+that blurs). Runs on the CPU in a minute.
 """
 
 import argparse
@@ -32,14 +34,36 @@ from train.state_tracking.tasks import eval_word_problems  # noqa: E402
 from train.state_tracking.training import ModelRunner  # noqa: E402
 
 
-def position_accuracy(runner, params, tokens, targets, batch_size):
-    """Fraction of sequences right at each position, (length,)."""
-    correct = []
+def predictions(runner, params, tokens, batch_size):
+    """The model's predicted element at every position, (sequences, length)."""
     logits_fn = jax.jit(runner._logits)
-    for first in range(0, tokens.shape[0], batch_size):
-        logits = logits_fn(params, tokens[first:first + batch_size])
-        correct.append(np.asarray(jnp.argmax(logits, -1) == targets[first:first + batch_size]))
-    return np.concatenate(correct).mean(axis=0)
+    return np.concatenate([np.asarray(jnp.argmax(logits_fn(params, tokens[i:i + batch_size]), -1))
+                           for i in range(0, tokens.shape[0], batch_size)])
+
+
+def after_first_error(group, predicted, targets):
+    """How a word goes on after its first wrong answer, or None if none goes wrong.
+
+    A clean slip (the state jumps to another element's code and the recurrence then tracks
+    exactly from there) leaves a constant *left* offset: predicted_t = e · target_t for one e
+    (prefix products grow on the right, so a wrong state P_s·d gives P_s d P_s⁻¹ · P_t). So
+    per word that goes wrong: the first error's position, how often the left offset
+    ``predicted_t · target_t⁻¹`` changes after it, and the share of later positions right.
+    Returns medians over those words."""
+    inverse = np.argmax(group.table == 0, axis=1)  # table[a, inverse[a]] = identity (row 0)
+    wrong = predicted != targets
+    firsts, changes, right_again = [], [], []
+    for word in np.flatnonzero(wrong.any(axis=1)):
+        first = int(np.argmax(wrong[word]))
+        left = group.table[predicted[word, first:], inverse[targets[word, first:]]]
+        firsts.append(first + 1)
+        changes.append(int(np.count_nonzero(np.diff(left))))
+        right_again.append(float(np.mean(~wrong[word, first:])))
+    if not firsts:
+        return None
+    return {"words_wrong": len(firsts), "first_error": float(np.median(firsts)),
+            "earliest_error": min(firsts), "offset_changes": float(np.median(changes)),
+            "right_after_first_error": float(np.median(right_again))}
 
 
 def load_run(runner, config, seed, out_dir):
@@ -83,7 +107,9 @@ def main():
     rows, curves = [], []
     for seed, out_dir in runs:
         params, step, scored = load_run(runner, config, seed, out_dir)
-        acc = position_accuracy(runner, params, words.tokens, words.targets, args.batch_size)
+        predicted = predictions(runner, params, words.tokens, args.batch_size)
+        targets = np.asarray(words.targets)
+        acc = (predicted == targets).mean(axis=0)
         curves.append((seed, step, scored, acc))
         rows += [{"seed": seed, "step": step, "position": i + 1, "accuracy": float(a)}
                  for i, a in enumerate(acc)]
@@ -91,6 +117,13 @@ def main():
         print(f"seed {seed} (step {step}, curriculum length {scored}): accuracy at positions "
               f"1-{train} {acc[:train].mean():.3f}, {train + 1}-{2 * train} "
               f"{acc[train:2 * train].mean():.3f}, last {train} {acc[-train:].mean():.3f}")
+        slips = after_first_error(group, predicted, targets)
+        if slips:
+            print(f"  {slips['words_wrong']} of {len(targets)} words go wrong, first at position "
+                  f"{slips['first_error']:.0f} (median; earliest {slips['earliest_error']}); "
+                  f"after it, per word (medians): the left offset changes "
+                  f"{slips['offset_changes']:.0f} times (a clean slip: 0), "
+                  f"{100 * slips['right_after_first_error']:.0f} % of positions right again")
     with open(args.out + ".csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=("seed", "step", "position", "accuracy"))
         writer.writeheader()

@@ -182,6 +182,38 @@ def test_position_accuracy_from_a_runs_checkpoint(tmp_path, monkeypatch, capsys)
         state_tracking_positions.load_run(runner, config, 4, str(out))
 
 
+def test_after_first_error_tells_a_clean_slip_from_a_blur():
+    """state_tracking_positions.after_first_error on S4 words: a state that jumps to a wrong
+    element at step 6 and is then tracked exactly (predictions = the true prefix products
+    from a wrong state) keeps one left offset; predictions that alternate between right and
+    wrong change it at every position."""
+    import state_tracking_positions
+    from train.state_tracking.groups import group_by_name
+    from train.state_tracking.tasks import eval_word_problems
+
+    group = group_by_name("S4")
+    words = eval_word_problems(group, 7, 3, 20)
+    targets = np.asarray(words.targets)
+    tokens = np.asarray(words.tokens)
+    slipped = targets.copy()
+    state = targets[:, 4]  # right up to position 5
+    wrong_state = group.table[state, 1]  # the state times a non-identity element
+    for t in range(5, 20):  # from position 6 on: the wrong state, tracked exactly
+        wrong_state = group.table[wrong_state, tokens[:, t]]
+        slipped[:, t] = wrong_state
+    assert np.all(slipped[:, 5:] != targets[:, 5:])
+    got = state_tracking_positions.after_first_error(group, slipped, targets)
+    assert got == {"words_wrong": 3, "first_error": 6.0, "earliest_error": 6,
+                   "offset_changes": 0.0, "right_after_first_error": 0.0}
+
+    blurred = targets.copy()
+    blurred[:, 9::2] = group.table[targets[:, 9::2], 1]  # wrong at positions 10, 12, ...
+    got = state_tracking_positions.after_first_error(group, blurred, targets)
+    assert got["first_error"] == 10 and got["offset_changes"] == 10
+    assert got["right_after_first_error"] == pytest.approx(5 / 11)
+    assert state_tracking_positions.after_first_error(group, targets, targets) is None
+
+
 def test_drift_helpers_against_brute_force():
     """benchmarks/state_tracking_drift.py: permutation parity against the determinant of the
     permutation matrix; the centroid distance and the linear probe on synthetic states whose
