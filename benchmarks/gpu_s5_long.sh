@@ -71,7 +71,8 @@ collect() {
     grep -E "^  seed " $RUNS/group/log.txt | tail -n 3
   fi
   (cd $RUNS && tar czf "$OUT/s5_long_results.tgz" seed*/log.txt seed*/results.* \
-    seed*/accuracy_vs_length.png group/log.txt group/results.* 2>/dev/null)
+    seed*/accuracy_vs_length.png group/log.txt group/results.* baselines/*/log.txt \
+    baselines/*/results.* 2>/dev/null)
   ls -la "$OUT"
 }
 

@@ -21,6 +21,11 @@
 # reaches the training length can leave the group: move its checkpoint from
 # runs/s5_long/group/checkpoints to runs/s5_long/seed<k>/checkpoints (one step of a group runs
 # at its widest seed's width, and at width 64 K seeds cost K times one: RESULTS.md).
+# BASELINE_SEEDS (e.g. "1 2"; default none): on GPU 0 instead, s5_long.yaml's baselines
+# (attention, attention_rope, mamba2, gated_deltanet) for those consecutive seeds, from scratch
+# for what is left of BUDGET_S: one process per model, its seeds in one vmapped step, in
+# runs/s5_long/baselines/<model> (their logs and results come back, not their checkpoints);
+# seed 0 of each ran ≈ 42k steps in the third session.
 # Checkpoints, logs and results come back in $OUT (gpu_s5_long.sh collect).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -47,13 +52,28 @@ if [ -n "${KERNEL_CMD:-}" ]; then
   echo "kernel command exit $?"
 fi
 left=$((BUDGET - $(date +%s) + start))
-echo "GPU 0 trains seeds [$GPU0_SEEDS] alone and [$GROUP_SEEDS] together for ${left}s"
-if [ "$left" -gt 60 ]; then
+if [ -n "${BASELINE_SEEDS:-}" ]; then
+  read -r -a bseeds <<< "$BASELINE_SEEDS"
+  echo "GPU 0 trains the baselines, seeds [$BASELINE_SEEDS], for ${left}s"
+  for m in attention attention_rope mamba2 gated_deltanet; do
+    mkdir -p runs/s5_long/baselines/$m
+    CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout $((left + 120)) \
+      python3 -m train.state_tracking.cli --config configs/state_tracking/s5_long.yaml \
+      --models $m --seeds ${#bseeds[@]} --first-seed ${bseeds[0]} \
+      --seeds-per-step ${#bseeds[@]} --time-budget-s "$left" --no-progress \
+      --out runs/s5_long/baselines/$m ${EXTRA_ARGS_BASELINES:-} \
+      >> runs/s5_long/baselines/$m/log.txt 2>&1 &
+  done
+elif [ "$left" -gt 60 ]; then
+  echo "GPU 0 trains seeds [$GPU0_SEEDS] alone and [$GROUP_SEEDS] together for ${left}s"
   EXTRA_ARGS_SEED0="$SEED0_ARGS" SEEDS="$GPU0_SEEDS" GPUS=0 GROUP_SEEDS="$GROUP_SEEDS" \
     GROUP_GPU=0 MEM_FRACTION=0.45 bash benchmarks/gpu_s5_long.sh train "$left"
 fi
 wait
 SEEDS="$GPU1_SEEDS $GPU0_SEEDS" bash benchmarks/gpu_s5_long.sh collect
+for log in runs/s5_long/baselines/*/log.txt; do
+  [ -f "$log" ] && echo "== $log" && grep -E "^  seed " "$log" | tail -n 2
+done
 grep -E "^(pallas|scan|variant)" "$OUT/step_bench.txt"
 [ -f "$OUT/kernels.txt" ] && grep -E "^(correctness|device|shape|[0-9]+x|CHECK|time|XLA (PTX|dump)|variant|pallas|==|1 +[0-9])" \
   "$OUT/kernels.txt" | tail -n 30
