@@ -9,8 +9,9 @@
 # GPU 1: GPU1_SEEDS (default "0"; seed 0 with SEED0_ARGS, its hand-run schedule: by default a
 # constant 3e-7 with 4x the words per step (train.batch_scale): 3e-7 alone flattened at 97.9 %
 # at 8x in the ninth session, where the gradient's mean was ~1 % of its RMS in Adam's state).
-# SEED5_ARGS (default train.adam_eps=1e-6, seed 5 at its schedule's floor of 1e-5, flat at
-# 97.5-97.6 % over 76k steps) are the flags of seed 5 wherever it runs.
+# SEED5_ARGS (default train.label_smoothing=0.01, seed 5 at its schedule's floor of 1e-5,
+# flat at 97.5-97.6 % over 76k steps: its training loss is near float32's floor, so plain
+# cross-entropy no longer asks for exact states) are the flags of seed 5 wherever it runs.
 # GPU 0: benchmarks/state_tracking_step_bench.py for BENCH_SEEDS_PER_STEP (default "1 3"; 0 skips
 # it), then KERNEL_CMD (e.g. "python3 benchmarks/mosaic_check.py ..." or "bash
 # benchmarks/gpu_vector_probe.sh"; output in
@@ -33,7 +34,7 @@ BUDGET=${1:-420}
 start=$(date +%s)
 SEED0_ARGS=${SEED0_ARGS:---lr 3e-7 --set train.min_lr_ratio=1.0 --set train.steps=800000 \
 --set train.length_decay_steps=0 --set train.batch_scale=4}
-export EXTRA_ARGS_SEED5=${SEED5_ARGS:---set train.adam_eps=1e-6}
+export EXTRA_ARGS_SEED5=${SEED5_ARGS:---set train.label_smoothing=0.01}
 GPU1_SEEDS=${GPU1_SEEDS-0}
 GPU0_SEEDS=${GPU0_SEEDS-5}
 GROUP_SEEDS=${GROUP_SEEDS-6 7}

@@ -442,6 +442,53 @@ def test_batch_scale_continues_a_run_with_more_words_per_step(tmp_path, capsys, 
         TrainConfig(batch_scale=0)
 
 
+def test_label_smoothing_loss_against_numpy_and_on_resume(tmp_path, capsys):
+    """``token_losses`` with α: cross-entropy against (1 − α)·onehot + α/K, checked in float64
+    NumPy; its minimum over the logits is at a finite margin, where plain cross-entropy keeps
+    falling. ``train.label_smoothing`` may change when a run continues; α = 1 is an error."""
+    import jax.numpy as jnp
+
+    from m2rnn_jax.typed_config import ConfigError
+    from train.state_tracking.config import TrainConfig
+    from train.state_tracking.training import token_losses
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(3, 7, 11)) * 3
+    targets = rng.integers(0, 11, size=(3, 7))
+    alpha = 0.1
+    labels = np.full((3, 7, 11), alpha / 11)
+    np.put_along_axis(labels, targets[..., None], 1 - alpha + alpha / 11, -1)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    want = -(labels * log_p).sum(-1)
+    got = np.asarray(token_losses(jnp.asarray(logits, jnp.float32), jnp.asarray(targets),
+                                  alpha))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    plain = np.asarray(token_losses(jnp.asarray(logits, jnp.float32), jnp.asarray(targets)))
+    np.testing.assert_allclose(plain, -np.take_along_axis(log_p, targets[..., None], -1)[..., 0],
+                               rtol=1e-5)
+
+    def loss_at_margin(margin, smoothing):
+        one = jnp.zeros((1, 11)).at[0, 0].set(margin)
+        return float(token_losses(one, jnp.zeros((1,), jnp.int32), smoothing)[0])
+
+    best = np.log(1 + (1 - alpha) * 11 / alpha)
+    assert loss_at_margin(best, alpha) < min(loss_at_margin(best - 1, alpha),
+                                             loss_at_margin(best + 1, alpha))
+    assert loss_at_margin(best + 1, 0.0) < loss_at_margin(best, 0.0)
+
+    config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
+    path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
+    runner().run(0, group, config.task, progress=False, checkpoint_path=path)
+    capsys.readouterr()
+    got = runner(steps=6, label_smoothing=0.05).run(0, group, config.task, progress=False,
+                                                   checkpoint_path=path)
+    assert got.resumed_from_step == 4 and got.steps == 6
+    assert "label_smoothing 0.0 -> 0.05" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        TrainConfig(label_smoothing=1.0)
+
+
 def test_length_decay_factor_falls_geometrically_from_the_curriculum_end():
     from train.state_tracking.config import TrainConfig
     from train.state_tracking.training import length_decay_factor

@@ -182,6 +182,49 @@ def test_position_accuracy_from_a_runs_checkpoint(tmp_path, monkeypatch, capsys)
         state_tracking_positions.load_run(runner, config, 4, str(out))
 
 
+def test_margins_of_a_runs_checkpoint(tmp_path, capsys):
+    """benchmarks/state_tracking_margins.py: a run's checkpoint file gives per-position losses
+    equal to the direct cross-entropy (plain and label-smoothed, in float64 NumPy) and margins
+    whose sign says right or wrong."""
+    import state_tracking_margins
+    from m2rnn_jax.typed_config import load_yaml
+    from train.state_tracking.config import ExperimentConfig
+    from train.state_tracking.tasks import eval_word_problems
+    from train.state_tracking.training import ModelRunner
+
+    model = {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
+                                             "backend": "scan"}}
+    config_path = tiny_experiment(tmp_path, {"m2rnn": model})
+    out = tmp_path / "run"
+    cli.main(["--config", str(config_path), "--out", str(out), "--seeds", "1", "--no-progress"])
+    ckpt = str(out / "checkpoints" / "m2rnn_seed0.msgpack")
+    capsys.readouterr()
+    state_tracking_margins.main(["--config", str(config_path), f"0:{ckpt}", "--sequences", "8",
+                                 "--batch-size", "4"])
+    printed = capsys.readouterr().out
+    assert "seed 0 step 3: loss mean" in printed and "margin median" in printed
+
+    config = load_yaml(ExperimentConfig, config_path)
+    group = cli.build_group(config.task)
+    runner = ModelRunner("m2rnn", config.model_config("m2rnn", group.order), config.train)
+    params = runner.init_params(0)
+    words = eval_word_problems(group, 1, 6, config.task.train_length)
+    tokens, targets = np.asarray(words.tokens), np.asarray(words.targets)
+    loss, margin = state_tracking_margins.losses_and_margins(runner, params, tokens, targets,
+                                                             0.0, 4)
+    logits = np.asarray(runner._logits(params, tokens), np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(loss, want, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(margin > 0, logits.argmax(-1) == targets)
+    smoothed, _ = state_tracking_margins.losses_and_margins(runner, params, tokens, targets,
+                                                            0.3, 4)
+    order = logits.shape[-1]
+    labels = np.full(logits.shape, 0.3 / order)
+    np.put_along_axis(labels, targets[..., None], 0.7 + 0.3 / order, -1)
+    np.testing.assert_allclose(smoothed, -(labels * log_p).sum(-1), rtol=1e-4, atol=1e-6)
+
+
 def test_after_first_error_tells_a_clean_slip_from_a_blur():
     """state_tracking_positions.after_first_error on S4 words: a state that jumps to a wrong
     element at step 6 and is then tracked exactly (predictions = the true prefix products

@@ -8,10 +8,10 @@ seconds and when it stops, and resumes from the file if it exists. A file writte
 settings, or an unreadable one, is an error that names the file, never silently ignored or
 overwritten. The recurrence's backend is not part of the settings (it computes the same function);
 and one exception: the learning-rate schedule, the number of steps, Adam's ε, the batch's
-scale and the training noise on the state (``SCHEDULE_KEYS``) may change between invocations —
-a run continues its
-trajectory under the new schedule (say, a lower rate once the curriculum reaches the training
-length, or more steps), and the runner prints what changed. Serialisation is Flax's msgpack
+scale, label smoothing and the training noise on the state (``SCHEDULE_KEYS``) may change
+between invocations — a run continues its trajectory under the new schedule (say, a lower
+rate once the curriculum reaches the training length, or more steps), and the runner prints
+what changed. Serialisation is Flax's msgpack
 (``flax.serialization``): one small file per run, easy to carry between machines.
 """
 
@@ -32,7 +32,7 @@ _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
 # The learning-rate schedule, the run's length and the training noise: a run may be continued
 # under new values.
 SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps", "state_noise_std",
-                 "length_decay_steps", "length_decay_ratio", "adam_eps", "batch_scale")
+                 "length_decay_steps", "length_decay_ratio", "adam_eps", "batch_scale", "label_smoothing")
 
 
 class CheckpointError(RuntimeError):

@@ -86,6 +86,11 @@ class TrainConfig:
     # estimate is ~1 % of its RMS (RESULTS.md, ninth session), so the steps are mostly
     # minibatch noise, and a larger batch is the other way besides a lower rate to quiet them.
     batch_scale: int = 1
+    # Label smoothing α of the training loss (0 = plain cross-entropy). At the S5 plateau the
+    # per-token loss at the training length is ~3e-8 (logit margins ~31): the objective no
+    # longer responds to a state that is slightly off. With α its minimum has finite margins,
+    # so it keeps asking for exact states. May change when a run continues.
+    label_smoothing: float = 0.0
     clip_grad_norm: float | None = 1.0
     # Std of N(0, 1) noise added to every M²RNN state entry after every training step (0 =
     # off; evaluation is always noise-free). Meant to make the state's code of the group
@@ -116,6 +121,10 @@ class TrainConfig:
             _positive(getattr(self, name), f"train.{name}")
         if not self.learning_rate > 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if not (isinstance(self.label_smoothing, (int, float))
+                and 0 <= self.label_smoothing < 1):
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got "
+                              f"{self.label_smoothing!r}")
         if not (isinstance(self.adam_eps, (int, float)) and self.adam_eps > 0):
             raise ConfigError(f"train.adam_eps must be a number > 0, got {self.adam_eps!r}")
         if self.first_seed < 0:

@@ -42,6 +42,16 @@ class RunResult:
     evals: list
 
 
+def token_losses(logits, targets, label_smoothing=0.0):
+    """Cross-entropy per position; with ``label_smoothing`` α against ``(1 − α)·onehot + α/K``,
+    whose minimum keeps the logits at a finite margin (log(1 + (1 − α)K/α)), so the loss still
+    responds to a state that is slightly off once every answer is right."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, labels)
+
+
 def length_decay_factor(train_config, step, reached_step):
     """The factor on the learning rate at ``step`` (``train.length_decay_*``): 1 before the
     scored length reaches the training length (``reached_step``), then falling geometrically
@@ -89,7 +99,7 @@ class ModelRunner:
 
         def loss_fn(params):
             logits = self._logits(params, tokens, state_noise)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+            losses = token_losses(logits, targets, self.train_config.label_smoothing)
             loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
             accuracy = jnp.sum((logits.argmax(-1) == targets) * mask) / jnp.maximum(
                 jnp.sum(mask), 1.0)
