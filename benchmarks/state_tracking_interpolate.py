@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from m2rnn_jax.typed_config import load_yaml
-from train.state_tracking import checkpoint, cli
+from train.state_tracking import cli
 from train.state_tracking.config import ExperimentConfig
 from train.state_tracking.training import ModelRunner
 
@@ -45,10 +45,7 @@ def main(argv=None):
     config = load_yaml(ExperimentConfig, args.config)
     group = cli.build_group(config.task)
     runner = ModelRunner(args.model, config.model_config(args.model, group.order), config.train)
-    init = runner.init_params(args.seed)
-    prints = checkpoint.fingerprints(runner.model_config, config.train, config.task, args.seed)
-    states = [checkpoint.load(path, init, runner.optimizer.init(init), prints)
-              for path in (args.first, args.second)]
+    states = [runner.load_saved(path, config.task, args.seed) for path in (args.first, args.second)]
     a, b = (s.params for s in states)
     sq = lambda tree: sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(tree))  # noqa: E731
     distance = np.sqrt(sq(jax.tree.map(lambda x, y: np.asarray(y) - np.asarray(x), a, b)))

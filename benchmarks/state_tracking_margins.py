@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from m2rnn_jax.typed_config import load_yaml
-from train.state_tracking import checkpoint, cli
+from train.state_tracking import cli
 from train.state_tracking.config import ExperimentConfig
 from train.state_tracking.tasks import sample_word_problems
 from train.state_tracking.training import ModelRunner, token_losses
@@ -63,10 +63,7 @@ def main(argv=None):
           f"(label smoothing {args.label_smoothing}), margin = right logit - largest other")
     for spec in args.runs:
         seed, path = spec.split(":", 1)
-        init = runner.init_params(int(seed))
-        prints = checkpoint.fingerprints(runner.model_config, config.train, config.task,
-                                         int(seed))
-        saved = checkpoint.load(path, init, runner.optimizer.init(init), prints)
+        saved = runner.load_saved(path, config.task, int(seed))
         loss, margin = losses_and_margins(runner, saved.params, tokens, targets,
                                           args.label_smoothing, args.batch_size)
         print(f"seed {seed} step {saved.step}: loss mean {loss.mean():.2e} (positions 1-{half} "

@@ -71,9 +71,7 @@ def load_run(runner, config, seed, out_dir):
     path = checkpoint.path_for(os.path.join(out_dir, "checkpoints"), runner.name, seed)
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint {path}")
-    params = runner.init_params(seed)
-    prints = checkpoint.fingerprints(runner.model_config, config.train, config.task, seed)
-    saved = checkpoint.load(path, params, runner.optimizer.init(params), prints)
+    saved = runner.load_saved(path, config.task, seed)
     return saved.params, saved.step, saved.scored
 
 

@@ -387,7 +387,6 @@ def test_adam_eps_continues_a_run_and_scales_its_steps(tmp_path, capsys):
     import jax
 
     from m2rnn_jax.typed_config import ConfigError
-    from train.state_tracking import checkpoint
     from train.state_tracking.config import TrainConfig
 
     config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
@@ -404,8 +403,7 @@ def test_adam_eps_continues_a_run_and_scales_its_steps(tmp_path, capsys):
         saved = str(tmp_path / name / "m2rnn_seed0.msgpack")
         r.run(0, group, config.task, progress=False, checkpoint_path=saved)
         init = r.init_params(0)
-        prints = checkpoint.fingerprints(r.model_config, r.train_config, config.task, 0)
-        final = checkpoint.load(saved, init, r.optimizer.init(init), prints).params
+        final = r.load_saved(saved, config.task, 0).params
         return float(sum(np.sum(np.square(np.asarray(a) - np.asarray(b)))
                          for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(final))))
 

@@ -121,6 +121,13 @@ class ModelRunner:
         model = HybridLM(self.model_config, rngs=nnx.Rngs(seed))
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
+    def load_saved(self, path, task_config, seed):
+        """The ``checkpoint.RunState`` in ``path`` of this runner's run of ``seed`` on
+        ``task_config``, checked against the settings as a resumed run is (for analyses)."""
+        params = self.init_params(seed)
+        prints = checkpoint.fingerprints(self.model_config, self.train_config, task_config, seed)
+        return checkpoint.load(path, params, self.optimizer.init(params), prints)
+
     def run(self, seed, group, task_config, deadline=None, progress=True,
             checkpoint_path=None) -> RunResult:
         """Trains from seed ``seed`` and evaluates; stops training early past ``deadline``
