@@ -14,8 +14,9 @@ Each argument is ``SEED:FILE`` (a checkpoint of that seed's run under this confi
 """
 
 import argparse
+import os
+import sys
 
-import jax
 import numpy as np
 
 from m2rnn_jax.typed_config import load_yaml
@@ -24,14 +25,14 @@ from train.state_tracking.config import ExperimentConfig
 from train.state_tracking.tasks import sample_word_problems
 from train.state_tracking.training import ModelRunner, token_losses
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from state_tracking_positions import batched_logits  # noqa: E402
+
 
 def losses_and_margins(runner, params, tokens, targets, label_smoothing, batch_size):
     """(per-position losses, per-position margins), each (sequences, length) float64."""
-    logits_fn = jax.jit(runner._logits)
     losses, margins = [], []
-    for first in range(0, tokens.shape[0], batch_size):
-        rows = slice(first, first + batch_size)
-        logits = logits_fn(params, tokens[rows])
+    for rows, logits in batched_logits(runner, params, tokens, batch_size):
         losses.append(np.asarray(token_losses(logits, targets[rows], label_smoothing),
                                  np.float64))
         logits = np.asarray(logits, np.float64)

@@ -34,11 +34,18 @@ from train.state_tracking.tasks import eval_word_problems  # noqa: E402
 from train.state_tracking.training import ModelRunner  # noqa: E402
 
 
+def batched_logits(runner, params, tokens, batch_size):
+    """``(rows, logits)`` for consecutive blocks of ``batch_size`` words of ``tokens``."""
+    logits_fn = jax.jit(runner._logits)
+    for first in range(0, tokens.shape[0], batch_size):
+        rows = slice(first, first + batch_size)
+        yield rows, logits_fn(params, tokens[rows])
+
+
 def predictions(runner, params, tokens, batch_size):
     """The model's predicted element at every position, (sequences, length)."""
-    logits_fn = jax.jit(runner._logits)
-    return np.concatenate([np.asarray(jnp.argmax(logits_fn(params, tokens[i:i + batch_size]), -1))
-                           for i in range(0, tokens.shape[0], batch_size)])
+    return np.concatenate([np.asarray(jnp.argmax(logits, -1))
+                           for _, logits in batched_logits(runner, params, tokens, batch_size)])
 
 
 def after_first_error(group, predicted, targets):

@@ -11,8 +11,8 @@ and one exception: the learning-rate schedule, the number of steps, Adam's ε, t
 scale, label smoothing and the training noise on the state (``SCHEDULE_KEYS``) may change
 between invocations — a run continues its trajectory under the new schedule (say, a lower
 rate once the curriculum reaches the training length, or more steps), and the runner prints
-what changed. Serialisation is Flax's msgpack
-(``flax.serialization``): one small file per run, easy to carry between machines.
+what changed. Serialisation is Flax's msgpack (``flax.serialization``): one small file per
+run, easy to carry between machines.
 """
 
 import dataclasses
@@ -29,10 +29,11 @@ _NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds
                       "seeds_per_step"}
 _HASHED_BACKEND = "scan"
 _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
-# The learning-rate schedule, the run's length and the training noise: a run may be continued
-# under new values.
+# The learning-rate schedule, the run's length, Adam's ε, the batch's scale, label smoothing
+# and the training noise: a run may be continued under new values.
 SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps", "state_noise_std",
-                 "length_decay_steps", "length_decay_ratio", "adam_eps", "batch_scale", "label_smoothing")
+                 "length_decay_steps", "length_decay_ratio", "adam_eps", "batch_scale",
+                 "label_smoothing")
 
 
 class CheckpointError(RuntimeError):
