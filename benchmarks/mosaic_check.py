@@ -50,8 +50,12 @@ HI_LO_CVT = {"hi_lo_split": "cvt"}  # the default until 2026-11-30's measurement
 BITS_LO = {"hi_lo_split": "bits_lo"}  # lo rounded by an integer add too (no conversion)
 FMA_Y = {"y_reduction": "warp_scatter_fma"}  # H ⊙ q fused into the y partials' row sums
 MMA_SYNC = {"state_product": "mma_sync"}  # H W (and du Wᵀ) by warp-level mma.sync
+MMA_TF32 = {"state_product": "mma_sync_tf32"}  # the same on tf32 hi/lo parts (m16n8k8)
+MMA_TF32_2ACC = {**MMA_TF32, "mma_accumulators": 2}  # one chain per k block, added after
 FWD_OPTIONS = {
     "mma_sync": MMA_SYNC,
+    "mma_sync_tf32": MMA_TF32,
+    "mma_sync_tf32_2acc": MMA_TF32_2ACC,
     "hi_lo_cvt": HI_LO_CVT,
     "bits_lo": BITS_LO,
     "fma_y": FMA_Y,
@@ -113,6 +117,8 @@ BWD_OPTIONS = {
     "c32": (32, {}),                                                    # the default
     "c32_f16": (32, F16, F16),
     "c32_mma_sync": (32, MMA_SYNC, MMA_SYNC),
+    "c32_mma_sync_tf32": (32, MMA_TF32, MMA_TF32),
+    "c32_mma_sync_tf32_2acc": (32, MMA_TF32_2ACC, MMA_TF32_2ACC),
     "c32_hi_lo_cvt": (32, HI_LO_CVT, HI_LO_CVT),
     "c32_bits_lo": (32, BITS_LO, BITS_LO),
     "c32_bits_lo_fma_y": (32, BITS_LO, {**BITS_LO, **FMA_Y}),

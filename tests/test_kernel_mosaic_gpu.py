@@ -91,6 +91,9 @@ FWD_OPTION_CASES = {
     # H W by warp-level mma.sync (interpret mode: the same products as a dot; W's fragment
     # input and its SMEM copy run).
     "mma_sync_keep": ((1, 1, 2, 2, 2), 64, 32, True, True, {"state_product": "mma_sync"}),
+    # H W by mma.sync on tf32 hi/lo parts (interpret mode: the same parts' products as a dot).
+    "mma_sync_tf32_two_groups_keep": ((2, 2, 4, 4, 2), 64, 32, True, True,
+                                      {"state_product": "mma_sync_tf32"}),
 }
 
 
@@ -120,7 +123,11 @@ def test_forward_option_errors():
                        ({"hi_lo_split": "round"}, "hi_lo_split"),
                        ({"state_product": "dot"}, "state_product"),
                        ({"state_product": "mma_sync", "hi_lo_split": "cvt"}, "split by bits"),
-                       ({"state_product": "mma_sync", "acc_init": "kv"}, "acc_init")):
+                       ({"state_product": "mma_sync", "acc_init": "kv"}, "acc_init"),
+                       ({"state_product": "mma_sync_tf32", "state_split": 3}, "state_split=2"),
+                       ({"mma_accumulators": 2}, "mma_accumulators"),
+                       ({"state_product": "mma_sync_tf32", "acc_init": "kv"},
+                        "'mma_sync_tf32' needs heads_per_cta=1")):
         with pytest.raises(ValueError, match=match):
             mosaic_gpu.forward(*args, None, chunk_size=8, interpret=True, **bad)
 
@@ -211,6 +218,76 @@ def test_mma_sync_fragments_compute_h_w():
     np.testing.assert_allclose(out, h @ w, rtol=1e-12, atol=1e-12)
 
 
+def _tf32(x):
+    """x truncated to tf32 (low 13 bits of the float32 cleared), as float64."""
+    bits = np.asarray(x, np.float32).view(np.uint32) & np.uint32(0xFFFFE000)
+    return bits.view(np.float32).astype(np.float64)
+
+
+def test_tf32_hi_lo_against_float64():
+    """hi is x with its low 13 bits cleared, lo = x − hi exactly; with lo read as tf32 (the
+    tensor core's truncation) hi + lo is within 2⁻²⁰ of x (relative), 16× closer than bf16
+    hi/lo parts."""
+    from pallas_kernels.m2rnn.mosaic_gpu import common
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal(4096) * np.exp(rng.uniform(-8, 8, 4096))).astype(np.float32)
+    hi, lo = (np.asarray(p) for p in common.tf32_hi_lo(jnp.asarray(x)))
+    np.testing.assert_array_equal(hi, _tf32(x))
+    np.testing.assert_array_equal(hi.astype(np.float64) + lo, x.astype(np.float64))
+    x64 = x.astype(np.float64)
+    rel = np.abs(_tf32(hi) + _tf32(lo) - x64) / np.abs(x64)
+    assert rel.max() <= 2.0 ** -20
+    hi_bf, lo_bf = common._bf16_parts(jnp.asarray(x), 2)
+    rel_bf = np.abs(np.asarray(hi_bf, np.float64) + np.asarray(lo_bf, np.float64) - x64) / np.abs(x64)
+    assert rel.mean() * 16 < rel_bf.mean()
+
+
+def test_mma_sync_tf32_fragments_compute_h_w():
+    """The tf32 mma.sync path's register bookkeeping, simulated lane by lane with the PTX ISA's
+    m16n8k8 tf32 fragments (A: a0..a3 = (g, t), (g+8, t), (g, t+4), (g+8, t+4); B: b0, b1 =
+    (t, g), (t+4, g); C/D: c0..c3 = rows g, g+8 of columns 2t+e) on random H and W: the
+    kernel reads k block kb's A from H's own registers (kb, h), element e, as k index t + 4e,
+    its B from ``mma_weight_fragments(W)``'s register (n, kb), and the outputs land in
+    registers (n, 0), (n, 1): the sum over both k blocks is H W."""
+    from pallas_kernels.m2rnn.mosaic_gpu import common
+    rng = np.random.default_rng(8)
+    h = rng.standard_normal((64, 16))
+    w = rng.standard_normal((16, 16)).astype(np.float32).astype(np.float64)
+    frag = np.asarray(common.mma_weight_fragments(jnp.asarray(w, jnp.float32)), np.float64)
+    regs = {}  # (array, warp, lane, (j, h)) -> two elements
+    for name, array in (("h", h), ("w", frag)):
+        for row in range(64):
+            for col in range(16):
+                warp, lane, reg, e = _wgmma_register(row, col)
+                regs.setdefault((name, warp, lane, reg), [0.0, 0.0])[e] = array[row, col]
+    out = np.zeros((64, 16))
+    for warp in range(4):
+        for n in (0, 1):
+            d = np.zeros((16, 8))
+            for kb in (0, 1):
+                a_frag, b_frag = np.full((16, 8), np.nan), np.full((8, 8), np.nan)
+                for lane in range(32):
+                    g, t = divmod(lane, 4)
+                    # the kernel's a0..a3: (e, half) = (0, 0), (0, 1), (1, 0), (1, 1)
+                    a = [regs["h", warp, lane, (kb, half)][e] for e in (0, 1) for half in (0, 1)]
+                    for value, (row, k) in zip(a, [(g, t), (g + 8, t), (g, t + 4),
+                                                   (g + 8, t + 4)]):
+                        a_frag[row, k] = value
+                    b = regs["w", warp, lane, (n, kb)]
+                    b_frag[t, g], b_frag[t + 4, g] = b
+                assert not np.isnan(a_frag).any() and not np.isnan(b_frag).any()
+                d += a_frag @ b_frag
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t),
+                                                (g + 8, 2 * t + 1)]):
+                    half, e = divmod(i, 2)
+                    out_row, out_col = 16 * warp + g + 8 * half, 8 * n + 2 * t + e
+                    assert _wgmma_register(out_row, out_col) == (warp, lane, (n, half), e)
+                    out[out_row, out_col] = d[row, col]
+    np.testing.assert_allclose(out, h @ w, rtol=1e-12, atol=1e-12)
+
+
 def test_checkpoints_feed_the_triton_backward():
     """The Mosaic forward's checkpoints through gpu.backward give the scan's gradients."""
     args = _problem(9, 1, 128, (1, 1, 2, 2, 2), jnp.bfloat16)
@@ -277,6 +354,8 @@ def test_forward_options_lower_for_cuda():
                     {"hi_lo_split": "bits_lo", "y_reduction": "warp_scatter_fma"},
                     {"state_product": "mma_sync"},
                     {"state_product": "mma_sync", "hi_lo_split": "bits_lo", "unroll": 2},
+                    {"state_product": "mma_sync_tf32"},
+                    {"state_product": "mma_sync_tf32", "unroll": 2, "mma_accumulators": 2},
                     {"acc_init": "per_part"}, {"heads_per_cta": 2, "acc_init": "per_part"}):
         fn = functools.partial(mosaic_gpu.forward, chunk_size=64, save_checkpoints=True,
                                interpret=False, **options)
@@ -342,6 +421,8 @@ BWD_OPTION_CASES = {
     # H W and du Wᵀ by mma.sync with the addend as accumulator (interpret: as a dot + addend;
     # the fragment inputs and their SMEM copies run).
     "mma_sync": ("paper_grouping_keep_clip", {"state_product": "mma_sync"}),
+    # The same on tf32 hi/lo parts (interpret: their products as a dot + addend).
+    "mma_sync_tf32": ("two_qk_groups_noclip", {"state_product": "mma_sync_tf32"}),
 }
 
 
@@ -393,7 +474,9 @@ def test_backward_options_lower_for_cuda():
     for options in ({}, {"qk_grad_sum": "xla"}, {"reductions": "per_step"},
                     {"scatter_sums": False}, {"f16_state": True, "f16_tanh": True},
                     {"hi_lo_split": "cvt"}, {"hi_lo_split": "bits_lo"},
-                    {"state_product": "mma_sync"}, {"acc_per_part": True},
+                    {"state_product": "mma_sync"}, {"state_product": "mma_sync_tf32"},
+                    {"state_product": "mma_sync_tf32", "mma_accumulators": 2},
+                    {"acc_per_part": True},
                     {"reductions": "per_step", "qk_grad_sum": "xla", "approx_tanh": False}):
         fn = functools.partial(mosaic_gpu.backward, gradient_clipping=1.0, chunk_size=32,
                                interpret=False, **options)

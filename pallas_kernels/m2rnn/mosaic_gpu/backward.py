@@ -12,6 +12,7 @@ from m2rnn_jax.heads import expand_heads, sum_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
                                                     _tanh, state_splitter, check_hi_lo_split,
                                                     check_state_product, mma_state_products,
+                                                    mma_tf32_state_products, tf32_hi_lo,
                                                     mma_weight_fragments, wgmma_products_apart,
                                                     DEFAULT_CHUNK_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
@@ -23,9 +24,10 @@ SUBCHUNK = 4  # backward: states recomputed into registers at once (4·16 = the 
 def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, approx_tanh,
                 interpret, warp_sums=False, qk_reduce_add=False, no_auto_barriers=False,
                 scatter_sums=False, f16_state=False, f16_tanh=False, hi_lo_split="bits",
-                state_product="wgmma", acc_per_part=False):
+                state_product="wgmma", acc_per_part=False, mma_accumulators=1):
     q_ref, k_ref, v_ref, f_ref, w_ref, wt_ref, *rest = refs
-    mma_sync = state_product == "mma_sync"
+    mma_sync = state_product in ("mma_sync", "mma_sync_tf32")
+    tf32 = state_product == "mma_sync_tf32"
     w_frag_ref, wt_frag_ref = (rest.pop(0), rest.pop(0)) if mma_sync else (None, None)
     keep_ref = rest.pop(0) if has_keep else None
     # With ``qk_reduce_add`` dq_ref/dk_ref are the zero-initialised (B, S, L, 64) float32 Refs
@@ -71,16 +73,26 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
     g_later = plgpu.load(h_s, layout=wgmma_layout, optimized=False)
     w_frag = wt_frag = None
     if mma_sync and not interpret:
-        # W's and Wᵀ's mma.sync B fragments: loop-invariant registers (4 per thread each).
-        w_frag, wt_frag = (plgpu.load(buf, layout=wgmma_layout, optimized=False).astype(_BF16)
+        # W's and Wᵀ's mma.sync B fragments: loop-invariant registers (4 per thread each;
+        # 8 as tf32).
+        w_frag, wt_frag = (plgpu.load(buf, layout=wgmma_layout, optimized=False)
                            for buf in (w_frag_s, wt_frag_s))
-        products_by_mma = mma_state_products(hi_lo_split)
+        if tf32:
+            tf32_products = mma_tf32_state_products(mma_accumulators)
+
+            def products_by_mma(x, fragments, addend):
+                return tf32_products(*tf32_hi_lo(x), fragments, addend)
+        else:
+            w_frag, wt_frag = w_frag.astype(_BF16), wt_frag.astype(_BF16)
+            products_by_mma = mma_state_products(hi_lo_split)
 
     def clamp(x):
         return x if clip is None else jnp.minimum(jnp.maximum(x, -clip), clip)
 
     split_state = state_splitter(2, f16_state, hi_lo_split, interpret)  # as the forward's
     split_grad = state_splitter(2, False, hi_lo_split, interpret)  # du: bf16's range
+    if tf32:  # what the interpreter multiplies (on the GPU: products_by_mma)
+        split_state = split_grad = lambda x: list(tf32_hi_lo(x))
 
     def matmul_w(x, w_smem, w_fragments, split, addend):
         """addend + x (64×16 f32) · w (16×16 in SMEM, the parts' dtype) on the parts ``split``
@@ -270,7 +282,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
              chunk_size=DEFAULT_CHUNK_SIZE, approx_tanh=True, no_auto_barriers=None,
              qk_grad_dtype=_BF16, qk_grad_sum="kernel", reductions="warp_sums", scatter_sums=True,
              f16_state=False, f16_tanh=False, hi_lo_split="bits", state_product="wgmma",
-             acc_per_part=False, interpret=None):
+             acc_per_part=False, mma_accumulators=1, interpret=None):
     """The backend-interface backward: ``(dq, dk, dv, dw, df, dh0)`` (bfloat16 inputs).
 
     Consumes the checkpoints of ``forward`` (or ``gpu.forward``) with the same ``chunk_size``.
@@ -320,6 +332,9 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
       (gradients need bf16's exponent range).
     * ``state_product="mma_sync"`` (opt-in): ``H W`` and ``du Wᵀ`` by warp-level mma.sync with
       the addend (``k vᵀ``, ``f ⊙ g``) as the accumulator, as the forward's option of that name.
+    * ``state_product="mma_sync_tf32"`` (opt-in): the same on tf32 hi/lo parts (``m16n8k8``,
+      ≥ 21 significant bits, no conversions), as the forward's option of that name, and its
+      ``mma_accumulators``.
     * ``acc_per_part`` (opt-in): each bf16 part's product (``H W`` and ``du Wᵀ``) in its own
       accumulator, added after, as the forward's ``acc_init="per_part"``; measured slower with
       it (8×4096×84 fwd+bwd 12.29 vs 11.92 ms, ninth session).
@@ -352,7 +367,11 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         raise ValueError("f16_tanh needs approx_tanh (tanh.approx.f16x2)")
     check_hi_lo_split(hi_lo_split)
     check_state_product(state_product, 2, 1, f16_state, hi_lo_split)
-    mma_sync = state_product == "mma_sync"
+    mma_sync = state_product in ("mma_sync", "mma_sync_tf32")
+    if mma_accumulators not in (1, 2) or (mma_accumulators != 1
+                                          and state_product != "mma_sync_tf32"):
+        raise ValueError(f"mma_accumulators must be 1, or 2 with state_product="
+                         f"'mma_sync_tf32' (got {mma_accumulators!r})")
     wn = expand_heads(w, num_heads, axis=0).astype(_BF16)
     wt = jnp.swapaxes(wn, 1, 2)
     if f16_state:
@@ -410,6 +429,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     if mma_sync:
         scratch += [plgpu.SMEM((KEY_DIM, VALUE_DIM), _F32)] * 2  # W's, Wᵀ's mma.sync fragments
         extra["state_product"] = state_product
+        if mma_accumulators != 1:
+            extra["mma_accumulators"] = mma_accumulators
     if warp_sums:
         scratch += [plgpu.SMEM((4, c, VALUE_DIM), _F32),     # per-warp dv partials
                     plgpu.SMEM((c, 4), _F32)]                # per-warp df partials

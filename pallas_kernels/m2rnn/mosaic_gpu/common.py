@@ -185,8 +185,10 @@ def _hi_lo_by_bits_inline(ctx, x, lo_by_bits=False):
             fa.FragmentedArray(_registers=los, _layout=x.layout, _is_signed=None))
 
 
-STATE_PRODUCTS = ("wgmma", "mma_sync")
+STATE_PRODUCTS = ("wgmma", "mma_sync", "mma_sync_tf32")
 _MMA_BF16 = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+_MMA_TF32 = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
+_TF32_MASK = 0xFFFFE000  # sign, exponent and the 10 mantissa bits tf32 keeps
 
 
 def check_state_product(state_product, state_parts, weight_parts, f16_state, hi_lo_split):
@@ -197,6 +199,10 @@ def check_state_product(state_product, state_parts, weight_parts, f16_state, hi_
         raise ValueError("state_product='mma_sync' needs bfloat16 W and two bf16 state parts "
                          "split by bits (state_split=2, hi_lo_split 'bits' or 'bits_lo', no "
                          "f16_state)")
+    if state_product == "mma_sync_tf32" and (state_parts != 2 or weight_parts != 1
+                                             or f16_state):
+        raise ValueError("state_product='mma_sync_tf32' needs bfloat16 W and state_split=2 "
+                         "(two tf32 parts), no f16_state")
 
 
 def mma_weight_fragments(w):
@@ -270,6 +276,86 @@ def mma_state_products(hi_lo_split):
     return plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA,) * 3, return_type=out)(
         functools.partial(_state_products_mma_inline, lo_by_bits=hi_lo_split == "bits_lo"))
+
+
+def tf32_hi_lo(x):
+    """float32 ``x`` as hi + lo, both float32: hi = ``x`` truncated to tf32 (its low 13 bits
+    cleared: one ``and``), lo = ``x`` − hi (exact). The tensor core reads lo as tf32 too, so
+    hi + lo carries ≥ 21 significant bits (bf16 hi/lo: ≈ 17), with no conversion instruction."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(_TF32_MASK)
+    hi = lax.bitcast_convert_type(bits, _F32)
+    return hi, x - hi
+
+
+def _state_products_tf32_inline(ctx, hi, lo, w_frag, kv, accumulators=1):
+    """``H W + k vᵀ`` for the 64×16 WGMMA-layout float32 parts ``hi``, ``lo`` of ``H``
+    (``tf32_hi_lo``) by warp-level ``mma.sync.m16n8k8`` tf32: per 8 output columns, lo's then
+    hi's two k8 blocks, with ``k vᵀ`` as the first addend — one chain of four dependent mmas,
+    or with ``accumulators=2`` one chain per k block (``k vᵀ`` and zero as addends; two mmas
+    deep), added after. The A fragment of a k8 block (rows
+    g, g+8 × k t, t+4) is taken from the thread's own accumulator-layout registers (rows g,
+    g+8 × columns 2t, 2t+1 of the block) by reading k index t as column 2t and t+4 as 2t+1;
+    W's rows are permuted the same way, which ``mma_weight_fragments(W)`` (float32 here)
+    already does: its register (n, kb) holds W[8kb + 2t + e, 8n + g], e = 0, 1, exactly the
+    b0, b1 of that k order (``tests/test_kernel_mosaic_gpu.py`` simulates it lane by lane)."""
+    del ctx
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
+    shape = hi.registers.shape
+    if shape != (1, 2, 1, 1, 2, 1, 1, 1, 1):  # registers (j = column block, h = row half)
+        raise NotImplementedError(f"unexpected WGMMA register shape {shape}")
+
+    def element(array, j, half, e):
+        vec = array.registers[0, j, 0, 0, half, 0, 0, 0, 0]
+        return vector.extract(vec, dynamic_position=[],
+                              static_position=ir.DenseI64ArrayAttr.get([e]))
+
+    def as_b32(array, j, half, e):
+        return mgpu_utils.bitcast(element(array, j, half, e), i32)
+
+    # A fragment a0..a3 of k block kb: (row g, k t), (g+8, t), (g, t+4), (g+8, t+4).
+    a_frags = {(part, kb): [as_b32(array, kb, half, e) for e in (0, 1) for half in (0, 1)]
+               for part, array in (("lo", lo), ("hi", hi)) for kb in (0, 1)}
+    result_type = llvm.StructType.get_literal([f32] * 4)
+    asm = f"{_MMA_TF32} {{$0,$1,$2,$3}}, {{$4,$5,$6,$7}}, {{$8,$9}}, {{$10,$11,$12,$13}};"
+    constraints = ",".join(["=f"] * 4 + ["r"] * 6 + ["f"] * 4)
+    out = np.empty(shape, dtype=object)
+    pair_f32 = ir.VectorType.get([2], f32)
+    zero = mgpu_utils.c(0.0, f32)
+    for n in (0, 1):
+        kv_n = [element(kv, n, half, e) for half in (0, 1) for e in (0, 1)]
+        chains = [[(part, kb) for part in ("lo", "hi") for kb in (0, 1)]] if accumulators == 1 \
+            else [[("lo", kb), ("hi", kb)] for kb in (0, 1)]  # the small part first
+        sums = []
+        for c, chain in enumerate(chains):
+            acc = kv_n if c == 0 else [zero] * 4
+            for part, kb in chain:
+                b = [as_b32(w_frag, n, kb, e) for e in (0, 1)]
+                res = llvm.inline_asm(result_type, a_frags[part, kb] + b + acc, asm,
+                                      constraints)
+                acc = [llvm.extractvalue(f32, res, [i]) for i in range(4)]
+            sums.append(acc)
+        acc = sums[0] if len(sums) == 1 else [arith.addf(x, y) for x, y in zip(*sums)]
+        for half in (0, 1):
+            vec = llvm.mlir_undef(pair_f32)
+            for e in (0, 1):
+                vec = llvm.insertelement(vec, acc[2 * half + e], position=mgpu_utils.c(e, i32))
+            out[0, n, 0, 0, half, 0, 0, 0, 0] = vec
+    return fa.FragmentedArray(_registers=out, _layout=hi.layout, _is_signed=None)
+
+
+def mma_tf32_state_products(accumulators=1):
+    """``(hi, lo, W fragments (float32), k vᵀ) -> H W + k vᵀ`` by
+    ``_state_products_tf32_inline``."""
+    if accumulators not in (1, 2):
+        raise ValueError(f"mma_accumulators must be 1 or 2, got {accumulators!r}")
+    out = plgpu.ShapeDtypeStruct((KEY_DIM, VALUE_DIM), _F32, layout=plgpu.Layout.WGMMA)
+    return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * 4, return_type=out)(
+        functools.partial(_state_products_tf32_inline, accumulators=accumulators))
 
 
 def check_hi_lo_split(hi_lo_split):

@@ -13,6 +13,7 @@ from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_
                                                     _bf16_parts, _tanh, _products, state_splitter,
                                                     check_hi_lo_split, check_state_product,
                                                     mma_state_products, mma_weight_fragments,
+                                                    mma_tf32_state_products, tf32_hi_lo,
                                                     wgmma_products_apart, DEFAULT_CHUNK_SIZE,
                                                     DEFAULT_STAGE_SIZE, KEY_DIM, VALUE_DIM, _F32,
                                                     _BF16, _F16)
@@ -22,9 +23,10 @@ from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import (_store_warp_partial_produ
 def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, weight_parts,
             has_keep, save_checkpoints, unroll, y_reduction, interpret, heads_per_cta=1,
             acc_init="zero", f16_state=False, f16_tanh=False, hi_lo_split="bits",
-            state_product="wgmma"):
+            state_product="wgmma", mma_accumulators=1):
     q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
-    mma_sync = state_product == "mma_sync"
+    mma_sync = state_product in ("mma_sync", "mma_sync_tf32")
+    tf32 = state_product == "mma_sync_tf32"
     w_frag_ref = rest.pop(0) if mma_sync else None
     keep_ref = rest.pop(0) if has_keep else None
     y_ref, h_final_ref, *rest = rest
@@ -50,7 +52,8 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
                 arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(
                 functools.partial(_store_warp_partial_sums, scatter=scatter))
 
-    split_state = state_splitter(state_parts, f16_state, hi_lo_split, interpret)
+    split_state = (lambda x: list(tf32_hi_lo(x))) if tf32 else state_splitter(
+        state_parts, f16_state, hi_lo_split, interpret)
     b = lax.axis_index("b")
     n = lax.axis_index("n")
     if heads_per_cta == 1:
@@ -84,9 +87,13 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
     hs = tuple(plgpu.load(h_bufs[hh], layout=wgmma_layout, optimized=False)
                for hh in range(heads_per_cta))
     if mma_sync and not interpret:
-        # W's mma.sync B fragments: loop-invariant registers (4 per thread).
-        w_frag = plgpu.load(w_frag_smem, layout=wgmma_layout, optimized=False).astype(_BF16)
-        products_by_mma = mma_state_products(hi_lo_split)
+        # W's mma.sync B fragments: loop-invariant registers (4 per thread; 8 for tf32).
+        w_frag = plgpu.load(w_frag_smem, layout=wgmma_layout, optimized=False)
+        if tf32:
+            products_by_tf32 = mma_tf32_state_products(mma_accumulators)
+        else:
+            w_frag = w_frag.astype(_BF16)
+            products_by_mma = mma_state_products(hi_lo_split)
 
     def step(t, hs, slot):
         k_t = plgpu.load(k_smem.at[slot, t], layout=row_layout, optimized=False).astype(_F32)
@@ -108,6 +115,8 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
             # products with float32 accumulation, as a dot.
             us = [sum(jnp.dot(a, w_bufs[hh][p], preferred_element_type=_F32)
                       for a, p in pairs[hh]) + kvs[hh] for hh in range(heads_per_cta)]
+        elif tf32:
+            us = [products_by_tf32(*tf32_hi_lo(hs[0]), w_frag, kvs[0])]
         elif mma_sync:
             us = [products_by_mma(hs[0], w_frag, kvs[0])]
         elif acc_init == "kv":
@@ -211,7 +220,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
             stage_size=DEFAULT_STAGE_SIZE, approx_tanh=True, state_split=None, unroll=1,
             no_auto_barriers=False, y_reduction="warp_scatter", heads_per_cta=1,
             acc_init="zero", f16_state=False, f16_tanh=False, hi_lo_split="bits",
-            state_product="wgmma", interpret=None):
+            state_product="wgmma", mma_accumulators=1, interpret=None):
     """The backend-interface forward: ``(y (B,S,N,V), h_final (B,N,K,V) f32, checkpoints)``.
 
     ``checkpoints`` is ``(B, S/C, 64, N·16)`` float32 (the state at each chunk start, the layout
@@ -267,6 +276,13 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
       register-A wgmmas: each warp's 16 rows go on without the warpgroup's rendezvous. Needs
       ``heads_per_cta=1``, ``acc_init="zero"``, the bit split. Interpret mode computes the same
       products as a dot.
+    * ``state_product="mma_sync_tf32"``: ``H W`` by ``mma.sync.m16n8k8`` on tf32 hi/lo parts
+      of ``H`` (``common.tf32_hi_lo``: hi = ``H`` with its low 13 bits cleared by one ``and``,
+      lo = the rest; ≥ 21 significant bits against ≈ 17, and no conversion instruction, whose
+      pipe limited the bf16 split) — eight mma.sync per warp per step; the A fragments are
+      ``H``'s own registers (W's rows permuted to match). Same restrictions as "mma_sync".
+      ``mma_accumulators=2``: one accumulator per k block (two chains two mmas deep, added
+      after) instead of one chain of four.
     * ``f16_tanh``: ``tanh.approx.f16x2`` on float16 pairs (half the MUFU ops, more
       conversions; needs ``approx_tanh``): 3.19 vs 3.14 ms, and 2.40 vs 2.25 ms with f16_state.
     """
@@ -306,9 +322,14 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     # bfloat16 W is exact in one part; float32 W in as many parts as the state.
     weight_parts = 1 if jnp.dtype(w.dtype) == jnp.bfloat16 else state_split
     check_state_product(state_product, state_split, weight_parts, f16_state, hi_lo_split)
-    mma_sync = state_product == "mma_sync"
+    mma_sync = state_product in ("mma_sync", "mma_sync_tf32")
     if mma_sync and (heads_per_cta != 1 or acc_init != "zero"):
-        raise ValueError("state_product='mma_sync' needs heads_per_cta=1 and acc_init='zero'")
+        raise ValueError(f"state_product={state_product!r} needs heads_per_cta=1 and "
+                         f"acc_init='zero'")
+    if mma_accumulators not in (1, 2) or (mma_accumulators != 1
+                                          and state_product != "mma_sync_tf32"):
+        raise ValueError(f"mma_accumulators must be 1, or 2 with state_product="
+                         f"'mma_sync_tf32' (got {mma_accumulators!r})")
     w_heads = expand_heads(w, num_heads, axis=0)
     w_parts = (w_heads.astype(_F16)[:, None] if f16_state
                else jnp.stack(_bf16_parts(w_heads, weight_parts), axis=1))
@@ -354,7 +375,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
         save_checkpoints=save_checkpoints, interpret=bool(interpret),
         **({"heads_per_cta": heads_per_cta} if heads_per_cta != 1 else {}),
         **({"acc_init": acc_init} if acc_init != "zero" else {}),
-        **({"state_product": state_product} if mma_sync else {}))
+        **({"state_product": state_product} if mma_sync else {}),
+        **({"mma_accumulators": mma_accumulators} if mma_accumulators != 1 else {}))
     outs = _launch(kernel, out_type, scratch, (batch, num_heads // heads_per_cta), approx_tanh,
                    no_auto_barriers, interpret, "m2rnn_forward_mosaic")(*inputs)
     y, h_final = outs[0], outs[1]
