@@ -76,5 +76,6 @@ for log in runs/s5_long/baselines/*/log.txt; do
   [ -f "$log" ] && echo "== $log" && grep -E "^  seed " "$log" | tail -n 2
 done
 grep -E "^(pallas|scan|variant)" "$OUT/step_bench.txt"
-[ -f "$OUT/kernels.txt" ] && grep -E "^(correctness|device|shape|[0-9]+x|CHECK|time|XLA (PTX|dump)|variant|pallas|==|1 +[0-9])" \
+[ ! -f "$OUT/kernels.txt" ] || grep -E "^(correctness|device|shape|[0-9]+x|CHECK|time|XLA (PTX|dump)|variant|pallas|==|1 +[0-9])" \
   "$OUT/kernels.txt" | tail -n 30
+true  # the summary's greps decide nothing: the call's status is the training's
