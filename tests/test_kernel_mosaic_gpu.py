@@ -168,6 +168,30 @@ def _wgmma_register(row, col):
     return warp, 4 * g + c // 2, (j, half), c % 2
 
 
+def _registers_by_lane(arrays):
+    """{(name, warp, lane, (j, h)): its two elements} of 64×16 WGMMA-layout arrays by name."""
+    regs = {}
+    for name, array in arrays.items():
+        for row in range(64):
+            for col in range(16):
+                warp, lane, reg, e = _wgmma_register(row, col)
+                regs.setdefault((name, warp, lane, reg), [0.0, 0.0])[e] = array[row, col]
+    return regs
+
+
+def _place_mma_outputs(out, d, warp, n):
+    """The 16×8 product ``d`` of column block ``n`` as each lane's C/D fragment holds it
+    (c0..c3 = rows g, g+8 of columns 2t+e), put where its registers (n, 0), (n, 1) say."""
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t),
+                                        (g + 8, 2 * t + 1)]):
+            half, e = divmod(i, 2)
+            out_row, out_col = 16 * warp + g + 8 * half, 8 * n + 2 * t + e
+            assert _wgmma_register(out_row, out_col) == (warp, lane, (n, half), e)
+            out[out_row, out_col] = d[row, col]
+
+
 def test_mma_sync_fragments_compute_h_w():
     """The mma.sync path's register bookkeeping, simulated lane by lane with the PTX ISA's
     m16n8k16 fragment definitions (A: a0..a7 = rows g, g+8 of k 0-7 then k 8-15, two per
@@ -181,13 +205,7 @@ def test_mma_sync_fragments_compute_h_w():
     w = rng.standard_normal((16, 16)).astype(np.float32).astype(np.float64)
     frag = np.asarray(common.mma_weight_fragments(jnp.asarray(w, jnp.float32)), np.float64)
     assert frag.shape == (64, 16)
-    regs = {}  # (array, warp, lane, (j, h)) -> two elements
-
-    for name, array in (("h", h), ("w", frag)):
-        for row in range(64):
-            for col in range(16):
-                warp, lane, reg, e = _wgmma_register(row, col)
-                regs.setdefault((name, warp, lane, reg), [0.0, 0.0])[e] = array[row, col]
+    regs = _registers_by_lane({"h": h, "w": frag})
     out = np.full((64, 16), np.nan)
     for warp in range(4):
         a_frag = np.zeros((16, 16))  # what the warp's lanes feed as A, placed per PTX
@@ -205,16 +223,7 @@ def test_mma_sync_fragments_compute_h_w():
                 b = [x for reg in ((n, 0), (n, 1)) for x in regs["w", warp, lane, reg]]
                 for i, k in enumerate((2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9)):
                     b_frag[k, g] = b[i]
-            d = a_frag @ b_frag
-            for lane in range(32):
-                g, t = divmod(lane, 4)
-                for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t),
-                                                (g + 8, 2 * t + 1)]):
-                    # output registers (n, 0) then (n, 1), two elements each
-                    half, e = divmod(i, 2)
-                    out_row, out_col = 16 * warp + g + 8 * half, 8 * n + 2 * t + e
-                    assert _wgmma_register(out_row, out_col) == (warp, lane, (n, half), e)
-                    out[out_row, out_col] = d[row, col]
+            _place_mma_outputs(out, a_frag @ b_frag, warp, n)
     np.testing.assert_allclose(out, h @ w, rtol=1e-12, atol=1e-12)
 
 
@@ -254,13 +263,8 @@ def test_mma_sync_tf32_fragments_compute_h_w():
     h = rng.standard_normal((64, 16))
     w = rng.standard_normal((16, 16)).astype(np.float32).astype(np.float64)
     frag = np.asarray(common.mma_weight_fragments(jnp.asarray(w, jnp.float32)), np.float64)
-    regs = {}  # (array, warp, lane, (j, h)) -> two elements
-    for name, array in (("h", h), ("w", frag)):
-        for row in range(64):
-            for col in range(16):
-                warp, lane, reg, e = _wgmma_register(row, col)
-                regs.setdefault((name, warp, lane, reg), [0.0, 0.0])[e] = array[row, col]
-    out = np.zeros((64, 16))
+    regs = _registers_by_lane({"h": h, "w": frag})
+    out = np.full((64, 16), np.nan)
     for warp in range(4):
         for n in (0, 1):
             d = np.zeros((16, 8))
@@ -277,14 +281,7 @@ def test_mma_sync_tf32_fragments_compute_h_w():
                     b_frag[t, g], b_frag[t + 4, g] = b
                 assert not np.isnan(a_frag).any() and not np.isnan(b_frag).any()
                 d += a_frag @ b_frag
-            for lane in range(32):
-                g, t = divmod(lane, 4)
-                for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t),
-                                                (g + 8, 2 * t + 1)]):
-                    half, e = divmod(i, 2)
-                    out_row, out_col = 16 * warp + g + 8 * half, 8 * n + 2 * t + e
-                    assert _wgmma_register(out_row, out_col) == (warp, lane, (n, half), e)
-                    out[out_row, out_col] = d[row, col]
+            _place_mma_outputs(out, d, warp, n)
     np.testing.assert_allclose(out, h @ w, rtol=1e-12, atol=1e-12)
 
 

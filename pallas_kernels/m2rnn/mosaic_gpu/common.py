@@ -221,6 +221,62 @@ def mma_weight_fragments(w):
     return jnp.tile(blocks.reshape(*lead, VALUE_DIM, VALUE_DIM), (1,) * len(lead) + (4, 1))
 
 
+def _check_mma_registers(array):
+    """The WGMMA register grid the mma.sync paths index: (column block j, row half h)."""
+    shape = array.registers.shape
+    if shape != (1, 2, 1, 1, 2, 1, 1, 1, 1):
+        raise NotImplementedError(f"unexpected WGMMA register shape {shape}")
+
+
+def _mma_register(array, j, half):
+    """Register (column block ``j``, row half ``half``) of a 64×16 WGMMA-layout array: two
+    values, rows g + 8·half, columns 8j + 2t + e of the thread's warp."""
+    return array.registers[0, j, 0, 0, half, 0, 0, 0, 0]
+
+
+def _mma_element(array, j, half, e):
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import vector
+
+    return vector.extract(_mma_register(array, j, half), dynamic_position=[],
+                          static_position=ir.DenseI64ArrayAttr.get([e]))
+
+
+def _set_mma_block(out, n, acc):
+    """Column block ``n`` of a WGMMA register grid ``out`` (``np.empty((1, 2, 1, 1, 2, 1, 1, 1,
+    1), object)``) from an mma's four results ``acc`` (rows g, g+8 × columns 2t, 2t+1): its
+    registers (n, 0), (n, 1)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    pair_f32 = ir.VectorType.get([2], ir.F32Type.get())
+    i32 = ir.IntegerType.get_signless(32)
+    for half in (0, 1):
+        vec = llvm.mlir_undef(pair_f32)
+        for e in (0, 1):
+            vec = llvm.insertelement(vec, acc[2 * half + e], position=mgpu_utils.c(e, i32))
+        out[0, n, 0, 0, half, 0, 0, 0, 0] = vec
+
+
+def _mma_chain(asm, a_fragments, b_fragments, acc):
+    """``acc`` through one inline mma per (A, B) fragment pair, each result the next addend
+    (``b_fragments`` may be a generator: each B is then made just before its mma)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+
+    f32 = ir.F32Type.get()
+    result_type = llvm.StructType.get_literal([f32] * 4)
+    for a, b in zip(a_fragments, b_fragments):
+        regs = ["$" + str(i) for i in range(4 + len(a) + len(b) + 4)]
+        groups = (regs[:4], regs[4:4 + len(a)], regs[4 + len(a):-4], regs[-4:])
+        body = f"{asm} " + ", ".join("{" + ",".join(g) + "}" for g in groups) + ";"
+        constraints = ",".join(["=f"] * 4 + ["r"] * (len(a) + len(b)) + ["f"] * 4)
+        res = llvm.inline_asm(result_type, list(a) + list(b) + list(acc), body, constraints)
+        acc = [llvm.extractvalue(f32, res, [i]) for i in range(4)]
+    return acc
+
+
 def _state_products_mma_inline(ctx, h, w_frag, kv, lo_by_bits=False):
     """``H W + k vᵀ`` for the 64×16 float32 WGMMA-layout ``H`` and ``kv`` by warp-level
     ``mma.sync.m16n8k16`` (no warpgroup rendezvous: each warp multiplies its own 16 rows):
@@ -230,43 +286,21 @@ def _state_products_mma_inline(ctx, h, w_frag, kv, lo_by_bits=False):
     ``w_frag``: ``mma_weight_fragments(W)`` as bf16 in the WGMMA layout (B fragments)."""
     del ctx
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import llvm, vector
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
-    shape = h.registers.shape
-    if shape != (1, 2, 1, 1, 2, 1, 1, 1, 1):  # registers (j = column block, h = row half)
-        raise NotImplementedError(f"unexpected WGMMA register shape {shape}")
-
-    def reg(array, j, half):
-        return array.registers[0, j, 0, 0, half, 0, 0, 0, 0]
-
-    def element(vec, e):
-        return vector.extract(vec, dynamic_position=[],
-                              static_position=ir.DenseI64ArrayAttr.get([e]))
-
-    parts = {(j, half): _hi_lo_pair_by_bits(reg(h, j, half), lo_by_bits)
+    i32 = ir.IntegerType.get_signless(32)
+    _check_mma_registers(h)
+    parts = {(j, half): _hi_lo_pair_by_bits(_mma_register(h, j, half), lo_by_bits)
              for j in (0, 1) for half in (0, 1)}
     # A fragment a0..a3: (k 0-7, row g), (k 0-7, row g+8), (k 8-15, row g), (k 8-15, row g+8).
     a_hi = [parts[(j, half)][0] for j in (0, 1) for half in (0, 1)]
     a_lo = [parts[(j, half)][1] for j in (0, 1) for half in (0, 1)]
-    result_type = llvm.StructType.get_literal([f32] * 4)
-    asm = f"{_MMA_BF16} {{$0,$1,$2,$3}}, {{$4,$5,$6,$7}}, {{$8,$9}}, {{$10,$11,$12,$13}};"
-    constraints = ",".join(["=f"] * 4 + ["r"] * 6 + ["f"] * 4)
-    out = np.empty(shape, dtype=object)
-    pair_f32 = ir.VectorType.get([2], f32)
+    out = np.empty(h.registers.shape, dtype=object)
     for n in (0, 1):
-        b = [mgpu_utils.bitcast(reg(w_frag, n, half), i32) for half in (0, 1)]
-        acc = [element(reg(kv, n, half), e) for half in (0, 1) for e in (0, 1)]
-        for a in (a_lo, a_hi):  # the small part first
-            res = llvm.inline_asm(result_type, a + b + acc, asm, constraints)
-            acc = [llvm.extractvalue(f32, res, [i]) for i in range(4)]
-        for half in (0, 1):
-            vec = llvm.mlir_undef(pair_f32)
-            for e in (0, 1):
-                vec = llvm.insertelement(vec, acc[2 * half + e], position=mgpu_utils.c(e, i32))
-            out[0, n, 0, 0, half, 0, 0, 0, 0] = vec
+        b = [mgpu_utils.bitcast(_mma_register(w_frag, n, half), i32) for half in (0, 1)]
+        kv_n = [_mma_element(kv, n, half, e) for half in (0, 1) for e in (0, 1)]
+        _set_mma_block(out, n, _mma_chain(_MMA_BF16, [a_lo, a_hi], [b, b], kv_n))  # lo first
     return fa.FragmentedArray(_registers=out, _layout=h.layout, _is_signed=None)
 
 
@@ -300,51 +334,31 @@ def _state_products_tf32_inline(ctx, hi, lo, w_frag, kv, accumulators=1):
     b0, b1 of that k order (``tests/test_kernel_mosaic_gpu.py`` simulates it lane by lane)."""
     del ctx
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm, vector
+    from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
-    shape = hi.registers.shape
-    if shape != (1, 2, 1, 1, 2, 1, 1, 1, 1):  # registers (j = column block, h = row half)
-        raise NotImplementedError(f"unexpected WGMMA register shape {shape}")
-
-    def element(array, j, half, e):
-        vec = array.registers[0, j, 0, 0, half, 0, 0, 0, 0]
-        return vector.extract(vec, dynamic_position=[],
-                              static_position=ir.DenseI64ArrayAttr.get([e]))
+    _check_mma_registers(hi)
 
     def as_b32(array, j, half, e):
-        return mgpu_utils.bitcast(element(array, j, half, e), i32)
+        return mgpu_utils.bitcast(_mma_element(array, j, half, e), i32)
 
     # A fragment a0..a3 of k block kb: (row g, k t), (g+8, t), (g, t+4), (g+8, t+4).
     a_frags = {(part, kb): [as_b32(array, kb, half, e) for e in (0, 1) for half in (0, 1)]
                for part, array in (("lo", lo), ("hi", hi)) for kb in (0, 1)}
-    result_type = llvm.StructType.get_literal([f32] * 4)
-    asm = f"{_MMA_TF32} {{$0,$1,$2,$3}}, {{$4,$5,$6,$7}}, {{$8,$9}}, {{$10,$11,$12,$13}};"
-    constraints = ",".join(["=f"] * 4 + ["r"] * 6 + ["f"] * 4)
-    out = np.empty(shape, dtype=object)
-    pair_f32 = ir.VectorType.get([2], f32)
     zero = mgpu_utils.c(0.0, f32)
+    out = np.empty(hi.registers.shape, dtype=object)
     for n in (0, 1):
-        kv_n = [element(kv, n, half, e) for half in (0, 1) for e in (0, 1)]
+        kv_n = [_mma_element(kv, n, half, e) for half in (0, 1) for e in (0, 1)]
         chains = [[(part, kb) for part in ("lo", "hi") for kb in (0, 1)]] if accumulators == 1 \
             else [[("lo", kb), ("hi", kb)] for kb in (0, 1)]  # the small part first
-        sums = []
-        for c, chain in enumerate(chains):
-            acc = kv_n if c == 0 else [zero] * 4
-            for part, kb in chain:
-                b = [as_b32(w_frag, n, kb, e) for e in (0, 1)]
-                res = llvm.inline_asm(result_type, a_frags[part, kb] + b + acc, asm,
-                                      constraints)
-                acc = [llvm.extractvalue(f32, res, [i]) for i in range(4)]
-            sums.append(acc)
-        acc = sums[0] if len(sums) == 1 else [arith.addf(x, y) for x, y in zip(*sums)]
-        for half in (0, 1):
-            vec = llvm.mlir_undef(pair_f32)
-            for e in (0, 1):
-                vec = llvm.insertelement(vec, acc[2 * half + e], position=mgpu_utils.c(e, i32))
-            out[0, n, 0, 0, half, 0, 0, 0, 0] = vec
+        sums = [_mma_chain(_MMA_TF32, [a_frags[link] for link in chain],
+                           ([as_b32(w_frag, n, kb, e) for e in (0, 1)] for _, kb in chain),
+                           kv_n if c == 0 else [zero] * 4)
+                for c, chain in enumerate(chains)]
+        _set_mma_block(out, n, sums[0] if len(sums) == 1
+                       else [arith.addf(x, y) for x, y in zip(*sums)])
     return fa.FragmentedArray(_registers=out, _layout=hi.layout, _is_signed=None)
 
 
