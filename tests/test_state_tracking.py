@@ -487,6 +487,43 @@ def test_label_smoothing_loss_against_numpy_and_on_resume(tmp_path, capsys):
         TrainConfig(label_smoothing=1.0)
 
 
+def test_label_smoothing_from_the_training_length(tmp_path):
+    """``train.label_smoothing_from="train_length"``: a run whose curriculum has not reached
+    the training length trains as with plain cross-entropy; one without a curriculum (the
+    training length from step 0) as with label smoothing from the start; and label smoothing
+    does change the trajectory. Compared on the parameters each run saves."""
+    import jax
+
+    from m2rnn_jax.typed_config import ConfigError
+    from train.state_tracking.config import TrainConfig
+    from train.state_tracking.training import label_smoothing_on
+
+    def final_params(overrides, name, **train):
+        config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"]
+                                                + overrides)
+        path = str(tmp_path / name / "m2rnn_seed0.msgpack")
+        run = runner(**train)
+        run.run(0, group, config.task, progress=False, checkpoint_path=path)
+        return jax.tree.leaves(run.load_saved(path, config.task, 0).params)
+
+    def close(a, b):
+        return all(np.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in zip(a, b))
+
+    gated = ["task.curriculum_accuracy=0.99", "task.curriculum_start_length=2"]
+    late = {"label_smoothing": 0.1, "label_smoothing_from": "train_length"}
+    assert close(final_params(gated, "gated_late", **late), final_params(gated, "gated_plain"))
+    from_start = final_params([], "start", label_smoothing=0.1)
+    assert close(final_params([], "late", **late), from_start)
+    assert not close(final_params([], "plain"), from_start)
+
+    cfg = TrainConfig(label_smoothing=0.1, label_smoothing_from="train_length")
+    assert [label_smoothing_on(cfg, step, 5) for step in (4, 5, 6)] == [False, True, True]
+    assert not label_smoothing_on(cfg, 100, None)
+    assert label_smoothing_on(TrainConfig(label_smoothing=0.1), 0, None)
+    with pytest.raises(ConfigError, match="label_smoothing_from"):
+        TrainConfig(label_smoothing_from="end")
+
+
 def test_length_decay_factor_falls_geometrically_from_the_curriculum_end():
     from train.state_tracking.config import TrainConfig
     from train.state_tracking.training import length_decay_factor

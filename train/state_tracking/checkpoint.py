@@ -33,7 +33,7 @@ _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
 # and the training noise: a run may be continued under new values.
 SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps", "state_noise_std",
                  "length_decay_steps", "length_decay_ratio", "adam_eps", "batch_scale",
-                 "label_smoothing")
+                 "label_smoothing", "label_smoothing_from")
 
 
 class CheckpointError(RuntimeError):

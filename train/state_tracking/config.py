@@ -66,6 +66,9 @@ class TaskConfig:
             _positive(length, "task.eval_lengths[]")
 
 
+LABEL_SMOOTHING_FROM = ("start", "train_length")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 2000
@@ -91,6 +94,10 @@ class TrainConfig:
     # longer responds to a state that is slightly off. With α its minimum has finite margins,
     # so it keeps asking for exact states. May change when a run continues.
     label_smoothing: float = 0.0
+    # When label smoothing applies: "start" (every step) or "train_length" (once the scored
+    # length reaches the training length, as the length decay: where it was measured on S5;
+    # from a fresh start on S3 it learnt a little slower). May change when a run continues.
+    label_smoothing_from: str = "start"
     clip_grad_norm: float | None = 1.0
     # Std of N(0, 1) noise added to every M²RNN state entry after every training step (0 =
     # off; evaluation is always noise-free). Meant to make the state's code of the group
@@ -125,6 +132,9 @@ class TrainConfig:
                 and 0 <= self.label_smoothing < 1):
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got "
                               f"{self.label_smoothing!r}")
+        if self.label_smoothing_from not in LABEL_SMOOTHING_FROM:
+            raise ConfigError(f"train.label_smoothing_from must be one of "
+                              f"{LABEL_SMOOTHING_FROM}, got {self.label_smoothing_from!r}")
         if not (isinstance(self.adam_eps, (int, float)) and self.adam_eps > 0):
             raise ConfigError(f"train.adam_eps must be a number > 0, got {self.adam_eps!r}")
         if self.first_seed < 0:

@@ -63,6 +63,15 @@ def length_decay_factor(train_config, step, reached_step):
     return train_config.length_decay_ratio ** progress
 
 
+def label_smoothing_on(train_config, step, reached_step):
+    """Whether ``train.label_smoothing`` applies at ``step``: always with
+    ``label_smoothing_from="start"``; with "train_length" once the scored length has reached
+    the training length (``reached_step``, as ``length_decay_factor``)."""
+    if train_config.label_smoothing_from == "start":
+        return True
+    return reached_step is not None and step >= reached_step
+
+
 class ModelRunner:
     """Jitted train / eval steps of one model architecture, shared by its seeds."""
 
@@ -91,15 +100,22 @@ class ModelRunner:
     def _logits(self, params, tokens, state_noise=None):
         return nnx.merge(self.graphdef, params)(tokens, state_noise=state_noise)
 
-    def _step(self, params, opt_state, tokens, targets, mask, noise_root, step, lr_factor):
+    def _step(self, params, opt_state, tokens, targets, mask, noise_root, step, lr_factor,
+              smoothing_on=True):
         """One AdamW step; ``lr_factor`` (a traced scalar) multiplies the schedule's rate; the
-        state noise of step ``step`` (when on) is drawn from ``fold_in(noise_root, step)``."""
-        std = self.train_config.state_noise_std
+        state noise of step ``step`` (when on) is drawn from ``fold_in(noise_root, step)``;
+        ``smoothing_on`` (a traced bool, ``label_smoothing_on``) picks the smoothed loss when
+        its use is conditional."""
+        cfg = self.train_config
+        std = cfg.state_noise_std
         state_noise = (jax.random.fold_in(noise_root, step), std) if std else None
 
         def loss_fn(params):
             logits = self._logits(params, tokens, state_noise)
-            losses = token_losses(logits, targets, self.train_config.label_smoothing)
+            losses = token_losses(logits, targets, cfg.label_smoothing)
+            if cfg.label_smoothing and cfg.label_smoothing_from != "start":
+                # Each loss exactly as on its own: runs before the switch are unchanged.
+                losses = jnp.where(smoothing_on, losses, token_losses(logits, targets))
             loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
             accuracy = jnp.sum((logits.argmax(-1) == targets) * mask) / jnp.maximum(
                 jnp.sum(mask), 1.0)
@@ -167,8 +183,11 @@ class ModelRunner:
             steps = np.array([r.steps for r in active], np.int32)
             lr_factors = np.array([length_decay_factor(cfg, r.steps, r.reached_step)
                                    for r in active], np.float32)
+            smoothing_on = np.array([label_smoothing_on(cfg, r.steps, r.reached_step)
+                                     for r in active])
             params, opt_state, loss_t, accuracy_t = self._train_step(
-                params, opt_state, tokens, targets, mask, noise_roots, steps, lr_factors)
+                params, opt_state, tokens, targets, mask, noise_roots, steps, lr_factors,
+                smoothing_on)
             for r in active:
                 r.steps += 1
                 r.trained_length = r.scored
@@ -263,6 +282,9 @@ class ModelRunner:
                 tqdm.write(f"{self.name} seed {run.seed}: step {run.steps}: scored length at "
                            f"the training length; the learning rate falls by "
                            f"{cfg.length_decay_ratio}x over {cfg.length_decay_steps} steps")
+            if cfg.label_smoothing and cfg.label_smoothing_from == "train_length":
+                tqdm.write(f"{self.name} seed {run.seed}: step {run.steps}: label smoothing "
+                           f"{cfg.label_smoothing} from here")
         batch = sample_word_problems(group, run.rng, cfg.batch_size * cfg.batch_scale,
                                      task_config.train_length,
                                      task_config.length_sampling, run.scored)
