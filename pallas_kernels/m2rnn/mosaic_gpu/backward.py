@@ -11,7 +11,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from m2rnn_jax.heads import expand_heads, sum_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
                                                     _tanh, state_splitter, check_hi_lo_split,
-                                                    check_state_product, mma_state_products,
+                                                    check_state_product, check_mma_accumulators,
+                                                    mma_state_products, MMA_SYNC_PRODUCTS,
                                                     mma_tf32_state_products, tf32_hi_lo,
                                                     mma_weight_fragments, wgmma_products_apart,
                                                     DEFAULT_CHUNK_SIZE, KEY_DIM, VALUE_DIM, _F32,
@@ -26,7 +27,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
                 scatter_sums=False, f16_state=False, f16_tanh=False, hi_lo_split="bits",
                 state_product="wgmma", acc_per_part=False, mma_accumulators=1):
     q_ref, k_ref, v_ref, f_ref, w_ref, wt_ref, *rest = refs
-    mma_sync = state_product in ("mma_sync", "mma_sync_tf32")
+    mma_sync = state_product in MMA_SYNC_PRODUCTS
     tf32 = state_product == "mma_sync_tf32"
     w_frag_ref, wt_frag_ref = (rest.pop(0), rest.pop(0)) if mma_sync else (None, None)
     keep_ref = rest.pop(0) if has_keep else None
@@ -92,7 +93,7 @@ def _bwd_kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, appro
     split_state = state_splitter(2, f16_state, hi_lo_split, interpret)  # as the forward's
     split_grad = state_splitter(2, False, hi_lo_split, interpret)  # du: bf16's range
     if tf32:  # what the interpreter multiplies (on the GPU: products_by_mma)
-        split_state = split_grad = lambda x: list(tf32_hi_lo(x))
+        split_state = split_grad = tf32_hi_lo
 
     def matmul_w(x, w_smem, w_fragments, split, addend):
         """addend + x (64×16 f32) · w (16×16 in SMEM, the parts' dtype) on the parts ``split``
@@ -367,11 +368,8 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         raise ValueError("f16_tanh needs approx_tanh (tanh.approx.f16x2)")
     check_hi_lo_split(hi_lo_split)
     check_state_product(state_product, 2, 1, f16_state, hi_lo_split)
-    mma_sync = state_product in ("mma_sync", "mma_sync_tf32")
-    if mma_accumulators not in (1, 2) or (mma_accumulators != 1
-                                          and state_product != "mma_sync_tf32"):
-        raise ValueError(f"mma_accumulators must be 1, or 2 with state_product="
-                         f"'mma_sync_tf32' (got {mma_accumulators!r})")
+    mma_sync = state_product in MMA_SYNC_PRODUCTS
+    check_mma_accumulators(mma_accumulators, state_product)
     wn = expand_heads(w, num_heads, axis=0).astype(_BF16)
     wt = jnp.swapaxes(wn, 1, 2)
     if f16_state:

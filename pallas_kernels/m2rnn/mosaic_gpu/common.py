@@ -186,6 +186,7 @@ def _hi_lo_by_bits_inline(ctx, x, lo_by_bits=False):
 
 
 STATE_PRODUCTS = ("wgmma", "mma_sync", "mma_sync_tf32")
+MMA_SYNC_PRODUCTS = ("mma_sync", "mma_sync_tf32")  # the warp-level ones (W's B fragments)
 _MMA_BF16 = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
 _MMA_TF32 = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
 _TF32_MASK = 0xFFFFE000  # sign, exponent and the 10 mantissa bits tf32 keeps
@@ -203,6 +204,13 @@ def check_state_product(state_product, state_parts, weight_parts, f16_state, hi_
                                              or f16_state):
         raise ValueError("state_product='mma_sync_tf32' needs bfloat16 W and state_split=2 "
                          "(two tf32 parts), no f16_state")
+
+
+def check_mma_accumulators(mma_accumulators, state_product):
+    if mma_accumulators not in (1, 2) or (mma_accumulators != 1
+                                          and state_product != "mma_sync_tf32"):
+        raise ValueError(f"mma_accumulators must be 1, or 2 with state_product="
+                         f"'mma_sync_tf32' (got {mma_accumulators!r})")
 
 
 def mma_weight_fragments(w):
@@ -326,10 +334,10 @@ def _state_products_tf32_inline(ctx, hi, lo, w_frag, kv, accumulators=1):
     (``tf32_hi_lo``) by warp-level ``mma.sync.m16n8k8`` tf32: per 8 output columns, lo's then
     hi's two k8 blocks, with ``k vᵀ`` as the first addend — one chain of four dependent mmas,
     or with ``accumulators=2`` one chain per k block (``k vᵀ`` and zero as addends; two mmas
-    deep), added after. The A fragment of a k8 block (rows
-    g, g+8 × k t, t+4) is taken from the thread's own accumulator-layout registers (rows g,
-    g+8 × columns 2t, 2t+1 of the block) by reading k index t as column 2t and t+4 as 2t+1;
-    W's rows are permuted the same way, which ``mma_weight_fragments(W)`` (float32 here)
+    deep), added after. The A fragment of a k8 block (rows g, g+8 × k t, t+4) is taken from
+    the thread's own accumulator-layout registers (rows g, g+8 × columns 2t, 2t+1 of the
+    block) by reading k index t as column 2t and t+4 as 2t+1; W's rows are permuted the same
+    way, which ``mma_weight_fragments(W)`` (float32 here)
     already does: its register (n, kb) holds W[8kb + 2t + e, 8n + g], e = 0, 1, exactly the
     b0, b1 of that k order (``tests/test_kernel_mosaic_gpu.py`` simulates it lane by lane)."""
     del ctx
@@ -364,9 +372,7 @@ def _state_products_tf32_inline(ctx, hi, lo, w_frag, kv, accumulators=1):
 
 def mma_tf32_state_products(accumulators=1):
     """``(hi, lo, W fragments (float32), k vᵀ) -> H W + k vᵀ`` by
-    ``_state_products_tf32_inline``."""
-    if accumulators not in (1, 2):
-        raise ValueError(f"mma_accumulators must be 1 or 2, got {accumulators!r}")
+    ``_state_products_tf32_inline`` (``accumulators``: ``check_mma_accumulators``)."""
     out = plgpu.ShapeDtypeStruct((KEY_DIM, VALUE_DIM), _F32, layout=plgpu.Layout.WGMMA)
     return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * 4, return_type=out)(
         functools.partial(_state_products_tf32_inline, accumulators=accumulators))

@@ -12,6 +12,7 @@ from m2rnn_jax.heads import expand_heads
 from pallas_kernels.m2rnn.mosaic_gpu.common import (_check_supported, _per_head_inputs, _launch,
                                                     _bf16_parts, _tanh, _products, state_splitter,
                                                     check_hi_lo_split, check_state_product,
+                                                    check_mma_accumulators, MMA_SYNC_PRODUCTS,
                                                     mma_state_products, mma_weight_fragments,
                                                     mma_tf32_state_products, tf32_hi_lo,
                                                     wgmma_products_apart, DEFAULT_CHUNK_SIZE,
@@ -25,7 +26,7 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
             acc_init="zero", f16_state=False, f16_tanh=False, hi_lo_split="bits",
             state_product="wgmma", mma_accumulators=1):
     q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
-    mma_sync = state_product in ("mma_sync", "mma_sync_tf32")
+    mma_sync = state_product in MMA_SYNC_PRODUCTS
     tf32 = state_product == "mma_sync_tf32"
     w_frag_ref = rest.pop(0) if mma_sync else None
     keep_ref = rest.pop(0) if has_keep else None
@@ -52,8 +53,8 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, state_parts, 
                 arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(
                 functools.partial(_store_warp_partial_sums, scatter=scatter))
 
-    split_state = (lambda x: list(tf32_hi_lo(x))) if tf32 else state_splitter(
-        state_parts, f16_state, hi_lo_split, interpret)
+    split_state = tf32_hi_lo if tf32 else state_splitter(state_parts, f16_state, hi_lo_split,
+                                                          interpret)
     b = lax.axis_index("b")
     n = lax.axis_index("n")
     if heads_per_cta == 1:
@@ -323,14 +324,11 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
     # bfloat16 W is exact in one part; float32 W in as many parts as the state.
     weight_parts = 1 if jnp.dtype(w.dtype) == jnp.bfloat16 else state_split
     check_state_product(state_product, state_split, weight_parts, f16_state, hi_lo_split)
-    mma_sync = state_product in ("mma_sync", "mma_sync_tf32")
+    mma_sync = state_product in MMA_SYNC_PRODUCTS
     if mma_sync and (heads_per_cta != 1 or acc_init != "zero"):
         raise ValueError(f"state_product={state_product!r} needs heads_per_cta=1 and "
                          f"acc_init='zero'")
-    if mma_accumulators not in (1, 2) or (mma_accumulators != 1
-                                          and state_product != "mma_sync_tf32"):
-        raise ValueError(f"mma_accumulators must be 1, or 2 with state_product="
-                         f"'mma_sync_tf32' (got {mma_accumulators!r})")
+    check_mma_accumulators(mma_accumulators, state_product)
     w_heads = expand_heads(w, num_heads, axis=0)
     w_parts = (w_heads.astype(_F16)[:, None] if f16_state
                else jnp.stack(_bf16_parts(w_heads, weight_parts), axis=1))
