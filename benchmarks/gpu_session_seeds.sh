@@ -12,7 +12,7 @@
 # are not trained by default. Seed 0's hand-run schedule, when GPU1_SEEDS or GPU0_SEEDS name it:
 # SEED0_ARGS (default a constant 1e-5, the rate at which label smoothing lifted it from 97.9 to
 # 99.7 % at 8x in the tenth session). GPU 1: GPU1_SEEDS (default "6": at length 64 since step
-# ~150k, in the config's rate decay).
+# 102,300, at the end of the config's rate decay).
 # GPU 0: benchmarks/state_tracking_step_bench.py for BENCH_SEEDS_PER_STEP (default "1 3"; 0 skips
 # it), then KERNEL_CMD (e.g. "python3 benchmarks/mosaic_check.py ..." or "bash
 # benchmarks/gpu_vector_probe.sh"; output in
