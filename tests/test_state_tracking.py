@@ -343,6 +343,15 @@ def tiny_m2rnn_runs(tmp_path, overrides):
     return config, group, runner
 
 
+def trained_params(run, group, task_config, path):
+    """The parameter leaves ``run`` (a ``ModelRunner``) saves to ``path`` after training
+    seed 0."""
+    import jax
+
+    run.run(0, group, task_config, progress=False, checkpoint_path=path)
+    return jax.tree.leaves(run.load_saved(path, task_config, 0).params)
+
+
 def test_runs_continue_under_a_new_schedule(tmp_path, capsys):
     """More steps and another learning rate continue a finished run from its checkpoint (and
     say so); the same run restarted under the new schedule ends elsewhere."""
@@ -400,12 +409,10 @@ def test_adam_eps_continues_a_run_and_scales_its_steps(tmp_path, capsys):
 
     def distance_moved(name, **train):
         r = runner(steps=6, warmup_steps=0, min_lr_ratio=1.0, **train)
-        saved = str(tmp_path / name / "m2rnn_seed0.msgpack")
-        r.run(0, group, config.task, progress=False, checkpoint_path=saved)
-        init = r.init_params(0)
-        final = r.load_saved(saved, config.task, 0).params
+        final = trained_params(r, group, config.task,
+                               str(tmp_path / name / "m2rnn_seed0.msgpack"))
         return float(sum(np.sum(np.square(np.asarray(a) - np.asarray(b)))
-                         for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(final))))
+                         for a, b in zip(jax.tree.leaves(r.init_params(0)), final)))
 
     assert 0 < distance_moved("large_eps", adam_eps=10.0) < 1e-3 * distance_moved("default")
     with pytest.raises(ConfigError, match="adam_eps"):
@@ -492,8 +499,6 @@ def test_label_smoothing_from_the_training_length(tmp_path):
     the training length trains as with plain cross-entropy; one without a curriculum (the
     training length from step 0) as with label smoothing from the start; and label smoothing
     does change the trajectory. Compared on the parameters each run saves."""
-    import jax
-
     from m2rnn_jax.typed_config import ConfigError
     from train.state_tracking.config import TrainConfig
     from train.state_tracking.training import label_smoothing_on
@@ -501,10 +506,8 @@ def test_label_smoothing_from_the_training_length(tmp_path):
     def final_params(overrides, name, **train):
         config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"]
                                                 + overrides)
-        path = str(tmp_path / name / "m2rnn_seed0.msgpack")
-        run = runner(**train)
-        run.run(0, group, config.task, progress=False, checkpoint_path=path)
-        return jax.tree.leaves(run.load_saved(path, config.task, 0).params)
+        return trained_params(runner(**train), group, config.task,
+                              str(tmp_path / name / "m2rnn_seed0.msgpack"))
 
     def close(a, b):
         return all(np.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in zip(a, b))
