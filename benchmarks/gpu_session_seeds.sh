@@ -25,8 +25,10 @@
 # runs/s5_long/group/checkpoints to runs/s5_long/seed<k>/checkpoints (one step of a group runs
 # at its widest seed's width, and at width 64 K seeds cost K times one: RESULTS.md).
 # BASELINE_SEEDS (e.g. "1 2"; default none): on GPU 0 instead, s5_long.yaml's baselines
-# (attention, attention_rope, mamba2, gated_deltanet) for those consecutive seeds, from scratch
-# for what is left of BUDGET_S: one process per model, its seeds in one vmapped step, in
+# BASELINE_MODELS (default "attention attention_rope mamba2 gated_deltanet"; the size-matched
+# ones: "attention_1m attention_rope_1m mamba2_1m gated_deltanet_1m") for those consecutive
+# seeds, from scratch for what is left of BUDGET_S: one process per model, its seeds in one
+# vmapped step, in
 # runs/s5_long/baselines/<model> (their logs and results come back, not their checkpoints);
 # seed 0 of each ran ≈ 42k steps in the third session.
 # Checkpoints, logs and results come back in $OUT (gpu_s5_long.sh collect).
@@ -59,7 +61,7 @@ left=$((BUDGET - $(date +%s) + start))
 if [ -n "${BASELINE_SEEDS:-}" ]; then
   read -r -a bseeds <<< "$BASELINE_SEEDS"
   echo "GPU 0 trains the baselines, seeds [$BASELINE_SEEDS], for ${left}s"
-  for m in attention attention_rope mamba2 gated_deltanet; do
+  for m in ${BASELINE_MODELS:-attention attention_rope mamba2 gated_deltanet}; do
     mkdir -p runs/s5_long/baselines/$m
     CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout $((left + 120)) \
       python3 -m train.state_tracking.cli --config configs/state_tracking/s5_long.yaml \

@@ -155,6 +155,25 @@ def test_shipped_configs_load_and_build_every_model(path):
         assert model.vocab_size == group.order
 
 
+def test_s5_long_size_matched_baselines_have_m2rnns_parameter_count():
+    from train.state_tracking.training import ModelRunner
+
+    config = load_yaml(ExperimentConfig, CONFIG_DIR / "s5_long.yaml")
+    order = cli.build_group(config.task).order
+
+    def num_params(name):
+        return ModelRunner(name, config.model_config(name, order), config.train).num_params
+
+    m2rnn = num_params("m2rnn")
+    matched = [name for name in config.models if name.endswith("_1m")]
+    assert sorted(matched) == ["attention_1m", "attention_rope_1m", "gated_deltanet_1m",
+                               "mamba2_1m"]
+    for name in matched:
+        assert abs(num_params(name) / m2rnn - 1) < 0.05, name
+        # ... where the default baselines have under a third of it.
+        assert num_params(name.removesuffix("_1m")) < m2rnn / 3
+
+
 def tiny_experiment(tmp_path, models, name="tiny"):
     data = {
         "task": {"group": "S3", "train_length": 6, "eval_lengths": [6, 12],
