@@ -28,9 +28,8 @@
 # BASELINE_MODELS (default "attention attention_rope mamba2 gated_deltanet"; the size-matched
 # ones: "attention_1m attention_rope_1m mamba2_1m gated_deltanet_1m") for those consecutive
 # seeds, from scratch for what is left of BUDGET_S: one process per model, its seeds in one
-# vmapped step, in
-# runs/s5_long/baselines/<model> (their logs and results come back, not their checkpoints);
-# seed 0 of each ran ≈ 42k steps in the third session.
+# vmapped step, in runs/s5_long/baselines/<model> (their logs and results come back, not their
+# checkpoints); seed 0 of each ran ≈ 42k steps in the third session.
 # Checkpoints, logs and results come back in $OUT (gpu_s5_long.sh collect).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
