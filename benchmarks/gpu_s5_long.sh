@@ -37,7 +37,7 @@ train() {
     mkdir -p $RUNS/seed$seed
     seed_args=EXTRA_ARGS_SEED$seed
     CUDA_VISIBLE_DEVICES=${gpus[$((seed % ${#gpus[@]}))]} timeout $((BUDGET + 120)) python3 -m \
-      train.state_tracking.cli --config configs/state_tracking/s5_long.yaml --models m2rnn \
+      m2rnn_experiments.state_tracking.cli --config configs/state_tracking/s5_long.yaml --models m2rnn \
       --seeds 1 --first-seed $seed --time-budget-s "$BUDGET" --no-progress \
       --out $RUNS/seed$seed ${EXTRA_ARGS:-} ${!seed_args:-} >> $RUNS/seed$seed/log.txt 2>&1 &
   done
@@ -46,7 +46,7 @@ train() {
     read -r -a group <<< "$GROUP_SEEDS"
     mkdir -p $RUNS/group
     CUDA_VISIBLE_DEVICES=${GROUP_GPU:-0} timeout $((BUDGET + 120)) python3 -m \
-      train.state_tracking.cli --config configs/state_tracking/s5_long.yaml --models m2rnn \
+      m2rnn_experiments.state_tracking.cli --config configs/state_tracking/s5_long.yaml --models m2rnn \
       --seeds ${#group[@]} --first-seed ${group[0]} --seeds-per-step ${#group[@]} \
       --time-budget-s "$BUDGET" --no-progress --out $RUNS/group ${EXTRA_ARGS:-} \
       ${EXTRA_ARGS_GROUP:-} >> $RUNS/group/log.txt 2>&1 &

@@ -41,7 +41,7 @@ LOGS=/tmp/logs && mkdir -p $LOGS
 S5_VARIANTS=${S5_VARIANTS:-}
 KERNEL_CMD=${KERNEL_CMD:-python3 benchmarks/kernel_bench.py --variants none --reps 10 --workers 16}
 AFTER_KERNELS=${AFTER_KERNELS:-}
-ST="python3 -m train.state_tracking.cli --no-progress"
+ST="python3 -m m2rnn_experiments.state_tracking.cli --no-progress"
 S5="bash benchmarks/gpu_s5_long.sh"
 (SEEDS="${S5_GPU1_SEEDS:-0 1 2}" GPUS="1" MEM_FRACTION=0.15 OUT=$OUT $S5 train $BUDGET \
   > $LOGS/s5_long.txt 2>&1) &

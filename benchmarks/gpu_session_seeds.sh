@@ -63,7 +63,7 @@ if [ -n "${BASELINE_SEEDS:-}" ]; then
   for m in ${BASELINE_MODELS:-attention attention_rope mamba2 gated_deltanet}; do
     mkdir -p runs/s5_long/baselines/$m
     CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout $((left + 120)) \
-      python3 -m train.state_tracking.cli --config configs/state_tracking/s5_long.yaml \
+      python3 -m m2rnn_experiments.state_tracking.cli --config configs/state_tracking/s5_long.yaml \
       --models $m --seeds ${#bseeds[@]} --first-seed ${bseeds[0]} \
       --seeds-per-step ${#bseeds[@]} --time-budget-s "$left" --no-progress \
       --out runs/s5_long/baselines/$m ${EXTRA_ARGS_BASELINES:-} \

@@ -8,7 +8,7 @@
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 R=/tmp/r; mkdir -p $R
-ST="python3 -m train.state_tracking.cli --no-progress"
+ST="python3 -m m2rnn_experiments.state_tracking.cli --no-progress"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.12
 CUDA_VISIBLE_DEVICES=1 timeout 530 $ST --config configs/state_tracking/s3.yaml --seeds 3 \
   --steps 6000 --batch-size 256 --time-budget-s 450 --out $R/s3 > $R/s3.log 2>&1 &

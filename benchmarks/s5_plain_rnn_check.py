@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train.state_tracking.groups import group_by_name
-from train.state_tracking.tasks import prefix_products
+from m2rnn_experiments.state_tracking.groups import group_by_name
+from m2rnn_experiments.state_tracking.tasks import prefix_products
 
 
 def init_params(key, cell, width, vocab):

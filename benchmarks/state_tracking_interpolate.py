@@ -20,9 +20,9 @@ import jax
 import numpy as np
 
 from m2rnn_jax.typed_config import load_yaml
-from train.state_tracking import cli
-from train.state_tracking.config import ExperimentConfig
-from train.state_tracking.training import ModelRunner
+from m2rnn_experiments.state_tracking import cli
+from m2rnn_experiments.state_tracking.config import ExperimentConfig
+from m2rnn_experiments.state_tracking.training import ModelRunner
 
 
 def main(argv=None):

@@ -20,10 +20,10 @@ import sys
 import numpy as np
 
 from m2rnn_jax.typed_config import load_yaml
-from train.state_tracking import cli
-from train.state_tracking.config import ExperimentConfig
-from train.state_tracking.tasks import sample_word_problems
-from train.state_tracking.training import ModelRunner, token_losses
+from m2rnn_experiments.state_tracking import cli
+from m2rnn_experiments.state_tracking.config import ExperimentConfig
+from m2rnn_experiments.state_tracking.tasks import sample_word_problems
+from m2rnn_experiments.state_tracking.training import ModelRunner, token_losses
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from state_tracking_positions import batched_logits  # noqa: E402

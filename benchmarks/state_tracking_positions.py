@@ -28,10 +28,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from m2rnn_jax.typed_config import load_yaml  # noqa: E402
-from train.state_tracking import checkpoint, cli  # noqa: E402
-from train.state_tracking.config import ExperimentConfig  # noqa: E402
-from train.state_tracking.tasks import eval_word_problems  # noqa: E402
-from train.state_tracking.training import ModelRunner  # noqa: E402
+from m2rnn_experiments.state_tracking import checkpoint, cli  # noqa: E402
+from m2rnn_experiments.state_tracking.config import ExperimentConfig  # noqa: E402
+from m2rnn_experiments.state_tracking.tasks import eval_word_problems  # noqa: E402
+from m2rnn_experiments.state_tracking.training import ModelRunner  # noqa: E402
 
 
 def batched_logits(runner, params, tokens, batch_size):

@@ -5,7 +5,7 @@ results table and plot, and draws their training progress from the logs.
         --results a/results.csv b/results.csv ... [--logs a/log.txt b.log ...]
 
 writes ``PREFIX.csv`` (the rows of every ``results.csv``), ``PREFIX.png`` (accuracy against
-length, ``train.state_tracking.report.plot``) and, with ``--logs``, ``PREFIX_progress.png``:
+length, ``m2rnn_experiments.state_tracking.report.plot``) and, with ``--logs``, ``PREFIX_progress.png``:
 per run, the curriculum's scored length and the training accuracy against the training step,
 read from the progress lines the cli prints (``<model> seed <k>: step <n>, loss <l>, training
 accuracy <a>, scored length <s>, ...``; a resumed run continues the same lines), and
@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from train.state_tracking import report  # noqa: E402
+from m2rnn_experiments.state_tracking import report  # noqa: E402
 
 PROGRESS = re.compile(r"^(?P<model>\S+) seed (?P<seed>\d+): step (?P<step>\d+), loss [-\d.naif]+, "
                       r"training accuracy (?P<acc>[\d.]+), scored length (?P<length>\d+)")

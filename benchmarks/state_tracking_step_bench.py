@@ -73,9 +73,9 @@ def time_variant(args):
     import jax.numpy as jnp
     import numpy as np
 
-    from train.state_tracking.cli import build_group, load_config, parse_args as cli_args
-    from train.state_tracking.tasks import sample_word_problems
-    from train.state_tracking.training import ModelRunner
+    from m2rnn_experiments.state_tracking.cli import build_group, load_config, parse_args as cli_args
+    from m2rnn_experiments.state_tracking.tasks import sample_word_problems
+    from m2rnn_experiments.state_tracking.training import ModelRunner
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import trace_summary  # benchmarks/trace_summary.py
 

@@ -1,6 +1,6 @@
 """Runs named variants of one state-tracking experiment side by side and tabulates them.
 
-Each variant is one process of ``python -m train.state_tracking.cli`` (one model, one seed) with
+Each variant is one process of ``python -m m2rnn_experiments.state_tracking.cli`` (one model, one seed) with
 its own ``--set`` overrides, all on the same GPU (or the CPU), logging to ``OUT/<variant>.log``
 and writing ``OUT/<variant>/results.json``. The table at the end shows how far each variant got:
 steps, the longest curriculum length it was trained on, its last training accuracy, and the
@@ -108,7 +108,7 @@ def launch(name, overrides, args, extra):
         if not os.path.exists(target):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(args.start_from, target)
-    cmd = [sys.executable, "-m", "train.state_tracking.cli", *COMMON, "--time-budget-s",
+    cmd = [sys.executable, "-m", "m2rnn_experiments.state_tracking.cli", *COMMON, "--time-budget-s",
            str(args.time_budget_s), "--out", out, *extra]
     for assignment in overrides:
         cmd += ["--set", assignment]

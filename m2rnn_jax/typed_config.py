@@ -13,7 +13,25 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config key is unknown, missing or of the wrong type."""
+    """A config key is unknown, missing or of the wrong type, or its value is out of range."""
+
+
+# The one set of value checks that every config dataclass's ``__post_init__`` uses.
+def require(condition, key, message):
+    """Raises ``ConfigError("<key> <message>")`` unless ``condition``."""
+    if not condition:
+        raise ConfigError(f"{key} {message}")
+
+
+def require_positive_int(value, key):
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key,
+            f"must be a positive integer, got {value!r}")
+
+
+def require_positive(value, key):
+    """A positive real number (an int or a float, not a bool)."""
+    require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, key,
+            f"must be > 0, got {value!r}")
 
 
 def from_dict(cls, data, path=""):

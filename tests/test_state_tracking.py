@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from train.state_tracking import groups, tasks
+from m2rnn_experiments.state_tracking import groups, tasks
 
 
 def permutation_matrix(p):
@@ -139,8 +139,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from m2rnn_jax.typed_config import ConfigError, load_yaml  # noqa: E402
-from train.state_tracking import cli  # noqa: E402
-from train.state_tracking.config import ExperimentConfig, TaskConfig  # noqa: E402
+from m2rnn_experiments.state_tracking import cli  # noqa: E402
+from m2rnn_experiments.state_tracking.config import ExperimentConfig, TaskConfig  # noqa: E402
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "state_tracking"
 
@@ -156,7 +156,7 @@ def test_shipped_configs_load_and_build_every_model(path):
 
 
 def test_s5_long_size_matched_baselines_have_m2rnns_parameter_count():
-    from train.state_tracking.training import ModelRunner
+    from m2rnn_experiments.state_tracking.training import ModelRunner
 
     config = load_yaml(ExperimentConfig, CONFIG_DIR / "s5_long.yaml")
     order = cli.build_group(config.task).order
@@ -257,7 +257,7 @@ def test_command_does_not_import_grain():
     import subprocess
     import sys
 
-    code = ("import sys, train.state_tracking.cli; "
+    code = ("import sys, m2rnn_experiments.state_tracking.cli; "
             "assert 'grain' not in sys.modules, sorted(m for m in sys.modules if 'grain' in m)")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=pathlib.Path(__file__).resolve().parents[1])
@@ -268,7 +268,7 @@ def test_models_are_causal_so_curriculum_prefixes_are_exact(tmp_path):
     looks ahead. Logits of a prefix must equal the prefix of the full logits, for every model
     kind of the experiments, with chunked layers at a length that is not a multiple of their
     chunk."""
-    from train.state_tracking.training import ModelRunner
+    from m2rnn_experiments.state_tracking.training import ModelRunner
 
     models = {
         "m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
@@ -297,8 +297,8 @@ def test_runs_resume_from_checkpoints_exactly(tmp_path):
     import dataclasses
     import os
 
-    from train.state_tracking import checkpoint
-    from train.state_tracking.training import ModelRunner
+    from m2rnn_experiments.state_tracking import checkpoint
+    from m2rnn_experiments.state_tracking.training import ModelRunner
 
     config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, TINY_M2RNN))
     config = cli.override(config, ["train.steps=6", "train.log_every=2",
@@ -349,7 +349,7 @@ def tiny_m2rnn_runs(tmp_path, overrides):
     ``runner(**train)`` is a ``ModelRunner`` with those ``TrainConfig`` fields replaced."""
     import dataclasses
 
-    from train.state_tracking.training import ModelRunner
+    from m2rnn_experiments.state_tracking.training import ModelRunner
 
     config = cli.override(load_yaml(ExperimentConfig, tiny_experiment(tmp_path, TINY_M2RNN)),
                           overrides)
@@ -391,7 +391,7 @@ def test_state_noise_continues_a_run_and_changes_its_training(tmp_path, capsys):
     """``train.state_noise_std`` may change between invocations (the runner says so); noisy
     training ends elsewhere than clean training, and a bad value is a config error."""
     from m2rnn_jax.typed_config import ConfigError
-    from train.state_tracking.config import TrainConfig
+    from m2rnn_experiments.state_tracking.config import TrainConfig
 
     config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
     path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
@@ -415,7 +415,7 @@ def test_adam_eps_continues_a_run_and_scales_its_steps(tmp_path, capsys):
     import jax
 
     from m2rnn_jax.typed_config import ConfigError
-    from train.state_tracking.config import TrainConfig
+    from m2rnn_experiments.state_tracking.config import TrainConfig
 
     config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
     path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
@@ -442,8 +442,8 @@ def test_batch_scale_continues_a_run_with_more_words_per_step(tmp_path, capsys, 
     """``train.batch_scale`` may change between invocations (the runner says so) and multiplies
     the words drawn per step; 0 is a config error."""
     from m2rnn_jax.typed_config import ConfigError
-    from train.state_tracking import training
-    from train.state_tracking.config import TrainConfig
+    from m2rnn_experiments.state_tracking import training
+    from m2rnn_experiments.state_tracking.config import TrainConfig
 
     config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
     path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
@@ -473,8 +473,8 @@ def test_label_smoothing_loss_against_numpy_and_on_resume(tmp_path, capsys):
     import jax.numpy as jnp
 
     from m2rnn_jax.typed_config import ConfigError
-    from train.state_tracking.config import TrainConfig
-    from train.state_tracking.training import token_losses
+    from m2rnn_experiments.state_tracking.config import TrainConfig
+    from m2rnn_experiments.state_tracking.training import token_losses
 
     rng = np.random.default_rng(5)
     logits = rng.normal(size=(3, 7, 11)) * 3
@@ -519,8 +519,8 @@ def test_label_smoothing_from_the_training_length(tmp_path):
     training length from step 0) as with label smoothing from the start; and label smoothing
     does change the trajectory. Compared on the parameters each run saves."""
     from m2rnn_jax.typed_config import ConfigError
-    from train.state_tracking.config import TrainConfig
-    from train.state_tracking.training import label_smoothing_on
+    from m2rnn_experiments.state_tracking.config import TrainConfig
+    from m2rnn_experiments.state_tracking.training import label_smoothing_on
 
     def final_params(overrides, name, **train):
         config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"]
@@ -547,8 +547,8 @@ def test_label_smoothing_from_the_training_length(tmp_path):
 
 
 def test_length_decay_factor_falls_geometrically_from_the_curriculum_end():
-    from train.state_tracking.config import TrainConfig
-    from train.state_tracking.training import length_decay_factor
+    from m2rnn_experiments.state_tracking.config import TrainConfig
+    from m2rnn_experiments.state_tracking.training import length_decay_factor
 
     cfg = TrainConfig(length_decay_steps=100, length_decay_ratio=0.02)
     assert length_decay_factor(cfg, 50, None) == 1.0  # not at the training length yet

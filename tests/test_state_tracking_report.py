@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from test_state_tracking import tiny_experiment
-from train.state_tracking import cli
+from m2rnn_experiments.state_tracking import cli
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import state_tracking_report  # noqa: E402
@@ -146,9 +146,9 @@ def test_position_accuracy_from_a_runs_checkpoint(tmp_path, monkeypatch, capsys)
     writes one accuracy per position; its first position matches a direct evaluation."""
     import state_tracking_positions
     from m2rnn_jax.typed_config import load_yaml
-    from train.state_tracking.config import ExperimentConfig
-    from train.state_tracking.tasks import eval_word_problems
-    from train.state_tracking.training import ModelRunner
+    from m2rnn_experiments.state_tracking.config import ExperimentConfig
+    from m2rnn_experiments.state_tracking.tasks import eval_word_problems
+    from m2rnn_experiments.state_tracking.training import ModelRunner
 
     model = {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
                                              "backend": "scan"}}
@@ -188,9 +188,9 @@ def test_margins_of_a_runs_checkpoint(tmp_path, capsys):
     whose sign says right or wrong."""
     import state_tracking_margins
     from m2rnn_jax.typed_config import load_yaml
-    from train.state_tracking.config import ExperimentConfig
-    from train.state_tracking.tasks import eval_word_problems
-    from train.state_tracking.training import ModelRunner
+    from m2rnn_experiments.state_tracking.config import ExperimentConfig
+    from m2rnn_experiments.state_tracking.tasks import eval_word_problems
+    from m2rnn_experiments.state_tracking.training import ModelRunner
 
     model = {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
                                              "backend": "scan"}}
@@ -231,8 +231,8 @@ def test_after_first_error_tells_a_clean_slip_from_a_blur():
     from a wrong state) keeps one left offset; predictions that alternate between right and
     wrong change it at every position."""
     import state_tracking_positions
-    from train.state_tracking.groups import group_by_name
-    from train.state_tracking.tasks import eval_word_problems
+    from m2rnn_experiments.state_tracking.groups import group_by_name
+    from m2rnn_experiments.state_tracking.tasks import eval_word_problems
 
     group = group_by_name("S4")
     words = eval_word_problems(group, 7, 3, 20)
@@ -262,7 +262,7 @@ def test_drift_helpers_against_brute_force():
     permutation matrix; the centroid distance and the linear probe on synthetic states whose
     answers are known."""
     import state_tracking_drift as drift
-    from train.state_tracking.groups import group_by_name
+    from m2rnn_experiments.state_tracking.groups import group_by_name
 
     group = group_by_name("S4")
     parity = drift.permutation_parity(group)
@@ -297,9 +297,9 @@ def test_drift_from_a_runs_checkpoint(tmp_path, monkeypatch, capsys):
     depends on token t alone: no conv window here), the other heads do not."""
     import state_tracking_drift as drift
     from m2rnn_jax.typed_config import load_yaml
-    from train.state_tracking.config import ExperimentConfig
-    from train.state_tracking.tasks import eval_word_problems
-    from train.state_tracking.training import ModelRunner
+    from m2rnn_experiments.state_tracking.config import ExperimentConfig
+    from m2rnn_experiments.state_tracking.tasks import eval_word_problems
+    from m2rnn_experiments.state_tracking.training import ModelRunner
 
     model = {"layer_pattern": "MM", "m2rnn": {"num_heads": 2, "key_dim": 1, "value_dim": 4,
                                               "backend": "scan", "transition_init": "normal",

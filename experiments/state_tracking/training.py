@@ -19,8 +19,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from m2rnn_jax import HybridLM, decay_mask
-from train.state_tracking import checkpoint
-from train.state_tracking.tasks import (curriculum_length, eval_word_problems,
+from m2rnn_experiments.state_tracking import checkpoint
+from m2rnn_experiments.state_tracking.tasks import (curriculum_length, eval_word_problems,
                                         gated_curriculum_length, sample_word_problems)
 
 

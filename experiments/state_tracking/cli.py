@@ -28,11 +28,11 @@ import time
 import yaml
 
 from m2rnn_jax.typed_config import ConfigError, from_dict, load_yaml, override
-from train.state_tracking import checkpoint
-from train.state_tracking.config import ExperimentConfig
-from train.state_tracking.groups import from_generators, group_by_name
-from train.state_tracking.report import summary_table, write_all
-from train.state_tracking.training import ModelRunner
+from m2rnn_experiments.state_tracking import checkpoint
+from m2rnn_experiments.state_tracking.config import ExperimentConfig
+from m2rnn_experiments.state_tracking.groups import from_generators, group_by_name
+from m2rnn_experiments.state_tracking.report import summary_table, write_all
+from m2rnn_experiments.state_tracking.training import ModelRunner
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "state_tracking"
 

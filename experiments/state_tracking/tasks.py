@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from train.state_tracking.groups import PermutationGroup
+from m2rnn_experiments.state_tracking.groups import PermutationGroup
 
 LENGTH_SAMPLING = ("fixed", "uniform")
 
