@@ -1,8 +1,8 @@
-"""Typed model configs (SPEC §2, §3): frozen dataclasses, loadable from YAML.
+"""Typed model configs (docs/math.md §3, §4): frozen dataclasses, loadable from YAML.
 
 Build from a dict with ``m2rnn_jax.typed_config.from_dict(ModelConfig, data)`` or from a file
 with ``load_yaml(ModelConfig, path)``; every value is checked in ``__post_init__`` and a bad one
-raises ``ValueError`` naming the field.
+raises ``ConfigError`` (a ``ValueError``) naming the field.
 
 The layer pattern has one letter per block; ``m2rnn_jax.layers.registry`` maps letters to mixer
 classes (``M`` = M²RNN, ``A`` = softmax attention; other modules register more, e.g. ``D`` =
@@ -15,32 +15,21 @@ import math
 from typing import Literal
 
 from m2rnn_jax.ops import BACKENDS
+from m2rnn_jax.typed_config import require, require_positive_int
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _check(condition, field, message):
-    if not condition:
-        raise ValueError(f"{field} {message}")
-
-
-def _positive_int(value, field):
-    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field,
-           f"must be a positive integer, got {value!r}")
-
-
-def _optional_heads(value, field, num_heads):
+def _require_head_count(value, key, num_heads):
     """A head count of ``None`` means ``num_heads``; otherwise it must divide it."""
-    if value is None:
-        return num_heads
-    _positive_int(value, field)
-    _check(num_heads % value == 0, field, f"= {value} must divide num_heads = {num_heads}")
-    return value
+    if value is not None:
+        require_positive_int(value, key)
+        require(num_heads % value == 0, key, f"= {value} must divide num_heads = {num_heads}")
 
 
 @dataclasses.dataclass(frozen=True)
 class M2RNNConfig:
-    """The M²RNN mixer (SPEC §2). Head counts of ``None`` mean ``num_heads`` (N)."""
+    """The M²RNN mixer (docs/math.md §3). Head counts of ``None`` mean ``num_heads`` (N)."""
 
     num_heads: int = 84
     num_q_heads: int | None = 1
@@ -62,8 +51,8 @@ class M2RNNConfig:
     dt_init_min: float = 1e-3  # dt = exp(U[log dt_min, log dt_max]) floored at dt_init_floor
     dt_init_max: float = 0.1
     dt_init_floor: float = 1e-4
-    # Departures from SPEC §2 for experiments (the defaults are SPEC §2). "normal" draws each
-    # head's W ~ N(0, (transition_scale / sqrt(V))²), as in an Elman RNN, instead of W = I.
+    # Departures from docs/math.md §3 for experiments (the defaults follow it). "normal" draws
+    # each head's W ~ N(0, (transition_scale / sqrt(V))²), as in an Elman RNN, instead of W = I.
     transition_init: Literal["identity", "normal"] = "identity"
     transition_scale: float = 0.5  # used only by transition_init = "normal"
     # "identity" leaves v linear after the conv (q and k keep their SiLU), so that the write
@@ -71,37 +60,37 @@ class M2RNNConfig:
     value_activation: Literal["silu", "identity"] = "silu"
 
     def __post_init__(self):
-        _positive_int(self.num_heads, "m2rnn.num_heads")
+        require_positive_int(self.num_heads, "m2rnn.num_heads")
         for name in ("q", "k", "v", "f", "w", "g"):
-            _optional_heads(getattr(self, f"num_{name}_heads"), f"m2rnn.num_{name}_heads",
-                            self.num_heads)
+            _require_head_count(getattr(self, f"num_{name}_heads"), f"m2rnn.num_{name}_heads",
+                                self.num_heads)
         counts = [self.heads(n) for n in "qkvfw"]
-        _check(max(counts) == self.num_heads, "m2rnn.num_heads",
-               f"= {self.num_heads} must equal the largest of the q/k/v/f/w head counts {counts}")
-        _positive_int(self.key_dim, "m2rnn.key_dim")
-        _positive_int(self.value_dim, "m2rnn.value_dim")
-        _positive_int(self.conv_kernel, "m2rnn.conv_kernel")
-        _check(self.gradient_clipping is None or self.gradient_clipping > 0,
-               "m2rnn.gradient_clipping", f"must be None or > 0, got {self.gradient_clipping!r}")
-        _check(self.backend in BACKENDS, "m2rnn.backend",
-               f"must be one of {BACKENDS}, got {self.backend!r}")
+        require(max(counts) == self.num_heads, "m2rnn.num_heads",
+                f"= {self.num_heads} must equal the largest of the q/k/v/f/w head counts {counts}")
+        require_positive_int(self.key_dim, "m2rnn.key_dim")
+        require_positive_int(self.value_dim, "m2rnn.value_dim")
+        require_positive_int(self.conv_kernel, "m2rnn.conv_kernel")
+        require(self.gradient_clipping is None or self.gradient_clipping > 0,
+                "m2rnn.gradient_clipping", f"must be None or > 0, got {self.gradient_clipping!r}")
+        require(self.backend in BACKENDS, "m2rnn.backend",
+                f"must be one of {BACKENDS}, got {self.backend!r}")
         if self.chunk_size is not None:
-            _positive_int(self.chunk_size, "m2rnn.chunk_size")
-        _check(0 <= self.A_init_min < self.A_init_max, "m2rnn.A_init_min/A_init_max",
-               f"must satisfy 0 <= min < max, got {self.A_init_min}, {self.A_init_max}")
-        _check(0 < self.dt_init_min <= self.dt_init_max, "m2rnn.dt_init_min/dt_init_max",
-               f"must satisfy 0 < min <= max, got {self.dt_init_min}, {self.dt_init_max}")
-        _check(self.dt_init_floor > 0, "m2rnn.dt_init_floor",
-               f"must be > 0, got {self.dt_init_floor}")
-        _check(self.transition_init in ("identity", "normal"), "m2rnn.transition_init",
-               f"must be 'identity' or 'normal', got {self.transition_init!r}")
-        _check(isinstance(self.transition_scale, (int, float))
-               and not isinstance(self.transition_scale, bool)
-               and math.isfinite(self.transition_scale) and self.transition_scale > 0,
-               "m2rnn.transition_scale", f"must be a positive number, got "
-               f"{self.transition_scale!r}")
-        _check(self.value_activation in ("silu", "identity"), "m2rnn.value_activation",
-               f"must be 'silu' or 'identity', got {self.value_activation!r}")
+            require_positive_int(self.chunk_size, "m2rnn.chunk_size")
+        require(0 <= self.A_init_min < self.A_init_max, "m2rnn.A_init_min/A_init_max",
+                f"must satisfy 0 <= min < max, got {self.A_init_min}, {self.A_init_max}")
+        require(0 < self.dt_init_min <= self.dt_init_max, "m2rnn.dt_init_min/dt_init_max",
+                f"must satisfy 0 < min <= max, got {self.dt_init_min}, {self.dt_init_max}")
+        require(self.dt_init_floor > 0, "m2rnn.dt_init_floor",
+                f"must be > 0, got {self.dt_init_floor}")
+        require(self.transition_init in ("identity", "normal"), "m2rnn.transition_init",
+                f"must be 'identity' or 'normal', got {self.transition_init!r}")
+        require(isinstance(self.transition_scale, (int, float))
+                and not isinstance(self.transition_scale, bool)
+                and math.isfinite(self.transition_scale) and self.transition_scale > 0,
+                "m2rnn.transition_scale", f"must be a positive number, got "
+                f"{self.transition_scale!r}")
+        require(self.value_activation in ("silu", "identity"), "m2rnn.value_activation",
+                f"must be 'silu' or 'identity', got {self.value_activation!r}")
 
     def heads(self, name: str) -> int:
         """Resolved head count of ``name`` in ``"qkvfwg"``."""
@@ -138,15 +127,16 @@ class AttentionConfig:
     implementation: Literal["xla", "cudnn"] | None = None
 
     def __post_init__(self):
-        _positive_int(self.num_heads, "attention.num_heads")
-        _optional_heads(self.num_kv_heads, "attention.num_kv_heads", self.num_heads)
+        require_positive_int(self.num_heads, "attention.num_heads")
+        _require_head_count(self.num_kv_heads, "attention.num_kv_heads", self.num_heads)
         if self.head_dim is not None:
-            _positive_int(self.head_dim, "attention.head_dim")
-            _check(not self.rope or self.head_dim % 2 == 0, "attention.head_dim",
-                   f"must be even with rope, got {self.head_dim}")
-        _check(self.rope_theta > 0, "attention.rope_theta", f"must be > 0, got {self.rope_theta}")
-        _check(self.implementation in (None, "xla", "cudnn"), "attention.implementation",
-               f"must be null, 'xla' or 'cudnn', got {self.implementation!r}")
+            require_positive_int(self.head_dim, "attention.head_dim")
+            require(not self.rope or self.head_dim % 2 == 0, "attention.head_dim",
+                    f"must be even with rope, got {self.head_dim}")
+        require(self.rope_theta > 0, "attention.rope_theta",
+                f"must be > 0, got {self.rope_theta}")
+        require(self.implementation in (None, "xla", "cudnn"), "attention.implementation",
+                f"must be null, 'xla' or 'cudnn', got {self.implementation!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -165,7 +155,7 @@ class GatedDeltaNetConfig:
 
     def __post_init__(self):
         for name in ("num_heads", "key_dim", "value_dim", "conv_kernel", "chunk_size"):
-            _positive_int(getattr(self, name), f"gated_deltanet.{name}")
+            require_positive_int(getattr(self, name), f"gated_deltanet.{name}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,13 +177,13 @@ class Mamba2Config:
     def __post_init__(self):
         for name in ("num_heads", "head_dim", "state_dim", "num_groups", "conv_kernel",
                      "chunk_size"):
-            _positive_int(getattr(self, name), f"mamba2.{name}")
-        _check(self.num_heads % self.num_groups == 0, "mamba2.num_groups",
-               f"= {self.num_groups} must divide num_heads = {self.num_heads}")
-        _check(0 < self.A_init_min < self.A_init_max, "mamba2.A_init_min/A_init_max",
-               f"must satisfy 0 < min < max, got {self.A_init_min}, {self.A_init_max}")
-        _check(0 < self.dt_init_min <= self.dt_init_max, "mamba2.dt_init_min/dt_init_max",
-               f"must satisfy 0 < min <= max, got {self.dt_init_min}, {self.dt_init_max}")
+            require_positive_int(getattr(self, name), f"mamba2.{name}")
+        require(self.num_heads % self.num_groups == 0, "mamba2.num_groups",
+                f"= {self.num_groups} must divide num_heads = {self.num_heads}")
+        require(0 < self.A_init_min < self.A_init_max, "mamba2.A_init_min/A_init_max",
+                f"must satisfy 0 < min < max, got {self.A_init_min}, {self.A_init_max}")
+        require(0 < self.dt_init_min <= self.dt_init_max, "mamba2.dt_init_min/dt_init_max",
+                f"must satisfy 0 < min <= max, got {self.dt_init_min}, {self.dt_init_max}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +193,7 @@ class MLPConfig:
     hidden_dim: int = 2752
 
     def __post_init__(self):
-        _positive_int(self.hidden_dim, "mlp.hidden_dim")
+        require_positive_int(self.hidden_dim, "mlp.hidden_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,22 +216,23 @@ class ModelConfig:
     depth_scaled_init: bool = True  # out projections use init_std / sqrt(2 · num_layers)
 
     def __post_init__(self):
-        _positive_int(self.vocab_size, "vocab_size")
-        _positive_int(self.d_model, "d_model")
-        _check(isinstance(self.layer_pattern, str) and len(self.layer_pattern) >= 1,
-               "layer_pattern", f"must be a non-empty string, got {self.layer_pattern!r}")
-        _check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        require_positive_int(self.vocab_size, "vocab_size")
+        require_positive_int(self.d_model, "d_model")
+        require(isinstance(self.layer_pattern, str) and len(self.layer_pattern) >= 1,
+                "layer_pattern", f"must be a non-empty string, got {self.layer_pattern!r}")
+        require(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         for name in ("compute_dtype", "param_dtype"):
-            _check(getattr(self, name) in DTYPES, name,
-                   f"must be one of {DTYPES}, got {getattr(self, name)!r}")
-        _check(self.init_std > 0 and math.isfinite(self.init_std), "init_std",
-               f"must be a positive number, got {self.init_std}")
+            require(getattr(self, name) in DTYPES, name,
+                    f"must be one of {DTYPES}, got {getattr(self, name)!r}")
+        require(self.init_std > 0 and math.isfinite(self.init_std), "init_std",
+                f"must be a positive number, got {self.init_std}")
         if "A" in self.layer_pattern and self.attention.head_dim is None:
-            _check(self.d_model % self.attention.num_heads == 0, "attention.num_heads",
-                   f"= {self.attention.num_heads} must divide d_model = {self.d_model} "
-                   f"(or set attention.head_dim)")
-            _check(not self.attention.rope or (self.d_model // self.attention.num_heads) % 2 == 0,
-                   "attention.head_dim", "must be even with rope")
+            require(self.d_model % self.attention.num_heads == 0, "attention.num_heads",
+                    f"= {self.attention.num_heads} must divide d_model = {self.d_model} "
+                    f"(or set attention.head_dim)")
+            head_dim = self.d_model // self.attention.num_heads
+            require(not self.attention.rope or head_dim % 2 == 0, "attention.head_dim",
+                    "must be even with rope")
         # Letters are checked against the mixer registry when the model is built, because
         # other modules may register letters after this config is created.
 

@@ -169,6 +169,6 @@ class Generator:
 
 
 def generate(model, prompts, max_new_tokens=64, **kwargs):
-    """``Generator(model).generate(...)`` (compiles anew on every call; keep a ``Generator``
+    """``Generator(model).generate(...)`` (compiles anew each time; keep a ``Generator``
     to generate repeatedly)."""
     return Generator(model).generate(prompts, max_new_tokens, **kwargs)

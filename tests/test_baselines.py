@@ -1,5 +1,6 @@
 """Baseline mixers ``S`` (Mamba-2 style) and ``D`` (Gated DeltaNet) against float64 NumPy
-formulas; causality, packed-document isolation, gradients, decoding, axes and the registry."""
+formulas; causality, packed-document isolation, gradients, decoding, axes and the registry.
+Their recurrences alone are tested in test_recurrences.py."""
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +14,8 @@ from m2rnn_jax import HybridLM
 from m2rnn_jax.config import (AttentionConfig, GatedDeltaNetConfig, Mamba2Config, MLPConfig,
                               ModelConfig)
 from m2rnn_jax.layers import LOGICAL_AXES, logical_axes, no_decay_mask
-from m2rnn_jax.layers.gated_deltanet import (GatedDeltaNet, gated_delta_rule,
-                                             gated_delta_rule_chunked, l2_normalize)
-from m2rnn_jax.layers.mamba2 import (Mamba2, continues_document, diagonal_recurrence,
-                                     diagonal_recurrence_chunked)
+from m2rnn_jax.layers.gated_deltanet import GatedDeltaNet
+from m2rnn_jax.layers.mamba2 import Mamba2
 from m2rnn_jax.layers.registry import mixer_class
 
 D_MODEL = 24
@@ -202,47 +201,6 @@ def test_prefill_then_decode_matches_the_full_sequence(letter, inputs):
     for t in range(6, 10):
         y, cache = step(layer, jnp.asarray(x[:, t:t + 1]), cache)
         np.testing.assert_allclose(np.asarray(y[:, 0]), full[:, t], rtol=1e-4, atol=1e-5)
-
-
-def _packed_keep(b, s):
-    """Reset mask of two packed rows of 13 steps (documents of 5+8 and 4+3+6 steps)."""
-    assert (b, s) == (2, 13)
-    return continues_document(jnp.asarray([[0] * 5 + [1] * 8, [2] * 4 + [3] * 3 + [4] * 6]), b, s)
-
-
-def _assert_chunked_matches(chunked_fn, args, want):
-    """The chunked form at chunk sizes that divide S, do not, and cover it, against the step
-    scan's (outputs, final state)."""
-    for chunk in (4, 5, 13):
-        got = jax.jit(chunked_fn, static_argnums=len(args))(*args, chunk)
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
-
-
-def test_chunked_diagonal_recurrence_matches_the_scan():
-    """Chunks that do not divide S, documents starting inside and at chunk edges, strong decays."""
-    rng = np.random.default_rng(4)
-    b, s, h, p, n = 2, 13, 3, 4, 5
-    x, bm, cm = (rng.standard_normal(shape).astype(np.float32)
-                 for shape in ((b, s, h, p), (b, s, h, n), (b, s, h, n)))
-    dt = rng.uniform(0.01, 2.0, (b, s, h)).astype(np.float32)
-    log_decay = -rng.uniform(0.0, 3.0, (b, s, h)).astype(np.float32)
-    keep = _packed_keep(b, s)
-    want = diagonal_recurrence(x, dt, np.exp(log_decay), bm, cm, keep)
-    _assert_chunked_matches(diagonal_recurrence_chunked, (x, dt, log_decay, bm, cm, keep), want)
-
-
-def test_chunked_gated_delta_rule_matches_the_scan():
-    rng = np.random.default_rng(5)
-    b, s, h, kd, vd = 2, 13, 2, 4, 3
-    q, k = (l2_normalize(jnp.asarray(rng.standard_normal((b, s, h, kd)), jnp.float32))
-            for _ in range(2))
-    v = rng.standard_normal((b, s, h, vd)).astype(np.float32)
-    log_alpha = -rng.uniform(0.0, 3.0, (b, s, h)).astype(np.float32)
-    beta = rng.uniform(0.0, 1.0, (b, s, h)).astype(np.float32)
-    keep = _packed_keep(b, s)
-    want = gated_delta_rule(q, k, v, np.exp(log_alpha), beta, keep)
-    _assert_chunked_matches(gated_delta_rule_chunked, (q, k, v, log_alpha, beta, keep), want)
 
 
 def test_letters_registered_and_build_into_hybrid_lm():

@@ -2,8 +2,6 @@
 
 import dataclasses
 import pathlib
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +10,10 @@ import pytest
 from flax import nnx
 
 from m2rnn_jax import HybridLM, ModelConfig, register_mixer
-from m2rnn_jax import generate_cli
 from m2rnn_jax.generation import ByteDecoder, Generator, encode, filter_logits, sample
 from m2rnn_jax.layers import Linear
 from m2rnn_jax.typed_config import load_yaml
+from train import generate_cli
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -210,9 +208,8 @@ def test_byte_decoder_streams_multibyte_characters():
 
 def test_cli_streams_the_greedy_continuation(generator, monkeypatch, capsys):
     model = nnx.merge(generator._graphdef, generator._state)
-    loader = types.ModuleType("train.checkpointing")
-    loader.restore_for_inference = lambda out_dir, step=None: (model.config, model)
-    monkeypatch.setitem(sys.modules, "train.checkpointing", loader)
+    monkeypatch.setattr(generate_cli, "restore_for_inference",
+                        lambda out_dir, step=None: (model.config, model))
     generate_cli.main(["--checkpoint", "unused", "--prompt", "ab", "--max-new-tokens", "6",
                        "--temperature", "0"])
     want = generator.generate([encode("ab")], 6, temperature=0.0)[0]

@@ -37,7 +37,7 @@ def apply(layer, x, segment_ids=None):
 
 
 def m2rnn_layer_reference(layer, cfg, x, segment_ids):
-    """SPEC §2, step by step in float64, from the layer's parameters."""
+    """docs/math.md §3, step by step in float64, from the layer's parameters."""
     eps = 1e-5
     n, k_dim, v_dim = cfg.num_heads, cfg.key_dim, cfg.value_dim
     heads = {name: cfg.heads(name) for name in "qkvfwg"}

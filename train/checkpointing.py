@@ -18,6 +18,10 @@ import warnings
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from m2rnn_jax import HybridLM, ModelConfig
+from m2rnn_jax.typed_config import from_dict
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -124,11 +128,6 @@ def restore_for_inference(out_dir, *, step=None):
     ``out_dir`` is the ``--out`` folder of ``m2rnn-train``. Parameters land on the default
     device, unsharded. ``step`` picks a checkpoint (default: the newest that restores).
     """
-    from flax import nnx
-
-    from m2rnn_jax import HybridLM, ModelConfig
-    from m2rnn_jax.typed_config import from_dict
-
     directory = pathlib.Path(out_dir).absolute() / CHECKPOINT_DIR
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoints in {out_dir}: {directory} does not exist "

@@ -9,16 +9,8 @@ import dataclasses
 from typing import Literal
 
 from m2rnn_jax.config import ModelConfig
-from m2rnn_jax.typed_config import ConfigError, from_dict, load_yaml, override, to_dict
-
-
-def _require(condition, key, message):
-    if not condition:
-        raise ValueError(f"{key} {message}")
-
-
-def _positive(value, key):
-    _require(value > 0, key, f"must be > 0, got {value!r}")
+from m2rnn_jax.typed_config import (ConfigError, from_dict, load_yaml, override, require,
+                                    require_positive, require_positive_int, to_dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,22 +29,22 @@ class OptimizerConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step (data.batch_size is the total)
 
     def __post_init__(self):
-        _positive(self.learning_rate, "optimizer.learning_rate")
+        require_positive(self.learning_rate, "optimizer.learning_rate")
         for key in ("b1", "b2"):
-            _require(0 <= getattr(self, key) < 1, f"optimizer.{key}",
-                     f"must lie in [0, 1), got {getattr(self, key)!r}")
-        _require(self.eps >= 0, "optimizer.eps", f"must be >= 0, got {self.eps!r}")
-        _require(self.weight_decay >= 0, "optimizer.weight_decay",
-                 f"must be >= 0, got {self.weight_decay!r}")
-        _require(self.warmup_steps >= 0, "optimizer.warmup_steps",
-                 f"must be >= 0, got {self.warmup_steps!r}")
-        _require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio",
-                 f"must lie in [0, 1], got {self.min_lr_ratio!r}")
+            require(0 <= getattr(self, key) < 1, f"optimizer.{key}",
+                    f"must lie in [0, 1), got {getattr(self, key)!r}")
+        require(self.eps >= 0, "optimizer.eps", f"must be >= 0, got {self.eps!r}")
+        require(self.weight_decay >= 0, "optimizer.weight_decay",
+                f"must be >= 0, got {self.weight_decay!r}")
+        require(self.warmup_steps >= 0, "optimizer.warmup_steps",
+                f"must be >= 0, got {self.warmup_steps!r}")
+        require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio",
+                f"must lie in [0, 1], got {self.min_lr_ratio!r}")
         if self.schedule_steps is not None:
-            _positive(self.schedule_steps, "optimizer.schedule_steps")
+            require_positive_int(self.schedule_steps, "optimizer.schedule_steps")
         if self.clip_grad_norm is not None:
-            _positive(self.clip_grad_norm, "optimizer.clip_grad_norm")
-        _positive(self.grad_accum_steps, "optimizer.grad_accum_steps")
+            require_positive(self.clip_grad_norm, "optimizer.clip_grad_norm")
+        require_positive_int(self.grad_accum_steps, "optimizer.grad_accum_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +61,12 @@ class DataConfig:
     eval_rows: int = 128  # validation rows per evaluation (spread over the split); 0 = all
 
     def __post_init__(self):
-        _require(0 < self.validation_fraction < 1, "data.validation_fraction",
-                 f"must lie in (0, 1), got {self.validation_fraction!r}")
-        _positive(self.seq_len, "data.seq_len")
-        _positive(self.batch_size, "data.batch_size")
-        _require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed!r}")
-        _require(self.eval_rows >= 0, "data.eval_rows", f"must be >= 0, got {self.eval_rows!r}")
+        require(0 < self.validation_fraction < 1, "data.validation_fraction",
+                f"must lie in (0, 1), got {self.validation_fraction!r}")
+        require_positive_int(self.seq_len, "data.seq_len")
+        require_positive_int(self.batch_size, "data.batch_size")
+        require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed!r}")
+        require(self.eval_rows >= 0, "data.eval_rows", f"must be >= 0, got {self.eval_rows!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +85,9 @@ class CheckpointConfig:
     async_save: bool = True  # write in the background while training continues
 
     def __post_init__(self):
-        _require(self.every_steps >= 0, "checkpoint.every_steps",
-                 f"must be >= 0, got {self.every_steps!r}")
-        _positive(self.keep, "checkpoint.keep")
+        require(self.every_steps >= 0, "checkpoint.every_steps",
+                f"must be >= 0, got {self.every_steps!r}")
+        require_positive_int(self.keep, "checkpoint.keep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +98,9 @@ class LoggingConfig:
     plot: bool = True  # loss curves PNG at the end
 
     def __post_init__(self):
-        _require(self.eval_every >= 0, "logging.eval_every",
-                 f"must be >= 0, got {self.eval_every!r}")
-        _positive(self.log_every, "logging.log_every")
+        require(self.eval_every >= 0, "logging.eval_every",
+                f"must be >= 0, got {self.eval_every!r}")
+        require_positive_int(self.log_every, "logging.log_every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,11 +116,11 @@ class TrainConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def __post_init__(self):
-        _positive(self.steps, "steps")
-        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed!r}")
-        _require(self.data.batch_size % self.optimizer.grad_accum_steps == 0, "data.batch_size",
-                 f"= {self.data.batch_size} must be divisible by optimizer.grad_accum_steps = "
-                 f"{self.optimizer.grad_accum_steps}")
+        require_positive_int(self.steps, "steps")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed!r}")
+        require(self.data.batch_size % self.optimizer.grad_accum_steps == 0, "data.batch_size",
+                f"= {self.data.batch_size} must be divisible by optimizer.grad_accum_steps = "
+                f"{self.optimizer.grad_accum_steps}")
 
     @property
     def micro_batch_size(self) -> int:

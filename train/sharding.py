@@ -1,6 +1,6 @@
 """Device mesh and the one table that maps the model's logical axis names onto it.
 
-Parameters carry logical axis names (``vocab``, ``embed``, ``mlp``, ``mixer``, ``heads``,
+Parameters hold logical axis names (``vocab``, ``embed``, ``mlp``, ``mixer``, ``heads``,
 ``head_dim``, ``state``, ``conv``, ``norm``) in their ``out_sharding`` metadata. Everything
 sharded in training — parameters, optimizer state, batches — derives its ``PartitionSpec``
 from :data:`LOGICAL_AXIS_RULES`; nothing else in ``train/`` names a mesh axis for a tensor.

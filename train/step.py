@@ -115,8 +115,8 @@ def build_trainee(config, mesh) -> Trainee:
         if accum == 1:
             loss, grads = grad_fn(params, batch["tokens"][0], batch["segment_ids"][0])
         else:
-            def accumulate(carry, micro):
-                loss_acc, grads_acc = carry
+            def accumulate(totals, micro):
+                loss_acc, grads_acc = totals
                 loss_i, grads_i = grad_fn(params, micro["tokens"], micro["segment_ids"])
                 return (loss_acc + loss_i, jax.tree.map(jnp.add, grads_acc, grads_i)), None
 
@@ -138,8 +138,7 @@ def build_trainee(config, mesh) -> Trainee:
     jitted_eval = jax.jit(eval_step, in_shardings=(param_shardings, eval_batch_sharding),
                           out_shardings=replicated)
     # The seed is a traced argument, not a constant, so that XLA has nothing to constant-fold in
-    # the random initialisation (a slow-compile alarm named this function on an H200 when the
-    # seed was a constant).
+    # the random initialisation (folding it makes the compilation slow on large models).
     jitted_init = functools.partial(jax.jit(init_state, out_shardings=state_shardings),
                                     jnp.asarray(seed, jnp.int32))
     return Trainee(graphdef=graphdef, abstract_params=abstract_params, optimizer=optimizer,

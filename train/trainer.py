@@ -4,7 +4,8 @@
 holds checkpoints it resumes from the newest readable one (saying so) with the saved config,
 taking only ``steps``, ``mesh``, ``remat``, ``logging`` and ``checkpoint`` (which do not change
 the trajectory beyond float rounding) from the config given now; a new ``steps`` keeps the
-learning-rate schedule's original length. SIGINT/SIGTERM stop the loop after the current step, save a checkpoint and return.
+learning-rate schedule's original length. SIGINT/SIGTERM stop the loop after the current
+step, save a checkpoint and return.
 """
 
 import dataclasses

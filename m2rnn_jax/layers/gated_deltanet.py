@@ -1,10 +1,11 @@
 """Mixer ``D``: Gated DeltaNet (Yang, Kautz, Hatamizadeh 2024), a baseline.
 
-Per head (``K = key_dim``, ``V = value_dim``) with state ``S ∈ R^{K×V}``::
+Per head (``K = key_dim``, ``V = value_dim``) the state ``S ∈ R^{K×V}`` follows the gated
+delta rule (``m2rnn_jax.recurrences.gated_delta``)::
 
     α_t = exp(-exp(A_log) · softplus(a_t + dt_bias))      # decay gate in (0, 1), Mamba-2 style
     β_t = sigmoid(b_t)                                     # write strength in (0, 1)
-    S_t = α_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ    # gated delta rule
+    S_t = α_t (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ
     o_t = S_tᵀ q_t
 
 ``q_t``, ``k_t`` are L2-normalised per head and ``q_t`` is scaled by ``1/√K``. The transition
@@ -13,10 +14,8 @@ Per head (``K = key_dim``, ``V = value_dim``) with state ``S ∈ R^{K×V}``::
 
 Layer: ``in_proj`` -> ``[q | k | v | g | b | a]``; causal depthwise conv + SiLU over
 ``q | k | v``; the recurrence; per-head ``RMSNorm(o) ⊙ silu(g)``; ``out_proj``. The recurrence
-runs in float32 in its chunked form (``gated_delta_rule_chunked``, chunks of
-``config.gated_deltanet.chunk_size``: the writes of a chunk come from one triangular solve, so
-the sequential part is one small matmul step per chunk); ``gated_delta_rule`` is the
-step-by-step scan it is tested against and the decode step.
+runs in float32 by chunks of ``config.gated_deltanet.chunk_size`` (``gated_delta_rule``); a
+decode step runs one step of its scan (``gated_delta_rule_scan``).
 """
 
 import jax
@@ -28,12 +27,11 @@ from jax import lax
 from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
 from m2rnn_jax.layers.linear import Linear
 from m2rnn_jax.layers.m2rnn import init_A_log, init_dt_bias
-from m2rnn_jax.layers.mamba2 import chunk_layout, continues_document
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
 from m2rnn_jax.layers.registry import register_mixer
+from m2rnn_jax.recurrences.gated_delta import gated_delta_rule, gated_delta_rule_scan
 
-_HIGHEST = lax.Precision.HIGHEST
 # Decay init as in Gated DeltaNet's reference code: A ~ U[0, 16], dt log-uniform in [1e-3, 0.1].
 _A_INIT = (0.0, 16.0)
 _DT_INIT = (1e-3, 0.1, 1e-4)
@@ -42,76 +40,6 @@ _DT_INIT = (1e-3, 0.1, 1e-4)
 def l2_normalize(x, eps=1e-6):
     x = x.astype(jnp.float32)
     return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
-
-
-def gated_delta_rule(q, k, v, alpha, beta, keep, initial_state=None):
-    """The scan: ``q``/``k`` ``(B,S,H,K)``, ``v (B,S,H,V)``, ``alpha``/``beta`` ``(B,S,H)``,
-    ``keep (B,S)`` -> ``o (B,S,H,V)`` float32 and the final state ``(B,H,K,V)``."""
-    batch, _, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # time-major
-    xs = tuple(f32(a) for a in (q, k, v, alpha, beta, keep))
-    h0 = (jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
-
-    def step(h, inputs):
-        q_t, k_t, v_t, alpha_t, beta_t, keep_t = inputs
-        h = (alpha_t * keep_t[:, None])[..., None, None] * h
-        # α(I - β k kᵀ)S + β k vᵀ = αS + β k (v - kᵀ αS)ᵀ
-        predicted = jnp.einsum("bhk,bhkv->bhv", k_t, h, precision=_HIGHEST)
-        h = h + (beta_t[..., None] * k_t)[..., :, None] * (v_t - predicted)[..., None, :]
-        return h, jnp.einsum("bhkv,bhk->bhv", h, q_t, precision=_HIGHEST)
-
-    h_final, o = lax.scan(step, h0, xs)
-    return jnp.moveaxis(o, 0, 1), h_final
-
-
-def gated_delta_rule_chunked(q, k, v, log_alpha, beta, keep, chunk_size):
-    """Same result as ``gated_delta_rule`` with ``alpha = exp(log_alpha)`` (zero initial state).
-
-    Per chunk with incoming state ``S0``, ``g_t = Σ_{r≤t} log α_r`` and ``Γ[t,s] = e^{g_t - g_s}``
-    (zero across a document start), the writes ``U_t = β_t (v_t - α_t k_tᵀ S_{t-1})`` solve the
-    unit lower-triangular system ``(I + A) U = diag(β) (V - diag(e^g) K S0)`` with
-    ``A[t,s] = β_t Γ[t,s] k_t·k_s`` (s < t); then ``o_t = e^{g_t} S0ᵀ q_t + Σ_{s≤t} Γ[t,s]
-    (q_t·k_s) U_s`` and ``S_end = e^{g_last} S0 + Σ_s Γ[last,s] k_s U_sᵀ``. The solve is done
-    once per chunk for the parts of ``U`` that do not depend on ``S0``.
-    """
-    batch, seq_len, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
-    to_chunks, starts, same = chunk_layout(keep, chunk_size)  # padded steps change nothing
-    chunk = starts.shape[2]
-    q, k, v, log_alpha, beta = (to_chunks(a) for a in (q, k, v, log_alpha, beta))
-    g = jnp.cumsum(log_alpha, axis=2)  # (b, z, c, h)
-    gap = jnp.moveaxis(g[:, :, :, None, :] - g[:, :, None, :, :], -1, 2)  # (b, z, h, t, s)
-    decay = jnp.exp(jnp.where(same[:, :, None], gap, -jnp.inf))  # Γ, zero above the diagonal
-    reach = jnp.moveaxis(jnp.where(starts == 0, 1.0, 0.0)[..., None] * jnp.exp(g), -1, 2)
-    q, k, v, beta = (jnp.moveaxis(a, 3, 2) for a in (q, k, v, beta))  # heads before time
-
-    kk = jnp.einsum("bzhtk,bzhsk->bzhts", k, k, precision=_HIGHEST)
-    strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
-    system = jnp.eye(chunk) + jnp.where(strict, beta[..., None] * decay * kk, 0.0)
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * reach)[..., None] * k], axis=-1)
-    solved = lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True,
-                                         unit_diagonal=True)
-    writes_v, writes_s0 = solved[..., :value_dim], solved[..., value_dim:]  # U = U_v - W S0
-    mixing = decay * jnp.einsum("bzhtk,bzhsk->bzhts", q, k, precision=_HIGHEST)
-    to_end = decay[..., -1, :, None] * k  # Γ[last, s] k_s
-
-    def step(state, inputs):
-        q_z, writes_v_z, writes_s0_z, mixing_z, reach_z, to_end_z = inputs
-        writes = writes_v_z - jnp.einsum("bhtk,bhkv->bhtv", writes_s0_z, state,
-                                         precision=_HIGHEST)
-        o = reach_z[..., None] * jnp.einsum("bhtk,bhkv->bhtv", q_z, state, precision=_HIGHEST)
-        o = o + jnp.einsum("bhts,bhsv->bhtv", mixing_z, writes, precision=_HIGHEST)
-        state = reach_z[..., -1, None, None] * state + jnp.einsum(
-            "bhsk,bhsv->bhkv", to_end_z, writes, precision=_HIGHEST)
-        return state, o
-
-    h0 = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
-    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, writes_v, writes_s0, mixing, reach, to_end))
-    h_final, o = lax.scan(step, h0, xs)  # o: (z, b, h, c, v)
-    o = jnp.moveaxis(o, 0, 1).swapaxes(2, 3).reshape(batch, -1, heads, value_dim)
-    return o[:, :seq_len], h_final
 
 
 class GatedDeltaNet(nnx.Module):
@@ -175,14 +103,13 @@ class GatedDeltaNet(nnx.Module):
         """Full-sequence path: ``(out, cache)``; the cache is the float32 state ``(B, H, K, V)``
         after the last step and the conv window (``max_len`` is ignored: fixed-size cache)."""
         del max_len
-        batch, seq_len = x.shape[:2]
         qkv_in, g, b, a = self._split(self.in_proj(x))
         qkv = jax.nn.silu(causal_depthwise_conv(qkv_in, self.conv_weight[...], None,
                                                 segment_ids))
         q, k, v = self._heads(qkv)
         log_alpha, beta = self._gates(b, a)
-        keep = continues_document(segment_ids, batch, seq_len)
-        o, state = gated_delta_rule_chunked(q, k, v, log_alpha, beta, keep, self.cfg.chunk_size)
+        o, state = gated_delta_rule(q, k, v, log_alpha, beta, segment_ids=segment_ids,
+                                    chunk_size=self.cfg.chunk_size)
         cache = {"state": state, "conv": conv_window(qkv_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(o, g), cache
 
@@ -194,8 +121,7 @@ class GatedDeltaNet(nnx.Module):
                          self.conv_weight[...].astype(jnp.float32))[:, None]
         q, k, v = self._heads(jax.nn.silu(qkv.astype(qkv_in.dtype)))
         log_alpha, beta = self._gates(b, a)
-        keep = jnp.ones(x.shape[:2], jnp.float32)
-        o, state = gated_delta_rule(q, k, v, jnp.exp(log_alpha), beta, keep, cache["state"])
+        o, state = gated_delta_rule_scan(q, k, v, log_alpha, beta, initial_state=cache["state"])
         return self._output(o, g), {"state": state, "conv": window[:, 1:]}
 
 

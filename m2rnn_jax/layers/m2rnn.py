@@ -1,11 +1,12 @@
-"""The M²RNN mixer layer (SPEC §2), as in the authors' training code.
+"""The M²RNN mixer layer (docs/math.md §3), as in the authors' training code.
 
 ``x (B, S, d_model)`` -> in_proj -> [q|k|v | forget logits | g] -> causal depthwise conv + SiLU on
 q|k|v -> forget gate ``f = exp(-exp(A_log) · softplus(logit + dt_bias))`` (float32) -> the
 ``m2rnn`` op -> ``y + D ⊙ v`` -> ``y ⊙ silu(g)`` -> RMSNorm over N·V -> out_proj.
 
-Two config options depart from this for experiments (defaults: SPEC §2): ``transition_init``
-(``W = I`` or random normal) and ``value_activation`` (``"identity"``: no SiLU on v).
+Two config options depart from this for experiments (the defaults are the layer above):
+``transition_init`` (``W = I`` or random normal) and ``value_activation`` (``"identity"``: no
+SiLU on v).
 """
 
 import jax
@@ -42,11 +43,9 @@ def forget_gate(logits, A_log, dt_bias):
 
 
 def init_transition(rngs, cfg):
-    """The per-head transition ``W (Nw, V, V)`` in float32: ``I`` (SPEC §2) or, with
-    ``transition_init = "normal"``, ``N(0, (transition_scale / sqrt(V))²)`` entries.
-
-    Only the normal init draws a key, so the default init consumes the same keys as before
-    the option existed (the other parameters are unchanged)."""
+    """The per-head transition ``W (Nw, V, V)`` in float32: ``I`` (docs/math.md §3) or, with
+    ``transition_init = "normal"``, ``N(0, (transition_scale / sqrt(V))²)`` entries (only this
+    init draws a key from ``rngs``)."""
     shape = (cfg.heads("w"), cfg.value_dim, cfg.value_dim)
     if cfg.transition_init == "identity":
         return jnp.broadcast_to(jnp.eye(cfg.value_dim, dtype=jnp.float32), shape)
@@ -74,7 +73,7 @@ class M2RNN(nnx.Module):
         self.conv_bias = (make_param(jnp.zeros((cfg.conv_width,), param_dtype), ("mixer",),
                                      weight_decay=False) if cfg.add_bias else None)
         num_f = cfg.heads("f")
-        # The decay parameters stay float32 whatever param_dtype is (SPEC §2).
+        # The decay parameters stay float32 whatever param_dtype is (docs/math.md §3).
         self.A_log = make_param(init_A_log(rngs.params(), num_f, cfg.A_init_min, cfg.A_init_max),
                                 ("heads",), weight_decay=False)
         self.dt_bias = make_param(
@@ -121,10 +120,8 @@ class M2RNN(nnx.Module):
         gated = gated.reshape(gated.shape[:-2] + (cfg.output_width,))
         return self.out_proj(self.out_norm(gated))
 
-    def __call__(self, x, segment_ids=None, state_noise=None):
-        """``state_noise``: optional ``(key, std)``, training-time noise on the recurrence's
-        state (``m2rnn_jax.ops.m2rnn``)."""
-        return self._run(x, segment_ids, None, state_noise)[0]
+    def __call__(self, x, segment_ids=None):
+        return self.prefill(x, segment_ids)[0]
 
     def prefill(self, x, segment_ids=None, max_len=None, initial_state=None):
         """Full-sequence path: ``(out (B, S, d_model), cache)``.
@@ -134,9 +131,6 @@ class M2RNN(nnx.Module):
         ``conv_kernel - 1`` pre-conv q|k|v inputs of each row's last document.
         """
         del max_len
-        return self._run(x, segment_ids, initial_state, None)
-
-    def _run(self, x, segment_ids, initial_state, state_noise):
         qkv_in, f_logits, g = self._split(self.in_proj(x))
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
         qkv = causal_depthwise_conv(qkv_in, self.conv_weight[...], conv_bias, segment_ids)
@@ -147,7 +141,7 @@ class M2RNN(nnx.Module):
         y, state = m2rnn(q, k, v, self.W[...].astype(v.dtype), f, initial_state,
                          self.cfg.gradient_clipping,
                          segment_ids=segment_ids, backend=self.cfg.backend,
-                         chunk_size=self.cfg.chunk_size, state_noise=state_noise)
+                         chunk_size=self.cfg.chunk_size)
         cache = {"state": state, "conv": conv_window(qkv_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(y, v, g), cache
 

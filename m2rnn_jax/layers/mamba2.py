@@ -1,7 +1,7 @@
 """Mixer ``S``: a Mamba-2 style diagonal gated linear recurrence (baseline).
 
-Per head ``h`` (``H = num_heads``, ``P = head_dim``, ``N = state_dim``) with state
-``S ∈ R^{N×P}``::
+Per head ``h`` (``H = num_heads``, ``P = head_dim``, ``N = state_dim``) the state
+``S ∈ R^{N×P}`` follows the diagonal recurrence (``m2rnn_jax.recurrences.diagonal_ssm``)::
 
     dt_t = softplus(dt_logit_t + dt_bias)                 # step size, > 0
     a_t  = exp(-exp(A_log) · dt_t)                        # scalar decay in (0, 1)
@@ -15,18 +15,14 @@ Layer (as in Mamba-2): ``in_proj`` -> ``[z | x | B | C | dt_logit]``; causal dep
 SiLU over ``x | B | C``; the recurrence (``B``, ``C`` shared by the heads of each of
 ``num_groups`` groups); ``RMSNorm(y ⊙ silu(z))`` over ``H·P``; ``out_proj``. Init:
 ``A ~ U[A_init_min, A_init_max]``, ``dt_bias`` = softplus⁻¹ of a log-uniform ``dt``, ``D = 1``.
-The recurrence runs in float32 in its chunked form (``diagonal_recurrence_chunked``: within a
-chunk of ``config.mamba2.chunk_size`` steps a masked, decay-weighted ``C Bᵀ`` product; across
-chunks a short scan over chunk states), which is a few matmuls per chunk instead of one
-sequential step per token; ``diagonal_recurrence`` is the step-by-step scan it is tested
-against and the decode step.
+The recurrence runs in float32 by chunks of ``config.mamba2.chunk_size`` (``diagonal_ssm``); a
+decode step runs one step of its scan (``diagonal_ssm_scan``).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 
 from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
 from m2rnn_jax.layers.linear import Linear
@@ -34,93 +30,7 @@ from m2rnn_jax.layers.m2rnn import init_A_log, init_dt_bias
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
 from m2rnn_jax.layers.registry import register_mixer
-from m2rnn_jax.ops import keep_mask
-
-_HIGHEST = lax.Precision.HIGHEST
-
-
-def continues_document(segment_ids, batch, seq_len):
-    """``(B, S)`` float32: 0 where a new document starts (the state resets), else 1."""
-    if segment_ids is None:
-        return jnp.ones((batch, seq_len), jnp.float32)
-    return keep_mask(segment_ids)
-
-
-def diagonal_recurrence(x, dt, decay, B, C, keep, initial_state=None):
-    """The scan: ``x (B,S,H,P)``, ``dt``/``decay``/``keep`` ``(B,S,H)``/``(B,S)``, ``B``/``C``
-    ``(B,S,H,N)`` (already expanded to heads) -> ``y (B,S,H,P)`` float32, final ``(B,H,N,P)``.
-    """
-    batch, _, heads, head_dim = x.shape
-    state_dim = B.shape[-1]
-    f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # time-major
-    xs = (f32(x), f32(dt), f32(decay), f32(B), f32(C), f32(keep))
-    h0 = (jnp.zeros((batch, heads, state_dim, head_dim), jnp.float32) if initial_state is None
-          else initial_state.astype(jnp.float32))
-
-    def step(h, inputs):
-        x_t, dt_t, a_t, b_t, c_t, keep_t = inputs
-        h = (a_t * keep_t[:, None])[..., None, None] * h \
-            + (dt_t[..., None] * b_t)[..., :, None] * x_t[..., None, :]
-        return h, jnp.einsum("bhnp,bhn->bhp", h, c_t, precision=_HIGHEST)
-
-    h_final, y = lax.scan(step, h0, xs)
-    return jnp.moveaxis(y, 0, 1), h_final
-
-
-def chunk_layout(keep, chunk_size):
-    """What the chunked baselines share: ``to_chunks`` (``(B, S, ...)`` -> float32
-    ``(B, Z, C, ...)``, S zero-padded to a multiple of the chunk ``C = min(chunk_size, S)``),
-    ``starts`` (documents begun so far in each chunk, a start at step t counting at t; padded
-    steps continue the document) and ``same`` (``(B, Z, t, s)``: s ≤ t in one document)."""
-    batch, seq_len = keep.shape
-    chunk = min(chunk_size, seq_len)
-    pad = -seq_len % chunk
-
-    def to_chunks(a, fill=0.0):
-        a = jnp.pad(a.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2),
-                    constant_values=fill)
-        return a.reshape((batch, -1, chunk) + a.shape[2:])
-
-    starts = jnp.cumsum(1.0 - to_chunks(keep, 1.0), axis=2)  # (b, z, c)
-    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-    return to_chunks, starts, (starts[..., :, None] == starts[..., None, :]) & causal
-
-
-def diagonal_recurrence_chunked(x, dt, log_decay, B, C, keep, chunk_size):
-    """Same result as ``diagonal_recurrence`` with ``decay = exp(log_decay)`` (zero initial
-    state), by chunks of ``chunk_size``; the decay enters as its log so that no step underflows.
-
-    Within a chunk, with ``c_t = Σ_{r≤t} log a_r``: ``y_t = Σ_{s≤t} e^{c_t - c_s} dt_s (C_t·B_s)
-    x_s + e^{c_t} C_tᵀ S_start``, terms crossing a document start dropped.
-    """
-    batch, seq_len, heads, head_dim = x.shape
-    state_dim = B.shape[-1]
-    # Padded steps have dt = 0 and a = 1: they change nothing.
-    to_chunks, starts, same = chunk_layout(keep, chunk_size)
-    x, dt, log_a, B, C = (to_chunks(a) for a in (x, dt, log_decay, B, C))
-    cum = jnp.cumsum(log_a, axis=2)  # (b, z, c, h)
-    gap = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (b, z, t, s, h): c_t - c_s
-    weights = jnp.exp(jnp.where(same[..., None], gap, -jnp.inf))
-    scores = jnp.einsum("bzthn,bzshn->bztsh", C, B, precision=_HIGHEST)
-    y = jnp.einsum("bztsh,bzsh,bzshp->bzthp", weights * scores, dt, x, precision=_HIGHEST)
-
-    # What each chunk adds to the state at its end, and how it decays the state it received.
-    to_end = jnp.where(starts == starts[..., -1:], 1.0, 0.0)[..., None] * jnp.exp(
-        cum[:, :, -1:, :] - cum) * dt  # (b, z, s, h)
-    added = jnp.einsum("bzsh,bzshn,bzshp->bzhnp", to_end, B, x, precision=_HIGHEST)
-    carried = jnp.where(starts[..., -1] == 0, 1.0, 0.0)[..., None] * jnp.exp(cum[:, :, -1])
-
-    def step(h, inputs):
-        added_z, carried_z = inputs
-        return carried_z[..., None, None] * h + added_z, h
-
-    h0 = jnp.zeros((batch, heads, state_dim, head_dim), jnp.float32)
-    h_final, h_start = lax.scan(step, h0, (jnp.moveaxis(added, 1, 0),
-                                           jnp.moveaxis(carried, 1, 0)))
-    h_start = jnp.moveaxis(h_start, 0, 1)  # (b, z, h, n, p)
-    reach = jnp.where(starts == 0, 1.0, 0.0)[..., None] * jnp.exp(cum)  # (b, z, t, h)
-    y = y + reach[..., None] * jnp.einsum("bzthn,bzhnp->bzthp", C, h_start, precision=_HIGHEST)
-    return y.reshape(batch, -1, heads, head_dim)[:, :seq_len], h_final
+from m2rnn_jax.recurrences.diagonal_ssm import diagonal_ssm, diagonal_ssm_scan
 
 
 class Mamba2(nnx.Module):
@@ -189,15 +99,13 @@ class Mamba2(nnx.Module):
         after the last step and the conv window (``max_len`` is ignored: the cache has a fixed
         size)."""
         del max_len
-        batch, seq_len = x.shape[:2]
         z, xbc_in, dt_logits = self._split(self.in_proj(x))
         xbc = jax.nn.silu(causal_depthwise_conv(xbc_in, self.conv_weight[...], None,
                                                 segment_ids))
         xh, b, c = self._heads(xbc)
         dt, log_decay = self._gates(dt_logits)
-        keep = continues_document(segment_ids, batch, seq_len)
-        y, state = diagonal_recurrence_chunked(xh, dt, log_decay, b, c, keep,
-                                               self.cfg.chunk_size)
+        y, state = diagonal_ssm(xh, dt, log_decay, b, c, segment_ids=segment_ids,
+                                chunk_size=self.cfg.chunk_size)
         cache = {"state": state, "conv": conv_window(xbc_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(y, xh, z), cache
 
@@ -209,8 +117,7 @@ class Mamba2(nnx.Module):
                          self.conv_weight[...].astype(jnp.float32))[:, None]
         xh, b, c = self._heads(jax.nn.silu(xbc.astype(xbc_in.dtype)))
         dt, log_decay = self._gates(dt_logits)
-        keep = jnp.ones(x.shape[:2], jnp.float32)
-        y, state = diagonal_recurrence(xh, dt, jnp.exp(log_decay), b, c, keep, cache["state"])
+        y, state = diagonal_ssm_scan(xh, dt, log_decay, b, c, initial_state=cache["state"])
         return self._output(y, xh, z), {"state": state, "conv": window[:, 1:]}
 
 

@@ -1,6 +1,5 @@
 """The hybrid language model: embedding, one pre-norm block per pattern letter, LM head."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -26,10 +25,8 @@ class Block(nnx.Module):
                                 param_dtype=param_dtype)
         self.mlp = SwiGLU(config, rngs=rngs)
 
-    def __call__(self, x, segment_ids=None, state_noise=None):
-        # Only the M²RNN mixer takes state noise (other mixers' signatures stay as they are).
-        extra = {} if state_noise is None else {"state_noise": state_noise}
-        x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids, **extra).astype(x.dtype)
+    def __call__(self, x, segment_ids=None):
+        x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids).astype(x.dtype)
         return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
 
     def prefill(self, x, segment_ids, max_len):
@@ -75,19 +72,11 @@ class HybridLM(nnx.Module):
                                std=config.init_std, rngs=rngs, dtype=dtype,
                                param_dtype=param_dtype))
 
-    def __call__(self, tokens, segment_ids=None, *, state_noise=None):
-        """``state_noise``: optional ``(key, std)``: in training, ``std``·N(0, 1) noise on every
-        M²RNN layer's state after every step (each layer draws from its own fold of ``key``)."""
+    def __call__(self, tokens, segment_ids=None):
         self._check_inputs(tokens, segment_ids)
         x = self.embed(tokens)
-        for i, block in enumerate(self.blocks):
-            noise = None
-            if state_noise is not None and block.letter == "M":
-                noise = (jax.random.fold_in(state_noise[0], i), state_noise[1])
-            if self.remat:
-                x = _remat_block(noise)(block, x, segment_ids)
-            else:
-                x = block(x, segment_ids, noise)
+        for block in self.blocks:
+            x = _remat_block(block, x, segment_ids) if self.remat else block(x, segment_ids)
         return self.logits(x)
 
     def prefill(self, tokens, segment_ids=None, *, max_len):
@@ -145,7 +134,5 @@ class HybridLM(nnx.Module):
                                  f" got values in [{values.min()}, {values.max()}]")
 
 
-def _remat_block(state_noise):
-    """``block(x, segment_ids, state_noise)`` under ``nnx.remat``, the noise by closure: its std
-    must stay a Python number."""
-    return nnx.remat(lambda block, x, segment_ids: block(x, segment_ids, state_noise))
+# A block whose activations are recomputed in the backward pass.
+_remat_block = nnx.remat(lambda block, x, segment_ids: block(x, segment_ids))

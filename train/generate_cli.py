@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from m2rnn_jax.generation import ByteDecoder, Generator, check_sampling, encode
+from train.checkpointing import restore_for_inference
 
 
 def parse_args(argv=None):
@@ -41,8 +42,6 @@ def main(argv=None):
     prompt = encode(args.prompt)
     if not prompt:
         sys.exit("m2rnn-generate: --prompt must not be empty")
-
-    from train.checkpointing import restore_for_inference  # the trainer's loader
 
     config, model = restore_for_inference(args.checkpoint, step=args.step)
     if config.vocab_size < 256:
