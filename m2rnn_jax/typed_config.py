@@ -54,8 +54,9 @@ def from_dict(cls, data, path=""):
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
-        if isinstance(err, ConfigError):
+        if isinstance(err, ConfigError) and (not path or str(err).startswith(path)):
             raise
+        # A check that names its field relative to this dataclass gets the dotted path in front.
         raise ConfigError(f"{path or cls.__name__}: {err}") from err
 
 

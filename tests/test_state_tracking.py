@@ -1,12 +1,38 @@
-"""Word-problem generators against brute-force permutation-matrix products, and the CLI."""
+"""The state-tracking experiment: word-problem generators against brute-force
+permutation-matrix products, its config, its training loop (resuming, schedules, seeds trained
+together) and its command."""
 
+import csv
+import dataclasses
 import itertools
+import json
 import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import sysconfig
 
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
+import optax
 import pytest
+import yaml
+from flax import nnx, serialization
 
-from m2rnn_experiments.state_tracking import groups, tasks
+from m2rnn_experiments.state_tracking import checkpoint, cli, groups, tasks, training
+from m2rnn_experiments.state_tracking.config import (ExperimentConfig,
+                                                     StateTrackingTrainConfig, TaskConfig)
+from m2rnn_experiments.state_tracking.training import (ModelRunner, label_smoothing_on,
+                                                       length_decay_factor, token_losses)
+from m2rnn_jax import HybridLM, decay_mask
+from m2rnn_jax.typed_config import ConfigError, load_yaml
+
+CONFIG_DIR = (pathlib.Path(__file__).resolve().parents[1] / "experiments" / "state_tracking"
+              / "configs")
 
 
 def permutation_matrix(p):
@@ -114,7 +140,7 @@ def test_length_curriculum_masks_late_positions_and_grows_to_the_train_length():
         TaskConfig(curriculum_accuracy=1.5)
 
 
-@pytest.mark.parametrize("call, message", [
+@pytest.mark.parametrize("raise_error, message", [
     (lambda: groups.group_by_name("Q8"), "group must be"),
     (lambda: groups.from_generators([[0, 0, 1]]), "generators must be permutations"),
     (lambda: groups.dihedral(2), "n >= 3"),
@@ -124,26 +150,12 @@ def test_length_curriculum_masks_late_positions_and_grows_to_the_train_length():
      "length_sampling"),
     (lambda: tasks.prefix_products(groups.cyclic(3), np.array([[0, 3]])), "tokens must be"),
 ])
-def test_bad_task_arguments_raise_clear_errors(call, message):
+def test_bad_task_arguments_raise_clear_errors(raise_error, message):
     with pytest.raises(ValueError, match=message):
-        call()
+        raise_error()
 
 
 # --- the experiment config and the command ---------------------------------------------------
-
-import csv  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-
-import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
-
-from m2rnn_jax.typed_config import ConfigError, load_yaml  # noqa: E402
-from m2rnn_experiments.state_tracking import cli  # noqa: E402
-from m2rnn_experiments.state_tracking.config import ExperimentConfig, TaskConfig  # noqa: E402
-
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "state_tracking"
-
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load_and_build_every_model(path):
@@ -156,8 +168,6 @@ def test_shipped_configs_load_and_build_every_model(path):
 
 
 def test_s5_long_size_matched_baselines_have_m2rnns_parameter_count():
-    from m2rnn_experiments.state_tracking.training import ModelRunner
-
     config = load_yaml(ExperimentConfig, CONFIG_DIR / "s5_long.yaml")
     order = cli.build_group(config.task).order
 
@@ -188,29 +198,27 @@ def tiny_experiment(tmp_path, models, name="tiny"):
     return path
 
 
-def test_command_writes_well_formed_results(tmp_path):
+def test_command_writes_well_formed_results_and_exits_zero(tmp_path):
+    """The command, as its console script runs it (``sys.exit(main(argv))``), exits with 0
+    and writes results.csv, results.json and the plot for every (model, seed, length)."""
     models = {
-        # The configs' departures from SPEC §2 (random W, linear v) go through the runner.
+        # The configs' departures from the layer's defaults (random W, linear v) go through.
         "m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
                                                  "backend": "scan", "transition_init": "normal",
                                                  "value_activation": "identity"}},
         "attention_rope": {"layer_pattern": "A", "attention": {"num_heads": 2, "rope": True}},
-        "mamba2": {"layer_pattern": "S", "mamba2": {"num_heads": 2, "head_dim": 4,
-                                                    "state_dim": 4}},
     }
     out = tmp_path / "out"
-    results = cli.main(["--config", str(tiny_experiment(tmp_path, models)), "--out", str(out),
-                        "--models", "m2rnn,attention_rope,mamba2", "--seeds", "1",
-                        "--first-seed", "2", "--no-progress",
-                        # exercises the accuracy-gated curriculum (grows at every log step)
-                        "--set", "task.curriculum_accuracy=1e-6",
-                        "--set", "task.curriculum_start_length=2"])
-    assert [r.model for r in results] == ["m2rnn", "attention_rope", "mamba2"]
-    assert all(r.steps == 3 and np.isfinite(r.final_loss) for r in results)
+    with pytest.raises(SystemExit) as exited:
+        sys.exit(cli.main([
+            "--config", str(tiny_experiment(tmp_path, models)), "--out", str(out),
+            "--models", "m2rnn,attention_rope", "--seeds", "1", "--first-seed", "2",
+            "--no-progress", "--set", "train.log_every=3"]))
+    assert exited.value.code in (0, None)
 
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 3 * 2  # models x seeds x lengths
+    assert len(rows) == 2 * 2  # models x seeds x lengths
     assert {(r["model"], int(r["seed"]), int(r["length"])) for r in rows} == {
         (m, 2, n) for m in models for n in (6, 12)}  # --first-seed 2
     for r in rows:
@@ -224,10 +232,27 @@ def test_command_writes_well_formed_results(tmp_path):
     for row, csv_row in zip(report["results"], rows):
         assert row["position_accuracy"] == pytest.approx(float(csv_row["position_accuracy"]))
     assert [r["model"] for r in report["runs"]] == list(models)
+    assert all(r["steps"] == 3 and np.isfinite(r["final_loss"]) for r in report["runs"])
+    assert all(r["final_scored_length"] == 6 for r in report["runs"])
+    assert report["config"]["train"]["log_every"] == 3  # --set
 
     image = plt.imread(out / "accuracy_vs_length.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
     assert image[..., :3].std() > 0.01  # not a blank canvas
+
+
+def test_installed_console_script_exits_zero(tmp_path):
+    """The installed ``m2rnn-state-tracking`` runs a one-step experiment and exits with 0."""
+    script = shutil.which("m2rnn-state-tracking", path=sysconfig.get_path("scripts"))
+    assert script, f"m2rnn-state-tracking is not installed in {sysconfig.get_path('scripts')}"
+    out = tmp_path / "out"
+    models = {"attention": {"layer_pattern": "A", "attention": {"num_heads": 2}}}
+    done = subprocess.run(
+        [script, "--config", str(tiny_experiment(tmp_path, models)), "--out", str(out),
+         "--seeds", "1", "--steps", "1", "--eval-lens", "6", "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "results.csv").exists() and "attention" in done.stdout
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -252,11 +277,16 @@ def test_config_errors_name_the_key(tmp_path):
     assert cli.build_group(config.task).order == 8
 
 
+def test_default_config_is_the_groups_else_s5():
+    for group, name in (("S3", "s3.yaml"), ("D4", "s5.yaml"), (None, "s5.yaml")):
+        argv = [] if group is None else ["--group", group]
+        config, path = cli.load_config(cli.parse_args(argv))
+        assert pathlib.Path(path) == CONFIG_DIR / name
+        assert config.task.group == (group or "S5")
+
+
 def test_command_does_not_import_grain():
     """The GPU image has no grain: the experiment must not pull in train/'s data pipeline."""
-    import subprocess
-    import sys
-
     code = ("import sys, m2rnn_experiments.state_tracking.cli; "
             "assert 'grain' not in sys.modules, sorted(m for m in sys.modules if 'grain' in m)")
     subprocess.run([sys.executable, "-c", code], check=True,
@@ -268,8 +298,6 @@ def test_models_are_causal_so_curriculum_prefixes_are_exact(tmp_path):
     looks ahead. Logits of a prefix must equal the prefix of the full logits, for every model
     kind of the experiments, with chunked layers at a length that is not a multiple of their
     chunk."""
-    from m2rnn_experiments.state_tracking.training import ModelRunner
-
     models = {
         "m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
                                                  "backend": "scan"}},
@@ -284,9 +312,9 @@ def test_models_are_causal_so_curriculum_prefixes_are_exact(tmp_path):
     for name in models:
         runner = ModelRunner(name, config.model_config(name, 6), config.train)
         params = runner.init_params(0)
-        full = np.asarray(runner._logits(params, tokens))
+        full = np.asarray(runner.logits(params, tokens))
         for width in (2, 5):
-            prefix = np.asarray(runner._logits(params, tokens[:, :width]))
+            prefix = np.asarray(runner.logits(params, tokens[:, :width]))
             np.testing.assert_allclose(prefix, full[:, :width], rtol=1e-5, atol=1e-5,
                                        err_msg=f"{name} at width {width}")
 
@@ -294,11 +322,7 @@ def test_models_are_causal_so_curriculum_prefixes_are_exact(tmp_path):
 def test_runs_resume_from_checkpoints_exactly(tmp_path):
     """A run stopped part-way and continued from its checkpoint ends where an uninterrupted
     run ends (same parameters, curriculum length and data), and bad checkpoints are named."""
-    import dataclasses
-    import os
 
-    from m2rnn_experiments.state_tracking import checkpoint
-    from m2rnn_experiments.state_tracking.training import ModelRunner
 
     config = load_yaml(ExperimentConfig, tiny_experiment(tmp_path, TINY_M2RNN))
     config = cli.override(config, ["train.steps=6", "train.log_every=2",
@@ -326,7 +350,7 @@ def test_runs_resume_from_checkpoints_exactly(tmp_path):
     # Other settings (here: the batch size) or a damaged file: a clear error naming the file.
     other = ModelRunner("m2rnn", config.model_config("m2rnn", group.order),
                         dataclasses.replace(config.train, batch_size=8))
-    with pytest.raises(checkpoint.CheckpointError, match="other settings"):
+    with pytest.raises(checkpoint.ResumeError, match="other settings"):
         other.run(0, group, config.task, progress=False, checkpoint_path=path)
     # The recurrence's backend is not a setting of the run: the file resumes under another.
     model = config.model_config("m2rnn", group.order)
@@ -336,7 +360,7 @@ def test_runs_resume_from_checkpoints_exactly(tmp_path):
                      checkpoint_path=path).resumed_from_step == 6
     with open(path, "r+b") as fh:
         fh.truncate(100)
-    with pytest.raises(checkpoint.CheckpointError, match="m2rnn_seed0.msgpack is unreadable"):
+    with pytest.raises(checkpoint.ResumeError, match="m2rnn_seed0.msgpack is unreadable"):
         whole.run(0, group, config.task, progress=False, checkpoint_path=path)
 
 
@@ -346,10 +370,9 @@ TINY_M2RNN = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim
 
 def tiny_m2rnn_runs(tmp_path, overrides):
     """``(config, group, runner)`` of the tiny one-layer M²RNN experiment with ``overrides``;
-    ``runner(**train)`` is a ``ModelRunner`` with those ``TrainConfig`` fields replaced."""
-    import dataclasses
+    ``runner(**train)`` is a ``ModelRunner`` with those ``StateTrackingTrainConfig`` fields
+    replaced."""
 
-    from m2rnn_experiments.state_tracking.training import ModelRunner
 
     config = cli.override(load_yaml(ExperimentConfig, tiny_experiment(tmp_path, TINY_M2RNN)),
                           overrides)
@@ -365,89 +388,18 @@ def tiny_m2rnn_runs(tmp_path, overrides):
 def trained_params(run, group, task_config, path):
     """The parameter leaves ``run`` (a ``ModelRunner``) saves to ``path`` after training
     seed 0."""
-    import jax
-
     run.run(0, group, task_config, progress=False, checkpoint_path=path)
     return jax.tree.leaves(run.load_saved(path, task_config, 0).params)
 
 
-def test_runs_continue_under_a_new_schedule(tmp_path, capsys):
-    """More steps and another learning rate continue a finished run from its checkpoint (and
-    say so); the same run restarted under the new schedule ends elsewhere."""
+def test_runs_continue_under_a_new_schedule(tmp_path, capsys, monkeypatch):
+    """More steps, another learning rate, Adam's ε, the batch's scale and label smoothing
+    continue a finished run from its checkpoint (and the runner says what changed; the scale
+    multiplies the words drawn per step); the same run restarted under the new schedule ends
+    elsewhere."""
     config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
     path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
     assert runner().run(0, group, config.task, progress=False, checkpoint_path=path).steps == 4
-    capsys.readouterr()
-    longer = runner(steps=8, learning_rate=1e-4)
-    got = longer.run(0, group, config.task, progress=False, checkpoint_path=path)
-    assert got.resumed_from_step == 4 and got.steps == 8
-    printed = capsys.readouterr().out
-    assert "new schedule" in printed and "learning_rate" in printed and "steps 4 -> 8" in printed
-    fresh = longer.run(0, group, config.task, progress=False)
-    assert fresh.resumed_from_step == 0 and fresh.final_loss != pytest.approx(got.final_loss)
-
-
-def test_state_noise_continues_a_run_and_changes_its_training(tmp_path, capsys):
-    """``train.state_noise_std`` may change between invocations (the runner says so); noisy
-    training ends elsewhere than clean training, and a bad value is a config error."""
-    from m2rnn_jax.typed_config import ConfigError
-    from m2rnn_experiments.state_tracking.config import TrainConfig
-
-    config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
-    path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
-    runner().run(0, group, config.task, progress=False, checkpoint_path=path)
-    capsys.readouterr()
-    noisy = runner(steps=8, state_noise_std=0.3)
-    got = noisy.run(0, group, config.task, progress=False, checkpoint_path=path)
-    assert got.resumed_from_step == 4 and got.steps == 8
-    assert "state_noise_std 0.0 -> 0.3" in capsys.readouterr().out
-    clean = runner(steps=8).run(0, group, config.task, progress=False)
-    noisy_fresh = noisy.run(0, group, config.task, progress=False)
-    assert noisy_fresh.final_loss != pytest.approx(clean.final_loss)
-    with pytest.raises(ConfigError, match="state_noise_std"):
-        TrainConfig(state_noise_std=-0.1)
-
-
-def test_adam_eps_continues_a_run_and_scales_its_steps(tmp_path, capsys):
-    """``train.adam_eps`` may change between invocations (the runner says so); a large ε makes
-    the steps proportional to the gradient, so the parameters move far less over the same
-    steps at the same rate; a bad value is a config error."""
-    import jax
-
-    from m2rnn_jax.typed_config import ConfigError
-    from m2rnn_experiments.state_tracking.config import TrainConfig
-
-    config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
-    path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
-    runner().run(0, group, config.task, progress=False, checkpoint_path=path)
-    capsys.readouterr()
-    got = runner(steps=8, adam_eps=1e-3).run(0, group, config.task, progress=False,
-                                            checkpoint_path=path)
-    assert got.resumed_from_step == 4 and got.steps == 8
-    assert "adam_eps 1e-08 -> 0.001" in capsys.readouterr().out
-
-    def distance_moved(name, **train):
-        r = runner(steps=6, warmup_steps=0, min_lr_ratio=1.0, **train)
-        final = trained_params(r, group, config.task,
-                               str(tmp_path / name / "m2rnn_seed0.msgpack"))
-        return float(sum(np.sum(np.square(np.asarray(a) - np.asarray(b)))
-                         for a, b in zip(jax.tree.leaves(r.init_params(0)), final)))
-
-    assert 0 < distance_moved("large_eps", adam_eps=10.0) < 1e-3 * distance_moved("default")
-    with pytest.raises(ConfigError, match="adam_eps"):
-        TrainConfig(adam_eps=0.0)
-
-
-def test_batch_scale_continues_a_run_with_more_words_per_step(tmp_path, capsys, monkeypatch):
-    """``train.batch_scale`` may change between invocations (the runner says so) and multiplies
-    the words drawn per step; 0 is a config error."""
-    from m2rnn_jax.typed_config import ConfigError
-    from m2rnn_experiments.state_tracking import training
-    from m2rnn_experiments.state_tracking.config import TrainConfig
-
-    config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
-    path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
-    runner().run(0, group, config.task, progress=False, checkpoint_path=path)
     capsys.readouterr()
     drawn = []
     original = training.sample_word_problems
@@ -457,24 +409,77 @@ def test_batch_scale_continues_a_run_with_more_words_per_step(tmp_path, capsys, 
         return original(group, rng, batch_size, *args)
 
     monkeypatch.setattr(training, "sample_word_problems", counting)
-    got = runner(steps=6, batch_scale=3).run(0, group, config.task, progress=False,
-                                             checkpoint_path=path)
-    assert got.resumed_from_step == 4 and got.steps == 6
-    assert "batch_scale 1 -> 3" in capsys.readouterr().out
+    longer = runner(steps=8, learning_rate=1e-4, adam_eps=1e-3, batch_scale=3,
+                    label_smoothing=0.05)
+    got = longer.run(0, group, config.task, progress=False, checkpoint_path=path)
+    assert got.resumed_from_step == 4 and got.steps == 8
+    printed = capsys.readouterr().out
+    assert "new schedule" in printed and "learning_rate 0.003 -> 0.0001" in printed
+    for change in ("steps 4 -> 8", "adam_eps 1e-08 -> 0.001", "batch_scale 1 -> 3",
+                   "label_smoothing 0.0 -> 0.05"):
+        assert change in printed, (change, printed)
     assert drawn and set(drawn) == {3 * config.train.batch_size}, drawn
-    with pytest.raises(ConfigError, match="batch_scale"):
-        TrainConfig(batch_scale=0)
+    fresh = longer.run(0, group, config.task, progress=False)
+    assert fresh.resumed_from_step == 0 and fresh.final_loss != pytest.approx(got.final_loss)
 
 
-def test_label_smoothing_loss_against_numpy_and_on_resume(tmp_path, capsys):
+def test_runner_optimizer_is_adamw_with_the_experiments_schedule(tmp_path):
+    """The runner's optimizer (``train.optimizer``'s builder) against optax's AdamW written out
+    with this experiment's schedule: linear warmup over ``min(warmup_steps, steps - 1)``, cosine
+    to ``learning_rate · min_lr_ratio`` at ``steps``, global-norm clipping, no weight decay
+    where the layers say so, ``adam_eps`` as ε. A large ε makes the steps proportional to the
+    gradient, so the parameters move far less at the same rate."""
+
+
+    config, group, runner = tiny_m2rnn_runs(tmp_path, [])
+    settings = dict(steps=5, warmup_steps=2, learning_rate=1e-2, min_lr_ratio=0.1,
+                    weight_decay=0.1, clip_grad_norm=1.0, adam_eps=1e-6)
+    run = runner(**settings)
+    params = run.init_params(0)
+    _, abstract = nnx.split(nnx.eval_shape(lambda: HybridLM(run.model_config,
+                                                            rngs=nnx.Rngs(0))), nnx.Param)
+    mask = nnx.to_pure_dict(decay_mask(abstract))
+    assert set(jax.tree.leaves(mask)) == {True, False}
+    want = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 5, 1e-3), b1=0.9, b2=0.99, eps=1e-6,
+        weight_decay=0.1, mask=mask))
+    rng = np.random.default_rng(0)
+    got_state, want_state = run.optimizer.init(params), want.init(params)
+    for _ in range(5):
+        grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 0.1,
+                             params)
+        got, got_state = run.optimizer.update(grads, got_state, params)
+        expected, want_state = want.update(grads, want_state, params)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-9)
+
+    def moved(**train):
+        optimizer = runner(warmup_steps=0, min_lr_ratio=1.0, **train).optimizer
+        grads = jax.tree.map(lambda p: np.full(p.shape, 1e-3, np.float32), params)
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        return float(sum(np.sum(np.square(u)) for u in jax.tree.leaves(updates)))
+
+    assert 0 < moved(adam_eps=10.0) < 1e-3 * moved()
+
+
+@pytest.mark.parametrize("settings, key", [
+    ({"adam_eps": 0.0}, "adam_eps"), ({"batch_scale": 0}, "batch_scale"),
+    ({"label_smoothing": 1.0}, "label_smoothing"),
+    ({"label_smoothing_from": "end"}, "label_smoothing_from"),
+    ({"learning_rate": 0.0}, "learning_rate"), ({"b2": 1.0}, "b2"),
+    ({"min_lr_ratio": 1.5}, "min_lr_ratio"), ({"clip_grad_norm": 0.0}, "clip_grad_norm"),
+    ({"length_decay_ratio": 0.0}, "length_decay_ratio"), ({"seeds_per_step": 0}, "seeds_per_step"),
+])
+def test_bad_training_settings_are_config_errors_naming_the_key(settings, key):
+    with pytest.raises(ConfigError, match=rf"^train\.{key} "):
+        StateTrackingTrainConfig(**settings)
+
+
+def test_label_smoothing_loss_against_numpy():
     """``token_losses`` with α: cross-entropy against (1 − α)·onehot + α/K, checked in float64
     NumPy; its minimum over the logits is at a finite margin, where plain cross-entropy keeps
-    falling. ``train.label_smoothing`` may change when a run continues; α = 1 is an error."""
-    import jax.numpy as jnp
+    falling."""
 
-    from m2rnn_jax.typed_config import ConfigError
-    from m2rnn_experiments.state_tracking.config import TrainConfig
-    from m2rnn_experiments.state_tracking.training import token_losses
 
     rng = np.random.default_rng(5)
     logits = rng.normal(size=(3, 7, 11)) * 3
@@ -501,27 +506,20 @@ def test_label_smoothing_loss_against_numpy_and_on_resume(tmp_path, capsys):
                                              loss_at_margin(best + 1, alpha))
     assert loss_at_margin(best + 1, 0.0) < loss_at_margin(best, 0.0)
 
-    config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"])
-    path = str(tmp_path / "ckpt" / "m2rnn_seed0.msgpack")
-    runner().run(0, group, config.task, progress=False, checkpoint_path=path)
-    capsys.readouterr()
-    got = runner(steps=6, label_smoothing=0.05).run(0, group, config.task, progress=False,
-                                                   checkpoint_path=path)
-    assert got.resumed_from_step == 4 and got.steps == 6
-    assert "label_smoothing 0.0 -> 0.05" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="label_smoothing"):
-        TrainConfig(label_smoothing=1.0)
+
+def test_label_smoothing_switches_on_at_the_training_length():
+    cfg = StateTrackingTrainConfig(label_smoothing=0.1, label_smoothing_from="train_length")
+    assert [label_smoothing_on(cfg, step, 5) for step in (4, 5, 6)] == [False, True, True]
+    assert not label_smoothing_on(cfg, 100, None)
+    assert label_smoothing_on(StateTrackingTrainConfig(label_smoothing=0.1), 0, None)
 
 
+@pytest.mark.slow
 def test_label_smoothing_from_the_training_length(tmp_path):
     """``train.label_smoothing_from="train_length"``: a run whose curriculum has not reached
     the training length trains as with plain cross-entropy; one without a curriculum (the
     training length from step 0) as with label smoothing from the start; and label smoothing
     does change the trajectory. Compared on the parameters each run saves."""
-    from m2rnn_jax.typed_config import ConfigError
-    from m2rnn_experiments.state_tracking.config import TrainConfig
-    from m2rnn_experiments.state_tracking.training import label_smoothing_on
-
     def final_params(overrides, name, **train):
         config, group, runner = tiny_m2rnn_runs(tmp_path, ["train.steps=4", "train.log_every=2"]
                                                 + overrides)
@@ -538,27 +536,18 @@ def test_label_smoothing_from_the_training_length(tmp_path):
     assert close(final_params([], "late", **late), from_start)
     assert not close(final_params([], "plain"), from_start)
 
-    cfg = TrainConfig(label_smoothing=0.1, label_smoothing_from="train_length")
-    assert [label_smoothing_on(cfg, step, 5) for step in (4, 5, 6)] == [False, True, True]
-    assert not label_smoothing_on(cfg, 100, None)
-    assert label_smoothing_on(TrainConfig(label_smoothing=0.1), 0, None)
-    with pytest.raises(ConfigError, match="label_smoothing_from"):
-        TrainConfig(label_smoothing_from="end")
-
 
 def test_length_decay_factor_falls_geometrically_from_the_curriculum_end():
-    from m2rnn_experiments.state_tracking.config import TrainConfig
-    from m2rnn_experiments.state_tracking.training import length_decay_factor
-
-    cfg = TrainConfig(length_decay_steps=100, length_decay_ratio=0.02)
+    cfg = StateTrackingTrainConfig(length_decay_steps=100, length_decay_ratio=0.02)
     assert length_decay_factor(cfg, 50, None) == 1.0  # not at the training length yet
     assert length_decay_factor(cfg, 10, 10) == pytest.approx(1.0)
     assert length_decay_factor(cfg, 60, 10) == pytest.approx(math.sqrt(0.02))  # halfway
     assert length_decay_factor(cfg, 85, 10) == pytest.approx(0.02 ** 0.75)
     assert length_decay_factor(cfg, 110, 10) == length_decay_factor(cfg, 10 ** 6, 10) == 0.02
-    assert length_decay_factor(TrainConfig(), 60, 10) == 1.0  # off by default
+    assert length_decay_factor(StateTrackingTrainConfig(), 60, 10) == 1.0  # off by default
 
 
+@pytest.mark.slow
 def test_length_decay_starts_at_the_curriculum_end_and_survives_a_resume(tmp_path, capsys):
     """The decay starts when the gated curriculum reaches the training length (and says so);
     a run continued from a checkpoint taken after that step ends exactly where an
@@ -592,8 +581,6 @@ def test_seeds_trained_together_match_seeds_trained_alone(tmp_path, capsys):
     The command line groups seeds with ``--seeds-per-step``."""
     config, group, make = tiny_m2rnn_runs(tmp_path, [
         "train.log_every=2", "task.curriculum_accuracy=1e-6", "task.curriculum_start_length=2"])
-    import jax
-    from flax import serialization
 
     runner = make(steps=8)
     alone_paths = [str(tmp_path / "alone" / f"m2rnn_seed{seed}.msgpack") for seed in (0, 1)]

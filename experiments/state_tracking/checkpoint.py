@@ -2,17 +2,21 @@
 continue exactly where it stopped — parameters, optimizer state, step, curriculum length, the
 data generator's state — and a fingerprint of the settings it was trained with.
 
-Long S5 runs outlast one device call (10 minutes) and one session's budget, and a killed run
-must not lose its work: ``training.ModelRunner.run`` saves every ``train.checkpoint_every_s``
-seconds and when it stops, and resumes from the file if it exists. A file written under other
-settings, or an unreadable one, is an error that names the file, never silently ignored or
-overwritten. The recurrence's backend is not part of the settings (it computes the same function);
-and one exception: the learning-rate schedule, the number of steps, Adam's ε, the batch's
-scale, label smoothing and the training noise on the state (``SCHEDULE_KEYS``) may change
-between invocations — a run continues its trajectory under the new schedule (say, a lower
-rate once the curriculum reaches the training length, or more steps), and the runner prints
-what changed. Serialisation is Flax's msgpack (``flax.serialization``): one small file per
-run, easy to carry between machines.
+Long S5 runs take hundreds of thousands of steps, and a stopped or killed run must not lose its
+work: ``training.ModelRunner.run`` saves every ``train.checkpoint_every_s`` seconds and when it
+stops, and resumes from the file if it exists. A file written under other settings, or an
+unreadable one, is an error that names the file, never silently ignored or overwritten. The
+recurrence's backend is not part of the settings (it computes the same function); and one
+exception: the learning-rate schedule, the number of steps, Adam's ε, the batch's scale and
+label smoothing (``SCHEDULE_KEYS``) may change between invocations — a run continues its
+trajectory under the new schedule (say, a lower rate once the curriculum reaches the training
+length, or more steps), and the runner prints what changed.
+
+Serialisation is Flax's msgpack (``flax.serialization``), one small self-contained file per
+run, rather than ``train.checkpointing``: its Orbax manager keeps a folder of numbered steps
+per training run and falls back to an older step when one does not restore, where a run here
+must resume from its one file or stop with an error, and several seeds of one model share a
+folder.
 """
 
 import dataclasses
@@ -29,15 +33,16 @@ _NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds
                       "seeds_per_step"}
 _HASHED_BACKEND = "scan"
 _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
-# The learning-rate schedule, the run's length, Adam's ε, the batch's scale, label smoothing
-# and the training noise: a run may be continued under new values.
-SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps", "state_noise_std",
+# The learning-rate schedule, the run's length, Adam's ε, the batch's scale and label
+# smoothing: a run may be continued under new values. (Files written when the settings also
+# had a training noise on the state hold it in their schedule; it is ignored.)
+SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps",
                  "length_decay_steps", "length_decay_ratio", "adam_eps", "batch_scale",
                  "label_smoothing", "label_smoothing_from")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be resumed from (unreadable, or other settings)."""
+class ResumeError(RuntimeError):
+    """A run's file that cannot be resumed from (unreadable, or other settings)."""
 
 
 @dataclasses.dataclass
@@ -49,9 +54,9 @@ class RunState:
     rng_state: dict  # numpy bit generator state of the training words
     loss: float
     accuracy: float
-    schedule: dict | None = None  # SCHEDULE_KEYS when saved (None: files of older versions)
-    # The step at which the scored length reached the training length (None: not yet, or a
-    # file of an older version).
+    schedule: dict | None = None  # SCHEDULE_KEYS when saved (None: not recorded in the file)
+    # The step at which the scored length reached the training length (None: not reached, or
+    # not recorded in the file).
     reached_step: int | None = None
 
 
@@ -72,8 +77,7 @@ def fingerprint(model_config, train_config, task_config, seed, *, with_schedule=
     task = {k: v for k, v in dataclasses.asdict(task_config).items() if k not in _EVAL_ONLY}
     model = dataclasses.asdict(model_config)
     # The recurrence's backend computes the same function (to rounding): a run may move between
-    # backends, e.g. from the scan to the GPU kernels. It is hashed as "scan", the value of
-    # every run before this rule, so their files still match.
+    # backends, e.g. from the scan to the GPU kernels. It is always hashed as "scan".
     model["m2rnn"] = {**model["m2rnn"], "backend": _HASHED_BACKEND}
     text = json.dumps({"model": model, "train": train, "task": task,
                        "seed": seed}, sort_keys=True, default=str)
@@ -110,10 +114,9 @@ def save(path, state: RunState, prints: Fingerprints):
 
 
 def load(path, target_params, target_opt_state, prints: Fingerprints) -> RunState:
-    """The state saved at ``path``, shaped like the targets; ``CheckpointError`` if the file is
-    unreadable or was written under other settings (other than ``SCHEDULE_KEYS``; files
-    without a trajectory fingerprint, written before schedules could change, must match
-    exactly)."""
+    """The state saved at ``path``, shaped like the targets; ``ResumeError`` if the file is
+    unreadable or was written under other settings (other than ``SCHEDULE_KEYS``; a file
+    without a trajectory fingerprint must match exactly)."""
     try:
         with open(path, "rb") as fh:
             payload = serialization.msgpack_restore(fh.read())
@@ -121,12 +124,12 @@ def load(path, target_params, target_opt_state, prints: Fingerprints) -> RunStat
         tree = serialization.from_state_dict(
             {"params": target_params, "opt_state": target_opt_state}, payload["tree"])
     except Exception as err:  # noqa: BLE001 - any decoding failure means the same thing
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
-                              f"{err}); delete it to start this run over") from err
+        raise ResumeError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
+                          f"{err}); delete it to start this run over") from err
     same = meta.get("fingerprint") == prints.exact or (
         meta.get("trajectory") is not None and meta.get("trajectory") == prints.trajectory)
     if meta.get("format") != FORMAT or not same:
-        raise CheckpointError(
+        raise ResumeError(
             f"checkpoint {path} was written under other settings (fingerprint "
             f"{meta.get('fingerprint')}, this run {prints.exact}; only "
             f"{', '.join(SCHEDULE_KEYS)} may change); use another output folder or delete it "

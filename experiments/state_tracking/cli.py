@@ -2,20 +2,19 @@
 
 Example (the paper's claim: M²RNN tracks S5 at lengths never seen in training)::
 
-    m2rnn-state-tracking --group S5 \\
-        --models m2rnn,attention,attention_rope,mamba2,gated_deltanet \\
-        --train-len 64 --eval-lens 64,128,256,512,1024 --seeds 3 --out runs/s5
+    m2rnn-state-tracking --config experiments/state_tracking/configs/s5_long.yaml \\
+        --models m2rnn --seeds 3 --out runs/s5_long
 
-Settings come from a YAML file (``--config``; by default ``configs/state_tracking/<group>.yaml``
-when it exists, else ``s5.yaml``); the flags below override it, and ``--set key=value``
-overrides any key (e.g. ``--set models.m2rnn.m2rnn.backend=scan``). Writes ``results.csv``,
-``results.json`` and ``accuracy_vs_length.png`` to the output folder and prints a summary.
-Each run saves its state to ``<out>/checkpoints/`` every minute and when it stops (a kill
-loses at most the last minute); running the same command again continues every unfinished run
-from there (``--restart`` starts over), so long runs can span several sessions. A run may
-continue under a new learning-rate schedule or step count (``--steps``, ``--lr``, ``--set
-train.warmup_steps=...`` or ``train.min_lr_ratio``); any other change of settings is refused
-with the file's name.
+Settings come from a YAML file (``--config``; by default ``configs/<group>.yaml`` next to this
+module when it exists, else ``configs/s5.yaml``); the flags below override it, and ``--set
+key=value`` overrides any key (e.g. ``--set models.m2rnn.m2rnn.backend=scan``). Writes
+``results.csv``, ``results.json`` and ``accuracy_vs_length.png`` to the output folder and prints
+a summary. Each run saves its state to ``<out>/checkpoints/`` every minute and when it stops (a
+kill loses at most the last minute); running the same command again continues every unfinished
+run from there (``--restart`` starts over), so a long run can be split over many invocations. A
+run may continue under a new learning-rate schedule or step count (``--steps``, ``--lr``,
+``--set train.warmup_steps=...`` or ``train.min_lr_ratio``); any other change of settings is
+refused with the file's name.
 """
 
 import argparse
@@ -27,20 +26,20 @@ import time
 
 import yaml
 
-from m2rnn_jax.typed_config import ConfigError, from_dict, load_yaml, override
 from m2rnn_experiments.state_tracking import checkpoint
 from m2rnn_experiments.state_tracking.config import ExperimentConfig
 from m2rnn_experiments.state_tracking.groups import from_generators, group_by_name
 from m2rnn_experiments.state_tracking.report import summary_table, write_all
 from m2rnn_experiments.state_tracking.training import ModelRunner
+from m2rnn_jax.typed_config import ConfigError, from_dict, load_yaml, override
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "state_tracking"
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="m2rnn-state-tracking", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="experiment YAML (default: configs/state_tracking/"
-                                    "<group>.yaml, else s5.yaml)")
+    p.add_argument("--config", help="experiment YAML (default: experiments/state_tracking/"
+                                    "configs/<group>.yaml, else s5.yaml)")
     p.add_argument("--group", help="S<n>, A<n>, Z<n> or D<n> (task.group)")
     p.add_argument("--models", help="comma-separated model names from the config (run)")
     p.add_argument("--train-len", type=int, help="training sequence length (task.train_length)")
@@ -66,7 +65,7 @@ def parse_args(argv):
 
 
 def load_config(args):
-
+    """``(ExperimentConfig, path of its YAML)`` for parsed arguments."""
     path = args.config
     if path is None:
         by_group = CONFIG_DIR / f"{(args.group or 's5').lower()}.yaml"
@@ -101,8 +100,16 @@ def build_group(task):
     return group_by_name(task.group)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv=None) -> int:
+    """The console script: runs the experiment, returns the exit status (0)."""
+    run_experiment(sys.argv[1:] if argv is None else argv)
+    return 0
+
+
+def run_experiment(argv) -> list:
+    """Trains and evaluates every (model, seed) the arguments ask for, writes the results to
+    the output folder; returns the ``training.RunResult`` of each run."""
+    args = parse_args(argv)
     config, path = load_config(args)
     group = build_group(config.task)
     task, train = config.task, config.train
@@ -138,7 +145,7 @@ def main(argv=None):
                 results.append(result)
                 accs = ", ".join(f"L={e['length']}: {100 * e['position_accuracy']:.1f}%"
                                  for e in result.evals)
-                taken = result.steps - result.resumed_from_step  # in this call
+                taken = result.steps - result.resumed_from_step  # by this invocation
                 print(f"  seed {result.seed}: {result.steps} steps, compile "
                       f"{result.compile_s:.1f}s, train {result.train_s:.1f}s "
                       f"({taken / max(result.train_s, 1e-9):.0f} steps/s), eval "
@@ -189,4 +196,4 @@ def _yaml(value):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

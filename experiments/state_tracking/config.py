@@ -1,6 +1,6 @@
 """The state-tracking experiment as data: task, training, and one ``ModelConfig`` per model.
 
-YAML layout (``configs/state_tracking/s5.yaml``)::
+YAML layout (``experiments/state_tracking/configs/s5.yaml``)::
 
     task: {group: S5, train_length: 64, eval_lengths: [64, 128, ...], ...}
     train: {steps: 2000, batch_size: 256, learning_rate: 3.0e-3, seeds: 3, ...}
@@ -20,7 +20,9 @@ import dataclasses
 from typing import Literal
 
 from m2rnn_jax.config import ModelConfig
-from m2rnn_jax.typed_config import ConfigError, from_dict
+from m2rnn_jax.typed_config import (ConfigError, from_dict, require, require_positive,
+                                    require_positive_int)
+from train.config import OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,31 +48,32 @@ class TaskConfig:
     def __post_init__(self):
         for name in ("train_length", "eval_sequences", "eval_batch_size",
                      "curriculum_start_length"):
-            _positive(getattr(self, name), f"task.{name}")
-        if self.curriculum_steps < 0:
-            raise ConfigError(f"task.curriculum_steps must be >= 0, got {self.curriculum_steps}")
+            require_positive_int(getattr(self, name), f"task.{name}")
+        require(self.curriculum_steps >= 0, "task.curriculum_steps",
+                f"must be >= 0, got {self.curriculum_steps}")
         if self.curriculum_accuracy is not None:
-            if not 0 < self.curriculum_accuracy <= 1:
-                raise ConfigError(f"task.curriculum_accuracy must be in (0, 1], got "
-                                  f"{self.curriculum_accuracy}")
-            if self.curriculum_steps:
-                raise ConfigError("task.curriculum_accuracy and task.curriculum_steps are two "
-                                  "curricula: set one of them")
+            require(0 < self.curriculum_accuracy <= 1, "task.curriculum_accuracy",
+                    f"must be in (0, 1], got {self.curriculum_accuracy}")
+            require(not self.curriculum_steps, "task.curriculum_accuracy",
+                    "and task.curriculum_steps are two curricula: set one of them")
         curriculum = self.curriculum_steps or self.curriculum_accuracy is not None
-        if curriculum and self.curriculum_start_length > self.train_length:
-            raise ConfigError(f"task.curriculum_start_length ({self.curriculum_start_length}) "
-                              f"must not exceed task.train_length ({self.train_length})")
-        if not self.eval_lengths:
-            raise ConfigError("task.eval_lengths must list at least one length")
+        if curriculum:
+            require(self.curriculum_start_length <= self.train_length,
+                    "task.curriculum_start_length", f"({self.curriculum_start_length}) must not "
+                    f"exceed task.train_length ({self.train_length})")
+        require(bool(self.eval_lengths), "task.eval_lengths", "must list at least one length")
         for length in self.eval_lengths:
-            _positive(length, "task.eval_lengths[]")
+            require_positive_int(length, "task.eval_lengths[]")
 
 
 LABEL_SMOOTHING_FROM = ("start", "train_length")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class StateTrackingTrainConfig:
+    """How each (model, seed) run trains: AdamW with warmup and cosine (``train.optimizer``),
+    the length decay and label smoothing of this experiment, seeds, budget and checkpoints."""
+
     steps: int = 2000
     batch_size: int = 256
     learning_rate: float = 3e-3
@@ -85,36 +88,34 @@ class TrainConfig:
     # (SGD-like with rate learning_rate / ε) instead. May change when a run continues.
     adam_eps: float = 1e-8
     # Words per step = batch_size × batch_scale. Unlike batch_size (part of what a run is) the
-    # scale may change when a run continues: at the S5 plateau the mean of Adam's gradient
-    # estimate is ~1 % of its RMS (RESULTS.md, ninth session), so the steps are mostly
-    # minibatch noise, and a larger batch is the other way besides a lower rate to quiet them.
+    # scale may change when a run continues: where the mean of Adam's gradient estimate is
+    # small against its RMS the steps are mostly minibatch noise, and a larger batch is the
+    # other way besides a lower rate to quiet them.
     batch_scale: int = 1
-    # Label smoothing α of the training loss (0 = plain cross-entropy). At the S5 plateau the
-    # per-token loss at the training length is ~3e-8 (logit margins ~31): the objective no
-    # longer responds to a state that is slightly off. With α its minimum has finite margins,
-    # so it keeps asking for exact states. May change when a run continues.
+    # Label smoothing α of the training loss (0 = plain cross-entropy). Once every answer at
+    # the training length is right, plain cross-entropy drives the logit margins up until the
+    # loss reaches float32's floor, where a slightly inexact state costs nothing; with α the
+    # minimum has finite margins, so the loss keeps asking for exact states. May change when a
+    # run continues.
     label_smoothing: float = 0.0
     # When label smoothing applies: "start" (every step) or "train_length" (once the scored
-    # length reaches the training length, as the length decay: where it was measured on S5;
-    # from a fresh start on S3 it learnt a little slower). May change when a run continues.
+    # length reaches the training length, as the length decay; on S3 from step 0 it learnt a
+    # little slower). May change when a run continues.
     label_smoothing_from: str = "start"
     clip_grad_norm: float | None = 1.0
-    # Std of N(0, 1) noise added to every M²RNN state entry after every training step (0 =
-    # off; evaluation is always noise-free). Meant to make the state's code of the group
-    # elements an attractor, so that errors do not accumulate past the training length.
-    state_noise_std: float = 0.0
     # Once the scored length reaches the training length (the curriculum's end; step 0 without
     # a curriculum) the learning rate is multiplied by a factor that falls geometrically from 1
-    # to `length_decay_ratio` over `length_decay_steps` steps, then stays there (0 = off). The rate that gets a model through the curriculum is too high to make its code
-    # exact beyond the training length (RESULTS, state tracking, fifth session); the step at
-    # which the curriculum ends differs from seed to seed, hence a decay tied to it.
+    # to `length_decay_ratio` over `length_decay_steps` steps, then stays there (0 = off). The
+    # rate that gets a model through the curriculum is too high to make its code exact beyond
+    # the training length; the step at which the curriculum ends differs from seed to seed,
+    # hence a decay tied to it.
     length_decay_steps: int = 0
     length_decay_ratio: float = 0.01
     seeds: int = 3  # seeds first_seed .. first_seed+seeds-1 per model (init and training words)
     first_seed: int = 0  # lets parallel processes each take other seeds of one experiment
     # Seeds of a model trained together, as one step vmapped over them (ModelRunner.run_seeds).
     # Each seed's run is the same as alone, up to rounding. On an H200 it pays only at short
-    # lengths (3 seeds: 1.41x the seed-steps/s at length 4, 1.04x at 64; RESULTS.md).
+    # lengths (3 seeds: 1.41x the seed-steps/s at length 4, 1.04x at 64).
     seeds_per_step: int = 1
     time_budget_s: float | None = None  # wall-clock for all runs; split evenly, stops early
     log_every: int = 50  # steps between progress-bar updates of loss/accuracy
@@ -125,44 +126,54 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "batch_scale", "seeds", "seeds_per_step",
                      "log_every"):
-            _positive(getattr(self, name), f"train.{name}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
-        if not (isinstance(self.label_smoothing, (int, float))
-                and 0 <= self.label_smoothing < 1):
-            raise ConfigError(f"train.label_smoothing must be in [0, 1), got "
-                              f"{self.label_smoothing!r}")
-        if self.label_smoothing_from not in LABEL_SMOOTHING_FROM:
-            raise ConfigError(f"train.label_smoothing_from must be one of "
-                              f"{LABEL_SMOOTHING_FROM}, got {self.label_smoothing_from!r}")
-        if not (isinstance(self.adam_eps, (int, float)) and self.adam_eps > 0):
-            raise ConfigError(f"train.adam_eps must be a number > 0, got {self.adam_eps!r}")
-        if self.first_seed < 0:
-            raise ConfigError(f"train.first_seed must be >= 0, got {self.first_seed}")
-        if not (isinstance(self.state_noise_std, (int, float)) and self.state_noise_std >= 0):
-            raise ConfigError(f"train.state_noise_std must be a number >= 0, got "
-                              f"{self.state_noise_std!r}")
-        if not isinstance(self.length_decay_steps, int) or self.length_decay_steps < 0:
-            raise ConfigError(f"train.length_decay_steps must be an integer >= 0, got "
-                              f"{self.length_decay_steps!r}")
-        if not (isinstance(self.length_decay_ratio, (int, float))
-                and 0 < self.length_decay_ratio <= 1):
-            raise ConfigError(f"train.length_decay_ratio must be in (0, 1], got "
-                              f"{self.length_decay_ratio!r}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.checkpoint_every_s is not None and not self.checkpoint_every_s >= 0:
-            raise ConfigError(f"train.checkpoint_every_s must be null or >= 0, got "
-                              f"{self.checkpoint_every_s}")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise ConfigError(f"train.time_budget_s must be null or > 0, got "
-                              f"{self.time_budget_s}")
+            require_positive_int(getattr(self, name), f"train.{name}")
+        for name in ("learning_rate", "adam_eps"):
+            require_positive(getattr(self, name), f"train.{name}")
+        for name in ("b1", "b2"):
+            require(0 <= getattr(self, name) < 1, f"train.{name}",
+                    f"must be in [0, 1), got {getattr(self, name)!r}")
+        require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio",
+                f"must be in [0, 1], got {self.min_lr_ratio!r}")
+        require(self.weight_decay >= 0, "train.weight_decay",
+                f"must be >= 0, got {self.weight_decay!r}")
+        if self.clip_grad_norm is not None:
+            require_positive(self.clip_grad_norm, "train.clip_grad_norm")
+        require(isinstance(self.label_smoothing, (int, float))
+                and 0 <= self.label_smoothing < 1, "train.label_smoothing",
+                f"must be in [0, 1), got {self.label_smoothing!r}")
+        require(self.label_smoothing_from in LABEL_SMOOTHING_FROM, "train.label_smoothing_from",
+                f"must be one of {LABEL_SMOOTHING_FROM}, got {self.label_smoothing_from!r}")
+        require(self.first_seed >= 0, "train.first_seed",
+                f"must be >= 0, got {self.first_seed}")
+        require(isinstance(self.length_decay_steps, int) and self.length_decay_steps >= 0,
+                "train.length_decay_steps",
+                f"must be an integer >= 0, got {self.length_decay_steps!r}")
+        require(isinstance(self.length_decay_ratio, (int, float))
+                and 0 < self.length_decay_ratio <= 1, "train.length_decay_ratio",
+                f"must be in (0, 1], got {self.length_decay_ratio!r}")
+        require(self.warmup_steps >= 0, "train.warmup_steps",
+                f"must be >= 0, got {self.warmup_steps}")
+        require(self.checkpoint_every_s is None or self.checkpoint_every_s >= 0,
+                "train.checkpoint_every_s",
+                f"must be null or >= 0, got {self.checkpoint_every_s}")
+        if self.time_budget_s is not None:
+            require_positive(self.time_budget_s, "train.time_budget_s")
+
+    def optimizer_config(self) -> OptimizerConfig:
+        """The AdamW settings as ``train.optimizer.make_optimizer`` reads them (the cosine runs
+        over ``steps``)."""
+        return OptimizerConfig(
+            learning_rate=self.learning_rate, b1=self.b1, b2=self.b2, eps=self.adam_eps,
+            weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
+            min_lr_ratio=self.min_lr_ratio, schedule_steps=None,
+            clip_grad_norm=self.clip_grad_norm)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    train: StateTrackingTrainConfig = dataclasses.field(
+        default_factory=StateTrackingTrainConfig)
     base_model: dict = dataclasses.field(default_factory=dict)
     models: dict = dataclasses.field(default_factory=dict)
     run: list[str] = dataclasses.field(default_factory=list)  # empty = every model in `models`
@@ -170,9 +181,8 @@ class ExperimentConfig:
 
     def __post_init__(self):
         for name in self.run:
-            if name not in self.models:
-                raise ConfigError(f"run lists model {name!r}, which models does not define "
-                                  f"(defined: {', '.join(sorted(self.models))})")
+            require(name in self.models, "run", f"lists model {name!r}, which models does not "
+                    f"define (defined: {', '.join(sorted(self.models))})")
         for name in self.models:
             self.model_config(name, vocab_size=2)  # fail at load time, naming the model
 
@@ -186,10 +196,10 @@ class ExperimentConfig:
             raise ConfigError(f"unknown model {name!r}; defined: {', '.join(sorted(self.models))}")
         changes = self.models[name] or {}
         for where, section in (("base_model", self.base_model), (f"models.{name}", changes)):
-            if not isinstance(section, dict):
-                raise ConfigError(f"{where} must be a mapping, got {type(section).__name__}")
-            if "vocab_size" in section:
-                raise ConfigError(f"{where}.vocab_size is set by the group's order; remove it")
+            require(isinstance(section, dict), where,
+                    f"must be a mapping, got {type(section).__name__}")
+            require("vocab_size" not in section, f"{where}.vocab_size",
+                    "is set by the group's order; remove it")
         data = merge(self.base_model, changes)
         data["vocab_size"] = vocab_size
         return from_dict(ModelConfig, data, path=f"models.{name}")
@@ -205,7 +215,3 @@ def merge(base: dict, changes: dict) -> dict:
             out[key] = copy.deepcopy(value)
     return out
 
-
-def _positive(value, key):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")

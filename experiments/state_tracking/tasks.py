@@ -3,7 +3,7 @@
 Each token is a group element (an index into ``group.elements``), drawn uniformly. The target
 at position ``t`` is the running product ``x_1 · x_2 · … · x_t`` (``groups`` documents the
 order: apply ``x_1`` first), so every position is a state-tracking query and a model must
-carry the whole prefix in its state.
+hold the whole prefix in its state.
 """
 
 import dataclasses

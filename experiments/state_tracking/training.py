@@ -1,8 +1,11 @@
 """Train one (model, seed) on word problems and measure accuracy at each evaluation length.
 
-A small, self-contained loop: parameters as the pure-dict form of the model's ``nnx.State``,
-Optax AdamW (warmup + cosine, global-norm clipping, no decay on the parameters the layers flag),
-one jitted step, batches drawn in NumPy from a generator seeded by the run's seed. The jitted
+A small loop of its own: parameters as the pure-dict form of the model's ``nnx.State``,
+``train.optimizer``'s AdamW (warmup + cosine, global-norm clipping, no decay on the parameters
+the layers flag) with this experiment's length decay on top, one jitted step vmapped over seeds,
+batches drawn in NumPy from a generator seeded by the run's seed. ``train``'s trainer is built
+for sharded language-model training on a token corpus; word problems are generated on the fly,
+tiny models train several seeds in one step, and each seed keeps its own curriculum. The jitted
 functions are built once per model architecture (``ModelRunner``) and reused across seeds, so
 only the first seed of a model pays for compilation.
 """
@@ -18,10 +21,12 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from m2rnn_jax import HybridLM, decay_mask
 from m2rnn_experiments.state_tracking import checkpoint
 from m2rnn_experiments.state_tracking.tasks import (curriculum_length, eval_word_problems,
-                                        gated_curriculum_length, sample_word_problems)
+                                                    gated_curriculum_length,
+                                                    sample_word_problems)
+from m2rnn_jax import HybridLM
+from train.optimizer import make_optimizer
 
 
 @dataclasses.dataclass
@@ -82,36 +87,24 @@ class ModelRunner:
         abstract = nnx.eval_shape(lambda: HybridLM(model_config, rngs=nnx.Rngs(0)))
         self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
         self.num_params = sum(x.size for x in jax.tree.leaves(abstract_params))
-        schedule = optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=train_config.learning_rate,
-            warmup_steps=min(train_config.warmup_steps, train_config.steps - 1),
-            decay_steps=train_config.steps,
-            end_value=train_config.learning_rate * train_config.min_lr_ratio)
-        parts = [] if train_config.clip_grad_norm is None else \
-            [optax.clip_by_global_norm(train_config.clip_grad_norm)]
-        parts.append(optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
-                                 eps=train_config.adam_eps, weight_decay=train_config.weight_decay,
-                                 mask=nnx.to_pure_dict(decay_mask(abstract_params))))
-        self.optimizer = optax.chain(*parts)
+        self.optimizer, _ = make_optimizer(train_config.optimizer_config(), abstract_params,
+                                           train_config.steps)
         # Over a leading seed axis (``run_seeds``): every argument and result is per seed.
         self._train_step = jax.jit(jax.vmap(self._step), donate_argnums=(0, 1))
         self._eval_step = jax.jit(self._correct)
 
-    def _logits(self, params, tokens, state_noise=None):
-        return nnx.merge(self.graphdef, params)(tokens, state_noise=state_noise)
+    def logits(self, params, tokens):
+        """The model's logits ``(batch, length, group order)`` for element tokens."""
+        return nnx.merge(self.graphdef, params)(tokens)
 
-    def _step(self, params, opt_state, tokens, targets, mask, noise_root, step, lr_factor,
-              smoothing_on=True):
-        """One AdamW step; ``lr_factor`` (a traced scalar) multiplies the schedule's rate; the
-        state noise of step ``step`` (when on) is drawn from ``fold_in(noise_root, step)``;
+    def _step(self, params, opt_state, tokens, targets, mask, lr_factor, smoothing_on=True):
+        """One AdamW step; ``lr_factor`` (a traced scalar) multiplies the schedule's rate;
         ``smoothing_on`` (a traced bool, ``label_smoothing_on``) picks the smoothed loss when
         its use is conditional."""
         cfg = self.train_config
-        std = cfg.state_noise_std
-        state_noise = (jax.random.fold_in(noise_root, step), std) if std else None
 
         def loss_fn(params):
-            logits = self._logits(params, tokens, state_noise)
+            logits = self.logits(params, tokens)
             losses = token_losses(logits, targets, cfg.label_smoothing)
             if cfg.label_smoothing and cfg.label_smoothing_from != "start":
                 # Each loss exactly as on its own: runs before the switch are unchanged.
@@ -130,7 +123,7 @@ class ModelRunner:
 
     def _correct(self, params, tokens, targets):
         """Per-sequence (number of correct positions, all positions correct)."""
-        correct = self._logits(params, tokens).argmax(-1) == targets
+        correct = self.logits(params, tokens).argmax(-1) == targets
         return jnp.sum(correct, axis=1), jnp.all(correct, axis=1)
 
     def init_params(self, seed):
@@ -159,9 +152,8 @@ class ModelRunner:
         cost little more than one). Each seed keeps its own data, curriculum, schedule and
         checkpoint file, as in ``run``; a step runs at the widest of the seeds' curriculum
         widths, and the positions past a seed's own width are unscored (the models are
-        causal), so each seed's trajectory is its ``run``'s up to rounding (state noise, when
-        on, is drawn for the wider shape). A seed that reaches ``train.steps`` leaves the
-        group. Returns one ``RunResult`` per seed, in order."""
+        causal), so each seed's trajectory is its ``run``'s up to rounding. A seed that reaches
+        ``train.steps`` leaves the group. Returns one ``RunResult`` per seed, in order."""
         cfg = self.train_config
         paths = checkpoint_paths or [None] * len(seeds)
         runs = [self._start_seed(seed, task_config, path) for seed, path in zip(seeds, paths)]
@@ -173,21 +165,19 @@ class ModelRunner:
         start = last_save = time.perf_counter()
         active = [r for r in runs if r.steps < cfg.steps]
         if active:
-            params, opt_state, noise_roots = _stack_runs(active)
+            params, opt_state = _stack_runs(active)
         first_tick, stopped = True, False
         while active and not stopped:
             batches = [self._next_batch(r, group, task_config, gated) for r in active]
             width = max(b[0] for b in batches)
             tokens, targets, mask = (np.stack([b[1][i][:, :width] for b in batches])
                                      for i in range(3))
-            steps = np.array([r.steps for r in active], np.int32)
             lr_factors = np.array([length_decay_factor(cfg, r.steps, r.reached_step)
                                    for r in active], np.float32)
             smoothing_on = np.array([label_smoothing_on(cfg, r.steps, r.reached_step)
                                      for r in active])
             params, opt_state, loss_t, accuracy_t = self._train_step(
-                params, opt_state, tokens, targets, mask, noise_roots, steps, lr_factors,
-                smoothing_on)
+                params, opt_state, tokens, targets, mask, lr_factors, smoothing_on)
             for r in active:
                 r.steps += 1
                 r.trained_length = r.scored
@@ -219,7 +209,7 @@ class ModelRunner:
                 if finished:
                     active = [r for r in active if r.steps < cfg.steps]
                     if active and not stopped:  # the rest go on as a smaller group
-                        params, opt_state, noise_roots = _stack_runs(active)
+                        params, opt_state = _stack_runs(active)
         bar.close()
         train_s = time.perf_counter() - start - compile_s
         results = []
@@ -256,7 +246,7 @@ class ModelRunner:
             run.rng.bit_generator.state = saved.rng_state
             tqdm.write(f"{self.name} seed {seed}: resumed at step {run.first_step} from "
                        f"{checkpoint_path}")
-            # Keys missing from older files held their defaults then.
+            # A schedule key the file does not hold was at its default.
             defaults = type(cfg)()
             changed = {k: (saved.schedule.get(k, getattr(defaults, k)), new)
                        for k, new in prints.schedule.items()} if saved.schedule else {}
@@ -276,7 +266,6 @@ class ModelRunner:
                                            task_config.train_length, task_config.curriculum_steps)
         if run.reached_step is None and (run.scored is None
                                          or run.scored >= task_config.train_length):
-            # (Files of older versions resumed at the training length: from here.)
             run.reached_step = run.steps
             if cfg.length_decay_steps:
                 tqdm.write(f"{self.name} seed {run.seed}: step {run.steps}: scored length at "
@@ -339,7 +328,7 @@ class _SeedRun:
     prints: checkpoint.Fingerprints
     first_step: int = 0
     steps: int = 0  # optimizer steps taken so far (resumed ones included)
-    taken: int = 0  # in this call
+    taken: int = 0  # by this invocation
     reached_step: int | None = None
     trained_length: int | None = None  # the scored length of the last step taken
     loss: float = float("nan")
@@ -354,13 +343,11 @@ class _SeedRun:
 
 
 def _stack_runs(runs):
-    """The runs' parameters, optimizer states and state-noise keys along a leading seed axis."""
+    """The runs' parameters and optimizer states along a leading seed axis."""
     def stack(trees):
         return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
-    seeds = np.array([r.seed for r in runs], np.uint32)
-    return (stack([r.params for r in runs]), stack([r.opt_state for r in runs]),
-            jax.vmap(jax.random.key)(seeds))
+    return stack([r.params for r in runs]), stack([r.opt_state for r in runs])
 
 
 def _unstack(tree, index):

@@ -1,0 +1,157 @@
+"""Accuracy at each position of long word problems, for trained state-tracking runs: where a
+model that is right at its training length starts to fail (a gradual drift, or a collapse past
+some length), read from the runs' checkpoints.
+
+    python -m m2rnn_experiments.state_tracking.positions \
+        --config experiments/state_tracking/configs/s5_long.yaml --model m2rnn \
+        --run 0:runs/s5_long/seed0 --run 2:runs/s5_long/seed2 --length 1024 --out PREFIX
+
+``--run SEED:OUT`` names a run by its seed and output folder (its checkpoint is
+``OUT/checkpoints/<model>_seed<SEED>.msgpack``, written under the same config). Evaluates the
+config's fixed evaluation words of ``--length`` (the first ``--sequences`` of them) and writes
+``PREFIX.csv`` (seed, position, accuracy) and ``PREFIX.png`` (accuracy against position, each
+run's curriculum length and the training length marked), and prints how words go on after
+their first wrong answer (``after_first_error``: a clean slip to another element, or a code
+that blurs). Runs on a CPU in minutes.
+"""
+
+import argparse
+import csv
+import os
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from m2rnn_experiments.state_tracking import checkpoint, cli  # noqa: E402
+from m2rnn_experiments.state_tracking.config import ExperimentConfig  # noqa: E402
+from m2rnn_experiments.state_tracking.tasks import eval_word_problems  # noqa: E402
+from m2rnn_experiments.state_tracking.training import ModelRunner  # noqa: E402
+from m2rnn_jax.typed_config import load_yaml  # noqa: E402
+
+
+def batched_logits(runner, params, tokens, batch_size):
+    """``(rows, logits)`` for consecutive blocks of ``batch_size`` words of ``tokens``."""
+    logits_fn = jax.jit(runner.logits)
+    for first in range(0, tokens.shape[0], batch_size):
+        rows = slice(first, first + batch_size)
+        yield rows, logits_fn(params, tokens[rows])
+
+
+def predictions(runner, params, tokens, batch_size):
+    """The model's predicted element at every position, (sequences, length)."""
+    return np.concatenate([np.asarray(jnp.argmax(logits, -1))
+                           for _, logits in batched_logits(runner, params, tokens, batch_size)])
+
+
+def after_first_error(group, predicted, targets):
+    """How a word goes on after its first wrong answer, or None if none goes wrong.
+
+    A clean slip (the state jumps to another element's code and the recurrence then tracks
+    exactly from there) leaves a constant *left* offset: predicted_t = e · target_t for one e
+    (prefix products grow on the right, so a wrong state P_s·d gives P_s d P_s⁻¹ · P_t). So
+    per word that goes wrong: the first error's position, how often the left offset
+    ``predicted_t · target_t⁻¹`` changes after it, and the share of later positions right.
+    Returns medians over those words."""
+    inverse = np.argmax(group.table == 0, axis=1)  # table[a, inverse[a]] = identity (row 0)
+    wrong = predicted != targets
+    firsts, changes, right_again = [], [], []
+    for word in np.flatnonzero(wrong.any(axis=1)):
+        first = int(np.argmax(wrong[word]))
+        left = group.table[predicted[word, first:], inverse[targets[word, first:]]]
+        firsts.append(first + 1)
+        changes.append(int(np.count_nonzero(np.diff(left))))
+        right_again.append(float(np.mean(~wrong[word, first:])))
+    if not firsts:
+        return None
+    return {"words_wrong": len(firsts), "first_error": float(np.median(firsts)),
+            "earliest_error": min(firsts), "offset_changes": float(np.median(changes)),
+            "right_after_first_error": float(np.median(right_again))}
+
+
+def load_run(runner, config, seed, out_dir):
+    """(params, step, curriculum length) from the run's checkpoint."""
+    path = checkpoint.path_for(os.path.join(out_dir, "checkpoints"), runner.name, seed)
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint {path}")
+    saved = runner.load_saved(path, config.task, seed)
+    return saved.params, saved.step, saved.scored
+
+
+def load_runner(config_path, model):
+    """``(config, group, runner)``: the experiment in ``config_path`` and the ``ModelRunner``
+    of its model ``model``, as the command builds them."""
+    config = load_yaml(ExperimentConfig, config_path)
+    group = cli.build_group(config.task)
+    return config, group, ModelRunner(model, config.model_config(model, group.order),
+                                      config.train)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--model", default="m2rnn")
+    p.add_argument("--run", action="append", required=True, metavar="SEED:OUT")
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--sequences", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="output prefix (PREFIX.csv, PREFIX.png)")
+    args = p.parse_args(argv)
+    config, group, runner = load_runner(args.config, args.model)
+    # The config's fixed evaluation words of this length.
+    words = eval_word_problems(group, config.task.eval_seed, args.sequences, args.length)
+    rows, curves = [], []
+    for seed_and_place in args.run:
+        seed, out_dir = seed_and_place.split(":", 1)
+        seed = int(seed)
+        params, step, scored = load_run(runner, config, seed, out_dir)
+        predicted = predictions(runner, params, words.tokens, args.batch_size)
+        targets = np.asarray(words.targets)
+        acc = (predicted == targets).mean(axis=0)
+        curves.append((seed, step, scored, acc))
+        rows += [{"seed": seed, "step": step, "position": i + 1, "accuracy": float(a)}
+                 for i, a in enumerate(acc)]
+        train = config.task.train_length
+        print(f"seed {seed} (step {step}, curriculum length {scored}): accuracy at positions "
+              f"1-{train} {acc[:train].mean():.3f}, {train + 1}-{2 * train} "
+              f"{acc[train:2 * train].mean():.3f}, last {train} {acc[-train:].mean():.3f}")
+        slips = after_first_error(group, predicted, targets)
+        if slips:
+            print(f"  {slips['words_wrong']} of {len(targets)} words go wrong, first at position "
+                  f"{slips['first_error']:.0f} (median; earliest {slips['earliest_error']}); "
+                  f"after it, per word (medians): the left offset changes "
+                  f"{slips['offset_changes']:.0f} times (a clean slip: 0), "
+                  f"{100 * slips['right_after_first_error']:.0f} % of positions right again")
+    with open(args.out + ".csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=("seed", "step", "position", "accuracy"))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    for i, (seed, step, scored, acc) in enumerate(curves):
+        ax.plot(np.arange(1, len(acc) + 1), acc, color=f"C{i}", linewidth=0.9,
+                label=f"seed {seed}: step {step}, curriculum length {scored}")
+        if scored is not None:
+            ax.axvline(scored, color=f"C{i}", linestyle=":", linewidth=1)
+    ax.axvline(config.task.train_length, color="gray", linestyle="--", linewidth=1,
+               label=f"training length {config.task.train_length}")
+    ax.axhline(1.0 / group.order, color="black", linewidth=0.6, label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("position")
+    ax.set_ylabel(f"accuracy ({args.sequences} sequences)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{config.task.group}, {args.model}: accuracy at each position of length-"
+                 f"{args.length} words")
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {args.out}.csv, {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()
