@@ -1,8 +1,8 @@
 """Decode speed and memory against context length: the 400M hybrid vs an attention-only model.
 
-Run from the repository root (GPU):
+Run from the repository root (GPU), with the package installed:
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/decode_bench.py [--quick] [--out FILE]
+    python benchmarks/decode_bench.py [--quick] [--contexts L ...] [--out FILE]
 
 For each model (``configs/model/hybrid_400m.yaml`` and the same model with every layer
 attention, ``A`` × 24, ~406M parameters), batch (1, 32) and context length L (1K, 4K, 16K, 64K;
@@ -19,8 +19,8 @@ recorded the same way instead of ending the script. ``--memory-limit-gib`` sets 
 memory by hand (where the backend reports none, e.g. CPU, to test that path). Parameters are
 cast to ``--param-dtype`` (bfloat16 by default, as for serving); compute is bfloat16.
 
-Only the missing points of the 2026-11-29 run (1K and 16K were measured):
-``--contexts 4096 65536``. Rows are appended to ``--out`` as they are measured.
+Rows are appended to ``--out`` (JSON lines) as they are measured, so an interrupted run keeps
+its points; ``--contexts`` and ``--batches`` pick the points to (re)measure.
 
 Columns: decode tokens/s (batch × steps / time), ms per step, cache GiB (from the shapes),
 device GiB in use during decoding (parameters + caches + workspace; where the backend reports

@@ -7,14 +7,15 @@ device processes hold one timeline per stream (kernel executions) and derived on
 modules); summing over all of them would count a kernel twice, so this prints each timeline of
 the matching processes separately: its busy time and its ``--top`` event names by total time.
 
-    python3 benchmarks/trace_summary.py DIR_OR_FILE [--process GPU] [--top 15] [--hlo DUMP_DIR]
+    python benchmarks/trace_summary.py DIR_OR_FILE [--process GPU] [--top 15] [--hlo DUMP_DIR]
 
 With ``--hlo`` (the ``XLA_FLAGS=--xla_dump_to=DUMP_DIR`` of the same program) each busy XLA
 kernel's instruction in the optimized HLO follows its timeline: its shapes and, for a fusion,
 the first lines of the fused computation, to say what a name like ``input_transpose_fusion_5``
 computes.
 
-``benchmarks/state_tracking_step_bench.py --profile DIR`` records such a trace of the train step.
+``benchmarks/train_bench.py --profile DIR`` records such a trace of the train step and prints
+this summary of it.
 """
 
 import argparse
@@ -71,6 +72,14 @@ def summarize(events, process_filter="", top=15):
     return sorted(rows, key=lambda r: -r[2])
 
 
+def print_summary(rows, threads=6):
+    """Prints the first ``threads`` rows of ``summarize``: busy time, then the top names."""
+    for process, thread, busy, count, ranked in rows[:threads]:
+        print(f"\n{process} / {thread}: {busy / 1e3:.3f} ms busy in {count} events")
+        for name, total, calls in ranked:
+            print(f"  {total / 1e3:9.3f} ms {100 * total / busy:5.1f} % {calls:6d}x  {name[:90]}")
+
+
 def hlo_definitions(dump_dir, names, body_lines=30):
     """``{name: text}``: the instruction ``name`` in the optimized HLO modules under
     ``dump_dir`` (``*after_optimizations.txt``) and, for a fusion, the head of the computation
@@ -124,10 +133,7 @@ def main(argv=None):
     if not rows:
         raise SystemExit(f"no complete events in processes matching {args.process!r} in {path}")
     print(f"trace {path}")
-    for process, thread, busy, count, ranked in rows[:args.threads]:
-        print(f"\n{process} / {thread}: {busy / 1e3:.3f} ms busy in {count} events")
-        for name, total, calls in ranked:
-            print(f"  {total / 1e3:9.3f} ms {100 * total / busy:5.1f} % {calls:6d}x  {name[:90]}")
+    print_summary(rows, args.threads)
     if args.hlo:
         names = [name for _, _, _, _, ranked in rows[:args.threads] for name, _, _ in ranked]
         definitions = hlo_definitions(args.hlo, names)

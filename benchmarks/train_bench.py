@@ -1,28 +1,39 @@
 """Training throughput on the GPU: tokens/s, MFU, where a step's time goes, and 1 vs 2 GPUs.
 
-    PYTHONPATH=. python3 benchmarks/train_bench.py [--json FILE]              # one GPU
-    PYTHONPATH=. python3 benchmarks/train_bench.py --two-gpu [--json FILE]    # two GPUs
-    PYTHONPATH=. python3 benchmarks/train_bench.py --tiny [--two-gpu]         # CPU smoke test
+From the repository root, with the package installed:
+
+    python benchmarks/train_bench.py [--json FILE] [key=value ...]     # one GPU
+    python benchmarks/train_bench.py --two-gpu [--json FILE]           # two GPUs
+    python benchmarks/train_bench.py --tiny [--two-gpu]                # CPU smoke test
+
+``key=value`` arguments override the hybrid's ``ModelConfig`` (``--model``, default
+``configs/model/hybrid_400m.yaml``) as ``m2rnn-train``'s overrides do, e.g.
+``layer_pattern=DDDDADDDDDDDADDDDDDDADDD`` for the Gated DeltaNet hybrid of the same shape or
+``attention.implementation=cudnn`` for cuDNN attention in the hybrid's attention layers.
 
 One GPU (in this order, each section saved to ``--json`` as soon as it ends):
 
-1. the attention-only model: ``configs/model/hybrid_400m.yaml`` with every layer ``A`` (same
-   d_model, MLP, vocabulary). Its attention path is chosen by ``--attention`` (default
-   ``auto``): cuDNN flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``
-   with ``is_causal`` and the packed rows' documents as a boolean mask, which cuDNN takes as an
-   additive (B, 1, S, S) bias: no S x S scores in float32, no bias gradient), and if that cannot
-   be compiled or run, XLA attention with per-block rematerialisation (one layer's S x S scores
-   alive at a time). XLA attention without remat needs ~160 GiB at batch 4 x 4096 and is never
-   tried by ``auto``. The path used is printed and saved (``attention_path``).
-2. where the time goes: forward+backward of one (RMSNorm + M²RNN mixer), one (RMSNorm +
-   attention mixer), one (RMSNorm + SwiGLU), and of embedding + final norm + LM head +
+1. the attention-only model: the hybrid with every layer ``A`` (same d_model, MLP,
+   vocabulary). Its attention path is chosen by ``--attention`` (default ``auto``): cuDNN flash
+   attention (``jax.nn.dot_product_attention(implementation="cudnn")`` with ``is_causal`` and
+   the packed rows' documents as a boolean mask, which cuDNN takes as an additive (B, 1, S, S)
+   bias: no S x S scores in float32, no bias gradient), and if that cannot be compiled or run,
+   XLA attention with per-block rematerialisation (one layer's S x S scores alive at a time).
+   XLA attention without remat needs ~160 GiB at batch 4 x 4096 and is never tried by
+   ``auto``. The path used is printed and saved (``attention_path``).
+2. where the time goes, from isolated timings: forward+backward of one (RMSNorm + mixer) per
+   mixer letter, one (RMSNorm + SwiGLU), and of embedding + final norm + LM head +
    cross-entropy, each jitted alone at the bench shape (median after warm-up,
    ``benchmarks/timing.py``), times their counts; the optimizer update (clip + AdamW + apply,
    float32 master weights) timed alone on the model's real state. Printed as ms and % of the
-   measured step for both models; the remainder is residual adds, overlap and what the
-   isolated timings miss.
-3. the 400M hybrid as configured (XLA attention in its 3 attention layers, M²RNN
-   ``backend="auto"``, no remat).
+   measured step; the remainder is residual adds, overlap and what the isolated timings miss.
+3. the hybrid as configured (M²RNN ``backend="auto"``, no remat).
+
+``--profile DIR``: after timing, each trained model runs ``--profile-steps`` more steps under
+``jax.profiler``; the trace goes to ``DIR/<model>/`` and the busiest kernels of each device
+timeline are printed (``benchmarks/trace_summary.py``, which also reads the trace again later,
+with ``--hlo`` for what a fusion computes). This is the step's breakdown as it runs, overlap
+included, next to the isolated timings of 2.
 
 ``--two-gpu``: the hybrid on a 1-device mesh (the reference), then data-parallel (mesh data=2)
 and FSDP (fsdp=2) on 2 devices, for ``--steps`` steps (default 8) on the same batches from the
@@ -31,12 +42,13 @@ each mesh (so the three runs start from identical values and the init compiles o
 losses, max |loss - 1-device loss|, tokens/s and compile times go to ``--json``; layouts already
 in that file are skipped (a rerun after a timeout does only what is missing).
 
-Init: a state initialised under jit used to take ~60 s on an H200, nearly all compile. Every
-parameter draws its own ``jax.random.normal``; XLA inlines a ThreeFry hash into every such
-fusion and compiles each of them to PTX (jax PR #1756 describes this compile-time blow-up).
-This script switches on ``jax_threefry_gpu_kernel_lowering`` (one handwritten ThreeFry kernel
-instead; ``--no-threefry-kernel`` turns it off) and prints init lower / compile / run times
-separately, as it does for the train step (compiled ahead of time with ``.lower().compile()``).
+Init: every parameter draws its own ``jax.random.normal``, and XLA inlines a ThreeFry hash into
+every such fusion and compiles each of them to PTX, so a 400M state initialised under jit spends
+about a minute compiling on an H200. This script switches on
+``jax_threefry_gpu_kernel_lowering`` (one handwritten ThreeFry kernel instead;
+``--no-threefry-kernel`` turns it off) and prints init lower / compile / run times separately,
+as it does for the train step (compiled ahead of time with ``.lower().compile()``). Set
+``JAX_COMPILATION_CACHE_DIR`` to reuse compiled steps across runs.
 
 Model FLOPs per token (forward + backward = 3 x forward; recomputation not counted):
 
@@ -73,13 +85,14 @@ from m2rnn_jax.layers.mlp import SwiGLU
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import model_dtypes
 from m2rnn_jax.layers.registry import mixer_class
-from m2rnn_jax.typed_config import load_yaml
+from m2rnn_jax.typed_config import load_yaml, override
 from train import sharding
 from train.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from train.data import PackedRows, model_inputs, read_bytes, stdlib_python_files
 from train.step import build_trainee, put_batch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import trace_summary  # noqa: E402  (benchmarks/trace_summary.py)
 from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 HYBRID_CONFIG = "configs/model/hybrid_400m.yaml"
@@ -221,11 +234,12 @@ def init_state(config, device):
     return state, times
 
 
-def run_steps(config, devices, batches, state, *, time_optimizer=False):
+def run_steps(config, devices, batches, state, *, time_optimizer=False, profile=None):
     """Trains from ``state`` (put on the mesh; consumed) on ``batches``: losses and timings.
 
     The step is compiled ahead of time (timed on its own); every step is waited for, the
-    median of steps 3.. is the step time.
+    median of steps 3.. is the step time. ``profile = (directory, steps)`` then traces that
+    many more steps (see ``profile_steps``).
     """
     mesh = sharding.make_mesh(config.mesh, devices)
     trainee = build_trainee(config, mesh)
@@ -253,6 +267,8 @@ def run_steps(config, devices, batches, state, *, time_optimizer=False):
               "attention_implementation": config.model.attention.implementation,
               "step_gib": step_gib, "process_peak_gib": peak_memory_gib(),
               "num_params": trainee.num_params}
+    if profile:
+        state, result["profile"] = profile_steps(compiled, state, placed, *profile)
     if time_optimizer:
         result["optimizer_s"] = optimizer_seconds(trainee, state)
         print(f"  optimizer update alone {result['optimizer_s'] * 1e3:.1f} ms", flush=True)
@@ -261,6 +277,24 @@ def run_steps(config, devices, batches, state, *, time_optimizer=False):
     del state, compiled
     gc.collect()
     return result
+
+
+def profile_steps(compiled, state, placed, directory, steps, threads=4, top=12):
+    """Runs ``steps`` more train steps under ``jax.profiler`` (trace in ``directory``) and
+    prints the busiest kernels of each device timeline. Returns the state and, per timeline,
+    its busy ms per step and top kernels (ms per step)."""
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        for i in range(steps):
+            state, metrics = compiled(state, placed[i % len(placed)])
+            float(metrics["loss"])
+    on_gpu = jax.devices()[0].platform == "gpu"
+    events = trace_summary.read_events(trace_summary.find_trace(directory))
+    rows = trace_summary.summarize(events, "GPU" if on_gpu else "", top)
+    print(f"  profile of {steps} steps ({directory}), busiest timelines:", flush=True)
+    trace_summary.print_summary(rows, threads)
+    return state, [{"timeline": f"{process} / {thread}", "busy_ms_per_step": busy / 1e3 / steps,
+                    "top_ms_per_step": {name: total / 1e3 / steps for name, total, _ in ranked}}
+                   for process, thread, busy, _, ranked in rows[:threads]]
 
 
 def optimizer_seconds(trainee, state):
@@ -466,7 +500,10 @@ def train_model(name, model_config, args, batches, report, paths):
                     host_state = jax.device_get(state)
             else:
                 state = host_state
-            result = run_steps(config, [device], batches, state, time_optimizer=True)
+            profile = (os.path.join(args.profile, name), args.profile_steps) \
+                if args.profile else None
+            result = run_steps(config, [device], batches, state, time_optimizer=True,
+                               profile=profile)
         except Exception as err:  # noqa: BLE001 — the next path is tried
             failures.append(f"{label}: {short_error(err)}")
             print(f"  attention {label} failed: {short_error(err)}", flush=True)
@@ -644,7 +681,14 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="results file (also the resume state)")
     parser.add_argument("--no-threefry-kernel", action="store_true",
                         help="leave jax_threefry_gpu_kernel_lowering off")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="one device: trace --profile-steps more steps of each model here "
+                             "and print the busiest kernels")
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps traced (default 3)")
     parser.add_argument("--verbose", action="store_true", help="tracebacks of failures")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides of the hybrid's ModelConfig, e.g. "
+                             "layer_pattern=SSSSASSSSSSSASSSSSSSASSS attention.implementation=cudnn")
     args = parser.parse_args(argv)
     args.model = args.model or (TINY_CONFIG if args.tiny else HYBRID_CONFIG)
     args.batch = args.batch or 4
@@ -659,13 +703,15 @@ def main(argv=None):
         parser.error(f"unknown --models/--layouts entries {unknown}")
     if not args.no_threefry_kernel:
         jax.config.update("jax_threefry_gpu_kernel_lowering", True)
-    hybrid = load_yaml(ModelConfig, args.model)
+    if args.profile_steps < 1:
+        parser.error("--profile-steps must be >= 1")
+    hybrid = override(load_yaml(ModelConfig, args.model), args.overrides)
     hybrid = dataclasses.replace(hybrid, compute_dtype="bfloat16", param_dtype="float32")
     report = Report(args.json)
     report.put("meta", "jax", jax.__version__)
     report.put("meta", "devices", f"{jax.device_count()} x {jax.devices()[0].device_kind}")
     report.put("meta", "shape", {"batch": args.batch, "seq_len": args.seq_len,
-                                 "model": args.model})
+                                 "model": args.model, "overrides": args.overrides})
     print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; "
           f"model {args.model} (pattern {hybrid.layer_pattern}); batch {args.batch} x seq "
           f"{args.seq_len}; {args.steps} steps", flush=True)

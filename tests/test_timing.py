@@ -1,5 +1,4 @@
-"""benchmarks/timing.py: interleaved timing of several calls (host clock, sleeping stand-ins
-for device work)."""
+"""benchmarks/timing.py: the median rule (host clock, sleeping stand-ins for device work)."""
 
 import os
 import sys
@@ -12,25 +11,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import timing  # noqa: E402
 
 
-def _sleeper(seconds, log, name):
+def test_median_seconds_skips_the_warm_up_and_takes_the_median():
+    durations = iter([0.05, 0.05, 0.002, 0.03, 0.004])  # 2 warm-up calls, then 3 timed
+    calls = []
+
     def fn(x):
-        log.append(name)
-        time.sleep(seconds)
+        calls.append(x)
+        time.sleep(next(durations))
         return x + 1
 
-    return fn
-
-
-def test_interleaved_medians_time_each_entry_in_turn():
-    log = []
-    x = jnp.ones(3)
-    calls = {"short": (_sleeper(0.002, log, "short"), (x,)),
-             "long": (_sleeper(0.012, log, "long"), (x,))}
-    got = timing.interleaved_medians(calls, rounds=3, repeats=2, warmup=1)
-    assert set(got) == {"short", "long"}
-    (short, short_spread), (long, long_spread) = got["short"], got["long"]
-    assert 0.002 <= short < 0.012 <= long < 0.1
-    assert short_spread >= 0 and long_spread >= 0
-    # Warm-up of each, then rounds that alternate: never all of one entry's calls in a row.
-    assert log[:2] == ["short", "long"]
-    assert log[2:] == (["short"] * 2 + ["long"] * 2) * 3
+    got = timing.median_seconds(fn, jnp.ones(3), repeats=3, warmup=2)
+    assert len(calls) == 5
+    assert 0.004 <= got < 0.03  # the median of 2, 30 and 4 ms; the 50 ms warm-ups are left out

@@ -1,0 +1,61 @@
+"""The training and decoding benchmarks run end to end on CPU (their ``--tiny`` smoke modes), so
+a change in the library that breaks them fails here rather than on a GPU."""
+
+import json
+import math
+import os
+import sys
+
+import jax
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import decode_bench  # noqa: E402
+import train_bench  # noqa: E402
+
+
+@pytest.fixture
+def restore_threefry_flag():
+    """The benchmarks switch on the ThreeFry GPU kernel (a no-op on CPU); put it back."""
+    saved = jax.config.jax_threefry_gpu_kernel_lowering
+    yield
+    jax.config.update("jax_threefry_gpu_kernel_lowering", saved)
+
+
+def test_train_bench_tiny_with_overrides_and_profile(tmp_path, capsys, restore_threefry_flag):
+    results = tmp_path / "train.json"
+    train_bench.main(["--tiny", "--models", "hybrid", "--no-shares", "--steps", "3",
+                      "--no-threefry-kernel", "--json", str(results),
+                      "--profile", str(tmp_path / "trace"), "--profile-steps", "1",
+                      "layer_pattern=MA", "m2rnn.num_heads=2"])
+    out = capsys.readouterr().out
+    report = json.loads(results.read_text())
+    assert report["meta"]["shape"]["overrides"] == ["layer_pattern=MA", "m2rnn.num_heads=2"]
+    hybrid = report["train"]["hybrid"]
+    assert hybrid["pattern"] == "MA"
+    assert len(hybrid["losses"]) == 3 and all(math.isfinite(x) for x in hybrid["losses"])
+    assert hybrid["tokens_per_s"] == pytest.approx(4 * 64 / hybrid["step_s"])
+    assert set(hybrid["flops"]) == {"dense", "attention", "recurrence"}
+    assert all(v > 0 for v in hybrid["flops"].values())
+    timelines = hybrid["profile"]
+    assert timelines and all(t["busy_ms_per_step"] > 0 and t["top_ms_per_step"]
+                             for t in timelines)
+    assert (tmp_path / "trace" / "hybrid").is_dir()
+    assert "profile of 1 steps" in out and "ms busy in" in out
+
+
+def test_train_bench_rejects_unknown_override(restore_threefry_flag):
+    with pytest.raises(ValueError, match="unknown config key: no_such_key"):
+        train_bench.main(["--tiny", "--models", "hybrid", "--no-threefry-kernel",
+                          "no_such_key=1"])
+
+
+def test_decode_bench_tiny(tmp_path, restore_threefry_flag):
+    rows_file = tmp_path / "decode.jsonl"
+    decode_bench.main(["--tiny", "--models", "hybrid", "--batches", "2", "--contexts", "16",
+                       "--steps", "2", "--warmup", "1", "--param-dtype", "float32",
+                       "--out", str(rows_file)])
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r["model"], r["batch"], r["context"]) for r in rows] == [("hybrid", 2, 16)]
+    assert rows[0]["tokens_per_s"] > 0 and rows[0]["cache_gib"] > 0
+    assert rows[0]["ms_per_step"] == pytest.approx(2 / rows[0]["tokens_per_s"] * 1e3)
