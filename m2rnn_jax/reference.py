@@ -1,31 +1,35 @@
-"""The portable backend: the M²RNN recurrence as a chunked ``lax.scan`` (SPEC §1).
+"""The ``scan`` backend: the M²RNN recurrence as a chunked ``lax.scan`` (docs/math.md §1–2).
 
-This module is the semantic home of the recurrence; the Pallas kernels are judged against it.
-It implements the backend interface that ``m2rnn_jax.ops`` drives through one ``custom_vjp``:
-
-    forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints)
-        -> (y, h_final, checkpoints)
-    backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping, chunk_size)
-        -> (dq, dk, dv, dw, df, dh0)
-
-Inputs arrive validated and padded: ``S`` is a multiple of ``chunk_size``; ``h0`` is a float32
-``(B, N, K, V)`` array; ``keep`` is ``None`` or a float32 ``(B, S)`` mask that is 0 where a new
-document starts (the state is reset before that step). The state is float32 whatever the input
-dtype. The forward keeps only the state at each chunk start (``S / chunk_size`` states); the
-backward recomputes a chunk's states from it, so memory grows as S/C rather than S.
+The portable backend and the semantic home of the recurrence: the Pallas kernels are judged
+against it. It keeps the backend contract of ``pallas_kernels.m2rnn.contract`` (inputs validated
+and padded by ``m2rnn_jax.ops``; the state is float32 whatever the input dtype). The forward
+keeps only the state at each chunk start (``S / chunk_size`` states); the backward recomputes a
+chunk's states from it, so memory grows as S/C rather than S.
 """
 
-import functools
-
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from m2rnn_jax.heads import expand_heads, sum_heads
+from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
 
 DEFAULT_CHUNK_SIZE = 64
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
+
+
+def supports(q, k, v, w, f, h0):
+    """Every input the op accepts, on every platform."""
+    del q, k, v, w, f, h0
+    return None
+
+
+def choose_chunk_size(seq_len, requested):
+    """``requested`` (default 64), at most S."""
+    if requested is None:
+        requested = DEFAULT_CHUNK_SIZE
+    elif isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {requested!r}")
+    return min(requested, seq_len)
 
 
 def _to_chunks(x, chunk_size):
@@ -62,7 +66,7 @@ def _transition(h_before, w_n, k_n, v_n, f_n, keep_t):
     return h_prev, z, f4 * h_prev + (1.0 - f4) * z
 
 
-def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_checkpoints=True):
+def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
     num_heads = h0.shape[1]
     w_n = expand_heads(w.astype(_F32), num_heads, axis=0)
     xs = tuple(_to_chunks(x, chunk_size) for x in (q, k, v, f, keep))
@@ -82,7 +86,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
 
 
 def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
-             chunk_size=DEFAULT_CHUNK_SIZE):
+             chunk_size):
     num_heads = h0.shape[1]
     groups = {name: x.shape[2] for name, x in zip("qkvf", (q, k, v, f))}
     w_n = expand_heads(w.astype(_F32), num_heads, axis=0)
@@ -90,20 +94,22 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     dys = _to_chunks(dy, chunk_size)
 
     def clip(g):
-        return g if gradient_clipping is None else jnp.clip(g, -gradient_clipping, gradient_clipping)
+        if gradient_clipping is None:
+            return g
+        return jnp.clip(g, -gradient_clipping, gradient_clipping)
 
     def recompute_step(h, x):
         _, k_n, v_n, f_n, keep_t = _step_inputs(x, num_heads)
         _, _, h_next = _transition(h, w_n, k_n, v_n, f_n, keep_t)
         return h_next, h  # keep the state *before* the step
 
-    def backward_step(carry, inputs):
-        g_later, dw = carry
+    def backward_step(acc, inputs):
+        g_later, dw = acc
         x, dy_t, h_before = inputs
         q_n, k_n, v_n, f_n, keep_t = _step_inputs(x, num_heads)
         h_prev, z, h_t = _transition(h_before, w_n, k_n, v_n, f_n, keep_t)
         dy_t = dy_t.astype(_F32)
-        # SPEC §1: clamp what arrives from later steps, then add this step's read-out gradient.
+        # docs/math.md §2: clamp what arrives from later steps, then add the read-out's.
         g = clip(g_later) + q_n[..., :, None] * dy_t[..., None, :]
         f4 = f_n[..., None, None]
         du = (1.0 - f4) * g * (1.0 - z * z)
@@ -119,10 +125,10 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
                  sum_heads(dv, groups["v"], 1), sum_heads(df, groups["f"], 1))
         return (dh_prev, dw), grads
 
-    def chunk(carry, inputs):
+    def chunk(acc, inputs):
         xs_chunk, dy_chunk, h_start = inputs
         _, h_befores = lax.scan(recompute_step, h_start, xs_chunk)
-        return lax.scan(backward_step, carry, (xs_chunk, dy_chunk, h_befores), reverse=True)
+        return lax.scan(backward_step, acc, (xs_chunk, dy_chunk, h_befores), reverse=True)
 
     dw0 = jnp.zeros(w_n.shape, _F32)
     (dh0, dw), (dq, dk, dv, df) = lax.scan(
@@ -131,48 +137,3 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     return (_from_chunks(dq).astype(q.dtype), _from_chunks(dk).astype(k.dtype),
             _from_chunks(dv).astype(v.dtype), dw.astype(w.dtype), _from_chunks(df).astype(f.dtype),
             dh0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _clamp_cotangent(h, gradient_clipping):
-    """Identity; the cotangent passing back through it is clamped to ``[-c, c]``."""
-    return h
-
-
-def _clamp_cotangent_fwd(h, gradient_clipping):
-    return h, None
-
-
-def _clamp_cotangent_bwd(gradient_clipping, _, g):
-    return (jnp.clip(g, -gradient_clipping, gradient_clipping),)
-
-
-_clamp_cotangent.defvjp(_clamp_cotangent_fwd, _clamp_cotangent_bwd)
-
-
-def noisy_forward(q, k, v, w, f, h0, keep, *, noise_key, noise_std, gradient_clipping):
-    """Training-time variant: ``H_t ← H_t + noise_std·ε_t`` after every step (ε_t ~ N(0, 1)
-    per state entry, drawn from ``noise_key``), so the readout and later steps see a perturbed
-    state. Returns ``(y, h_final)``; differentiated by JAX itself (the noise is a constant),
-    with SPEC §1's clipping rule as a clamp on the cotangent of the carried state. Inputs as
-    ``forward``'s, any S (no chunking); memory grows as S, as for any autodiff scan."""
-    num_heads = h0.shape[1]
-    w_n = expand_heads(w.astype(_F32), num_heads, axis=0)
-    xs = tuple(None if x is None else jnp.moveaxis(x, 1, 0) for x in (q, k, v, f, keep))
-    keys = jax.random.split(noise_key, q.shape[1])
-
-    def clamp(h):
-        return h if gradient_clipping is None else _clamp_cotangent(h, gradient_clipping)
-
-    def step(h, inputs):
-        x, key = inputs
-        q_n, k_n, v_n, f_n, keep_t = _step_inputs(x, num_heads)
-        _, _, h = _transition(h, w_n, k_n, v_n, f_n, keep_t)
-        h = h + noise_std * jax.random.normal(key, h.shape, _F32)
-        y = jnp.einsum("bnkv,bnk->bnv", h, q_n, precision=_HIGHEST)
-        # What reaches H_t from later steps (or as the final state's cotangent) is clamped;
-        # the readout's part is not, nor the gradient of h0 (as the op's backward).
-        return clamp(h), y.astype(v.dtype)
-
-    h_final, y = lax.scan(step, h0.astype(_F32), (xs, keys))
-    return jnp.moveaxis(y, 0, 1), h_final

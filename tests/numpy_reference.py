@@ -1,4 +1,5 @@
-"""An independent float64 NumPy implementation of the M²RNN recurrence and its backward (SPEC §1).
+"""An independent float64 NumPy implementation of the M²RNN recurrence and its backward
+(docs/math.md §1–2).
 
 Written as plain per-step loops over heads, separately from the JAX code, so that both the scan
 reference and the kernels are checked against something that shares none of their code.
@@ -52,7 +53,8 @@ def backward(q, k, v, w, f, dy, dh_final, h0=None, segment_ids=None, clip=None):
             wn = w[gw]
             g_later = dh_final[b, n].copy()
             for t in range(seq_len - 1, -1, -1):
-                reset = segment_ids is not None and t > 0 and segment_ids[b, t] != segment_ids[b, t - 1]
+                reset = (segment_ids is not None and t > 0
+                         and segment_ids[b, t] != segment_ids[b, t - 1])
                 h_prev = np.zeros_like(g_later) if reset else states[b, t, n]
                 h_t = states[b, t + 1, n]
                 kt, vt, ft = k[b, t, gk], v[b, t, gv], f[b, t, gf]

@@ -1,4 +1,9 @@
-"""The public op with the scan backend against the independent float64 NumPy loop."""
+"""The public op: the scan backend against the independent float64 NumPy loop, argument checks,
+and the backend contract and table through which the op reaches every backend."""
+
+import inspect
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +12,8 @@ import pytest
 
 import numpy_reference
 from numpy_reference import relative_error
-from m2rnn_jax import m2rnn
-from m2rnn_jax.ops import keep_mask as m2rnn_keep_mask
+from m2rnn_jax import m2rnn, ops, reference
+from pallas_kernels.m2rnn.contract import Backend
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -131,7 +136,7 @@ def test_bf16_inputs_short_sequence_close_to_float32():
     y16, h16 = m2rnn(**bf16, backend="scan")
     assert y16.dtype == jnp.bfloat16 and h16.dtype == jnp.float32
     assert relative_error(y16, y32) < 1e-2
-    assert relative_error(h16, h32) < 1e-4  # the state is carried in float32
+    assert relative_error(h16, h32) < 1e-4  # the state is float32
 
 
 def test_chunked_backward_memory_at_400m_layer_shape():
@@ -187,67 +192,101 @@ def test_jit_and_auto_backend_on_cpu_match_scan():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["grouped-segments-with-state", "odd-shapes-no-state"])
-def test_state_noise_of_zero_matches_float64_numpy(case):
-    """The noisy recurrence's own path (a scan differentiated by JAX, the clipping rule as a
-    clamp on the carried state's cotangent) at std 0: values and gradients as the float64
-    reference, clipping active."""
-    from m2rnn_jax import reference
-    batch, seq_len, heads, key_dim, value_dim, with_state, segments = {
-        "grouped-segments-with-state": (2, 13, (1, 1, 2, 2, 2), 4, 3, True, True),
-        "odd-shapes-no-state": (1, 9, (2, 1, 2, 2, 1), 5, 3, False, False)}[case]
-    rng = np.random.default_rng(len(case))
-    inputs, segment_ids = random_inputs(rng, batch, seq_len, heads, key_dim, value_dim,
-                                        with_state, segments)
-    n = max(heads)
-    dy = rng.normal(size=(batch, seq_len, n, value_dim))
-    dh = rng.normal(size=(batch, n, key_dim, value_dim))
-    keep = None if segment_ids is None else m2rnn_keep_mask(jnp.asarray(segment_ids))
-    h0 = inputs["input_state"]
-    h0 = jnp.zeros((batch, n, key_dim, value_dim)) if h0 is None else h0
-    names = ("query", "key", "value", "weight", "forget_input")
-
-    def run(*arrays):
-        return reference.noisy_forward(*arrays, keep, noise_key=jax.random.key(0),
-                                       noise_std=0.0, gradient_clipping=0.05)
-
-    (y, final), vjp = jax.vjp(run, *(inputs[x] for x in names), h0)
-    grads = vjp((jnp.asarray(dy, jnp.float32), jnp.asarray(dh, jnp.float32)))
-    args = [inputs[x] for x in names]
-    y_ref, final_ref, _ = numpy_reference.forward(*args, inputs["input_state"], segment_ids)
-    ref_grads = numpy_reference.backward(*args, dy, dh, inputs["input_state"], segment_ids, 0.05)
-    assert relative_error(y, y_ref) < 1e-4 and relative_error(final, final_ref) < 1e-4
-    for name, got, want in zip(names + ("input_state",), grads, ref_grads):
-        assert relative_error(got, want) < 1e-4, name
+def _parameters(fn, drop_self=False):
+    """(name, kind, default) of each parameter: what a caller relies on."""
+    params = list(inspect.signature(fn).parameters.values())[1 if drop_self else 0:]
+    return [(p.name, p.kind, p.default) for p in params]
 
 
-def test_state_noise_is_added_to_the_state_after_every_step():
-    """With std > 0 the op's output is the recurrence whose state gets std·ε_t after step t
-    (ε from the key, as the docstring says), checked by a NumPy loop; the same key gives the
-    same output, another key another; std 0 is the noiseless op."""
-    rng = np.random.default_rng(5)
-    inputs, _ = random_inputs(rng, 2, 7, (1, 1, 2, 2, 2), 3, 4, with_state=True)
-    args = [inputs[x] for x in ("query", "key", "value", "weight", "forget_input",
-                                "input_state")]
-    key, std = jax.random.key(11), 0.3
-    y, final = m2rnn(*args, backend="scan", state_noise=(key, std))
-    eps = [np.asarray(jax.random.normal(k, (2, 2, 3, 4))) for k in jax.random.split(key, 7)]
-    q, k, v, w, f, h = (np.asarray(x, np.float64) for x in args)
-    for t in range(7):
-        z = np.tanh(np.einsum("bnkv,nvw->bnkw", h, w)
-                    + k[:, t, 0, None, :, None] * v[:, t, :, None, :])
-        ft = f[:, t, :, None, None]
-        h = ft * h + (1 - ft) * z + std * eps[t]
-        assert relative_error(y[:, t], np.einsum("bnkv,bk->bnv", h, q[:, t, 0])) < 1e-5, t
-    assert relative_error(final, h) < 1e-5
-    again, _ = m2rnn(*args, backend="scan", state_noise=(key, std))
-    np.testing.assert_array_equal(np.asarray(again), np.asarray(y))
-    other, _ = m2rnn(*args, backend="scan", state_noise=(jax.random.key(12), std))
-    assert relative_error(other, y) > 1e-2
-    clean, _ = m2rnn(*args, backend="scan")
-    zero, _ = m2rnn(*args, backend="scan", state_noise=(key, 0.0))
-    np.testing.assert_array_equal(np.asarray(zero), np.asarray(clean))
-    for bad, match in (((key,), "pair"), ((key, -1.0), "non-negative"),
-                       ((np.zeros(3), 0.1), "PRNG key")):
-        with pytest.raises(ValueError, match=match):
-            m2rnn(*args, backend="scan", state_noise=bad)
+@pytest.mark.parametrize("name", list(ops.BACKEND_MODULES))
+def test_every_backend_keeps_the_contract(name):
+    """Each registered backend module has the contract's functions with its exact parameters
+    (no backend-specific extras the op would have to know about) and a sensible default
+    chunk; ``supports`` takes shapes and dtypes only."""
+    module = ops.backend_module(name)
+    assert isinstance(module, Backend), name
+    for function in ("supports", "choose_chunk_size", "forward", "backward"):
+        assert _parameters(getattr(module, function)) == _parameters(
+            getattr(Backend, function), drop_self=True), (name, function)
+    assert isinstance(module.DEFAULT_CHUNK_SIZE, int) and module.DEFAULT_CHUNK_SIZE >= 8
+    assert module.choose_chunk_size(4096, None) == module.DEFAULT_CHUNK_SIZE
+    with pytest.raises(ValueError, match="chunk_size"):
+        module.choose_chunk_size(64, 0)
+    spec = jax.ShapeDtypeStruct
+    shapes = [spec((2, 8, 1, 1), jnp.float32), spec((2, 8, 1, 1), jnp.float32),
+              spec((2, 8, 2, 4), jnp.float32), spec((2, 4, 4), jnp.float32),
+              spec((2, 8, 2), jnp.float32), spec((2, 2, 1, 4), jnp.float32)]
+    reason = module.supports(*shapes)
+    assert reason is None or (isinstance(reason, str) and "\n" not in reason)
+
+
+def test_the_table_is_the_dispatch(monkeypatch):
+    """Whatever module the table names for a backend is what the op runs: the chunk choice,
+    the forward (without checkpoints outside differentiation, with them under it) and the
+    backward, with the contract's arguments."""
+    calls = []
+
+    class Recording(types.ModuleType):
+        DEFAULT_CHUNK_SIZE = 8
+
+        def supports(self, q, k, v, w, f, h0):
+            return None
+
+        def choose_chunk_size(self, seq_len, requested):
+            calls.append(("choose_chunk_size", seq_len, requested))
+            return 8
+
+        def forward(self, q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
+            calls.append(("forward", q.shape[1], chunk_size, save_checkpoints, h0.dtype))
+            return reference.forward(q, k, v, w, f, h0, keep, chunk_size=chunk_size,
+                                     save_checkpoints=save_checkpoints)
+
+        def backward(self, q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *,
+                     gradient_clipping, chunk_size):
+            calls.append(("backward", gradient_clipping, chunk_size))
+            return reference.backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final,
+                                      gradient_clipping=gradient_clipping, chunk_size=chunk_size)
+
+    monkeypatch.setitem(sys.modules, "recording_backend", Recording("recording_backend"))
+    monkeypatch.setitem(ops.BACKEND_MODULES, "scan", "recording_backend")
+    ops.backend_module.cache_clear()
+    try:
+        inputs, _ = random_inputs(np.random.default_rng(2), 1, 13, (1, 1, 2, 2, 2), 3, 4)
+        args = [inputs[n] for n in ("query", "key", "value", "weight", "forget_input")]
+        y, _ = m2rnn(*args, backend="scan")
+        assert y.shape == (1, 13, 2, 4)
+        jax.grad(lambda *a: jnp.sum(m2rnn(*a, None, 0.5, backend="scan")[0]))(*args)
+    finally:
+        ops.backend_module.cache_clear()
+    assert calls == [("choose_chunk_size", 13, None), ("forward", 16, 8, False, jnp.float32),
+                     ("choose_chunk_size", 13, None), ("forward", 16, 8, True, jnp.float32),
+                     ("backward", 0.5, 8)]
+
+
+def test_auto_picks_by_platform_and_support(monkeypatch):
+    """``"auto"``: on a GPU the Mosaic kernels where ``supports`` accepts the inputs (only on a
+    Hopper GPU), else the vector-state kernels for K = 1, else the Triton kernels; the TPU
+    kernels on a TPU; the scan elsewhere, where ``"pallas"`` is an error."""
+    spec = jax.ShapeDtypeStruct
+
+    def shapes(key_dim, value_dim, dtype):
+        return [spec((2, 8, 1, key_dim), dtype), spec((2, 8, 1, key_dim), dtype),
+                spec((2, 8, 3, value_dim), dtype), spec((3, value_dim, value_dim), dtype),
+                spec((2, 8, 3), dtype)]
+
+    paper = shapes(64, 16, jnp.bfloat16)
+    assert ops.resolve_backend("auto", *paper) == "scan"  # on this CPU
+    with pytest.raises(ValueError, match="backend='pallas'"):
+        ops.resolve_backend("pallas", *paper)
+    monkeypatch.setattr(ops.jax, "default_backend", lambda: "tpu")
+    assert ops.resolve_backend("auto", *paper) == "pallas_tpu"
+    monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
+    assert ops.resolve_backend("auto", *paper) == "pallas_gpu"  # no Hopper GPU here
+    assert ops.resolve_backend("pallas", *shapes(1, 16, jnp.float32)) == "pallas_gpu_vector"
+    assert ops.resolve_backend("auto", *shapes(64, 16, jnp.float32)) == "pallas_gpu"
+    hopper = types.SimpleNamespace(platform="gpu", compute_capability="9.0",
+                                   device_kind="NVIDIA H200")
+    monkeypatch.setattr(jax, "devices", lambda: [hopper])
+    assert ops.resolve_backend("auto", *paper) == "mosaic_gpu"
+    assert ops.resolve_backend("auto", *shapes(64, 16, jnp.float32)) == "pallas_gpu"
+    assert ops.resolve_backend("mosaic_gpu", *shapes(1, 16, jnp.float32)) == "mosaic_gpu"

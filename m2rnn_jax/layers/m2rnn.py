@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m2rnn_jax.heads import expand_heads
+from pallas_kernels.m2rnn.heads import expand_heads
 from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
 from m2rnn_jax.layers.linear import Linear
 from m2rnn_jax.layers.norm import RMSNorm

@@ -1,39 +1,9 @@
-"""The M²RNN recurrence as Mosaic TPU (Pallas) kernels: forward and backward (SPEC §1).
+"""The ``pallas_tpu`` backend: M²RNN forward and backward kernels in Pallas' Mosaic TPU lowering.
 
-Implements the backend interface of ``m2rnn_jax.reference`` (``forward``/``backward`` on
-validated inputs whose S is a multiple of the chunk); ``m2rnn_jax.ops`` dispatches here for
-``backend="pallas_tpu"``. Off TPU the kernels run in Mosaic TPU interpret mode.
-
-Layout. Heads are packed along the lanes: V is padded to ``Vp`` (a power of two up to 128,
-else a multiple of 128) and each *tile* of ``T = max(128, Vp)`` lanes holds ``T // Vp`` heads, so
-one head's state ``H (K×V)`` is a ``(Kp, Vp)`` slice of a ``(Kp, lanes)`` float32 array (``Kp`` =
-K rounded up to 8 sublanes). ``H W`` for all heads of a tile is one MXU matmul with the tile's
-block-diagonal ``(T, T)`` weight. A grid step owns one batch row, one *head block*
-(``_MAX_BLOCK_LANES`` lanes at most: several tiles whose matmuls are independent and overlap) and
-one chunk of C steps. Inputs are cast to float32 on the way in (the wrapper's layout pass), so
-every kernel operand is a 32-bit (8, 128)-tiled array; outputs are cast back afterwards.
-
-Grid ``(batch, head block, chunk)``, the chunk axis sequential ("arbitrary"); the state lives in
-VMEM scratch across chunks. Blocks (one grid step):
-  v, f, y, dy, dv, df   rows ``(C, lanes)``: one time step per sublane row, heads on lanes; the
-                        time loop reads and writes them eight rows (one (8, 128) tile) at a time.
-  q, k, dq, dk          columns ``(G, Kp, 128)``: K on sublanes and time on lanes, so that
-                        step t's column (picked by a lane select + lane sum) broadcasts into
-                        ``k_t v_tᵀ`` and ``q_t dy_tᵀ``. A 128-lane block spans 128 / C chunks
-                        (C divides 128 or is a multiple of it) and stays resident while they
-                        run. G = 1 when all heads of the block share one q (k) group (the
-                        paper's Nq = Nk = 1); otherwise G = heads per block, and a 0/1
-                        head-to-lane matrix spreads the columns over their heads' lanes (this
-                        general path costs O(G) vector work per step).
-  keep                  ``(1, 128)``, time on lanes like the columns.
-  W, Wᵀ, dW             ``(tiles, T, T)`` block-diagonal per tile.
-  h0, h_final, dh0,     ``(Kp, lanes)``.
-  checkpoints, dh_final
-The backward visits chunks in reverse (index maps read chunk ``nc - 1 - c``), recomputes the
-chunk's states from its checkpoint into a ``(C, Kp, lanes)`` VMEM scratch, walks them backwards
-carrying the state gradient (VMEM scratch across chunks) and accumulates dW in the revisited
-output block. Sums over heads that share q/k are done in the kernel (within a block) and by a
-scatter-add afterwards (across blocks); v/f/W gradients are summed over heads afterwards.
+Heads packed side by side on the 128 lanes, the state in VMEM across the sequential chunk axis of
+the grid, ``H W`` of all heads of a 128-lane tile as one MXU matmul with a block-diagonal weight;
+inputs are cast to float32 on the way in. The layout of every block: docs/kernels.md
+("pallas_tpu"). Off a TPU the kernels run in Mosaic TPU's interpreter.
 """
 
 import dataclasses
@@ -47,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from m2rnn_jax.heads import expand_heads, sum_heads
+from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
 
 DEFAULT_CHUNK_SIZE = 32
 _SUBLANES = 8  # steps per row tile: the time loop moves (8, lanes) tiles of v, f, y, ...
@@ -60,6 +30,12 @@ _HIGHEST = lax.Precision.HIGHEST
 
 def _round_up(x, multiple):
     return -(-x // multiple) * multiple
+
+
+def supports(q, k, v, w, f, h0):
+    """Every input the op accepts."""
+    del q, k, v, w, f, h0
+    return None
 
 
 def choose_chunk_size(seq_len, requested):
@@ -78,7 +54,7 @@ def choose_chunk_size(seq_len, requested):
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """Static sizes of the kernel layout (see the module docstring)."""
+    """Static sizes of the kernel layout (docs/kernels.md)."""
     batch: int
     seq_len: int
     chunk: int
@@ -278,7 +254,8 @@ def _read_column(block, lane):
 
 
 def _spread_columns(ref, spread, lane):
-    """One step's q (or k) for every lane: (Kp, 1) if the block shares one group, else (Kp, lanes)."""
+    """One step's q (or k) for every lane: (Kp, 1) if the block shares one group, else
+    (Kp, lanes)."""
     if spread is None:
         return _read_column(ref[0], lane)
     return sum(_read_column(ref[g], lane) * spread[g:g + 1, :] for g in range(spread.shape[0]))
@@ -412,8 +389,8 @@ def _backward_kernel(*refs, layout, has_keep, gradient_clipping, q_groups, k_gro
 
     lax.fori_loop(0, groups_per_chunk, recompute_eight_steps, checkpoint_ref[...])
 
-    def eight_steps_back(i_reversed, carry):
-        g_later, dw = carry
+    def eight_steps_back(i_reversed, acc):
+        g_later, dw = acc
         base = pl.multiple_of((groups_per_chunk - 1 - i_reversed) * _SUBLANES, _SUBLANES)
         v_tile, f_tile, dy_tile = _row_tiles(base, v_ref, f_ref, dy_ref)
         dv_tile = jnp.zeros(v_tile.shape, _F32)
@@ -424,7 +401,7 @@ def _backward_kernel(*refs, layout, has_keep, gradient_clipping, q_groups, k_gro
             v_row, f_row, dy_row = (_row(x, j) for x in (v_tile, f_tile, dy_tile))
             h_prev, k_lanes, z, h_t = _transition(ctx, states_ref[base + j], keep_t, k_ref,
                                                   lane, v_row, f_row)
-            # SPEC §1: clamp what arrives from later steps, then add this step's read-out grad.
+            # docs/math.md §2: clamp what arrives from later steps, then add the read-out's.
             if gradient_clipping is not None:
                 g_later = jnp.clip(g_later, -gradient_clipping, gradient_clipping)
             g = g_later + _spread_columns(q_ref, ctx.q_spread, lane) * dy_row
@@ -452,7 +429,7 @@ def _backward_kernel(*refs, layout, has_keep, gradient_clipping, q_groups, k_gro
 
     @pl.when(step == layout.num_chunks - 1)
     def _():
-        dh0_ref[...] = grad  # not clamped: SPEC §1
+        dh0_ref[...] = grad  # not clamped: docs/math.md §2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,7 +519,7 @@ def _shape(*shape):
     return jax.ShapeDtypeStruct(shape, _F32)
 
 
-def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_checkpoints=True):
+def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
     lay = _layout(q, v, h0, chunk_size)
     specs = _Specs(lay, reverse=False)
     inputs, in_specs, q_index, k_index = _kernel_inputs(q, k, v, f, keep, lay, specs)
@@ -576,7 +553,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size=DEFAULT_CHUNK_SIZE, save_chec
 
 
 def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
-             chunk_size=DEFAULT_CHUNK_SIZE):
+             chunk_size):
     del h0  # the checkpoints hold every chunk's starting state
     lay = _layout(q, v, dh_final, chunk_size)
     specs = _Specs(lay, reverse=True)

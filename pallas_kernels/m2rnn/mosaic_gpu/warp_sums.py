@@ -1,12 +1,17 @@
-"""Inline Mosaic GPU code (``plgpu.inline_mgpu`` bodies): per-warp sums of a WGMMA-layout array
-stored to shared memory without cross-warp exchange, and their once-per-chunk reduction."""
+"""Inline Mosaic GPU code (``plgpu.inline_mgpu`` bodies) for sums of a 64×16 float32
+WGMMA-layout array that each warp stores to shared memory without a cross-warp exchange (no
+barrier per step), and their once-per-block reduction.
+
+In the WGMMA layout thread (warp w, lane l) of the warpgroup holds rows 16w + 8i + l//4
+(i = 0, 1) and columns 8j + 2(l%4) + e (j, e = 0, 1) as registers [0, j, 0, 0, i, 0, 0, 0, 0]
+of two values each.
+"""
 
 import math
 
 
 def _wgmma_registers_and_lane(p):
-    """For the inline Mosaic GPU helpers below: ``p``'s registers (a 64×16 float32 array in the
-    WGMMA layout), this thread's warp and lane in the warpgroup, and an i32 constant maker."""
+    """``p``'s registers, this thread's warp and lane in the warpgroup, an i32 constant maker."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -24,61 +29,26 @@ def _wgmma_registers(p):
     return regs
 
 
-def _store_warp_partial_sums(ctx, p, part_ref, *, scatter=False):
-    """Mosaic GPU code: each warp's sum over its 16 rows of ``p`` (64×16 float32, WGMMA layout)
-    into ``part_ref[warp, :]`` (a (4, 16) float32 SMEM ref); no cross-warp exchange.
+def store_warp_column_sums(ctx, p, part_ref):
+    """Each warp's sums over its 16 rows of ``p`` into ``part_ref[warp, :]`` (a (4, 16) float32
+    SMEM ref).
 
-    In the WGMMA layout thread (warp w, lane l) holds rows 16w + 8i + l//4 (i = 0, 1) and columns
-    8j + 2(l%4) + e (j, e = 0, 1) as registers [0, j, 0, 0, i, 0, 0, 0, 0] of 2 values.
-
-    The 8 lanes sharing a column set (lane bits 2-4) are summed either by a full butterfly on
-    all 4 values (12 shuffles and adds), or with ``scatter`` by a reduce-scatter: at lane bit 4
-    a lane keeps one column block j and sends the other (2 shuffles), at bit 3 one column e of
-    that block (1 shuffle), at bit 2 both lanes finish the same column (1 shuffle): 4 shuffles
-    and adds (plus selects) and one scalar store per lane.
+    The 8 lanes sharing a column set (lane bits 2-4) are summed by a reduce-scatter: at lane
+    bit 4 a lane keeps one column block j and sends the other, at bit 3 one column e of that
+    block, at bit 2 both lanes finish the same column: 4 shuffles and adds (plus selects) and
+    one scalar store per lane, where a butterfly on all 4 values takes 12 of each.
     """
     del ctx
-    from jax._src.lib.mlir.dialects import arith
-
-    regs, warp, lane, const = _wgmma_registers_and_lane(p)
-    parts = [arith.addf(regs[0, j, 0, 0, 0, 0, 0, 0, 0], regs[0, j, 0, 0, 1, 0, 0, 0, 0])
-             for j in range(2)]  # this lane's two rows summed: column block j, 2 columns
-    _store_lane_parts(parts, warp, lane, const, part_ref, scatter)
-
-
-def _store_warp_partial_products(ctx, p, factor, part_ref, *, scatter=False):
-    """``_store_warp_partial_sums`` of ``p ⊙ factor`` (both 64×16 float32, WGMMA layout), the
-    product fused into the sum of a lane's two rows: one multiply and one FMA per register
-    pair instead of two multiplies and an add."""
-    del ctx
-    from jax._src.lib.mlir.dialects import arith, llvm
-
-    regs, warp, lane, const = _wgmma_registers_and_lane(p)
-    fregs = _wgmma_registers(factor)
-    parts = []
-    for j in range(2):
-        r0, r1 = (0, j, 0, 0, 0, 0, 0, 0, 0), (0, j, 0, 0, 1, 0, 0, 0, 0)
-        parts.append(llvm.intr_fma(regs[r1], fregs[r1], arith.mulf(regs[r0], fregs[r0])))
-    _store_lane_parts(parts, warp, lane, const, part_ref, scatter)
-
-
-def _store_lane_parts(parts, warp, lane, const, part_ref, scatter):
-    """The warp sums of ``parts`` (per column block j: this lane's two rows already summed,
-    2 columns) into ``part_ref[warp, :]``, as ``_store_warp_partial_sums`` describes."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, memref, vector
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
+    regs, warp, lane, const = _wgmma_registers_and_lane(p)
+    # This lane's two rows summed: per column block j, two columns.
+    parts = [arith.addf(regs[0, j, 0, 0, 0, 0, 0, 0, 0], regs[0, j, 0, 0, 1, 0, 0, 0, 0])
+             for j in range(2)]
     index = ir.IndexType.get()
     col0 = arith.muli(arith.remui(lane, const(4)), const(2))
-    if not scatter:
-        for j, part in enumerate(parts):
-            for distance in (4, 8, 16):  # the lane bits that select the row (l // 4)
-                part = arith.addf(part, mgpu_utils.shfl_bfly(part, distance))
-            col = arith.addi(col0, const(8 * j))
-            vector.store(part, part_ref, [arith.index_cast(index, warp),
-                                          arith.index_cast(index, col)])
-        return
 
     def lane_bit(bit):
         return arith.cmpi(arith.CmpIPredicate.ne, arith.andi(lane, const(1 << bit)), const(0))
@@ -100,60 +70,61 @@ def _store_lane_parts(parts, warp, lane, const, part_ref, scatter):
     memref.store(value, part_ref, [arith.index_cast(index, warp), arith.index_cast(index, col)])
 
 
-def _store_warp_sums(ctx, p, ref, *, over):
-    """Mosaic GPU code for the backward: sums of ``p`` (64×16 float32, WGMMA layout) stored to
-    SMEM by each warp without any cross-warp exchange (no barrier).
+def _element_sum(vec):
+    """vector<2xf32> -> f32."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, vector
 
-    ``over="columns"``: the 64 row sums (sum over the 16 columns) into ``ref[row]`` ((64,)
-    float32; rows are warp-local, so these are the full sums). ``over="warp_rows"``: each warp's
-    sums over its 16 rows into ``ref[warp, :]`` ((4, 16) float32), as ``_store_warp_partial_sums``.
-    ``over="warp_all"``: each warp's sum of its 16×16 block into ``ref[warp]`` ((4,) float32).
-    Layout: see ``_store_warp_partial_sums``. Every lane of a group holding the same sum stores it
-    (same value, same address).
-    """
-    if over in ("warp_rows", "warp_rows_scatter"):
-        return _store_warp_partial_sums(ctx, p, ref, scatter=over == "warp_rows_scatter")
+    e0 = vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
+    e1 = vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([1]))
+    return arith.addf(e0, e1)
+
+
+def store_row_sums(ctx, p, ref):
+    """The 64 row sums of ``p`` (over its 16 columns) into ``ref[row]`` ((64,) float32). Rows
+    are warp-local, so these are the full sums; the lanes holding the same sum store it alike."""
     del ctx
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, memref, vector
+    from jax._src.lib.mlir.dialects import arith, memref
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     index = ir.IndexType.get()
     regs, warp, lane, const = _wgmma_registers_and_lane(p)
-
-    def element_sum(vec):  # vector<2xf32> -> f32
-        e0 = vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([0]))
-        e1 = vector.extract(vec, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([1]))
-        return arith.addf(e0, e1)
-
-    if over == "columns":
-        for i in range(2):
-            s = element_sum(arith.addf(regs[0, 0, 0, 0, i, 0, 0, 0, 0],
-                                       regs[0, 1, 0, 0, i, 0, 0, 0, 0]))
-            for distance in (1, 2):  # the lane bits that select the column pair (l % 4)
-                s = arith.addf(s, mgpu_utils.shfl_bfly(s, distance))
-            row = arith.addi(arith.addi(arith.muli(warp, const(16)), const(8 * i)),
-                             arith.divui(lane, const(4)))
-            memref.store(s, ref, [arith.index_cast(index, row)])
-    elif over == "warp_all":
-        s = None
-        for i in range(2):
-            for j in range(2):
-                r = regs[0, j, 0, 0, i, 0, 0, 0, 0]
-                s = r if s is None else arith.addf(s, r)
-        s = element_sum(s)
-        for distance in (1, 2, 4, 8, 16):
+    for i in range(2):
+        s = _element_sum(arith.addf(regs[0, 0, 0, 0, i, 0, 0, 0, 0],
+                                    regs[0, 1, 0, 0, i, 0, 0, 0, 0]))
+        for distance in (1, 2):  # the lane bits that select the column pair (l % 4)
             s = arith.addf(s, mgpu_utils.shfl_bfly(s, distance))
-        memref.store(s, ref, [arith.index_cast(index, warp)])
-    else:
-        raise ValueError(over)
+        row = arith.addi(arith.addi(arith.muli(warp, const(16)), const(8 * i)),
+                         arith.divui(lane, const(4)))
+        memref.store(s, ref, [arith.index_cast(index, row)])
 
 
-def _sum_partials(ctx, src, dst, *, axis):
-    """Mosaic GPU code: ``dst = sum of src over axis`` (SMEM to SMEM, float32 sums, cast to
-    ``dst``'s type), the elements spread over the warpgroup's 128 threads (scalar loads; when
-    ``dst`` has fewer than 128·r elements some are computed and stored by several threads, the
-    same value to the same address). Used once per chunk, after a barrier."""
+def store_warp_totals(ctx, p, ref):
+    """Each warp's sum of its 16×16 block of ``p`` into ``ref[warp]`` ((4,) float32)."""
+    del ctx
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    index = ir.IndexType.get()
+    regs, warp, _, _ = _wgmma_registers_and_lane(p)
+    s = None
+    for i in range(2):
+        for j in range(2):
+            r = regs[0, j, 0, 0, i, 0, 0, 0, 0]
+            s = r if s is None else arith.addf(s, r)
+    s = _element_sum(s)
+    for distance in (1, 2, 4, 8, 16):
+        s = arith.addf(s, mgpu_utils.shfl_bfly(s, distance))
+    memref.store(s, ref, [arith.index_cast(index, warp)])
+
+
+def sum_partials(ctx, src, dst, *, axis):
+    """``dst = sum of src over axis`` (SMEM to SMEM, float32 sums, cast to ``dst``'s type), the
+    elements spread over the warpgroup's 128 threads (scalar loads; when ``dst`` has fewer than
+    128·r elements some are computed and stored by several threads, the same value to the same
+    address). Used once per block, after a barrier."""
     del ctx
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, memref

@@ -1,0 +1,56 @@
+"""The contract every backend of the M²RNN op keeps (``m2rnn_jax.ops`` is the only caller).
+
+A backend is a module with the attributes of ``Backend`` below: the scan reference
+(``m2rnn_jax.reference``) and the kernels of this package (``gpu``, ``gpu_vector``,
+``mosaic_gpu``, ``tpu``; docs/kernels.md describes each). The op validates the arguments once,
+pads S, builds ``h0`` and ``keep``, and differentiates through one ``custom_vjp`` whose forward
+and backward are the backend's, so a backend only computes.
+
+What the op guarantees to ``forward`` and ``backward``:
+
+* ``q (B, S, Nq, K)``, ``k (B, S, Nk, K)``, ``v (B, S, Nv, V)``, ``w (Nw, V, V)``,
+  ``f (B, S, Nf)`` in the caller's floating dtypes, shapes consistent, every head count dividing
+  ``N = h0.shape[1]`` (head ``n`` reads group ``n // (N / N_x)``, docs/math.md §1).
+* ``S`` is a multiple of ``chunk_size``, which is what this backend's ``choose_chunk_size``
+  returned. The op pads S with steps that change nothing (``f = 1``, ``keep = 1``, zero q/k/v)
+  and drops them from the outputs.
+* ``h0``: float32 ``(B, N, K, V)``, zeros when the caller gave no initial state.
+* ``keep``: ``None``, or float32 ``(B, S)`` with 0 where a new document starts (the state is
+  reset to zero before that step) and 1 elsewhere.
+* ``gradient_clipping``: ``None`` or a positive Python float; the rule is docs/math.md §2
+  (clamp the state gradient arriving from later steps, not ``dh0``).
+* ``checkpoints``, ``dy``, ``dh_final`` in ``backward``: this backend's own forward's
+  checkpoints (``save_checkpoints=True``, same ``chunk_size``) and the cotangents of ``y``
+  (``v``'s dtype) and of the final state (float32).
+
+What a backend returns: ``forward`` -> ``(y (B, S, N, V) in v's dtype, h_final float32
+(B, N, K, V), checkpoints or None)``, the checkpoints only when ``save_checkpoints`` (their
+layout is the backend's business; memory grows as S / chunk_size); ``backward`` -> ``(dq, dk,
+dv, dw, df, dh0)`` in the dtypes of ``q, k, v, w, f`` and float32 ``dh0``.
+"""
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The module-level functions and constant of an M²RNN backend."""
+
+    DEFAULT_CHUNK_SIZE: int
+
+    def supports(self, q, k, v, w, f, h0) -> str | None:
+        """``None`` when this backend runs these inputs on this machine (what ``backend="auto"``
+        asks), else the reason in one line. Arrays or ``jax.ShapeDtypeStruct``s: only shapes
+        and dtypes are read; ``h0`` is the float32 ``(B, N, K, V)`` initial state."""
+
+    def choose_chunk_size(self, seq_len: int, requested: int | None) -> int:
+        """The chunk (checkpoint interval) for ``seq_len`` steps: ``requested``, or
+        ``DEFAULT_CHUNK_SIZE`` when ``None``, fitted to the backend's tiling and to S; raises
+        ``ValueError`` for a request the backend cannot honour."""
+
+    def forward(self, q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
+        """``(y, h_final, checkpoints or None)``; see the module docstring."""
+
+    def backward(self, q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *,
+                 gradient_clipping, chunk_size):
+        """``(dq, dk, dv, dw, df, dh0)``; see the module docstring."""
