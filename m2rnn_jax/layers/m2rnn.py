@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.m2rnn.heads import expand_heads
 from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
 from m2rnn_jax.layers.linear import Linear
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
 from m2rnn_jax.ops import m2rnn
+from pallas_kernels.m2rnn.heads import expand_heads
 
 
 def init_A_log(key, num_heads, low, high):
