@@ -574,10 +574,6 @@ def one_device(args, hybrid, report):
             if result:
                 rows = print_shares(name, result["config"].model, result, timings)
                 report.put("shares", name, {label: s for label, s in rows})
-        if not results.get("hybrid") and args.hybrid_step_ms:
-            stub = {"step_s": args.hybrid_step_ms / 1e3, "remat": False}
-            rows = print_shares(f"hybrid (step from --hybrid-step-ms)", hybrid, stub, timings)
-            report.put("shares", "hybrid", {label: s for label, s in rows})
 
 
 # ----------------------------------------------------------------------------- two devices
@@ -672,8 +668,6 @@ def main(argv=None):
                         help="attention-only model's attention: auto = cudnn, else xla+remat")
     parser.add_argument("--no-shares", dest="shares", action="store_false",
                         help="skip the per-component timings")
-    parser.add_argument("--hybrid-step-ms", type=float, default=None,
-                        help="hybrid step for the shares table when the hybrid is not trained")
     parser.add_argument("--layouts", default="1,dp,fsdp", help="--two-gpu: which layouts")
     parser.add_argument("--remat", action="store_true", help="recompute block activations")
     parser.add_argument("--peak-tflops", type=float, default=None,

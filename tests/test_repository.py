@@ -18,15 +18,18 @@ THIS_FILE = pathlib.Path(__file__).resolve().relative_to(ROOT).as_posix()
 # Words about how the work was organised rather than about the software. Each pattern is
 # matched case-insensitively per line; "carry" alone is left alone (a scan loop's carry).
 HYGIENE_PATTERNS = {
-    "work period": r"\bsessions?\b|\bwork periods?\b",
+    "work period": (r"\bsessions?\b|\bwork periods?\b|\b(?:fourth|fifth|sixth|seventh|eighth|ninth"
+                    r"|tenth|eleventh|twelfth) (?:run|round|attempt|period)\b"),
     "numbered machine call": r"\bcalls? [0-9]+\b|\bcall(?:s)? [0-9]+\s*[-–]\s*[0-9]+",
-    "machine call": r"\b(?:device|gpu) calls?\b|\bdevice time\b|\bdevice machine\b",
+    "machine call": (r"\b(?:device|gpu|h200) calls?\b|\bdevice time\b|\bdevice machine\b"
+                     r"|\bone call\b"),
     "rented machine": r"\brent(?:ed|al|ing)?\b|\bnvidia-h200(?:-x[0-9]+)?\b|\bdevice image\b",
     "files carried to a machine": (
         r"\bcarr(?:y|ied|ies)\s*`?\[|\bcarr(?:y|ied|ies)\b[^.\n]{0,40}\b(?:machines?|wheels?)\b"
         r"|\bcarried (?:files|paths|folders)\b"),
     "machine output folder": r"\$OUT\b|\bfiles_at\b|\bfiles_fetch\b|\bgpu_session",
-    "notebook note": r"prepared, not yet measured|for the record\b|not yet re-?measured",
+    "notebook note": (r"prepared, not yet measured|for the record\b|not yet re-?measured"
+                      r"|\bkept opt-in\b"),
 }
 # References to documents outside the repository (matched case-sensitively).
 OUTSIDE_PATTERNS = {
@@ -75,7 +78,8 @@ def test_hygiene_patterns_catch_what_they_should():
     bad = ["in the fourth session", "Call 2 measured it", "calls 2-3", "one GPU call",
            "device time left", "carry [\"runs/s5\"]", "carried it to the machine", "$OUT/dual",
            "files_at", "bash benchmarks/gpu_session.sh", "a rented GPU", "kept opt-in for the record",
-           "GPU 0 of an nvidia-h200-x2"]
+           "GPU 0 of an nvidia-h200-x2", "an H200 call", "in one call", "the tenth run",
+           "kept opt-in"]
     good = ["def step(carry, x):", "the state is carried in float32", "carries the M²RNN state",
             "recall 9 of them", "each call is waited for", "current device", "a call to jit"]
     compiled = [re.compile(p, re.I) for p in HYGIENE_PATTERNS.values()]

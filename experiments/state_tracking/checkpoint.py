@@ -34,8 +34,8 @@ _NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds
 _HASHED_BACKEND = "scan"
 _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
 # The learning-rate schedule, the run's length, Adam's ε, the batch's scale and label
-# smoothing: a run may be continued under new values. (Files written when the settings also
-# had a training noise on the state hold it in their schedule; it is ignored.)
+# smoothing: a run may be continued under new values. A schedule key a file holds that is not
+# listed here is ignored.
 SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps",
                  "length_decay_steps", "length_decay_ratio", "adam_eps", "batch_scale",
                  "label_smoothing", "label_smoothing_from")
