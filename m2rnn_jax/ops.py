@@ -8,10 +8,13 @@ the chunk, segment resets, the gradient plumbing, and the choice of backend (one
 
 import functools
 import importlib
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 # Backend name -> the module implementing it (imported on first use).
 BACKEND_MODULES = {
@@ -28,10 +31,12 @@ KERNELS_BY_PLATFORM = {
     "tpu": ("pallas_tpu",),
 }
 BACKENDS = ("auto", "pallas", *BACKEND_MODULES)
+# Where the values of the inputs are checked (the ``value_checks`` argument of ``m2rnn``).
+VALUE_CHECKS = ("host", "checkify")
 
 
 def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_clipping=None, *,
-          segment_ids=None, backend="auto", chunk_size=None):
+          segment_ids=None, backend="auto", chunk_size=None, value_checks="host"):
     """M²RNN recurrence over a batch of sequences (docs/math.md §1).
 
     Per head n (each tensor's group is ``n // (N / its head count)``)::
@@ -45,9 +50,10 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
       weight: ``(Nw, V, V)`` transition weights.
       forget_input: ``(B, S, Nf)`` forget gate values in [0, 1].
       input_state: optional ``(B, N, K, V)`` initial state (zeros when ``None``).
-      gradient_clipping: optional ``c > 0``; in the backward pass the state gradient arriving
-        from later steps is clamped to ``[-c, c]`` before each step's read-out gradient is added
-        (docs/math.md §2). The gradient returned for ``input_state`` is not clamped.
+      gradient_clipping: ``None`` or a finite real number ``c > 0`` (an int or float, not a bool,
+        a string or an array); in the backward pass the state gradient arriving from later steps
+        is clamped to ``[-c, c]`` before each step's read-out gradient is added (docs/math.md
+        §2). The gradient returned for ``input_state`` is not clamped.
       segment_ids: optional ``(B, S)`` integer document ids of packed rows; the state restarts
         from zero where the id changes (the first document starts from ``input_state``).
       backend: one of ``"auto"`` (Pallas kernel on GPU/TPU, scan on CPU), ``"scan"``,
@@ -57,14 +63,30 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
         the fastest where it applies), ``"pallas_tpu"``. On a GPU ``"auto"`` and ``"pallas"``
         pick ``mosaic_gpu`` for inputs it supports (Hopper), else ``pallas_gpu_vector`` when
         K = 1, else ``pallas_gpu``.
-      chunk_size: steps per chunk (state checkpoint interval); ``None`` takes the backend's.
+      chunk_size: steps per chunk (state checkpoint interval), a positive int (not a bool);
+        ``None`` takes the backend's.
+      value_checks: where the *values* of the inputs are checked (docs/kernels.md, "What the op
+        checks, and where"). ``"host"`` (the default, free): ``forget_input`` in [0, 1], only when it is a
+        NumPy or CPU array the op can read at once; under ``jit``, ``grad`` or ``vmap`` no value
+        is checked, and NaN or infinite inputs flow through to ``y``, the state and the
+        gradients. ``"checkify"``: the op also emits ``jax.experimental.checkify`` checks that
+        ``forget_input`` lies in [0, 1] and that every floating input is finite, which run under
+        ``jit``; the caller wraps the function in ``checkify.checkify`` (``err, out =
+        checkify.checkify(jax.jit(loss))(...)``; ``err.throw()`` raises the first failure,
+        naming the argument). Outside ``checkify`` a jitted function with these checks fails
+        to trace; eagerly, a failing check raises at once.
+
+    Shapes, dtypes and the types of the arguments are always checked, when the op is traced:
+    ``TypeError`` for an argument of the wrong type, ``ValueError`` for a wrong shape or value.
 
     Returns:
       ``(y, final_state)``: ``y (B, S, N, V)`` in ``value``'s dtype and the float32 final
       state ``(B, N, K, V)``.
     """
-    num_heads = _validate(query, key, value, weight, forget_input, input_state,
-                          gradient_clipping, segment_ids)
+    num_heads = _validate(query, key, value, weight, forget_input, input_state, segment_ids)
+    clip, chunk_size = _check_options(gradient_clipping, chunk_size, value_checks)
+    if value_checks == "checkify":
+        _checkify_values(query, key, value, weight, forget_input, input_state)
     name = resolve_backend(backend, query, key, value, weight, forget_input)
     batch, seq_len, _, key_dim = query.shape
     value_dim = value.shape[-1]
@@ -75,7 +97,6 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
     else:
         h0 = input_state.astype(jnp.float32)
     keep = None if segment_ids is None else keep_mask(segment_ids)
-    clip = None if gradient_clipping is None else float(gradient_clipping)
 
     pad = -seq_len % chunk
     q, k, v, f = query, key, value, forget_input
@@ -125,6 +146,8 @@ def resolve_backend(backend, query, key, value, weight, forget_input):
     the first of ``KERNELS_BY_PLATFORM[platform]`` whose ``supports`` has no objection (on a GPU:
     the Mosaic kernels where they support the inputs on this GPU, the vector-state kernels where
     K = 1, else the Triton kernels); ``"auto"`` runs the scan on other platforms."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {BACKENDS}, got {backend!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend not in ("auto", "pallas"):
@@ -172,9 +195,9 @@ def _shape_error(arg, expected, got):
     return ValueError(f"{arg} must have shape {expected}, got {tuple(got)}")
 
 
-def _validate(query, key, value, weight, forget_input, input_state, gradient_clipping,
-              segment_ids):
-    """Checks every argument; returns N, the number of heads."""
+def _validate(query, key, value, weight, forget_input, input_state, segment_ids):
+    """Checks the arrays' types, shapes and dtypes (and forget values on the host); returns N,
+    the number of heads."""
     arrays = {"query": query, "key": key, "value": value, "weight": weight,
               "forget_input": forget_input}
     if input_state is not None:
@@ -216,11 +239,6 @@ def _validate(query, key, value, weight, forget_input, input_state, gradient_cli
         if tuple(got) != want:
             raise _shape_error(arg, f"{names} = {want}", got)
 
-    if gradient_clipping is not None:
-        if isinstance(gradient_clipping, jax.core.Tracer) or not np.isscalar(gradient_clipping) \
-                or not float(gradient_clipping) > 0:
-            raise ValueError(f"gradient_clipping must be None or a positive Python number, "
-                             f"got {gradient_clipping!r}")
     if segment_ids is not None:
         if not isinstance(segment_ids, (jax.Array, np.ndarray)) \
                 or tuple(segment_ids.shape) != (batch, seq_len):
@@ -235,3 +253,46 @@ def _validate(query, key, value, weight, forget_input, input_state, gradient_cli
                              f"[{np.nanmin(f):.4g}, {np.nanmax(f):.4g}]"
                              + (" (NaN present)" if np.isnan(f).any() else ""))
     return num_heads
+
+
+def _check_options(gradient_clipping, chunk_size, value_checks):
+    """Types and values of the op's static options (``resolve_backend`` checks ``backend``);
+    returns ``gradient_clipping`` as a float or None and ``chunk_size`` as an int or None."""
+    if gradient_clipping is not None:
+        if isinstance(gradient_clipping, bool) or not isinstance(gradient_clipping, numbers.Real):
+            raise TypeError(f"gradient_clipping must be None or a real number (int or float), "
+                            f"got {type(gradient_clipping).__name__} {gradient_clipping!r}")
+        gradient_clipping = float(gradient_clipping)
+        if not (math.isfinite(gradient_clipping) and gradient_clipping > 0):
+            raise ValueError(f"gradient_clipping must be a finite number > 0, "
+                             f"got {gradient_clipping!r}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+            raise TypeError(f"chunk_size must be None or an int, "
+                            f"got {type(chunk_size).__name__} {chunk_size!r}")
+        chunk_size = int(chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    if not isinstance(value_checks, str):
+        raise TypeError(f"value_checks must be a string, one of {VALUE_CHECKS}, "
+                        f"got {value_checks!r}")
+    if value_checks not in VALUE_CHECKS:
+        raise ValueError(f"value_checks must be one of {VALUE_CHECKS}, got {value_checks!r}")
+    return gradient_clipping, chunk_size
+
+
+def _checkify_values(query, key, value, weight, forget_input, input_state):
+    """``checkify.check``s of the inputs' values, which run under ``jit`` when the caller
+    functionalizes them with ``checkify.checkify`` (``value_checks="checkify"``)."""
+    f = forget_input.astype(jnp.float32)
+    # NaN fails both comparisons: a NaN forget value is reported here too.
+    checkify.check(jnp.all((f >= 0) & (f <= 1)),
+                   "m2rnn: forget_input must lie in [0, 1]; got values in [{low}, {high}]",
+                   low=jnp.min(f), high=jnp.max(f))
+    arrays = {"query": query, "key": key, "value": value, "weight": weight,
+              "input_state": input_state}
+    for arg, x in arrays.items():
+        if x is not None:
+            bad = jnp.sum(~jnp.isfinite(x))
+            checkify.check(bad == 0, f"m2rnn: {arg} has {{count}} non-finite values (NaN or inf)",
+                           count=bad)

@@ -210,8 +210,9 @@ def test_every_backend_keeps_the_contract(name):
             getattr(Backend, function), drop_self=True), (name, function)
     assert isinstance(module.DEFAULT_CHUNK_SIZE, int) and module.DEFAULT_CHUNK_SIZE >= 8
     assert module.choose_chunk_size(4096, None) == module.DEFAULT_CHUNK_SIZE
-    with pytest.raises(ValueError, match="chunk_size"):
-        module.choose_chunk_size(64, 0)
+    for bad in (0, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            module.choose_chunk_size(64, bad)
     spec = jax.ShapeDtypeStruct
     shapes = [spec((2, 8, 1, 1), jnp.float32), spec((2, 8, 1, 1), jnp.float32),
               spec((2, 8, 2, 4), jnp.float32), spec((2, 4, 4), jnp.float32),

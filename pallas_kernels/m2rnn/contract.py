@@ -17,8 +17,10 @@ What the op guarantees to ``forward`` and ``backward``:
 * ``h0``: float32 ``(B, N, K, V)``, zeros when the caller gave no initial state.
 * ``keep``: ``None``, or float32 ``(B, S)`` with 0 where a new document starts (the state is
   reset to zero before that step) and 1 elsewhere.
-* ``gradient_clipping``: ``None`` or a positive Python float; the rule is docs/math.md §2
-  (clamp the state gradient arriving from later steps, not ``dh0``).
+* ``gradient_clipping``: ``None`` or a finite positive Python float; the rule is docs/math.md
+  §2 (clamp the state gradient arriving from later steps, not ``dh0``).
+* ``jax_enable_x64`` may be on: the inputs keep the dtypes above, and a backend's own index
+  arithmetic stays int32 (``loops.fori_loop`` for its time loops).
 * ``checkpoints``, ``dy``, ``dh_final`` in ``backward``: this backend's own forward's
   checkpoints (``save_checkpoints=True``, same ``chunk_size``) and the cotangents of ``y``
   (``v``'s dtype) and of the final state (float32).
@@ -44,9 +46,10 @@ class Backend(Protocol):
         and dtypes are read; ``h0`` is the float32 ``(B, N, K, V)`` initial state."""
 
     def choose_chunk_size(self, seq_len: int, requested: int | None) -> int:
-        """The chunk (checkpoint interval) for ``seq_len`` steps: ``requested``, or
-        ``DEFAULT_CHUNK_SIZE`` when ``None``, fitted to the backend's tiling and to S; raises
-        ``ValueError`` for a request the backend cannot honour."""
+        """The chunk (checkpoint interval) for ``seq_len`` steps: ``requested`` (from the op:
+        ``None`` or a positive Python int), or ``DEFAULT_CHUNK_SIZE`` when ``None``, fitted to
+        the backend's tiling and to S; raises ``ValueError`` for a request the backend cannot
+        honour."""
 
     def forward(self, q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
         """``(y, h_final, checkpoints or None)``; see the module docstring."""

@@ -19,6 +19,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.m2rnn import triton_common as common
 from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
+from pallas_kernels.m2rnn.loops import fori_loop
 
 DEFAULT_CHUNK_SIZE = 64
 UNROLL = 8     # forward steps per loop iteration (their input loads issued together)
@@ -105,8 +106,9 @@ class _Step:
         self.refs = (q_ref, k_ref, v_ref, f_ref, keep_ref)
         self.b = pl.program_id(0)
         self.head = pl.program_id(1)
-        # lax.div: the lowering handles it directly (indices are non-negative).
-        self.group = lax.div(self.head, lay.heads_per_group)
+        # lax.div: the lowering handles it directly (indices are non-negative). Constants are
+        # int32 like the program ids, also under jax_enable_x64.
+        self.group = lax.div(self.head, jnp.int32(lay.heads_per_group))
         self.cols = pl.ds(self.head * lay.value_pad, lay.value_pad)
         # f is gathered per state column: column j belongs to head ``head + j // Vp`` (this
         # one), so f arrives as a row that broadcasts over the state like v.
@@ -148,16 +150,16 @@ def _forward_kernel(*refs, lay, chunk, has_keep, save_checkpoints, precision, w_
         t0 = i * UNROLL
         inputs = [step.load(t0 + j) for j in range(UNROLL)]
         if save_checkpoints:
-            @pl.when(lax.rem(i, groups_per_chunk) == 0)
+            @pl.when(lax.rem(i, jnp.int32(groups_per_chunk)) == 0)
             def _():
-                ckpt_ref[b, lax.div(i, groups_per_chunk), :, cols] = h
+                ckpt_ref[b, lax.div(i, jnp.int32(groups_per_chunk)), :, cols] = h
         for j in range(UNROLL):
             _, _, h = step.advance(h, inputs[j])
             y = jnp.sum(h * inputs[j][0][:, None], axis=0)
             y_ref[b, t0 + j, cols] = y.astype(y_ref.dtype)
         return h
 
-    h = lax.fori_loop(0, lay.seq_len // UNROLL, run_group, h0_ref[b, :, cols])
+    h = fori_loop(0, lay.seq_len // UNROLL, run_group, h0_ref[b, :, cols])
     h_final_ref[b, :, cols] = h
 
 
@@ -173,7 +175,9 @@ def _backward_kernel(*refs, lay, chunk, has_keep, precision, w_is_bf16, clip, sh
     step = _Step(lay, q_ref, k_ref, v_ref, f_ref, keep_ref, w, precision, w_is_bf16)
     w_t = w.T
     b, head, g_idx, cols = step.b, step.head, step.group, step.cols
-    key_slice = pl.ds(0, lay.key_pad)
+    # A static start on the GPU; an int32 one in the interpreter, whose atomic_add slices with
+    # the indices as given (a Python 0 would be int64 under jax_enable_x64).
+    key_slice = pl.ds(jnp.int32(0) if common.interpret() else 0, lay.key_pad)
 
     def clamp(x):
         return x if clip is None else jnp.clip(x, -clip, clip)

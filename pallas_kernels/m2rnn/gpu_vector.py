@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.m2rnn import triton_common as common
 from pallas_kernels.m2rnn.heads import sum_heads
+from pallas_kernels.m2rnn.loops import fori_loop
 
 DEFAULT_CHUNK_SIZE = 64
 BLOCK_ROWS = 16  # R: batch rows per program (the Triton dot's minimum; more spilled registers)
@@ -152,15 +153,15 @@ def _forward_kernel(*refs, lay, chunk, has_keep, save_checkpoints, w_is_bf16):
 
     def one_step(t, h):
         if save_checkpoints:
-            @pl.when(lax.rem(t, chunk) == 0)
+            @pl.when(lax.rem(t, jnp.int32(chunk)) == 0)
             def _():
-                ckpt_ref[n, lax.div(t, chunk), rows, :] = h
+                ckpt_ref[n, lax.div(t, jnp.int32(chunk)), rows, :] = h
         inputs = step.load(t)
         _, _, h = step.advance(h, inputs)
         y_ref[rows, t, n, :] = (inputs[0][:, None] * h).astype(y_ref.dtype)
         return h
 
-    h = lax.fori_loop(0, lay.seq_len, one_step, h0_ref[n, rows, :])
+    h = fori_loop(0, lay.seq_len, one_step, h0_ref[n, rows, :])
     h_final_ref[n, rows, :] = h
 
 

@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
+from pallas_kernels.m2rnn.loops import fori_loop
 
 DEFAULT_CHUNK_SIZE = 32
 _SUBLANES = 8  # steps per row tile: the time loop moves (8, lanes) tiles of v, f, y, ...
@@ -314,7 +315,7 @@ def _forward_kernel(*refs, layout, has_keep, save_checkpoints, q_groups, k_group
     state_ref = take()
 
     chunk = pl.program_id(2)
-    first_lane = lax.rem(chunk * layout.chunk, layout.column_lanes)  # in its column block
+    first_lane = lax.rem(chunk * layout.chunk, jnp.int32(layout.column_lanes))  # in its block
 
     @pl.when(chunk == 0)
     def _():
@@ -338,7 +339,7 @@ def _forward_kernel(*refs, layout, has_keep, save_checkpoints, q_groups, k_group
         y_ref[pl.ds(base, _SUBLANES), :] = y_tile
         return h
 
-    h = lax.fori_loop(0, layout.chunk // _SUBLANES, eight_steps, state_ref[...])
+    h = fori_loop(0, layout.chunk // _SUBLANES, eight_steps, state_ref[...])
     state_ref[...] = h
 
     @pl.when(chunk == layout.num_chunks - 1)
@@ -358,7 +359,7 @@ def _backward_kernel(*refs, layout, has_keep, gradient_clipping, q_groups, k_gro
 
     step = pl.program_id(2)
     chunk = layout.num_chunks - 1 - step
-    first_lane = lax.rem(chunk * layout.chunk, layout.column_lanes)  # in its column block
+    first_lane = lax.rem(chunk * layout.chunk, jnp.int32(layout.column_lanes))  # in its block
 
     @pl.when(step == 0)
     def _():
@@ -387,7 +388,7 @@ def _backward_kernel(*refs, layout, has_keep, gradient_clipping, q_groups, k_gro
                                      _row(v_tile, j), _row(f_tile, j))
         return h
 
-    lax.fori_loop(0, groups_per_chunk, recompute_eight_steps, checkpoint_ref[...])
+    fori_loop(0, groups_per_chunk, recompute_eight_steps, checkpoint_ref[...])
 
     def eight_steps_back(i_reversed, acc):
         g_later, dw = acc
@@ -422,7 +423,7 @@ def _backward_kernel(*refs, layout, has_keep, gradient_clipping, q_groups, k_gro
         return g_later, dw
 
     dw_zero = tuple(jnp.zeros((lanes, lanes), _F32) for _ in range(tiles))
-    grad, dw = lax.fori_loop(0, groups_per_chunk, eight_steps_back, (grad_ref[...], dw_zero))
+    grad, dw = fori_loop(0, groups_per_chunk, eight_steps_back, (grad_ref[...], dw_zero))
     grad_ref[...] = grad
     for i in range(tiles):
         dw_ref[i] += dw[i]
@@ -453,7 +454,7 @@ class _Specs:
         self.chunk_of = (lambda c: last - c) if reverse else (lambda c: c)
 
     def column_block(self, c):
-        return lax.div(self.chunk_of(c) * self.layout.chunk, self.layout.column_lanes)
+        return lax.div(self.chunk_of(c) * self.layout.chunk, jnp.int32(self.layout.column_lanes))
 
     def columns(self, groups):
         lay = self.layout

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.m2rnn.loops import fori_loop
+
 F32 = jnp.float32
 MATMUL = (((1,), (0,)), ((), ()))           # a @ b, for lax.dot_general
 TRANSPOSED_LHS = (((0,), (0,)), ((), ()))   # aᵀ @ b
@@ -33,7 +35,8 @@ def choose_chunk_size(seq_len, requested, *, default, quantum, backend):
     to the quantum."""
     if requested is None:
         requested = default
-    elif not isinstance(requested, int) or requested < 1 or requested % quantum:
+    elif isinstance(requested, bool) or not isinstance(requested, int) or requested < 1 \
+            or requested % quantum:
         raise ValueError(f"chunk_size for the {backend} backend must be a positive multiple of "
                          f"{quantum}, got {requested!r}")
     return min(requested, -(-seq_len // quantum) * quantum)
@@ -95,7 +98,7 @@ def walk_chunks_in_reverse(step, acc, *, num_chunks, chunk, subchunk, chunk_star
                 _, _, h = step.advance(h, step.load(t_chunk + s * subchunk + j))
             return h
 
-        h = lax.fori_loop(0, subs_per_chunk - 1, record, chunk_start(c))
+        h = fori_loop(0, subs_per_chunk - 1, record, chunk_start(c))
         store_scratch(subs_per_chunk - 1, h)
         barrier()  # other threads of the program read what this one wrote
 
@@ -103,8 +106,8 @@ def walk_chunks_in_reverse(step, acc, *, num_chunks, chunk, subchunk, chunk_star
             s = subs_per_chunk - 1 - i2
             return walk_back_sub_chunk(t_chunk + s * subchunk, load_scratch(s), acc)
 
-        acc = lax.fori_loop(0, subs_per_chunk, walk_back, acc)
+        acc = fori_loop(0, subs_per_chunk, walk_back, acc)
         barrier()  # the next chunk overwrites the scratch
         return acc
 
-    return lax.fori_loop(0, num_chunks, chunk_body, acc)
+    return fori_loop(0, num_chunks, chunk_body, acc)

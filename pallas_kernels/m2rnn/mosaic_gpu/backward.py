@@ -9,6 +9,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
+from pallas_kernels.m2rnn.loops import fori_loop
 from pallas_kernels.m2rnn.mosaic_gpu import common, warp_sums
 from pallas_kernels.m2rnn.mosaic_gpu.common import BF16, F32, KEY_DIM, VALUE_DIM
 
@@ -113,7 +114,7 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
                 return h
 
             h = plgpu.load(h_s, layout=wgmma_layout, optimized=False)
-            lax.fori_loop(0, subs, record, h)
+            fori_loop(0, subs, record, h)
             plgpu.commit_smem()  # sub_s is written (read back in another layout, maybe)
 
             # Phase 2: sub-chunks in reverse, recomputed into registers and walked back.
@@ -171,7 +172,7 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
                     plgpu.wgmma(acc_ref, xs_s.transpose((1, 0)), ds_s)
                 return g_later, dw
 
-            acc = lax.fori_loop(0, subs, walk_back, (g_later, dw))
+            acc = fori_loop(0, subs, walk_back, (g_later, dw))
             plgpu.commit_smem()  # every warp's sums are written
             if on_gpu:  # inline code: no layout inference on these small blocks
                 sum_partials(dvp_s, dv_s, 0)
@@ -192,7 +193,7 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
             plgpu.copy_smem_to_gmem(df_s, df_ref.at[b, n, steps])
             return acc
 
-        return lax.fori_loop(0, num_chunks, chunk_body, (g_later, dw))
+        return fori_loop(0, num_chunks, chunk_body, (g_later, dw))
 
     if on_gpu:
         def with_acc(acc_ref):

@@ -31,7 +31,8 @@ def choose_chunk_size(seq_len, requested):
     """``requested`` (default 32), a multiple of 8, at most S rounded up to 8."""
     if requested is None:
         requested = DEFAULT_CHUNK_SIZE
-    if not isinstance(requested, int) or requested < 8 or requested % 8:
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 8 \
+            or requested % 8:
         raise ValueError(f"chunk_size for the Mosaic GPU kernel must be a positive multiple of 8, "
                          f"got {requested!r}")
     return min(requested, -(-seq_len // 8) * 8)

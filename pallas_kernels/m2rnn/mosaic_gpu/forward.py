@@ -9,6 +9,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.m2rnn.heads import expand_heads
+from pallas_kernels.m2rnn.loops import fori_loop
 from pallas_kernels.m2rnn.mosaic_gpu import common
 from pallas_kernels.m2rnn.mosaic_gpu.common import BF16, F32, KEY_DIM, STAGE_SIZE, VALUE_DIM
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import store_warp_column_sums
@@ -83,17 +84,17 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, has_keep, sav
         return h
 
     def block_body(c, h):
-        slot = lax.rem(c, 2)
+        slot = lax.rem(c, jnp.int32(2))
         if save_checkpoints:
             # The state every ``ckpt_every`` staging blocks (the checkpoint interval), through
             # SMEM to (B, S/C, 64, N·16).
-            @pl.when(lax.rem(c, ckpt_every) == 0)
+            @pl.when(lax.rem(c, jnp.int32(ckpt_every)) == 0)
             def _():
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 h_smem[...] = h
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(
-                    h_smem, ckpt_ref.at[b, lax.div(c, ckpt_every), :,
+                    h_smem, ckpt_ref.at[b, lax.div(c, jnp.int32(ckpt_every)), :,
                                         pl.ds(head * VALUE_DIM, VALUE_DIM)])
         # Every thread is past its reads of the other slot (the last block): prefetch into it.
         plgpu.commit_smem()
@@ -105,7 +106,7 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, has_keep, sav
         plgpu.barrier_wait(in_barriers.at[slot])
         # The y slot written two blocks ago must have been read by its copy to GMEM.
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-        h = lax.fori_loop(0, chunk, lambda t, h: step(t, h, slot), h)
+        h = fori_loop(0, chunk, lambda t, h: step(t, h, slot), h)
         if on_gpu:
             plgpu.commit_smem()  # every warp's partial sums are written
             y_smem[slot] = (part_smem[0] + part_smem[1] + part_smem[2] + part_smem[3]).astype(
@@ -114,7 +115,7 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, has_keep, sav
         plgpu.copy_smem_to_gmem(y_smem.at[slot], y_ref.at[b, pl.ds(c * chunk, chunk), head])
         return h
 
-    h = lax.fori_loop(0, num_chunks, block_body, h)
+    h = fori_loop(0, num_chunks, block_body, h)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     h_smem[...] = h
     plgpu.commit_smem()
