@@ -70,8 +70,10 @@ class M2RNNConfig:
         require_positive_int(self.key_dim, "m2rnn.key_dim")
         require_positive_int(self.value_dim, "m2rnn.value_dim")
         require_positive_int(self.conv_kernel, "m2rnn.conv_kernel")
-        require(self.gradient_clipping is None or self.gradient_clipping > 0,
-                "m2rnn.gradient_clipping", f"must be None or > 0, got {self.gradient_clipping!r}")
+        require(self.gradient_clipping is None
+                or (math.isfinite(self.gradient_clipping) and self.gradient_clipping > 0),
+                "m2rnn.gradient_clipping",
+                f"must be None or a finite number > 0, got {self.gradient_clipping!r}")
         require(self.backend in BACKENDS, "m2rnn.backend",
                 f"must be one of {BACKENDS}, got {self.backend!r}")
         if self.chunk_size is not None:

@@ -276,6 +276,7 @@ def test_bad_configs_name_the_field():
         (dict(m2rnn=dict(backend="cuda")), "m2rnn.backend"),
         (dict(m2rnn=dict(key_dim=0)), "m2rnn.key_dim"),
         (dict(m2rnn=dict(gradient_clipping=-1.0)), "m2rnn.gradient_clipping"),
+        (dict(m2rnn=dict(gradient_clipping=float("inf"))), "m2rnn.gradient_clipping"),
         (dict(m2rnn=dict(dt_init_min=0.5, dt_init_max=0.1)), "m2rnn.dt_init_min"),
         (dict(m2rnn=dict(transition_init="orthogonal")), "m2rnn.transition_init"),
         (dict(m2rnn=dict(transition_scale=0.0)), "m2rnn.transition_scale"),
