@@ -50,6 +50,7 @@ def test_overrides_apply_with_yaml_values():
     ({"data": {"source": "web"}}, "data.source"),
     ({"checkpoint": {"keep": 0}}, "checkpoint.keep"),
     ({"data": {"batch_size": 6}, "optimizer": {"grad_accum_steps": 4}}, "data.batch_size"),
+    ({"on_nonfinite": "ignore"}, "on_nonfinite"),
 ])
 def test_config_errors_name_the_key(tmp_path, data, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -108,10 +109,11 @@ def test_every_logical_axis_of_the_model_is_in_the_table():
 def test_resume_keeps_the_saved_config_except_steps_mesh_and_logging():
     saved = load_train_config(TINY, ["steps=10", "optimizer.learning_rate=1e-3"])
     given = load_train_config(TINY, ["steps=25", "optimizer.learning_rate=5e-2", "mesh.fsdp=2",
-                                     "logging.eval_every=7"])
+                                     "logging.eval_every=7", "on_nonfinite=skip"])
     notes = []
     merged = resolve_resumed_config(given, train_config_to_dict(saved), log=notes.append)
     assert merged.steps == 25 and merged.mesh.fsdp == 2 and merged.logging.eval_every == 7
+    assert merged.on_nonfinite == "skip"
     assert merged.optimizer.learning_rate == 1e-3
     # Extending a run keeps the learning-rate schedule's length: no jump in the rate.
     assert merged.optimizer.schedule_steps == 10

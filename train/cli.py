@@ -1,9 +1,15 @@
-"""``m2rnn-train --config PATH [--steps N] [--out DIR] [key=value ...]``
+"""``m2rnn-train --config PATH [--steps N] [--out DIR] [--restart] [key=value ...]``
 
 Trains the model described by a YAML ``TrainConfig`` (see ``configs/tiny.yaml``). ``--out``
 receives checkpoints, ``metrics.jsonl``, ``loss.png`` and the effective ``config.yaml``;
-running again with the same ``--out`` resumes, ``--steps`` being the total to reach.
-Overrides use dotted keys with YAML values: ``optimizer.learning_rate=1e-3 mesh.fsdp=2``.
+running again with the same ``--out`` resumes, ``--steps`` being the total to reach;
+``--restart`` moves the previous run's files aside (under ``<out>/old_runs/``) and starts over.
+One run at a time may use an ``--out`` folder. Overrides use dotted keys with YAML values:
+``optimizer.learning_rate=1e-3 mesh.fsdp=2``.
+
+Errors in the config, the data or the run folder are reported in one line and exit with status
+2; a run that cannot go on (no restorable checkpoint, a non-finite loss, a folder in use) exits
+with 1; a run stopped by SIGINT / SIGTERM exits with 130 / 143 after saving a checkpoint.
 
 Several processes (multi-host): start one per host with ``JAX_COORDINATOR_ADDRESS=host:port
 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` (or under SLURM / Open MPI, detected automatically);
@@ -13,20 +19,25 @@ every process runs the same command with the same ``--out`` on a shared filesyst
 import argparse
 import sys
 
-from m2rnn_jax.typed_config import ConfigError
+from train.errors import add_debug_flag, run_command
 
 DEFAULT_OUT = "runs/default"
+PROG = "m2rnn-train"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="m2rnn-train", description=__doc__.split("\n\n")[1],
+        prog=PROG, description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML TrainConfig, e.g. configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=None,
                         help="total steps to reach (overrides the config's steps)")
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help=f"run folder: checkpoints, metrics, plots (default {DEFAULT_OUT})")
+    parser.add_argument("--restart", action="store_true",
+                        help="move the checkpoints and metrics already in --out aside (to "
+                             "<out>/old_runs/<time>/, nothing is deleted) and start from step 0")
+    add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. optimizer.learning_rate=1e-3")
     return parser.parse_args(argv)
@@ -34,27 +45,22 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return run_command(PROG, args.debug, lambda: _train(args))
+
+
+def _train(args) -> int:
     # Before anything touches a JAX backend: join the other processes if there are any.
     from train.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()
     from train.config import load_train_config
-    from train.data import DataError
     from train.trainer import train
 
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
-    try:
-        config = load_train_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"m2rnn-train: config error: {err}", file=sys.stderr)
-        return 2
-    try:
-        summary = train(config, args.out)
-    except (ConfigError, DataError) as err:
-        print(f"m2rnn-train: error: {err}", file=sys.stderr)
-        return 2
+    config = load_train_config(args.config, overrides)
+    summary = train(config, args.out, restart=args.restart)
     if summary["interrupted"]:
         return 130 if summary["reason"] == "SIGINT" else 143
     return 0

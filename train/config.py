@@ -2,15 +2,28 @@
 
 Load with ``load_train_config(path, overrides)``; every key is type-checked by
 ``m2rnn_jax.typed_config`` and every value range here, so a bad value fails before any work
-with an error naming its dotted key (``optimizer.learning_rate must be > 0, got -1.0``).
+with an error naming its dotted key (``optimizer.learning_rate must be > 0, got -1.0``). A
+config file must describe the model (a ``model`` section): the defaults alone are a
+410M-parameter model, never what an empty file meant.
+
+``on_nonfinite`` says what a step whose loss or gradient norm is not finite (NaN or inf) does.
+Every step checks on the device, without waiting for the host; the host reads the result when
+it logs, evaluates or saves, and never saves a state that is not finite. ``stop`` (default) ends
+the run with an error naming the first such step; the checkpoints on disk are the last good
+state. ``skip`` leaves the parameters, the optimizer state and the learning-rate schedule as
+they were for that step (also when its update would make them non-finite), goes on, and
+counts the skipped steps in ``metrics.jsonl`` (``skipped_steps``). A resumed run may change it.
 """
 
 import dataclasses
 from typing import Literal
 
+import yaml
+
 from m2rnn_jax.config import ModelConfig
-from m2rnn_jax.typed_config import (ConfigError, from_dict, load_yaml, override, require,
-                                    require_positive, require_positive_int, to_dict)
+from m2rnn_jax.layers.registry import mixer_class
+from m2rnn_jax.typed_config import (ConfigError, from_dict, override, require, require_positive,
+                                    require_positive_int, to_dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +127,7 @@ class TrainConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a step with a NaN/inf loss or gradient
 
     def __post_init__(self):
         require_positive_int(self.steps, "steps")
@@ -133,11 +147,50 @@ def train_config_from_dict(data) -> TrainConfig:
 
 def load_train_config(path, overrides=()) -> TrainConfig:
     """Reads a YAML file and applies ``key=value`` overrides (dotted keys, YAML values)."""
+    data = read_config_file(path)
+    config = from_dict(TrainConfig, data)
+    if not data:
+        raise ConfigError(f"config file {path} is empty: it must at least describe the model "
+                          f"to train in a 'model' section (see configs/tiny.yaml)")
+    if "model" not in data:
+        raise ConfigError(f"config file {path} does not describe the model to train: add a "
+                          f"'model' section (see configs/tiny.yaml)")
+    return override(config, list(overrides)) if overrides else config
+
+
+def require_registered_mixers(model_config: ModelConfig, key="model.layer_pattern"):
+    """``ConfigError`` naming ``key`` unless every letter of the layer pattern has a mixer
+    (checked when the model is about to be built: other modules may register letters)."""
+    for letter in dict.fromkeys(model_config.layer_pattern):
+        try:
+            mixer_class(letter)
+        except ValueError as err:
+            raise ConfigError(f"{key} {model_config.layer_pattern!r}: {err}") from err
+
+
+def read_config_file(path) -> dict:
+    """The mapping a YAML config file holds (``{}`` for an empty file); ``ConfigError`` when
+    the file is missing, unreadable, not YAML or not a mapping."""
     try:
-        config = load_yaml(TrainConfig, path)
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
     except FileNotFoundError as err:
         raise ConfigError(f"config file {path} does not exist") from err
-    return override(config, list(overrides)) if overrides else config
+    except IsADirectoryError as err:
+        raise ConfigError(f"config file {path} is a folder, not a YAML file") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from err
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{at}: {problem}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got "
+                          f"{type(data).__name__}")
+    return data
 
 
 def train_config_to_dict(config: TrainConfig) -> dict:

@@ -22,17 +22,21 @@ that start a new document.
 import dataclasses
 import pathlib
 import sysconfig
+import zipfile
 import zlib
 
 import numpy as np
 
 from m2rnn_jax.typed_config import ConfigError
+from train.errors import UserError
 
 BYTE_VOCAB_SIZE = 256
 TOKEN_FILE_SUFFIXES = (".npy", ".npz")
+# How each kind of token file starts: NumPy's array header, a zip archive's first entry.
+_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK\x03\x04"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file cannot be used (wrong format, empty split)."""
 
 
@@ -79,21 +83,37 @@ def read_bytes(path) -> np.ndarray:
 
 def read_token_documents(path) -> list:
     path = pathlib.Path(path)
+    if path.suffix not in TOKEN_FILE_SUFFIXES:
+        raise DataError(f"token file {path} must end in {' or '.join(TOKEN_FILE_SUFFIXES)}")
+    with open(path, "rb") as fh:
+        start = fh.read(len(_MAGIC[path.suffix]))
+    if start != _MAGIC[path.suffix]:
+        # (np.load would call it "pickled data", whatever it holds.)
+        raise DataError(f"token file {path} is not a NumPy {path.suffix} file: it does not "
+                        f"start with the {path.suffix} format's header")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as err:
+        raise DataError(f"token file {path} cannot be read as {path.suffix} (cut short or "
+                        f"damaged?): {err}") from err
     if path.suffix == ".npy":
-        tokens = np.load(path, allow_pickle=False)
-        return [_check_tokens(tokens, path)]
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
+        return [_check_tokens(loaded, path)]
+    try:
+        with loaded as archive:
             if "tokens" not in archive or "lengths" not in archive:
                 raise DataError(f"token file {path} must hold arrays 'tokens' and 'lengths', "
-                                 f"has {sorted(archive.keys())}")
+                                f"has {sorted(archive.keys())}")
             tokens = _check_tokens(archive["tokens"], path)
             lengths = np.asarray(archive["lengths"])
-        if lengths.ndim != 1 or np.any(lengths < 0) or int(lengths.sum()) != tokens.size:
-            raise DataError(f"token file {path}: 'lengths' must be non-negative and sum to "
-                             f"len(tokens) = {tokens.size}")
-        return np.split(tokens, np.cumsum(lengths)[:-1])
-    raise DataError(f"token file {path} must end in {' or '.join(TOKEN_FILE_SUFFIXES)}")
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"token file {path}: an array of the .npz archive cannot be read "
+                        f"({err})") from err
+    if lengths.ndim != 1 or np.any(lengths < 0) or int(lengths.sum()) != tokens.size:
+        raise DataError(f"token file {path}: 'lengths' must be non-negative and sum to "
+                        f"len(tokens) = {tokens.size}")
+    return np.split(tokens, np.cumsum(lengths)[:-1])
 
 
 def _check_tokens(tokens, path):

@@ -2,6 +2,9 @@
 
     m2rnn-generate --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 200 \\
         --temperature 0.8 --top-p 0.95 --seed 0
+
+Errors (a folder without a restorable checkpoint, bad arguments) are reported in one line
+(``--debug`` shows the traceback).
 """
 
 import argparse
@@ -9,11 +12,14 @@ import sys
 
 from m2rnn_jax.generation import ByteDecoder, Generator, check_sampling, encode
 from train.checkpointing import restore_for_inference
+from train.errors import UserError, add_debug_flag, run_command
+
+PROG = "m2rnn-generate"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="m2rnn-generate", description="Continue a prompt with a trained HybridLM "
+        prog=PROG, description="Continue a prompt with a trained HybridLM "
         "(byte-level tokens), streaming the text as it is generated.")
     parser.add_argument("--checkpoint", required=True,
                         help="the --out folder of m2rnn-train (its newest readable checkpoint)")
@@ -26,31 +32,44 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], metavar="CHAR",
                         help="stop at this one-byte character (repeatable), e.g. --stop $'\\n'")
+    add_debug_flag(parser)
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     args = parse_args(argv)
+    return run_command(PROG, args.debug, lambda: generate(args))
+
+
+def _encode_argument(text, flag) -> list:
+    try:
+        return encode(text)
+    except UnicodeEncodeError:
+        # The shell passed bytes that are not UTF-8 (Python keeps them as surrogates).
+        raise UserError(f"{flag} is not valid UTF-8 text") from None
+
+
+def generate(args):
     if args.max_new_tokens < 1:
-        sys.exit("m2rnn-generate: --max-new-tokens must be >= 1")
+        raise UserError("--max-new-tokens must be >= 1")
     stop_tokens = []
     for text in args.stop:
-        encoded = encode(text)
+        encoded = _encode_argument(text, "--stop")
         if len(encoded) != 1:
-            sys.exit(f"m2rnn-generate: --stop {text!r} must be a single one-byte character")
+            raise UserError(f"--stop {text!r} must be a single one-byte character")
         stop_tokens.append(encoded[0])
-    prompt = encode(args.prompt)
+    prompt = _encode_argument(args.prompt, "--prompt")
     if not prompt:
-        sys.exit("m2rnn-generate: --prompt must not be empty")
+        raise UserError("--prompt must not be empty")
 
     config, model = restore_for_inference(args.checkpoint, step=args.step)
     if config.vocab_size < 256:
-        sys.exit(f"m2rnn-generate: the model's vocab_size {config.vocab_size} is below 256, so it "
-                 f"was not trained on byte-level tokens")
+        raise UserError(f"the model's vocab_size {config.vocab_size} is below 256, so it was "
+                        f"not trained on byte-level tokens")
     try:
         check_sampling(args.temperature, args.top_k, args.top_p, config.vocab_size)
     except ValueError as err:
-        sys.exit(f"m2rnn-generate: {err}")
+        raise UserError(str(err)) from err
 
     decoder = ByteDecoder()
     out = sys.stdout
@@ -70,4 +89,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

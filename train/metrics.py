@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import pathlib
 
 METRICS_FILE = "metrics.jsonl"
@@ -13,20 +14,21 @@ class MetricsLog:
 
     Records are ``{"kind": "train" | "eval", "step": int, ...}``. On resume, records past the
     resumed step (written after the checkpoint by the interrupted run) are dropped, so the file
-    reads like one uninterrupted run.
+    reads like one uninterrupted run; so is a line cut short by a crash while it was written
+    (with a warning). The file is rewritten whole or not at all.
     """
 
-    def __init__(self, out_dir, *, resume_step=None, enabled=True):
+    def __init__(self, out_dir, *, resume_step=None, enabled=True, log=print):
         self.path = pathlib.Path(out_dir) / METRICS_FILE
         self.enabled = enabled
         if not enabled:
             return
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_records(self.path, log=log) if r["step"] <= resume_step]
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(partial, self.path)
 
     def write(self, kind: str, step: int, **values):
         if not self.enabled:
@@ -44,9 +46,26 @@ def _plain(value):
     return value
 
 
-def read_metrics(out_dir) -> list:
-    path = pathlib.Path(out_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(out_dir, *, log=print) -> list:
+    return read_records(pathlib.Path(out_dir) / METRICS_FILE, log=log)
+
+
+def read_records(path, *, log=print) -> list:
+    """The records of a metrics file; a line that is not a whole record (the last one, cut
+    short by a crash, as a rule) is dropped with a warning."""
+    records = []
+    for number, line in enumerate(pathlib.Path(path).read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record["step"] = int(record["step"])
+        except (ValueError, TypeError, KeyError):
+            log(f"WARNING: {path} line {number} is not a whole record (cut short when a run "
+                f"stopped?); dropping it: {line[:80]!r}")
+            continue
+        records.append(record)
+    return records
 
 
 def plot_losses(out_dir, *, unigram_bits=None, bits_label="bits per byte") -> pathlib.Path:

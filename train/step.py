@@ -1,8 +1,17 @@
 """Sharded training state and the jitted train / eval steps.
 
-The state is a plain pytree ``{"params", "opt_state", "step", "rng"}`` (parameters in the
-pure-dict form of the model's ``nnx.State``), so jit shardings, Orbax and optax all see the same
-structure. Shardings come from the parameters' logical axes through ``train.sharding``.
+The state is a plain pytree ``{"params", "opt_state", "step", "rng", "health"}`` (parameters
+in the pure-dict form of the model's ``nnx.State``), so jit shardings, Orbax and optax all see
+the same structure. Shardings come from the parameters' logical axes through
+``train.sharding``.
+
+``health`` is a small record the train step keeps on the device: the loop step, how many steps
+had a non-finite loss or gradient norm, and the first of them. Nothing waits for it; the loop
+reads it when the host syncs anyway (logging, evaluation, saving). It is not checkpointed (a
+restored run starts it again with ``init_health``). With ``on_nonfinite = "skip"`` such a step,
+or one whose update would make the state non-finite, leaves the rest of the state as it was
+(``step`` included, so the learning-rate schedule waits too); with ``"stop"`` the step is
+computed exactly as without the check.
 """
 
 import dataclasses
@@ -33,6 +42,8 @@ class Trainee:
     train_step: object  # (state, batch) -> (state, metrics)
     eval_step: object  # (params, batch) -> (loss_sum, target_count)
     init_state: object  # () -> sharded initial state
+    init_health: object  # (step) -> the state's health record for a run restored at that step
+    state_is_finite: object  # (state) -> bool array: every float in the state is finite
 
     @property
     def num_params(self) -> int:
@@ -63,6 +74,28 @@ def loss_sums(graphdef, params, tokens, segment_ids):
     return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
 
 
+def all_finite(tree):
+    """A scalar bool: every floating-point leaf of ``tree`` is finite."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
+def health_at(step):
+    """The health record of a run at ``step`` with no non-finite step seen."""
+    return {"step": jnp.asarray(step, jnp.int32), "nonfinite": jnp.zeros((), jnp.int32),
+            "first_nonfinite": jnp.full((), -1, jnp.int32)}
+
+
+def record_health(health, finite):
+    """``health`` after one more step, finite or not."""
+    step = health["step"] + 1
+    first = jnp.where((health["first_nonfinite"] < 0) & ~finite, step,
+                      health["first_nonfinite"])
+    return {"step": step, "nonfinite": health["nonfinite"] + (~finite).astype(jnp.int32),
+            "first_nonfinite": first}
+
+
 def build_trainee(config, mesh) -> Trainee:
     """Model, optimizer and jitted steps of a ``TrainConfig`` on ``mesh``."""
     ways = sharding.batch_ways(mesh)
@@ -82,9 +115,11 @@ def build_trainee(config, mesh) -> Trainee:
     opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, param_shardings,
                                           transform_non_params=lambda _: replicated)
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
-                       "step": replicated, "rng": replicated}
+                       "step": replicated, "rng": replicated,
+                       "health": {key: replicated for key in health_at(0)}}
 
     model_config, seed, remat = config.model, config.seed, config.remat
+    skip_nonfinite = config.on_nonfinite == "skip"
 
     def init_state(seed_value):
         model = HybridLM(model_config, rngs=nnx.Rngs(jax.random.key(seed_value)), remat=remat)
@@ -92,7 +127,8 @@ def build_trainee(config, mesh) -> Trainee:
         return {"params": params, "opt_state": optimizer.init(params),
                 "step": jnp.zeros((), jnp.int32),
                 # Kept and checkpointed for stochastic layers; the current model has none.
-                "rng": jax.random.key_data(jax.random.key(seed_value + 1))}
+                "rng": jax.random.key_data(jax.random.key(seed_value + 1)),
+                "health": health_at(0)}
 
     accum = config.optimizer.grad_accum_steps
     # Batches arrive as (accum, micro_batch, seq_len + 1); the micro-batch axis is sharded.
@@ -123,10 +159,17 @@ def build_trainee(config, mesh) -> Trainee:
             zeros = jax.tree.map(jnp.zeros_like, params)
             (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
                                             batch)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": state["rng"]}
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            finite &= all_finite((new_state["params"], new_state["opt_state"]))
+            new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                                     {key: state[key] for key in new_state})
+        new_state["health"] = record_health(state["health"], finite)
+        metrics = {"loss": loss, "grad_norm": grad_norm,
                    "learning_rate": schedule(state["step"]), "targets": num_targets}
         return new_state, metrics
 
@@ -141,9 +184,13 @@ def build_trainee(config, mesh) -> Trainee:
     # the random initialisation (folding it makes the compilation slow on large models).
     jitted_init = functools.partial(jax.jit(init_state, out_shardings=state_shardings),
                                     jnp.asarray(seed, jnp.int32))
+    jitted_health = jax.jit(health_at, out_shardings=state_shardings["health"])
     return Trainee(graphdef=graphdef, abstract_params=abstract_params, optimizer=optimizer,
                    schedule=schedule, mesh=mesh, state_shardings=state_shardings,
-                   train_step=jitted_train, eval_step=jitted_eval, init_state=jitted_init)
+                   train_step=jitted_train, eval_step=jitted_eval, init_state=jitted_init,
+                   init_health=lambda step: jitted_health(jnp.asarray(step, jnp.int32)),
+                   state_is_finite=jax.jit(all_finite, in_shardings=(state_shardings,),
+                                           out_shardings=replicated))
 
 
 def put_batch(batch, trainee: Trainee, *, accum_steps=None):

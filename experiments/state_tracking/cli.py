@@ -14,7 +14,8 @@ kill loses at most the last minute); running the same command again continues ev
 run from there (``--restart`` starts over), so a long run can be split over many invocations. A
 run may continue under a new learning-rate schedule or step count (``--steps``, ``--lr``,
 ``--set train.warmup_steps=...`` or ``train.min_lr_ratio``); any other change of settings is
-refused with the file's name.
+refused with the file's name. Errors in the settings are reported in one line (exit status 2;
+``--debug`` shows the traceback).
 """
 
 import argparse
@@ -31,13 +32,16 @@ from m2rnn_experiments.state_tracking.config import ExperimentConfig
 from m2rnn_experiments.state_tracking.groups import from_generators, group_by_name
 from m2rnn_experiments.state_tracking.report import summary_table, write_all
 from m2rnn_experiments.state_tracking.training import ModelRunner
-from m2rnn_jax.typed_config import ConfigError, from_dict, load_yaml, override
+from m2rnn_jax.typed_config import ConfigError, from_dict, override
+from train.config import read_config_file, require_registered_mixers
+from train.errors import add_debug_flag, run_command
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+PROG = "m2rnn-state-tracking"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="m2rnn-state-tracking", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--config", help="experiment YAML (default: experiments/state_tracking/"
                                     "configs/<group>.yaml, else s5.yaml)")
     p.add_argument("--group", help="S<n>, A<n>, Z<n> or D<n> (task.group)")
@@ -61,6 +65,7 @@ def parse_args(argv):
     p.add_argument("--restart", action="store_true",
                    help="delete the runs' checkpoints in the output folder first (by default a "
                         "run resumes from its checkpoint there)")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -70,7 +75,7 @@ def load_config(args):
     if path is None:
         by_group = CONFIG_DIR / f"{(args.group or 's5').lower()}.yaml"
         path = by_group if by_group.exists() else CONFIG_DIR / "s5.yaml"
-    config = load_yaml(ExperimentConfig, path)
+    config = from_dict(ExperimentConfig, read_config_file(path))
     flags = {"task.group": args.group, "train.steps": args.steps, "train.seeds": args.seeds,
              "train.first_seed": args.first_seed, "train.seeds_per_step": args.seeds_per_step,
              "task.train_length": args.train_len, "train.batch_size": args.batch_size,
@@ -91,19 +96,32 @@ def load_config(args):
         for assignment in model_changes:
             _set_nested(data, assignment)
         config = from_dict(ExperimentConfig, data)
+    for name in config.model_names:
+        require_registered_mixers(config.model_config(name, vocab_size=2),
+                                  key=f"models.{name}.layer_pattern")
+    build_group(config.task)  # a bad group fails here, before any work
     return config, path
 
 
 def build_group(task):
-    if task.generators is not None:
-        return from_generators(task.generators, name=task.group)
-    return group_by_name(task.group)
+    try:
+        if task.generators is not None:
+            return from_generators(task.generators, name=task.group)
+        return group_by_name(task.group)
+    except ValueError as err:
+        key = "task.generators" if task.generators is not None else "task.group"
+        raise ConfigError(f"{key}: {err}") from err
 
 
 def main(argv=None) -> int:
-    """The console script: runs the experiment, returns the exit status (0)."""
-    run_experiment(sys.argv[1:] if argv is None else argv)
-    return 0
+    """The console script: runs the experiment; the exit status (0, or that of an error)."""
+    argv = sys.argv[1:] if argv is None else argv
+
+    def body():
+        run_experiment(argv)
+
+    return run_command(PROG, parse_args(argv).debug, body,
+                       user_errors=(checkpoint.ResumeError,))
 
 
 def run_experiment(argv) -> list:
@@ -185,7 +203,7 @@ def _int_list(text, flag):
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"{flag} must be comma-separated integers, got {text!r}") from None
+        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
 def _yaml(value):
