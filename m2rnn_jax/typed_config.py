@@ -74,20 +74,33 @@ def override(config, assignments):
     """Returns ``config`` with ``["model.d_model=256", ...]`` applied (values parsed as YAML)."""
     data = to_dict(config)
     for assignment in assignments:
-        if "=" not in assignment:
-            raise ConfigError(f"override {assignment!r} must look like key=value")
-        key, raw = assignment.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"unknown config key: {'.'.join(parts[:i + 1])} (in override "
-                                  f"{assignment!r})")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(f"unknown config key: {key.strip()} (in override {assignment!r})")
-        node[parts[-1]] = yaml.safe_load(raw)
+        assign(data, assignment)
     return from_dict(type(config), data)
+
+
+def assign(data, assignment, open_depth=None):
+    """Applies one ``"a.b.c=value"`` (value parsed as YAML) to the nested dict ``data``.
+
+    Every key must exist, except below the first ``open_depth`` levels (when given), where
+    missing levels are created: a mapping of free-form entries, checked later by ``from_dict``.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts):
+        is_open = open_depth is not None and i >= open_depth
+        if part not in node and not is_open:
+            raise ConfigError(f"unknown config key: {'.'.join(parts[:i + 1])} (in override "
+                              f"{assignment!r})")
+        if i == len(parts) - 1:
+            node[part] = yaml.safe_load(raw)
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {'.'.join(parts[:i + 1])} is not a mapping (in "
+                                  f"override {assignment!r})")
 
 
 def _join(path, name):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from jax.sharding import PartitionSpec as P
 
-from m2rnn_jax.typed_config import ConfigError
+from m2rnn_jax.typed_config import ConfigError, assign
 from train import cli, sharding
 from train.config import TrainConfig, load_train_config, train_config_from_dict, \
     train_config_to_dict
@@ -60,6 +60,22 @@ def test_config_errors_name_the_key(tmp_path, data, key):
 def test_override_of_an_unknown_key_names_it():
     with pytest.raises(ConfigError, match=r"optimizer\.lr"):
         load_train_config(TINY, ["optimizer.lr=1"])
+
+
+def test_assign_creates_levels_only_below_the_open_depth():
+    data = {"models": {"m2rnn": {"d_model": 8}}, "train": {"steps": 1}}
+    assign(data, "models.m2rnn.m2rnn.key_dim=4", open_depth=2)
+    assign(data, "train.steps=3")
+    assert data == {"models": {"m2rnn": {"d_model": 8, "m2rnn": {"key_dim": 4}}},
+                    "train": {"steps": 3}}
+    for assignment, depth in (("models.other.d_model=8", 2), ("train.stepz=3", None),
+                              ("task.x=1", None)):
+        with pytest.raises(ConfigError, match="unknown config key"):
+            assign(data, assignment, open_depth=depth)
+    with pytest.raises(ConfigError, match="is not a mapping"):
+        assign(data, "train.steps.x=1")
+    with pytest.raises(ConfigError, match="key=value"):
+        assign(data, "train.steps")
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):

@@ -25,14 +25,12 @@ import pathlib
 import sys
 import time
 
-import yaml
-
 from m2rnn_experiments.state_tracking import checkpoint
 from m2rnn_experiments.state_tracking.config import ExperimentConfig
 from m2rnn_experiments.state_tracking.groups import from_generators, group_by_name
 from m2rnn_experiments.state_tracking.report import summary_table, write_all
 from m2rnn_experiments.state_tracking.training import ModelRunner
-from m2rnn_jax.typed_config import ConfigError, from_dict, override
+from m2rnn_jax.typed_config import ConfigError, assign, from_dict, override
 from train.config import read_config_file, require_registered_mixers
 from train.errors import add_debug_flag, run_command
 
@@ -94,7 +92,8 @@ def load_config(args):
     if model_changes:
         data = dataclasses.asdict(config)
         for assignment in model_changes:
-            _set_nested(data, assignment)
+            # models.<name> must exist; below it any key may be set (from_dict checks it).
+            assign(data, assignment, open_depth=2 if assignment.startswith("models.") else None)
         config = from_dict(ExperimentConfig, data)
     for name in config.model_names:
         require_registered_mixers(config.model_config(name, vocab_size=2),
@@ -175,26 +174,6 @@ def run_experiment(argv) -> list:
     print(f"\n{summary_table(rows)}\n\ntotal {time.perf_counter() - start:.0f}s; wrote "
           f"{', '.join(str(p) for p in paths.values())}", flush=True)
     return results
-
-
-def _set_nested(data, assignment):
-    """Applies ``"models.m2rnn.m2rnn.key_dim=32"`` to a plain dict, creating missing levels."""
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like key=value")
-    key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
-    free_depth = 2 if parts[0] == "models" else 1  # models.<name> must exist, then anything
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        if i >= free_depth or part in node:
-            node = node.setdefault(part, {})
-        else:
-            raise ConfigError(f"unknown config key: {'.'.join(parts[:i + 1])} (in override "
-                              f"{assignment!r})")
-        if not isinstance(node, dict):
-            raise ConfigError(f"config key {'.'.join(parts[:i + 1])} is not a mapping (in "
-                              f"override {assignment!r})")
-    node[parts[-1]] = yaml.safe_load(raw)
 
 
 def _int_list(text, flag):
