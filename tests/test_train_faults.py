@@ -29,17 +29,6 @@ from train.trainer import NonFiniteError
 STEPS = 4  # checkpoints at 2 and 4
 
 
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    from train import data as data_lib
-
-    folder = tmp_path_factory.mktemp("corpus")
-    small = [f for f in data_lib.stdlib_python_files() if 2_000 < f.stat().st_size < 12_000]
-    for i, source in enumerate(small[:8]):
-        shutil.copy(source, folder / f"{i}_{source.name}")
-    return folder
-
-
 @pytest.fixture(scope="module", autouse=True)
 def compile_once():
     """One compiled trainee per model, optimizer and data settings: the logging and checkpoint

@@ -5,7 +5,6 @@ matches one device; the generation CLI's restore gives back the trained model.""
 import functools
 import json
 import os
-import shutil
 import signal
 
 import jax
@@ -41,16 +40,6 @@ def tiny_config(corpus_dir, **overrides) -> TrainConfig:
         section, name = key.split("__")
         config[section][name] = value
     return from_dict(TrainConfig, config)
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    """A few small standard-library sources: real text whose bytes are learnable."""
-    folder = tmp_path_factory.mktemp("corpus")
-    small = [f for f in data_lib.stdlib_python_files() if 2_000 < f.stat().st_size < 12_000]
-    for i, source in enumerate(small[:8]):
-        shutil.copy(source, folder / f"{i}_{source.name}")
-    return folder
 
 
 @pytest.fixture(scope="module", autouse=True)
