@@ -37,7 +37,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from m2rnn_jax import HybridLM, ModelConfig
