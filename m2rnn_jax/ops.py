@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from m2rnn_jax.segments import keep_mask
+
 # Backend name -> the module implementing it (imported on first use).
 BACKEND_MODULES = {
     "scan": "m2rnn_jax.reference",
@@ -64,17 +66,19 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
         pick ``mosaic_gpu`` for inputs it supports (Hopper), else ``pallas_gpu_vector`` when
         K = 1, else ``pallas_gpu``.
       chunk_size: steps per chunk (state checkpoint interval), a positive int (not a bool);
-        ``None`` takes the backend's.
+        ``None`` takes the backend's default. Every backend runs every request: capped at S and
+        rounded up to a size its kernels run (the chunk rule of
+        ``pallas_kernels.m2rnn.contract``); the function computed does not depend on it.
       value_checks: where the *values* of the inputs are checked (docs/kernels.md, "What the op
-        checks, and where"). ``"host"`` (the default, free): ``forget_input`` in [0, 1], only when it is a
-        NumPy or CPU array the op can read at once; under ``jit``, ``grad`` or ``vmap`` no value
-        is checked, and NaN or infinite inputs flow through to ``y``, the state and the
-        gradients. ``"checkify"``: the op also emits ``jax.experimental.checkify`` checks that
-        ``forget_input`` lies in [0, 1] and that every floating input is finite, which run under
-        ``jit``; the caller wraps the function in ``checkify.checkify`` (``err, out =
-        checkify.checkify(jax.jit(loss))(...)``; ``err.throw()`` raises the first failure,
-        naming the argument). Outside ``checkify`` a jitted function with these checks fails
-        to trace; eagerly, a failing check raises at once.
+        checks, and where"). ``"host"`` (the default, free): ``forget_input`` in [0, 1], only
+        when it is a NumPy or CPU array the op can read at once; under ``jit``, ``grad`` or
+        ``vmap`` no value is checked, and NaN or infinite inputs flow through to ``y``, the
+        state and the gradients. ``"checkify"``: the op also emits ``jax.experimental.checkify``
+        checks that ``forget_input`` lies in [0, 1] and that every floating input is finite,
+        which run under ``jit``; the caller wraps the function in ``checkify.checkify``
+        (``err, out = checkify.checkify(jax.jit(loss))(...)``; ``err.throw()`` raises the first
+        failure, naming the argument). Outside ``checkify`` a jitted function with these checks
+        fails to trace; eagerly, a failing check raises at once.
 
     Shapes, dtypes and the types of the arguments are always checked, when the op is traced:
     ``TypeError`` for an argument of the wrong type, ``ValueError`` for a wrong shape or value.
@@ -96,7 +100,7 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
         h0 = jnp.zeros((batch, num_heads, key_dim, value_dim), jnp.float32)
     else:
         h0 = input_state.astype(jnp.float32)
-    keep = None if segment_ids is None else keep_mask(segment_ids)
+    keep = keep_mask(segment_ids)
 
     pad = -seq_len % chunk
     q, k, v, f = query, key, value, forget_input
@@ -132,13 +136,6 @@ def _recurrence_bwd(backend, chunk_size, gradient_clipping, residuals, cotangent
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
-
-
-def keep_mask(segment_ids):
-    """1.0 where step t continues step t-1's document, 0.0 where a new document starts."""
-    same = segment_ids[:, 1:] == segment_ids[:, :-1]
-    first = jnp.ones((segment_ids.shape[0], 1), bool)
-    return jnp.concatenate([first, same], axis=1).astype(jnp.float32)
 
 
 def resolve_backend(backend, query, key, value, weight, forget_input):

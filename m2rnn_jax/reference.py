@@ -10,6 +10,7 @@ chunk's states from it, so memory grows as S/C rather than S.
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.m2rnn import contract
 from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
 
 DEFAULT_CHUNK_SIZE = 64
@@ -24,12 +25,8 @@ def supports(q, k, v, w, f, h0):
 
 
 def choose_chunk_size(seq_len, requested):
-    """``requested`` (default 64), at most S."""
-    if requested is None:
-        requested = DEFAULT_CHUNK_SIZE
-    elif isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {requested!r}")
-    return min(requested, seq_len)
+    """The contract's chunk rule; the scan runs any chunk size."""
+    return contract.fit_chunk_size(seq_len, requested, default=DEFAULT_CHUNK_SIZE)
 
 
 def _to_chunks(x, chunk_size):

@@ -13,7 +13,7 @@ import pytest
 
 from numpy_reference import relative_error
 from m2rnn_jax import m2rnn, reference
-from pallas_kernels.m2rnn import gpu, triton_common
+from pallas_kernels.m2rnn import gpu, platforms, triton_common
 
 F32_TOLERANCE = 1e-4
 BF16_TOLERANCE = 1e-2
@@ -157,11 +157,12 @@ def test_chunk_size_choice_and_errors():
     assert gpu.choose_chunk_size(4096, None) == gpu.DEFAULT_CHUNK_SIZE
     assert gpu.choose_chunk_size(13, None) == 16  # rounded up to the chunk quantum, not 64
     assert gpu.choose_chunk_size(4096, 128) == 128
-    with pytest.raises(ValueError, match="chunk_size"):
-        gpu.choose_chunk_size(100, 12)
+    assert gpu.choose_chunk_size(100, 12) == 16  # a request is rounded up, not refused
     (q, k, v, w, f, h0), _, _ = _problem(17, 1, 16, (1, 1, 2, 2, 2), 4, 4)
-    with pytest.raises(ValueError, match="chunk_size must be a multiple of 8"):
+    with pytest.raises(ValueError, match="chunk_size 4 is not a size the pallas_gpu kernels"):
         gpu.forward(q, k, v, w, f, h0, None, chunk_size=4, save_checkpoints=False)
+    with pytest.raises(ValueError, match="dividing S = 16"):
+        gpu.forward(q, k, v, w, f, h0, None, chunk_size=24, save_checkpoints=False)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -173,7 +174,7 @@ def test_op_lowers_to_triton_for_an_h200(monkeypatch, dtype):
 
     monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
                         lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
-    monkeypatch.setattr(triton_common, "interpret", lambda: False)
+    monkeypatch.setattr(platforms, "interpret", lambda platform: False)
     spec = jax.ShapeDtypeStruct
     args = [spec((2, 40, 1, 64), dtype), spec((2, 40, 1, 64), dtype),
             spec((2, 40, 4, 16), dtype), spec((4, 16, 16), dtype), spec((2, 40, 4), dtype),

@@ -10,7 +10,7 @@ from numpy_reference import relative_error
 from test_kernel_gpu import BF16_TOLERANCE, F32_TOLERANCE, _assert_close, _outputs_and_grads, \
     _problem
 from m2rnn_jax import ops, reference
-from pallas_kernels.m2rnn import gpu_vector, triton_common
+from pallas_kernels.m2rnn import gpu_vector, platforms
 
 # (heads (Nq, Nk, Nv, Nf, Nw), V, S, batch, chunk_size, initial_state, clip, segments)
 F32_CASES = {
@@ -66,9 +66,11 @@ def test_errors_and_dispatch(monkeypatch):
         gpu_vector.forward(q, k, v, w, f, h0, None, chunk_size=8, save_checkpoints=False)
     assert gpu_vector.supports(q, k, v, w, f, h0) == "needs K = 1 (got K = 2)"
     assert gpu_vector.supports(q[..., :1], k[..., :1], v, w, f, h0[:, :, :1]) is None
-    with pytest.raises(ValueError, match="chunk_size"):
-        gpu_vector.choose_chunk_size(64, 0)
     assert gpu_vector.choose_chunk_size(20, None) == 20
+    assert gpu_vector.choose_chunk_size(20, 7) == 7  # any size runs
+    with pytest.raises(ValueError, match="dividing S = 8"):
+        gpu_vector.forward(q[..., :1], k[..., :1], v, w, f, h0[:, :, :1], None, chunk_size=3,
+                           save_checkpoints=False)
     q1, k1 = q[..., :1], k[..., :1]
     # On a GPU, "auto" takes these kernels for K = 1 and the general ones otherwise.
     monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
@@ -90,7 +92,7 @@ def test_kernels_lower_to_triton_for_an_h200(monkeypatch, dtype):
 
     monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
                         lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
-    monkeypatch.setattr(triton_common, "interpret", lambda: False)
+    monkeypatch.setattr(platforms, "interpret", lambda platform: False)
     spec = jax.ShapeDtypeStruct
     batch, seq_len, heads, value_dim, chunk = 40, 24, 4, 5, 8
     qk = spec((batch, seq_len, 1, 1), dtype)

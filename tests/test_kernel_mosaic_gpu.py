@@ -16,8 +16,8 @@ import pytest
 
 from numpy_reference import relative_error
 from m2rnn_jax import m2rnn, reference
-from m2rnn_jax.ops import keep_mask
-from pallas_kernels.m2rnn import gpu, mosaic_gpu
+from m2rnn_jax.segments import keep_mask
+from pallas_kernels.m2rnn import mosaic_gpu, platforms
 from pallas_kernels.m2rnn.mosaic_gpu import common
 
 BF16_TOLERANCE = 1e-2
@@ -66,7 +66,7 @@ def test_bfloat16_forward_matches_scan(case):
     assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
     assert max(errors.values()) < BF16_TOLERANCE, errors
     if checkpoints:
-        # One state per checkpoint interval, in gpu.forward's layout (B, S/C, 64, N·16).
+        # One state per checkpoint interval, (B, S/C, 64, N·16).
         want_ckpt = jnp.transpose(want[2], (1, 0, 3, 2, 4)).reshape(got[2].shape)
         assert got[2].shape == (2, seq_len // chunk, 64, max(heads) * 16)
         assert relative_error(got[2], want_ckpt) < BF16_TOLERANCE
@@ -95,28 +95,14 @@ def test_hi_lo_split_by_bits_against_float64():
     assert rel.mean() < 1.2 * rel_rn.mean()
 
 
-def test_checkpoints_feed_the_triton_backward():
-    """The Mosaic forward's checkpoints through gpu.backward give the scan's gradients."""
-    args = _problem(9, 1, 128, (1, 1, 2, 2, 2), jnp.bfloat16)
-    ks = jax.random.split(jax.random.PRNGKey(10), 2)
-    dy = jax.random.normal(ks[0], (1, 128, 2, 16), jnp.bfloat16)
-    dh = jax.random.normal(ks[1], (1, 2, 64, 16))
-    _, _, ckpt = mosaic_gpu.forward(*args, None, chunk_size=64, save_checkpoints=True)
-    got = gpu.backward(*args, None, ckpt, dy, dh, gradient_clipping=1.0, chunk_size=64)
-    _, _, ref_ckpt = reference.forward(*args, None, chunk_size=64, save_checkpoints=True)
-    want = reference.backward(*args, None, ref_ckpt, dy, dh, gradient_clipping=1.0,
-                              chunk_size=64)
-    errors = [relative_error(g, w) for g, w in zip(got, want)]
-    assert max(errors) < BF16_TOLERANCE, errors
-
-
 def test_unsupported_shapes_raise():
     q, k, v, w, f, h0 = _problem(0, 1, 16, (1, 1, 2, 2, 2), jnp.bfloat16)
     with pytest.raises(ValueError, match="K must be 64"):
         mosaic_gpu.forward(q[..., :32], k[..., :32], v, w, f, h0[:, :, :32], None,
                            chunk_size=8, save_checkpoints=False)
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(ValueError, match="chunk_size 12 is not a size the mosaic_gpu kernels"):
         mosaic_gpu.forward(q, k, v, w, f, h0, None, chunk_size=12, save_checkpoints=False)
+    assert mosaic_gpu.choose_chunk_size(16, 12) == 16  # the op's request is rounded up
     with pytest.raises(ValueError, match="must be bfloat16"):
         mosaic_gpu.forward(q.astype(jnp.float32), k.astype(jnp.float32),
                            v.astype(jnp.float32), w, f, h0, None, chunk_size=8,
@@ -129,7 +115,7 @@ def test_forward_lowers_for_cuda(monkeypatch):
     layouts and ops, including the register-A wgmma, the inline hi/lo split and the inline
     per-warp y sums that interpret mode does not run. PTX generation and ptxas run only on the
     GPU."""
-    monkeypatch.setattr(common, "interpret", lambda: False)
+    monkeypatch.setattr(platforms, "interpret", lambda platform: False)
     sds = jax.ShapeDtypeStruct
     for with_keep in (False, True):
         args = [sds((2, 128, 1, 64), jnp.bfloat16), sds((2, 128, 1, 64), jnp.bfloat16),
@@ -197,7 +183,7 @@ def test_backward_lowers_for_cuda(monkeypatch):
     transposed-A wgmma for dW on SMEM stacks, the inline per-warp sums without automatic
     barriers, and the TMA reduce-add of float32 dq/dk into zero-initialised ``jax.new_ref``
     buffers (inputs aliased to outputs)."""
-    monkeypatch.setattr(common, "interpret", lambda: False)
+    monkeypatch.setattr(platforms, "interpret", lambda platform: False)
     for seq_len, chunk in ((64, 32), (128, 64)):
         fn = functools.partial(mosaic_gpu.backward, gradient_clipping=1.0, chunk_size=chunk)
         module = jax.export.export(jax.jit(fn), platforms=["cuda"])(

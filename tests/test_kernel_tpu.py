@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax import m2rnn
-from pallas_kernels.m2rnn import tpu
+from pallas_kernels.m2rnn import platforms, tpu
 
 CASES = {
     # The paper's grouping (one q/k head for all value heads), with odd K and V.
@@ -132,7 +132,7 @@ def test_matches_scan_backend(name):
 def test_kernels_lower_to_mosaic(monkeypatch, device_kind, heads):
     """The compiled (not interpreted) kernels pass Pallas's Mosaic lowering at the paper's
     shape; Mosaic's own compiler passes need a TPU and are not run here."""
-    monkeypatch.setattr(tpu, "_interpret", lambda: False)
+    monkeypatch.setattr(platforms, "interpret", lambda platform: False)
     batch, seq_len, num_heads, key_dim, value_dim = 2, 256, 84, 64, 16
     nq, nk, nv, nf, nw = heads
     shapes = [(batch, seq_len, nq, key_dim), (batch, seq_len, nk, key_dim),
@@ -162,6 +162,10 @@ def test_choose_chunk_size_rounds_to_whole_column_blocks():
     assert tpu.choose_chunk_size(1000, 100) == 128
     assert tpu.choose_chunk_size(1000, 300) == 384
     assert tpu.choose_chunk_size(21, 64) == 32  # no longer than S needs
-    for bad in (0, -8, 2.5, True, "32"):
+    assert tpu.choose_chunk_size(1000, 5) == 8
+    assert tpu.choose_chunk_size(1000, 48) == 64
+    args = [jnp.zeros(shape) for shape in ((1, 48, 1, 8), (1, 48, 1, 8), (1, 48, 2, 16),
+                                           (2, 16, 16), (1, 48, 2), (1, 2, 8, 16))]
+    for chunk in (24, 96):  # multiples of 8, but 128-lane column blocks hold no whole chunks
         with pytest.raises(ValueError, match="chunk_size"):
-            tpu.choose_chunk_size(100, bad)
+            tpu.forward(*args, None, chunk_size=chunk, save_checkpoints=False)

@@ -13,8 +13,7 @@ from jax.experimental import checkify
 
 from numpy_reference import relative_error
 from m2rnn_jax import m2rnn, ops
-from pallas_kernels.m2rnn import tpu, triton_common
-from pallas_kernels.m2rnn.mosaic_gpu import common as mosaic_common
+from pallas_kernels.m2rnn import platforms
 
 
 def _inputs(seed, batch=2, seq_len=16, heads=(1, 1, 2, 2, 2), key_dim=4, value_dim=4,
@@ -176,9 +175,7 @@ def test_x64_mode_lowers_for_gpus_and_tpus(monkeypatch):
 
     monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
                         lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
-    monkeypatch.setattr(triton_common, "interpret", lambda: False)
-    monkeypatch.setattr(mosaic_common, "interpret", lambda: False)
-    monkeypatch.setattr(tpu, "_interpret", lambda: False)
+    monkeypatch.setattr(platforms, "interpret", lambda platform: False)
     spec = jax.ShapeDtypeStruct
 
     def shapes(heads, key_dim, value_dim, dtype, batch=2, seq_len=32):

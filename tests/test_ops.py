@@ -13,6 +13,7 @@ import pytest
 import numpy_reference
 from numpy_reference import relative_error
 from m2rnn_jax import m2rnn, ops, reference
+from m2rnn_jax.segments import keep_mask
 from pallas_kernels.m2rnn.contract import Backend
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -210,15 +211,91 @@ def test_every_backend_keeps_the_contract(name):
             getattr(Backend, function), drop_self=True), (name, function)
     assert isinstance(module.DEFAULT_CHUNK_SIZE, int) and module.DEFAULT_CHUNK_SIZE >= 8
     assert module.choose_chunk_size(4096, None) == module.DEFAULT_CHUNK_SIZE
-    for bad in (0, True):
-        with pytest.raises(ValueError, match="chunk_size"):
-            module.choose_chunk_size(64, bad)
     spec = jax.ShapeDtypeStruct
     shapes = [spec((2, 8, 1, 1), jnp.float32), spec((2, 8, 1, 1), jnp.float32),
               spec((2, 8, 2, 4), jnp.float32), spec((2, 4, 4), jnp.float32),
               spec((2, 8, 2), jnp.float32), spec((2, 2, 1, 4), jnp.float32)]
     reason = module.supports(*shapes)
     assert reason is None or (isinstance(reason, str) and "\n" not in reason)
+
+
+# The contract's chunk rule at S = 1000: each backend's chunk for a request (None: its default).
+CHUNKS_AT_S_1000 = {
+    "scan": {None: 64, 12: 12, 48: 48, 100: 100},
+    "pallas_gpu": {None: 64, 12: 16, 48: 48, 100: 104},
+    "pallas_gpu_vector": {None: 64, 12: 12, 48: 48, 100: 100},
+    "mosaic_gpu": {None: 32, 12: 16, 48: 48, 100: 104},
+    "pallas_tpu": {None: 32, 12: 16, 48: 64, 100: 128},
+}
+
+
+def test_the_chunk_tables_name_every_backend():
+    assert set(CHUNKS_AT_S_1000) == set(ops.BACKEND_MODULES)
+    assert set(ROUNDED_CHUNK_CASES) == set(ops.BACKEND_MODULES) - {"scan"}
+
+
+@pytest.mark.parametrize("name", list(ops.BACKEND_MODULES))
+def test_one_chunk_rule_for_every_backend(name):
+    """Every positive request is honoured: capped at S and rounded up to a size the backend
+    runs (a chunk it chose is one it keeps), never shorter than asked (or than S), never longer
+    than S rounded up the same way."""
+    module = ops.backend_module(name)
+    table = CHUNKS_AT_S_1000[name]
+    assert {request: module.choose_chunk_size(1000, request) for request in table} == table
+    for seq_len in (1, 5, 13, 20, 40, 1000, 4096):
+        longest = module.choose_chunk_size(seq_len, seq_len)
+        assert seq_len <= longest < seq_len + 128
+        for requested in (None, 1, 3, 8, 12, 31, 48, 64, 100, 300, 5000):
+            chunk = module.choose_chunk_size(seq_len, requested)
+            asked = min(module.DEFAULT_CHUNK_SIZE if requested is None else requested, seq_len)
+            assert asked <= chunk <= longest, (seq_len, requested, chunk)
+            assert module.choose_chunk_size(seq_len, chunk) == chunk, (seq_len, requested)
+
+
+# backend -> (K, V, dtype, tolerance against the scan on the same inputs)
+ROUNDED_CHUNK_CASES = {
+    "pallas_gpu": (4, 4, jnp.float32, 1e-4),
+    "pallas_gpu_vector": (1, 4, jnp.float32, 1e-4),
+    "mosaic_gpu": (64, 16, jnp.bfloat16, 1e-2),
+    "pallas_tpu": (4, 4, jnp.float32, 1e-4),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUNDED_CHUNK_CASES))
+def test_a_rounded_chunk_request_gives_the_scans_results(name):
+    """``chunk_size=12`` at S = 20 runs on every backend (rounded up to 16 where 12 is not a
+    size the kernels run): y, the final state and every gradient match the scan's with the
+    same request, segment resets and active clipping included."""
+    key_dim, value_dim, dtype, tolerance = ROUNDED_CHUNK_CASES[name]
+    inputs, segment_ids = random_inputs(np.random.default_rng(5), 1, 20, (1, 1, 2, 2, 2),
+                                        key_dim, value_dim, segments=True)
+    args = [jnp.asarray(x, dtype if n != "input_state" else jnp.float32)
+            for n, x in inputs.items()]
+    rng = np.random.default_rng(6)
+    cotangents = (jnp.asarray(rng.normal(size=(1, 20, 2, value_dim)), dtype),
+                  jnp.asarray(rng.normal(size=(1, 2, key_dim, value_dim)), jnp.float32))
+
+    def outputs_and_grads(backend):
+        def op(*xs):
+            return m2rnn(*xs, 0.5, segment_ids=jnp.asarray(segment_ids), backend=backend,
+                         chunk_size=12)
+
+        out, vjp = jax.vjp(op, *args)
+        return [*out, *vjp(cotangents)]
+
+    got, want = outputs_and_grads(name), outputs_and_grads("scan")
+    names = ("y", "state", "dq", "dk", "dv", "dw", "df", "dh0")
+    errors = {n: relative_error(g, w) for n, g, w in zip(names, got, want)}
+    assert all(g.shape == w.shape and g.dtype == w.dtype for g, w in zip(got, want))
+    assert max(errors.values()) < tolerance, errors
+
+
+def test_keep_mask_marks_document_starts():
+    ids = jnp.asarray([[0, 0, 1, 1, 1, 2], [3, 4, 4, 4, 4, 4]], jnp.int32)
+    np.testing.assert_array_equal(keep_mask(ids), [[1, 1, 0, 1, 1, 0], [1, 0, 1, 1, 1, 1]])
+    assert keep_mask(ids).dtype == jnp.float32
+    assert keep_mask(None) is None  # the op passes no mask to its backends
+    np.testing.assert_array_equal(keep_mask(None, (2, 3)), np.ones((2, 3)))
 
 
 def test_the_table_is_the_dispatch(monkeypatch):

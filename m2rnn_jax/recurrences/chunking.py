@@ -1,19 +1,8 @@
-"""What the chunked linear recurrences share: document resets and the chunk layout."""
+"""What the linear recurrences share: the chunk layout, the step-by-step scan, the start state
+and shape checks (document resets: ``m2rnn_jax.segments.keep_mask``)."""
 
 import jax.numpy as jnp
-
-from m2rnn_jax.ops import keep_mask
-
-
-def continues_document(segment_ids, batch, seq_len):
-    """``(B, S)`` float32: 0 where a new document starts (the state resets), else 1.
-
-    ``segment_ids=None`` is one document per row. Step 0 always continues: it reads the
-    initial state.
-    """
-    if segment_ids is None:
-        return jnp.ones((batch, seq_len), jnp.float32)
-    return keep_mask(segment_ids)
+from jax import lax
 
 
 def chunk_layout(keep, chunk_size):
@@ -39,6 +28,15 @@ def chunk_layout(keep, chunk_size):
     starts = jnp.cumsum(1.0 - to_chunks(keep, 1.0), axis=2)
     causal = jnp.tril(jnp.ones((chunk, chunk), bool))
     return to_chunks, starts, (starts[..., :, None] == starts[..., None, :]) & causal
+
+
+def scan_steps(step, h0, inputs):
+    """``lax.scan`` of ``step(h, inputs_t) -> (h, out_t)`` over time from the state ``h0``:
+    ``inputs`` are ``(B, S, ...)`` arrays, cast to float32 and fed time-major. Returns
+    ``(outs (B, S, ...), final state)``."""
+    xs = tuple(jnp.moveaxis(a.astype(jnp.float32), 1, 0) for a in inputs)
+    h_final, outs = lax.scan(step, h0, xs)
+    return jnp.moveaxis(outs, 0, 1), h_final
 
 
 def start_state(initial, shape):

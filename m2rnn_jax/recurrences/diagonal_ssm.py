@@ -28,8 +28,8 @@ step-by-step reference it is tested against, and the decode step of the layer.
 import jax.numpy as jnp
 from jax import lax
 
-from m2rnn_jax.recurrences.chunking import (check_shapes, chunk_layout, continues_document,
-                                            start_state)
+from m2rnn_jax.recurrences.chunking import check_shapes, chunk_layout, scan_steps, start_state
+from m2rnn_jax.segments import keep_mask
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -46,7 +46,7 @@ def diagonal_ssm(x, dt, log_decay, B, C, *, segment_ids=None, initial_state=None
     _check(x, dt, log_decay, B, C, segment_ids, initial_state)
     batch, seq_len, heads, head_dim = x.shape
     state_dim = B.shape[-1]
-    keep = continues_document(segment_ids, batch, seq_len)
+    keep = keep_mask(segment_ids, (batch, seq_len))
     # Padded steps have dt = 0 and a = 1: they change nothing.
     to_chunks, starts, same = chunk_layout(keep, chunk_size)
     x, dt, log_a, B, C = (to_chunks(a) for a in (x, dt, log_decay, B, C))
@@ -81,10 +81,8 @@ def diagonal_ssm_scan(x, dt, log_decay, B, C, *, segment_ids=None, initial_state
     _check(x, dt, log_decay, B, C, segment_ids, initial_state)
     batch, seq_len, heads, head_dim = x.shape
     state_dim = B.shape[-1]
-    keep = continues_document(segment_ids, batch, seq_len)
+    keep = keep_mask(segment_ids, (batch, seq_len))
     decay = jnp.exp(log_decay.astype(jnp.float32))
-    f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # time-major
-    xs = (f32(x), f32(dt), f32(decay), f32(B), f32(C), f32(keep))
     h0 = start_state(initial_state, (batch, heads, state_dim, head_dim))
 
     def step(h, inputs):
@@ -93,8 +91,7 @@ def diagonal_ssm_scan(x, dt, log_decay, B, C, *, segment_ids=None, initial_state
             + (dt_t[..., None] * b_t)[..., :, None] * x_t[..., None, :]
         return h, jnp.einsum("bhnp,bhn->bhp", h, c_t, precision=_HIGHEST)
 
-    h_final, y = lax.scan(step, h0, xs)
-    return jnp.moveaxis(y, 0, 1), h_final
+    return scan_steps(step, h0, (x, dt, decay, B, C, keep))
 
 
 def _check(x, dt, log_decay, B, C, segment_ids, initial_state):

@@ -27,8 +27,8 @@ step of the layer.
 import jax.numpy as jnp
 from jax import lax
 
-from m2rnn_jax.recurrences.chunking import (check_shapes, chunk_layout, continues_document,
-                                            start_state)
+from m2rnn_jax.recurrences.chunking import check_shapes, chunk_layout, scan_steps, start_state
+from m2rnn_jax.segments import keep_mask
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -48,7 +48,7 @@ def gated_delta_rule(q, k, v, log_alpha, beta, *, segment_ids=None, initial_stat
     _check(q, k, v, log_alpha, beta, segment_ids, initial_state)
     batch, seq_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    keep = continues_document(segment_ids, batch, seq_len)
+    keep = keep_mask(segment_ids, (batch, seq_len))
     to_chunks, starts, same = chunk_layout(keep, chunk_size)  # padded steps change nothing
     chunk = starts.shape[2]
     q, k, v, log_alpha, beta = (to_chunks(a) for a in (q, k, v, log_alpha, beta))
@@ -90,10 +90,8 @@ def gated_delta_rule_scan(q, k, v, log_alpha, beta, *, segment_ids=None, initial
     _check(q, k, v, log_alpha, beta, segment_ids, initial_state)
     batch, seq_len, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    keep = continues_document(segment_ids, batch, seq_len)
+    keep = keep_mask(segment_ids, (batch, seq_len))
     alpha = jnp.exp(log_alpha.astype(jnp.float32))
-    f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # time-major
-    xs = tuple(f32(a) for a in (q, k, v, alpha, beta, keep))
     h0 = start_state(initial_state, (batch, heads, key_dim, value_dim))
 
     def step(h, inputs):
@@ -104,8 +102,7 @@ def gated_delta_rule_scan(q, k, v, log_alpha, beta, *, segment_ids=None, initial
         h = h + (beta_t[..., None] * k_t)[..., :, None] * (v_t - predicted)[..., None, :]
         return h, jnp.einsum("bhkv,bhk->bhv", h, q_t, precision=_HIGHEST)
 
-    h_final, o = lax.scan(step, h0, xs)
-    return jnp.moveaxis(o, 0, 1), h_final
+    return scan_steps(step, h0, (q, k, v, alpha, beta, keep))
 
 
 def _check(q, k, v, log_alpha, beta, segment_ids, initial_state):

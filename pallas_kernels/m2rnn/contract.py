@@ -12,8 +12,8 @@ What the op guarantees to ``forward`` and ``backward``:
   ``f (B, S, Nf)`` in the caller's floating dtypes, shapes consistent, every head count dividing
   ``N = h0.shape[1]`` (head ``n`` reads group ``n // (N / N_x)``, docs/math.md §1).
 * ``S`` is a multiple of ``chunk_size``, which is what this backend's ``choose_chunk_size``
-  returned. The op pads S with steps that change nothing (``f = 1``, ``keep = 1``, zero q/k/v)
-  and drops them from the outputs.
+  returned (the chunk rule below). The op pads S with steps that change nothing (``f = 1``,
+  ``keep = 1``, zero q/k/v) and drops them from the outputs.
 * ``h0``: float32 ``(B, N, K, V)``, zeros when the caller gave no initial state.
 * ``keep``: ``None``, or float32 ``(B, S)`` with 0 where a new document starts (the state is
   reset to zero before that step) and 1 elsewhere.
@@ -29,9 +29,43 @@ What a backend returns: ``forward`` -> ``(y (B, S, N, V) in v's dtype, h_final f
 (B, N, K, V), checkpoints or None)``, the checkpoints only when ``save_checkpoints`` (their
 layout is the backend's business; memory grows as S / chunk_size); ``backward`` -> ``(dq, dk,
 dv, dw, df, dh0)`` in the dtypes of ``q, k, v, w, f`` and float32 ``dh0``.
+
+The chunk rule, one for every backend. The chunk size is the state checkpoint interval only: it
+does not change the function computed. The op validates the caller's ``chunk_size`` once
+(``None`` or a positive int) and passes it to the backend's ``choose_chunk_size``, which applies
+``fit_chunk_size``: the request (``DEFAULT_CHUNK_SIZE`` when ``None``), capped at S, rounded up
+to the next size the backend's kernels run (any size for the scan and ``pallas_gpu_vector``, a
+multiple of 8 for ``pallas_gpu`` and ``mosaic_gpu``, 8, 16, 32, 64 or a multiple of 128 for
+``pallas_tpu``). So every backend honours every request the op accepts, with a chunk at least
+as long as the request (or S) and never longer than S rounded up the same way.
 """
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
+
+
+def fit_chunk_size(seq_len: int, requested: int | None, *, default: int,
+                   runs: Callable[[int], bool] | None = None) -> int:
+    """The chunk rule (module docstring): ``requested`` (``default`` when ``None``; else a
+    positive int, as the op validated) capped at ``seq_len``, rounded up to the next size that
+    ``runs`` accepts (any size when ``runs`` is ``None``)."""
+    chunk = min(default if requested is None else requested, seq_len)
+    if runs is not None:
+        while not runs(chunk):  # the next size a backend runs is less than one tile away
+            chunk += 1
+    return chunk
+
+
+def check_chunk_size(backend: str, seq_len: int, chunk_size,
+                     runs: Callable[[int], bool] | None = None) -> None:
+    """Raises ``ValueError`` unless ``chunk_size`` is an int that ``runs`` accepts (any
+    positive int when ``runs`` is ``None``) and divides ``seq_len``: what a backend's
+    ``forward`` and ``backward`` ask of their ``chunk_size`` (``choose_chunk_size`` gives
+    one)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1 \
+            or (runs is not None and not runs(chunk_size)) or seq_len % chunk_size:
+        raise ValueError(f"chunk_size {chunk_size!r} is not a size the {backend} kernels run "
+                         f"dividing S = {seq_len}; choose_chunk_size gives one")
 
 
 @runtime_checkable
@@ -46,10 +80,10 @@ class Backend(Protocol):
         and dtypes are read; ``h0`` is the float32 ``(B, N, K, V)`` initial state."""
 
     def choose_chunk_size(self, seq_len: int, requested: int | None) -> int:
-        """The chunk (checkpoint interval) for ``seq_len`` steps: ``requested`` (from the op:
-        ``None`` or a positive Python int), or ``DEFAULT_CHUNK_SIZE`` when ``None``, fitted to
-        the backend's tiling and to S; raises ``ValueError`` for a request the backend cannot
-        honour."""
+        """The chunk (checkpoint interval) for ``seq_len`` steps by the chunk rule (module
+        docstring): ``fit_chunk_size`` with this backend's default and sizes. ``requested`` is
+        ``None`` or a positive Python int (the op checked it); every such request is
+        honoured."""
 
     def forward(self, q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
         """``(y, h_final, checkpoints or None)``; see the module docstring."""

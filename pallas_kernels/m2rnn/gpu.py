@@ -17,15 +17,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.m2rnn import contract, platforms
 from pallas_kernels.m2rnn import triton_common as common
 from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
 from pallas_kernels.m2rnn.loops import fori_loop
+from pallas_kernels.m2rnn.triton_common import F32
 
 DEFAULT_CHUNK_SIZE = 64
 UNROLL = 8     # forward steps per loop iteration (their input loads issued together)
 SUBCHUNK = 4   # backward: states recomputed into registers at once
 CHUNK_QUANTUM = math.lcm(UNROLL, SUBCHUNK)  # chunk sizes are multiples of this
-_F32 = jnp.float32
 
 
 def supports(q, k, v, w, f, h0):
@@ -34,10 +35,15 @@ def supports(q, k, v, w, f, h0):
     return None
 
 
+def _runs_chunk(chunk):
+    """Chunks of whole forward groups (``UNROLL``) and backward sub-chunks (``SUBCHUNK``)."""
+    return chunk % CHUNK_QUANTUM == 0
+
+
 def choose_chunk_size(seq_len, requested):
-    """``requested`` (default 64), a multiple of ``CHUNK_QUANTUM``, at most S rounded up."""
-    return common.choose_chunk_size(seq_len, requested, default=DEFAULT_CHUNK_SIZE,
-                                    quantum=CHUNK_QUANTUM, backend="pallas_gpu")
+    """The contract's chunk rule: rounded up to a multiple of ``CHUNK_QUANTUM``."""
+    return contract.fit_chunk_size(seq_len, requested, default=DEFAULT_CHUNK_SIZE,
+                                   runs=_runs_chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +73,7 @@ def _plan(q, k, v, h0):
 
 def _states_to_columns(x, lay):
     """(B, N, K, V) -> (B, Kp, N·Vp) float32: each head's state occupies Vp columns."""
-    x = common.pad_last(x.astype(_F32), lay.value_pad)
+    x = common.pad_last(x.astype(F32), lay.value_pad)
     x = jnp.pad(x, ((0, 0), (0, 0), (0, lay.key_pad - lay.key_dim), (0, 0)))
     x = jnp.transpose(x, (0, 2, 1, 3))
     return x.reshape(lay.batch, lay.key_pad, lay.num_heads * lay.value_pad)
@@ -85,7 +91,7 @@ def _prepare(q, k, v, w, f, lay):
     kg = common.pad_last(expand_heads(k, lay.qk_groups, axis=2), lay.key_pad)
     vc = common.pad_last(expand_heads(v, n, axis=2), vp).reshape(lay.batch, lay.seq_len, n * vp)
     fn = expand_heads(f, n, axis=2)
-    wn = expand_heads(w.astype(_F32), n, axis=0)
+    wn = expand_heads(w.astype(F32), n, axis=0)
     wn = jnp.pad(wn, ((0, 0), (0, vp - lay.value_dim), (0, vp - lay.value_dim)))
     return qg, kg, vc, fn, wn
 
@@ -118,10 +124,10 @@ class _Step:
     def load(self, t):
         q_ref, k_ref, v_ref, f_ref, keep_ref = self.refs
         b, g = self.b, self.group
-        q = q_ref[b, t, g, :].astype(_F32)
-        k = k_ref[b, t, g, :].astype(_F32)
-        v = v_ref[b, t, self.cols].astype(_F32)
-        f = f_ref[b, t, self.column_heads].astype(_F32)
+        q = q_ref[b, t, g, :].astype(F32)
+        k = k_ref[b, t, g, :].astype(F32)
+        v = v_ref[b, t, self.cols].astype(F32)
+        f = f_ref[b, t, self.column_heads].astype(F32)
         keep = None if keep_ref is None else keep_ref[b, t]
         return q, k, v, f, keep
 
@@ -177,7 +183,7 @@ def _backward_kernel(*refs, lay, chunk, has_keep, precision, w_is_bf16, clip, sh
     b, head, g_idx, cols = step.b, step.head, step.group, step.cols
     # A static start on the GPU; an int32 one in the interpreter, whose atomic_add slices with
     # the indices as given (a Python 0 would be int64 under jax_enable_x64).
-    key_slice = pl.ds(jnp.int32(0) if common.interpret() else 0, lay.key_pad)
+    key_slice = pl.ds(jnp.int32(0) if platforms.interpret("gpu") else 0, lay.key_pad)
 
     def clamp(x):
         return x if clip is None else jnp.clip(x, -clip, clip)
@@ -192,7 +198,7 @@ def _backward_kernel(*refs, lay, chunk, has_keep, precision, w_is_bf16, clip, sh
     def walk_back_sub_chunk(t0, h, acc):
         g_later, dw = acc
         inputs = [step.load(t0 + j) for j in range(SUBCHUNK)]
-        dys = [dy_ref[b, t0 + j, cols].astype(_F32) for j in range(SUBCHUNK)]
+        dys = [dy_ref[b, t0 + j, cols].astype(F32) for j in range(SUBCHUNK)]
         befores, zs = [h], []
         for j in range(SUBCHUNK):
             _, z, h = step.advance(h, inputs[j])
@@ -219,7 +225,7 @@ def _backward_kernel(*refs, lay, chunk, has_keep, precision, w_is_bf16, clip, sh
     def store_scratch(s, h):
         scratch_ref[b, head, s] = h
 
-    dw0 = jnp.zeros((lay.value_pad, lay.value_pad), _F32)
+    dw0 = jnp.zeros((lay.value_pad, lay.value_pad), F32)
     g, dw = common.walk_chunks_in_reverse(
         step, (dh_final_ref[b, :, cols], dw0), num_chunks=lay.seq_len // chunk, chunk=chunk,
         subchunk=SUBCHUNK, chunk_start=lambda c: ckpt_ref[b, c, :, cols],
@@ -234,24 +240,24 @@ def _backward_kernel(*refs, lay, chunk, has_keep, precision, w_is_bf16, clip, sh
 
 def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
     lay = _plan(q, k, v, h0)
-    common.check_chunk(lay.seq_len, chunk_size, CHUNK_QUANTUM)
+    contract.check_chunk_size("pallas_gpu", lay.seq_len, chunk_size, _runs_chunk)
     qg, kg, vc, fn, wn = _prepare(q, k, v, w, f, lay)
     inputs = [qg, kg, vc, fn, wn, _states_to_columns(h0, lay)]
     if keep is not None:
-        inputs.append(keep.astype(_F32))
+        inputs.append(keep.astype(F32))
     width = lay.num_heads * lay.value_pad
     out_shape = [jax.ShapeDtypeStruct((lay.batch, lay.seq_len, width), v.dtype),
-                 jax.ShapeDtypeStruct((lay.batch, lay.key_pad, width), _F32)]
+                 jax.ShapeDtypeStruct((lay.batch, lay.key_pad, width), F32)]
     if save_checkpoints:
         out_shape.append(jax.ShapeDtypeStruct(
-            (lay.batch, lay.seq_len // chunk_size, lay.key_pad, width), _F32))
+            (lay.batch, lay.seq_len // chunk_size, lay.key_pad, width), F32))
     kernel = functools.partial(
         _forward_kernel, lay=lay, chunk=chunk_size, has_keep=keep is not None,
         save_checkpoints=save_checkpoints, precision=_precision(v.dtype),
         w_is_bf16=w.dtype == jnp.bfloat16)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(lay.batch, lay.num_heads),
-        compiler_params=common.COMPILER_PARAMS, interpret=common.interpret(),
+        compiler_params=common.COMPILER_PARAMS, interpret=platforms.interpret("gpu"),
         name="m2rnn_forward",
     )(*inputs)
     y = outs[0].reshape(lay.batch, lay.seq_len, lay.num_heads, lay.value_pad)
@@ -264,31 +270,31 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
              chunk_size):
     del h0  # the checkpoints start with it
     lay = _plan(q, k, v, dh_final)
-    common.check_chunk(lay.seq_len, chunk_size, CHUNK_QUANTUM)
+    contract.check_chunk_size("pallas_gpu", lay.seq_len, chunk_size, _runs_chunk)
     qg, kg, vc, fn, wn = _prepare(q, k, v, w, f, lay)
     n, vp, batch, seq_len = lay.num_heads, lay.value_pad, lay.batch, lay.seq_len
     dyc = common.pad_last(dy, vp).reshape(batch, seq_len, n * vp)
     inputs = [qg, kg, vc, fn, wn]
     if keep is not None:
-        inputs.append(keep.astype(_F32))
+        inputs.append(keep.astype(F32))
     inputs += [checkpoints, dyc, _states_to_columns(dh_final, lay)]
 
     shared_groups = lay.heads_per_group > 1
-    qk_grad = jax.ShapeDtypeStruct((batch, seq_len, lay.qk_groups, lay.key_pad), _F32)
+    qk_grad = jax.ShapeDtypeStruct((batch, seq_len, lay.qk_groups, lay.key_pad), F32)
     aliases = {}
     if shared_groups:
         aliases = {len(inputs): 0, len(inputs) + 1: 1}
-        inputs += [jnp.zeros(qk_grad.shape, _F32), jnp.zeros(qk_grad.shape, _F32)]
+        inputs += [jnp.zeros(qk_grad.shape, F32), jnp.zeros(qk_grad.shape, F32)]
     # dv needs float32 only when heads that share a value group are summed afterwards.
-    dv_dtype = v.dtype if v.shape[2] == n else _F32
+    dv_dtype = v.dtype if v.shape[2] == n else F32
     out_shape = [
         qk_grad, qk_grad,
         jax.ShapeDtypeStruct((batch, seq_len, n * vp), dv_dtype),
-        jax.ShapeDtypeStruct((batch, seq_len, n), _F32),
-        jax.ShapeDtypeStruct((batch, n, vp, vp), _F32),
-        jax.ShapeDtypeStruct((batch, lay.key_pad, n * vp), _F32),
+        jax.ShapeDtypeStruct((batch, seq_len, n), F32),
+        jax.ShapeDtypeStruct((batch, n, vp, vp), F32),
+        jax.ShapeDtypeStruct((batch, lay.key_pad, n * vp), F32),
         # Per-program scratch: the sub-chunk start states of the chunk being walked back.
-        jax.ShapeDtypeStruct((batch, n, chunk_size // SUBCHUNK, lay.key_pad, vp), _F32),
+        jax.ShapeDtypeStruct((batch, n, chunk_size // SUBCHUNK, lay.key_pad, vp), F32),
     ]
     kernel = functools.partial(
         _backward_kernel, lay=lay, chunk=chunk_size, has_keep=keep is not None,
@@ -296,7 +302,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         clip=gradient_clipping, shared_groups=shared_groups)
     dq, dk, dv, df, dw, dh0, _ = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(batch, n), input_output_aliases=aliases,
-        compiler_params=common.COMPILER_PARAMS, interpret=common.interpret(),
+        compiler_params=common.COMPILER_PARAMS, interpret=platforms.interpret("gpu"),
         name="m2rnn_backward",
     )(*inputs)
 

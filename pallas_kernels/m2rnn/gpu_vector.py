@@ -16,13 +16,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.m2rnn import contract, platforms
 from pallas_kernels.m2rnn import triton_common as common
 from pallas_kernels.m2rnn.heads import sum_heads
 from pallas_kernels.m2rnn.loops import fori_loop
+from pallas_kernels.m2rnn.triton_common import F32
 
 DEFAULT_CHUNK_SIZE = 64
 BLOCK_ROWS = 16  # R: batch rows per program (the Triton dot's minimum; more spilled registers)
-_F32 = jnp.float32
 _PRECISION = "split"  # common.dot on hi/lo bf16 parts (exact float32 FMAs needed the registers)
 
 
@@ -34,9 +35,8 @@ def supports(q, k, v, w, f, h0):
 
 
 def choose_chunk_size(seq_len, requested):
-    """``requested`` (default 64), at most S."""
-    return common.choose_chunk_size(seq_len, requested, default=DEFAULT_CHUNK_SIZE, quantum=1,
-                                    backend="pallas_gpu_vector")
+    """The contract's chunk rule; these kernels run any chunk size (sub-chunks of one step)."""
+    return contract.fit_chunk_size(seq_len, requested, default=DEFAULT_CHUNK_SIZE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ def _unpadded(x, lay):
 
 def _states_to_rows(x, lay):
     """(B, N, 1, V) -> (N, Bp, Vp) float32."""
-    x = common.pad_last(jnp.swapaxes(x[:, :, 0].astype(_F32), 0, 1), lay.value_pad)
+    x = common.pad_last(jnp.swapaxes(x[:, :, 0].astype(F32), 0, 1), lay.value_pad)
     return _pad_rows(x, lay, axis=1)
 
 
@@ -100,7 +100,7 @@ def _states_from_rows(x, lay):
 def _weights(w, lay):
     """(Nw, V, V) -> (Nw, Vp, Vp) float32, zero-padded (padded state columns stay 0)."""
     pad = lay.value_pad - lay.value_dim
-    return jnp.pad(w.astype(_F32), ((0, 0), (0, pad), (0, pad)))
+    return jnp.pad(w.astype(F32), ((0, 0), (0, pad), (0, pad)))
 
 
 # ----------------------------------------------------------------------------- in-kernel pieces
@@ -126,10 +126,10 @@ class _Step:
         q_ref, k_ref, v_ref, f_ref, keep_ref = self.refs
         gq, gk, gv, gf, _ = self.group
         rows = self.rows
-        q = q_ref[rows, t, gq].astype(_F32)
-        k = k_ref[rows, t, gk].astype(_F32)
-        v = v_ref[rows, t, gv, :].astype(_F32)
-        f = f_ref[rows, t, gf].astype(_F32)
+        q = q_ref[rows, t, gq].astype(F32)
+        k = k_ref[rows, t, gk].astype(F32)
+        v = v_ref[rows, t, gv, :].astype(F32)
+        f = f_ref[rows, t, gf].astype(F32)
         keep = None if keep_ref is None else keep_ref[rows, t]
         return q, k, v, f, keep
 
@@ -181,7 +181,7 @@ def _backward_kernel(*refs, lay, chunk, has_keep, w_is_bf16, clip):
         """The step back from t + 1 to t (sub-chunks of one step: no spilled registers)."""
         g_later, dw = acc
         inputs = step.load(t)
-        dy = dy_ref[rows, t, n, :].astype(_F32)
+        dy = dy_ref[rows, t, n, :].astype(F32)
         _, z, h_t = step.advance(h_before, inputs)
         q, k, v, f, keep = inputs
         h_prev = h_before if keep is None else h_before * keep[:, None]
@@ -201,7 +201,7 @@ def _backward_kernel(*refs, lay, chunk, has_keep, w_is_bf16, clip):
     def store_scratch(s, h):
         scratch_ref[n, block, s] = h
 
-    dw0 = jnp.zeros((lay.value_pad, lay.value_pad), _F32)
+    dw0 = jnp.zeros((lay.value_pad, lay.value_pad), F32)
     g, dw = common.walk_chunks_in_reverse(
         step, (dh_final_ref[n, rows, :], dw0), num_chunks=lay.seq_len // chunk, chunk=chunk,
         subchunk=1, chunk_start=lambda c: ckpt_ref[n, c, rows, :],
@@ -217,28 +217,28 @@ def _backward_kernel(*refs, lay, chunk, has_keep, w_is_bf16, clip):
 def _inputs(q, k, v, w, f, keep, lay):
     inputs = [_pad_rows(q[..., 0], lay), _pad_rows(k[..., 0], lay), _padded(v, lay),
               _pad_rows(f, lay), _weights(w, lay)]
-    keep = None if keep is None else _pad_rows(keep.astype(_F32), lay, value=1.0)
+    keep = None if keep is None else _pad_rows(keep.astype(F32), lay, value=1.0)
     return inputs, keep
 
 
 def _call(kernel, out_shape, lay, name):
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(lay.num_heads, lay.row_blocks),
-        compiler_params=common.COMPILER_PARAMS, interpret=common.interpret(), name=name)
+        compiler_params=common.COMPILER_PARAMS, interpret=platforms.interpret("gpu"), name=name)
 
 
 def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
     lay = _plan(q, k, v, w, f, h0)
-    common.check_chunk(lay.seq_len, chunk_size, 1)
+    contract.check_chunk_size("pallas_gpu_vector", lay.seq_len, chunk_size)
     inputs, keep_rows = _inputs(q, k, v, w, f, keep, lay)
     inputs.append(_states_to_rows(h0, lay))
     if keep_rows is not None:
         inputs.append(keep_rows)
     n, s, bp, vp = lay.num_heads, lay.seq_len, lay.batch_pad, lay.value_pad
     out_shape = [jax.ShapeDtypeStruct((bp, s, n, vp), v.dtype),
-                 jax.ShapeDtypeStruct((n, bp, vp), _F32)]
+                 jax.ShapeDtypeStruct((n, bp, vp), F32)]
     if save_checkpoints:
-        out_shape.append(jax.ShapeDtypeStruct((n, s // chunk_size, bp, vp), _F32))
+        out_shape.append(jax.ShapeDtypeStruct((n, s // chunk_size, bp, vp), F32))
     kernel = functools.partial(
         _forward_kernel, lay=lay, chunk=chunk_size, has_keep=keep is not None,
         save_checkpoints=save_checkpoints, w_is_bf16=w.dtype == jnp.bfloat16)
@@ -251,21 +251,21 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
              chunk_size):
     del h0  # the checkpoints start with it
     lay = _plan(q, k, v, w, f, dh_final)
-    common.check_chunk(lay.seq_len, chunk_size, 1)
+    contract.check_chunk_size("pallas_gpu_vector", lay.seq_len, chunk_size)
     inputs, keep_rows = _inputs(q, k, v, w, f, keep, lay)
     if keep_rows is not None:
         inputs.append(keep_rows)
     inputs += [checkpoints, _padded(dy, lay), _states_to_rows(dh_final, lay)]
     n, s, bp, vp = lay.num_heads, lay.seq_len, lay.batch_pad, lay.value_pad
-    per_row = jax.ShapeDtypeStruct((bp, s, n), _F32)
+    per_row = jax.ShapeDtypeStruct((bp, s, n), F32)
     out_shape = [
         per_row, per_row,                                            # dq, dk
-        jax.ShapeDtypeStruct((bp, s, n, vp), _F32),                  # dv
+        jax.ShapeDtypeStruct((bp, s, n, vp), F32),                  # dv
         per_row,                                                     # df
-        jax.ShapeDtypeStruct((n, lay.row_blocks, vp, vp), _F32),     # dW per row block
-        jax.ShapeDtypeStruct((n, bp, vp), _F32),                     # dh0
+        jax.ShapeDtypeStruct((n, lay.row_blocks, vp, vp), F32),     # dW per row block
+        jax.ShapeDtypeStruct((n, bp, vp), F32),                     # dh0
         # Per-program scratch: the state at each step of the chunk being walked back.
-        jax.ShapeDtypeStruct((n, lay.row_blocks, chunk_size, BLOCK_ROWS, vp), _F32),
+        jax.ShapeDtypeStruct((n, lay.row_blocks, chunk_size, BLOCK_ROWS, vp), F32),
     ]
     kernel = functools.partial(
         _backward_kernel, lay=lay, chunk=chunk_size, has_keep=keep is not None,

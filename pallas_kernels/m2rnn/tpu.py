@@ -8,7 +8,6 @@ inputs are cast to float32 on the way in. The layout of every block: docs/kernel
 
 import dataclasses
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.m2rnn import contract, platforms
 from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
 from pallas_kernels.m2rnn.loops import fori_loop
 
@@ -39,18 +39,16 @@ def supports(q, k, v, w, f, h0):
     return None
 
 
+def _runs_chunk(chunk):
+    """8, 16, 32, 64 or a multiple of 128: whole (8, 128) row tiles, and time-on-lanes column
+    blocks of ``max(C, 128)`` lanes that hold whole chunks."""
+    return chunk % _SUBLANES == 0 and (_LANES % chunk == 0 or chunk % _LANES == 0)
+
+
 def choose_chunk_size(seq_len, requested):
-    """Steps per chunk: ``requested`` (default 32) capped near S, rounded up to 8, 16, 32, 64 or a
-    multiple of 128 (the time-on-lanes column blocks must hold whole chunks)."""
-    if requested is None:
-        requested = DEFAULT_CHUNK_SIZE
-    elif isinstance(requested, bool) or not isinstance(requested, numbers.Integral) \
-            or requested < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {requested!r}")
-    chunk = min(int(requested), _round_up(seq_len, _SUBLANES))
-    if chunk > _LANES // 2:
-        return _round_up(chunk, _LANES)
-    return max(_SUBLANES, 1 << (chunk - 1).bit_length())
+    """The contract's chunk rule: rounded up to 8, 16, 32, 64 or a multiple of 128."""
+    return contract.fit_chunk_size(seq_len, requested, default=DEFAULT_CHUNK_SIZE,
+                                   runs=_runs_chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +119,7 @@ class _Layout:
 
 def _layout(q, v, h0, chunk_size):
     batch, seq_len, _, key_dim = q.shape
-    if seq_len % chunk_size or choose_chunk_size(chunk_size, chunk_size) != chunk_size:
-        raise ValueError(f"the pallas_tpu kernels need S ({seq_len}) to be a multiple of "
-                         f"chunk_size ({chunk_size}), itself one of 8, 16, 32, 64 or a multiple "
-                         f"of 128 (see choose_chunk_size)")
+    contract.check_chunk_size("pallas_tpu", seq_len, chunk_size, _runs_chunk)
     return _Layout(batch, seq_len, chunk_size, h0.shape[1], key_dim, v.shape[-1])
 
 
@@ -436,8 +431,8 @@ def _backward_kernel(*refs, layout, has_keep, gradient_clipping, q_groups, k_gro
 # ----------------------------------------------------------------------------------------------
 # pallas_call plumbing.
 
-def _interpret():
-    return False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+def _interpret_params():
+    return pltpu.InterpretParams() if platforms.interpret("tpu") else False
 
 
 def _compiler_params():
@@ -545,7 +540,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((lay.key_pad, lay.block_lanes), _F32)],
         compiler_params=_compiler_params(),
-        interpret=_interpret(),
+        interpret=_interpret_params(),
     )(*inputs)
     y_rows, h_final = outputs[:2]
     y = _from_rows(y_rows, lay)[..., :lay.value_dim].astype(v.dtype)
@@ -588,7 +583,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         scratch_shapes=[pltpu.VMEM((kp, lay.block_lanes), _F32),
                         pltpu.VMEM((lay.chunk, kp, lay.block_lanes), _F32)],
         compiler_params=_compiler_params(),
-        interpret=_interpret(),
+        interpret=_interpret_params(),
     )(*inputs)
 
     dv = _from_rows(dv_rows, lay)[..., :lay.value_dim]

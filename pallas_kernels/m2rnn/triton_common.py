@@ -1,11 +1,11 @@
-"""What the two Triton-lowered backends (``gpu``, ``gpu_vector``) share: the interpret switch,
-padding, the float32 dots on bf16 tensor cores, chunk-size rules and the backward's time loop."""
+"""What the two Triton-lowered backends (``gpu``, ``gpu_vector``) share: launch parameters,
+padding, the float32 dots on bf16 tensor cores and the backward's time loop."""
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.m2rnn import platforms
 from pallas_kernels.m2rnn.loops import fori_loop
 
 F32 = jnp.float32
@@ -13,11 +13,6 @@ MATMUL = (((1,), (0,)), ((), ()))           # a @ b, for lax.dot_general
 TRANSPOSED_LHS = (((0,), (0,)), ((), ()))   # aᵀ @ b
 # One CTA of 4 warps per program, no software pipelining of loads (the loops are sequential).
 COMPILER_PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=1)
-
-
-def interpret():
-    """True off a GPU: the kernels then run in Pallas' interpreter (how CI tests them)."""
-    return jax.default_backend() != "gpu"
 
 
 def next_pow2(n):
@@ -28,24 +23,6 @@ def pad_last(x, size):
     """``x`` zero-padded along its last axis to ``size``."""
     pad = size - x.shape[-1]
     return x if pad == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-
-
-def choose_chunk_size(seq_len, requested, *, default, quantum, backend):
-    """``requested`` (``default`` when ``None``), a multiple of ``quantum``, at most S rounded up
-    to the quantum."""
-    if requested is None:
-        requested = default
-    elif isinstance(requested, bool) or not isinstance(requested, int) or requested < 1 \
-            or requested % quantum:
-        raise ValueError(f"chunk_size for the {backend} backend must be a positive multiple of "
-                         f"{quantum}, got {requested!r}")
-    return min(requested, -(-seq_len // quantum) * quantum)
-
-
-def check_chunk(seq_len, chunk_size, quantum):
-    if chunk_size % quantum or seq_len % chunk_size:
-        raise ValueError(f"chunk_size must be a multiple of {quantum} dividing S = {seq_len}, "
-                         f"got {chunk_size}")
 
 
 def split_bf16(x):
@@ -82,7 +59,7 @@ def walk_chunks_in_reverse(step, acc, *, num_chunks, chunk, subchunk, chunk_star
     ``subchunk`` states into registers and walks them back (``acc``: what the walk accumulates,
     the state gradient and dW). Returns the last ``acc``."""
     subs_per_chunk = chunk // subchunk
-    on_gpu = not interpret()
+    on_gpu = not platforms.interpret("gpu")
 
     def barrier():
         if on_gpu:  # the interpreter runs a program's threads as one

@@ -4,7 +4,7 @@
 One warpgroup per (batch row, head) keeps the 64×16 float32 state in the wgmma accumulator layout
 and feeds ``H W`` to the tensor core as bf16 hi/lo parts; inputs are TMA-staged through SMEM.
 What lives where, and the measured choices behind it: docs/kernels.md ("mosaic_gpu"). The
-checkpoints have ``pallas_gpu``'s layout, ``(B, S/C, 64, N·16)`` float32.
+checkpoints, ``(B, S/C, 64, N·16)`` float32, are for this backend's backward.
 
 Off a GPU the kernels run in the Mosaic GPU interpreter, whose wgmma takes the A operand only
 from SMEM and which cannot run inline Mosaic GPU code: there the products are the same bf16
@@ -16,10 +16,8 @@ Modules: ``common`` (supported inputs, input layout, launch, hi/lo split), ``war
 per-warp reductions), ``forward``, ``backward``.
 """
 
-from pallas_kernels.m2rnn.mosaic_gpu.backward import SUBCHUNK, backward
-from pallas_kernels.m2rnn.mosaic_gpu.common import (DEFAULT_CHUNK_SIZE, KEY_DIM, VALUE_DIM,
-                                                    choose_chunk_size, supports)
+from pallas_kernels.m2rnn.mosaic_gpu.backward import backward
+from pallas_kernels.m2rnn.mosaic_gpu.common import DEFAULT_CHUNK_SIZE, choose_chunk_size, supports
 from pallas_kernels.m2rnn.mosaic_gpu.forward import forward
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "KEY_DIM", "SUBCHUNK", "VALUE_DIM", "backward",
-           "choose_chunk_size", "forward", "supports"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "backward", "choose_chunk_size", "forward", "supports"]

@@ -8,6 +8,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.m2rnn import platforms
 from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
 from pallas_kernels.m2rnn.loops import fori_loop
 from pallas_kernels.m2rnn.mosaic_gpu import common, warp_sums
@@ -21,10 +22,12 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
     keep_ref = rest.pop(0) if has_keep else None
     # On the GPU dq_ref/dk_ref are the zero-initialised (B, S, L, 64) float32 Refs (inputs
     # aliased to outputs) that the group's heads add into; in the interpreter per-head
-    # (B, S, N, 64) outputs: same position.
+    # (B, S, N, 64) outputs: same position. Names ending in ``_s`` are SMEM scratch (the
+    # ``scratch`` list of ``backward`` says what each holds).
     (ckpt_ref, dy_ref, dhf_ref, dq_ref, dk_ref, dv_ref, df_ref, dw_ref, dh0_ref,
-     q_s, k_s, v_s, dy_s, f_s, keep_s, w_s, wt_s, sub_s, h_s, xs_s, ds_s,
-     dq_s, dk_s, dv_s, df_s, dwo_s, in_bar, w_bar, dvp_s, dfp_s) = rest
+     q_s, k_s, v_s, dy_s, f_s, keep_s, w_s, wt_s, sub_s, h_s, h_prev_stack_s, du_stack_s,
+     dq_s, dk_s, dv_s, df_s, dw_out_s, in_bar, w_bar, dv_warp_partials_s,
+     df_warp_partials_s) = rest
     if on_gpu:
         def inline(body):
             return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(body)
@@ -129,7 +132,7 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
                     prevs.append(h_prev)
                     zs.append(z)
                 if on_gpu:
-                    plgpu.wgmma_wait(0)  # the last sub-chunk's dW wgmma has read xs_s/ds_s
+                    plgpu.wgmma_wait(0)  # the last sub-chunk's dW wgmma has read the stacks
                 for m in reversed(range(SUBCHUNK)):
                     t = j * SUBCHUNK + m
                     k_t, v_t, f_t, keep_t = load_step(t)
@@ -154,32 +157,33 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
                     if on_gpu:
                         row_sums(p_dq, dq_s.at[t])
                         row_sums(p_dk, dk_s.at[t])
-                        col_partials(p_dv, dvp_s.at[:, t])
-                        warp_totals(p_df, dfp_s.at[t])
+                        col_partials(p_dv, dv_warp_partials_s.at[:, t])
+                        warp_totals(p_df, df_warp_partials_s.at[t])
                         blk = pl.ds(m * VALUE_DIM, VALUE_DIM)
-                        xs_s[:, blk] = h_prev.astype(BF16)
-                        ds_s[:, blk] = du.astype(BF16)
+                        h_prev_stack_s[:, blk] = h_prev.astype(BF16)
+                        du_stack_s[:, blk] = du.astype(BF16)
                     else:  # the same sums as jnp ops (no inline Mosaic GPU code)
                         dq_s[t] = jnp.sum(p_dq, axis=1)
                         dk_s[t] = jnp.sum(p_dk, axis=1)
-                        dvp_s[:, t] = jnp.sum(p_dv.reshape(4, 16, VALUE_DIM), axis=1)
-                        dfp_s[t] = jnp.sum(p_df.reshape(4, 16 * VALUE_DIM), axis=1)
+                        dv_warp_partials_s[:, t] = jnp.sum(p_dv.reshape(4, 16, VALUE_DIM),
+                                                           axis=1)
+                        df_warp_partials_s[t] = jnp.sum(p_df.reshape(4, 16 * VALUE_DIM), axis=1)
                         dw = dw + jnp.dot(h_prev.T, du, preferred_element_type=F32)
                 if on_gpu:
                     # dW += Σ_m H_{t-1}ᵀ du_t: one wgmma, M = (step, column of H), N = (step,
                     # column of du); the diagonal 16×16 blocks are summed outside.
                     plgpu.commit_smem()
-                    plgpu.wgmma(acc_ref, xs_s.transpose((1, 0)), ds_s)
+                    plgpu.wgmma(acc_ref, h_prev_stack_s.transpose((1, 0)), du_stack_s)
                 return g_later, dw
 
             acc = fori_loop(0, subs, walk_back, (g_later, dw))
             plgpu.commit_smem()  # every warp's sums are written
             if on_gpu:  # inline code: no layout inference on these small blocks
-                sum_partials(dvp_s, dv_s, 0)
-                sum_partials(dfp_s, df_s, 1)
+                sum_partials(dv_warp_partials_s, dv_s, 0)
+                sum_partials(df_warp_partials_s, df_s, 1)
             else:
-                dv_s[...] = jnp.sum(dvp_s[...], axis=0).astype(dv_s.dtype)
-                df_s[...] = jnp.sum(dfp_s[...], axis=1)
+                dv_s[...] = jnp.sum(dv_warp_partials_s[...], axis=0).astype(dv_s.dtype)
+                df_s[...] = jnp.sum(df_warp_partials_s[...], axis=1)
             plgpu.commit_smem()
             if on_gpu:
                 # Sum over the heads of the q/k group in GMEM (L2): TMA reduce-add into the
@@ -199,31 +203,29 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
         def with_acc(acc_ref):
             g_later_out, _ = chunk_loop(acc_ref, g_later, None)
             plgpu.wgmma_wait(0)
-            dwo_s[...] = acc_ref[...]
+            dw_out_s[...] = acc_ref[...]
             return g_later_out
 
         g_later = pl.run_scoped(with_acc, plgpu.ACC((KEY_DIM, KEY_DIM), F32))
     else:
         g_later, dw = chunk_loop(None, g_later, jnp.zeros((VALUE_DIM, VALUE_DIM), F32))
-        dwo_s[...] = jnp.zeros((KEY_DIM, KEY_DIM), F32)
-        dwo_s[0:VALUE_DIM, 0:VALUE_DIM] = dw
+        dw_out_s[...] = jnp.zeros((KEY_DIM, KEY_DIM), F32)
+        dw_out_s[0:VALUE_DIM, 0:VALUE_DIM] = dw
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     h_s[...] = g_later
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(h_s, dh0_ref.at[b, n])
-    plgpu.copy_smem_to_gmem(dwo_s, dw_ref.at[b, n])
+    plgpu.copy_smem_to_gmem(dw_out_s, dw_ref.at[b, n])
     plgpu.wait_smem_to_gmem(0)
 
 
 def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_clipping,
              chunk_size):
-    """``(dq, dk, dv, dw, df, dh0)`` for bfloat16 inputs, from the checkpoints of ``forward``
-    (or of ``pallas_gpu``'s forward: the same layout) with the same ``chunk_size``."""
+    """``(dq, dk, dv, dw, df, dh0)`` for bfloat16 inputs, from the checkpoints of this
+    backend's ``forward`` with the same ``chunk_size``."""
     del h0  # the checkpoints start with it
     common.check_supported(q, k, v, w, f, dh_final, keep, chunk_size)
-    if chunk_size % SUBCHUNK:
-        raise ValueError(f"chunk_size must be a multiple of {SUBCHUNK}")
-    on_gpu = not common.interpret()
+    on_gpu = not platforms.interpret("gpu")
     batch, seq_len = q.shape[:2]
     num_heads = dh_final.shape[1]
     dtype = v.dtype
@@ -262,15 +264,16 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         plgpu.SMEM((VALUE_DIM, VALUE_DIM), BF16, transforms=w_transforms),  # Wᵀ
         plgpu.SMEM((c // SUBCHUNK, KEY_DIM, VALUE_DIM), F32),  # sub-chunk start states
         plgpu.SMEM((KEY_DIM, VALUE_DIM), F32),               # checkpoint / dh_final / dh0
+        # The dW wgmma's operands: H_{t-1} and du of a sub-chunk's 4 steps side by side.
         plgpu.SMEM((KEY_DIM, KEY_DIM), BF16, transforms=w_transforms),  # H_{t-1} stack
         plgpu.SMEM((KEY_DIM, KEY_DIM), BF16, transforms=w_transforms),  # du stack
         plgpu.SMEM((c, KEY_DIM), F32),                       # dq (row sums)
         plgpu.SMEM((c, KEY_DIM), F32),                       # dk (row sums)
         plgpu.SMEM((c, VALUE_DIM), dtype),                   # dv
         plgpu.SMEM((c,), F32),                               # df
-        plgpu.SMEM((KEY_DIM, KEY_DIM), F32),                 # dW accumulator out
-        plgpu.Barrier(num_arrivals=7 if has_keep else 6),
-        plgpu.Barrier(num_arrivals=3),
+        plgpu.SMEM((KEY_DIM, KEY_DIM), F32),                 # dW accumulator, copied out
+        plgpu.Barrier(num_arrivals=7 if has_keep else 6),   # a chunk's inputs, one per TMA copy
+        plgpu.Barrier(num_arrivals=3),                       # W, Wᵀ and dh_final
         plgpu.SMEM((4, c, VALUE_DIM), F32),                  # per-warp dv partials
         plgpu.SMEM((c, 4), F32),                             # per-warp df partials
     ]
@@ -288,9 +291,9 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     else:
         dq, dk, dv, df, dw_blocks, dh0 = outs
         # Per-head dq/dk -> the L = lcm(Nq, Nk) groups.
-        hpg = num_heads // groups
-        dq = jnp.sum(dq.reshape(batch, seq_len, groups, hpg, KEY_DIM), axis=3)
-        dk = jnp.sum(dk.reshape(batch, seq_len, groups, hpg, KEY_DIM), axis=3)
+        heads_per_group = num_heads // groups
+        dq = jnp.sum(dq.reshape(batch, seq_len, groups, heads_per_group, KEY_DIM), axis=3)
+        dk = jnp.sum(dk.reshape(batch, seq_len, groups, heads_per_group, KEY_DIM), axis=3)
     # The L groups -> q's and k's own heads.
     dq = sum_heads(dq, q.shape[2], axis=2)
     dk = sum_heads(dk, k.shape[2], axis=2)

@@ -9,12 +9,15 @@ import numpy as np
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.m2rnn import contract, platforms
 from pallas_kernels.m2rnn.heads import expand_heads
 
-# The checkpoint interval. 32 measured faster than 64 on an H200 (8×4096×84 fwd+bwd 21.9 vs
-# 30.0 ms) for 0.17 GiB more memory (1.20 vs 1.03 GiB).
+# The checkpoint interval: the backward holds a chunk's inputs and states in SMEM, and a longer
+# interval takes SMEM from the CTAs an SM runs at once (the step is latency-bound), so it is
+# slower, for little memory saved (docs/kernels.md, "Ideas measured and rejected").
 DEFAULT_CHUNK_SIZE = 32
 STAGE_SIZE = 32  # steps per SMEM staging block of the forward (~25 KiB of SMEM per CTA)
+CHUNK_QUANTUM = 8  # chunk sizes are multiples of this (whole sub-chunks of the backward)
 KEY_DIM = 64
 VALUE_DIM = 16
 F32 = jnp.float32
@@ -22,20 +25,15 @@ BF16 = jnp.bfloat16
 _ROUND_TO_BF16 = 0x8000  # added to float32 bits before keeping the upper 16: rounds |x| half up
 
 
-def interpret():
-    """True off a GPU: the kernels then run in the Mosaic GPU interpreter (how CI tests them)."""
-    return jax.default_backend() != "gpu"
+def _runs_chunk(chunk):
+    """The chunk sizes the kernels run: multiples of ``CHUNK_QUANTUM``."""
+    return chunk % CHUNK_QUANTUM == 0
 
 
 def choose_chunk_size(seq_len, requested):
-    """``requested`` (default 32), a multiple of 8, at most S rounded up to 8."""
-    if requested is None:
-        requested = DEFAULT_CHUNK_SIZE
-    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 8 \
-            or requested % 8:
-        raise ValueError(f"chunk_size for the Mosaic GPU kernel must be a positive multiple of 8, "
-                         f"got {requested!r}")
-    return min(requested, -(-seq_len // 8) * 8)
+    """The contract's chunk rule: rounded up to a multiple of ``CHUNK_QUANTUM``."""
+    return contract.fit_chunk_size(seq_len, requested, default=DEFAULT_CHUNK_SIZE,
+                                   runs=_runs_chunk)
 
 
 def unsupported(q, k, v, w, f, h0):
@@ -63,10 +61,8 @@ def unsupported(q, k, v, w, f, h0):
 
 def check_supported(q, k, v, w, f, h0, keep, chunk_size):
     batch, seq_len = q.shape[:2]
+    contract.check_chunk_size("mosaic_gpu", seq_len, chunk_size, _runs_chunk)
     problems = unsupported(q, k, v, w, f, h0)
-    if not isinstance(chunk_size, int) or chunk_size < 8 or chunk_size % 8 or seq_len % chunk_size:
-        problems.append(f"chunk_size must be a multiple of 8 dividing S = {seq_len} "
-                        f"(got {chunk_size})")
     if keep is not None and keep.shape != (batch, seq_len):
         problems.append(f"keep must be (B, S) (got {keep.shape})")
     if problems:
@@ -101,7 +97,8 @@ def launch(kernel, out_type, scratch, grid, no_auto_barriers, name):
         kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("b", "n"),
         compiler_params=plgpu.CompilerParams(approx_math=True,
                                              unsafe_no_auto_barriers=no_auto_barriers),
-        interpret=plgpu.InterpretGPUParams() if interpret() else None, kernel_name=name)
+        interpret=plgpu.InterpretGPUParams() if platforms.interpret("gpu") else None,
+        kernel_name=name)
 
 
 def _round_bits_to_bf16(x):

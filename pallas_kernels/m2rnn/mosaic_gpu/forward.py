@@ -8,6 +8,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.m2rnn import platforms
 from pallas_kernels.m2rnn.heads import expand_heads
 from pallas_kernels.m2rnn.loops import fori_loop
 from pallas_kernels.m2rnn.mosaic_gpu import common
@@ -15,8 +16,8 @@ from pallas_kernels.m2rnn.mosaic_gpu.common import BF16, F32, KEY_DIM, STAGE_SIZ
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import store_warp_column_sums
 
 
-def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, has_keep, save_checkpoints,
-            on_gpu):
+def _kernel(*refs, stage, num_stages, stages_per_checkpoint, heads_per_group, has_keep,
+            save_checkpoints, on_gpu):
     q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     y_ref, h_final_ref, *rest = rest
@@ -36,8 +37,8 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, has_keep, sav
     row_layout = plgpu.Layout.WGMMA.reduce(1)   # (64,): one value per row of H
     col_layout = plgpu.Layout.WGMMA.reduce(0)   # (16,): one value per column of H
 
-    def start_block_copies(c, slot):
-        steps = pl.ds(c * chunk, chunk)
+    def start_stage_copies(s, slot):
+        steps = pl.ds(s * stage, stage)
         barrier = in_barriers.at[slot]
         plgpu.copy_gmem_to_smem(q_ref.at[b, steps, g], q_smem.at[slot], barrier)
         plgpu.copy_gmem_to_smem(k_ref.at[b, steps, g], k_smem.at[slot], barrier)
@@ -46,10 +47,10 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, has_keep, sav
         if has_keep:
             plgpu.copy_gmem_to_smem(keep_ref.at[b, steps], keep_smem.at[slot], barrier)
 
-    # W and h0 once per CTA; the first block's inputs.
+    # W and h0 once per CTA; the first staging block's inputs.
     plgpu.copy_gmem_to_smem(w_ref.at[head], w_smem, w_barrier)
     plgpu.copy_gmem_to_smem(h0_ref.at[b, head], h_smem, w_barrier)
-    start_block_copies(0, 0)
+    start_stage_copies(0, 0)
     plgpu.barrier_wait(w_barrier)
     h = plgpu.load(h_smem, layout=wgmma_layout, optimized=False)
 
@@ -83,39 +84,39 @@ def _kernel(*refs, chunk, num_chunks, ckpt_every, heads_per_group, has_keep, sav
             y_smem[slot, t] = jnp.sum(h * q_b, axis=0).astype(y_smem.dtype)
         return h
 
-    def block_body(c, h):
-        slot = lax.rem(c, jnp.int32(2))
+    def stage_body(s, h):
+        slot = lax.rem(s, jnp.int32(2))
         if save_checkpoints:
-            # The state every ``ckpt_every`` staging blocks (the checkpoint interval), through
-            # SMEM to (B, S/C, 64, N·16).
-            @pl.when(lax.rem(c, jnp.int32(ckpt_every)) == 0)
+            # The state every ``stages_per_checkpoint`` staging blocks (the checkpoint
+            # interval), through SMEM to (B, S/C, 64, N·16).
+            @pl.when(lax.rem(s, jnp.int32(stages_per_checkpoint)) == 0)
             def _():
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 h_smem[...] = h
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(
-                    h_smem, ckpt_ref.at[b, lax.div(c, jnp.int32(ckpt_every)), :,
+                    h_smem, ckpt_ref.at[b, lax.div(s, jnp.int32(stages_per_checkpoint)), :,
                                         pl.ds(head * VALUE_DIM, VALUE_DIM)])
         # Every thread is past its reads of the other slot (the last block): prefetch into it.
         plgpu.commit_smem()
 
-        @pl.when(c + 1 < num_chunks)
+        @pl.when(s + 1 < num_stages)
         def _():
-            start_block_copies(c + 1, 1 - slot)
+            start_stage_copies(s + 1, 1 - slot)
 
         plgpu.barrier_wait(in_barriers.at[slot])
         # The y slot written two blocks ago must have been read by its copy to GMEM.
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-        h = fori_loop(0, chunk, lambda t, h: step(t, h, slot), h)
+        h = fori_loop(0, stage, lambda t, h: step(t, h, slot), h)
         if on_gpu:
             plgpu.commit_smem()  # every warp's partial sums are written
             y_smem[slot] = (part_smem[0] + part_smem[1] + part_smem[2] + part_smem[3]).astype(
                 y_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y_smem.at[slot], y_ref.at[b, pl.ds(c * chunk, chunk), head])
+        plgpu.copy_smem_to_gmem(y_smem.at[slot], y_ref.at[b, pl.ds(s * stage, stage), head])
         return h
 
-    h = fori_loop(0, num_chunks, block_body, h)
+    h = fori_loop(0, num_stages, stage_body, h)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     h_smem[...] = h
     plgpu.commit_smem()
@@ -132,7 +133,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
     ``chunk_size / STAGE_SIZE`` blocks), else in blocks of ``chunk_size`` steps.
     """
     common.check_supported(q, k, v, w, f, h0, keep, chunk_size)
-    on_gpu = not common.interpret()
+    on_gpu = not platforms.interpret("gpu")
     batch, seq_len = q.shape[:2]
     num_heads = h0.shape[1]
     dtype = v.dtype
@@ -167,7 +168,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
         plgpu.Barrier(num_arrivals=2),
     ]
     kernel = functools.partial(
-        _kernel, chunk=stage, num_chunks=seq_len // stage, ckpt_every=chunk_size // stage,
+        _kernel, stage=stage, num_stages=seq_len // stage,
+        stages_per_checkpoint=chunk_size // stage,
         heads_per_group=num_heads // groups, has_keep=has_keep,
         save_checkpoints=save_checkpoints, on_gpu=on_gpu)
     outs = common.launch(kernel, out_type, scratch, (batch, num_heads), no_auto_barriers=False,
