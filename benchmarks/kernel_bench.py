@@ -35,7 +35,8 @@ import numpy as np
 from jax import lax
 
 from m2rnn_jax import m2rnn
-from m2rnn_jax.ops import keep_mask, resolve_backend
+from m2rnn_jax.ops import resolve_backend
+from m2rnn_jax.segments import keep_mask
 from pallas_kernels.m2rnn.heads import expand_heads
 from timing import median_seconds  # benchmarks/ is on sys.path when run as a script
 
