@@ -268,7 +268,7 @@ def time_shapes(key, backend, shapes, reps, workers):
     return list(rows.values())
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="auto",
                         help="backend of the bf16 accuracy and timing runs: auto (the Mosaic "
@@ -282,7 +282,7 @@ def main():
     parser.add_argument("--out", help="folder for kernel_bench.jsonl")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, runs anywhere (interpret mode off a GPU)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     started = time.time()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}",
           flush=True)

@@ -1,4 +1,4 @@
-"""The training and decoding benchmarks run end to end on CPU (their ``--tiny`` smoke modes), so
+"""The kernel, training and decoding benchmarks run end to end on CPU (their smoke modes), so
 a change in the library that breaks them fails here rather than on a GPU."""
 
 import json
@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import decode_bench  # noqa: E402
+import kernel_bench  # noqa: E402
 import train_bench  # noqa: E402
 
 
@@ -59,3 +60,14 @@ def test_decode_bench_tiny(tmp_path, restore_threefry_flag):
     assert [(r["model"], r["batch"], r["context"]) for r in rows] == [("hybrid", 2, 16)]
     assert rows[0]["tokens_per_s"] > 0 and rows[0]["cache_gib"] > 0
     assert rows[0]["ms_per_step"] == pytest.approx(2 / rows[0]["tokens_per_s"] * 1e3)
+
+
+def test_kernel_bench_smoke_checks_times_and_writes_rows(tmp_path):
+    kernel_bench.main(["--smoke", "--reps", "2", "--workers", "1", "--out", str(tmp_path)])
+    rows = [json.loads(line)
+            for line in (tmp_path / "kernel_bench.jsonl").read_text().splitlines()]
+    kinds = {row["kind"]: row for row in rows}
+    assert set(kinds) == {"check_f32", "accuracy_bf16", "timing"}
+    assert 0 < max(kinds["check_f32"]["errors"].values()) < 1e-5   # float32 vs float64
+    assert 0 < kinds["accuracy_bf16"]["errors"]["y"] < 0.05          # bf16 on a short sequence
+    assert kinds["timing"]["fwd_ms"] > 0 and kinds["timing"]["fwd_bwd_ms"] > 0
