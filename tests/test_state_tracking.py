@@ -277,6 +277,19 @@ def test_config_errors_name_the_key(tmp_path):
     assert cli.build_group(config.task).order == 8
 
 
+def test_model_overrides_may_add_keys_below_the_model_sections(tmp_path):
+    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"key_dim": 4}}}
+    path = tiny_experiment(tmp_path, models)
+    config, _ = cli.load_config(cli.parse_args([
+        "--config", str(path), "--set", "base_model.norm_eps=0.001",
+        "--set", "base_model.mlp.hidden_dim=24", "--set", "models.m2rnn.m2rnn.value_dim=8"]))
+    built = config.model_config("m2rnn", vocab_size=6)
+    assert (built.norm_eps, built.mlp.hidden_dim, built.m2rnn.value_dim) == (0.001, 24, 8)
+    with pytest.raises(ConfigError, match=r"unknown config key: models\.other"):
+        cli.load_config(cli.parse_args(["--config", str(path), "--set",
+                                        "models.other.d_model=8"]))
+
+
 def test_default_config_is_the_groups_else_s5():
     for group, name in (("S3", "s3.yaml"), ("D4", "s5.yaml"), (None, "s5.yaml")):
         argv = [] if group is None else ["--group", group]

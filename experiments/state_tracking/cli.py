@@ -92,8 +92,9 @@ def load_config(args):
     if model_changes:
         data = dataclasses.asdict(config)
         for assignment in model_changes:
-            # models.<name> must exist; below it any key may be set (from_dict checks it).
-            assign(data, assignment, open_depth=2 if assignment.startswith("models.") else None)
+            # base_model and models.<name> must exist; below them any key may be set (the
+            # model config built from them checks it).
+            assign(data, assignment, open_depth=2 if assignment.startswith("models.") else 1)
         config = from_dict(ExperimentConfig, data)
     for name in config.model_names:
         require_registered_mixers(config.model_config(name, vocab_size=2),
