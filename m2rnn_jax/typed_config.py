@@ -65,9 +65,33 @@ def to_dict(config):
 
 
 def load_yaml(cls, path):
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    return from_dict(cls, data)
+    """``cls`` built from a YAML file (``read_yaml``'s errors for a file that does not read)."""
+    return from_dict(cls, read_yaml(path))
+
+
+def read_yaml(path) -> dict:
+    """The mapping a YAML config file holds (``{}`` for an empty file); ``ConfigError`` when
+    the file is missing, unreadable, not YAML or not a mapping."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist") from err
+    except IsADirectoryError as err:
+        raise ConfigError(f"config file {path} is a folder, not a YAML file") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from err
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{at}: {problem}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got "
+                          f"{type(data).__name__}")
+    return data
 
 
 def override(config, assignments):

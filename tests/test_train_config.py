@@ -9,7 +9,8 @@ import pytest
 import yaml
 from jax.sharding import PartitionSpec as P
 
-from m2rnn_jax.typed_config import ConfigError, assign
+from m2rnn_jax import ModelConfig
+from m2rnn_jax.typed_config import ConfigError, assign, load_yaml
 from train import cli, sharding
 from train.config import TrainConfig, load_train_config, train_config_from_dict, \
     train_config_to_dict
@@ -76,6 +77,15 @@ def test_assign_creates_levels_only_below_the_open_depth():
         assign(data, "train.steps.x=1")
     with pytest.raises(ConfigError, match="key=value"):
         assign(data, "train.steps")
+
+
+def test_the_library_loader_reads_files_as_the_trainer_does(tmp_path):
+    """One YAML reader: a missing, folder or malformed file is a ConfigError naming it."""
+    (tmp_path / "bad.yaml").write_text("d_model: [1,\n")
+    for path, message in ((tmp_path / "none.yaml", "does not exist"),
+                          (tmp_path, "is a folder"), (tmp_path / "bad.yaml", "not valid YAML")):
+        with pytest.raises(ConfigError, match=message):
+            load_yaml(ModelConfig, path)
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):

@@ -18,12 +18,10 @@ counts the skipped steps in ``metrics.jsonl`` (``skipped_steps``). A resumed run
 import dataclasses
 from typing import Literal
 
-import yaml
-
 from m2rnn_jax.config import ModelConfig
 from m2rnn_jax.layers.registry import mixer_class
-from m2rnn_jax.typed_config import (ConfigError, from_dict, override, require, require_positive,
-                                    require_positive_int, to_dict)
+from m2rnn_jax.typed_config import (ConfigError, from_dict, override, read_yaml, require,
+                                    require_positive, require_positive_int, to_dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +145,7 @@ def train_config_from_dict(data) -> TrainConfig:
 
 def load_train_config(path, overrides=()) -> TrainConfig:
     """Reads a YAML file and applies ``key=value`` overrides (dotted keys, YAML values)."""
-    data = read_config_file(path)
+    data = read_yaml(path)
     config = from_dict(TrainConfig, data)
     if not data:
         raise ConfigError(f"config file {path} is empty: it must at least describe the model "
@@ -166,31 +164,6 @@ def require_registered_mixers(model_config: ModelConfig, key="model.layer_patter
             mixer_class(letter)
         except ValueError as err:
             raise ConfigError(f"{key} {model_config.layer_pattern!r}: {err}") from err
-
-
-def read_config_file(path) -> dict:
-    """The mapping a YAML config file holds (``{}`` for an empty file); ``ConfigError`` when
-    the file is missing, unreadable, not YAML or not a mapping."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError as err:
-        raise ConfigError(f"config file {path} does not exist") from err
-    except IsADirectoryError as err:
-        raise ConfigError(f"config file {path} is a folder, not a YAML file") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} cannot be read: {err}") from err
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML{at}: {problem}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys, got "
-                          f"{type(data).__name__}")
-    return data
 
 
 def train_config_to_dict(config: TrainConfig) -> dict:

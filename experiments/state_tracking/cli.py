@@ -30,8 +30,8 @@ from m2rnn_experiments.state_tracking.config import ExperimentConfig
 from m2rnn_experiments.state_tracking.groups import from_generators, group_by_name
 from m2rnn_experiments.state_tracking.report import summary_table, write_all
 from m2rnn_experiments.state_tracking.training import ModelRunner
-from m2rnn_jax.typed_config import ConfigError, assign, from_dict, override
-from train.config import read_config_file, require_registered_mixers
+from m2rnn_jax.typed_config import ConfigError, assign, from_dict, override, read_yaml
+from train.config import require_registered_mixers
 from train.errors import add_debug_flag, run_command
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
@@ -73,7 +73,7 @@ def load_config(args):
     if path is None:
         by_group = CONFIG_DIR / f"{(args.group or 's5').lower()}.yaml"
         path = by_group if by_group.exists() else CONFIG_DIR / "s5.yaml"
-    config = from_dict(ExperimentConfig, read_config_file(path))
+    config = from_dict(ExperimentConfig, read_yaml(path))
     flags = {"task.group": args.group, "train.steps": args.steps, "train.seeds": args.seeds,
              "train.first_seed": args.first_seed, "train.seeds_per_step": args.seeds_per_step,
              "task.train_length": args.train_len, "train.batch_size": args.batch_size,
