@@ -105,9 +105,9 @@ def read_token_documents(path) -> list:
                                 f"has {sorted(archive.keys())}")
             tokens = _check_tokens(archive["tokens"], path)
             lengths = np.asarray(archive["lengths"])
+    except DataError:
+        raise
     except (ValueError, EOFError, OSError, zipfile.BadZipFile) as err:
-        if isinstance(err, DataError):
-            raise
         raise DataError(f"token file {path}: an array of the .npz archive cannot be read "
                         f"({err})") from err
     if lengths.ndim != 1 or np.any(lengths < 0) or int(lengths.sum()) != tokens.size:
