@@ -99,9 +99,9 @@ HYBRID_CONFIG = "configs/model/hybrid_400m.yaml"
 TINY_CONFIG = "configs/model/tiny_hybrid.yaml"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0}
 GiB = 2 ** 30
-LAYOUTS = {"1": ("1 device", (1, 1, 1), 1),
-           "dp": ("2 devices data-parallel", (2, 1, 1), 2),
-           "fsdp": ("2 devices FSDP", (1, 2, 1), 2)}
+LAYOUTS = {"1": ("1 device", {"data": 1}, 1),
+           "dp": ("2 devices data-parallel", {"data": 2}, 2),
+           "fsdp": ("2 devices FSDP", {"data": 1, "fsdp": 2}, 2)}
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -196,11 +196,11 @@ def text_batches(seq_len, batch, count, seed=0):
              for key in ("tokens", "segment_ids")} for i in range(count)]
 
 
-def train_config(model_config, batch, seq_len, steps, mesh=(1, 1, 1), remat=False):
+def train_config(model_config, batch, seq_len, steps, mesh=None, remat=False):
     return TrainConfig(model=model_config, steps=steps, remat=remat,
                        optimizer=OptimizerConfig(warmup_steps=5),
                        data=DataConfig(seq_len=seq_len, batch_size=batch),
-                       mesh=MeshConfig(*mesh))
+                       mesh=MeshConfig(**(mesh or {"data": 1})))
 
 
 # ----------------------------------------------------------------------------- init + steps
@@ -598,7 +598,7 @@ def two_devices(args, hybrid, report):
             print(f"\n-- {name}", flush=True)
             start = time.perf_counter()
             try:
-                result = run_steps(dataclasses.replace(config, mesh=MeshConfig(*mesh)),
+                result = run_steps(dataclasses.replace(config, mesh=MeshConfig(**mesh)),
                                    jax.devices()[:count], batches, host_state)
             except Exception as err:  # noqa: BLE001 — record and go on to the next layout
                 print(f"  {name} failed: {short_error(err)}", flush=True)

@@ -184,7 +184,7 @@ def test_bad_generation_arguments(generator):
 
 
 class NoDecodeMixer(nnx.Module):
-    def __init__(self, config, *, rngs):
+    def __init__(self, config, *, rngs, axes=None):
         self.proj = Linear(config.d_model, config.d_model, ("embed", "mixer"),
                            std=config.init_std, rngs=rngs)
 

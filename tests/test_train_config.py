@@ -2,7 +2,6 @@
 shape and the logical-axis → mesh table."""
 
 import pathlib
-import types
 
 import jax
 import pytest
@@ -12,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from m2rnn_jax import ModelConfig
 from m2rnn_jax.typed_config import ConfigError, assign, load_yaml
 from train import cli, sharding
-from train.config import TrainConfig, load_train_config, train_config_from_dict, \
+from train.config import MeshConfig, TrainConfig, load_train_config, train_config_from_dict, \
     train_config_to_dict
 from train.trainer import resolve_resumed_config
 
@@ -99,19 +98,26 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
 
 
 def test_mesh_shape_fills_one_axis_and_rejects_bad_sizes():
-    mesh = types.SimpleNamespace
-    assert sharding.mesh_shape(mesh(data=-1, fsdp=2, tensor=1), 8) == (4, 2, 1)
-    assert sharding.mesh_shape(mesh(data=2, fsdp=2, tensor=2), 8) == (2, 2, 2)
+    def mesh(**sizes):
+        return MeshConfig(**sizes)
+
+    # Order: data, fsdp, expert, context, tensor.
+    assert sharding.mesh_shape(mesh(data=-1, fsdp=2), 8) == (4, 2, 1, 1, 1)
+    assert sharding.mesh_shape(mesh(data=2, fsdp=2, tensor=2), 8) == (2, 2, 1, 1, 2)
+    assert sharding.mesh_shape(mesh(data=2, expert=-1), 8) == (2, 1, 4, 1, 1)
+    assert sharding.mesh_shape(mesh(data=1, fsdp=2, context=2, tensor=2), 8) == (1, 2, 1, 2, 2)
     with pytest.raises(ConfigError, match="mesh.data"):
-        sharding.mesh_shape(mesh(data=-1, fsdp=3, tensor=1), 8)
+        sharding.mesh_shape(mesh(data=-1, fsdp=3), 8)
     with pytest.raises(ConfigError, match="needs 4 devices"):
-        sharding.mesh_shape(mesh(data=2, fsdp=2, tensor=1), 8)
+        sharding.mesh_shape(mesh(data=2, fsdp=2), 8)
     with pytest.raises(ConfigError, match="mesh.fsdp"):
-        sharding.mesh_shape(mesh(data=-1, fsdp=0, tensor=1), 8)
+        sharding.mesh_shape(mesh(data=-1, fsdp=0), 8)
+    with pytest.raises(ConfigError, match="mesh.context"):
+        sharding.mesh_shape(mesh(data=-1, context=-1), 8)
 
 
 def test_logical_axes_map_through_the_table_with_divisibility_fallback():
-    mesh = sharding.make_mesh(types.SimpleNamespace(data=2, fsdp=2, tensor=2))
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     assert sharding.logical_to_mesh(("embed", "mlp"), (8, 6), mesh) == P("fsdp", "tensor")
     assert sharding.logical_to_mesh(("vocab", "embed"), (10, 4), mesh) == P("tensor", "fsdp")
     # 5 is not divisible by 2: that dim stays replicated.
@@ -122,8 +128,20 @@ def test_logical_axes_map_through_the_table_with_divisibility_fallback():
     assert sharding.logical_to_mesh(("batch", None), (4, 3), mesh) == P(("data", "fsdp"), None)
     with pytest.raises(ValueError, match="LOGICAL_AXIS_RULES"):
         sharding.logical_to_mesh(("pixels",), (4,), mesh, where="w")
-    one = sharding.make_mesh(types.SimpleNamespace(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    one = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
     assert sharding.logical_to_mesh(("embed", "mlp"), (8, 6), one) == P(None, None)
+
+
+def test_model_axes_come_from_the_table_and_leave_out_unsplit_axes():
+    axes = sharding.model_axes(sharding.make_mesh(MeshConfig(data=2, expert=4)))
+    assert (axes.batch, axes.expert, axes.tensor, axes.context) == (("data", "expert"),
+                                                                     "expert", None, None)
+    axes = sharding.model_axes(sharding.make_mesh(MeshConfig(data=1, fsdp=2, context=2,
+                                                             tensor=2)))
+    assert (axes.batch, axes.expert, axes.tensor, axes.context) == (("fsdp",), None, "tensor",
+                                                                     "context")
+    assert not sharding.model_axes(sharding.make_mesh(MeshConfig(data=1),
+                                                      jax.devices()[:1])).splits_anything
 
 
 def test_every_logical_axis_of_the_model_is_in_the_table():

@@ -133,9 +133,9 @@ def test_restore_for_inference_gives_the_trained_model(uninterrupted, corpus_dir
 def test_sharded_mesh_with_accumulation_matches_one_device(corpus_dir, compile_once):
     single_config = tiny_config(corpus_dir)
     sharded_config = tiny_config(corpus_dir, optimizer__grad_accum_steps=2)
-    single = compile_once(single_config, sharding.make_mesh(MeshConfig(1, 1, 1),
+    single = compile_once(single_config, sharding.make_mesh(MeshConfig(data=1),
                                                             jax.devices()[:1]))
-    sharded = compile_once(sharded_config, sharding.make_mesh(MeshConfig(2, 2, 2),
+    sharded = compile_once(sharded_config, sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2),
                                                               jax.devices()[:8]))
     assert any(s.spec != jax.sharding.PartitionSpec(*[None] * len(s.spec))
                for s in jax.tree.leaves(sharded.state_shardings["params"]))

@@ -82,10 +82,13 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; one may be -1 to take the remaining devices."""
+    """Device mesh axis sizes; one may be -1 to take the remaining devices (``train/sharding.py``
+    says what each axis splits)."""
 
     data: int = -1
     fsdp: int = 1
+    expert: int = 1
+    context: int = 1
     tensor: int = 1
 
 

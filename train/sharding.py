@@ -1,9 +1,16 @@
 """Device mesh and the one table that maps the model's logical axis names onto it.
 
 Parameters hold logical axis names (``vocab``, ``embed``, ``mlp``, ``mixer``, ``heads``,
-``head_dim``, ``state``, ``conv``, ``norm``) in their ``out_sharding`` metadata. Everything
-sharded in training — parameters, optimizer state, batches — derives its ``PartitionSpec``
-from :data:`LOGICAL_AXIS_RULES`; nothing else in ``train/`` names a mesh axis for a tensor.
+``head_dim``, ``state``, ``conv``, ``norm``, ``experts``, ``expert_mlp``) in their
+``out_sharding`` metadata. Everything sharded in training — parameters, optimizer state,
+batches, activations — derives its ``PartitionSpec`` from :data:`LOGICAL_AXIS_RULES`, and the
+``MeshAxes`` handed to the model (``model_axes``) from the same table; nothing else in
+``train/`` names a mesh axis for a tensor.
+
+The mesh axes, outermost first: ``data`` (replicas), ``fsdp`` (replicas that also shard every
+weight along d_model), ``expert`` (shards the experts of MoE MLPs, and the batch everywhere
+else), ``context`` (shards the sequence), ``tensor`` (shards heads and hidden units;
+innermost, so that its collectives take the fastest links).
 """
 
 import os
@@ -13,13 +20,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from m2rnn_jax.parallel import MeshAxes
 from m2rnn_jax.typed_config import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 # Logical axis -> mesh axis (a name, a tuple of names, or None for replicated).
 LOGICAL_AXIS_RULES = {
-    "batch": ("data", "fsdp"),  # activations / token batches
+    "batch": ("data", "fsdp", "expert"),  # rows of activations and token batches
+    "sequence": "context",      # steps of activations
     "vocab": "tensor",
     "embed": "fsdp",            # d_model: FSDP shards every weight along it
     "mlp": "tensor",
@@ -29,11 +38,13 @@ LOGICAL_AXIS_RULES = {
     "state": None,
     "conv": None,
     "norm": None,
+    "experts": "expert",
+    "expert_mlp": None,
 }
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
-    """Axis sizes ``(data, fsdp, tensor)``; one of them may be -1 (fill the remaining devices)."""
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+    """Axis sizes in ``MESH_AXES`` order; one of them may be -1 (fill the remaining devices)."""
     sizes = {axis: getattr(mesh_config, axis) for axis in MESH_AXES}
     fill = [axis for axis, size in sizes.items() if size == -1]
     bad = [axis for axis, size in sizes.items() if size == 0 or size < -1]
@@ -56,7 +67,7 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (all devices by default)."""
+    """A mesh with the axes ``MESH_AXES`` over ``devices`` (all devices by default)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config, len(devices))
     return jax.make_mesh(shape, MESH_AXES, devices=devices,
@@ -114,8 +125,23 @@ def param_shardings(abstract_state, mesh):
     return jax.tree.unflatten(treedef, shardings)
 
 
+def model_axes(mesh) -> MeshAxes:
+    """The ``MeshAxes`` of the model on ``mesh``, from the table (axes of size 1 left out)."""
+    def split(logical):
+        target = LOGICAL_AXIS_RULES[logical]
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        return tuple(name for name in names if mesh.shape[name] > 1)
+
+    def single(logical):
+        names = split(logical)
+        return names[0] if names else None
+
+    return MeshAxes(mesh=mesh, batch=split("batch"), tensor=single("heads"),
+                    context=single("sequence"), expert=single("experts"))
+
+
 def batch_sharding(mesh, ndim: int, *, leading=0) -> NamedSharding:
-    """Shards axis ``leading`` (the batch axis) of an ``ndim`` array over (data, fsdp)."""
+    """Shards axis ``leading`` (the batch axis) of an ``ndim`` array over the batch axes."""
     spec = [None] * ndim
     spec[leading] = LOGICAL_AXIS_RULES["batch"]
     return NamedSharding(mesh, PartitionSpec(*spec))

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from m2rnn_jax import HybridLM
+from m2rnn_jax.parallel import MeshAxes
 from m2rnn_jax.typed_config import ConfigError
 from train import sharding
 from train.data import model_inputs
@@ -56,9 +57,10 @@ class Trainee:
                             shapes, self.state_shardings)
 
 
-def abstract_model(model_config, *, remat=False):
+def abstract_model(model_config, *, remat=False, axes=MeshAxes()):
     """``(graphdef, abstract params State)`` without allocating parameters."""
-    model = nnx.eval_shape(lambda: HybridLM(model_config, rngs=nnx.Rngs(0), remat=remat))
+    model = nnx.eval_shape(lambda: HybridLM(model_config, rngs=nnx.Rngs(0), remat=remat,
+                                            axes=axes))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError(f"the trainer expects a model whose only state is nnx.Param, found "
@@ -103,9 +105,13 @@ def build_trainee(config, mesh) -> Trainee:
         raise ConfigError(
             f"data.batch_size = {config.data.batch_size} over optimizer.grad_accum_steps = "
             f"{config.optimizer.grad_accum_steps} gives micro-batches of "
-            f"{config.micro_batch_size} rows, which the mesh's data x fsdp = {ways} devices "
-            f"do not divide")
-    graphdef, abstract_params = abstract_model(config.model, remat=config.remat)
+            f"{config.micro_batch_size} rows, which the mesh's data x fsdp x expert = {ways} "
+            f"devices do not divide")
+    axes = sharding.model_axes(mesh)
+    if config.data.seq_len % axes.size(axes.context):
+        raise ConfigError(f"data.seq_len = {config.data.seq_len} must be divisible by "
+                          f"mesh.context = {axes.size(axes.context)}")
+    graphdef, abstract_params = abstract_model(config.model, remat=config.remat, axes=axes)
     optimizer, schedule = make_optimizer(config.optimizer, abstract_params, config.steps)
 
     param_shardings = sharding.param_shardings(abstract_params, mesh)
@@ -122,7 +128,8 @@ def build_trainee(config, mesh) -> Trainee:
     skip_nonfinite = config.on_nonfinite == "skip"
 
     def init_state(seed_value):
-        model = HybridLM(model_config, rngs=nnx.Rngs(jax.random.key(seed_value)), remat=remat)
+        model = HybridLM(model_config, rngs=nnx.Rngs(jax.random.key(seed_value)), remat=remat,
+                         axes=axes)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt_state": optimizer.init(params),
                 "step": jnp.zeros((), jnp.int32),

@@ -10,6 +10,7 @@ from flax import nnx
 
 from m2rnn_jax.layers.linear import Linear
 from m2rnn_jax.layers.params import model_dtypes, out_proj_std
+from m2rnn_jax.parallel import MeshAxes
 
 
 def positions_in_document(segment_ids, batch, seq_len):
@@ -37,10 +38,11 @@ def apply_rope(x, positions, theta):
 class Attention(nnx.Module):
     """Mixer ``A``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.attention``."""
         cfg = config.attention
         self.cfg = cfg
+        self.axes = axes
         self.head_dim = config.attention_head_dim
         dtype, param_dtype = model_dtypes(config)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=cfg.add_bias)

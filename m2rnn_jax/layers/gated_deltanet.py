@@ -30,6 +30,7 @@ from m2rnn_jax.layers.m2rnn import init_A_log, init_dt_bias
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
 from m2rnn_jax.layers.registry import register_mixer
+from m2rnn_jax.parallel import MeshAxes
 from m2rnn_jax.recurrences.gated_delta import gated_delta_rule, gated_delta_rule_scan
 
 # Decay init as in Gated DeltaNet's reference code: A ~ U[0, 16], dt log-uniform in [1e-3, 0.1].
@@ -45,8 +46,11 @@ def l2_normalize(x, eps=1e-6):
 class GatedDeltaNet(nnx.Module):
     """Mixer ``D``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.gated_deltanet``."""
+        # Split by XLA from the parameters' logical axes; over a split sequence XLA gathers
+        # it for the recurrence (only M²RNN and attention place their own collectives).
+        del axes
         cfg = config.gated_deltanet
         self.cfg = cfg
         dtype, param_dtype = model_dtypes(config)

@@ -19,6 +19,7 @@ from m2rnn_jax.layers.linear import Linear
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
 from m2rnn_jax.ops import m2rnn
+from m2rnn_jax.parallel import MeshAxes
 from pallas_kernels.m2rnn.heads import expand_heads
 
 
@@ -56,10 +57,11 @@ def init_transition(rngs, cfg):
 class M2RNN(nnx.Module):
     """Mixer ``M``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.m2rnn``."""
         cfg = config.m2rnn
         self.cfg = cfg
+        self.axes = axes
         dtype, param_dtype = model_dtypes(config)
         self.dtype = dtype
         n, v_dim = cfg.num_heads, cfg.value_dim

@@ -30,14 +30,18 @@ from m2rnn_jax.layers.m2rnn import init_A_log, init_dt_bias
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
 from m2rnn_jax.layers.registry import register_mixer
+from m2rnn_jax.parallel import MeshAxes
 from m2rnn_jax.recurrences.diagonal_ssm import diagonal_ssm, diagonal_ssm_scan
 
 
 class Mamba2(nnx.Module):
     """Mixer ``S``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
+    def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.mamba2``."""
+        # Split by XLA from the parameters' logical axes; over a split sequence XLA gathers
+        # it for the recurrence (only M²RNN and attention place their own collectives).
+        del axes
         cfg = config.mamba2
         self.cfg = cfg
         dtype, param_dtype = model_dtypes(config)

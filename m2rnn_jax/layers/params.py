@@ -28,6 +28,8 @@ LOGICAL_AXES = (
     "state",     # recurrent-state dims (never sharded)
     "conv",      # conv kernel taps
     "norm",      # norm scales
+    "experts",   # the expert index of a mixture-of-experts MLP's weights
+    "expert_mlp",  # an expert's hidden width (small; not split)
 )
 
 

@@ -1,6 +1,8 @@
 """Layer-pattern letters -> mixer classes.
 
-A mixer constructor has the signature ``cls(config: ModelConfig, *, rngs: nnx.Rngs)`` and reads
+A mixer constructor has the signature ``cls(config: ModelConfig, *, rngs: nnx.Rngs, axes)``
+(``axes`` a ``m2rnn_jax.parallel.MeshAxes``: the mesh axes that split the batch, heads,
+sequence and experts; a mixer that leaves its splitting to XLA may ignore it) and reads
 its own sub-config (``config.m2rnn``, ``config.attention``, ``config.gated_deltanet``,
 ``config.mamba2``, ...), plus ``config.d_model``, ``config.compute_dtype`` /
 ``config.param_dtype`` (see ``params.model_dtypes``), ``config.init_std`` and
@@ -35,7 +37,7 @@ _LAZY_MODULES = {"D": "m2rnn_jax.layers.gated_deltanet", "S": "m2rnn_jax.layers.
 
 
 def register_mixer(letter: str, constructor, *, replace: bool = False):
-    """Makes ``letter`` in a layer pattern build ``constructor(config, rngs=rngs)``."""
+    """Makes ``letter`` in a layer pattern build ``constructor(config, rngs=rngs, axes=axes)``."""
     if not (isinstance(letter, str) and len(letter) == 1 and letter.isalpha()):
         raise ValueError(f"mixer letter must be one alphabetic character, got {letter!r}")
     if letter in _MIXERS and _MIXERS[letter] is not constructor and not replace:

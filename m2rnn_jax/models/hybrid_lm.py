@@ -1,8 +1,10 @@
 """The hybrid language model: embedding, one pre-norm block per pattern letter, LM head."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from m2rnn_jax.layers.linear import Embed, Linear
 from m2rnn_jax.layers.mlp import SwiGLU
@@ -10,17 +12,18 @@ from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import model_dtypes
 from m2rnn_jax.layers.registry import mixer_class
 from m2rnn_jax.ops import values_on_host
+from m2rnn_jax.parallel import MeshAxes
 
 
 class Block(nnx.Module):
     """``x += mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))``."""
 
-    def __init__(self, config, letter: str, *, rngs: nnx.Rngs):
+    def __init__(self, config, letter: str, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         dtype, param_dtype = model_dtypes(config)
         self.letter = letter
         self.mixer_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
                                   param_dtype=param_dtype)
-        self.mixer = mixer_class(letter)(config, rngs=rngs)
+        self.mixer = mixer_class(letter)(config, rngs=rngs, axes=axes)
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
                                 param_dtype=param_dtype)
         self.mlp = SwiGLU(config, rngs=rngs)
@@ -54,16 +57,21 @@ class HybridLM(nnx.Module):
     The residual stream is kept in the compute dtype; logits are float32.
     """
 
-    def __init__(self, config, *, rngs: nnx.Rngs, remat: bool = False):
-        """``remat=True`` recomputes each block's activations in the backward pass."""
+    def __init__(self, config, *, rngs: nnx.Rngs, remat: bool = False,
+                 axes: MeshAxes = MeshAxes()):
+        """``remat=True`` recomputes each block's activations in the backward pass. ``axes``
+        names the mesh axes that split the batch, heads, sequence and experts, for the layers
+        that place their own collectives (``m2rnn_jax.parallel``); the default splits nothing.
+        """
         for letter in config.layer_pattern:
             mixer_class(letter)  # fail early, naming the letter, before allocating anything
         dtype, param_dtype = model_dtypes(config)
         self.config = config
         self.remat = remat
+        self.axes = axes
         self.embed = Embed(config.vocab_size, config.d_model, std=config.init_std, rngs=rngs,
                            dtype=dtype, param_dtype=param_dtype)
-        self.blocks = nnx.List([Block(config, letter, rngs=rngs)
+        self.blocks = nnx.List([Block(config, letter, rngs=rngs, axes=axes)
                                 for letter in config.layer_pattern])
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
                                   param_dtype=param_dtype)
@@ -74,7 +82,7 @@ class HybridLM(nnx.Module):
 
     def __call__(self, tokens, segment_ids=None):
         self._check_inputs(tokens, segment_ids)
-        x = self.embed(tokens)
+        x = self._place(self.embed(tokens))
         for block in self.blocks:
             x = _remat_block(block, x, segment_ids) if self.remat else block(x, segment_ids)
         return self.logits(x)
@@ -110,6 +118,14 @@ class HybridLM(nnx.Module):
         if self.lm_head is None:
             return self.embed.attend(x)
         return self.lm_head(x, out_dtype=jnp.float32)
+
+    def _place(self, x):
+        """Residual stream ``(B, S, d_model)`` split over the batch and context axes."""
+        axes = self.axes
+        if not axes.splits_anything:
+            return x
+        spec = PartitionSpec(axes.batch_spec(), axes.context, None)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(axes.mesh, spec))
 
     def _check_inputs(self, tokens, segment_ids):
         if not hasattr(tokens, "ndim") or tokens.ndim != 2:
