@@ -8,8 +8,10 @@ For each model (``configs/model/hybrid_400m.yaml`` and the same model with every
 attention, ``A`` × 24, ~406M parameters), batch (1, 32) and context length L (1K, 4K, 16K, 64K;
 ``--quick``: 1K, 16K), the caches are built as they stand after a prompt of L tokens (M²RNN:
 the (B, N, K, V) float32 state and the conv window; attention: a KV cache of L + steps), then
-``--steps`` greedy decode steps (one jit-compiled ``HybridLM.decode_step`` + argmax each, the
-tokens fed back) are timed after warm-up. No prompt is run: the caches are filled
+``--steps`` greedy decode steps are timed after warm-up, two ways: one dispatch per token (one
+jit-compiled ``HybridLM.decode_step`` + argmax each, the tokens fed back by the host) and all
+``--steps`` tokens in one dispatch (``Generator.decode``: the loop on the device, what
+``Generator.generate`` runs). No prompt is run: the caches are filled
 synthetically (zeros, attention's first L steps marked visible), since the time of a step does
 not depend on their contents; so a 64K context needs no 64K prefill. A point whose caches (from
 the shapes) do not fit in ``--memory-fraction`` of the device memory left free is recorded as
@@ -22,7 +24,8 @@ cast to ``--param-dtype`` (bfloat16 by default, as for serving); compute is bflo
 Rows are appended to ``--out`` (JSON lines) as they are measured, so an interrupted run keeps
 its points; ``--contexts`` and ``--batches`` pick the points to (re)measure.
 
-Columns: decode tokens/s (batch × steps / time), ms per step, cache GiB (from the shapes),
+Columns: decode tokens/s (batch × steps / time) and ms per step with the loop on the device,
+the same with one dispatch per token, cache GiB (from the shapes),
 device GiB in use during decoding (parameters + caches + workspace; where the backend reports
 it); the JSON rows also give the first step's time (compilation included). ``--tiny`` runs the
 tiny configs at short contexts, a smoke test for CPU.
@@ -106,7 +109,7 @@ def is_out_of_memory(err) -> bool:
 
 
 def bench_one(generator, model, batch, context, args):
-    max_len = context + args.warmup + args.steps + 1
+    max_len = context + args.warmup + 3 * args.steps + 1
     _, shapes = nnx.eval_shape(lambda m, t: m.prefill(t, None, max_len=max_len), model,
                                jax.ShapeDtypeStruct((batch, 1), jnp.int32))
     cache_bytes = nbytes(shapes)
@@ -142,10 +145,22 @@ def run_point(generator, model, batch, context, args, max_len, cache_bytes):
         tokens, caches = generator.step(tokens, caches)
     jax.block_until_ready((tokens, caches))
     seconds = time.perf_counter() - start
+    key = jax.random.key(0)
+    loop_seconds = []
+    for _ in range(2):  # the first call compiles the loop
+        start = time.perf_counter()
+        new, caches = generator.decode(tokens, caches, args.steps, key=key)
+        jax.block_until_ready((new, caches))
+        loop_seconds.append(time.perf_counter() - start)
+        tokens = new[-1]
     in_use, _ = device_bytes_in_use()
     del caches
-    return dict(tokens_per_s=batch * args.steps / seconds, ms_per_step=1e3 * seconds / args.steps,
+    return dict(tokens_per_s=batch * args.steps / loop_seconds[1],
+                ms_per_step=1e3 * loop_seconds[1] / args.steps,
+                dispatch_tokens_per_s=batch * args.steps / seconds,
+                dispatch_ms_per_step=1e3 * seconds / args.steps,
                 cache_gib=cache_bytes / GiB, first_step_s=compile_s,
+                loop_compile_s=loop_seconds[0],
                 device_gib=None if in_use is None else in_use / GiB)
 
 
@@ -184,16 +199,18 @@ def main(argv=None):
                     with open(args.out, "a") as fh:
                         fh.write(json.dumps(row) + "\n")
         del model, generator
-    print(f"\n{'model':<15}{'batch':>6}{'context':>9}{'tok/s':>11}{'ms/step':>9}"
-          f"{'cache GiB':>11}{'device GiB':>12}")
+    print(f"\n{'':<30}{'loop on device':>20}{'dispatch per token':>20}")
+    print(f"{'model':<15}{'batch':>6}{'context':>9}{'tok/s':>11}{'ms/step':>9}{'tok/s':>11}"
+          f"{'ms/step':>9}{'cache GiB':>11}{'device GiB':>12}")
     for r in rows:
         if "skipped" in r:
-            print(f"{r['model']:<15}{r['batch']:>6}{r['context']:>9}{'—':>11}{'—':>9}"
-                  f"{r['cache_gib']:>11.2f}   {r['skipped']}")
+            print(f"{r['model']:<15}{r['batch']:>6}{r['context']:>9}{'—':>11}{'—':>9}{'—':>11}"
+                  f"{'—':>9}{r['cache_gib']:>11.2f}   {r['skipped']}")
             continue
         device = "n/a" if r["device_gib"] is None else f"{r['device_gib']:.2f}"
         print(f"{r['model']:<15}{r['batch']:>6}{r['context']:>9}{r['tokens_per_s']:>11.0f}"
-              f"{r['ms_per_step']:>9.2f}{r['cache_gib']:>11.2f}{device:>12}")
+              f"{r['ms_per_step']:>9.2f}{r['dispatch_tokens_per_s']:>11.0f}"
+              f"{r['dispatch_ms_per_step']:>9.2f}{r['cache_gib']:>11.2f}{device:>12}")
     print(f"total {time.perf_counter() - begin:.0f} s")
 
 

@@ -1,12 +1,15 @@
-"""Autoregressive generation with ``HybridLM``: prefill once, then one compiled step per token.
+"""Autoregressive generation with ``HybridLM``: prefill once, then decode on the device.
 
 Tokens are bytes: a token id is one UTF-8 byte (``encode``/``ByteDecoder``), the convention of
 the training data pipeline (vocab >= 256).
 
 Prefill runs the full-sequence path over the prompts (the M²RNN op/kernel returns its final
 state; attention fills a KV cache preallocated for ``prompt + max_new_tokens`` steps); then each
-new token costs one ``decode_step`` through every block. Prompts of different lengths are left
-padded: the padding is a separate packed document, so no layer sees it.
+new token costs one ``decode_step`` through every block. The sampling loop runs on the device:
+one dispatch produces up to ``tokens_per_dispatch`` tokens (a ``lax.while_loop`` that also stops
+once every row has met a stop token), with the caches donated, so the host's per-token work is
+reading the tokens back. Prompts of different lengths are left padded: the padding is a
+separate packed document, so no layer sees it.
 
     generator = Generator(model)
     rows = generator.generate([encode("Once upon")], max_new_tokens=50, temperature=0.8,
@@ -104,9 +107,12 @@ class Generator:
     def __init__(self, model):
         self.vocab_size = model.config.vocab_size
         self._graphdef, self._state = nnx.split(model)
-        donate = () if jax.default_backend() == "cpu" else (2,)  # CPU cannot donate buffers
+        on_cpu = jax.default_backend() == "cpu"  # CPU cannot donate buffers
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "sampling"))
-        self._step = jax.jit(self._step_fn, static_argnames=("sampling",), donate_argnums=donate)
+        self._step = jax.jit(self._step_fn, static_argnames=("sampling",),
+                             donate_argnums=() if on_cpu else (2,))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("sampling", "block"),
+                               donate_argnums=() if on_cpu else (1, 2))
 
     def _prefill_fn(self, state, tokens, segment_ids, key, *, max_len, sampling):
         model = nnx.merge(self._graphdef, state)
@@ -117,6 +123,49 @@ class Generator:
         model = nnx.merge(self._graphdef, state)
         logits, caches = model.decode_step(tokens, caches)
         return sample(logits, key, *sampling), caches
+
+    def _decode_fn(self, state, tokens, caches, key, stops, running, count, first_step, *,
+                   sampling, block):
+        model = nnx.merge(self._graphdef, state)
+
+        def more(carry):
+            produced, _, _, running, _ = carry
+            return (produced < count) & jnp.any(running)
+
+        def one_token(carry):
+            produced, tokens, caches, running, out = carry
+            logits, caches = model.decode_step(tokens, caches)
+            step_key = jax.random.fold_in(key, first_step + produced)
+            tokens = sample(logits, step_key, *sampling)
+            running = running & ~jnp.isin(tokens, stops)
+            return produced + 1, tokens, caches, running, out.at[produced].set(tokens)
+
+        out = jnp.zeros((block, tokens.shape[0]), jnp.int32)
+        produced, tokens, caches, _, out = jax.lax.while_loop(
+            more, one_token, (jnp.zeros((), jnp.int32), tokens, caches, running, out))
+        return out, produced, tokens, caches
+
+    def decode(self, tokens, caches, count, *, key, first_step=1, block=None, stop_tokens=(),
+               running=None, sampling=(0.0, None, None)):
+        """Up to ``count`` decode steps in one dispatch, feeding back each sampled token.
+
+        ``tokens (B,)`` are the last tokens (fed first); the i-th new token is sampled with
+        ``fold_in(key, first_step + i)``. The loop ends early once every row of ``running``
+        (default: all) has produced one of ``stop_tokens``. ``block`` (default ``count``) is the
+        compiled buffer length: calls with the same ``block`` and any ``count <= block`` share
+        one compilation. Returns ``(new tokens (produced, B) int32 array, caches)``; the caches
+        passed in are consumed (donated) on accelerators.
+        """
+        block = count if block is None else block
+        if not (isinstance(count, int) and 1 <= count <= block):
+            raise ValueError(f"count must be an integer in [1, block={block}], got {count!r}")
+        batch = tokens.shape[0]
+        running = jnp.ones((batch,), bool) if running is None else jnp.asarray(running, bool)
+        stops = jnp.asarray(sorted(set(stop_tokens)) or [-1], jnp.int32)  # -1 matches nothing
+        out, produced, _, caches = self._decode(
+            self._state, tokens, caches, key, stops, running, jnp.asarray(count, jnp.int32),
+            jnp.asarray(first_step, jnp.int32), sampling=sampling, block=block)
+        return out[:int(produced)], caches
 
     def prefill(self, tokens, segment_ids=None, *, max_len, key=None, sampling=(0.0, None, None)):
         """First sampled tokens ``(B,)`` and the caches after the prompt ``tokens (B, S)``."""
@@ -130,14 +179,18 @@ class Generator:
         return self._step(self._state, tokens, caches, key, sampling=sampling)
 
     def generate(self, prompts, max_new_tokens=64, *, temperature=1.0, top_k=None, top_p=None,
-                 seed=0, stop_tokens=(), callback=None):
+                 seed=0, stop_tokens=(), callback=None, tokens_per_dispatch=64):
         """Continues each prompt (a list of token ids); returns one token list per prompt.
 
         A row ends at its first stop token (not included in its output) or after
         ``max_new_tokens``. ``callback(step, tokens (B,) np.int32, emitted (B,) bool)`` is
-        called after every step; ``emitted[i]`` says whether ``tokens[i]`` belongs to row i's
-        output (False once the row has stopped).
+        called for every step, as each dispatch of up to ``tokens_per_dispatch`` tokens
+        returns; ``emitted[i]`` says whether ``tokens[i]`` belongs to row i's output (False once
+        the row has stopped). The tokens do not depend on ``tokens_per_dispatch``.
         """
+        if not (isinstance(tokens_per_dispatch, int) and tokens_per_dispatch >= 1):
+            raise ValueError(f"tokens_per_dispatch must be a positive integer, got "
+                             f"{tokens_per_dispatch!r}")
         check_sampling(temperature, top_k, top_p, self.vocab_size)
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -151,21 +204,28 @@ class Generator:
         stops = np.asarray(sorted(set(stop_tokens)), np.int32)
         outputs = [[] for _ in prompts]
         running = np.ones(len(prompts), bool)
-        next_tokens, caches = self.prefill(tokens, segment_ids,
-                                           max_len=tokens.shape[1] + max_new_tokens,
-                                           key=jax.random.fold_in(base_key, 0), sampling=sampling)
-        for step in range(max_new_tokens):
-            host_tokens = np.asarray(next_tokens)
-            running &= ~np.isin(host_tokens, stops)
-            for row in np.flatnonzero(running):
-                outputs[row].append(int(host_tokens[row]))
-            if callback is not None:
-                callback(step, host_tokens, running.copy())
-            if not running.any() or step == max_new_tokens - 1:
-                break
-            next_tokens, caches = self.step(next_tokens, caches,
-                                            jax.random.fold_in(base_key, step + 1), sampling)
-        return outputs
+        last, caches = self.prefill(tokens, segment_ids,
+                                    max_len=tokens.shape[1] + max_new_tokens,
+                                    key=jax.random.fold_in(base_key, 0), sampling=sampling)
+        pending = [np.asarray(last)]  # tokens sampled on the device, not yet handed out
+        block = min(tokens_per_dispatch, max_new_tokens - 1)
+        step = 0
+        while True:
+            for host_tokens in pending:
+                running &= ~np.isin(host_tokens, stops)
+                for row in np.flatnonzero(running):
+                    outputs[row].append(int(host_tokens[row]))
+                if callback is not None:
+                    callback(step, host_tokens, running.copy())
+                step += 1
+                if not running.any() or step == max_new_tokens:
+                    return outputs
+            # Token `step` is sampled from token `step - 1` with key fold_in(base_key, step).
+            new, caches = self.decode(jnp.asarray(pending[-1]), caches,
+                                      min(block, max_new_tokens - step), key=base_key,
+                                      first_step=step, block=block, stop_tokens=stops.tolist(),
+                                      running=running, sampling=sampling)
+            pending = list(np.asarray(new))
 
 
 def generate(model, prompts, max_new_tokens=64, **kwargs):

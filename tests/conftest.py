@@ -7,6 +7,9 @@ import pytest
 # Multi-device logic is tested on simulated CPU devices; must be set before JAX initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The commands turn JAX's persistent compilation cache on by default; tests that run them leave
+# the user's cache alone (tests/test_compile_cache.py checks the cache itself).
+os.environ["M2RNN_COMPILE_CACHE"] = "off"
 sys.path.insert(0, os.path.dirname(__file__))
 
 

@@ -60,6 +60,8 @@ def test_decode_bench_tiny(tmp_path, restore_threefry_flag):
     assert [(r["model"], r["batch"], r["context"]) for r in rows] == [("hybrid", 2, 16)]
     assert rows[0]["tokens_per_s"] > 0 and rows[0]["cache_gib"] > 0
     assert rows[0]["ms_per_step"] == pytest.approx(2 / rows[0]["tokens_per_s"] * 1e3)
+    assert rows[0]["dispatch_ms_per_step"] == pytest.approx(
+        2 / rows[0]["dispatch_tokens_per_s"] * 1e3)
 
 
 def test_kernel_bench_smoke_checks_times_and_writes_rows(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from m2rnn_jax import HybridLM, ModelConfig, register_mixer
-from m2rnn_jax.generation import ByteDecoder, Generator, encode, filter_logits, sample
+from m2rnn_jax.generation import (ByteDecoder, Generator, encode, filter_logits, left_pad,
+                                  sample)
 from m2rnn_jax.layers import Linear
 from m2rnn_jax.typed_config import load_yaml
 from train import generate_cli
@@ -149,6 +150,40 @@ def test_stop_tokens_and_streaming_callback(generator):
     assert stopped[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
     streamed = [[int(t[row]) for _, t, e in seen if e[row]] for row in range(2)]
     assert streamed == stopped and [s for s, _, _ in seen] == list(range(len(seen)))
+
+
+def one_dispatch_per_token(generator, prompts, max_new_tokens, seed, sampling, stops):
+    """The reference loop: one compiled decode step per token, stops checked on the host."""
+    tokens, segment_ids = left_pad(prompts)
+    key = jax.random.key(seed)
+    last, caches = generator.prefill(tokens, segment_ids,
+                                     max_len=tokens.shape[1] + max_new_tokens,
+                                     key=jax.random.fold_in(key, 0), sampling=sampling)
+    outputs, running = [[] for _ in prompts], np.ones(len(prompts), bool)
+    for step in range(max_new_tokens):
+        running &= ~np.isin(np.asarray(last), stops)
+        for row in np.flatnonzero(running):
+            outputs[row].append(int(last[row]))
+        if not running.any():
+            break
+        last, caches = generator.step(last, caches, jax.random.fold_in(key, step + 1), sampling)
+    return outputs
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_on_device_loop_gives_the_tokens_of_one_dispatch_per_token(generator, temperature):
+    prompts = [encode("loop on"), encode("the device")]
+    sampling = (temperature, None, None)
+    free = one_dispatch_per_token(generator, prompts, 11, 3, sampling, [])
+    stops = [free[0][4]]
+    want = one_dispatch_per_token(generator, prompts, 11, 3, sampling, stops)
+    assert want[0] == free[0][:4]
+    for per_dispatch in (1, 3, 64):
+        got = generator.generate(prompts, 11, temperature=temperature, seed=3, stop_tokens=stops,
+                                 tokens_per_dispatch=per_dispatch)
+        assert got == want, per_dispatch
+    with pytest.raises(ValueError, match="tokens_per_dispatch"):
+        generator.generate(prompts, 4, tokens_per_dispatch=0)
 
 
 def test_filtering_and_sampling_rules():

@@ -1,11 +1,13 @@
-"""``m2rnn-train --config PATH [--steps N] [--out DIR] [--restart] [key=value ...]``
+"""``m2rnn-train --config PATH [--steps N] [--out DIR] [--restart] [--dry-run]
+[--compile-cache DIR|auto|off] [key=value ...]``
 
 Trains the model described by a YAML ``TrainConfig`` (see ``configs/tiny.yaml``). ``--out``
 receives checkpoints, ``metrics.jsonl``, ``loss.png`` and the effective ``config.yaml``;
 running again with the same ``--out`` resumes, ``--steps`` being the total to reach;
 ``--restart`` moves the previous run's files aside (under ``<out>/old_runs/``) and starts over.
 One run at a time may use an ``--out`` folder. Overrides use dotted keys with YAML values:
-``optimizer.learning_rate=1e-3 mesh.fsdp=2``.
+``optimizer.learning_rate=1e-3 mesh.fsdp=2``. ``--dry-run`` checks the config and prints the
+model's total and active (per token) parameter counts without allocating it.
 
 Errors in the config, the data or the run folder are reported in one line and exit with status
 2; a run that cannot go on (no restorable checkpoint, a non-finite loss, a folder in use) exits
@@ -19,6 +21,7 @@ every process runs the same command with the same ``--out`` on a shared filesyst
 import argparse
 import sys
 
+from train import compile_cache
 from train.errors import add_debug_flag, run_command
 
 DEFAULT_OUT = "runs/default"
@@ -37,6 +40,10 @@ def parse_args(argv=None):
     parser.add_argument("--restart", action="store_true",
                         help="move the checkpoints and metrics already in --out aside (to "
                              "<out>/old_runs/<time>/, nothing is deleted) and start from step 0")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, print the model's total and active parameter "
+                             "counts and exit without training")
+    compile_cache.add_flag(parser)
     add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. optimizer.learning_rate=1e-3")
@@ -60,6 +67,12 @@ def _train(args) -> int:
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     config = load_train_config(args.config, overrides)
+    if args.dry_run:
+        from train.step import describe_parameters
+
+        print(describe_parameters(config.model))
+        return 0
+    compile_cache.enable(args.compile_cache, config.compile_cache)
     summary = train(config, args.out, restart=args.restart)
     if summary["interrupted"]:
         return 130 if summary["reason"] == "SIGINT" else 143

@@ -129,10 +129,15 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a step with a NaN/inf loss or gradient
+    # JAX's persistent compilation cache: a folder, "auto" or "off" (train/compile_cache.py);
+    # the command's --compile-cache flag wins over it.
+    compile_cache: str = "auto"
 
     def __post_init__(self):
         require_positive_int(self.steps, "steps")
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed!r}")
+        require(isinstance(self.compile_cache, str) and self.compile_cache.strip(),
+                "compile_cache", f"must be a folder, 'auto' or 'off', got {self.compile_cache!r}")
         require(self.data.batch_size % self.optimizer.grad_accum_steps == 0, "data.batch_size",
                 f"= {self.data.batch_size} must be divisible by optimizer.grad_accum_steps = "
                 f"{self.optimizer.grad_accum_steps}")

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from m2rnn_jax.generation import ByteDecoder, Generator, check_sampling, encode
+from train import compile_cache
 from train.checkpointing import restore_for_inference
 from train.errors import UserError, add_debug_flag, run_command
 
@@ -32,6 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], metavar="CHAR",
                         help="stop at this one-byte character (repeatable), e.g. --stop $'\\n'")
+    compile_cache.add_flag(parser)
     add_debug_flag(parser)
     return parser.parse_args(argv)
 
@@ -62,6 +64,7 @@ def generate(args):
     if not prompt:
         raise UserError("--prompt must not be empty")
 
+    compile_cache.enable(args.compile_cache)
     config, model = restore_for_inference(args.checkpoint, step=args.step)
     if config.vocab_size < 256:
         raise UserError(f"the model's vocab_size {config.vocab_size} is below 256, so it was "

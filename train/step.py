@@ -68,6 +68,34 @@ def abstract_model(model_config, *, remat=False, axes=MeshAxes()):
     return graphdef, params
 
 
+def parameter_counts(model_config) -> tuple[int, int]:
+    """``(total, active per token)`` parameters of a model, without allocating it. Routed
+    experts (parameters with the logical axis ``experts``) count ``top_k / num_experts`` of
+    their size as active."""
+    _, params = abstract_model(model_config)
+    sizes = jax.tree.leaves(nnx.to_pure_dict(jax.tree.map(lambda v: v.size, params)))
+    axes = jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(params)),
+                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    moe = model_config.moe
+    active_share = moe.top_k / moe.num_experts if moe.num_experts else 1.0
+    total = sum(sizes)
+    active = sum(size * (active_share if "experts" in tuple(spec) else 1)
+                 for size, spec in zip(sizes, axes, strict=True))
+    return total, round(active)
+
+
+def describe_parameters(model_config) -> str:
+    """What ``m2rnn-train --dry-run`` prints: the model's shape and parameter counts."""
+    total, active = parameter_counts(model_config)
+    moe = model_config.moe
+    routing = (f"; {moe.num_experts} experts, top-{moe.top_k} routing" if moe.num_experts
+               else "")
+    return (f"model: {model_config.num_layers} layers {model_config.layer_pattern}, d_model "
+            f"{model_config.d_model}, vocab {model_config.vocab_size}{routing}\n"
+            f"parameters: {total:,} total ({total / 1e9:.2f}B), {active:,} active per token "
+            f"({active / 1e9:.2f}B)")
+
+
 def loss_sums(graphdef, params, tokens, segment_ids):
     """(summed cross-entropy in nats, number of targets) over rows of ``seq_len + 1`` tokens."""
     inputs, input_segments, targets, mask = model_inputs(tokens, segment_ids)

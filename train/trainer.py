@@ -2,9 +2,9 @@
 
 ``train(config, out_dir)`` trains to ``config.steps`` total steps. When ``out_dir`` already
 holds checkpoints it resumes from the newest one that verifies and restores (saying so) with
-the saved config, taking only ``steps``, ``mesh``, ``remat``, ``logging``, ``checkpoint`` and
-``on_nonfinite`` (which do not change the trajectory beyond float rounding, or only at
-non-finite steps) from the config given now; a new ``steps`` keeps the learning-rate
+the saved config, taking only ``steps``, ``mesh``, ``remat``, ``logging``, ``checkpoint``,
+``on_nonfinite`` and ``compile_cache`` (which do not change the trajectory beyond float rounding,
+or only at non-finite steps) from the config given now; a new ``steps`` keeps the learning-rate
 schedule's original length. When it holds checkpoints of which none restores it stops with
 ``CheckpointError`` and changes nothing; ``restart=True`` first moves the previous run's files
 aside (``train/run_folder.py``). A run that already reached ``steps`` says so and does nothing.
@@ -38,7 +38,8 @@ from train.metrics import MetricsLog, Progress, plot_losses
 from train.step import build_trainee, put_batch
 
 # Keys a resumed run takes from the new config; the rest must come from the checkpoint.
-RESUMABLE_CHANGES = ("steps", "mesh", "remat", "logging", "checkpoint", "on_nonfinite")
+RESUMABLE_CHANGES = ("steps", "mesh", "remat", "logging", "checkpoint", "on_nonfinite",
+                     "compile_cache")
 
 
 class NonFiniteError(RunFailure):

@@ -31,6 +31,7 @@ from m2rnn_experiments.state_tracking.groups import from_generators, group_by_na
 from m2rnn_experiments.state_tracking.report import summary_table, write_all
 from m2rnn_experiments.state_tracking.training import ModelRunner
 from m2rnn_jax.typed_config import ConfigError, assign, from_dict, override, read_yaml
+from train import compile_cache
 from train.config import require_registered_mixers
 from train.errors import add_debug_flag, run_command
 
@@ -60,6 +61,7 @@ def parse_args(argv):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key (repeatable), e.g. train.weight_decay=0.01")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compile_cache.add_flag(p)
     p.add_argument("--restart", action="store_true",
                    help="delete the runs' checkpoints in the output folder first (by default a "
                         "run resumes from its checkpoint there)")
@@ -129,6 +131,7 @@ def run_experiment(argv) -> list:
     the output folder; returns the ``training.RunResult`` of each run."""
     args = parse_args(argv)
     config, path = load_config(args)
+    compile_cache.enable(args.compile_cache, config.compile_cache)
     group = build_group(config.task)
     task, train = config.task, config.train
     names = config.model_names

@@ -178,8 +178,11 @@ class ExperimentConfig:
     models: dict = dataclasses.field(default_factory=dict)
     run: list[str] = dataclasses.field(default_factory=list)  # empty = every model in `models`
     out_dir: str = "runs/state_tracking"
+    compile_cache: str = "auto"  # JAX's persistent compilation cache: a folder, "auto" or "off"
 
     def __post_init__(self):
+        require(isinstance(self.compile_cache, str) and self.compile_cache.strip(),
+                "compile_cache", f"must be a folder, 'auto' or 'off', got {self.compile_cache!r}")
         for name in self.run:
             require(name in self.models, "run", f"lists model {name!r}, which models does not "
                     f"define (defined: {', '.join(sorted(self.models))})")
