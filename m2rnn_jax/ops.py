@@ -114,24 +114,39 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
     return y[:, :seq_len], final_state
 
 
+# The backends' forward and backward run as jitted calls: a model with many M²RNN layers of one
+# shape then traces and lowers each kernel once and calls it from every layer (lowering a
+# Mosaic GPU kernel takes about a second, and a deep model has dozens of calls).
+@functools.partial(jax.jit, static_argnames=("backend", "chunk_size", "save_checkpoints"))
+def _backend_forward(q, k, v, w, f, h0, keep, *, backend, chunk_size, save_checkpoints):
+    return backend_module(backend).forward(q, k, v, w, f, h0, keep, chunk_size=chunk_size,
+                                           save_checkpoints=save_checkpoints)
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "chunk_size", "gradient_clipping"))
+def _backend_backward(*args, backend, chunk_size, gradient_clipping):
+    return backend_module(backend).backward(*args, gradient_clipping=gradient_clipping,
+                                            chunk_size=chunk_size)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _recurrence(backend, chunk_size, gradient_clipping, q, k, v, w, f, h0, keep):
-    y, h_final, _ = backend_module(backend).forward(
-        q, k, v, w, f, h0, keep, chunk_size=chunk_size, save_checkpoints=False)
+    y, h_final, _ = _backend_forward(q, k, v, w, f, h0, keep, backend=backend,
+                                     chunk_size=chunk_size, save_checkpoints=False)
     return y, h_final
 
 
 def _recurrence_fwd(backend, chunk_size, gradient_clipping, q, k, v, w, f, h0, keep):
-    y, h_final, checkpoints = backend_module(backend).forward(
-        q, k, v, w, f, h0, keep, chunk_size=chunk_size, save_checkpoints=True)
+    y, h_final, checkpoints = _backend_forward(q, k, v, w, f, h0, keep, backend=backend,
+                                               chunk_size=chunk_size, save_checkpoints=True)
     return (y, h_final), (q, k, v, w, f, h0, keep, checkpoints)
 
 
 def _recurrence_bwd(backend, chunk_size, gradient_clipping, residuals, cotangents):
     dy, dh_final = cotangents
     keep = residuals[6]
-    grads = backend_module(backend).backward(
-        *residuals, dy, dh_final, gradient_clipping=gradient_clipping, chunk_size=chunk_size)
+    grads = _backend_backward(*residuals, dy, dh_final, backend=backend, chunk_size=chunk_size,
+                              gradient_clipping=gradient_clipping)
     return (*grads, None if keep is None else jnp.zeros_like(keep))
 
 

@@ -192,6 +192,27 @@ def test_backward_lowers_for_cuda(monkeypatch):
         assert "output_operand_alias" in module
 
 
+def test_a_model_lowers_each_kernel_once_for_all_its_layers(monkeypatch):
+    """Three M²RNN layers of one shape, forward and backward, lowered for sm_90: one forward and
+    one backward kernel in the module, called from every layer (lowering a Mosaic GPU kernel
+    takes about a second; the 400M hybrid has 20 such layers)."""
+    monkeypatch.setattr(platforms, "interpret", lambda platform: False)
+    q, k, v, w, f, _ = _problem(41, 2, 64, (1, 1, 2, 2, 2), jnp.bfloat16)
+
+    def loss(w, v):
+        total = jnp.zeros((), jnp.float32)
+        for layer in range(3):
+            y, _ = m2rnn(q, k, v * (layer + 1), w, f, None, 1.0, backend="mosaic_gpu")
+            total = total + jnp.sum(y.astype(jnp.float32) ** 2)
+        return total
+
+    module = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1))),
+                               platforms=["cuda"])(w, v).mlir_module()
+    kernels = module.count("stablehlo.custom_call @mosaic_gpu")
+    assert kernels == 2, kernels
+    assert module.count("call @_backend_forward") >= 3, "each layer calls the one forward"
+
+
 def test_op_with_mosaic_backend_matches_scan():
     """Through the public op (its padding of S = 40 to the chunk of 32, segment resets,
     clipping and custom_vjp) with ``backend="mosaic_gpu"``: y, final state and every gradient
