@@ -295,6 +295,8 @@ def main(argv=None):
         float32_cases = [("smoke", (1, 21, (1, 1, 2, 2, 2), 5, 3), True, True, 0.5)]
 
     rows = []
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
 
     def emit(row):
         rows.append(row)

@@ -21,8 +21,10 @@ One GPU (in this order, each section saved to ``--json`` as soon as it ends):
    XLA attention with per-block rematerialisation (one layer's S x S scores alive at a time).
    XLA attention without remat needs ~160 GiB at batch 4 x 4096 and is never tried by
    ``auto``. The path used is printed and saved (``attention_path``).
-2. where the time goes, from isolated timings: forward+backward of one (RMSNorm + mixer) per
-   mixer letter, one (RMSNorm + SwiGLU), and of embedding + final norm + LM head +
+2. where the time goes, from isolated timings: forward and forward+backward of one
+   (RMSNorm + mixer) per mixer letter, of the M²RNN op alone at a layer's shapes (so the
+   mixer's time splits into the recurrence and the rest: projections, conv, gates, output
+   gate and norm), one (RMSNorm + SwiGLU), and of embedding + final norm + LM head +
    cross-entropy, each jitted alone at the bench shape (median after warm-up,
    ``benchmarks/timing.py``), times their counts; the optimizer update (clip + AdamW + apply,
    float32 master weights) timed alone on the model's real state. Printed as ms and % of the
@@ -79,7 +81,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from m2rnn_jax import ModelConfig
+from m2rnn_jax import ModelConfig, m2rnn
 from m2rnn_jax.layers.linear import Embed, Linear
 from m2rnn_jax.layers.mlp import SwiGLU
 from m2rnn_jax.layers.norm import RMSNorm
@@ -356,8 +358,38 @@ class HeadPart(nnx.Module):
         return jnp.sum(jnp.where(mask, losses, 0.0))
 
 
+class M2RNNOpPart(nnx.Module):
+    """The M²RNN op alone at one layer's shapes: what the mixer spends in the recurrence
+    kernel (its inputs are random projections of ``x``, made outside the timed function)."""
+
+    def __init__(self, config, *, rngs):
+        self.cfg = config.m2rnn
+        self.W = nnx.Param(jnp.eye(self.cfg.value_dim, dtype=jnp.float32)[None].repeat(
+            self.cfg.heads("w"), axis=0))
+
+    def inputs(self, x):
+        cfg, (batch, seq_len) = self.cfg, x.shape[:2]
+        keys = jax.random.split(jax.random.key(1), 4)
+
+        def draw(key, heads, dim):
+            return jax.random.normal(key, (batch, seq_len, heads, dim), x.dtype)
+
+        return (draw(keys[0], cfg.heads("q"), cfg.key_dim), draw(keys[1], cfg.heads("k"),
+                                                                 cfg.key_dim),
+                draw(keys[2], cfg.heads("v"), cfg.value_dim),
+                jax.nn.sigmoid(jax.random.normal(keys[3], (batch, seq_len, cfg.heads("f")))))
+
+    def __call__(self, inputs, segment_ids):
+        q, k, v, f = inputs
+        y, _ = m2rnn(q, k, v, self.W[...].astype(v.dtype), f, None, self.cfg.gradient_clipping,
+                     segment_ids=segment_ids, backend=self.cfg.backend,
+                     chunk_size=self.cfg.chunk_size)
+        return y
+
+
 def part_seconds(part, batch, d_model, compute_dtype):
-    """Forward + backward seconds of ``part`` on a ``(B, S, d_model)`` compute-dtype input."""
+    """``(forward, forward + backward)`` seconds of ``part`` on a ``(B, S, d_model)``
+    compute-dtype input."""
     graphdef, params = nnx.split(part, nnx.Param)
     tokens, segment_ids = jnp.asarray(batch["tokens"]), jnp.asarray(batch["segment_ids"])
     x_segments = segment_ids[:, :-1]
@@ -369,12 +401,21 @@ def part_seconds(part, batch, d_model, compute_dtype):
     if isinstance(part, HeadPart):
         def loss(p, inputs):
             return nnx.merge(graphdef, p)(inputs, tokens, segment_ids)
+    elif isinstance(part, M2RNNOpPart):
+        x = part.inputs(x)
+        y_probe = jax.random.normal(keys[1], shape[:2] + (part.cfg.num_heads,
+                                                          part.cfg.value_dim), jnp.float32)
+
+        def loss(p, inputs):
+            out = nnx.merge(graphdef, p)(inputs, x_segments)
+            return jnp.sum(out.astype(jnp.float32) * y_probe)
     else:
         def loss(p, inputs):
             out = nnx.merge(graphdef, p)(inputs, x_segments)
             return jnp.sum(out.astype(jnp.float32) * probe)
 
-    return median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x, repeats=5)
+    forward = median_seconds(jax.jit(loss), params, x, repeats=5)
+    return forward, median_seconds(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x, repeats=5)
 
 
 def layer_shares(model_configs, batch, report):
@@ -386,6 +427,8 @@ def layer_shares(model_configs, batch, report):
                                       f" ({model_config.attention.implementation or 'xla'})"):
                  (lambda c, l=letter: MixerPart(c, l, rngs=nnx.Rngs(0)))
                  for letter in sorted(set(model_config.layer_pattern))}
+        if "M" in model_config.layer_pattern:
+            parts["m2rnn op"] = lambda c: M2RNNOpPart(c, rngs=nnx.Rngs(0))
         parts["mlp"] = lambda c: MlpPart(c, rngs=nnx.Rngs(0))
         parts["embed+head+loss"] = lambda c: HeadPart(c, rngs=nnx.Rngs(0))
         for name, make in parts.items():
@@ -393,14 +436,17 @@ def layer_shares(model_configs, batch, report):
                 continue
             try:
                 part = make(model_config)
-                seconds = part_seconds(part, batch, model_config.d_model, compute)
+                forward, seconds = part_seconds(part, batch, model_config.d_model, compute)
                 del part
                 timings[name] = seconds
-                print(f"  {name:28s} fwd+bwd {seconds * 1e3:8.2f} ms", flush=True)
+                timings[f"{name} forward"] = forward
+                print(f"  {name:28s} fwd {forward * 1e3:8.2f} ms  fwd+bwd {seconds * 1e3:8.2f} "
+                      f"ms", flush=True)
             except Exception as err:  # noqa: BLE001 — record and go on
                 timings[name] = None
                 print(f"  {name}: failed: {short_error(err)}", flush=True)
             report.put("component_s", name, timings[name])
+            report.put("component_forward_s", name, timings.get(f"{name} forward"))
             gc.collect()
     return timings
 
@@ -409,31 +455,39 @@ def print_shares(name, model_config, result, timings):
     step_s = result["step_s"]
     pattern = model_config.layer_pattern
     impl = model_config.attention.implementation or "xla"
-    rows = []
+    rows = []  # (label, forward seconds, forward + backward seconds, counts in the total)
+
+    def add(label, key, count, counted=True):
+        one, forward = timings.get(key), timings.get(f"{key} forward")
+        rows.append((label, None if forward is None else count * forward,
+                     None if one is None else count * one, counted))
+
     labels = (("M", "M²RNN mixers (+norm)"), ("A", f"attention mixers (+norm, {impl})"),
               ("D", "gated-deltanet mixers (+norm)"), ("S", "mamba2 mixers (+norm)"))
     for letter, label in labels:
         count = pattern.count(letter)
         if count:
-            key = f"mixer {letter}" + (f" ({impl})" if letter == "A" else "")
-            one = timings.get(key)
-            rows.append((f"{label} x{count}", None if one is None else count * one))
-    one = timings.get("mlp")
-    rows.append((f"SwiGLU MLPs (+norm) x{len(pattern)}",
-                 None if one is None else len(pattern) * one))
-    rows.append(("embedding + final norm + head + loss", timings.get("embed+head+loss")))
-    rows.append(("optimizer update (clip + AdamW + apply)", result.get("optimizer_s")))
-    known = sum(s for _, s in rows if s is not None)
-    rows.append(("rest (residual adds, overlap, unmeasured)", step_s - known))
+            add(f"{label} x{count}", f"mixer {letter}" + (f" ({impl})" if letter == "A" else ""),
+                count)
+            if letter == "M":  # the part of the mixers' time spent in the recurrence op
+                add(f"  of which the M²RNN op alone x{count}", "m2rnn op", count, False)
+    add(f"SwiGLU MLPs (+norm) x{len(pattern)}", "mlp", len(pattern))
+    add("embedding + final norm + head + loss", "embed+head+loss", 1)
+    rows.append(("optimizer update (clip + AdamW + apply)", None, result.get("optimizer_s"),
+                 True))
+    known = sum(s for _, _, s, counted in rows if s is not None and counted)
+    rows.append(("rest (residual adds, overlap, unmeasured)", None, step_s - known, True))
     remat = " (remat: its recompute is in the rest)" if result["remat"] else ""
-    print(f"\n== where the {name} step goes: one component fwd+bwd alone x count; measured step "
+    print(f"\n== where the {name} step goes: one component alone x count; measured step "
           f"{step_s * 1e3:.1f} ms{remat} ==")
-    for label, seconds in rows:
+    print(f"  {'':46s} {'forward':>9s} {'fwd+bwd':>12s} {'share':>7s}")
+    for label, forward, seconds, _ in rows:
+        fwd = "" if forward is None else f"{forward * 1e3:6.1f} ms"
         if seconds is None:
-            print(f"  {label:46s} {'n/a':>9s}")
+            print(f"  {label:46s} {fwd:>9s} {'n/a':>12s}")
         else:
-            print(f"  {label:46s} {seconds * 1e3:9.1f} ms  {seconds / step_s:6.1%}")
-    return [(label, seconds) for label, seconds in rows]
+            print(f"  {label:46s} {fwd:>9s} {seconds * 1e3:9.1f} ms {seconds / step_s:7.1%}")
+    return [(label, seconds) for label, _, seconds, _ in rows]
 
 
 # ----------------------------------------------------------------------------- one device

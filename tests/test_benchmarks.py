@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import decode_bench  # noqa: E402
 import kernel_bench  # noqa: E402
+import throughput  # noqa: E402
 import train_bench  # noqa: E402
 
 
@@ -73,3 +74,24 @@ def test_kernel_bench_smoke_checks_times_and_writes_rows(tmp_path):
     assert 0 < max(kinds["check_f32"]["errors"].values()) < 1e-5   # float32 vs float64
     assert 0 < kinds["accuracy_bf16"]["errors"]["y"] < 0.05          # bf16 on a short sequence
     assert kinds["timing"]["fwd_ms"] > 0 and kinds["timing"]["fwd_bwd_ms"] > 0
+
+
+def test_throughput_table_from_step_results_and_the_attention_check(tmp_path, capsys):
+    out = tmp_path / "throughput"
+    out.mkdir()
+    (out / "train4.json").write_text(json.dumps({
+        "meta": {"shape": {"batch": 4, "seq_len": 4096}},
+        "train": {"hybrid": {"step_s": 0.2, "tokens_per_s": 81920.0, "mfu": 0.2,
+                             "compile_s": 50.0}}}))
+    (out / "decode.jsonl").write_text(json.dumps({
+        "batch": 1, "context": 1024, "tokens_per_s": 1600.0, "ms_per_step": 0.625,
+        "dispatch_tokens_per_s": 300.0}) + "\n")
+    assert throughput.main(["--out", str(out), "--only", "attention", "--tiny"]) == 0
+    table = capsys.readouterr().out.split("what")[-1]
+    assert "train, batch 4 × 4096" in table and "200.0 ms/step, 81.9k tok/s, MFU 20.0%" in table
+    assert "50.0 s" in table and "1,600 tok/s" in table and "one dispatch per token 300" in table
+    check = json.loads((out / "attention.json").read_text())
+    assert check["max_error"] == 0 and set(check["errors"]) == {"out", "dq", "dk", "dv"}
+    assert "train, batch 8" not in table and "train (train8)" in table  # not measured
+    with pytest.raises(SystemExit):
+        throughput.main(["--out", str(out), "--only", "nonsense"])

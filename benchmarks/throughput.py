@@ -1,0 +1,251 @@
+"""The throughput table of the README in one command: training, compile, op and decode speed.
+
+From the repository root on one GPU, with the package installed:
+
+    python benchmarks/throughput.py --out DIR [--only STEP,...] [--tiny]
+
+Each step runs one of the other benchmark scripts in its own process under a deadline (a hung
+or slow step is killed and reported, the others still run) and leaves its results in ``DIR``;
+a step whose results are already there is skipped, so a run cut short continues where it
+stopped. The table is printed last. Steps:
+
+``train4``   ``train_bench.py --models hybrid`` at batch 4 × 4096: step time, tokens/s, MFU
+             and where the step goes (each component alone, forward and forward+backward);
+             its compilation starts from an empty persistent cache in ``DIR/jax-cache``
+             (cold), and ``--profile`` traces a few steps
+``warm``     the same train step compiled again in a new process with that cache filled
+``train8``   the hybrid at batch 8 × 4096
+``op``       ``kernel_bench.py``: the M²RNN op at 8 × 4096 × 84, forward and forward+backward,
+             and the bf16 errors of every output against the float64 recurrence
+``decode``   ``decode_bench.py --models hybrid`` at batch 1 and 32, 1K and 64K contexts
+``attention`` cuDNN flash attention against XLA attention on packed documents (forward and
+             gradients, bf16, the hybrid's attention shape): the check behind cuDNN being the
+             hybrid's attention where it is supported
+
+``--tiny`` runs every step at toy sizes on any machine (it checks this script, not speed).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+STEPS = ("train4", "warm", "train8", "op", "decode", "attention")
+# Seconds each step may take on an H200 (compilation included), and on a CPU with --tiny.
+DEADLINES = {"train4": 420, "warm": 240, "train8": 300, "op": 240, "decode": 300,
+             "attention": 120}
+TINY_DEADLINE = 300
+# The targets of the throughput work, shown beside the measurements.
+TARGETS = {"train4": "≥ 85k tok/s", "train8": "scales with batch", "cold": "≤ 60 s",
+           "warm": "≤ 10 s", "op": "≤ 2.0 / ≤ 8.0 ms", "decode1": "≥ 1,500 tok/s"}
+
+
+def step_commands(step, out, tiny):
+    """``(argv, environment additions)`` of one step."""
+    python = sys.executable
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(out / "jax-cache")}
+    size = ["--tiny", "--steps", "3"] if tiny else []
+    if step in ("train4", "warm", "train8"):
+        argv = [python, str(HERE / "train_bench.py"), "--models", "hybrid", "--json",
+                str(out / f"{step}.json"), *size]
+        if step == "train4":
+            argv += ["--profile", str(out / "profile")]
+        else:
+            argv += ["--no-shares"] + (["--batch", "8"] if step == "train8" else [])
+        if step == "warm":
+            argv += ["--steps", "3"] if not tiny else []
+        return argv, cache
+    if step == "op":
+        argv = [python, str(HERE / "kernel_bench.py"), "--out", str(out / "op")]
+        return argv + (["--smoke", "--reps", "2", "--workers", "1"] if tiny else
+                       ["--shapes", "first"]), {}
+    if step == "decode":
+        return [python, str(HERE / "decode_bench.py"), "--models", "hybrid", "--out",
+                str(out / "decode.jsonl"), "--batches", "1", "32", "--contexts",
+                *(["16", "64", "--tiny", "--param-dtype", "float32", "--steps", "4"] if tiny
+                  else ["1024", "65536"])], {}
+    return [python, str(pathlib.Path(__file__)), "--attention-check",
+            str(out / "attention.json")] + (["--tiny"] if tiny else []), {}
+
+
+def done(step, out) -> bool:
+    files = {"train4": "train4.json", "warm": "warm.json", "train8": "train8.json",
+             "op": "op/kernel_bench.jsonl", "decode": "decode.jsonl",
+             "attention": "attention.json"}
+    path = out / files[step]
+    if not path.exists():
+        return False
+    if path.suffix == ".json":
+        data = json.loads(path.read_text() or "{}")
+        return "error" not in data and (step == "attention" or "hybrid" in
+                                        data.get("train", {}))
+    return bool(path.read_text().strip())
+
+
+def run_step(step, out, tiny):
+    argv, extra_env = step_commands(step, out, tiny)
+    deadline = TINY_DEADLINE if tiny else DEADLINES[step]
+    print(f"\n### {step} (deadline {deadline} s): {' '.join(argv[1:])}", flush=True)
+    start = time.perf_counter()
+    try:
+        finished = subprocess.run(argv, env={**os.environ, **extra_env}, timeout=deadline)
+        status = f"exit {finished.returncode}"
+    except subprocess.TimeoutExpired:
+        status = f"killed at its deadline of {deadline} s"
+    seconds = time.perf_counter() - start
+    print(f"### {step}: {status} after {seconds:.0f} s", flush=True)
+    return status
+
+
+# ----------------------------------------------------------------------------- the table
+
+def _read_json(path):
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _read_lines(path):
+    return ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if path.exists() else [])
+
+
+def table_rows(out):
+    """``(what, measured, target)`` rows from the step results in ``out``."""
+    rows = []
+    for step in ("train4", "train8"):
+        report = _read_json(out / f"{step}.json")
+        hybrid = report.get("train", {}).get("hybrid", {})
+        shape = report.get("meta", {}).get("shape", {})
+        label = (f"train, batch {shape['batch']} × {shape['seq_len']}" if shape else
+                 f"train ({step})")
+        if "step_s" in hybrid:
+            mfu = hybrid.get("mfu")
+            rows.append((label, f"{hybrid['step_s'] * 1e3:.1f} ms/step, "
+                         f"{hybrid['tokens_per_s'] / 1e3:.1f}k tok/s"
+                         + ("" if mfu is None or mfu != mfu else f", MFU {mfu:.1%}"),
+                         TARGETS[step]))
+        else:
+            rows.append((label, "not measured", TARGETS[step]))
+    for step, label, target in (("train4", "train step compile, cold cache", "cold"),
+                                ("warm", "train step compile, warm cache", "warm")):
+        hybrid = _read_json(out / f"{step}.json").get("train", {}).get("hybrid", {})
+        rows.append((label, f"{hybrid['compile_s']:.1f} s" if "compile_s" in hybrid else
+                     "not measured", TARGETS[target]))
+    timing = [r for r in _read_lines(out / "op" / "kernel_bench.jsonl")
+              if r.get("kind") == "timing"]
+    rows.append(("M²RNN op, forward / forward+backward",
+                 " ; ".join(f"{'×'.join(map(str, r['shape']))}: {r['fwd_ms']:.2f} / "
+                            f"{r['fwd_bwd_ms']:.2f} ms" for r in timing if "fwd_ms" in r)
+                 or "not measured", TARGETS["op"]))
+    accuracy = [r for r in _read_lines(out / "op" / "kernel_bench.jsonl")
+                if r.get("kind") == "accuracy_bf16"]
+    if accuracy:
+        worst = max(max(r["errors"].values()) for r in accuracy)
+        rows.append(("op bf16 error vs float64 (worst output)", f"{worst:.2e}", "not larger"))
+    for r in _read_lines(out / "decode.jsonl"):
+        if "tokens_per_s" in r:
+            rows.append((f"decode, batch {r['batch']}, context {r['context']:,}",
+                         f"{r['tokens_per_s']:,.0f} tok/s ({r['ms_per_step']:.2f} ms/step; one "
+                         f"dispatch per token {r['dispatch_tokens_per_s']:,.0f})",
+                         TARGETS["decode1"] if r["batch"] == 1 else ""))
+        elif "skipped" in r:
+            rows.append((f"decode, batch {r['batch']}, context {r['context']:,}", r["skipped"],
+                         ""))
+    check = _read_json(out / "attention.json")
+    if check:
+        rows.append(("cuDNN vs XLA attention, packed documents",
+                     check.get("error") or f"max relative error {check['max_error']:.2e} "
+                     f"({check['implementation']})", "bf16 rounding"))
+    return rows
+
+
+def print_table(rows):
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'what':<{width}}  measured  |  target")
+    for what, measured, target in rows:
+        print(f"{what:<{width}}  {measured}" + (f"  |  {target}" if target else ""))
+
+
+# ----------------------------------------------------------------------------- attention check
+
+def attention_check(path, tiny):
+    """cuDNN attention against XLA on packed rows: outputs and input gradients, bf16."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    batch, seq_len, heads, head_dim = (2, 64, 2, 16) if tiny else (2, 4096, 16, 64)
+    keys = jax.random.split(jax.random.key(0), 5)
+    q, k, v, probe = (jax.random.normal(key, (batch, seq_len, heads, head_dim), jnp.bfloat16)
+                      for key in keys[:4])
+    segments = jnp.cumsum(jax.random.bernoulli(keys[4], 4 / seq_len, (batch, seq_len)), axis=1)
+    mask = (segments[:, :, None] == segments[:, None, :])[:, None]
+
+    def outputs(implementation):
+        def loss(q, k, v):
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                               implementation=implementation)
+            return jnp.sum(out.astype(jnp.float32) * probe), out
+        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return [out, *grads]
+
+    want = outputs("xla")
+    try:
+        got, implementation = outputs("cudnn"), "cudnn"
+    except Exception as err:  # noqa: BLE001 — no cuDNN here (CPU): say so in the table
+        result = {"error": f"cuDNN attention unavailable: {str(err).splitlines()[0][:120]}"}
+        if tiny:  # the smoke test still checks the comparison itself
+            got, implementation = outputs("xla"), "xla (no cuDNN here)"
+            result = {}
+        else:
+            pathlib.Path(path).write_text(json.dumps(result))
+            return
+    errors = [float(np.linalg.norm(np.asarray(g, np.float32) - np.asarray(w, np.float32))
+                    / max(np.linalg.norm(np.asarray(w, np.float32)), 1e-30))
+              for g, w in zip(got, want)]
+    result = {"max_error": max(errors), "errors": dict(zip(("out", "dq", "dk", "dv"), errors)),
+              "implementation": implementation, "shape": [batch, seq_len, heads, head_dim]}
+    pathlib.Path(path).write_text(json.dumps(result))
+    print(json.dumps(result))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", help="results folder (also what a rerun continues from)")
+    parser.add_argument("--only", default=",".join(STEPS), help=f"steps to run: {STEPS}")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes (checks the script)")
+    parser.add_argument("--attention-check", metavar="FILE", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.attention_check:
+        return attention_check(args.attention_check, args.tiny)
+    if not args.out:
+        parser.error("--out is required")
+    steps = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        parser.error(f"unknown steps {unknown}; known: {', '.join(STEPS)}")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    statuses = {}
+    for step in STEPS:
+        if step not in steps:
+            continue
+        if done(step, out):
+            print(f"### {step}: results already in {out}, skipped", flush=True)
+            continue
+        if step == "warm" and not (out / "jax-cache").exists():
+            statuses[step] = "skipped: needs train4's cache"
+            continue
+        statuses[step] = run_step(step, out, args.tiny)
+    print_table(table_rows(out))
+    failed = {s: v for s, v in statuses.items() if v != "exit 0"}
+    if failed:
+        print(f"\nsteps that did not finish: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
