@@ -16,6 +16,7 @@ counts the skipped steps in ``metrics.jsonl`` (``skipped_steps``). A resumed run
 """
 
 import dataclasses
+import pathlib
 from typing import Literal
 
 from m2rnn_jax.config import ModelConfig
@@ -90,6 +91,13 @@ class MeshConfig:
     expert: int = 1
     context: int = 1
     tensor: int = 1
+    # Micro-batches of the M²RNN recurrence's pipeline over the context shards: shard c works
+    # on micro-batch t - c at tick t, so (context - 1) / (microbatches + context - 1) of the
+    # ticks are idle. More micro-batches idle less but run the kernel on fewer rows at a time.
+    context_microbatches: int = 4
+
+    def __post_init__(self):
+        require_positive_int(self.context_microbatches, "mesh.context_microbatches")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +160,19 @@ def train_config_from_dict(data) -> TrainConfig:
 
 
 def load_train_config(path, overrides=()) -> TrainConfig:
-    """Reads a YAML file and applies ``key=value`` overrides (dotted keys, YAML values)."""
+    """Reads a YAML file and applies ``key=value`` overrides (dotted keys, YAML values).
+
+    The ``model`` section may be the path of a model file (a ``ModelConfig`` YAML such as
+    ``configs/model/hybrid_400m.yaml``), relative to the config file's folder; its keys are then
+    read from there, so one model file serves every training config of that model.
+    """
     data = read_yaml(path)
+    if isinstance(data, dict) and isinstance(data.get("model"), str):
+        model_path = pathlib.Path(path).parent / data["model"]
+        try:
+            data = dict(data, model=read_yaml(model_path))
+        except ConfigError as err:
+            raise ConfigError(f"model = {data['model']!r} in {path}: {err}") from None
     config = from_dict(TrainConfig, data)
     if not data:
         raise ConfigError(f"config file {path} is empty: it must at least describe the model "

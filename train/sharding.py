@@ -125,7 +125,7 @@ def param_shardings(abstract_state, mesh):
     return jax.tree.unflatten(treedef, shardings)
 
 
-def model_axes(mesh) -> MeshAxes:
+def model_axes(mesh, *, context_microbatches=4) -> MeshAxes:
     """The ``MeshAxes`` of the model on ``mesh``, from the table (axes of size 1 left out)."""
     def split(logical):
         target = LOGICAL_AXIS_RULES[logical]
@@ -137,7 +137,8 @@ def model_axes(mesh) -> MeshAxes:
         return names[0] if names else None
 
     return MeshAxes(mesh=mesh, batch=split("batch"), tensor=single("heads"),
-                    context=single("sequence"), expert=single("experts"))
+                    context=single("sequence"), expert=single("experts"),
+                    pipeline_microbatches=context_microbatches)
 
 
 def batch_sharding(mesh, ndim: int, *, leading=0) -> NamedSharding:

@@ -2,6 +2,10 @@
 
 Packed documents (``segment_ids``) attend only within themselves; with RoPE, positions restart
 at 0 at each document start. The authors' hybrids use no positional encoding (the default).
+
+With a ``MeshAxes`` that splits anything, full-sequence attention runs under ``shard_map``
+(``m2rnn_jax.parallel.context.sharded_attention``: keys and values all-gathered over the
+context axis, heads split over the tensor axis).
 """
 
 import jax
@@ -11,6 +15,7 @@ from flax import nnx
 from m2rnn_jax.layers.linear import Linear
 from m2rnn_jax.layers.params import model_dtypes, out_proj_std
 from m2rnn_jax.parallel import MeshAxes
+from m2rnn_jax.parallel.context import sharded_attention
 
 
 def positions_in_document(segment_ids, batch, seq_len):
@@ -74,10 +79,18 @@ class Attention(nnx.Module):
         The cache holds keys/values of ``max_len`` steps (``max_len >= S``), a mask of the
         cached steps the next token may see (those of each row's last document), the number of
         filled steps and each row's position in its last document (for RoPE).
+
+        With ``self.axes`` splitting anything and no ``max_len`` (training), attention runs
+        split over the mesh (projections and RoPE stay XLA's); with ``max_len`` (generation)
+        the path runs as is, under whatever sharding XLA gives it.
         """
         batch, seq_len = x.shape[:2]
         positions = positions_in_document(segment_ids, batch, seq_len)
         q, k, v = self._project(x, positions)
+        if max_len is None and self.axes.splits_anything:
+            out = sharded_attention(q, k, v, segment_ids, axes=self.axes,
+                                    implementation=self.cfg.implementation)
+            return self.o_proj(out.reshape(batch, seq_len, -1)), None
         # Causality goes in as is_causal (cuDNN's flash kernel then skips the blocks above the
         # diagonal); packed documents as a boolean (B, 1, T, S) mask, which the cuDNN path turns
         # into an additive bias (no bias gradient is computed for a boolean mask).

@@ -7,12 +7,17 @@ q|k|v -> forget gate ``f = exp(-exp(A_log) · softplus(logit + dt_bias))`` (floa
 Two config options depart from this for experiments (the defaults are the layer above):
 ``transition_init`` (``W = I`` or random normal) and ``value_activation`` (``"identity"``: no
 SiLU on v).
+
+With a ``MeshAxes`` that splits anything, the full-sequence path runs the conv and the
+recurrence under one ``shard_map`` (``m2rnn_jax.parallel``); everything around them is split by
+XLA from the parameters' logical axes.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
 from m2rnn_jax.layers.linear import Linear
@@ -20,6 +25,9 @@ from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
 from m2rnn_jax.ops import m2rnn
 from m2rnn_jax.parallel import MeshAxes
+from m2rnn_jax.parallel.context import (activation_spec, causal_conv_in_shard, check_split,
+                                        shard_map)
+from m2rnn_jax.parallel.recurrence import m2rnn_in_shard, recurrence_head_axes
 from pallas_kernels.m2rnn.heads import expand_heads
 
 
@@ -62,6 +70,7 @@ class M2RNN(nnx.Module):
         cfg = config.m2rnn
         self.cfg = cfg
         self.axes = axes
+        self._head_axes()  # a head count the tensor axis cannot split fails here, not in training
         dtype, param_dtype = model_dtypes(config)
         self.dtype = dtype
         n, v_dim = cfg.num_heads, cfg.value_dim
@@ -128,11 +137,16 @@ class M2RNN(nnx.Module):
     def prefill(self, x, segment_ids=None, max_len=None, initial_state=None):
         """Full-sequence path: ``(out (B, S, d_model), cache)``.
 
-        The cache (the same size at every length; ``max_len`` is ignored) holds the float32
-        matrix state ``(B, N, K, V)`` after the last step and the conv window: the last
+        The cache (the same size at every length; ``max_len`` only picks the path) holds the
+        float32 matrix state ``(B, N, K, V)`` after the last step and the conv window: the last
         ``conv_kernel - 1`` pre-conv q|k|v inputs of each row's last document.
+
+        With ``self.axes`` splitting anything and no ``max_len`` (training), the conv and the
+        recurrence run split (``_prefill_split``); with ``max_len`` (generation) the path below
+        runs as is, under whatever sharding XLA gives it.
         """
-        del max_len
+        if max_len is None and self.axes.splits_anything:
+            return self._prefill_split(x, segment_ids, initial_state)
         qkv_in, f_logits, g = self._split(self.in_proj(x))
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
         qkv = causal_depthwise_conv(qkv_in, self.conv_weight[...], conv_bias, segment_ids)
@@ -146,6 +160,82 @@ class M2RNN(nnx.Module):
                          chunk_size=self.cfg.chunk_size)
         cache = {"state": state, "conv": conv_window(qkv_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(y, v, g), cache
+
+    def _prefill_split(self, x, segment_ids, initial_state):
+        """``prefill`` with the conv and the recurrence under one ``shard_map`` over
+        ``self.axes``: rows over the batch axes, heads over the tensor axis, steps over the
+        context axis (``m2rnn_jax.parallel.recurrence``).
+
+        Communication: the fused in-projection's output is split by XLA along its channels
+        (logical axis ``mixer``), which do not line up with heads; entering the ``shard_map``
+        with head-aligned q, k, v and f reshards it once over the tensor axis (a gather of the
+        replicated single-head q and k, a re-split of the rest; nothing without a tensor axis).
+        Inside: one ``ppermute`` of the conv's ``conv_kernel - 1``-step halo and its segment
+        ids, one of the last segment ids, and the pipelined state ``ppermute`` of the
+        recurrence (``B·N·K·V`` float32 values per context boundary). ``y`` and ``v`` leave
+        split as they entered; the gate, norm and out-projection are XLA's again.
+        """
+        cfg, axes = self.cfg, self.axes
+        batch, seq_len = x.shape[:2]
+        check_split(axes, batch, seq_len, "M2RNN")
+        qkv_in, f_logits, g = self._split(self.in_proj(x))
+        f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
+        q_in, k_in, v_in = self._heads(qkv_in)
+        conv_weights = self._heads(self.conv_weight[...])  # (taps, heads, dim) each
+        conv_biases = (None,) * 3 if self.conv_bias is None else self._heads(self.conv_bias[...])
+        head = self._head_axes()
+        q_axis, k_axis, v_axis = head["query"], head["key"], head["value"]
+        args = {"inputs": (q_in, k_in, v_in), "conv_weights": conv_weights,
+                "f": f, "w": self.W[...].astype(v_in.dtype), "input_state": initial_state,
+                "segment_ids": segment_ids}
+        specs = {"inputs": tuple(activation_spec(axes, a, None) for a in (q_axis, k_axis, v_axis)),
+                 "conv_weights": tuple(PartitionSpec(None, a, None)
+                                       for a in (q_axis, k_axis, v_axis)),
+                 "f": activation_spec(axes, head["forget_input"]),
+                 "w": PartitionSpec(head["weight"], None, None),
+                 "input_state": PartitionSpec(axes.batch_spec(), head["state"], None, None),
+                 "segment_ids": activation_spec(axes)}
+        if conv_biases[0] is not None:
+            args["conv_biases"] = conv_biases
+            specs["conv_biases"] = tuple(PartitionSpec(a, None) for a in (q_axis, k_axis, v_axis))
+        present = {name: value for name, value in args.items() if value is not None}
+
+        def body(local):
+            ids = local.get("segment_ids")
+            # One conv (and one halo exchange) over the local q|k|v channels.
+            pieces = local["inputs"]
+            lead = pieces[0].shape[:2]
+            flat = jnp.concatenate([p.reshape(lead + (-1,)) for p in pieces], axis=-1)
+            weight = jnp.concatenate([w.reshape(w.shape[0], -1) for w in local["conv_weights"]],
+                                     axis=-1)
+            bias = (None if "conv_biases" not in local else
+                    jnp.concatenate([b.reshape(-1) for b in local["conv_biases"]]))
+            conv = causal_conv_in_shard(flat, weight, bias, ids, axes)
+            widths = [p.shape[2] * p.shape[3] for p in pieces]
+            q, k, v = (c.reshape(lead + p.shape[2:]) for c, p in zip(
+                jnp.split(conv, np.cumsum(widths[:-1]), axis=-1), pieces))
+            q, k, v = self._activate(q, k, v)
+            y, state = m2rnn_in_shard(q, k, v, local["w"], local["f"], local.get("input_state"),
+                                      cfg.gradient_clipping, segment_ids=ids, axes=axes,
+                                      backend=cfg.backend, chunk_size=cfg.chunk_size)
+            return y, v, state[:, None]
+
+        out_specs = (activation_spec(axes, head["state"], None),
+                     activation_spec(axes, v_axis, None),
+                     activation_spec(axes, head["state"], None, None))
+        y, v, states = shard_map(body, axes, ({name: specs[name] for name in present},),
+                                 out_specs)(present)
+        # states (B, C, N, K, V): the state after each context shard; the last is the row's.
+        cache = {"state": states[:, -1], "conv": conv_window(qkv_in, segment_ids, cfg.conv_kernel)}
+        return self._output(y, v, g), cache
+
+    def _head_axes(self):
+        """The mesh axis (or None) that splits each input of the op's heads; a ValueError for
+        a head count the tensor axis cannot split."""
+        cfg = self.cfg
+        return recurrence_head_axes(self.axes, {
+            "query": cfg.heads("q"), "key": cfg.heads("k"), "value": cfg.heads("v"),
+            "forget_input": cfg.heads("f"), "weight": cfg.heads("w")})
 
     def decode_step(self, x, cache):
         """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""

@@ -23,8 +23,15 @@ class MeshAxes:
     tensor: str | None = None  # heads and MLP hidden units
     context: str | None = None  # the sequence
     expert: str | None = None  # the experts of a mixture-of-experts MLP
+    # Micro-batches of the M²RNN recurrence's pipeline over context shards (each shard's rows
+    # are cut into this many, fewer when they do not divide evenly; parallel/recurrence.py).
+    pipeline_microbatches: int = 4
 
     def __post_init__(self):
+        if (not isinstance(self.pipeline_microbatches, int)
+                or isinstance(self.pipeline_microbatches, bool) or self.pipeline_microbatches < 1):
+            raise ValueError(f"MeshAxes.pipeline_microbatches must be a positive integer, got "
+                             f"{self.pipeline_microbatches!r}")
         named = [*self.batch, self.tensor, self.context, self.expert]
         named = [name for name in named if name is not None]
         if named and self.mesh is None:
