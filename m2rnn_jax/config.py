@@ -125,8 +125,10 @@ class AttentionConfig:
     rope: bool = False
     rope_theta: float = 10000.0
     add_bias: bool = False
-    # Passed to jax.nn.dot_product_attention: None/"xla" everywhere, "cudnn" for flash on GPU.
-    implementation: Literal["xla", "cudnn"] | None = None
+    # jax.nn.dot_product_attention's implementation: "auto" = cuDNN's flash attention on a GPU
+    # for the shapes and dtypes it takes (layers/attention.py says which), XLA elsewhere;
+    # "xla" (or null) and "cudnn" force one.
+    implementation: Literal["auto", "xla", "cudnn"] | None = "auto"
 
     def __post_init__(self):
         require_positive_int(self.num_heads, "attention.num_heads")
@@ -137,8 +139,9 @@ class AttentionConfig:
                     f"must be even with rope, got {self.head_dim}")
         require(self.rope_theta > 0, "attention.rope_theta",
                 f"must be > 0, got {self.rope_theta}")
-        require(self.implementation in (None, "xla", "cudnn"), "attention.implementation",
-                f"must be null, 'xla' or 'cudnn', got {self.implementation!r}")
+        require(self.implementation in (None, "auto", "xla", "cudnn"),
+                "attention.implementation",
+                f"must be 'auto', 'xla', 'cudnn' or null, got {self.implementation!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -199,6 +202,50 @@ class MLPConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts MLP (``m2rnn_jax/layers/moe.py``) in place of every block's SwiGLU.
+
+    ``num_experts = 0`` (the default) keeps the dense SwiGLU of width ``mlp.hidden_dim``; the
+    other fields then have no effect. The router always computes in float32.
+    """
+
+    num_experts: int = 0
+    top_k: int = 8  # experts per token
+    expert_hidden_dim: int = 256  # each routed expert is a SwiGLU of this width
+    shared_expert_hidden_dim: int = 0  # a SwiGLU every token passes through too; 0 = none
+    # Coefficient of the load-balancing loss E · Σ_e f_e · P_e in the training loss.
+    aux_loss_weight: float = 0.01
+    # True: a token's top-k router probabilities are rescaled to sum to 1. False: they are used
+    # as they are (with top_k = 1 this keeps a gradient from the LM loss into the router).
+    normalize_top_k: bool = True
+
+    def __post_init__(self):
+        require(isinstance(self.num_experts, int) and not isinstance(self.num_experts, bool)
+                and self.num_experts >= 0, "moe.num_experts",
+                f"must be 0 (dense MLP) or a positive integer, got {self.num_experts!r}")
+        require_positive_int(self.top_k, "moe.top_k")
+        if self.num_experts:
+            require(self.top_k <= self.num_experts, "moe.top_k",
+                    f"= {self.top_k} must not exceed moe.num_experts = {self.num_experts}")
+        require_positive_int(self.expert_hidden_dim, "moe.expert_hidden_dim")
+        require(isinstance(self.shared_expert_hidden_dim, int)
+                and not isinstance(self.shared_expert_hidden_dim, bool)
+                and self.shared_expert_hidden_dim >= 0, "moe.shared_expert_hidden_dim",
+                f"must be 0 (none) or a positive integer, got {self.shared_expert_hidden_dim!r}")
+        require(isinstance(self.aux_loss_weight, (int, float))
+                and not isinstance(self.aux_loss_weight, bool)
+                and math.isfinite(self.aux_loss_weight) and self.aux_loss_weight >= 0,
+                "moe.aux_loss_weight", f"must be a finite number >= 0, got "
+                f"{self.aux_loss_weight!r}")
+        require(isinstance(self.normalize_top_k, bool), "moe.normalize_top_k",
+                f"must be true or false, got {self.normalize_top_k!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A hybrid language model: embedding, one block per pattern letter, final norm, LM head."""
 
@@ -208,6 +255,7 @@ class ModelConfig:
     m2rnn: M2RNNConfig = dataclasses.field(default_factory=M2RNNConfig)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     mlp: MLPConfig = dataclasses.field(default_factory=MLPConfig)
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
     gated_deltanet: GatedDeltaNetConfig = dataclasses.field(default_factory=GatedDeltaNetConfig)
     mamba2: Mamba2Config = dataclasses.field(default_factory=Mamba2Config)
     norm_eps: float = 1e-5

@@ -322,3 +322,17 @@ def test_conv_window_keeps_the_last_document_only(taps):
             t = 6 - (taps - 1) + j
             keep = segment_ids[row, t] == segment_ids[row, -1]
             np.testing.assert_array_equal(window[row, j], np.asarray(x[row, t]) * keep)
+
+
+def test_auto_attention_takes_cudnn_only_on_a_gpu_for_what_it_supports():
+    from m2rnn_jax.layers.attention import attention_implementation
+
+    assert attention_implementation("auto", jnp.bfloat16, 64, platform="gpu") == "cudnn"
+    assert attention_implementation("auto", jnp.float16, 128, platform="gpu") == "cudnn"
+    assert attention_implementation("auto", jnp.float32, 64, platform="gpu") == "xla"
+    assert attention_implementation("auto", jnp.bfloat16, 100, platform="gpu") == "xla"
+    assert attention_implementation("auto", jnp.bfloat16, 256, platform="gpu") == "xla"
+    assert attention_implementation("auto", jnp.bfloat16, 64, platform="cpu") == "xla"
+    assert attention_implementation("auto", jnp.bfloat16, 64, platform="tpu") == "xla"
+    for forced in ("xla", "cudnn", None):
+        assert attention_implementation(forced, jnp.float32, 7, platform="gpu") == forced

@@ -164,3 +164,30 @@ def test_resume_keeps_the_saved_config_except_steps_mesh_and_logging():
     assert any("saved optimizer" in n for n in notes) and any("schedule" in n for n in notes)
     same = resolve_resumed_config(saved, train_config_to_dict(saved), log=notes.append)
     assert same == saved
+
+
+def test_a_model_file_serves_as_the_model_section_and_dry_run_counts_parameters(tmp_path,
+                                                                                capsys):
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    config = load_train_config(repo / "configs/train_hybrid_7b_moe.yaml")
+    model = config.model
+    assert (model.d_model, model.num_layers, model.m2rnn.num_heads) == (1536, 40, 132)
+    assert [i for i, letter in enumerate(model.layer_pattern) if letter == "A"] == \
+        [4, 12, 20, 28, 36]
+    assert (model.moe.num_experts, model.moe.top_k, model.moe.expert_hidden_dim,
+            model.moe.shared_expert_hidden_dim) == (128, 8, 256, 1024)
+    assert cli.main(["--config", str(repo / "configs/train_hybrid_7b_moe.yaml"),
+                     "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    total = int(printed.split("parameters: ")[1].split(" total")[0].replace(",", ""))
+    active = int(printed.split("total (")[1].split("), ")[1].split(" active")[0]
+                 .replace(",", ""))
+    # Routed experts: 40 layers x 128 SwiGLU experts of (gate, up, down) 1536 x 256 each; a
+    # token uses 8 of the 128, everything else it uses whole.
+    routed = 40 * 128 * 3 * 1536 * 256
+    assert 6.5e9 < total < 7.2e9
+    assert active == total - routed + routed * 8 // 128
+    broken = tmp_path / "train.yaml"
+    broken.write_text("model: model/none.yaml\n")
+    with pytest.raises(ConfigError, match="model/none.yaml"):
+        load_train_config(broken)

@@ -70,8 +70,8 @@ def abstract_model(model_config, *, remat=False, axes=MeshAxes()):
 
 def parameter_counts(model_config) -> tuple[int, int]:
     """``(total, active per token)`` parameters of a model, without allocating it. Routed
-    experts (parameters with the logical axis ``experts``) count ``top_k / num_experts`` of
-    their size as active."""
+    experts' weights (those whose first logical axis is ``experts``: one slice per expert)
+    count ``top_k / num_experts`` of their size as active."""
     _, params = abstract_model(model_config)
     sizes = jax.tree.leaves(nnx.to_pure_dict(jax.tree.map(lambda v: v.size, params)))
     axes = jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(params)),
@@ -79,7 +79,7 @@ def parameter_counts(model_config) -> tuple[int, int]:
     moe = model_config.moe
     active_share = moe.top_k / moe.num_experts if moe.num_experts else 1.0
     total = sum(sizes)
-    active = sum(size * (active_share if "experts" in tuple(spec) else 1)
+    active = sum(size * (active_share if tuple(spec)[:1] == ("experts",) else 1)
                  for size, spec in zip(sizes, axes, strict=True))
     return total, round(active)
 
@@ -92,16 +92,31 @@ def describe_parameters(model_config) -> str:
                else "")
     return (f"model: {model_config.num_layers} layers {model_config.layer_pattern}, d_model "
             f"{model_config.d_model}, vocab {model_config.vocab_size}{routing}\n"
-            f"parameters: {total:,} total ({total / 1e9:.2f}B), {active:,} active per token "
-            f"({active / 1e9:.2f}B)")
+            f"parameters: {total:,} total ({_short(total)}), {active:,} active per token "
+            f"({_short(active)})")
+
+
+def _short(count) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+
+
+# Train metrics that only mixture-of-experts models have (``train_step`` says what they are).
+MOE_METRICS = ("moe_aux_loss", "expert_load_max", "expert_load_min")
+
+
+def loss_terms(graphdef, params, tokens, segment_ids):
+    """``(summed cross-entropy in nats, number of targets, aux)`` over rows of ``seq_len + 1``
+    tokens; ``aux`` is the model's ``HybridLM.forward`` dict (``{}`` without MoE blocks)."""
+    inputs, input_segments, targets, mask = model_inputs(tokens, segment_ids)
+    logits, aux = nnx.merge(graphdef, params).forward(inputs, segment_ids=input_segments)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask), aux
 
 
 def loss_sums(graphdef, params, tokens, segment_ids):
     """(summed cross-entropy in nats, number of targets) over rows of ``seq_len + 1`` tokens."""
-    inputs, input_segments, targets, mask = model_inputs(tokens, segment_ids)
-    logits = nnx.merge(graphdef, params)(inputs, segment_ids=input_segments)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
+    total, count, _ = loss_terms(graphdef, params, tokens, segment_ids)
+    return total, count
 
 
 def all_finite(tree):
@@ -135,7 +150,7 @@ def build_trainee(config, mesh) -> Trainee:
             f"{config.optimizer.grad_accum_steps} gives micro-batches of "
             f"{config.micro_batch_size} rows, which the mesh's data x fsdp x expert = {ways} "
             f"devices do not divide")
-    axes = sharding.model_axes(mesh)
+    axes = sharding.model_axes(mesh, context_microbatches=config.mesh.context_microbatches)
     if config.data.seq_len % axes.size(axes.context):
         raise ConfigError(f"data.seq_len = {config.data.seq_len} must be divisible by "
                           f"mesh.context = {axes.size(axes.context)}")
@@ -153,6 +168,7 @@ def build_trainee(config, mesh) -> Trainee:
                        "health": {key: replicated for key in health_at(0)}}
 
     model_config, seed, remat = config.model, config.seed, config.remat
+    is_moe, aux_loss_weight = model_config.moe.num_experts > 0, model_config.moe.aux_loss_weight
     skip_nonfinite = config.on_nonfinite == "skip"
 
     def init_state(seed_value):
@@ -179,21 +195,32 @@ def build_trainee(config, mesh) -> Trainee:
         num_targets = jnp.maximum(jnp.sum(mask), 1)
 
         def micro_loss(p, tokens, segment_ids):
-            total, _ = loss_sums(graphdef, p, tokens, segment_ids)
-            return total / num_targets
+            """The micro-batch's share of the objective, and of the logged terms."""
+            total, _, aux = loss_terms(graphdef, p, tokens, segment_ids)
+            terms = {"loss": total / num_targets}
+            if not is_moe:
+                return terms["loss"], terms
+            # Each micro-batch's load-balancing loss is a mean over its own tokens.
+            terms["moe_aux_loss"] = aux["moe_aux_loss"] / accum
+            terms["expert_load"] = aux["expert_load"] / accum
+            return terms["loss"] + aux_loss_weight * terms["moe_aux_loss"], terms
 
-        grad_fn = jax.value_and_grad(micro_loss)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
         if accum == 1:
-            loss, grads = grad_fn(params, batch["tokens"][0], batch["segment_ids"][0])
+            (_, terms), grads = grad_fn(params, batch["tokens"][0], batch["segment_ids"][0])
         else:
             def accumulate(totals, micro):
-                loss_acc, grads_acc = totals
-                loss_i, grads_i = grad_fn(params, micro["tokens"], micro["segment_ids"])
-                return (loss_acc + loss_i, jax.tree.map(jnp.add, grads_acc, grads_i)), None
+                (_, terms_i), grads_i = grad_fn(params, micro["tokens"], micro["segment_ids"])
+                return jax.tree.map(jnp.add, totals, (terms_i, grads_i)), None
 
+            zero_terms = {"loss": jnp.zeros((), jnp.float32)}
+            if is_moe:  # every block of a MoE model has a MoE MLP
+                zero_terms.update(moe_aux_loss=jnp.zeros((), jnp.float32),
+                                  expert_load=jnp.zeros((model_config.num_layers,
+                                                         model_config.moe.num_experts)))
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                            batch)
+            (terms, grads), _ = jax.lax.scan(accumulate, (zero_terms, zeros), batch)
+        loss = terms["loss"]  # the cross-entropy alone, comparable across models
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
@@ -206,6 +233,14 @@ def build_trainee(config, mesh) -> Trainee:
         new_state["health"] = record_health(state["health"], finite)
         metrics = {"loss": loss, "grad_norm": grad_norm,
                    "learning_rate": schedule(state["step"]), "targets": num_targets}
+        if is_moe:
+            # Per MoE layer, max and min over experts of load / mean load (1 = balanced),
+            # averaged over layers; the loads are the whole batch's.
+            load = terms["expert_load"]
+            ratio = load / jnp.mean(load, axis=-1, keepdims=True)
+            metrics.update(moe_aux_loss=terms["moe_aux_loss"],
+                           expert_load_max=jnp.mean(jnp.max(ratio, axis=-1)),
+                           expert_load_min=jnp.mean(jnp.min(ratio, axis=-1)))
         return new_state, metrics
 
     def eval_step(params, batch):

@@ -35,7 +35,7 @@ from train.config import (TrainConfig, require_registered_mixers, train_config_f
                           train_config_to_dict)
 from train.errors import RunFailure, UserError
 from train.metrics import MetricsLog, Progress, plot_losses
-from train.step import build_trainee, put_batch
+from train.step import MOE_METRICS, build_trainee, put_batch
 
 # Keys a resumed run takes from the new config; the rest must come from the checkpoint.
 RESUMABLE_CHANGES = ("steps", "mesh", "remat", "logging", "checkpoint", "on_nonfinite",
@@ -348,6 +348,7 @@ def _train_loop(config, out, setup, checkpointer, restored, *, stop, on_step, sa
                 metrics_log.write("train", step, loss=loss, grad_norm=values["grad_norm"],
                                   learning_rate=values["learning_rate"],
                                   tokens_per_s=tokens_per_s, elapsed_s=now - train_start,
+                                  **{key: values[key] for key in MOE_METRICS if key in values},
                                   **skipped)
                 progress.show(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                               lr=f"{float(values['learning_rate']):.2e}")

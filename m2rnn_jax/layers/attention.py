@@ -40,6 +40,18 @@ def apply_rope(x, positions, theta):
     return rotated.astype(x.dtype)
 
 
+def attention_implementation(requested, dtype, head_dim, platform=None):
+    """What ``jax.nn.dot_product_attention`` runs for ``attention.implementation = requested``:
+    ``"auto"`` takes cuDNN's flash attention on a GPU for bfloat16/float16 inputs with a head
+    dim that is a multiple of 8 up to 128 (what its fused kernel supports), XLA otherwise."""
+    if requested != "auto":
+        return requested
+    platform = platform or jax.default_backend()
+    supported = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+                 and head_dim <= 128)
+    return "cudnn" if platform == "gpu" and supported else "xla"
+
+
 class Attention(nnx.Module):
     """Mixer ``A``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
@@ -87,9 +99,11 @@ class Attention(nnx.Module):
         batch, seq_len = x.shape[:2]
         positions = positions_in_document(segment_ids, batch, seq_len)
         q, k, v = self._project(x, positions)
+        implementation = attention_implementation(self.cfg.implementation, q.dtype,
+                                                  self.head_dim)
         if max_len is None and self.axes.splits_anything:
             out = sharded_attention(q, k, v, segment_ids, axes=self.axes,
-                                    implementation=self.cfg.implementation)
+                                    implementation=implementation)
             return self.o_proj(out.reshape(batch, seq_len, -1)), None
         # Causality goes in as is_causal (cuDNN's flash kernel then skips the blocks above the
         # diagonal); packed documents as a boolean (B, 1, T, S) mask, which the cuDNN path turns
@@ -97,7 +111,7 @@ class Attention(nnx.Module):
         mask = None if segment_ids is None else \
             (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                           implementation=self.cfg.implementation)
+                                           implementation=implementation)
         y = self.o_proj(out.reshape(batch, seq_len, -1))
         if max_len is None:
             return y, None
@@ -123,8 +137,10 @@ class Attention(nnx.Module):
                                              (0, index, 0, 0))
         visible = jax.lax.dynamic_update_slice(cache["visible"], jnp.ones((batch, 1), bool),
                                                (0, index))
+        # One query step: "auto" keeps XLA here (a flash kernel gains nothing on one row).
+        implementation = None if self.cfg.implementation == "auto" else self.cfg.implementation
         out = jax.nn.dot_product_attention(q, key, value, mask=visible[:, None, None, :],
-                                           implementation=self.cfg.implementation)
+                                           implementation=implementation)
         y = self.o_proj(out.reshape(batch, 1, -1))
         return y, {"key": key, "value": value, "visible": visible, "length": index + 1,
                    "position": cache["position"] + 1}

@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from m2rnn_jax.layers.linear import Embed, Linear
 from m2rnn_jax.layers.mlp import SwiGLU
+from m2rnn_jax.layers.moe import MoE
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import model_dtypes
 from m2rnn_jax.layers.registry import mixer_class
@@ -16,7 +17,8 @@ from m2rnn_jax.parallel import MeshAxes
 
 
 class Block(nnx.Module):
-    """``x += mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))``."""
+    """``x += mixer(RMSNorm(x)); x += MLP(RMSNorm(x))``, the MLP a SwiGLU, or a mixture of
+    experts when ``config.moe.num_experts`` > 0."""
 
     def __init__(self, config, letter: str, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         dtype, param_dtype = model_dtypes(config)
@@ -26,23 +28,36 @@ class Block(nnx.Module):
         self.mixer = mixer_class(letter)(config, rngs=rngs, axes=axes)
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
                                 param_dtype=param_dtype)
-        self.mlp = SwiGLU(config, rngs=rngs)
+        self.is_moe = config.moe.num_experts > 0
+        self.mlp = (MoE(config, rngs=rngs, axes=axes) if self.is_moe
+                    else SwiGLU(config, rngs=rngs))
 
     def __call__(self, x, segment_ids=None):
+        return self.forward(x, segment_ids)[0]
+
+    def forward(self, x, segment_ids=None):
+        """``(x, router statistics)``: the MoE's ``{"aux_loss", "load"}``, or ``None``."""
         x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids).astype(x.dtype)
-        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+        return self._add_mlp(x)
 
     def prefill(self, x, segment_ids, max_len):
         self._require_decoding()
         y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, max_len)
         x = x + y.astype(x.dtype)
-        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), cache
+        return self._add_mlp(x)[0], cache
 
     def decode_step(self, x, cache):
         self._require_decoding()
         y, cache = self.mixer.decode_step(self.mixer_norm(x), cache)
         x = x + y.astype(x.dtype)
-        return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), cache
+        return self._add_mlp(x)[0], cache
+
+    def _add_mlp(self, x):
+        if self.is_moe:
+            y, stats = self.mlp(self.mlp_norm(x))
+        else:
+            y, stats = self.mlp(self.mlp_norm(x)), None
+        return x + y.astype(x.dtype), stats
 
     def _require_decoding(self):
         if not (hasattr(self.mixer, "prefill") and hasattr(self.mixer, "decode_step")):
@@ -54,6 +69,7 @@ class Block(nnx.Module):
 class HybridLM(nnx.Module):
     """``__call__(tokens (B, S) int, segment_ids=None) -> logits (B, S, vocab) float32``.
 
+    ``forward`` returns the logits with the router statistics of mixture-of-experts blocks.
     The residual stream is kept in the compute dtype; logits are float32.
     """
 
@@ -81,11 +97,27 @@ class HybridLM(nnx.Module):
                                param_dtype=param_dtype))
 
     def __call__(self, tokens, segment_ids=None):
+        return self.forward(tokens, segment_ids)[0]
+
+    def forward(self, tokens, segment_ids=None):
+        """``(logits, aux)``; ``aux`` is ``{}`` for a model without mixture-of-experts blocks,
+        else ``{"moe_aux_loss": scalar, "expert_load": (num_moe_layers, num_experts)}``: the
+        load-balancing losses of the MoE blocks summed (unweighted; ``layers/moe.py``) and each
+        block's fraction of token-slots per expert (a row sums to 1), both float32 over the
+        whole batch."""
         self._check_inputs(tokens, segment_ids)
         x = self._place(self.embed(tokens))
+        router_stats = []
         for block in self.blocks:
-            x = _remat_block(block, x, segment_ids) if self.remat else block(x, segment_ids)
-        return self.logits(x)
+            x, stats = (_remat_block(block, x, segment_ids) if self.remat
+                        else block.forward(x, segment_ids))
+            if stats is not None:
+                router_stats.append(stats)
+        aux = {}
+        if router_stats:
+            aux = {"moe_aux_loss": sum(stats["aux_loss"] for stats in router_stats),
+                   "expert_load": jnp.stack([stats["load"] for stats in router_stats])}
+        return self.logits(x), aux
 
     def prefill(self, tokens, segment_ids=None, *, max_len):
         """Runs the prompt ``tokens (B, S)`` through the full-sequence path.
@@ -151,4 +183,4 @@ class HybridLM(nnx.Module):
 
 
 # A block whose activations are recomputed in the backward pass.
-_remat_block = nnx.remat(lambda block, x, segment_ids: block(x, segment_ids))
+_remat_block = nnx.remat(lambda block, x, segment_ids: block.forward(x, segment_ids))
