@@ -84,6 +84,7 @@ from flax import nnx
 from m2rnn_jax import ModelConfig, m2rnn
 from m2rnn_jax.layers.linear import Embed, Linear
 from m2rnn_jax.layers.mlp import SwiGLU
+from m2rnn_jax.layers.moe import MoE
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import model_dtypes
 from m2rnn_jax.layers.registry import mixer_class
@@ -328,14 +329,24 @@ class MixerPart(nnx.Module):
 
 
 class MlpPart(nnx.Module):
-    def __init__(self, config, *, rngs):
+    """RMSNorm + the block's MLP: the SwiGLU, or the mixture of experts when ``moe`` is on
+    (``dense_equivalent``: a SwiGLU as wide as the experts a token uses, shared one included)."""
+
+    def __init__(self, config, *, rngs, dense_equivalent=False):
         dtype, param_dtype = model_dtypes(config)
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
                             param_dtype=param_dtype)
-        self.mlp = SwiGLU(config, rngs=rngs)
+        moe = config.moe
+        if dense_equivalent:
+            width = moe.top_k * moe.expert_hidden_dim + moe.shared_expert_hidden_dim
+            config = dataclasses.replace(config, mlp=dataclasses.replace(config.mlp,
+                                                                         hidden_dim=width))
+        self.is_moe = moe.num_experts > 0 and not dense_equivalent
+        self.mlp = MoE(config, rngs=rngs) if self.is_moe else SwiGLU(config, rngs=rngs)
 
     def __call__(self, x, segment_ids):
-        return self.mlp(self.norm(x))
+        out = self.mlp(self.norm(x))
+        return out[0] if self.is_moe else out
 
 
 class HeadPart(nnx.Module):
@@ -430,6 +441,9 @@ def layer_shares(model_configs, batch, report):
         if "M" in model_config.layer_pattern:
             parts["m2rnn op"] = lambda c: M2RNNOpPart(c, rngs=nnx.Rngs(0))
         parts["mlp"] = lambda c: MlpPart(c, rngs=nnx.Rngs(0))
+        if model_config.moe.num_experts:
+            parts["dense mlp of the active width"] = lambda c: MlpPart(
+                c, rngs=nnx.Rngs(0), dense_equivalent=True)
         parts["embed+head+loss"] = lambda c: HeadPart(c, rngs=nnx.Rngs(0))
         for name, make in parts.items():
             if name in timings:
@@ -471,7 +485,13 @@ def print_shares(name, model_config, result, timings):
                 count)
             if letter == "M":  # the part of the mixers' time spent in the recurrence op
                 add(f"  of which the M²RNN op alone x{count}", "m2rnn op", count, False)
-    add(f"SwiGLU MLPs (+norm) x{len(pattern)}", "mlp", len(pattern))
+    moe = model_config.moe
+    add(f"{'MoE' if moe.num_experts else 'SwiGLU'} MLPs (+norm) x{len(pattern)}", "mlp",
+        len(pattern))
+    if moe.num_experts:  # what the same active width costs as one dense SwiGLU
+        width = moe.top_k * moe.expert_hidden_dim + moe.shared_expert_hidden_dim
+        add(f"  vs a dense SwiGLU of width {width} x{len(pattern)}",
+            "dense mlp of the active width", len(pattern), False)
     add("embedding + final norm + head + loss", "embed+head+loss", 1)
     rows.append(("optimizer update (clip + AdamW + apply)", None, result.get("optimizer_s"),
                  True))
