@@ -5,6 +5,7 @@ the full dotted key for an unknown key, a missing required key or a value of the
 ``override(config, ["a.b=3", ...])`` applies ``key=value`` strings (values parsed as YAML).
 """
 
+import copy
 import dataclasses
 import types
 import typing
@@ -177,3 +178,15 @@ def _coerce(hint, value, key):
                               f"{type(value).__name__} {value!r}")
         return value
     return value
+
+
+def merge_dicts(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied key by key (nested mappings merge recursively); neither
+    argument is modified."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

@@ -23,7 +23,6 @@ Seed ``s`` of every family trains with ``seed = train.seed + s`` (initialisation
 data in the same order.
 """
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -32,8 +31,8 @@ import os
 from m2rnn_experiments.lm_comparison import sizing
 from m2rnn_experiments.lm_comparison.manifest import MANIFEST
 from m2rnn_jax.config import ModelConfig
-from m2rnn_jax.typed_config import (ConfigError, from_dict, require, require_positive_int,
-                                    to_dict)
+from m2rnn_jax.typed_config import (ConfigError, from_dict, merge_dicts, require,
+                                    require_positive_int, to_dict)
 from train.config import TrainConfig, train_config_to_dict
 from train.trainer import RESUMABLE_CHANGES
 
@@ -173,7 +172,7 @@ class ExperimentConfig:
     def unmatched_model(self, name, family=None) -> ModelConfig:
         """``train.model`` with the family's changes, before its width is matched."""
         family = family or self.family(name)
-        data = merge(to_dict(self.train.model), family.model)
+        data = merge_dicts(to_dict(self.train.model), family.model)
         return from_dict(ModelConfig, data, path=f"families.{name}.model")
 
 
@@ -268,13 +267,3 @@ def relative_path(path) -> str:
     relative = os.path.relpath(absolute)
     return absolute if relative.startswith("..") else relative
 
-
-def merge(base: dict, changes: dict) -> dict:
-    """``base`` with ``changes`` applied key by key (nested mappings merge recursively)."""
-    out = copy.deepcopy(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out

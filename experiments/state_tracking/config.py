@@ -15,13 +15,12 @@ YAML layout (``experiments/state_tracking/configs/s5.yaml``)::
 tokens in, logits over elements out), so neither section may set it.
 """
 
-import copy
 import dataclasses
 from typing import Literal
 
 from m2rnn_jax.config import ModelConfig
-from m2rnn_jax.typed_config import (ConfigError, from_dict, require, require_positive,
-                                    require_positive_int)
+from m2rnn_jax.typed_config import (ConfigError, from_dict, merge_dicts, require,
+                                    require_positive, require_positive_int)
 from train.config import OptimizerConfig
 
 
@@ -203,18 +202,8 @@ class ExperimentConfig:
                     f"must be a mapping, got {type(section).__name__}")
             require("vocab_size" not in section, f"{where}.vocab_size",
                     "is set by the group's order; remove it")
-        data = merge(self.base_model, changes)
+        data = merge_dicts(self.base_model, changes)
         data["vocab_size"] = vocab_size
         return from_dict(ModelConfig, data, path=f"models.{name}")
 
-
-def merge(base: dict, changes: dict) -> dict:
-    """``base`` with ``changes`` applied key by key (nested mappings merge recursively)."""
-    out = copy.deepcopy(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
