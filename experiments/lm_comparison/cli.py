@@ -35,6 +35,7 @@ from m2rnn_experiments.lm_comparison.config import (CORPUS_DATA_KEYS, Experiment
                                                     run_train_config)
 from m2rnn_experiments.lm_comparison.corpus import prepare_corpus
 from m2rnn_jax.typed_config import ConfigError, assign, from_dict, read_yaml
+from train import compile_cache
 from train.errors import RunFailure, UserError, add_debug_flag, run_command
 
 PROG = "m2rnn-compare"
@@ -66,6 +67,7 @@ def parse_args(argv):
                    help="override a config key (repeatable), e.g. train.optimizer."
                         "learning_rate=1e-3 or families.gdn.model.mlp.hidden_dim=1024")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    compile_cache.add_flag(p)
     p.add_argument("--restart", action="store_true",
                    help="move the selected runs and the results aside first and start over")
     add_debug_flag(p)
@@ -124,6 +126,7 @@ def run_comparison(args) -> int:
     start = _clock()
     deadline = None if args.time_budget_s is None else start + args.time_budget_s
     config = load_config(args)
+    compile_cache.enable(args.compile_cache, config.train.compile_cache)
     families = selected_families(config, args.models)
     out = pathlib.Path(args.out)
     run_folder.check_out_dir(out)
