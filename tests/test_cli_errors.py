@@ -3,6 +3,7 @@ non-zero status (2: the command line, the config or the data; 1: a run or checkp
 cannot be used), with no traceback unless ``--debug``, and create nothing under ``--out``
 before the config and the data are known to be good."""
 
+import pathlib
 import shutil
 import subprocess
 import sysconfig
@@ -85,6 +86,25 @@ def test_train_errors_found_before_any_work_leave_no_folder(tmp_path, corpus, ca
         status = cli.main(["--config", str(config), "--out", str(out), *overrides])
         assert status == 2 and message in one_line_error(capsys, "m2rnn-train"), overrides
         assert not out.exists(), overrides
+
+
+def test_a_model_the_mesh_cannot_split_is_one_line(tmp_path, capsys):
+    """8 simulated devices: layouts whose axes do not divide the model's heads, experts or
+    sequence, and a dry run of an unknown letter, fail in one line before any work."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    config = str(repo / "configs" / "tiny_moe.yaml")
+    out = tmp_path / "out"
+    cases = [
+        (["mesh.data=1", "mesh.tensor=8"], "does not fit the mesh"),
+        (["mesh.data=1", "mesh.expert=8", "model.moe.num_experts=12"], "does not fit the mesh"),
+        (["mesh.data=1", "mesh.context=8", "data.seq_len=16"], "shorter than the conv window"),
+    ]
+    for overrides, message in cases:
+        status = cli.main(["--config", config, "--out", str(out), *overrides])
+        assert status == 2 and message in one_line_error(capsys, "m2rnn-train"), overrides
+        assert not out.exists(), overrides
+    status = cli.main(["--config", config, "--dry-run", "model.layer_pattern=MQM"])
+    assert status == 2 and "no registered mixer" in one_line_error(capsys, "m2rnn-train")
 
 
 def test_garbage_token_files_are_named(tmp_path, capsys):

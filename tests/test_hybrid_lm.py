@@ -150,7 +150,7 @@ def test_bad_inputs_raise_clear_errors(tiny):
 class CausalMeanMixer(nnx.Module):
     """A stand-in for another engineer's mixer, following the registry's constructor contract."""
 
-    def __init__(self, config, *, rngs, axes=None):
+    def __init__(self, config, *, rngs):
         self.proj = Linear(config.d_model, config.d_model, ("embed", "mixer"),
                            std=config.init_std, rngs=rngs)
 

@@ -327,12 +327,14 @@ def test_conv_window_keeps_the_last_document_only(taps):
 def test_auto_attention_takes_cudnn_only_on_a_gpu_for_what_it_supports():
     from m2rnn_jax.layers.attention import attention_implementation
 
-    assert attention_implementation("auto", jnp.bfloat16, 64, platform="gpu") == "cudnn"
-    assert attention_implementation("auto", jnp.float16, 128, platform="gpu") == "cudnn"
-    assert attention_implementation("auto", jnp.float32, 64, platform="gpu") == "xla"
-    assert attention_implementation("auto", jnp.bfloat16, 100, platform="gpu") == "xla"
-    assert attention_implementation("auto", jnp.bfloat16, 256, platform="gpu") == "xla"
-    assert attention_implementation("auto", jnp.bfloat16, 64, platform="cpu") == "xla"
-    assert attention_implementation("auto", jnp.bfloat16, 64, platform="tpu") == "xla"
+    def pick(dtype=jnp.bfloat16, head_dim=64, seq_len=4096, platform="gpu", capability="9.0"):
+        return attention_implementation("auto", dtype, head_dim, seq_len, platform, capability)
+
+    assert pick() == "cudnn" and pick(jnp.float16, 128, capability="8.0") == "cudnn"
+    assert pick(jnp.float32) == "xla"
+    assert pick(head_dim=100) == "xla" and pick(head_dim=256) == "xla"
+    assert pick(seq_len=4095) == "xla"
+    assert pick(capability="7.5") == "xla"
+    assert pick(platform="cpu") == "xla" and pick(platform="tpu") == "xla"
     for forced in ("xla", "cudnn", None):
-        assert attention_implementation(forced, jnp.float32, 7, platform="gpu") == forced
+        assert attention_implementation(forced, jnp.float32, 7, 3, "gpu", "7.0") == forced

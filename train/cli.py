@@ -68,8 +68,10 @@ def _train(args) -> int:
         overrides.append(f"steps={args.steps}")
     config = load_train_config(args.config, overrides)
     if args.dry_run:
+        from train.config import require_registered_mixers
         from train.step import describe_parameters
 
+        require_registered_mixers(config.model)
         print(describe_parameters(config.model))
         return 0
     compile_cache.enable(args.compile_cache, config.compile_cache)

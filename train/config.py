@@ -81,7 +81,7 @@ class DataConfig:
         require(self.eval_rows >= 0, "data.eval_rows", f"must be >= 0, got {self.eval_rows!r}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)  # by name: axes were added before `tensor`
 class MeshConfig:
     """Device mesh axis sizes; one may be -1 to take the remaining devices (``train/sharding.py``
     says what each axis splits)."""

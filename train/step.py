@@ -151,10 +151,20 @@ def build_trainee(config, mesh) -> Trainee:
             f"{config.micro_batch_size} rows, which the mesh's data x fsdp x expert = {ways} "
             f"devices do not divide")
     axes = sharding.model_axes(mesh, context_microbatches=config.mesh.context_microbatches)
-    if config.data.seq_len % axes.size(axes.context):
+    contexts = axes.size(axes.context)
+    if config.data.seq_len % contexts:
         raise ConfigError(f"data.seq_len = {config.data.seq_len} must be divisible by "
-                          f"mesh.context = {axes.size(axes.context)}")
-    graphdef, abstract_params = abstract_model(config.model, remat=config.remat, axes=axes)
+                          f"mesh.context = {contexts}")
+    history = max([config.model.m2rnn.conv_kernel - 1] if "M" in config.model.layer_pattern
+                  else [0])
+    if contexts > 1 and config.data.seq_len // contexts < history:
+        raise ConfigError(f"data.seq_len / mesh.context = {config.data.seq_len // contexts} "
+                          f"steps per shard is shorter than the conv window of "
+                          f"{history} steps (model.m2rnn.conv_kernel - 1)")
+    try:
+        graphdef, abstract_params = abstract_model(config.model, remat=config.remat, axes=axes)
+    except ValueError as err:  # a layer that the mesh cannot split (heads, experts)
+        raise ConfigError(f"the model does not fit the mesh {dict(mesh.shape)}: {err}") from None
     optimizer, schedule = make_optimizer(config.optimizer, abstract_params, config.steps)
 
     param_shardings = sharding.param_shardings(abstract_params, mesh)

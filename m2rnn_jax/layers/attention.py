@@ -40,16 +40,22 @@ def apply_rope(x, positions, theta):
     return rotated.astype(x.dtype)
 
 
-def attention_implementation(requested, dtype, head_dim, platform=None):
+def attention_implementation(requested, dtype, head_dim, seq_len, platform=None,
+                             compute_capability=None):
     """What ``jax.nn.dot_product_attention`` runs for ``attention.implementation = requested``:
-    ``"auto"`` takes cuDNN's flash attention on a GPU for bfloat16/float16 inputs with a head
-    dim that is a multiple of 8 up to 128 (what its fused kernel supports), XLA otherwise."""
+    ``"auto"`` takes cuDNN's flash attention on an Ampere or newer GPU for bfloat16/float16
+    inputs with a head dim that is a multiple of 8 up to 128 and an even sequence length (what
+    its fused kernel supports with a mask), XLA otherwise."""
     if requested != "auto":
         return requested
-    platform = platform or jax.default_backend()
-    supported = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
-                 and head_dim <= 128)
-    return "cudnn" if platform == "gpu" and supported else "xla"
+    if platform is None:
+        platform = jax.default_backend()
+    if platform == "gpu" and compute_capability is None:
+        compute_capability = getattr(jax.devices()[0], "compute_capability", "0")
+    supported = (platform == "gpu" and float(compute_capability) >= 8.0
+                 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                 and head_dim % 8 == 0 and head_dim <= 128 and seq_len % 2 == 0)
+    return "cudnn" if supported else "xla"
 
 
 class Attention(nnx.Module):
@@ -100,7 +106,7 @@ class Attention(nnx.Module):
         positions = positions_in_document(segment_ids, batch, seq_len)
         q, k, v = self._project(x, positions)
         implementation = attention_implementation(self.cfg.implementation, q.dtype,
-                                                  self.head_dim)
+                                                  self.head_dim, seq_len)
         if max_len is None and self.axes.splits_anything:
             out = sharded_attention(q, k, v, segment_ids, axes=self.axes,
                                     implementation=implementation)

@@ -2,7 +2,8 @@
 
 A mixer constructor has the signature ``cls(config: ModelConfig, *, rngs: nnx.Rngs, axes)``
 (``axes`` a ``m2rnn_jax.parallel.MeshAxes``: the mesh axes that split the batch, heads,
-sequence and experts; a mixer that leaves its splitting to XLA may ignore it) and reads
+sequence and experts; a constructor without ``axes`` is built without it and its layer is split
+by XLA alone) and reads
 its own sub-config (``config.m2rnn``, ``config.attention``, ``config.gated_deltanet``,
 ``config.mamba2``, ...), plus ``config.d_model``, ``config.compute_dtype`` /
 ``config.param_dtype`` (see ``params.model_dtypes``), ``config.init_std`` and
@@ -25,7 +26,9 @@ Built-in letters: ``M`` (M²RNN) and ``A`` (attention). ``D`` and ``S`` are impo
 ``register_mixer`` when imported.
 """
 
+import functools
 import importlib
+import inspect
 
 from m2rnn_jax.layers.attention import Attention
 from m2rnn_jax.layers.m2rnn import M2RNN
@@ -54,6 +57,22 @@ def mixer_class(letter: str):
         raise ValueError(f"layer_pattern letter {letter!r} has no registered mixer; known: "
                          f"{sorted(set(_MIXERS) | set(_LAZY_MODULES))}")
     return _MIXERS[letter]
+
+
+def build_mixer(letter: str, config, *, rngs, axes):
+    """The mixer of ``letter`` for ``config``. ``axes`` goes to constructors that take it (the
+    built-in mixers); one written before ``axes`` existed is built without it and left to XLA's
+    sharding."""
+    constructor = mixer_class(letter)
+    if _takes_axes(constructor):
+        return constructor(config, rngs=rngs, axes=axes)
+    return constructor(config, rngs=rngs)
+
+
+@functools.cache
+def _takes_axes(constructor) -> bool:
+    parameters = inspect.signature(constructor).parameters.values()
+    return any(p.name == "axes" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def registered_letters():

@@ -11,7 +11,7 @@ from m2rnn_jax.layers.mlp import SwiGLU
 from m2rnn_jax.layers.moe import MoE
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import model_dtypes
-from m2rnn_jax.layers.registry import mixer_class
+from m2rnn_jax.layers.registry import build_mixer, mixer_class
 from m2rnn_jax.ops import values_on_host
 from m2rnn_jax.parallel import MeshAxes
 
@@ -25,7 +25,7 @@ class Block(nnx.Module):
         self.letter = letter
         self.mixer_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
                                   param_dtype=param_dtype)
-        self.mixer = mixer_class(letter)(config, rngs=rngs, axes=axes)
+        self.mixer = build_mixer(letter, config, rngs=rngs, axes=axes)
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
                                 param_dtype=param_dtype)
         self.is_moe = config.moe.num_experts > 0
