@@ -55,7 +55,9 @@ as it does for the train step (compiled ahead of time with ``.lower().compile()`
 Model FLOPs per token (forward + backward = 3 x forward; recomputation not counted):
 
     dense      = 6 · P_matmul           P_matmul: every weight matrix except the embedding
-                                        table (unless tied) and the M²RNN W; conv taps count
+                                        table (unless tied) and the M²RNN W; conv taps count;
+                                        a routed expert's weights count top_k / num_experts
+                                        (the active parameters, as train/step.py counts them)
     attention  = 6 · L_A · S · H · D_h  causal QKᵀ and PV (half of 12 · L_A · S · H · D_h)
     recurrence = 6 · L_M · N · K · V · (V + 1)   per step and head: H W (2·K·V²) and the
                                         read-out Hᵀq (2·K·V), x3 for the backward
@@ -157,20 +159,26 @@ def compiled_gib(compiled):
 def flops_per_token(model_config: ModelConfig, abstract_params, seq_len: int) -> dict:
     """Model FLOPs per trained token by term (see the module docstring)."""
     flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_params))[0]
-    matmul_params = 0
-    for path, leaf in flat:
+    logical = jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(abstract_params)),
+                              is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    moe = model_config.moe
+    # A routed expert's weights (first logical axis "experts") serve top_k of num_experts.
+    routed_share = moe.top_k / moe.num_experts if moe.num_experts else 1.0
+    matmul_params = 0.0
+    for (path, leaf), spec in zip(flat, logical, strict=True):
         names = [str(getattr(k, "key", k)) for k in path]
         if leaf.ndim < 2 or names[-1] == "W":
             continue
         if names[-1] == "embedding" and not model_config.tie_embeddings:
             continue
-        matmul_params += int(np.prod(leaf.shape))
+        share = routed_share if tuple(spec)[:1] == ("experts",) else 1.0
+        matmul_params += int(np.prod(leaf.shape)) * share
     pattern = model_config.layer_pattern
     m, att = model_config.m2rnn, model_config.attention
     attention = 6 * pattern.count("A") * seq_len * att.num_heads * model_config.attention_head_dim
     recurrence = 6 * pattern.count("M") * m.num_heads * m.key_dim * m.value_dim * (
         m.value_dim + 1)
-    return {"dense": 6 * matmul_params, "attention": attention, "recurrence": recurrence}
+    return {"dense": round(6 * matmul_params), "attention": attention, "recurrence": recurrence}
 
 
 def peak_flops(override_tflops):
@@ -209,8 +217,10 @@ def train_config(model_config, batch, seq_len, steps, mesh=None, remat=False):
 # ----------------------------------------------------------------------------- init + steps
 
 def init_state(config, device):
-    """The initial train state on one device, with lower / compile / run seconds."""
-    trainee = build_trainee(config, sharding.make_mesh(config.mesh, [device]))
+    """The initial train state on one device (or sharded over a list of devices, the mesh of
+    ``config.mesh``), with lower / compile / run seconds."""
+    devices = list(device) if isinstance(device, (list, tuple)) else [device]
+    trainee = build_trainee(config, sharding.make_mesh(config.mesh, devices))
     jitted, seed = trainee.init_state.func, trainee.init_state.args[0]
     t0 = time.perf_counter()
     try:
@@ -237,12 +247,15 @@ def init_state(config, device):
     return state, times
 
 
-def run_steps(config, devices, batches, state, *, time_optimizer=False, profile=None):
+def run_steps(config, devices, batches, state, *, time_optimizer=False, profile=None,
+              metric_names=(), after=None):
     """Trains from ``state`` (put on the mesh; consumed) on ``batches``: losses and timings.
 
     The step is compiled ahead of time (timed on its own); every step is waited for, the
     median of steps 3.. is the step time. ``profile = (directory, steps)`` then traces that
-    many more steps (see ``profile_steps``).
+    many more steps (see ``profile_steps``). ``metric_names``: train-step metrics recorded per
+    step besides the loss (``result["metrics"]``). ``after(trainee, state, placed, result)``,
+    when given, runs on the final state and its dict is merged into the result.
     """
     mesh = sharding.make_mesh(config.mesh, devices)
     trainee = build_trainee(config, mesh)
@@ -256,11 +269,14 @@ def run_steps(config, devices, batches, state, *, time_optimizer=False, profile=
           f"(per device, XLA's analysis) {'n/a' if step_gib is None else f'{step_gib:.1f}'} GiB",
           flush=True)
     losses, times = [], []
+    recorded = {name: [] for name in metric_names}
     for batch in placed:
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
         losses.append(float(metrics["loss"]))  # blocks: each step timed on its own
         times.append(time.perf_counter() - t0)
+        for name in metric_names:
+            recorded[name].append(float(metrics[name]))
     step_s = statistics.median(times[2:]) if len(times) > 3 else times[-1]
     print(f"  losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
     print(f"  step times (ms) {' '.join(f'{t * 1e3:.0f}' for t in times)}; "
@@ -270,8 +286,12 @@ def run_steps(config, devices, batches, state, *, time_optimizer=False, profile=
               "attention_implementation": config.model.attention.implementation,
               "step_gib": step_gib, "process_peak_gib": peak_memory_gib(),
               "num_params": trainee.num_params}
+    if metric_names:
+        result["metrics"] = recorded
     if profile:
         state, result["profile"] = profile_steps(compiled, state, placed, *profile)
+    if after is not None:
+        result.update(after(trainee, state, placed, result))
     if time_optimizer:
         result["optimizer_s"] = optimizer_seconds(trainee, state)
         print(f"  optimizer update alone {result['optimizer_s'] * 1e3:.1f} ms", flush=True)

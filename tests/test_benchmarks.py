@@ -7,11 +7,13 @@ import os
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import decode_bench  # noqa: E402
 import kernel_bench  # noqa: E402
+import multi_gpu_bench  # noqa: E402
 import throughput  # noqa: E402
 import train_bench  # noqa: E402
 
@@ -99,3 +101,103 @@ def test_throughput_table_from_step_results_and_the_attention_check(tmp_path, ca
     assert "train, batch 8" not in table and "train (train8)" in table  # not measured
     with pytest.raises(SystemExit):
         throughput.main(["--out", str(out), "--only", "nonsense"])
+
+
+def test_flops_per_token_counts_a_routed_expert_by_its_share():
+    from m2rnn_jax.typed_config import override
+    from train.step import abstract_model
+
+    base = multi_gpu_bench.load_model("moe7b", tiny=True)  # 3 layers, 8 experts of 64 x 64
+    dense = {}
+    for top_k in (2, 8):
+        model = override(base, [f"moe.top_k={top_k}"])
+        dense[top_k] = train_bench.flops_per_token(model, abstract_model(model)[1], 32)["dense"]
+    routed = 3 * 3 * 8 * base.d_model * base.moe.expert_hidden_dim  # gate, up, down per layer
+    assert dense[8] - dense[2] == pytest.approx(6 * routed * (1 - 2 / 8))
+
+
+def test_multi_gpu_plans_and_collective_share():
+    model = multi_gpu_bench.load_model("scaling", tiny=False)  # 84 M²RNN, 16 attention heads
+    assert [multi_gpu_bench.scaling_mesh("tp", n, model) for n in (2, 4, 8)] == [
+        {"data": 1, "tensor": 2}, {"data": 1, "tensor": 4}, {"data": 2, "tensor": 4}]
+    args = multi_gpu_bench.parse_args(["--study", "context", "--lengths", "64,128",
+                                       "--max-len", "512"])
+    ok, failed = {"status": "ok"}, {"status": "failed (exit 1)"}
+    assert multi_gpu_bench.context_lengths(args, 4, {}) == [64, 128]
+    assert multi_gpu_bench.context_lengths(
+        args, 4, {"sweep-c4-128": ok, "sweep-c4-256": failed}) == [64, 128, 256]
+    assert multi_gpu_bench.context_lengths(
+        args, 4, {"sweep-c4-128": ok, "sweep-c4-256": ok, "sweep-c4-512": ok}) == [64, 128,
+                                                                                 256, 512]
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7,
+             "args": {"name": "Stream #7(Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 9, "args": {"name": "XLA Ops"}}]
+    kernels = [("ncclDevKernel_AllReduce_Sum_f32", 30.0), ("gemm_fusion_1", 50.0),
+               ("all_gather_start", 20.0), ("loop_fusion_3", 100.0)]
+    events = meta + [{"ph": "X", "pid": 1, "tid": tid, "name": name, "dur": dur}
+                     for name, dur in kernels for tid in (7, 9)]
+    share = multi_gpu_bench.communication_share(events, steps=2)
+    assert share["timelines"] == 1 and share["share"] == pytest.approx(50 / 200)
+    assert share["collective_ms_per_step"] == pytest.approx(50 / 2 / 1e3)
+
+
+def test_multi_gpu_scaling_tiny_matches_one_device_and_resumes(tmp_path, capsys):
+    argv = ["--study", "scaling", "--tiny", "--out", str(tmp_path), "--gpus", "1,2",
+            "--layouts", "dp", "--modes", "strong", "--profile"]
+    assert multi_gpu_bench.main(argv) == 0
+    out = capsys.readouterr().out
+    runs = json.loads((tmp_path / "scaling.json").read_text())["runs"]
+    one, two = runs["strong-single-1"], runs["strong-dp-2"]
+    assert one["status"] == two["status"] == "ok" and two["mesh"] == {"data": 2}
+    assert len(one["losses"]) == 2 and all(math.isfinite(x) for x in one["losses"])
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-4)
+    assert two["loss_match"] and two["max_abs_dloss"] == pytest.approx(
+        max(abs(a - b) for a, b in zip(two["losses"], one["losses"])), abs=1e-12)
+    assert two["tokens_per_s_per_gpu"] == pytest.approx(8 * 64 / two["step_s"] / 2)
+    assert 0 <= two["communication"]["share"] <= 1
+    assert "== scaling" in out and "1 of 1 strong-scaling layouts equal 1 GPU's" in out
+    assert multi_gpu_bench.main(argv) == 0  # a rerun finds everything done
+    again = capsys.readouterr().out
+    assert "### strong" not in again and "strong dp" in again
+
+
+def test_multi_gpu_context_tiny_check_and_idle_fraction(tmp_path, capsys):
+    assert multi_gpu_bench.main(["--study", "context", "--tiny", "--out", str(tmp_path),
+                                 "--contexts", "4", "--lengths", "128", "--max-len", "128",
+                                 "layer_pattern=MA"]) == 0
+    out = capsys.readouterr().out
+    runs = json.loads((tmp_path / "context.json").read_text())["runs"]
+    assert set(runs) == {"check-1", "check-c4", "sweep-c4-128", "pipe-c4-128"}
+    assert all(run["status"] == "ok" for run in runs.values())
+    np.testing.assert_allclose(runs["check-c4"]["losses"], runs["check-1"]["losses"],
+                               rtol=1e-4)
+    assert runs["check-c4"]["loss_match"]
+    # One row cannot be cut into micro-batches; the pipe run has 4 rows of a quarter length.
+    for key, rows, seq_len, micro in (("sweep-c4-128", 1, 128, 1), ("pipe-c4-128", 4, 32, 4)):
+        run = runs[key]
+        assert (run["rows"], run["seq_len"], run["microbatches"]) == (rows, seq_len, micro)
+        assert run["idle_fraction"] == pytest.approx(3 / (micro + 3))
+        assert all(math.isfinite(x) for x in run["losses"])
+    assert "longest context trained on 4 GPUs: 128 tokens" in out
+
+
+def test_multi_gpu_moe7b_tiny_router_metrics(tmp_path, capsys):
+    assert multi_gpu_bench.main(["--study", "moe7b", "--tiny", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    run = json.loads((tmp_path / "moe7b.json").read_text())["runs"]["moe7b-expert8"]
+    assert run["status"] == "ok" and run["mesh"] == {"data": 1, "expert": 8} and run["remat"]
+    metrics = run["metrics"]
+    assert set(metrics) == {"moe_aux_loss", "expert_load_max", "expert_load_min"}
+    assert all(len(values) == 2 and all(math.isfinite(v) for v in values)
+               for values in metrics.values())
+    assert all(hi >= 1 >= lo >= 0 for hi, lo in zip(metrics["expert_load_max"],
+                                                    metrics["expert_load_min"]))
+    load = np.array(run["expert_load"])  # layers x experts, each layer's loads sum to 1
+    assert load.shape == (3, 8)
+    np.testing.assert_allclose(load.sum(axis=1), 1, atol=1e-4)
+    ratio = load * 8
+    assert run["expert_load_spread"]["max_over_mean"] == pytest.approx(
+        ratio.max(axis=1).mean(), rel=1e-4)
+    assert run["flops"]["dense"] > 0 and run["tokens_per_s"] > 0
+    assert "router (load / mean load" in out and "plan (RESULTS.md)" in out
