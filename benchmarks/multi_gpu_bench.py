@@ -2,8 +2,8 @@
 7B MoE hybrid on 8 GPUs.
 
 From the repository root on a node of 2-8 GPUs, with the package installed, one command per
-study. A command stops starting runs after ``--budget`` seconds (default 560, under the 10
-minutes of one call) and prints its table; run the same command again with the same ``--out``
+study. A command stops starting runs after ``--budget`` seconds (default 560, so that it ends
+within ten minutes) and prints its table; run the same command again with the same ``--out``
 (on the same machine, so that the compile cache and the saved state are reused) and it does only
 what is missing, until the table ends without a "rerun" line:
 
@@ -405,8 +405,8 @@ def expert_load_spread(load):
 
 
 def exit_with_parent():
-    """Ends this process when its parent does (a run is in a session of its own, so that its
-    deadline kills its whole group; a killed command must not leave it holding the GPUs)."""
+    """Ends this process when its parent does (a run is in a process group of its own, so that
+    its deadline kills the whole group; a killed command must not leave it holding the GPUs)."""
     parent = os.getppid()
 
     def watch():

@@ -1,6 +1,7 @@
 """Resumable state-tracking runs: one file per (model, seed) with everything a run needs to
 continue exactly where it stopped — parameters, optimizer state, step, curriculum length, the
-data generator's state — and a fingerprint of the settings it was trained with.
+NumPy data generator's state (words drawn on the device need only the step) — and a
+fingerprint of the settings it was trained with.
 
 Long S5 runs take hundreds of thousands of steps, and a stopped or killed run must not lose its
 work: ``training.ModelRunner.run`` saves every ``train.checkpoint_every_s`` seconds and when it
@@ -28,9 +29,10 @@ from flax import serialization
 
 FORMAT = 1
 # Settings that do not change what a run computes (how long this invocation may take, how
-# often it logs or saves, which seeds the command line asked for and how many share a step).
+# often it logs or saves, which seeds the command line asked for, how many share a step and how
+# many steps a jitted call runs). The word generator does, and is hashed as resolved below.
 _NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds", "first_seed",
-                      "seeds_per_step"}
+                      "seeds_per_step", "steps_per_dispatch", "word_generator"}
 _HASHED_BACKEND = "scan"
 _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
 # The learning-rate schedule, the run's length, Adam's ε, the batch's scale and label
@@ -51,7 +53,7 @@ class RunState:
     opt_state: object
     step: int  # optimizer steps taken
     scored: int | None  # the curriculum's scored length at ``step`` (None: no curriculum)
-    rng_state: dict  # numpy bit generator state of the training words
+    rng_state: dict  # numpy bit generator state of the training words (device words: unused)
     loss: float
     accuracy: float
     schedule: dict | None = None  # SCHEDULE_KEYS when saved (None: not recorded in the file)
@@ -74,6 +76,8 @@ def fingerprint(model_config, train_config, task_config, seed, *, with_schedule=
     when ``with_schedule`` is false)."""
     skip = _NOT_FINGERPRINTED | (set() if with_schedule else set(SCHEDULE_KEYS))
     train = {k: v for k, v in dataclasses.asdict(train_config).items() if k not in skip}
+    if train_config.device_words:  # (NumPy's words hash as before the key existed)
+        train["word_generator"] = "device"
     task = {k: v for k, v in dataclasses.asdict(task_config).items() if k not in _EVAL_ONLY}
     model = dataclasses.asdict(model_config)
     # The recurrence's backend computes the same function (to rounding): a run may move between

@@ -66,6 +66,7 @@ class TaskConfig:
 
 
 LABEL_SMOOTHING_FROM = ("start", "train_length")
+WORD_GENERATORS = ("auto", "numpy", "device")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,14 @@ class StateTrackingTrainConfig:
     # Each seed's run is the same as alone, up to rounding. On an H200 it pays only at short
     # lengths (3 seeds: 1.41x the seed-steps/s at length 4, 1.04x at 64).
     seeds_per_step: int = 1
+    # Optimizer steps per jitted call: N > 1 runs N steps in one `lax.scan` with the words drawn
+    # on the device (`word_generator`), so the host dispatches and reads back once per N steps.
+    # Logging, the gated curriculum, checkpoints and the time budget act between calls.
+    steps_per_dispatch: int = 1
+    # Where the training words are drawn: "numpy" (on the host, a NumPy generator per seed),
+    # "device" (`jax.random` from (seed, step): the same words for every steps_per_dispatch, a
+    # different stream from NumPy's) or "auto" (numpy at steps_per_dispatch 1, else device).
+    word_generator: Literal["auto", "numpy", "device"] = "auto"
     time_budget_s: float | None = None  # wall-clock for all runs; split evenly, stops early
     log_every: int = 50  # steps between progress-bar updates of loss/accuracy
     # Seconds between saves of a run's state to out_dir/checkpoints/ (and one when it stops);
@@ -124,7 +133,7 @@ class StateTrackingTrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "batch_scale", "seeds", "seeds_per_step",
-                     "log_every"):
+                     "steps_per_dispatch", "log_every"):
             require_positive_int(getattr(self, name), f"train.{name}")
         for name in ("learning_rate", "adam_eps"):
             require_positive(getattr(self, name), f"train.{name}")
@@ -157,6 +166,17 @@ class StateTrackingTrainConfig:
                 f"must be null or >= 0, got {self.checkpoint_every_s}")
         if self.time_budget_s is not None:
             require_positive(self.time_budget_s, "train.time_budget_s")
+        require(self.word_generator in WORD_GENERATORS, "train.word_generator",
+                f"must be one of {WORD_GENERATORS}, got {self.word_generator!r}")
+        require(self.word_generator != "numpy" or self.steps_per_dispatch == 1,
+                "train.word_generator", f"'numpy' draws words on the host, one step per call; "
+                f"train.steps_per_dispatch {self.steps_per_dispatch} needs 'device' or 'auto'")
+
+    @property
+    def device_words(self) -> bool:
+        """Whether the training words are drawn on the device (``word_generator``)."""
+        return self.word_generator == "device" or (
+            self.word_generator == "auto" and self.steps_per_dispatch > 1)
 
     def optimizer_config(self) -> OptimizerConfig:
         """The AdamW settings as ``train.optimizer.make_optimizer`` reads them (the cosine runs

@@ -1,4 +1,5 @@
-"""Word problems over a finite group: deterministic, seeded batches in NumPy.
+"""Word problems over a finite group: deterministic, seeded batches in NumPy, or drawn on the
+device with ``jax.random`` inside a jitted training loop (``device_word_problems``).
 
 Each token is a group element (an index into ``group.elements``), drawn uniformly. The target
 at position ``t`` is the running product ``x_1 · x_2 · … · x_t`` (``groups`` documents the
@@ -8,6 +9,8 @@ hold the whole prefix in its state.
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from m2rnn_experiments.state_tracking.groups import PermutationGroup
@@ -70,6 +73,42 @@ def sample_word_problems(group: PermutationGroup, rng: np.random.Generator, batc
         lengths = rng.integers(1, scored_length + 1, size=(batch_size, 1))
     mask = (np.arange(length)[None, :] < lengths).astype(np.float32)
     return WordProblemBatch(tokens=tokens, targets=targets, mask=mask)
+
+
+# Root of the device words' keys; each training step's key folds in (seed, step).
+DEVICE_WORDS_KEY = 0x5EED
+
+
+def device_word_problems(table, seed, step, batch_size: int, length: int, width: int | None = None,
+                         scored_length=None, length_sampling: str = "fixed"):
+    """The training words of ``(seed, step)`` drawn with ``jax.random``, jit-compatible:
+    ``(tokens, targets, mask)`` of shape ``(batch_size, width)`` as ``sample_word_problems``
+    gives them (int32, int32, float32), for the group of Cayley table ``table`` (a jnp array).
+
+    ``seed``, ``step`` and ``scored_length`` may be traced. The key depends only on
+    ``(seed, step)``, and every word is drawn at the full ``length`` and cut to its first
+    ``width`` (default ``length``) positions, so a step's words do not depend on how steps are
+    grouped into calls or on the width a call runs at. The prefix products come from
+    ``table`` by an associative scan (group multiplication is associative). A different
+    stream from the NumPy generator's."""
+    width = length if width is None else width
+    if not 1 <= width <= length:
+        raise ValueError(f"width must be in [1, {length}], got {width}")
+    if length_sampling not in LENGTH_SAMPLING:
+        raise ValueError(f"length_sampling must be one of {LENGTH_SAMPLING}, "
+                         f"got {length_sampling!r}")
+    scored_length = length if scored_length is None else scored_length
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(DEVICE_WORDS_KEY), seed), step)
+    token_key, length_key = jax.random.split(key)
+    tokens = jax.random.randint(token_key, (batch_size, length), 0, table.shape[0],
+                                jnp.int32)[:, :width]
+    targets = jax.lax.associative_scan(lambda a, b: table[a, b], tokens, axis=1)
+    if length_sampling == "fixed":
+        lengths = jnp.full((batch_size, 1), scored_length)
+    else:
+        lengths = jax.random.randint(length_key, (batch_size, 1), 1, scored_length + 1)
+    mask = (jnp.arange(width)[None, :] < lengths).astype(jnp.float32)
+    return tokens, targets.astype(jnp.int32), mask
 
 
 def curriculum_length(step: int, start_length: int, final_length: int, steps: int) -> int:

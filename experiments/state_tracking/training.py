@@ -3,11 +3,13 @@
 A small loop of its own: parameters as the pure-dict form of the model's ``nnx.State``,
 ``train.optimizer``'s AdamW (warmup + cosine, global-norm clipping, no decay on the parameters
 the layers flag) with this experiment's length decay on top, one jitted step vmapped over seeds,
-batches drawn in NumPy from a generator seeded by the run's seed. ``train``'s trainer is built
-for sharded language-model training on a token corpus; word problems are generated on the fly,
-tiny models train several seeds in one step, and each seed keeps its own curriculum. The jitted
-functions are built once per model architecture (``ModelRunner``) and reused across seeds, so
-only the first seed of a model pays for compilation.
+batches drawn in NumPy from a generator seeded by the run's seed — or, with
+``train.steps_per_dispatch`` N > 1 (or ``train.word_generator: device``), N steps per jitted
+call in a ``lax.scan`` with the words drawn on the device from ``(seed, step)``. ``train``'s
+trainer is built for sharded language-model training on a token corpus; word problems are
+generated on the fly, tiny models train several seeds in one step, and each seed keeps its own
+curriculum. The jitted functions are built once per model architecture (``ModelRunner``) and
+reused across seeds, so only the first seed of a model pays for compilation.
 """
 
 import dataclasses
@@ -22,8 +24,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from m2rnn_experiments.state_tracking import checkpoint
-from m2rnn_experiments.state_tracking.tasks import (curriculum_length, eval_word_problems,
-                                                    gated_curriculum_length,
+from m2rnn_experiments.state_tracking.tasks import (curriculum_length, device_word_problems,
+                                                    eval_word_problems, gated_curriculum_length,
                                                     sample_word_problems)
 from m2rnn_jax import HybridLM
 from train.optimizer import make_optimizer
@@ -35,8 +37,10 @@ class RunResult:
     seed: int
     num_params: int
     steps: int  # optimizer steps taken (fewer than asked when the time budget ran out)
-    compile_s: float  # first step (compilation) of this run; ~0 when the model's step was cached
-    train_s: float  # the remaining steps
+    # First call (compilation, and its steps_per_dispatch steps) of this run; ~0 when the model's
+    # step was cached.
+    compile_s: float
+    train_s: float  # the remaining calls
     eval_s: float
     final_loss: float
     final_train_accuracy: float
@@ -91,6 +95,10 @@ class ModelRunner:
                                            train_config.steps)
         # Over a leading seed axis (``run_seeds``): every argument and result is per seed.
         self._train_step = jax.jit(jax.vmap(self._step), donate_argnums=(0, 1))
+        # steps_per_dispatch steps per call, words drawn on the device (``_dispatch``).
+        self._train_dispatch = jax.jit(
+            self._dispatch, donate_argnums=(0, 1),
+            static_argnames=("width", "length", "length_sampling", "batch_size"))
         self._eval_step = jax.jit(self._correct)
 
     def logits(self, params, tokens):
@@ -120,6 +128,35 @@ class ModelRunner:
         # (the moments) as it is: checkpoints keep their structure.
         updates = jax.tree.map(lambda u: (u * lr_factor).astype(u.dtype), updates)
         return optax.apply_updates(params, updates), opt_state, loss, accuracy
+
+    def _dispatch(self, params, opt_state, seeds, schedule, table, *, width, length,
+                  length_sampling, batch_size):
+        """``train.steps_per_dispatch`` steps of each seed (leading axis) in one ``lax.scan``,
+        each on the words ``tasks.device_word_problems`` draws for ``(seed, step)`` from the
+        group's Cayley table ``table``. ``schedule`` holds ``(seeds, steps_per_dispatch)``
+        arrays, one entry per scanned step, computed on the host from the step counter by the
+        same functions as one step per call: ``step``, ``scored`` (the curriculum's length),
+        ``lr_factor`` (``length_decay_factor``), ``smoothing_on`` (``label_smoothing_on``) and
+        ``live`` (false past a seed's share of the call: such a step leaves its state as it
+        was). Returns the new parameters and optimizer states and each seed's loss and
+        accuracy at its last live step."""
+        def one_seed(params, opt_state, seed, schedule):
+            def body(state, at):
+                tokens, targets, mask = device_word_problems(
+                    table, seed, at["step"], batch_size, length, width, at["scored"],
+                    length_sampling)
+                params, opt_state, loss, accuracy = self._step(
+                    state[0], state[1], tokens, targets, mask, at["lr_factor"],
+                    at["smoothing_on"])
+                stepped = (params, opt_state, loss.astype(jnp.float32),
+                           accuracy.astype(jnp.float32))
+                return jax.tree.map(lambda new, old: jnp.where(at["live"], new, old),
+                                    stepped, state), None
+
+            start = (params, opt_state, jnp.float32(jnp.nan), jnp.float32(jnp.nan))
+            return jax.lax.scan(body, start, schedule)[0]
+
+        return jax.vmap(one_seed)(params, opt_state, seeds, schedule)
 
     def _correct(self, params, tokens, targets):
         """Per-sequence (number of correct positions, all positions correct)."""
@@ -153,7 +190,17 @@ class ModelRunner:
         checkpoint file, as in ``run``; a step runs at the widest of the seeds' curriculum
         widths, and the positions past a seed's own width are unscored (the models are
         causal), so each seed's trajectory is its ``run``'s up to rounding. A seed that reaches
-        ``train.steps`` leaves the group. Returns one ``RunResult`` per seed, in order."""
+        ``train.steps`` leaves the group. Returns one ``RunResult`` per seed, in order.
+
+        With ``train.steps_per_dispatch`` N > 1 a call runs N steps (``_dispatch``; the calls
+        start at multiples of N, so a resumed run's calls are an uninterrupted run's). The
+        step-dependent schedules (the step curriculum, length decay, label smoothing) follow
+        each step inside the call; everything that needs values read back acts between
+        calls, from each seed's last step: logging and the gated curriculum at the first call
+        end at or past each multiple of ``train.log_every`` (a gated run's length can then
+        change only every max(N, log_every) or so steps), the progress bar, checkpoints and
+        the deadline after every call. A call runs at the widest power-of-two prefix its
+        steps need, so a curriculum compiles the call a few times, not once per call."""
         cfg = self.train_config
         paths = checkpoint_paths or [None] * len(seeds)
         runs = [self._start_seed(seed, task_config, path) for seed, path in zip(seeds, paths)]
@@ -166,29 +213,40 @@ class ModelRunner:
         active = [r for r in runs if r.steps < cfg.steps]
         if active:
             params, opt_state = _stack_runs(active)
+        device_words = cfg.device_words
+        if device_words:
+            table = jnp.asarray(group.table)
         first_tick, stopped = True, False
         while active and not stopped:
-            batches = [self._next_batch(r, group, task_config, gated) for r in active]
-            width = max(b[0] for b in batches)
-            tokens, targets, mask = (np.stack([b[1][i][:, :width] for b in batches])
-                                     for i in range(3))
-            lr_factors = np.array([length_decay_factor(cfg, r.steps, r.reached_step)
-                                   for r in active], np.float32)
-            smoothing_on = np.array([label_smoothing_on(cfg, r.steps, r.reached_step)
-                                     for r in active])
-            params, opt_state, loss_t, accuracy_t = self._train_step(
-                params, opt_state, tokens, targets, mask, lr_factors, smoothing_on)
-            for r in active:
-                r.steps += 1
+            if device_words:
+                counts, params, opt_state, loss_t, accuracy_t = self._device_call(
+                    active, params, opt_state, table, task_config, gated)
+            else:
+                counts = [1] * len(active)
+                batches = [self._next_batch(r, group, task_config, gated) for r in active]
+                width = max(b[0] for b in batches)
+                tokens, targets, mask = (np.stack([b[1][i][:, :width] for b in batches])
+                                         for i in range(3))
+                lr_factors = np.array([length_decay_factor(cfg, r.steps, r.reached_step)
+                                       for r in active], np.float32)
+                smoothing_on = np.array([label_smoothing_on(cfg, r.steps, r.reached_step)
+                                         for r in active])
+                params, opt_state, loss_t, accuracy_t = self._train_step(
+                    params, opt_state, tokens, targets, mask, lr_factors, smoothing_on)
+            for r, count in zip(active, counts):
+                r.steps += count
                 r.trained_length = r.scored
-                r.taken += 1
+                r.taken += count
             if first_tick:
                 loss_t.block_until_ready()
                 compile_s = time.perf_counter() - start
                 first_tick = False
-            logging = [i for i, r in enumerate(active)
-                       if r.steps % cfg.log_every == 0 or r.steps == cfg.steps]
-            if logging:
+            # A call that reaches or passes a multiple of log_every (one step per call: a step
+            # at a multiple of it) logs, as does a run's last.
+            logging = [i for i, (r, count) in enumerate(zip(active, counts))
+                       if r.steps // cfg.log_every > (r.steps - count) // cfg.log_every
+                       or r.steps == cfg.steps]
+            if logging or device_words:
                 losses, accuracies = np.asarray(loss_t), np.asarray(accuracy_t)  # waits
                 for i in logging:
                     self._log(active[i], float(losses[i]), float(accuracies[i]), task_config,
@@ -258,30 +316,70 @@ class ModelRunner:
         run.trained_length = run.scored
         return run
 
-    def _next_batch(self, run, group, task_config, gated):
-        """The seed's next training words: ``(width, (tokens, targets, mask))``."""
+    def _advance_schedule(self, run, task_config, gated, step):
+        """Sets the seed's scored length for ``step`` (the step curriculum; a gated one moves
+        in ``_log``) and notes the step at which it reaches the training length."""
         cfg = self.train_config
         if not gated:
-            run.scored = curriculum_length(run.steps, task_config.curriculum_start_length,
+            run.scored = curriculum_length(step, task_config.curriculum_start_length,
                                            task_config.train_length, task_config.curriculum_steps)
         if run.reached_step is None and (run.scored is None
                                          or run.scored >= task_config.train_length):
-            run.reached_step = run.steps
+            run.reached_step = step
             if cfg.length_decay_steps:
-                tqdm.write(f"{self.name} seed {run.seed}: step {run.steps}: scored length at "
+                tqdm.write(f"{self.name} seed {run.seed}: step {step}: scored length at "
                            f"the training length; the learning rate falls by "
                            f"{cfg.length_decay_ratio}x over {cfg.length_decay_steps} steps")
             if cfg.label_smoothing and cfg.label_smoothing_from == "train_length":
-                tqdm.write(f"{self.name} seed {run.seed}: step {run.steps}: label smoothing "
+                tqdm.write(f"{self.name} seed {run.seed}: step {step}: label smoothing "
                            f"{cfg.label_smoothing} from here")
+
+    def _next_batch(self, run, group, task_config, gated):
+        """The seed's next training words: ``(width, (tokens, targets, mask))``."""
+        cfg = self.train_config
+        self._advance_schedule(run, task_config, gated, run.steps)
         batch = sample_word_problems(group, run.rng, cfg.batch_size * cfg.batch_scale,
                                      task_config.train_length,
                                      task_config.length_sampling, run.scored)
-        # Causal models: positions past the scored ones change nothing, so a curriculum step
-        # runs on the shortest power-of-two prefix (a few compilations, much less work).
-        width = task_config.train_length if run.scored is None else min(
-            task_config.train_length, 1 << (run.scored - 1).bit_length())
-        return width, (batch.tokens, batch.targets, batch.mask)
+        return _width(run.scored, task_config), (batch.tokens, batch.targets, batch.mask)
+
+    def _device_call(self, active, params, opt_state, table, task_config, gated):
+        """One ``_dispatch`` call for the ``active`` seeds: each takes the steps up to the next
+        multiple of ``train.steps_per_dispatch`` (or to ``train.steps``). Returns
+        ``(steps taken per seed, params, opt_state, loss, accuracy)``."""
+        cfg = self.train_config
+        n = cfg.steps_per_dispatch
+        counts = [min(n - r.steps % n, cfg.steps - r.steps) for r in active]
+        schedules = [self._call_schedule(r, count, task_config, gated)
+                     for r, count in zip(active, counts)]
+        schedule = {key: np.stack([s[key] for s in schedules]) for key in schedules[0]}
+        width = max(_width(r.scored, task_config) for r in active)  # scored grows with steps
+        seeds = np.array([r.seed for r in active], np.int32)
+        params, opt_state, loss, accuracy = self._train_dispatch(
+            params, opt_state, seeds, schedule, table, width=width,
+            length=task_config.train_length, length_sampling=task_config.length_sampling,
+            batch_size=cfg.batch_size * cfg.batch_scale)
+        return counts, params, opt_state, loss, accuracy
+
+    def _call_schedule(self, run, count, task_config, gated):
+        """The per-step inputs of ``_dispatch`` for one seed taking ``count`` steps from
+        ``run.steps`` (its scored length is left at the last one's); the rows past ``count``
+        repeat the last live one, marked not live."""
+        cfg = self.train_config
+        rows = []
+        for i in range(cfg.steps_per_dispatch):
+            if i < count:
+                step = run.steps + i
+                self._advance_schedule(run, task_config, gated, step)
+                rows.append((step, task_config.train_length if run.scored is None
+                             else run.scored, length_decay_factor(cfg, step, run.reached_step),
+                             label_smoothing_on(cfg, step, run.reached_step), True))
+            else:
+                rows.append(rows[-1][:-1] + (False,))
+        columns = list(zip(*rows))
+        return {"step": np.array(columns[0], np.int32), "scored": np.array(columns[1], np.int32),
+                "lr_factor": np.array(columns[2], np.float32),
+                "smoothing_on": np.array(columns[3], bool), "live": np.array(columns[4], bool)}
 
     def _log(self, run, loss, accuracy, task_config, gated, start, progress, bar):
         run.loss, run.accuracy = loss, accuracy
@@ -340,6 +438,15 @@ class _SeedRun:
                 self.params, self.opt_state, self.steps, self.scored,
                 self.rng.bit_generator.state, self.loss, self.accuracy,
                 reached_step=self.reached_step), self.prints)
+
+
+def _width(scored, task_config):
+    """Columns a step at scored length ``scored`` runs on. Causal models: positions past the
+    scored ones change nothing, so a curriculum step runs on the shortest power-of-two prefix
+    (a few compilations, much less work)."""
+    if scored is None:
+        return task_config.train_length
+    return min(task_config.train_length, 1 << (scored - 1).bit_length())
 
 
 def _stack_runs(runs):
