@@ -309,3 +309,27 @@ def test_moe_config_loads_from_yaml_and_defaults_to_dense(tmp_path):
     assert config.moe == MoEConfig(num_experts=8, top_k=2, expert_hidden_dim=16,
                                    shared_expert_hidden_dim=64, aux_loss_weight=0.01)
     assert ModelConfig().moe.num_experts == 0 and not ModelConfig().moe.enabled
+
+
+@pytest.mark.parametrize("platform, backend", [("cuda", "mosaic_gpu"), ("tpu", "pallas_tpu")])
+def test_moe_hybrid_gradient_lowers_for_gpu_and_tpu(monkeypatch, platform, backend):
+    """The MoE hybrid's gradient (grouped matmuls, router, the M²RNN kernels) lowers for both
+    accelerators on a machine that has neither: the kernels' real lowerings, not interpret mode."""
+    from pallas_kernels.m2rnn import platforms
+
+    monkeypatch.setattr(platforms, "interpret", lambda _: False)
+    config = from_dict(ModelConfig, {
+        "vocab_size": 256, "d_model": 64, "layer_pattern": "MAM", "compute_dtype": "bfloat16",
+        "m2rnn": {"num_heads": 2, "key_dim": 64, "value_dim": 16, "backend": backend},
+        "attention": {"num_heads": 4},
+        "moe": {"num_experts": 4, "top_k": 2, "expert_hidden_dim": 32,
+                "shared_expert_hidden_dim": 32}})
+    graphdef, params = nnx.split(HybridLM(config, rngs=nnx.Rngs(0)), nnx.Param)
+
+    def loss(params, tokens):
+        return nnx.merge(graphdef, params)(tokens).astype(jnp.float32).mean()
+
+    module = jax.export.export(jax.jit(jax.grad(loss)), platforms=[platform])(
+        params, jax.ShapeDtypeStruct((2, 128), jnp.int32)).mlir_module()
+    assert "ragged_dot" in module
+    assert ("mosaic_gpu" if platform == "cuda" else "tpu_custom_call") in module

@@ -71,7 +71,9 @@ def build_mixer(letter: str, config, *, rngs, axes):
 
 @functools.cache
 def _takes_axes(constructor) -> bool:
-    parameters = inspect.signature(constructor).parameters.values()
+    # A class's own __init__: nnx's metaclass makes every Module class look like (*args, **kw).
+    target = constructor.__init__ if inspect.isclass(constructor) else constructor
+    parameters = inspect.signature(target).parameters.values()
     return any(p.name == "axes" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
