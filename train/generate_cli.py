@@ -20,6 +20,7 @@ PROG = "m2rnn-generate"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         prog=PROG, description="Continue a prompt with a trained HybridLM "
         "(byte-level tokens), streaming the text as it is generated.")
     parser.add_argument("--checkpoint", required=True,

@@ -164,7 +164,10 @@ def build_trainee(config, mesh) -> Trainee:
     try:
         graphdef, abstract_params = abstract_model(config.model, remat=config.remat, axes=axes)
     except ValueError as err:  # a layer that the mesh cannot split (heads, experts)
-        raise ConfigError(f"the model does not fit the mesh {dict(mesh.shape)}: {err}") from None
+        raise ConfigError(f"the model does not fit the mesh {dict(mesh.shape)}: {err} (head "
+                          f"counts in model.m2rnn / model.attention must be 1 or multiples of "
+                          f"mesh.tensor, model.moe.num_experts a multiple of mesh.expert)"
+                          ) from None
     optimizer, schedule = make_optimizer(config.optimizer, abstract_params, config.steps)
 
     param_shardings = sharding.param_shardings(abstract_params, mesh)

@@ -391,7 +391,8 @@ def _train_loop(config, out, setup, checkpointer, restored, *, stop, on_step, sa
         "num_params": trainee.num_params,
     }
     say(f"Done: step {step}/{config.steps}, {trained_steps} steps in {train_seconds / 60:.1f} "
-        f"min (+{setup_seconds:.0f} s set-up), {summary['tokens_per_s']:,.0f} tokens/s. "
+        f"min (+{setup_seconds:.0f} s set-up), {summary['tokens_per_s']:,.0f} tokens/s over "
+        f"the whole loop (compilation and evaluations included). "
         f"Validation: {final.bits:.3f} {bits_name} ({unigram_name}: "
         f"{setup.unigram_bits:.3f}). Checkpoints: {checkpointer.directory}; metrics: "
         f"{metrics_log.path}" + (f"; plot: {plot_path}" if plot_path else ""))
