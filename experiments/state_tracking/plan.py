@@ -1,0 +1,306 @@
+"""The recipe, its ablations and its baselines as jobs: one ``m2rnn-state-tracking`` process per
+GPU, each job under a GPU-time budget kept across invocations (README, "Recipe, ablations and
+baselines: the plan").
+
+    python -m m2rnn_experiments.state_tracking.plan --list             # jobs, commands, budgets
+    python -m m2rnn_experiments.state_tracking.plan --gpus 0,1,2,3 --seconds 3600 [STAGE ...]
+    python -m m2rnn_experiments.state_tracking.plan --merge            # one table per stage
+
+A job is one command with its own ``--out`` under ``--root`` and its log beside it. Its budget
+is its share of its config's ``train.time_budget_s`` (an S5 recipe seed 30 minutes, an
+ablation or baseline model's three seeds 15) unless ``BUDGET_MINUTES`` sets its stage's; the
+wall-clock time its processes held a GPU is summed over invocations in ``<root>/ledger.json``. An invocation runs, in the plan's order, the jobs of the
+stages it names (all by default) that are neither done nor out of budget, as many at a time as
+``--gpus`` lists, each with ``--time-budget-s`` the smaller of what its budget and the
+invocation have left. A job is done when every run in its ``results.json`` has reached the
+config's step cap, or when its budget is spent. Runs resume from their checkpoints, so the same
+command, repeated until it prints "every job is done", carries out the plan however short each
+invocation is.
+"""
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from m2rnn_experiments.state_tracking import cli
+from m2rnn_experiments.state_tracking.config import ExperimentConfig
+from m2rnn_jax.typed_config import ConfigError, from_dict, read_yaml
+from train.errors import add_debug_flag, run_command
+
+PROG = "python -m m2rnn_experiments.state_tracking.plan"
+# The groups and seeds chosen before any run (README); the stages in the order they run.
+RECIPE_SEEDS = {"S5": 3, "A5": 2, "S4": 2}
+ABLATION_GROUPS = ("S3", "S5")
+ABLATION_S3_STEPS = 10000  # S3 learns in a few thousand steps; S5 takes the config's 100,000
+STAGES = ("recipe-S5", "ablations-S3", "ablations-S5", "baselines", "recipe-A5", "recipe-S4")
+# A5 and S4 seeds get 20 GPU-minutes, not the 30 of an S5 seed: they reach the training
+# length early, and 18 minutes of training take them ~165k steps, 125k-145k into the rate's
+# decay (the rate then 2.4e-5 to 1.2e-5, its floor 1e-5) if they reach length 64 by step
+# 20k-40k; the whole plan then fits ~4 GPU-hours.
+# S3 ablations stop at 10,000 steps, within ~3 minutes a model (~4 with K = 64); 6 bounds them.
+BUDGET_MINUTES = {"recipe-A5": 20, "recipe-S4": 20, "ablations-S3": 6}
+# Estimated GPU-minutes per job on an H200 (the README gives the basis); (stage, model) entries
+# override the stage's: the K = 64 variants run the matrix-state kernels.
+ESTIMATE_MINUTES = {"recipe-S5": 18, "recipe-A5": 20, "recipe-S4": 20, "ablations-S3": 2.5,
+                    "ablations-S5": 7.5, "baselines": 6,
+                    ("ablations-S3", "k64"): 4, ("ablations-S3", "shipped"): 4,
+                    ("ablations-S5", "k64"): 15, ("ablations-S5", "shipped"): 15}
+MIN_CALL_S = 120  # a call with less time left would spend it on start-up and compilation
+# Start-up before training and evaluation after it, outside the run's --time-budget-s.
+OVERHEAD_S = 90
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    stage: str
+    name: str
+    config: str  # a file in configs/
+    flags: tuple  # the command's flags besides --config, --out and the invocation's own
+    budget_s: float  # GPU-seconds over every invocation
+    estimate_s: float
+
+    def out_dir(self, root):
+        return os.path.join(root, self.name)
+
+    def argv(self, root, time_budget_s=None):
+        """The ``m2rnn-state-tracking`` arguments of one invocation of this job."""
+        argv = ["--config", os.path.relpath(cli.CONFIG_DIR / self.config), *self.flags,
+                "--out", self.out_dir(root), "--no-progress"]
+        if time_budget_s is not None:
+            argv += ["--time-budget-s", f"{time_budget_s:.0f}"]
+        return argv
+
+
+def _budget_per_run(config_name):
+    """GPU-seconds per (model, seed) run: the config's time budget over its runs."""
+    config = from_dict(ExperimentConfig, read_yaml(cli.CONFIG_DIR / config_name))
+    return config.train.time_budget_s / (len(config.model_names) * config.train.seeds)
+
+
+def plan_jobs():
+    """Every job of the plan, in the order they run."""
+    jobs = []
+
+    def add(stage, name, config, flags, runs, model=None):
+        minutes = ESTIMATE_MINUTES.get((stage, model), ESTIMATE_MINUTES[stage])
+        budget_s = 60.0 * BUDGET_MINUTES[stage] if stage in BUDGET_MINUTES else \
+            runs * _budget_per_run(config)
+        jobs.append(Job(stage, name, config, tuple(flags), budget_s, 60.0 * minutes))
+
+    def recipe(group):
+        for seed in range(RECIPE_SEEDS[group]):
+            add(f"recipe-{group}", f"recipe_{group}_seed{seed}", "recipe.yaml",
+                ["--group", group, "--seeds", "1", "--first-seed", str(seed)], runs=1)
+
+    def ablations(group):
+        config = from_dict(ExperimentConfig, read_yaml(cli.CONFIG_DIR / "ablations.yaml"))
+        steps = ["--steps", str(ABLATION_S3_STEPS)] if group == "S3" else []
+        for model in config.model_names:
+            add(f"ablations-{group}", f"ablations_{group}_{model}", "ablations.yaml",
+                ["--group", group, "--models", model, *steps], runs=config.train.seeds,
+                model=model)
+
+    recipe("S5")
+    for group in ABLATION_GROUPS:
+        ablations(group)
+    baselines = from_dict(ExperimentConfig, read_yaml(cli.CONFIG_DIR / "baselines.yaml"))
+    for model in baselines.model_names:
+        add("baselines", f"baselines_{model}", "baselines.yaml", ["--models", model],
+            runs=baselines.train.seeds, model=model)
+    recipe("A5")
+    recipe("S4")
+    assert tuple(dict.fromkeys(j.stage for j in jobs)) == STAGES
+    return jobs
+
+
+class Ledger:
+    """``<root>/ledger.json``: per job, the GPU-seconds used, the invocations and its status."""
+
+    def __init__(self, root):
+        self.path = os.path.join(root, "ledger.json")
+        self.entries = {}
+        if os.path.exists(self.path):
+            with open(self.path) as fh:
+                self.entries = json.load(fh)
+        self.lock = threading.Lock()
+
+    def entry(self, job):
+        return self.entries.setdefault(job.name, {"used_s": 0.0, "calls": 0, "status": "to do"})
+
+    def left_s(self, job):
+        return job.budget_s - self.entry(job)["used_s"]
+
+    def finished(self, job):
+        return self.entry(job)["status"] in ("done", "budget spent")  # "exit N" is retried
+
+    def record(self, job, used_s, status):
+        with self.lock:
+            entry = self.entry(job)
+            entry["used_s"] += used_s
+            entry["calls"] += int(used_s > 0)  # (a job found out of budget is not started)
+            entry["status"] = status
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(self.entries, fh, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+
+
+def reached_step_cap(out_dir):
+    """Whether every run in ``out_dir/results.json`` took its config's ``train.steps``."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as fh:
+        report = json.load(fh)
+    cap = report["config"]["train"]["steps"]
+    return bool(report["runs"]) and all(run["steps"] >= cap for run in report["runs"])
+
+
+def cli_command(argv):
+    return [sys.executable, "-m", "m2rnn_experiments.state_tracking.cli", *argv]
+
+
+def run_jobs(jobs, gpus, seconds, root, command=cli_command):
+    """Runs the unfinished ``jobs`` on ``gpus`` (one process each) for at most ``seconds``;
+    returns the ``Ledger``."""
+    os.makedirs(root, exist_ok=True)
+    ledger = Ledger(root)
+    deadline = time.monotonic() + seconds
+    queue = collections.deque(j for j in jobs if not ledger.finished(j))
+    take = threading.Lock()
+
+    def worker(gpu):
+        while True:
+            with take:
+                if not queue:
+                    return
+                job = queue.popleft()
+            left = min(ledger.left_s(job), deadline - time.monotonic())
+            if left < MIN_CALL_S:
+                if ledger.left_s(job) < MIN_CALL_S:
+                    ledger.record(job, 0.0, "budget spent")
+                    continue
+                return  # the invocation's time is up; the job waits for the next one
+            start = time.monotonic()
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+            os.makedirs(job.out_dir(root), exist_ok=True)
+            with open(job.out_dir(root) + ".log", "a") as log:
+                log.write(f"\n# plan: gpu {gpu}, {left:.0f} s of the budget for this call\n")
+                log.flush()
+                try:
+                    exit_status = subprocess.run(
+                        command(job.argv(root, left - OVERHEAD_S)), env=env, stdout=log,
+                        stderr=subprocess.STDOUT, timeout=left).returncode
+                except subprocess.TimeoutExpired:  # killed: resumes from its last checkpoint
+                    exit_status = None
+                    log.write("# plan: stopped at the call's limit\n")
+            used = time.monotonic() - start
+            if reached_step_cap(job.out_dir(root)):
+                status = "done"
+            elif ledger.left_s(job) - used < MIN_CALL_S:
+                status = "budget spent"
+            else:  # stopped by the call's time, or failed (retried next time; the log says)
+                status = "to do" if exit_status in (0, None) else f"exit {exit_status}"
+            ledger.record(job, used, status)
+            print(f"{job.name}: {status}, {(ledger.entry(job)['used_s']) / 60:.1f} of "
+                  f"{job.budget_s / 60:.0f} GPU-minutes used", flush=True)
+
+    threads = [threading.Thread(target=worker, args=(gpu,)) for gpu in gpus]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return ledger
+
+
+def budget_table(jobs, ledger=None):
+    """Per stage: jobs, the budget and the estimate in GPU-minutes (and the minutes used)."""
+    lines = ["| stage | jobs | budget (GPU-min) | estimate (GPU-min) |"
+             + (" used | done |" if ledger else ""), "| --- | --- | --- | --- |"
+             + (" --- | --- |" if ledger else "")]
+    for stage in STAGES:
+        group = [j for j in jobs if j.stage == stage]
+        if not group:
+            continue
+        line = (f"| {stage} | {len(group)} | {sum(j.budget_s for j in group) / 60:.0f} | "
+                f"{sum(j.estimate_s for j in group) / 60:.0f} |")
+        if ledger:
+            line += (f" {sum(ledger.entry(j)['used_s'] for j in group) / 60:.1f} | "
+                     f"{sum(ledger.entry(j)['status'] == 'done' for j in group)} |")
+        lines.append(line)
+    lines.append(f"| total | {len(jobs)} | {sum(j.budget_s for j in jobs) / 60:.0f} | "
+                 f"{sum(j.estimate_s for j in jobs) / 60:.0f} |"
+                 + (f" {sum(ledger.entry(j)['used_s'] for j in jobs) / 60:.1f} | |"
+                    if ledger else ""))
+    return "\n".join(lines)
+
+
+def merge(jobs, root):
+    """``merge_runs`` per stage: ``<root>/<stage>.csv`` and its plots."""
+    from m2rnn_experiments.state_tracking import merge_runs
+
+    for stage in STAGES:
+        done = [j for j in jobs if j.stage == stage
+                and os.path.exists(os.path.join(j.out_dir(root), "results.csv"))]
+        if not done:
+            continue
+        logs = [j.out_dir(root) + ".log" for j in done if os.path.exists(j.out_dir(root) + ".log")]
+        merge_runs.main(["--out", os.path.join(root, stage), "--results",
+                         *[os.path.join(j.out_dir(root), "results.csv") for j in done],
+                         *(["--logs", *logs] if logs else [])])
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("stages", nargs="*", metavar="STAGE",
+                   help=f"stages to run (default all, in this order): {', '.join(STAGES)}")
+    p.add_argument("--gpus", default="0", help="comma-separated GPU ids, one process on each")
+    p.add_argument("--seconds", type=float, default=3600.0,
+                   help="wall-clock limit of this invocation (jobs resume in the next)")
+    p.add_argument("--root", default="runs/plan", help="folder of the jobs' runs and logs")
+    p.add_argument("--list", action="store_true",
+                   help="print the jobs' commands and the budget table; run nothing")
+    p.add_argument("--merge", action="store_true",
+                   help="merge each stage's results into <root>/<stage>.csv and plots")
+    add_debug_flag(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+
+    def body():
+        unknown = [s for s in args.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages: "
+                              f"{', '.join(STAGES)}")
+        jobs = [j for j in plan_jobs() if not args.stages or j.stage in args.stages]
+        if args.list:
+            for job in jobs:
+                print(f"{job.name} ({job.budget_s / 60:.0f} GPU-min): m2rnn-state-tracking "
+                      + " ".join(job.argv(args.root)))
+            print(budget_table(jobs))
+            return
+        if args.merge:
+            merge(jobs, args.root)
+            return
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+        if not gpus:
+            raise ConfigError("--gpus must list at least one GPU id")
+        ledger = run_jobs(jobs, gpus, args.seconds, args.root)
+        print(budget_table(jobs, ledger))
+        left = [j.name for j in jobs if not ledger.finished(j)]
+        print("every job is done" if not left else f"to do: {', '.join(left)}")
+
+    return run_command(PROG, args.debug, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
