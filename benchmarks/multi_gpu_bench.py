@@ -473,7 +473,7 @@ def worker(spec):
     batches = corpus_batches(run.seq_len, run.rows, run.steps + (1 if run.expert_load else 0))
     spare = batches.pop() if run.expert_load else None
     profile_dir = os.path.join(common["profile"], run.key) if common["profile"] else None
-    is_moe = model.moe.num_experts > 0
+    is_moe = model.moe.enabled
 
     def after(trainee, state, placed, result):
         if not run.expert_load:

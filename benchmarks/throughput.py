@@ -36,6 +36,10 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 STEPS = ("train4", "warm", "train8", "op", "decode", "attention")
+# Where each step leaves its results, under --out (kernel_bench names its file itself).
+RESULT_FILES = {"train4": "train4.json", "warm": "warm.json", "train8": "train8.json",
+                "op": "op/kernel_bench.jsonl", "decode": "decode.jsonl",
+                "attention": "attention.json"}
 # Seconds each step may take on an H200 (compilation included), and on a CPU with --tiny.
 DEADLINES = {"train4": 420, "warm": 240, "train8": 300, "op": 240, "decode": 300,
              "attention": 120}
@@ -52,7 +56,7 @@ def step_commands(step, out, tiny):
     size = ["--tiny", "--steps", "3"] if tiny else []
     if step in ("train4", "warm", "train8"):
         argv = [python, str(HERE / "train_bench.py"), "--models", "hybrid", "--json",
-                str(out / f"{step}.json"), *size]
+                str(out / RESULT_FILES[step]), *size]
         if step == "train4":
             argv += ["--profile", str(out / "profile")]
         else:
@@ -61,23 +65,20 @@ def step_commands(step, out, tiny):
             argv += ["--steps", "3"] if not tiny else []
         return argv, cache
     if step == "op":
-        argv = [python, str(HERE / "kernel_bench.py"), "--out", str(out / "op")]
+        argv = [python, str(HERE / "kernel_bench.py"), "--out", str((out / RESULT_FILES["op"]).parent)]
         return argv + (["--smoke", "--reps", "2", "--workers", "1"] if tiny else
                        ["--shapes", "first"]), {}
     if step == "decode":
         return [python, str(HERE / "decode_bench.py"), "--models", "hybrid", "--out",
-                str(out / "decode.jsonl"), "--batches", "1", "32", "--contexts",
+                str(out / RESULT_FILES["decode"]), "--batches", "1", "32", "--contexts",
                 *(["16", "64", "--tiny", "--param-dtype", "float32", "--steps", "4"] if tiny
                   else ["1024", "65536"])], {}
     return [python, str(pathlib.Path(__file__)), "--attention-check",
-            str(out / "attention.json")] + (["--tiny"] if tiny else []), {}
+            str(out / RESULT_FILES["attention"])] + (["--tiny"] if tiny else []), {}
 
 
 def done(step, out) -> bool:
-    files = {"train4": "train4.json", "warm": "warm.json", "train8": "train8.json",
-             "op": "op/kernel_bench.jsonl", "decode": "decode.jsonl",
-             "attention": "attention.json"}
-    path = out / files[step]
+    path = out / RESULT_FILES[step]
     if not path.exists():
         return False
     if path.suffix == ".json":
@@ -117,7 +118,7 @@ def table_rows(out):
     """``(what, measured, target)`` rows from the step results in ``out``."""
     rows = []
     for step in ("train4", "train8"):
-        report = _read_json(out / f"{step}.json")
+        report = _read_json(out / RESULT_FILES[step])
         hybrid = report.get("train", {}).get("hybrid", {})
         shape = report.get("meta", {}).get("shape", {})
         label = (f"train, batch {shape['batch']} × {shape['seq_len']}" if shape else
@@ -132,21 +133,20 @@ def table_rows(out):
             rows.append((label, "not measured", TARGETS[step]))
     for step, label, target in (("train4", "train step compile, cold cache", "cold"),
                                 ("warm", "train step compile, warm cache", "warm")):
-        hybrid = _read_json(out / f"{step}.json").get("train", {}).get("hybrid", {})
+        hybrid = _read_json(out / RESULT_FILES[step]).get("train", {}).get("hybrid", {})
         rows.append((label, f"{hybrid['compile_s']:.1f} s" if "compile_s" in hybrid else
                      "not measured", TARGETS[target]))
-    timing = [r for r in _read_lines(out / "op" / "kernel_bench.jsonl")
-              if r.get("kind") == "timing"]
+    op_rows = _read_lines(out / RESULT_FILES["op"])
+    timing = [r for r in op_rows if r.get("kind") == "timing"]
     rows.append(("M²RNN op, forward / forward+backward",
                  " ; ".join(f"{'×'.join(map(str, r['shape']))}: {r['fwd_ms']:.2f} / "
                             f"{r['fwd_bwd_ms']:.2f} ms" for r in timing if "fwd_ms" in r)
                  or "not measured", TARGETS["op"]))
-    accuracy = [r for r in _read_lines(out / "op" / "kernel_bench.jsonl")
-                if r.get("kind") == "accuracy_bf16"]
+    accuracy = [r for r in op_rows if r.get("kind") == "accuracy_bf16"]
     if accuracy:
         worst = max(max(r["errors"].values()) for r in accuracy)
         rows.append(("op bf16 error vs float64 (worst output)", f"{worst:.2e}", "not larger"))
-    for r in _read_lines(out / "decode.jsonl"):
+    for r in _read_lines(out / RESULT_FILES["decode"]):
         if "tokens_per_s" in r:
             rows.append((f"decode, batch {r['batch']}, context {r['context']:,}",
                          f"{r['tokens_per_s']:,.0f} tok/s ({r['ms_per_step']:.2f} ms/step; one "
@@ -155,7 +155,7 @@ def table_rows(out):
         elif "skipped" in r:
             rows.append((f"decode, batch {r['batch']}, context {r['context']:,}", r["skipped"],
                          ""))
-    check = _read_json(out / "attention.json")
+    check = _read_json(out / RESULT_FILES["attention"])
     if check:
         worst = {name: max(check[name].values()) for name in
                  ("xla_vs_float32", "cudnn_vs_float32", "cudnn_vs_xla") if name in check}

@@ -94,7 +94,7 @@ from m2rnn_jax.typed_config import load_yaml, override
 from train import sharding
 from train.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from train.data import PackedRows, model_inputs, read_bytes, stdlib_python_files
-from train.step import build_trainee, put_batch
+from train.step import active_shares, build_trainee, put_batch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import trace_summary  # noqa: E402  (benchmarks/trace_summary.py)
@@ -158,21 +158,14 @@ def compiled_gib(compiled):
 
 def flops_per_token(model_config: ModelConfig, abstract_params, seq_len: int) -> dict:
     """Model FLOPs per trained token by term (see the module docstring)."""
-    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_params))[0]
-    logical = jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(abstract_params)),
-                              is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    moe = model_config.moe
-    # A routed expert's weights (first logical axis "experts") serve top_k of num_experts.
-    routed_share = moe.top_k / moe.num_experts if moe.num_experts else 1.0
     matmul_params = 0.0
-    for (path, leaf), spec in zip(flat, logical, strict=True):
-        names = [str(getattr(k, "key", k)) for k in path]
-        if leaf.ndim < 2 or names[-1] == "W":
+    # A routed expert's weights count by the share of them a token uses.
+    for names, shape, share in active_shares(model_config, abstract_params):
+        if len(shape) < 2 or names[-1] == "W":
             continue
         if names[-1] == "embedding" and not model_config.tie_embeddings:
             continue
-        share = routed_share if tuple(spec)[:1] == ("experts",) else 1.0
-        matmul_params += int(np.prod(leaf.shape)) * share
+        matmul_params += int(np.prod(shape)) * share
     pattern = model_config.layer_pattern
     m, att = model_config.m2rnn, model_config.attention
     attention = 6 * pattern.count("A") * seq_len * att.num_heads * model_config.attention_head_dim
@@ -361,7 +354,7 @@ class MlpPart(nnx.Module):
             width = moe.top_k * moe.expert_hidden_dim + moe.shared_expert_hidden_dim
             config = dataclasses.replace(config, mlp=dataclasses.replace(config.mlp,
                                                                          hidden_dim=width))
-        self.is_moe = moe.num_experts > 0 and not dense_equivalent
+        self.is_moe = moe.enabled and not dense_equivalent
         self.mlp = MoE(config, rngs=rngs) if self.is_moe else SwiGLU(config, rngs=rngs)
 
     def __call__(self, x, segment_ids):
@@ -461,7 +454,7 @@ def layer_shares(model_configs, batch, report):
         if "M" in model_config.layer_pattern:
             parts["m2rnn op"] = lambda c: M2RNNOpPart(c, rngs=nnx.Rngs(0))
         parts["mlp"] = lambda c: MlpPart(c, rngs=nnx.Rngs(0))
-        if model_config.moe.num_experts:
+        if model_config.moe.enabled:
             parts["dense mlp of the active width"] = lambda c: MlpPart(
                 c, rngs=nnx.Rngs(0), dense_equivalent=True)
         parts["embed+head+loss"] = lambda c: HeadPart(c, rngs=nnx.Rngs(0))
@@ -506,9 +499,9 @@ def print_shares(name, model_config, result, timings):
             if letter == "M":  # the part of the mixers' time spent in the recurrence op
                 add(f"  of which the M²RNN op alone x{count}", "m2rnn op", count, False)
     moe = model_config.moe
-    add(f"{'MoE' if moe.num_experts else 'SwiGLU'} MLPs (+norm) x{len(pattern)}", "mlp",
+    add(f"{'MoE' if moe.enabled else 'SwiGLU'} MLPs (+norm) x{len(pattern)}", "mlp",
         len(pattern))
-    if moe.num_experts:  # what the same active width costs as one dense SwiGLU
+    if moe.enabled:  # what the same active width costs as one dense SwiGLU
         width = moe.top_k * moe.expert_hidden_dim + moe.shared_expert_hidden_dim
         add(f"  vs a dense SwiGLU of width {width} x{len(pattern)}",
             "dense mlp of the active width", len(pattern), False)

@@ -141,9 +141,9 @@ class Generator:
             return produced + 1, tokens, caches, running, out.at[produced].set(tokens)
 
         out = jnp.zeros((block, tokens.shape[0]), jnp.int32)
-        produced, tokens, caches, _, out = jax.lax.while_loop(
+        produced, _, caches, _, out = jax.lax.while_loop(
             more, one_token, (jnp.zeros((), jnp.int32), tokens, caches, running, out))
-        return out, produced, tokens, caches
+        return out, produced, caches
 
     def decode(self, tokens, caches, count, *, key, first_step=1, block=None, stop_tokens=(),
                running=None, sampling=(0.0, None, None)):
@@ -162,7 +162,7 @@ class Generator:
         batch = tokens.shape[0]
         running = jnp.ones((batch,), bool) if running is None else jnp.asarray(running, bool)
         stops = jnp.asarray(sorted(set(stop_tokens)) or [-1], jnp.int32)  # -1 matches nothing
-        out, produced, _, caches = self._decode(
+        out, produced, caches = self._decode(
             self._state, tokens, caches, key, stops, running, jnp.asarray(count, jnp.int32),
             jnp.asarray(first_step, jnp.int32), sampling=sampling, block=block)
         return out[:int(produced)], caches

@@ -152,11 +152,6 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_ways(mesh) -> int:
-    """How many ways the batch axis is split."""
-    return int(np.prod([mesh.shape[a] for a in LOGICAL_AXIS_RULES["batch"]]))
-
-
 def maybe_initialize_distributed() -> bool:
     """Starts ``jax.distributed`` when the environment describes several processes.
 

@@ -16,6 +16,7 @@ computed exactly as without the check.
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,19 +69,26 @@ def abstract_model(model_config, *, remat=False, axes=MeshAxes()):
     return graphdef, params
 
 
-def parameter_counts(model_config) -> tuple[int, int]:
-    """``(total, active per token)`` parameters of a model, without allocating it. Routed
-    experts' weights (those whose first logical axis is ``experts``: one slice per expert)
-    count ``top_k / num_experts`` of their size as active."""
-    _, params = abstract_model(model_config)
-    sizes = jax.tree.leaves(nnx.to_pure_dict(jax.tree.map(lambda v: v.size, params)))
-    axes = jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(params)),
-                           is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+def active_shares(model_config, abstract_params) -> list:
+    """``(path, shape, share)`` of every parameter: the share of it one token uses. Routed
+    experts' weights (those whose first logical axis is ``experts``: one slice per expert) have
+    ``top_k / num_experts``, every other parameter 1."""
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_params))[0]
+    specs = jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(abstract_params)),
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     moe = model_config.moe
-    active_share = moe.top_k / moe.num_experts if moe.num_experts else 1.0
-    total = sum(sizes)
-    active = sum(size * (active_share if tuple(spec)[:1] == ("experts",) else 1)
-                 for size, spec in zip(sizes, axes, strict=True))
+    routed = moe.top_k / moe.num_experts if moe.enabled else 1.0
+    return [(tuple(str(getattr(k, "key", k)) for k in path), leaf.shape,
+             routed if tuple(spec)[:1] == ("experts",) else 1.0)
+            for (path, leaf), spec in zip(flat, specs, strict=True)]
+
+
+def parameter_counts(model_config) -> tuple[int, int]:
+    """``(total, active per token)`` parameters of a model, without allocating it
+    (``active_shares`` says what a token uses)."""
+    shares = active_shares(model_config, abstract_model(model_config)[1])
+    total = sum(math.prod(shape) for _, shape, _ in shares)
+    active = sum(math.prod(shape) * share for _, shape, share in shares)
     return total, round(active)
 
 
@@ -88,7 +96,7 @@ def describe_parameters(model_config) -> str:
     """What ``m2rnn-train --dry-run`` prints: the model's shape and parameter counts."""
     total, active = parameter_counts(model_config)
     moe = model_config.moe
-    routing = (f"; {moe.num_experts} experts, top-{moe.top_k} routing" if moe.num_experts
+    routing = (f"; {moe.num_experts} experts, top-{moe.top_k} routing" if moe.enabled
                else "")
     return (f"model: {model_config.num_layers} layers {model_config.layer_pattern}, d_model "
             f"{model_config.d_model}, vocab {model_config.vocab_size}{routing}\n"
@@ -143,20 +151,19 @@ def record_health(health, finite):
 
 def build_trainee(config, mesh) -> Trainee:
     """Model, optimizer and jitted steps of a ``TrainConfig`` on ``mesh``."""
-    ways = sharding.batch_ways(mesh)
+    axes = sharding.model_axes(mesh, context_microbatches=config.mesh.context_microbatches)
+    ways = axes.batch_size
     if config.micro_batch_size % ways:
         raise ConfigError(
             f"data.batch_size = {config.data.batch_size} over optimizer.grad_accum_steps = "
             f"{config.optimizer.grad_accum_steps} gives micro-batches of "
             f"{config.micro_batch_size} rows, which the mesh's data x fsdp x expert = {ways} "
             f"devices do not divide")
-    axes = sharding.model_axes(mesh, context_microbatches=config.mesh.context_microbatches)
     contexts = axes.size(axes.context)
     if config.data.seq_len % contexts:
         raise ConfigError(f"data.seq_len = {config.data.seq_len} must be divisible by "
                           f"mesh.context = {contexts}")
-    history = max([config.model.m2rnn.conv_kernel - 1] if "M" in config.model.layer_pattern
-                  else [0])
+    history = config.model.m2rnn.conv_kernel - 1 if "M" in config.model.layer_pattern else 0
     if contexts > 1 and config.data.seq_len // contexts < history:
         raise ConfigError(f"data.seq_len / mesh.context = {config.data.seq_len // contexts} "
                           f"steps per shard is shorter than the conv window of "
@@ -181,7 +188,7 @@ def build_trainee(config, mesh) -> Trainee:
                        "health": {key: replicated for key in health_at(0)}}
 
     model_config, seed, remat = config.model, config.seed, config.remat
-    is_moe, aux_loss_weight = model_config.moe.num_experts > 0, model_config.moe.aux_loss_weight
+    is_moe, aux_loss_weight = model_config.moe.enabled, model_config.moe.aux_loss_weight
     skip_nonfinite = config.on_nonfinite == "skip"
 
     def init_state(seed_value):

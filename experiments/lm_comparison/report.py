@@ -141,14 +141,8 @@ def plot_loss_vs_tokens(path, summaries):
         curves = [[dict(map(tuple, r["curve"]))[t] for t in common] for r in runs]
         if common:
             _band(ax, common, curves, f"C{i}", f"{runs[0]['label']} ({_seeds(len(runs))})")
-    ax.set_xlabel("tokens trained (bytes)")
-    ax.set_ylabel("validation bits per byte")
-    ax.set_title("Validation loss (mean over seeds; band: seed range)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, "tokens trained (bytes)", "validation bits per byte",
+          "Validation loss (mean over seeds; band: seed range)")
 
 
 def plot_loss_vs_position(path, summaries, train_length: int):
@@ -167,9 +161,15 @@ def plot_loss_vs_position(path, summaries, train_length: int):
     ax.annotate(f"training length {train_length}", (train_length, 1), xycoords=("data",
                 "axes fraction"), xytext=(4, -12), textcoords="offset points", fontsize=8,
                 color="gray")
-    ax.set_xlabel("position in the document (bytes)")
-    ax.set_ylabel("bits per byte")
-    ax.set_title("Loss against position on long validation documents")
+    _save(fig, ax, path, "position in the document (bytes)", "bits per byte",
+          "Loss against position on long validation documents")
+
+
+def _save(fig, ax, path, xlabel, ylabel, title):
+    """Labels, grid and legend of a figure, written to ``path`` and closed."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

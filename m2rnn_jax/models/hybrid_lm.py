@@ -28,7 +28,7 @@ class Block(nnx.Module):
         self.mixer = build_mixer(letter, config, rngs=rngs, axes=axes)
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
                                 param_dtype=param_dtype)
-        self.is_moe = config.moe.num_experts > 0
+        self.is_moe = config.moe.enabled
         self.mlp = (MoE(config, rngs=rngs, axes=axes) if self.is_moe
                     else SwiGLU(config, rngs=rngs))
 
