@@ -7,7 +7,8 @@ From the repository root on one GPU, with the package installed:
 Each step runs one of the other benchmark scripts in its own process under a deadline (a hung
 or slow step is killed and reported, the others still run) and leaves its results in ``DIR``;
 a step whose results are already there is skipped, so a run cut short continues where it
-stopped. The table is printed last. Steps:
+stopped. ``--deadline STEP=SECONDS`` replaces a step's deadline. The table is printed last.
+Steps:
 
 ``train4``   ``train_bench.py --models hybrid`` at batch 4 × 4096: step time, tokens/s, MFU
              and where the step goes (each component alone, forward and forward+backward);
@@ -88,9 +89,9 @@ def done(step, out) -> bool:
     return bool(path.read_text().strip())
 
 
-def run_step(step, out, tiny):
+def run_step(step, out, tiny, deadlines=DEADLINES):
     argv, extra_env = step_commands(step, out, tiny)
-    deadline = TINY_DEADLINE if tiny else DEADLINES[step]
+    deadline = TINY_DEADLINE if tiny else deadlines[step]
     print(f"\n### {step} (deadline {deadline} s): {' '.join(argv[1:])}", flush=True)
     start = time.perf_counter()
     try:
@@ -236,6 +237,8 @@ def main(argv=None):
     parser.add_argument("--out", help="results folder (also what a rerun continues from)")
     parser.add_argument("--only", default=",".join(STEPS), help=f"steps to run: {STEPS}")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (checks the script)")
+    parser.add_argument("--deadline", action="append", default=[], metavar="STEP=SECONDS",
+                        help="replace one step's deadline (repeatable), e.g. train4=300")
     parser.add_argument("--attention-check", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.attention_check:
@@ -246,6 +249,12 @@ def main(argv=None):
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         parser.error(f"unknown steps {unknown}; known: {', '.join(STEPS)}")
+    deadlines = dict(DEADLINES)
+    for item in args.deadline:
+        step, _, seconds = item.partition("=")
+        if step not in STEPS or not seconds.isdigit():
+            parser.error(f"--deadline {item!r}: expected STEP=SECONDS with STEP in {STEPS}")
+        deadlines[step] = int(seconds)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     statuses = {}
@@ -258,7 +267,7 @@ def main(argv=None):
         if step == "warm" and not (out / "jax-cache").exists():
             statuses[step] = "skipped: needs train4's cache"
             continue
-        statuses[step] = run_step(step, out, args.tiny)
+        statuses[step] = run_step(step, out, args.tiny, deadlines)
     print_table(table_rows(out))
     failed = {s: v for s, v in statuses.items() if v != "exit 0"}
     if failed:
