@@ -4,7 +4,7 @@ equal-size matching, the corpus and the long-context evaluation.
 YAML layout (``experiments/lm_comparison/configs/small.yaml``)::
 
     train:            # a TrainConfig (train/config.py); its model is what the families share
-      steps: 1400
+      steps: 300
       model: {vocab_size: 256, d_model: 448, m2rnn: {...}, gated_deltanet: {...}, ...}
       optimizer: {...}
       data: {seq_len: 512, batch_size: 64, ...}    # the corpus fills in source and paths
