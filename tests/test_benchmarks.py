@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from m2rnn_jax import ModelConfig
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import decode_bench  # noqa: E402
 import kernel_bench  # noqa: E402
@@ -46,6 +48,26 @@ def test_train_bench_tiny_with_overrides_and_profile(tmp_path, capsys, restore_t
                              for t in timelines)
     assert (tmp_path / "trace" / "hybrid").is_dir()
     assert "profile of 1 steps" in out and "ms busy in" in out
+    assert 0 < hybrid["lower_s"] < hybrid["compile_s"]  # tracing + lowering, then XLA
+
+
+def test_train_bench_shares_time_attention_on_xla_beside_the_configured_path(capsys):
+    """With a non-XLA attention path configured, the breakdown also times the attention mixer
+    on XLA and prints it beside the step's rows without counting it in the step."""
+    from m2rnn_jax.typed_config import load_yaml, override
+
+    model = override(load_yaml(ModelConfig, train_bench.TINY_CONFIG),
+                     ["attention.implementation=auto"])
+    batch = train_bench.text_batches(32, 2, 1)[0]
+    timings = train_bench.layer_shares([model], batch, train_bench.Report(None))
+    assert timings["mixer A (auto)"] > 0 and timings["mixer A (xla)"] > 0
+    rows = train_bench.print_shares("hybrid", model, {"step_s": 1.0, "remat": False,
+                                                      "optimizer_s": 0.0}, timings)
+    assert "vs XLA attention x1" in capsys.readouterr().out
+    rest = dict(rows)["rest (residual adds, overlap, unmeasured)"]
+    counted = sum(seconds for label, seconds in rows if label.startswith(("M²RNN mixers",
+                  "attention mixers", "SwiGLU", "embedding", "optimizer")))
+    assert rest == pytest.approx(1.0 - counted)  # the XLA row is not in the step's sum
 
 
 def test_train_bench_rejects_unknown_override(restore_threefry_flag):
@@ -84,14 +106,14 @@ def test_throughput_table_from_step_results_and_the_attention_check(tmp_path, ca
     (out / "train4.json").write_text(json.dumps({
         "meta": {"shape": {"batch": 4, "seq_len": 4096}},
         "train": {"hybrid": {"step_s": 0.2, "tokens_per_s": 81920.0, "mfu": 0.2,
-                             "compile_s": 50.0}}}))
+                             "compile_s": 50.0, "lower_s": 12.5}}}))
     (out / "decode.jsonl").write_text(json.dumps({
         "batch": 1, "context": 1024, "tokens_per_s": 1600.0, "ms_per_step": 0.625,
         "dispatch_tokens_per_s": 300.0}) + "\n")
     assert throughput.main(["--out", str(out), "--only", "attention", "--tiny"]) == 0
     table = capsys.readouterr().out.split("what")[-1]
     assert "train, batch 4 × 4096" in table and "200.0 ms/step, 81.9k tok/s, MFU 20.0%" in table
-    assert "50.0 s" in table and "1,600 tok/s" in table and "one dispatch per token 300" in table
+    assert "50.0 s (tracing + lowering 12.5 s)" in table and "1,600 tok/s" in table and "one dispatch per token 300" in table
     check = json.loads((out / "attention.json").read_text())
     # XLA against the written-out float32 softmax: bf16 inputs, so small but not zero.
     assert set(check["xla_vs_float32"]) == {"out", "dq", "dk", "dv"}
@@ -101,6 +123,9 @@ def test_throughput_table_from_step_results_and_the_attention_check(tmp_path, ca
     assert "train, batch 8" not in table and "train (train8)" in table  # not measured
     with pytest.raises(SystemExit):
         throughput.main(["--out", str(out), "--only", "nonsense"])
+    for bad in ("nonsense=10", "train4=soon"):
+        with pytest.raises(SystemExit):
+            throughput.main(["--out", str(out), "--deadline", bad])
 
 
 def test_flops_per_token_counts_a_routed_expert_by_its_share():
