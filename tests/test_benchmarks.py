@@ -113,7 +113,8 @@ def test_throughput_table_from_step_results_and_the_attention_check(tmp_path, ca
     assert throughput.main(["--out", str(out), "--only", "attention", "--tiny"]) == 0
     table = capsys.readouterr().out.split("what")[-1]
     assert "train, batch 4 × 4096" in table and "200.0 ms/step, 81.9k tok/s, MFU 20.0%" in table
-    assert "50.0 s (tracing + lowering 12.5 s)" in table and "1,600 tok/s" in table and "one dispatch per token 300" in table
+    assert "50.0 s (tracing + lowering 12.5 s)" in table and "1,600 tok/s" in table
+    assert "one dispatch per token 300" in table
     check = json.loads((out / "attention.json").read_text())
     # XLA against the written-out float32 softmax: bf16 inputs, so small but not zero.
     assert set(check["xla_vs_float32"]) == {"out", "dq", "dk", "dv"}
