@@ -106,14 +106,23 @@ def test_throughput_table_from_step_results_and_the_attention_check(tmp_path, ca
     (out / "train4.json").write_text(json.dumps({
         "meta": {"shape": {"batch": 4, "seq_len": 4096}},
         "train": {"hybrid": {"step_s": 0.2, "tokens_per_s": 81920.0, "mfu": 0.2,
-                             "compile_s": 50.0, "lower_s": 12.5}}}))
+                             "compile_s": 30.0, "lower_s": 3.0}}}))
+    (out / "cold.json").write_text(json.dumps({
+        "train": {"hybrid": {"compile_s": 50.0, "lower_s": 12.5}}}))
     (out / "decode.jsonl").write_text(json.dumps({
         "batch": 1, "context": 1024, "tokens_per_s": 1600.0, "ms_per_step": 0.625,
         "dispatch_tokens_per_s": 300.0}) + "\n")
     assert throughput.main(["--out", str(out), "--only", "attention", "--tiny"]) == 0
     table = capsys.readouterr().out.split("what")[-1]
     assert "train, batch 4 × 4096" in table and "200.0 ms/step, 81.9k tok/s, MFU 20.0%" in table
+    # The cold row is the cold step's (not train4's compile, which follows other compiles).
     assert "50.0 s (tracing + lowering 12.5 s)" in table and "1,600 tok/s" in table
+    assert "30.0 s" not in table
+    # Cold and warm: one command and one cache folder; train4 compiles without that cache.
+    (cold_argv, cold_env), (warm_argv, warm_env) = (
+        throughput.step_commands(step, out, False) for step in ("cold", "warm"))
+    assert [a.replace("cold", "warm") for a in cold_argv] == warm_argv and cold_env == warm_env
+    assert "--no-shares" in cold_argv and throughput.step_commands("train4", out, False)[1] == {}
     assert "one dispatch per token 300" in table
     check = json.loads((out / "attention.json").read_text())
     # XLA against the written-out float32 softmax: bf16 inputs, so small but not zero.
