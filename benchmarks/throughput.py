@@ -13,9 +13,9 @@ Steps:
 ``train4``   ``train_bench.py --models hybrid`` at batch 4 × 4096: step time, tokens/s, MFU
              and where the step goes (each component alone, forward and forward+backward);
              ``--profile`` traces a few steps
-``cold``     the batch-4 train step compiled by a new process whose first compilation it is,
-             with an empty persistent cache in ``DIR/jax-cache``
-``warm``     the same command again, with that cache filled
+``cold``     the batch-4 train step compiled by a new process without per-component timings
+             before it, from an empty persistent cache in ``DIR/jax-cache`` (emptied first)
+``warm``     the same command again, with that cache filled (only after ``cold`` finished)
 ``train8``   the hybrid at batch 8 × 4096
 ``op``       ``kernel_bench.py``: the M²RNN op at 8 × 4096 × 84, forward and forward+backward,
              and the bf16 errors of every output against the float64 recurrence
@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -271,8 +272,10 @@ def main(argv=None):
         if done(step, out):
             print(f"### {step}: results already in {out}, skipped", flush=True)
             continue
-        if step == "warm" and not (out / "jax-cache").exists():
-            statuses[step] = "skipped: needs the cold step's cache"
+        if step == "cold":  # entries left by a cold run cut short would make this one warm
+            shutil.rmtree(out / "jax-cache", ignore_errors=True)
+        if step == "warm" and not done("cold", out):
+            statuses[step] = "skipped: needs the cold step's results and cache"
             continue
         statuses[step] = run_step(step, out, args.tiny, deadlines)
     print_table(table_rows(out))

@@ -118,11 +118,6 @@ def test_throughput_table_from_step_results_and_the_attention_check(tmp_path, ca
     # The cold row is the cold step's (not train4's compile, which follows other compiles).
     assert "50.0 s (tracing + lowering 12.5 s)" in table and "1,600 tok/s" in table
     assert "30.0 s" not in table
-    # Cold and warm: one command and one cache folder; train4 compiles without that cache.
-    (cold_argv, cold_env), (warm_argv, warm_env) = (
-        throughput.step_commands(step, out, False) for step in ("cold", "warm"))
-    assert [a.replace("cold", "warm") for a in cold_argv] == warm_argv and cold_env == warm_env
-    assert "--no-shares" in cold_argv and throughput.step_commands("train4", out, False)[1] == {}
     assert "one dispatch per token 300" in table
     check = json.loads((out / "attention.json").read_text())
     # XLA against the written-out float32 softmax: bf16 inputs, so small but not zero.
@@ -136,6 +131,38 @@ def test_throughput_table_from_step_results_and_the_attention_check(tmp_path, ca
     for bad in ("nonsense=10", "train4=soon"):
         with pytest.raises(SystemExit):
             throughput.main(["--out", str(out), "--deadline", bad])
+
+
+def test_throughput_cold_and_warm_compile_share_one_command_from_an_empty_cache(tmp_path,
+                                                                                 monkeypatch):
+    out = tmp_path / "throughput"
+
+    def without_results_file(step):
+        argv, env = throughput.step_commands(step, out, False)
+        at = argv.index("--json")
+        return argv[:at] + argv[at + 2:], env
+
+    assert without_results_file("cold") == without_results_file("warm")
+    assert "--no-shares" in without_results_file("cold")[0]
+    assert throughput.step_commands("train4", out, False)[1] == {}  # not the timed cache
+
+    ran = []
+
+    def fake_step(step, out, tiny, deadlines):  # what the cold step finds, and its result
+        ran.append((step, (out / "jax-cache").exists()))
+        if step == "cold" and cold_finishes:
+            (out / "jax-cache").mkdir()
+            (out / "cold.json").write_text(json.dumps({"train": {"hybrid": {"compile_s": 1}}}))
+        return "exit 0"
+
+    monkeypatch.setattr(throughput, "run_step", fake_step)
+    (out / "jax-cache").mkdir(parents=True)  # left by a cold run cut short
+    cold_finishes = False
+    throughput.main(["--out", str(out), "--only", "cold,warm"])
+    assert ran == [("cold", False)]  # emptied first; no warm step without the cold results
+    cold_finishes = True
+    throughput.main(["--out", str(out), "--only", "cold,warm"])
+    assert ran[1:] == [("cold", False), ("warm", True)]
 
 
 def test_flops_per_token_counts_a_routed_expert_by_its_share():
