@@ -8,6 +8,8 @@ values, never zeros.
 """
 
 import functools
+import importlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,9 @@ from m2rnn_jax import m2rnn, reference
 from m2rnn_jax.segments import keep_mask
 from pallas_kernels.m2rnn import mosaic_gpu, platforms
 from pallas_kernels.m2rnn.mosaic_gpu import common
+
+# The module (the package's ``forward`` attribute is the function of the same name).
+forward_kernel = importlib.import_module("pallas_kernels.m2rnn.mosaic_gpu.forward")
 
 BF16_TOLERANCE = 1e-2
 
@@ -50,8 +55,10 @@ BF16_CASES = {
     "paper_grouping_keep_ckpt64": ((1, 1, 3, 3, 3), 128, 64, True, True),
     # q/k in two groups, one W shared by all heads, no reset mask, no checkpoints.
     "two_qk_groups_shared_w": ((2, 2, 2, 2, 1), 64, 32, False, False),
-    # Interval not a multiple of the staging block: staged in 8-step blocks.
+    # Interval not a multiple of the staging block: staged in 8-step blocks (f and keep slots
+    # padded to 32 steps), and in 48-step blocks (padded to 64).
     "chunk8": ((1, 1, 2, 2, 2), 32, 8, True, True),
+    "chunk48": ((1, 1, 2, 2, 2), 96, 48, True, True),
 }
 
 
@@ -107,6 +114,21 @@ def test_unsupported_shapes_raise():
         mosaic_gpu.forward(q.astype(jnp.float32), k.astype(jnp.float32),
                            v.astype(jnp.float32), w, f, h0, None, chunk_size=8,
                            save_checkpoints=False)
+
+
+def test_forward_double_buffer_slots_are_tma_aligned():
+    """Every staging length the forward takes (a multiple of 8) gives double-buffered SMEM slots
+    (TMA sources and destinations) of whole multiples of 128 bytes, the alignment a TMA copy
+    needs: on the GPU a misaligned slot fails with CUDA_ERROR_MISALIGNED_ADDRESS, which the
+    interpreter does not check."""
+    for stage in range(8, 136, 8):
+        slotted = [s for s in forward_kernel.scratch_types(stage, jnp.bfloat16, True, True)
+                   if hasattr(s, "shape") and s.shape[0] == 2]
+        assert len(slotted) == 6  # q, k, v, f, keep, y
+        for s in slotted:
+            slot_bytes = math.prod(s.shape[1:]) * jnp.dtype(s.dtype).itemsize
+            assert slot_bytes % common.TMA_SMEM_ALIGNMENT == 0, (stage, s.shape, s.dtype)
+            assert math.prod(s.shape[1:]) >= stage
 
 
 def test_forward_lowers_for_cuda(monkeypatch):

@@ -18,6 +18,9 @@ from pallas_kernels.m2rnn.heads import expand_heads
 DEFAULT_CHUNK_SIZE = 32
 STAGE_SIZE = 32  # steps per SMEM staging block of the forward (~25 KiB of SMEM per CTA)
 CHUNK_QUANTUM = 8  # chunk sizes are multiples of this (whole sub-chunks of the backward)
+# A TMA copy's SMEM address must be a multiple of 128 bytes (PTX ISA, cp.async.bulk.tensor): a
+# misaligned double-buffer slot fails on the GPU with CUDA_ERROR_MISALIGNED_ADDRESS.
+TMA_SMEM_ALIGNMENT = 128
 KEY_DIM = 64
 VALUE_DIM = 16
 F32 = jnp.float32

@@ -12,7 +12,8 @@ from pallas_kernels.m2rnn import platforms
 from pallas_kernels.m2rnn.heads import expand_heads
 from pallas_kernels.m2rnn.loops import fori_loop
 from pallas_kernels.m2rnn.mosaic_gpu import common
-from pallas_kernels.m2rnn.mosaic_gpu.common import BF16, F32, KEY_DIM, STAGE_SIZE, VALUE_DIM
+from pallas_kernels.m2rnn.mosaic_gpu.common import (BF16, F32, KEY_DIM, STAGE_SIZE,
+                                                    TMA_SMEM_ALIGNMENT, VALUE_DIM)
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import store_warp_column_sums
 
 
@@ -43,9 +44,12 @@ def _kernel(*refs, stage, num_stages, stages_per_checkpoint, heads_per_group, ha
         plgpu.copy_gmem_to_smem(q_ref.at[b, steps, g], q_smem.at[slot], barrier)
         plgpu.copy_gmem_to_smem(k_ref.at[b, steps, g], k_smem.at[slot], barrier)
         plgpu.copy_gmem_to_smem(v_ref.at[b, steps, head], v_smem.at[slot], barrier)
-        plgpu.copy_gmem_to_smem(f_ref.at[b, head, steps], f_smem.at[slot], barrier)
+        # f and keep fill the first ``stage`` entries of their padded slots.
+        plgpu.copy_gmem_to_smem(f_ref.at[b, head, steps], f_smem.at[slot, pl.ds(0, stage)],
+                                barrier)
         if has_keep:
-            plgpu.copy_gmem_to_smem(keep_ref.at[b, steps], keep_smem.at[slot], barrier)
+            plgpu.copy_gmem_to_smem(keep_ref.at[b, steps], keep_smem.at[slot, pl.ds(0, stage)],
+                                    barrier)
 
     # W and h0 once per CTA; the first staging block's inputs.
     plgpu.copy_gmem_to_smem(w_ref.at[head], w_smem, w_barrier)
@@ -124,6 +128,29 @@ def _kernel(*refs, stage, num_stages, stages_per_checkpoint, heads_per_group, ha
     plgpu.wait_smem_to_gmem(0)
 
 
+def scratch_types(stage, dtype, has_keep, on_gpu):
+    """The forward's SMEM and barriers for staging blocks of ``stage`` steps. The
+    double-buffered inputs are TMA destinations, so each slot is a multiple of
+    ``TMA_SMEM_ALIGNMENT`` bytes: f and keep (4 bytes a step) are padded to whole 32-step
+    slots (q, k, v take 128, 128, 32 bytes a step, and ``stage`` is a multiple of 8)."""
+    padded = -(-stage * 4 // TMA_SMEM_ALIGNMENT) * TMA_SMEM_ALIGNMENT // 4
+    w_transforms = (plgpu.TilingTransform((8, VALUE_DIM)), plgpu.SwizzleTransform(32))
+    return [
+        plgpu.SMEM((2, stage, KEY_DIM), dtype),             # q (two slots: double buffering)
+        plgpu.SMEM((2, stage, KEY_DIM), dtype),             # k
+        plgpu.SMEM((2, stage, VALUE_DIM), dtype),           # v
+        plgpu.SMEM((2, padded), F32),                       # f
+        plgpu.SMEM((2, padded), F32),                       # keep (unused without keep)
+        plgpu.SMEM((2, stage, VALUE_DIM), dtype),           # y
+        plgpu.SMEM((4, stage if on_gpu else 1, VALUE_DIM), F32),  # per-warp y partials
+        plgpu.SMEM((1, VALUE_DIM, VALUE_DIM), BF16, transforms=w_transforms),  # W
+        plgpu.SMEM((KEY_DIM, VALUE_DIM), F32),              # h0 / checkpoints / final state
+        # One arrival per TMA copy that signals the barrier.
+        plgpu.Barrier(num_barriers=2, num_arrivals=5 if has_keep else 4),
+        plgpu.Barrier(num_arrivals=2),
+    ]
+
+
 def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
     """``(y (B, S, N, 16), h_final (B, N, 64, 16) float32, checkpoints)`` for bfloat16 inputs.
 
@@ -152,21 +179,7 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
         out_type.append(jax.ShapeDtypeStruct(
             (batch, seq_len // chunk_size, KEY_DIM, num_heads * VALUE_DIM), F32))
 
-    w_transforms = (plgpu.TilingTransform((8, VALUE_DIM)), plgpu.SwizzleTransform(32))
-    scratch = [
-        plgpu.SMEM((2, stage, KEY_DIM), dtype),             # q (two slots: double buffering)
-        plgpu.SMEM((2, stage, KEY_DIM), dtype),             # k
-        plgpu.SMEM((2, stage, VALUE_DIM), dtype),           # v
-        plgpu.SMEM((2, stage), F32),                        # f
-        plgpu.SMEM((2, stage), F32),                        # keep (unused without keep)
-        plgpu.SMEM((2, stage, VALUE_DIM), dtype),           # y
-        plgpu.SMEM((4, stage if on_gpu else 1, VALUE_DIM), F32),  # per-warp y partials
-        plgpu.SMEM((1, VALUE_DIM, VALUE_DIM), BF16, transforms=w_transforms),  # W
-        plgpu.SMEM((KEY_DIM, VALUE_DIM), F32),              # h0 / checkpoints / final state
-        # One arrival per TMA copy that signals the barrier.
-        plgpu.Barrier(num_barriers=2, num_arrivals=5 if has_keep else 4),
-        plgpu.Barrier(num_arrivals=2),
-    ]
+    scratch = scratch_types(stage, dtype, has_keep, on_gpu)
     kernel = functools.partial(
         _kernel, stage=stage, num_stages=seq_len // stage,
         stages_per_checkpoint=chunk_size // stage,
