@@ -144,9 +144,12 @@ def test_forward_lowers_for_cuda(monkeypatch):
                 sds((2, 128, 3, 16), jnp.bfloat16), sds((3, 16, 16), jnp.bfloat16),
                 sds((2, 128, 3), jnp.bfloat16), sds((2, 3, 64, 16), jnp.float32),
                 sds((2, 128), jnp.float32) if with_keep else None]
-        fn = functools.partial(mosaic_gpu.forward, chunk_size=64, save_checkpoints=with_keep)
-        exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
-        assert "mosaic_gpu" in exported.mlir_module()
+        # 64: 32-step blocks; 16: 16-step blocks, f and keep copied into padded slots.
+        for chunk in (64, 16):
+            fn = functools.partial(mosaic_gpu.forward, chunk_size=chunk,
+                                   save_checkpoints=with_keep)
+            exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+            assert "mosaic_gpu" in exported.mlir_module()
 
 
 # Backward: (heads, S, checkpoint interval, keep, gradient clipping)

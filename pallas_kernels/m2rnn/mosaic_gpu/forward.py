@@ -130,10 +130,11 @@ def _kernel(*refs, stage, num_stages, stages_per_checkpoint, heads_per_group, ha
 
 def scratch_types(stage, dtype, has_keep, on_gpu):
     """The forward's SMEM and barriers for staging blocks of ``stage`` steps. The
-    double-buffered inputs are TMA destinations, so each slot is a multiple of
-    ``TMA_SMEM_ALIGNMENT`` bytes: f and keep (4 bytes a step) are padded to whole 32-step
-    slots (q, k, v take 128, 128, 32 bytes a step, and ``stage`` is a multiple of 8)."""
-    padded = -(-stage * 4 // TMA_SMEM_ALIGNMENT) * TMA_SMEM_ALIGNMENT // 4
+    double-buffered slots are TMA destinations (y's a source), so each is a multiple of
+    ``TMA_SMEM_ALIGNMENT`` bytes: f and keep (4 bytes a step) are padded to a multiple of 32
+    steps (q, k, v, y take 128, 128, 32, 32 bytes a step, and ``stage`` is a multiple of 8)."""
+    steps_per_alignment = TMA_SMEM_ALIGNMENT // 4  # float32 f and keep
+    padded = -(-stage // steps_per_alignment) * steps_per_alignment
     w_transforms = (plgpu.TilingTransform((8, VALUE_DIM)), plgpu.SwizzleTransform(32))
     return [
         plgpu.SMEM((2, stage, KEY_DIM), dtype),             # q (two slots: double buffering)
