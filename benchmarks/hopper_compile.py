@@ -8,23 +8,26 @@ SMEM and occupancy (from ptxas), and how many kernels one decode token launches.
 JAX runs on the CPU; XLA compiles deviceless for a described GPU (by default an H200: 132 SMs,
 228 KiB of SMEM and 65,536 registers per SM, 4.8 TB/s), and Mosaic GPU lowers its kernels and
 runs ptxas during that compile, so the figures are the compiled kernels' own; nothing runs.
-Mosaic GPU takes ptxas from the CUDA toolkit at ``/usr/local/cuda`` (a CUDA 13 toolkit); another
-ptxas version may allocate a few registers differently from the one on the GPU machine. XLA's
-fusion choices depend on the description (at batch 1 the memory bandwidth decides whether a
-matrix-vector product is one kernel or two): ``--target-config FILE`` takes the GPU's own, a
-``GpuTargetConfigProto`` in text form.
+Mosaic GPU runs the first ``ptxas`` on PATH (else the CUDA toolkit's under ``/usr/local/cuda``);
+the table names its version, since another ptxas may allocate a few registers differently.
+XLA's fusion choices depend on the description (at batch 1 the memory bandwidth decides whether
+a matrix-vector product is one kernel or two): ``--target-config FILE`` takes the GPU's own, a
+``GpuTargetConfigProto`` in text form. With the plugin installed, a plain ``import jax`` on a
+machine without CUDA libraries warns at length unless ``JAX_PLATFORMS=cpu``: install it in an
+environment of its own.
 
 ``kernels``: the forward and backward of the op at ``--shape`` (B, S, N; bf16, K = 64, V = 16,
 clipping 1, as the 400M hybrid trains) for each checkpoint interval, with and without packed
-segments. CTAs/SM is the smaller of what the registers allow (one warpgroup of 128 threads per
-CTA, 65,536 registers per SM, allocated per warp in units of 256) and what the SMEM allows
-(233,472 bytes per SM, 1 KiB reserved per CTA); waves is the grid (B·N CTAs) over 132 SMs ×
-CTAs/SM, rounded up: each wave costs about as long as the slowest CTA's whole sequence.
+segments. CTAs/SM is the least of what the registers allow (one warpgroup of 128 threads per
+CTA, 65,536 registers per SM, allocated per warp in units of 256), what the SMEM allows (233,472
+bytes per SM, 1 KiB reserved per CTA; a kernel's SMEM is its dynamic allocation plus ptxas'
+static bytes) and the SM's 2,048 threads; waves is the grid (B·N CTAs) over 132 SMs × CTAs/SM,
+rounded up: each wave costs about as long as the slowest CTA's whole sequence.
 
-``decode``: the 400M hybrid's on-device decode loop (``Generator.decode``, bf16 parameters, greedy)
-with caches at ``--context``: the kernels its loop body launches per token (fusions, library
-calls such as cuBLAS GEMMs, copies), by the operation each was made from. At batch 1 a token's
-time is mostly these launches.
+``decode``: the 400M hybrid's on-device decode loop (``Generator.decode``, bf16 parameters,
+greedy) with caches as ``benchmarks/decode_bench.py`` builds them at ``--context``: the kernels
+its loop body launches per token (fusions, library calls such as cuBLAS GEMMs, copies), by the
+operation each was made from. It counts kernels; their time comes from the GPU.
 """
 
 import argparse
@@ -36,6 +39,7 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -44,7 +48,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import decode_bench  # benchmarks/ is on sys.path when run as a script
+from kernel_bench import CLIP, KEY_DIM, VALUE_DIM
 from m2rnn_jax import HybridLM, m2rnn
+from m2rnn_jax.generation import Generator
 from pallas_kernels.m2rnn import platforms
 
 # Hopper per-SM limits (the H100 and H200 share them; the H200 has more and faster memory).
@@ -54,7 +61,8 @@ SMEM_PER_BLOCK = 232_448
 SMEM_RESERVED_PER_CTA = 1024
 REGISTERS_PER_SM = 65_536
 REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
-THREADS_PER_CTA = 128
+THREADS_PER_SM = 2048
+THREADS_PER_CTA = 128  # the kernels' one warpgroup
 H200 = {  # the fields of XLA's GpuTargetConfigProto that a compile reads
     "threads_per_block_limit": 1024, "threads_per_warp": 32,
     "shared_memory_per_block": 49_152, "shared_memory_per_core": SMEM_PER_SM,
@@ -65,9 +73,12 @@ H200 = {  # the fields of XLA's GpuTargetConfigProto that a compile reads
     "device_memory_size": 141 * 10**9, "registers_per_core_limit": REGISTERS_PER_SM,
     "registers_per_block_limit": REGISTERS_PER_SM,
 }
-# Instructions that launch work on the GPU (the rest are views, tuples and control).
-LAUNCHING = ("fusion", "custom-call", "copy", "copy-start", "all-reduce", "all-gather",
-             "reduce-scatter", "all-to-all", "collective-permute")
+# Instructions that launch work on the GPU (the rest are views, tuples and control flow).
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+LAUNCHING = ("fusion", "custom-call", "copy", "copy-start", *COLLECTIVES,
+             *(f"{name}-start" for name in COLLECTIVES))
+# Instructions whose launches live in another computation: the loop parser refuses them.
+NESTING = ("call", "conditional", "while", "async-start")
 
 
 def target_config():
@@ -87,9 +98,9 @@ def hopper_sharding(target_config_file=None):
     try:
         topology = topologies.get_topology_desc(platform="cuda", target_config=description,
                                                 topology="1x1x1")
-    except (NotImplementedError, RuntimeError) as err:
-        raise SystemExit(f"error: no CUDA compiler ({str(err).splitlines()[0]}); install it "
-                         f"with: pip install -e '.[hopper-compile]'") from None
+    except NotImplementedError:  # no CUDA backend registered: the plugin is missing
+        raise SystemExit("error: JAX's CUDA plugin is not installed; install it with: "
+                         "pip install -e '.[hopper-compile]'") from None
     mesh = topologies.make_mesh(topology, (1,), ("device",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -104,30 +115,40 @@ class KernelResources:
     name: str
     registers: int
     spill_bytes: int  # stores + loads
-    smem_bytes: int
+    smem_bytes: int  # dynamic + static
+
+    def occupancy_limits(self):
+        """CTAs per SM that the registers, the SMEM and the threads each allow."""
+        per_warp = math.ceil(self.registers * 32 / REGISTER_UNIT) * REGISTER_UNIT
+        return {"registers": REGISTERS_PER_SM // (per_warp * THREADS_PER_CTA // 32),
+                "SMEM": SMEM_PER_SM // (self.smem_bytes + SMEM_RESERVED_PER_CTA),
+                "threads": THREADS_PER_SM // THREADS_PER_CTA}
 
     def ctas_per_sm(self):
-        """(limit from registers, limit from SMEM)."""
-        per_warp = math.ceil(self.registers * 32 / REGISTER_UNIT) * REGISTER_UNIT
-        by_registers = REGISTERS_PER_SM // (per_warp * THREADS_PER_CTA // 32)
-        by_smem = SMEM_PER_SM // (self.smem_bytes + SMEM_RESERVED_PER_CTA)
-        return by_registers, by_smem
+        return min(self.occupancy_limits().values())
+
+    def waves(self, grid):
+        """Rounds of ``grid`` CTAs over every SM (None when not one CTA fits)."""
+        per_sm = self.ctas_per_sm()
+        return math.ceil(grid / (SM_COUNT * per_sm)) if per_sm else None
 
 
 def parse_ptxas(text):
-    """``(registers, spill bytes)`` from a ptxas ``-v`` report of one kernel."""
+    """``(registers, spill bytes, static SMEM bytes)`` from a ptxas ``-v`` report of one kernel."""
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    static_smem = re.search(r"(\d+) bytes smem", text)
     if registers is None or spills is None:
         raise ValueError(f"not a ptxas report: {text[:200]!r}")
-    return int(registers.group(1)), int(spills.group(1)) + int(spills.group(2))
+    return (int(registers.group(1)), int(spills.group(1)) + int(spills.group(2)),
+            int(static_smem.group(1)) if static_smem else 0)
 
 
-def parse_smem(text):
-    """Scratch SMEM bytes from Mosaic GPU's resources report of one kernel."""
-    match = re.search(r"smem_scratch_bytes=(\d+)", text)
+def parse_dynamic_smem(module_text):
+    """The dynamic SMEM bytes a lowered Mosaic GPU module launches its kernel with."""
+    match = re.search(r"dynamic_shared_memory_size %c(\d+)_i32", module_text)
     if match is None:
-        raise ValueError(f"not a Mosaic GPU resources report: {text[:200]!r}")
+        raise ValueError("no kernel launch with a constant dynamic SMEM size in the module")
     return int(match.group(1))
 
 
@@ -136,49 +157,74 @@ def collect_kernel_reports(folder):
     found = []
     for ptxas in sorted(pathlib.Path(folder).glob("*.ptxas")):
         stem = ptxas.name[:-len(".ptxas")]
-        registers, spills = parse_ptxas(ptxas.read_text())
-        smem = parse_smem((ptxas.parent / f"{stem}.resources.txt").read_text())
-        found.append(KernelResources(re.sub(r"_\d+$", "", stem), registers, spills, smem))
+        registers, spills, static_smem = parse_ptxas(ptxas.read_text())
+        dynamic_smem = parse_dynamic_smem(
+            (ptxas.parent / f"{stem}.after_layout_inference.txt").read_text())
+        found.append(KernelResources(re.sub(r"_\d+$", "", stem), registers, spills,
+                                     dynamic_smem + static_smem))
+    if not found:
+        raise RuntimeError(f"Mosaic GPU wrote no ptxas report into {folder}: were the kernels "
+                           "compiled for the GPU?")
     return found
 
 
 @contextlib.contextmanager
 def kernel_reports():
     """Yields a folder into which Mosaic GPU writes each kernel it compiles in the block (its
-    ptxas report and resources among other dumps). The compile's own output (Mosaic GPU also
-    disassembles each kernel, which needs nvdisasm) is swallowed unless the block fails."""
-    folder = tempfile.mkdtemp(prefix="hopper_compile_")
-    # Mosaic GPU leaves a /tmp/mosaic-gpu-* folder per disassembly it tries: removed below.
+    ptxas report and lowered module among other dumps). The compile's own output (Mosaic GPU
+    also tries to disassemble each kernel, which needs nvdisasm) is swallowed unless the block
+    fails; then it goes to stderr before the error."""
+    previous = os.environ.get("MOSAIC_GPU_DUMP_TO")
     leftovers_before = set(pathlib.Path("/tmp").glob("mosaic-gpu-*"))
-    os.environ["MOSAIC_GPU_DUMP_TO"] = folder  # read by each Mosaic GPU lowering and compile
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    try:
-        with tempfile.TemporaryFile(mode="w+") as log:
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="hopper_compile_"))
+        log = stack.enter_context(tempfile.TemporaryFile())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        try:
+            os.environ["MOSAIC_GPU_DUMP_TO"] = folder  # read by each lowering and compile
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
-            try:
-                yield folder
-            except BaseException:
-                os.dup2(saved[1], 2)
-                log.seek(0)
-                sys.stderr.write(log.read())
-                raise
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-        del os.environ["MOSAIC_GPU_DUMP_TO"]
-        for path in [folder, *set(pathlib.Path("/tmp").glob("mosaic-gpu-*")) - leftovers_before]:
-            shutil.rmtree(path, ignore_errors=True)
+            yield folder
+        except BaseException:
+            os.dup2(saved[1], 2)
+            log.seek(0)
+            sys.stderr.buffer.write(log.read())
+            sys.stderr.flush()
+            raise
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if previous is None:
+                os.environ.pop("MOSAIC_GPU_DUMP_TO", None)
+            else:
+                os.environ["MOSAIC_GPU_DUMP_TO"] = previous
+            # Each disassembly Mosaic GPU tries leaves a /tmp/mosaic-gpu-* folder holding the
+            # kernel's binary; ours are the new ones that hold just that (another process
+            # compiling at the same time could leave one too).
+            for path in set(pathlib.Path("/tmp").glob("mosaic-gpu-*")) - leftovers_before:
+                if [p.name for p in path.iterdir()] == ["kernel.bin"]:
+                    shutil.rmtree(path, ignore_errors=True)
+
+
+def ptxas_version():
+    """The version line of the ptxas Mosaic GPU runs (the first on PATH, else the toolkit's)."""
+    for ptxas in (shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas"):
+        if ptxas and os.path.exists(ptxas):
+            lines = subprocess.run([ptxas, "--version"], capture_output=True,
+                                   text=True).stdout.strip().splitlines()
+            return f"{ptxas}: {lines[-1] if lines else 'unknown version'}"
+    return "no ptxas found"
 
 
 def op_gradient_args(batch, seq_len, heads, segments, sharding):
+    """The op's inputs as the 400M hybrid passes them: bf16 q, k, v, W, float32 f."""
     bf16 = jnp.bfloat16
-    shapes = [((batch, seq_len, 1, 64), bf16), ((batch, seq_len, 1, 64), bf16),
-              ((batch, seq_len, heads, 16), bf16), ((heads, 16, 16), bf16),
+    shapes = [((batch, seq_len, 1, KEY_DIM), bf16), ((batch, seq_len, 1, KEY_DIM), bf16),
+              ((batch, seq_len, heads, VALUE_DIM), bf16), ((heads, VALUE_DIM, VALUE_DIM), bf16),
               ((batch, seq_len, heads), jnp.float32)]
     if segments:
         shapes.append(((batch, seq_len), jnp.int32))
@@ -191,7 +237,7 @@ def kernel_rows(args, sharding):
     for segments in (False, True):
         for chunk_size in args.chunk_sizes:
             def loss(q, k, v, w, f, segment_ids=None):
-                y, _ = m2rnn(q, k, v, w, f, None, 1.0, segment_ids=segment_ids,
+                y, _ = m2rnn(q, k, v, w, f, None, CLIP, segment_ids=segment_ids,
                              backend="mosaic_gpu", chunk_size=chunk_size)
                 return y.astype(jnp.float32).sum()
 
@@ -204,15 +250,16 @@ def kernel_rows(args, sharding):
 
 
 def print_kernel_table(rows, grid):
+    print(f"ptxas: {ptxas_version()}")
     print(f"{'kernel':<22} {'chunk':>5} {'segments':>8} {'registers':>9} {'spills':>6} "
-          f"{'SMEM KiB':>8} {'CTAs/SM (regs, SMEM)':>20} {'waves':>5}")
+          f"{'SMEM KiB':>8} {'CTAs/SM (registers, SMEM)':>25} {'waves':>5}")
     for kernel, chunk_size, segments in rows:
-        by_registers, by_smem = kernel.ctas_per_sm()
-        per_sm = min(by_registers, by_smem)
-        waves = math.ceil(grid / (SM_COUNT * per_sm)) if per_sm else "-"
+        limits = kernel.occupancy_limits()
+        waves = kernel.waves(grid)
+        per_sm = f"{kernel.ctas_per_sm()} ({limits['registers']}, {limits['SMEM']})"
         print(f"{kernel.name:<22} {chunk_size or 'auto':>5} {str(segments):>8} "
               f"{kernel.registers:>9} {kernel.spill_bytes:>6} {kernel.smem_bytes / 1024:>8.1f} "
-              f"{f'{per_sm} ({by_registers}, {by_smem})':>20} {waves:>5}")
+              f"{per_sm:>25} {waves or '-':>5}")
 
 
 def hlo_computations(hlo_text):
@@ -246,20 +293,23 @@ def launches(instructions):
 
 
 def while_loop_launches(hlo_text):
-    """The launches of one iteration (body and condition) of the entry computation's while
-    loop."""
+    """The launches of one iteration (body and condition) of the entry computation's one while
+    loop; a ValueError for any other structure, whose launches this would miscount."""
     computations, entry = hlo_computations(hlo_text)
-    loop = next(line for line in computations[entry] if " while(" in line)
-    body = re.search(r"body=%?([\w.\-]+)", loop).group(1)
-    condition = re.search(r"condition=%?([\w.\-]+)", loop).group(1)
-    return launches(computations[body]) + launches(computations[condition])
+    loops = [line for line in computations[entry] if " while(" in line]
+    if len(loops) != 1:
+        raise ValueError(f"expected one while loop in the entry computation, found {len(loops)}")
+    body = re.search(r"body=%?([\w.\-]+)", loops[0]).group(1)
+    condition = re.search(r"condition=%?([\w.\-]+)", loops[0]).group(1)
+    iteration = computations[body] + computations[condition]
+    nested = {m.group(1) for line in iteration
+              if (m := re.match(r"(?:ROOT )?\S+ = .*? ([\w-]+)\(", line)) and m.group(1) in NESTING}
+    if nested:
+        raise ValueError(f"the loop body holds {sorted(nested)}: its launches would be missed")
+    return launches(iteration)
 
 
-def decode_launches(batch, context, sharding):
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
-    import decode_bench  # the benchmark's model and synthetic caches
-
-    from m2rnn_jax.generation import Generator
+def decode_launches(batch, context, sharding, steps=32):
     config = decode_bench.model_configs(decode_bench.parse_args(["--models", "hybrid"]))["hybrid"]
     model = nnx.eval_shape(lambda: HybridLM(config, rngs=nnx.Rngs(0)))
     built = []
@@ -270,20 +320,22 @@ def decode_launches(batch, context, sharding):
 
     state = jax.eval_shape(generator_state)
     generator = built[0]  # for its loop function; its own state holds tracers, unused
-    steps = 32
+    defaults = decode_bench.parse_args([])
+    max_len = context + defaults.warmup + 3 * steps + 1  # as decode_bench sizes the caches
     caches = jax.eval_shape(
-        lambda: decode_bench.synthetic_caches(model, batch, context, context + steps + 1))
+        lambda: decode_bench.synthetic_caches(model, batch, context, max_len))
     key = jax.eval_shape(lambda: jax.random.key(0))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     args = abstract((state, jax.ShapeDtypeStruct((batch,), jnp.int32), caches, key,
                      jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((batch,), bool),
                      scalar, scalar), sharding)
-    warnings.filterwarnings("ignore", "Some donated buffers were not usable")  # the tokens
     # Jitted as Generator jits it on a GPU, where the caches are donated (off a GPU it does not
     # donate, which would add the copies that donation saves).
     decode = jax.jit(generator._decode_fn, static_argnames=("sampling", "block"),
                      donate_argnums=(1, 2))
-    compiled = decode.lower(*args, sampling=(0.0, None, None), block=steps).compile()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")  # the tokens
+        compiled = decode.lower(*args, sampling=(0.0, None, None), block=steps).compile()
     return while_loop_launches(compiled.as_text())
 
 
@@ -301,13 +353,15 @@ def parse_args(argv=None):
                              "(XLA's fusion choices depend on it, e.g. on the memory bandwidth)")
     sub = parser.add_subparsers(dest="command", required=True)
     kernels = sub.add_parser("kernels", help="registers, spills, SMEM, occupancy of the kernels")
-    kernels.add_argument("--chunk-sizes", type=int, nargs="*", default=[None],
+    kernels.add_argument("--chunk-sizes", type=int, nargs="+", default=[None],
                          help="checkpoint intervals (default: the backend's)")
     kernels.add_argument("--shape", type=int, nargs=3, default=[4, 4096, 84],
-                         metavar=("B", "S", "N"))
+                         metavar=("B", "S", "N"), help="batch, sequence length, heads")
     decode = sub.add_parser("decode", help="kernels launched per decode token")
-    decode.add_argument("--batches", type=int, nargs="*", default=[1, 32])
-    decode.add_argument("--context", type=int, default=1024)
+    decode.add_argument("--batches", type=int, nargs="+", default=[1, 32],
+                        help="rows decoded together")
+    decode.add_argument("--context", type=int, default=1024,
+                        help="tokens already in the caches")
     return parser.parse_args(argv)
 
 

@@ -25,45 +25,89 @@ RESOURCES_REPORT = ("Resources(smem_scratch_bytes={smem}, tmem_scratch_cols=0, "
                     "scoped_gmem_semaphores={{}})")
 
 
-def test_ptxas_and_resources_reports_parse():
+MODULE_TEXT = ("%3 = gpu.launch async [%2] blocks(%a, %b, %c) in (%x = %c84, %y = %c4, %z = %c1) "
+               "threads(%d, %e, %f) in (%u = %c128, %v = %c1, %w = %c1) "
+               "dynamic_shared_memory_size %c{smem}_i32 {{")
+
+
+def test_ptxas_reports_and_modules_parse():
     assert hopper_compile.parse_ptxas(PTXAS_REPORT.format(
-        stores=0, loads=0, registers=209)) == (209, 0)
+        stores=0, loads=0, registers=209)) == (209, 0, 1)
     assert hopper_compile.parse_ptxas(PTXAS_REPORT.format(
-        stores=8, loads=12, registers=255)) == (255, 20)
-    assert hopper_compile.parse_smem(RESOURCES_REPORT.format(smem=111616)) == 111616
+        stores=8, loads=12, registers=255)) == (255, 20, 1)
+    assert hopper_compile.parse_dynamic_smem(MODULE_TEXT.format(smem=111632)) == 111632
     with pytest.raises(ValueError, match="ptxas"):
         hopper_compile.parse_ptxas("ptxas fatal: unresolved symbol")
-    with pytest.raises(ValueError, match="resources"):
-        hopper_compile.parse_smem("Resources()")
+    with pytest.raises(ValueError, match="dynamic SMEM"):
+        hopper_compile.parse_dynamic_smem("gpu.launch blocks(%a) threads(%b) {")
 
 
 def test_kernel_reports_are_collected_per_kernel(tmp_path):
-    for stem, registers, smem in (("m2rnn_forward_mosaic_0", 54, 35840),
-                                  ("m2rnn_backward_mosaic_1", 209, 111616)):
+    with pytest.raises(RuntimeError, match="no ptxas report"):
+        hopper_compile.collect_kernel_reports(tmp_path)
+    for stem, registers, smem in (("m2rnn_forward_mosaic_0", 54, 35864),
+                                  ("m2rnn_backward_mosaic_1", 209, 111632)):
         (tmp_path / f"{stem}.ptxas").write_text(
             PTXAS_REPORT.format(stores=0, loads=4, registers=registers))
-        (tmp_path / f"{stem}.resources.txt").write_text(RESOURCES_REPORT.format(smem=smem))
+        (tmp_path / f"{stem}.after_layout_inference.txt").write_text(
+            MODULE_TEXT.format(smem=smem))
     (tmp_path / "m2rnn_forward_mosaic_0.ptx").write_text("// not a report")
     found = {k.name: k for k in hopper_compile.collect_kernel_reports(tmp_path)}
-    assert found == {
-        "m2rnn_forward_mosaic": hopper_compile.KernelResources("m2rnn_forward_mosaic", 54, 4,
-                                                               35840),
-        "m2rnn_backward_mosaic": hopper_compile.KernelResources("m2rnn_backward_mosaic", 209, 4,
-                                                                111616)}
+    resources = hopper_compile.KernelResources
+    assert found == {  # dynamic SMEM + ptxas' 1 static byte
+        "m2rnn_forward_mosaic": resources("m2rnn_forward_mosaic", 54, 4, 35865),
+        "m2rnn_backward_mosaic": resources("m2rnn_backward_mosaic", 209, 4, 111633)}
 
 
-@pytest.mark.parametrize("registers, smem, expected", [
-    # 209 registers: 6,688 per warp -> 6,912 allocated, 27,648 per CTA -> 2; 112,640 B -> 2
-    (209, 111616, (2, 2)),
+@pytest.mark.parametrize("registers, smem, limits", [
+    # 209 registers: 6,688 per warp -> 6,912 allocated, 27,648 per CTA -> 2; 112,657 B -> 2
+    (209, 111633, (2, 2)),
     # 155: 4,960 -> 5,120 per warp, 20,480 per CTA -> 3; 74,752 + 1,024 B -> 3
     (155, 74752, (3, 3)),
     # 168 is the most that still gives 3: 5,376 per warp exactly, 21,504 per CTA
-    (168, 0, (3, 228)),
-    (169, 0, (2, 228)),
-    (54, 35840, (9, 6)),
+    (168, 20000, (3, 11)),
+    (169, 20000, (2, 11)),
+    (54, 35865, (9, 6)),
 ])
-def test_ctas_per_sm_from_registers_and_smem(registers, smem, expected):
-    assert hopper_compile.KernelResources("k", registers, 0, smem).ctas_per_sm() == expected
+def test_occupancy_from_registers_and_smem(registers, smem, limits):
+    kernel = hopper_compile.KernelResources("k", registers, 0, smem)
+    assert kernel.occupancy_limits() == {"registers": limits[0], "SMEM": limits[1],
+                                         "threads": 16}
+    assert kernel.ctas_per_sm() == min(limits)
+
+
+def test_occupancy_is_capped_by_threads_and_waves_round_up():
+    small = hopper_compile.KernelResources("k", 32, 0, 0)  # 64 by registers, 228 by SMEM
+    assert small.ctas_per_sm() == 16  # 2,048 threads of 128
+    backward = hopper_compile.KernelResources("k", 209, 0, 111633)  # 2 per SM: 264 slots
+    assert [backward.waves(grid) for grid in (264, 265, 336, 528)] == [1, 2, 2, 2]
+    assert hopper_compile.KernelResources("k", 209, 0, 240_000).waves(336) is None
+
+
+def test_kernel_reports_swallows_output_unless_the_block_fails(capfd, monkeypatch):
+    monkeypatch.setenv("MOSAIC_GPU_DUMP_TO", "/somewhere/else")
+    with hopper_compile.kernel_reports() as folder:
+        assert os.environ["MOSAIC_GPU_DUMP_TO"] == folder and os.path.isdir(folder)
+        os.write(1, b"noise on stdout\n")
+        os.write(2, b"noise on stderr \xff\n")
+    assert capfd.readouterr() == ("", "")
+    assert not os.path.exists(folder) and os.environ["MOSAIC_GPU_DUMP_TO"] == "/somewhere/else"
+    with pytest.raises(ZeroDivisionError):
+        with hopper_compile.kernel_reports():
+            os.write(2, b"why it failed\n")
+            1 / 0
+    assert "why it failed" in capfd.readouterr().err
+
+
+def test_missing_plugin_is_one_line(monkeypatch):
+    from jax.experimental import topologies
+
+    def no_cuda(**kwargs):
+        raise NotImplementedError("topology not implemented for cuda")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_cuda)
+    with pytest.raises(SystemExit, match="CUDA plugin is not installed"):
+        hopper_compile.hopper_sharding()
 
 
 HLO_WITH_A_LOOP = """HloModule m
@@ -114,14 +158,27 @@ def test_while_loop_launches_counts_one_iteration_only():
     assert found[1] == ("fusion", "", "(f32[4], f32[4])")
 
 
+def test_while_loop_launches_refuses_what_it_would_miscount():
+    nested = HLO_WITH_A_LOOP.replace("%c = f32[4]{0} copy(%gemm)",
+                                     "%c = f32[4]{0} call(%gemm), to_apply=%fused_a")
+    with pytest.raises(ValueError, match="call"):
+        hopper_compile.while_loop_launches(nested)
+    with pytest.raises(ValueError, match="found 0"):
+        hopper_compile.while_loop_launches(HLO_WITH_A_LOOP.replace(" while(", " other("))
+
+
 def test_while_loop_launches_of_a_real_compiled_loop():
-    """The parser on XLA's own text (the CPU compiler's): a loop body with work in it."""
+    """The parser on XLA's own text (the CPU compiler's): the loop's work, not what comes
+    before and after it."""
     def loop(x, n):
-        return jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(y * 2.0 + i), x)
+        x = jnp.sin(x)
+        return jnp.cos(jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(y * 2.0 + i), x))
 
     text = jax.jit(loop).lower(jnp.ones(1000), 5).compile().as_text()
     found = hopper_compile.while_loop_launches(text)
-    assert found and all(opcode in hopper_compile.LAUNCHING for opcode, _, _ in found)
+    big = [(opcode, op_name) for opcode, op_name, shape in found if shape == "f32[1000]"]
+    assert big == [("fusion", "tanh")]  # not the sin before the loop nor the cos after it
+    assert {shape for _, _, shape in found} == {"f32[1000]", "s32[]", "pred[]"}  # the counter
 
 
 def test_lowered_for_switches_the_interpreter_off_inside_only():
