@@ -22,7 +22,10 @@ segments. CTAs/SM is the least of what the registers allow (one warpgroup of 128
 CTA, 65,536 registers per SM, allocated per warp in units of 256), what the SMEM allows (233,472
 bytes per SM, 1 KiB reserved per CTA; a kernel's SMEM is its dynamic allocation plus ptxas'
 static bytes) and the SM's 2,048 threads; waves is the grid (B·N CTAs) over 132 SMs × CTAs/SM,
-rounded up: each wave costs about as long as the slowest CTA's whole sequence.
+rounded up: each wave costs about as long as the slowest CTA's whole sequence. Step loops are
+the instructions (per warp) of each innermost SASS loop that issues a wgmma: the forward's one
+step, the backward's state recomputation and walk back (4 steps each); they need nvdisasm beside
+ptxas in the CUDA toolkit Mosaic GPU finds (pip's nvidia-cuda-nvdisasm has one).
 
 ``decode``: the 400M hybrid's on-device decode loop (``Generator.decode``, bf16 parameters,
 greedy) with caches as ``benchmarks/decode_bench.py`` builds them at ``--context``: the kernels
@@ -116,6 +119,7 @@ class KernelResources:
     registers: int
     spill_bytes: int  # stores + loads
     smem_bytes: int  # dynamic + static
+    wgmma_loops: tuple = ()  # (instructions, wgmmas) of each innermost loop with a wgmma
 
     def occupancy_limits(self):
         """CTAs per SM that the registers, the SMEM and the threads each allow."""
@@ -152,6 +156,27 @@ def parse_dynamic_smem(module_text):
     return int(match.group(1))
 
 
+def sass_wgmma_loops(sass):
+    """``(instructions, wgmma instructions)`` of each innermost loop of a kernel's SASS (as
+    nvdisasm prints it) that issues a wgmma: the recurrence's step loops. A loop is a branch back
+    to a label above it; innermost, it holds no other."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"\s*(\.L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA `?\((\.L_x_\d+)\)", line))
+             and labels.get(m.group(1), i) < i]
+    found = []
+    for start, end in loops:
+        if any(start <= s and e <= end and (s, e) != (start, end) for s, e in loops):
+            continue
+        body = [line for line in lines[start:end + 1] if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+        wgmmas = sum("HGMMA" in line for line in body)
+        if wgmmas:
+            found.append((len(body), wgmmas))
+    return tuple(found)
+
+
 def collect_kernel_reports(folder):
     """The resources of each kernel whose reports Mosaic GPU wrote into ``folder``."""
     found = []
@@ -160,8 +185,10 @@ def collect_kernel_reports(folder):
         registers, spills, static_smem = parse_ptxas(ptxas.read_text())
         dynamic_smem = parse_dynamic_smem(
             (ptxas.parent / f"{stem}.after_layout_inference.txt").read_text())
+        sass = ptxas.parent / f"{stem}.sass_ctrl"  # written where Mosaic GPU finds nvdisasm
+        loops = sass_wgmma_loops(sass.read_text()) if sass.exists() else ()
         found.append(KernelResources(re.sub(r"_\d+$", "", stem), registers, spills,
-                                     dynamic_smem + static_smem))
+                                     dynamic_smem + static_smem, loops))
     if not found:
         raise RuntimeError(f"Mosaic GPU wrote no ptxas report into {folder}: were the kernels "
                            "compiled for the GPU?")
@@ -252,14 +279,16 @@ def kernel_rows(args, sharding):
 def print_kernel_table(rows, grid):
     print(f"ptxas: {ptxas_version()}")
     print(f"{'kernel':<22} {'chunk':>5} {'segments':>8} {'registers':>9} {'spills':>6} "
-          f"{'SMEM KiB':>8} {'CTAs/SM (registers, SMEM)':>25} {'waves':>5}")
+          f"{'SMEM KiB':>8} {'CTAs/SM (registers, SMEM)':>25} {'waves':>5}  step loops")
     for kernel, chunk_size, segments in rows:
         limits = kernel.occupancy_limits()
         waves = kernel.waves(grid)
         per_sm = f"{kernel.ctas_per_sm()} ({limits['registers']}, {limits['SMEM']})"
+        loops = (", ".join(f"{n} ({w} wgmma)" for n, w in kernel.wgmma_loops)
+                 if kernel.wgmma_loops else "no nvdisasm")
         print(f"{kernel.name:<22} {chunk_size or 'auto':>5} {str(segments):>8} "
               f"{kernel.registers:>9} {kernel.spill_bytes:>6} {kernel.smem_bytes / 1024:>8.1f} "
-              f"{per_sm:>25} {waves or '-':>5}")
+              f"{per_sm:>25} {waves or '-':>5}  {loops}")
 
 
 def hlo_computations(hlo_text):

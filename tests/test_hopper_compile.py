@@ -30,6 +30,26 @@ MODULE_TEXT = ("%3 = gpu.launch async [%2] blocks(%a, %b, %c) in (%x = %c84, %y 
                "dynamic_shared_memory_size %c{smem}_i32 {{")
 
 
+SASS = """        .text.kernel:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0020*/                   FADD R2, R2, R3 ;
+.L_x_2:
+        /*0030*/                   FFMA R2, R2, R3, R4 ;
+        /*0040*/              @P0 BRA `(.L_x_2) ;
+   -:-:-:Y:01        /*0050*/      HGMMA.64x16x16.F32.BF16 R24, gdesc[UR8], R24 ;
+   -:-:-:Y:06        /*0060*/  @P1 BRA `(.L_x_1) ;
+.L_x_3:
+        /*0070*/                   HGMMA.64x16x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0080*/                   FMUL R5, R5, R6 ;
+        /*0090*/              @P2 BRA `(.L_x_3) ;
+        /*00a0*/              @P3 BRA `(.L_x_4) ;
+.L_x_4:
+        /*00b0*/                   EXIT ;
+"""
+
+
 def test_ptxas_reports_and_modules_parse():
     assert hopper_compile.parse_ptxas(PTXAS_REPORT.format(
         stores=0, loads=0, registers=209)) == (209, 0, 1)
@@ -52,11 +72,20 @@ def test_kernel_reports_are_collected_per_kernel(tmp_path):
         (tmp_path / f"{stem}.after_layout_inference.txt").write_text(
             MODULE_TEXT.format(smem=smem))
     (tmp_path / "m2rnn_forward_mosaic_0.ptx").write_text("// not a report")
+    (tmp_path / "m2rnn_forward_mosaic_0.sass_ctrl").write_text(SASS)  # nvdisasm found once
     found = {k.name: k for k in hopper_compile.collect_kernel_reports(tmp_path)}
     resources = hopper_compile.KernelResources
     assert found == {  # dynamic SMEM + ptxas' 1 static byte
-        "m2rnn_forward_mosaic": resources("m2rnn_forward_mosaic", 54, 4, 35865),
+        "m2rnn_forward_mosaic": resources("m2rnn_forward_mosaic", 54, 4, 35865, ((3, 1),)),
         "m2rnn_backward_mosaic": resources("m2rnn_backward_mosaic", 209, 4, 111633)}
+
+
+def test_sass_loops_are_the_innermost_ones_with_a_wgmma():
+    # .L_x_2's loop has no wgmma; .L_x_1's holds it, so it is not innermost; .L_x_3's counts
+    # (3 instructions, 1 wgmma); the forward branch to .L_x_4 is no loop.
+    assert hopper_compile.sass_wgmma_loops(SASS) == ((3, 1),)
+    unnested = SASS.replace("@P0 BRA `(.L_x_2)", "@P0 BRA `(.L_x_4)")
+    assert hopper_compile.sass_wgmma_loops(unnested) == ((6, 2), (3, 1))
 
 
 @pytest.mark.parametrize("registers, smem, limits", [
