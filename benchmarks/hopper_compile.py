@@ -183,8 +183,12 @@ def collect_kernel_reports(folder):
     for ptxas in sorted(pathlib.Path(folder).glob("*.ptxas")):
         stem = ptxas.name[:-len(".ptxas")]
         registers, spills, static_smem = parse_ptxas(ptxas.read_text())
-        dynamic_smem = parse_dynamic_smem(
-            (ptxas.parent / f"{stem}.after_layout_inference.txt").read_text())
+        # The lowered module: after layout inference, or (lowered without it, as with Lane
+        # semantics) in the pass log.
+        module = next(path for path in (ptxas.parent / f"{stem}.after_layout_inference.txt",
+                                        ptxas.parent / f"{stem}.mlir-passes.log")
+                      if path.exists())
+        dynamic_smem = parse_dynamic_smem(module.read_text())
         sass = ptxas.parent / f"{stem}.sass_ctrl"  # written where Mosaic GPU finds nvdisasm
         loops = sass_wgmma_loops(sass.read_text()) if sass.exists() else ()
         found.append(KernelResources(re.sub(r"_\d+$", "", stem), registers, spills,

@@ -65,12 +65,12 @@ def test_ptxas_reports_and_modules_parse():
 def test_kernel_reports_are_collected_per_kernel(tmp_path):
     with pytest.raises(RuntimeError, match="no ptxas report"):
         hopper_compile.collect_kernel_reports(tmp_path)
-    for stem, registers, smem in (("m2rnn_forward_mosaic_0", 54, 35864),
-                                  ("m2rnn_backward_mosaic_1", 209, 111632)):
+    for stem, registers, smem, module in (
+            ("m2rnn_forward_mosaic_0", 54, 35864, "after_layout_inference.txt"),
+            ("m2rnn_backward_mosaic_1", 209, 111632, "mlir-passes.log")):  # no layout inference
         (tmp_path / f"{stem}.ptxas").write_text(
             PTXAS_REPORT.format(stores=0, loads=4, registers=registers))
-        (tmp_path / f"{stem}.after_layout_inference.txt").write_text(
-            MODULE_TEXT.format(smem=smem))
+        (tmp_path / f"{stem}.{module}").write_text(MODULE_TEXT.format(smem=smem))
     (tmp_path / "m2rnn_forward_mosaic_0.ptx").write_text("// not a report")
     (tmp_path / "m2rnn_forward_mosaic_0.sass_ctrl").write_text(SASS)  # nvdisasm found once
     found = {k.name: k for k in hopper_compile.collect_kernel_reports(tmp_path)}
