@@ -4,6 +4,7 @@ SMEM and occupancy (from ptxas), and how many kernels one decode token launches.
     pip install -e '.[hopper-compile]'     # JAX's CUDA plugin, without the CUDA libraries
     python benchmarks/hopper_compile.py kernels [--chunk-sizes 16 32] [--shape 4 4096 84]
     python benchmarks/hopper_compile.py decode [--batches 1 32] [--context 1024]
+    python benchmarks/hopper_compile.py step [--batch 4] [--top 25] [key=value ...]
 
 JAX runs on the CPU; XLA compiles deviceless for a described GPU (by default an H200: 132 SMs,
 228 KiB of SMEM and 65,536 registers per SM, 4.8 TB/s), and Mosaic GPU lowers its kernels and
@@ -31,6 +32,13 @@ ptxas in the CUDA toolkit Mosaic GPU finds (pip's nvidia-cuda-nvdisasm has one).
 greedy) with caches as ``benchmarks/decode_bench.py`` builds them at ``--context``: the kernels
 its loop body launches per token (fusions, library calls such as cuBLAS GEMMs, copies), by the
 operation each was made from. It counts kernels; their time comes from the GPU.
+
+``step``: the 400M hybrid's train step (``benchmarks/train_bench.py``'s, batch × 4096 tokens;
+``key=value`` overrides the model config as there) with its M²RNN layers on the Mosaic GPU
+kernels and XLA attention (cuDNN's fused attention cannot compile without the cuDNN library):
+its kernels, each with the bytes its operands and output span, the largest first. A static map
+of where memory traffic goes, not a profile: an operand the kernel reads only a slice of counts
+whole, and compute-bound kernels (the GEMMs) cost more than their bytes say.
 """
 
 import argparse
@@ -52,10 +60,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 import decode_bench  # benchmarks/ is on sys.path when run as a script
+import train_bench
 from kernel_bench import CLIP, KEY_DIM, VALUE_DIM
-from m2rnn_jax import HybridLM, m2rnn
+from m2rnn_jax import HybridLM, ModelConfig, m2rnn
 from m2rnn_jax.generation import Generator
+from m2rnn_jax.typed_config import load_yaml, override
 from pallas_kernels.m2rnn import platforms
+from train import sharding as sharding_lib
+from train.step import build_trainee
 
 # Hopper per-SM limits (the H100 and H200 share them; the H200 has more and faster memory).
 SM_COUNT = 132
@@ -66,6 +78,7 @@ REGISTERS_PER_SM = 65_536
 REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
 THREADS_PER_SM = 2048
 THREADS_PER_CTA = 128  # the kernels' one warpgroup
+SEQ_LEN = 4096  # the training benchmark's rows
 H200 = {  # the fields of XLA's GpuTargetConfigProto that a compile reads
     "threads_per_block_limit": 1024, "threads_per_warp": 32,
     "shared_memory_per_block": 49_152, "shared_memory_per_core": SMEM_PER_SM,
@@ -95,6 +108,12 @@ def target_config():
 def hopper_sharding(target_config_file=None):
     """A one-device sharding on a deviceless GPU (the H200 below, or the description in
     ``target_config_file``): arguments placed on it compile for it."""
+    return jax.sharding.NamedSharding(hopper_mesh(target_config_file),
+                                      jax.sharding.PartitionSpec())
+
+
+def hopper_mesh(target_config_file=None, axis_name="device"):
+    """A one-device mesh of a deviceless GPU."""
     from jax.experimental import topologies
     description = (target_config() if target_config_file is None else
                    pathlib.Path(target_config_file).read_text())
@@ -104,8 +123,7 @@ def hopper_sharding(target_config_file=None):
     except NotImplementedError:  # no CUDA backend registered: the plugin is missing
         raise SystemExit("error: JAX's CUDA plugin is not installed; install it with: "
                          "pip install -e '.[hopper-compile]'") from None
-    mesh = topologies.make_mesh(topology, (1,), ("device",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return topologies.make_mesh(topology, (1,), (axis_name,))
 
 
 def abstract(tree, sharding):
@@ -372,6 +390,63 @@ def decode_launches(batch, context, sharding, steps=32):
     return while_loop_launches(compiled.as_text())
 
 
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+               "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def shape_bytes(shape):
+    """Bytes of an HLO shape (a tuple shape: of all its parts)."""
+    total = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shape):
+        if dtype in DTYPE_BYTES:
+            total += math.prod(int(d) for d in dims.split(",") if d) * DTYPE_BYTES[dtype]
+    return total
+
+
+def entry_traffic(hlo_text):
+    """``(bytes, opcode, output shape, op_name)`` of each launch of the entry computation: the
+    bytes of its operands (whole, as defined in the entry computation) and of its output."""
+    computations, entry = hlo_computations(hlo_text)
+    shapes, found = {}, []
+    for line in computations[entry]:
+        match = re.match(r"(?:ROOT )?(%?[\w.\-]+) = (.*?) ([\w-]+)\((.*?)\)(?:,|$)", line)
+        if not match:
+            continue
+        name, shape, opcode, operands = match.groups()
+        shapes[name] = shape
+        if opcode in LAUNCHING:
+            read = sum(shape_bytes(shapes.get(operand.split()[-1], ""))
+                       for operand in operands.split(",") if operand.strip())
+            op_name = re.search(r'op_name="([^"]+)"', line)
+            found.append((read + shape_bytes(shape), opcode, re.sub(r"\{[^}]*\}", "", shape),
+                          op_name.group(1) if op_name else ""))
+    return found
+
+
+def step_traffic(batch, overrides, target_config_file):
+    model_config = override(load_yaml(ModelConfig, train_bench.HYBRID_CONFIG), overrides)
+    model_config = dataclasses.replace(  # as train_bench trains it, on the kernels it would run
+        model_config, m2rnn=dataclasses.replace(model_config.m2rnn, backend="mosaic_gpu"),
+        attention=dataclasses.replace(model_config.attention, implementation="xla"),
+        compute_dtype="bfloat16", param_dtype="float32")
+    config = train_bench.train_config(model_config, batch, SEQ_LEN, steps=1)
+    mesh = sharding_lib.make_mesh(config.mesh, list(hopper_mesh(target_config_file).devices.flat))
+    trainee = build_trainee(config, mesh)
+    rows = jax.ShapeDtypeStruct((1, batch, SEQ_LEN + 1), jnp.int32,
+                                sharding=sharding_lib.batch_sharding(mesh, 3, leading=1))
+    compiled = trainee.train_step.lower(trainee.abstract_state(), {
+        "tokens": rows, "segment_ids": rows}).compile()
+    return entry_traffic(compiled.as_text())
+
+
+def print_step_table(batch, found, top):
+    total = sum(row[0] for row in found)
+    print(f"train step, batch {batch} x {SEQ_LEN}: {len(found)} kernels, {total / 1e9:.1f} GB "
+          f"spanned by their operands and outputs; the {top} largest:")
+    for spanned, opcode, shape, op_name in sorted(found, key=lambda row: -row[0])[:top]:
+        print(f"  {spanned / 1e9:7.2f} GB  {opcode:<12} {shape[:48]:<48} {op_name[-70:]}")
+
+
 def print_decode_table(batch, context, found):
     print(f"decode, batch {batch}, context {context}: {len(found)} kernels per token "
           "(count, instruction, JAX operation, output shape)")
@@ -395,6 +470,11 @@ def parse_args(argv=None):
                         help="rows decoded together")
     decode.add_argument("--context", type=int, default=1024,
                         help="tokens already in the caches")
+    step = sub.add_parser("step", help="the train step's kernels by the bytes they span")
+    step.add_argument("--batch", type=int, default=4, help="rows of 4096 tokens")
+    step.add_argument("--top", type=int, default=25, help="kernels listed")
+    step.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="model config overrides, e.g. layer_pattern=MMMA")
     return parser.parse_args(argv)
 
 
@@ -407,6 +487,9 @@ def main(argv=None):
     with platforms.lowered_for("gpu"):
         if args.command == "kernels":
             print_kernel_table(kernel_rows(args, sharding), args.shape[0] * args.shape[2])
+        elif args.command == "step":
+            print_step_table(args.batch, step_traffic(args.batch, args.overrides,
+                                                      args.target_config), args.top)
         else:
             for batch in args.batches:
                 print_decode_table(batch, args.context,

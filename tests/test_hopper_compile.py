@@ -187,6 +187,12 @@ def test_while_loop_launches_counts_one_iteration_only():
     assert found[1] == ("fusion", "", "(f32[4], f32[4])")
 
 
+def test_entry_traffic_counts_operands_and_outputs_of_launches():
+    assert hopper_compile.shape_bytes("(bf16[2,3]{1,0}, f32[4]{0}, pred[])") == 12 + 16 + 1
+    # the fusion before the loop: reads x.1 (f32[4]) and writes f32[4]; the loop is no launch
+    assert hopper_compile.entry_traffic(HLO_WITH_A_LOOP) == [(32, "fusion", "f32[4]", "")]
+
+
 def test_while_loop_launches_refuses_what_it_would_miscount():
     nested = HLO_WITH_A_LOOP.replace("%c = f32[4]{0} copy(%gemm)",
                                      "%c = f32[4]{0} call(%gemm), to_apply=%fused_a")
