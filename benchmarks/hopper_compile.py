@@ -82,7 +82,7 @@ SEQ_LEN = 4096  # the training benchmark's rows
 H200 = {  # the fields of XLA's GpuTargetConfigProto that a compile reads
     "threads_per_block_limit": 1024, "threads_per_warp": 32,
     "shared_memory_per_block": 49_152, "shared_memory_per_core": SMEM_PER_SM,
-    "shared_memory_per_block_optin": SMEM_PER_BLOCK, "threads_per_core_limit": 2048,
+    "shared_memory_per_block_optin": SMEM_PER_BLOCK, "threads_per_core_limit": THREADS_PER_SM,
     "core_count": SM_COUNT, "fpus_per_core": 128, "block_dim_limit_x": 2**31 - 1,
     "block_dim_limit_y": 65_535, "block_dim_limit_z": 65_535,
     "memory_bandwidth": 4_800_000_000_000, "l2_cache_size": 50 * 2**20, "clock_rate_ghz": 1.98,
@@ -95,6 +95,8 @@ LAUNCHING = ("fusion", "custom-call", "copy", "copy-start", *COLLECTIVES,
              *(f"{name}-start" for name in COLLECTIVES))
 # Instructions whose launches live in another computation: the loop parser refuses them.
 NESTING = ("call", "conditional", "while", "async-start")
+# One HLO instruction: its name, output shape, opcode and operands.
+INSTRUCTION = re.compile(r"(?:ROOT )?(\S+) = (.*?) ([\w-]+)\((.*?)\)(?:,|$)")
 
 
 def target_config():
@@ -105,15 +107,9 @@ def target_config():
             'runtime_version { major: 13 }\ndevice_description_str: "NVIDIA H200"\n')
 
 
-def hopper_sharding(target_config_file=None):
-    """A one-device sharding on a deviceless GPU (the H200 below, or the description in
+def hopper_mesh(target_config_file=None):
+    """A one-device mesh of a deviceless GPU (the H200 above, or the description in
     ``target_config_file``): arguments placed on it compile for it."""
-    return jax.sharding.NamedSharding(hopper_mesh(target_config_file),
-                                      jax.sharding.PartitionSpec())
-
-
-def hopper_mesh(target_config_file=None, axis_name="device"):
-    """A one-device mesh of a deviceless GPU."""
     from jax.experimental import topologies
     description = (target_config() if target_config_file is None else
                    pathlib.Path(target_config_file).read_text())
@@ -123,7 +119,7 @@ def hopper_mesh(target_config_file=None, axis_name="device"):
     except NotImplementedError:  # no CUDA backend registered: the plugin is missing
         raise SystemExit("error: JAX's CUDA plugin is not installed; install it with: "
                          "pip install -e '.[hopper-compile]'") from None
-    return topologies.make_mesh(topology, (1,), (axis_name,))
+    return topologies.make_mesh(topology, (1,), ("device",))
 
 
 def abstract(tree, sharding):
@@ -334,11 +330,11 @@ def launches(instructions):
     (the last part of the JAX operation's name, the output shape without layouts)."""
     found = []
     for line in instructions:
-        match = re.match(r"(?:ROOT )?\S+ = (.*?) ([\w-]+)\(", line)
-        if match and match.group(2) in LAUNCHING:
+        match = INSTRUCTION.match(line)
+        if match and match.group(3) in LAUNCHING:
             op_name = re.search(r'op_name="([^"]+)"', line)
-            shape = re.sub(r"\{[^}]*\}", "", match.group(1))
-            found.append((match.group(2), op_name.group(1).rsplit("/", 1)[-1] if op_name else "",
+            shape = re.sub(r"\{[^}]*\}", "", match.group(2))
+            found.append((match.group(3), op_name.group(1).rsplit("/", 1)[-1] if op_name else "",
                           shape))
     return found
 
@@ -353,15 +349,16 @@ def while_loop_launches(hlo_text):
     body = re.search(r"body=%?([\w.\-]+)", loops[0]).group(1)
     condition = re.search(r"condition=%?([\w.\-]+)", loops[0]).group(1)
     iteration = computations[body] + computations[condition]
-    nested = {m.group(1) for line in iteration
-              if (m := re.match(r"(?:ROOT )?\S+ = .*? ([\w-]+)\(", line)) and m.group(1) in NESTING}
+    nested = {m.group(3) for line in iteration
+              if (m := INSTRUCTION.match(line)) and m.group(3) in NESTING}
     if nested:
         raise ValueError(f"the loop body holds {sorted(nested)}: its launches would be missed")
     return launches(iteration)
 
 
 def decode_launches(batch, context, sharding, steps=32):
-    config = decode_bench.model_configs(decode_bench.parse_args(["--models", "hybrid"]))["hybrid"]
+    bench_args = decode_bench.parse_args(["--models", "hybrid"])
+    config = decode_bench.model_configs(bench_args)["hybrid"]
     model = nnx.eval_shape(lambda: HybridLM(config, rngs=nnx.Rngs(0)))
     built = []
 
@@ -371,8 +368,7 @@ def decode_launches(batch, context, sharding, steps=32):
 
     state = jax.eval_shape(generator_state)
     generator = built[0]  # for its loop function; its own state holds tracers, unused
-    defaults = decode_bench.parse_args([])
-    max_len = context + defaults.warmup + 3 * steps + 1  # as decode_bench sizes the caches
+    max_len = context + bench_args.warmup + 3 * steps + 1  # as decode_bench sizes the caches
     caches = jax.eval_shape(
         lambda: decode_bench.synthetic_caches(model, batch, context, max_len))
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -409,7 +405,7 @@ def entry_traffic(hlo_text):
     computations, entry = hlo_computations(hlo_text)
     shapes, found = {}, []
     for line in computations[entry]:
-        match = re.match(r"(?:ROOT )?(%?[\w.\-]+) = (.*?) ([\w-]+)\((.*?)\)(?:,|$)", line)
+        match = INSTRUCTION.match(line)
         if not match:
             continue
         name, shape, opcode, operands = match.groups()
@@ -423,14 +419,14 @@ def entry_traffic(hlo_text):
     return found
 
 
-def step_traffic(batch, overrides, target_config_file):
+def step_traffic(batch, overrides, device_mesh):
     model_config = override(load_yaml(ModelConfig, train_bench.HYBRID_CONFIG), overrides)
     model_config = dataclasses.replace(  # as train_bench trains it, on the kernels it would run
         model_config, m2rnn=dataclasses.replace(model_config.m2rnn, backend="mosaic_gpu"),
         attention=dataclasses.replace(model_config.attention, implementation="xla"),
         compute_dtype="bfloat16", param_dtype="float32")
     config = train_bench.train_config(model_config, batch, SEQ_LEN, steps=1)
-    mesh = sharding_lib.make_mesh(config.mesh, list(hopper_mesh(target_config_file).devices.flat))
+    mesh = sharding_lib.make_mesh(config.mesh, list(device_mesh.devices.flat))
     trainee = build_trainee(config, mesh)
     rows = jax.ShapeDtypeStruct((1, batch, SEQ_LEN + 1), jnp.int32,
                                 sharding=sharding_lib.batch_sharding(mesh, 3, leading=1))
@@ -483,13 +479,14 @@ def main(argv=None):
     # JAX itself on the CPU: the CUDA plugin then registers (for the deviceless topology) without
     # looking for a GPU or the CUDA libraries.
     jax.config.update("jax_platforms", "cpu")
-    sharding = hopper_sharding(args.target_config)
+    mesh = hopper_mesh(args.target_config)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with platforms.lowered_for("gpu"):
         if args.command == "kernels":
             print_kernel_table(kernel_rows(args, sharding), args.shape[0] * args.shape[2])
         elif args.command == "step":
-            print_step_table(args.batch, step_traffic(args.batch, args.overrides,
-                                                      args.target_config), args.top)
+            print_step_table(args.batch, step_traffic(args.batch, args.overrides, mesh),
+                             args.top)
         else:
             for batch in args.batches:
                 print_decode_table(batch, args.context,

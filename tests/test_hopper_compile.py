@@ -136,7 +136,7 @@ def test_missing_plugin_is_one_line(monkeypatch):
 
     monkeypatch.setattr(topologies, "get_topology_desc", no_cuda)
     with pytest.raises(SystemExit, match="CUDA plugin is not installed"):
-        hopper_compile.hopper_sharding()
+        hopper_compile.hopper_mesh()
 
 
 HLO_WITH_A_LOOP = """HloModule m
