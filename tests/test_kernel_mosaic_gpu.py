@@ -55,9 +55,11 @@ BF16_CASES = {
     "paper_grouping_keep_ckpt64": ((1, 1, 3, 3, 3), 128, 64, True, True),
     # q/k in two groups, one W shared by all heads, no reset mask, no checkpoints.
     "two_qk_groups_shared_w": ((2, 2, 2, 2, 1), 64, 32, False, False),
-    # Interval not a multiple of the staging block: staged in 8-step blocks (f and keep slots
-    # padded to 32 steps), and in 48-step blocks (padded to 64).
+    # Interval 8 inside 32-step staging blocks: four checkpoints per block.
     "chunk8": ((1, 1, 2, 2, 2), 32, 8, True, True),
+    # S not a multiple of 32: staged in 16-step blocks (f and keep slots padded to 32 steps);
+    # an interval of 48 in 48-step blocks (padded to 64).
+    "chunk16_short_blocks": ((1, 1, 2, 2, 2), 48, 16, True, True),
     "chunk48": ((1, 1, 2, 2, 2), 96, 48, True, True),
 }
 
@@ -158,6 +160,9 @@ BWD_CASES = {
     "paper_grouping_keep_clip": ((1, 1, 2, 2, 2), 64, 32, True, 0.5),
     # Two q/k groups, one shared W, no resets, no clipping, one chunk of 64.
     "two_qk_groups_noclip": ((2, 2, 2, 2, 1), 64, 64, False, None),
+    # The default interval (16) over three chunks, and the shortest (8).
+    "chunk16_keep_clip": ((1, 1, 3, 3, 3), 48, 16, True, 1.0),
+    "chunk8_keep": ((1, 1, 2, 2, 2), 32, 8, True, None),
 }
 
 
@@ -209,7 +214,7 @@ def test_backward_lowers_for_cuda(monkeypatch):
     barriers, and the TMA reduce-add of float32 dq/dk into zero-initialised ``jax.new_ref``
     buffers (inputs aliased to outputs)."""
     monkeypatch.setattr(platforms, "interpret", lambda platform: False)
-    for seq_len, chunk in ((64, 32), (128, 64)):
+    for seq_len, chunk in ((32, 8), (64, 16), (64, 32), (128, 64)):
         fn = functools.partial(mosaic_gpu.backward, gradient_clipping=1.0, chunk_size=chunk)
         module = jax.export.export(jax.jit(fn), platforms=["cuda"])(
             *_backward_shapes(seq_len, chunk)).mlir_module()

@@ -14,7 +14,11 @@ from pallas_kernels.m2rnn.loops import fori_loop
 from pallas_kernels.m2rnn.mosaic_gpu import common, warp_sums
 from pallas_kernels.m2rnn.mosaic_gpu.common import BF16, F32, KEY_DIM, VALUE_DIM
 
-SUBCHUNK = 4  # states recomputed into registers at once (4·16 = the wgmma M of dW)
+# The walk back recomputes RECORD_EVERY states into registers at once from the states recorded
+# every RECORD_EVERY steps; the dW wgmma takes DW_STEPS steps at once (M = DW_STEPS·16 = 64).
+# Two states rather than four keep the kernel under 168 registers, so that 3 CTAs fit an SM.
+RECORD_EVERY = 2
+DW_STEPS = 4
 
 
 def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
@@ -25,9 +29,8 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
     # (B, S, N, 64) outputs: same position. Names ending in ``_s`` are SMEM scratch (the
     # ``scratch`` list of ``backward`` says what each holds).
     (ckpt_ref, dy_ref, dhf_ref, dq_ref, dk_ref, dv_ref, df_ref, dw_ref, dh0_ref,
-     q_s, k_s, v_s, dy_s, f_s, keep_s, w_s, wt_s, sub_s, h_s, h_prev_stack_s, du_stack_s,
-     dq_s, dk_s, dv_s, df_s, dw_out_s, in_bar, w_bar, dv_warp_partials_s,
-     df_warp_partials_s) = rest
+     q_s, k_s, v_s, dy_s, f_s, keep_s, w_s, wt_s, states_s, h_prev_stack_s, du_stack_s,
+     dq_s, dk_s, dv_s, df_s, in_bar, w_bar, dv_warp_partials_s, df_warp_partials_s) = rest
     if on_gpu:
         def inline(body):
             return plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(body)
@@ -45,14 +48,16 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
     wgmma_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     col_layout = plgpu.Layout.WGMMA.reduce(0)
-    subs = chunk // SUBCHUNK
+    records = chunk // RECORD_EVERY
+    halves = DW_STEPS // RECORD_EVERY
     cols = pl.ds(n * VALUE_DIM, VALUE_DIM)
 
     plgpu.copy_gmem_to_smem(w_ref.at[n], w_s, w_bar)
     plgpu.copy_gmem_to_smem(wt_ref.at[n], wt_s, w_bar)
-    plgpu.copy_gmem_to_smem(dhf_ref.at[b, n], h_s, w_bar)
+    # states_s[0] is also where dh_final, each chunk's checkpoint, dh0 and dW pass through.
+    plgpu.copy_gmem_to_smem(dhf_ref.at[b, n], states_s.at[0], w_bar)
     plgpu.barrier_wait(w_bar)
-    g_later = plgpu.load(h_s, layout=wgmma_layout, optimized=False)
+    g_later = plgpu.load(states_s.at[0], layout=wgmma_layout, optimized=False)
 
     def clamp(x):
         return x if clip is None else jnp.minimum(jnp.maximum(x, -clip), clip)
@@ -82,21 +87,22 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
         return k_t, v_t, f_s[t], keep_t
 
     def advance(h, t):
-        """H_{t-1} before a reset -> (reset H_{t-1}, Z_t, H_t)."""
+        """H_{t-1} before a reset -> (Z_t, H_t)."""
         k_t, v_t, f_t, keep_t = load_step(t)
         if keep_t is not None:
             h = h * keep_t
         kv = lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0]) * lax.broadcast_in_dim(
             v_t, (KEY_DIM, VALUE_DIM), [1])
         z = jnp.tanh(matmul_w(h, w_s, split_state, kv))
-        return h, z, z + f_t * (h - z)
+        return z, z + f_t * (h - z)
 
     def chunk_loop(acc_ref, g_later, dw):
         def chunk_body(i, acc):
             g_later, dw = acc
             c = num_chunks - 1 - i
             steps = pl.ds(c * chunk, chunk)
-            # The previous chunk's output blocks (and h_s) have been read by their copies.
+            # The previous chunk's output blocks have been read by their copies, and every
+            # thread is past its reads of states_s (its slot 0 takes the checkpoint).
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             plgpu.commit_smem()
             plgpu.copy_gmem_to_smem(q_ref.at[b, steps, grp], q_s, in_bar)
@@ -104,71 +110,79 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
             plgpu.copy_gmem_to_smem(v_ref.at[b, steps, n], v_s, in_bar)
             plgpu.copy_gmem_to_smem(dy_ref.at[b, steps, n], dy_s, in_bar)
             plgpu.copy_gmem_to_smem(f_ref.at[b, n, steps], f_s, in_bar)
-            plgpu.copy_gmem_to_smem(ckpt_ref.at[b, c, :, cols], h_s, in_bar)
+            plgpu.copy_gmem_to_smem(ckpt_ref.at[b, c, :, cols], states_s.at[0], in_bar)
             if has_keep:
                 plgpu.copy_gmem_to_smem(keep_ref.at[b, steps], keep_s, in_bar)
             plgpu.barrier_wait(in_bar)
 
-            # Phase 1: the state at every sub-chunk start, into SMEM.
+            # Phase 1: the state every RECORD_EVERY steps, into SMEM (the first is the
+            # checkpoint itself).
             def record(j, h):
-                sub_s[j] = h
-                for m in range(SUBCHUNK):
-                    _, _, h = advance(h, j * SUBCHUNK + m)
+                for m in range(RECORD_EVERY):
+                    _, h = advance(h, j * RECORD_EVERY + m)
+                states_s[j + 1] = h
                 return h
 
-            h = plgpu.load(h_s, layout=wgmma_layout, optimized=False)
-            fori_loop(0, subs, record, h)
-            plgpu.commit_smem()  # sub_s is written (read back in another layout, maybe)
+            h = plgpu.load(states_s.at[0], layout=wgmma_layout, optimized=False)
+            fori_loop(0, records - 1, record, h)
+            plgpu.commit_smem()  # states_s is written (read back in another layout, maybe)
 
-            # Phase 2: sub-chunks in reverse, recomputed into registers and walked back.
+            # Phase 2: DW_STEPS steps at a time in reverse, each RECORD_EVERY steps recomputed
+            # into registers from their recorded state and walked back; one dW wgmma per
+            # DW_STEPS steps.
             def walk_back(i2, acc):
                 g_later, dw = acc
-                j = subs - 1 - i2
-                h = sub_s[j]
-                befores, prevs, zs = [h], [], []
-                for m in range(SUBCHUNK):
-                    h_prev, z, h = advance(h, j * SUBCHUNK + m)
-                    befores.append(h)
-                    prevs.append(h_prev)
-                    zs.append(z)
-                if on_gpu:
-                    plgpu.wgmma_wait(0)  # the last sub-chunk's dW wgmma has read the stacks
-                for m in reversed(range(SUBCHUNK)):
-                    t = j * SUBCHUNK + m
-                    k_t, v_t, f_t, keep_t = load_step(t)
-                    q_t = plgpu.load(q_s.at[t], layout=row_layout, optimized=False).astype(F32)
-                    dy_t = plgpu.load(dy_s.at[t], layout=col_layout, optimized=False).astype(F32)
-                    dy_b = lax.broadcast_in_dim(dy_t, (KEY_DIM, VALUE_DIM), [1])
-                    # docs/math.md §2: clamp what arrives from later steps, then add the
-                    # read-out's.
-                    g = clamp(g_later) + lax.broadcast_in_dim(
-                        q_t, (KEY_DIM, VALUE_DIM), [0]) * dy_b
-                    h_prev, z = prevs[m], zs[m]
-                    du = (1.0 - f_t) * g * (1.0 - z * z)
-                    g_later = matmul_w(du, wt_s, split_grad, f_t * g)
-                    if keep_t is not None:
-                        g_later = g_later * keep_t
-                    # No cross-warp exchange per step: dq/dk row sums are warp-local; dv and
-                    # df as per-warp partials, summed once per chunk.
-                    p_dq = befores[m + 1] * dy_b
-                    p_dk = du * lax.broadcast_in_dim(v_t, (KEY_DIM, VALUE_DIM), [1])
-                    p_dv = du * lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0])
-                    p_df = g * (h_prev - z)
-                    if on_gpu:
-                        row_sums(p_dq, dq_s.at[t])
-                        row_sums(p_dk, dk_s.at[t])
-                        col_partials(p_dv, dv_warp_partials_s.at[:, t])
-                        warp_totals(p_df, df_warp_partials_s.at[t])
-                        blk = pl.ds(m * VALUE_DIM, VALUE_DIM)
-                        h_prev_stack_s[:, blk] = h_prev.astype(BF16)
-                        du_stack_s[:, blk] = du.astype(BF16)
-                    else:  # the same sums as jnp ops (no inline Mosaic GPU code)
-                        dq_s[t] = jnp.sum(p_dq, axis=1)
-                        dk_s[t] = jnp.sum(p_dk, axis=1)
-                        dv_warp_partials_s[:, t] = jnp.sum(p_dv.reshape(4, 16, VALUE_DIM),
-                                                           axis=1)
-                        df_warp_partials_s[t] = jnp.sum(p_df.reshape(4, 16 * VALUE_DIM), axis=1)
-                        dw = dw + jnp.dot(h_prev.T, du, preferred_element_type=F32)
+                group = chunk // DW_STEPS - 1 - i2
+                for half in reversed(range(halves)):
+                    j = group * halves + half
+                    befores, zs = [states_s[j]], []
+                    for m in range(RECORD_EVERY):
+                        z, h = advance(befores[-1], j * RECORD_EVERY + m)
+                        befores.append(h)
+                        zs.append(z)
+                    if on_gpu and half == halves - 1:
+                        plgpu.wgmma_wait(0)  # the last dW wgmma has read the stacks
+                    for m in reversed(range(RECORD_EVERY)):
+                        t = j * RECORD_EVERY + m
+                        k_t, v_t, f_t, keep_t = load_step(t)
+                        q_t = plgpu.load(q_s.at[t], layout=row_layout,
+                                         optimized=False).astype(F32)
+                        dy_t = plgpu.load(dy_s.at[t], layout=col_layout,
+                                          optimized=False).astype(F32)
+                        dy_b = lax.broadcast_in_dim(dy_t, (KEY_DIM, VALUE_DIM), [1])
+                        # docs/math.md §2: clamp what arrives from later steps, then add the
+                        # read-out's.
+                        g = clamp(g_later) + lax.broadcast_in_dim(
+                            q_t, (KEY_DIM, VALUE_DIM), [0]) * dy_b
+                        # The state the step read (after a reset), recomputed rather than held.
+                        h_prev = befores[m] if keep_t is None else befores[m] * keep_t
+                        z = zs[m]
+                        du = (1.0 - f_t) * g * (1.0 - z * z)
+                        g_later = matmul_w(du, wt_s, split_grad, f_t * g)
+                        if keep_t is not None:
+                            g_later = g_later * keep_t
+                        # No cross-warp exchange per step: dq/dk row sums are warp-local; dv
+                        # and df as per-warp partials, summed once per chunk.
+                        p_dq = befores[m + 1] * dy_b
+                        p_dk = du * lax.broadcast_in_dim(v_t, (KEY_DIM, VALUE_DIM), [1])
+                        p_dv = du * lax.broadcast_in_dim(k_t, (KEY_DIM, VALUE_DIM), [0])
+                        p_df = g * (h_prev - z)
+                        if on_gpu:
+                            row_sums(p_dq, dq_s.at[t])
+                            row_sums(p_dk, dk_s.at[t])
+                            col_partials(p_dv, dv_warp_partials_s.at[:, t])
+                            warp_totals(p_df, df_warp_partials_s.at[t])
+                            blk = pl.ds((half * RECORD_EVERY + m) * VALUE_DIM, VALUE_DIM)
+                            h_prev_stack_s[:, blk] = h_prev.astype(BF16)
+                            du_stack_s[:, blk] = du.astype(BF16)
+                        else:  # the same sums as jnp ops (no inline Mosaic GPU code)
+                            dq_s[t] = jnp.sum(p_dq, axis=1)
+                            dk_s[t] = jnp.sum(p_dk, axis=1)
+                            dv_warp_partials_s[:, t] = jnp.sum(
+                                p_dv.reshape(4, 16, VALUE_DIM), axis=1)
+                            df_warp_partials_s[t] = jnp.sum(p_df.reshape(4, 16 * VALUE_DIM),
+                                                            axis=1)
+                            dw = dw + jnp.dot(h_prev.T, du, preferred_element_type=F32)
                 if on_gpu:
                     # dW += Σ_m H_{t-1}ᵀ du_t: one wgmma, M = (step, column of H), N = (step,
                     # column of du); the diagonal 16×16 blocks are summed outside.
@@ -176,7 +190,7 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
                     plgpu.wgmma(acc_ref, h_prev_stack_s.transpose((1, 0)), du_stack_s)
                 return g_later, dw
 
-            acc = fori_loop(0, subs, walk_back, (g_later, dw))
+            acc = fori_loop(0, chunk // DW_STEPS, walk_back, (g_later, dw))
             plgpu.commit_smem()  # every warp's sums are written
             if on_gpu:  # inline code: no layout inference on these small blocks
                 sum_partials(dv_warp_partials_s, dv_s, 0)
@@ -203,19 +217,25 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
         def with_acc(acc_ref):
             g_later_out, _ = chunk_loop(acc_ref, g_later, None)
             plgpu.wgmma_wait(0)
-            dw_out_s[...] = acc_ref[...]
-            return g_later_out
+            return g_later_out, acc_ref[...]
 
-        g_later = pl.run_scoped(with_acc, plgpu.ACC((KEY_DIM, KEY_DIM), F32))
+        g_later, dw_blocks = pl.run_scoped(with_acc, plgpu.ACC((KEY_DIM, KEY_DIM), F32))
+        # Column block i of the 64×64 accumulator holds dW's i-th diagonal block in rows
+        # 16i..16i+16 (the rest is discarded outside).
+        dw_columns = [dw_blocks[:, i * VALUE_DIM:(i + 1) * VALUE_DIM] for i in range(DW_STEPS)]
     else:
         g_later, dw = chunk_loop(None, g_later, jnp.zeros((VALUE_DIM, VALUE_DIM), F32))
-        dw_out_s[...] = jnp.zeros((KEY_DIM, KEY_DIM), F32)
-        dw_out_s[0:VALUE_DIM, 0:VALUE_DIM] = dw
+        zero = jnp.zeros((KEY_DIM, VALUE_DIM), F32)
+        dw_columns = [zero.at[0:VALUE_DIM].set(dw)] + [zero] * (DW_STEPS - 1)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    h_s[...] = g_later
+    for i, column in enumerate(dw_columns):
+        states_s[i] = column
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(h_s, dh0_ref.at[b, n])
-    plgpu.copy_smem_to_gmem(dw_out_s, dw_ref.at[b, n])
+    plgpu.copy_smem_to_gmem(states_s.at[pl.ds(0, DW_STEPS)], dw_ref.at[b, n])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    states_s[0] = g_later
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(states_s.at[0], dh0_ref.at[b, n])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -249,7 +269,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     out_type += [
         jax.ShapeDtypeStruct((batch, seq_len, num_heads, VALUE_DIM), dtype),         # dv
         jax.ShapeDtypeStruct((batch, num_heads, seq_len), F32),                     # df
-        jax.ShapeDtypeStruct((batch, num_heads, KEY_DIM, KEY_DIM), F32),            # dW blocks
+        jax.ShapeDtypeStruct((batch, num_heads, DW_STEPS, KEY_DIM, VALUE_DIM), F32),  # dW cols
         jax.ShapeDtypeStruct((batch, num_heads, KEY_DIM, VALUE_DIM), F32),          # dh0
     ]
     w_transforms = (plgpu.TilingTransform((8, VALUE_DIM)), plgpu.SwizzleTransform(32))
@@ -262,8 +282,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         plgpu.SMEM((c,), F32),                               # keep
         plgpu.SMEM((VALUE_DIM, VALUE_DIM), BF16, transforms=w_transforms),  # W
         plgpu.SMEM((VALUE_DIM, VALUE_DIM), BF16, transforms=w_transforms),  # Wᵀ
-        plgpu.SMEM((c // SUBCHUNK, KEY_DIM, VALUE_DIM), F32),  # sub-chunk start states
-        plgpu.SMEM((KEY_DIM, VALUE_DIM), F32),               # checkpoint / dh_final / dh0
+        plgpu.SMEM((c // RECORD_EVERY, KEY_DIM, VALUE_DIM), F32),  # recorded states
         # The dW wgmma's operands: H_{t-1} and du of a sub-chunk's 4 steps side by side.
         plgpu.SMEM((KEY_DIM, KEY_DIM), BF16, transforms=w_transforms),  # H_{t-1} stack
         plgpu.SMEM((KEY_DIM, KEY_DIM), BF16, transforms=w_transforms),  # du stack
@@ -271,7 +290,6 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         plgpu.SMEM((c, KEY_DIM), F32),                       # dk (row sums)
         plgpu.SMEM((c, VALUE_DIM), dtype),                   # dv
         plgpu.SMEM((c,), F32),                               # df
-        plgpu.SMEM((KEY_DIM, KEY_DIM), F32),                 # dW accumulator, copied out
         plgpu.Barrier(num_arrivals=7 if has_keep else 6),   # a chunk's inputs, one per TMA copy
         plgpu.Barrier(num_arrivals=3),                       # W, Wᵀ and dh_final
         plgpu.SMEM((4, c, VALUE_DIM), F32),                  # per-warp dv partials
@@ -299,8 +317,9 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     dk = sum_heads(dk, k.shape[2], axis=2)
     dv = sum_heads(dv.astype(F32), v.shape[2], axis=2)
     df = sum_heads(jnp.transpose(df, (0, 2, 1)), f.shape[2], axis=2)
-    blocks = dw_blocks.reshape(batch, num_heads, 4, VALUE_DIM, 4, VALUE_DIM)
-    dw = jnp.einsum("bnivjw->nvw", blocks * jnp.eye(4, dtype=F32)[None, None, :, None, :, None])
+    # Column block i's rows 16i..16i+16: dW's i-th diagonal block.
+    blocks = dw_blocks.reshape(batch, num_heads, DW_STEPS, DW_STEPS, VALUE_DIM, VALUE_DIM)
+    dw = jnp.einsum("bniivw->nvw", blocks)
     dw = sum_heads(dw, w.shape[0], axis=0)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dw.astype(w.dtype),
             df.astype(f.dtype), dh0)

@@ -17,8 +17,8 @@ from pallas_kernels.m2rnn.mosaic_gpu.common import (BF16, F32, KEY_DIM, STAGE_SI
 from pallas_kernels.m2rnn.mosaic_gpu.warp_sums import store_warp_column_sums
 
 
-def _kernel(*refs, stage, num_stages, stages_per_checkpoint, heads_per_group, has_keep,
-            save_checkpoints, on_gpu):
+def _kernel(*refs, stage, num_stages, stages_per_checkpoint, checkpoints_per_stage,
+            heads_per_group, has_keep, save_checkpoints, on_gpu):
     q_ref, k_ref, v_ref, f_ref, w_ref, h0_ref, *rest = refs
     keep_ref = rest.pop(0) if has_keep else None
     y_ref, h_final_ref, *rest = rest
@@ -88,19 +88,25 @@ def _kernel(*refs, stage, num_stages, stages_per_checkpoint, heads_per_group, ha
             y_smem[slot, t] = jnp.sum(h * q_b, axis=0).astype(y_smem.dtype)
         return h
 
+    def save_checkpoint(h, index):
+        """The state through SMEM to checkpoint ``index`` of (B, S/C, 64, N·16)."""
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        h_smem[...] = h
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            h_smem, ckpt_ref.at[b, index, :, pl.ds(head * VALUE_DIM, VALUE_DIM)])
+
+    piece = stage // checkpoints_per_stage  # steps between checkpoints inside a block
+
     def stage_body(s, h):
         slot = lax.rem(s, jnp.int32(2))
         if save_checkpoints:
-            # The state every ``stages_per_checkpoint`` staging blocks (the checkpoint
-            # interval), through SMEM to (B, S/C, 64, N·16).
+            # The state at the checkpoint interval: every ``stages_per_checkpoint`` staging
+            # blocks, or ``checkpoints_per_stage`` times per block (below).
             @pl.when(lax.rem(s, jnp.int32(stages_per_checkpoint)) == 0)
             def _():
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                h_smem[...] = h
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    h_smem, ckpt_ref.at[b, lax.div(s, jnp.int32(stages_per_checkpoint)), :,
-                                        pl.ds(head * VALUE_DIM, VALUE_DIM)])
+                save_checkpoint(h, lax.div(s, jnp.int32(stages_per_checkpoint))
+                                * checkpoints_per_stage)
         # Every thread is past its reads of the other slot (the last block): prefetch into it.
         plgpu.commit_smem()
 
@@ -111,7 +117,10 @@ def _kernel(*refs, stage, num_stages, stages_per_checkpoint, heads_per_group, ha
         plgpu.barrier_wait(in_barriers.at[slot])
         # The y slot written two blocks ago must have been read by its copy to GMEM.
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-        h = fori_loop(0, stage, lambda t, h: step(t, h, slot), h)
+        for p in range(checkpoints_per_stage):
+            if p and save_checkpoints:
+                save_checkpoint(h, s * checkpoints_per_stage + p)
+            h = fori_loop(p * piece, (p + 1) * piece, lambda t, h: step(t, h, slot), h)
         if on_gpu:
             plgpu.commit_smem()  # every warp's partial sums are written
             y_smem[slot] = (part_smem[0] + part_smem[1] + part_smem[2] + part_smem[3]).astype(
@@ -156,9 +165,10 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
     """``(y (B, S, N, 16), h_final (B, N, 64, 16) float32, checkpoints)`` for bfloat16 inputs.
 
     ``checkpoints`` is ``(B, S/C, 64, N·16)`` float32 (the state at each chunk start) or
-    ``None``. Inputs and y are staged through SMEM in blocks of ``STAGE_SIZE`` steps when the
-    checkpoint interval ``chunk_size`` is a multiple of it (the state is then saved every
-    ``chunk_size / STAGE_SIZE`` blocks), else in blocks of ``chunk_size`` steps.
+    ``None``. Inputs and y are staged through SMEM in blocks of ``STAGE_SIZE`` steps when S is a
+    multiple of it and the checkpoint interval ``chunk_size`` is a multiple or a divisor of it
+    (the state is then saved every ``chunk_size / STAGE_SIZE`` blocks, or ``STAGE_SIZE /
+    chunk_size`` times per block), else in blocks of ``chunk_size`` steps.
     """
     common.check_supported(q, k, v, w, f, h0, keep, chunk_size)
     on_gpu = not platforms.interpret("gpu")
@@ -166,7 +176,11 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
     num_heads = h0.shape[1]
     dtype = v.dtype
     groups, qg, kg, vn, fn = common.per_head_inputs(q, k, v, f, num_heads)
-    stage = STAGE_SIZE if chunk_size % STAGE_SIZE == 0 else chunk_size
+    if seq_len % STAGE_SIZE == 0 and (chunk_size % STAGE_SIZE == 0
+                                      or STAGE_SIZE % chunk_size == 0):
+        stage = STAGE_SIZE
+    else:
+        stage = chunk_size
     # (N, 1, 16, 16): the stack of W's bf16 parts the wgmma reads, one for bfloat16 W.
     w_parts = expand_heads(w, num_heads, axis=0).astype(BF16)[:, None]
     has_keep = keep is not None
@@ -183,7 +197,8 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
     scratch = scratch_types(stage, dtype, has_keep, on_gpu)
     kernel = functools.partial(
         _kernel, stage=stage, num_stages=seq_len // stage,
-        stages_per_checkpoint=chunk_size // stage,
+        stages_per_checkpoint=max(1, chunk_size // stage),
+        checkpoints_per_stage=max(1, stage // chunk_size),
         heads_per_group=num_heads // groups, has_keep=has_keep,
         save_checkpoints=save_checkpoints, on_gpu=on_gpu)
     outs = common.launch(kernel, out_type, scratch, (batch, num_heads), no_auto_barriers=False,
