@@ -12,10 +12,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.m2rnn import contract, platforms
 from pallas_kernels.m2rnn.heads import expand_heads
 
-# The checkpoint interval: the backward holds a chunk's inputs and states in SMEM, and a longer
-# interval takes SMEM from the CTAs an SM runs at once (the step is latency-bound), so it is
-# slower, for little memory saved (docs/kernels.md, "Ideas measured and rejected").
-DEFAULT_CHUNK_SIZE = 32
+# The checkpoint interval: the backward holds a chunk's inputs and states in SMEM (73 KiB at 16),
+# and a longer interval takes SMEM from the CTAs an SM runs at once (3 at 16; the step is
+# latency-bound), so it is slower, for little memory saved (docs/kernels.md).
+DEFAULT_CHUNK_SIZE = 16
 STAGE_SIZE = 32  # steps per SMEM staging block of the forward (~25 KiB of SMEM per CTA)
 CHUNK_QUANTUM = 8  # chunk sizes are multiples of this (whole sub-chunks of the backward)
 # A TMA copy's SMEM address must be a multiple of 128 bytes (PTX ISA, cp.async.bulk.tensor): a
