@@ -55,8 +55,8 @@ BF16_CASES = {
     "paper_grouping_keep_ckpt64": ((1, 1, 3, 3, 3), 128, 64, True, True),
     # q/k in two groups, one W shared by all heads, no reset mask, no checkpoints.
     "two_qk_groups_shared_w": ((2, 2, 2, 2, 1), 64, 32, False, False),
-    # Interval 8 inside 32-step staging blocks: four checkpoints per block.
-    "chunk8": ((1, 1, 2, 2, 2), 32, 8, True, True),
+    # Interval 16 inside 32-step staging blocks: two checkpoints per block.
+    "chunk16": ((1, 1, 2, 2, 2), 64, 16, True, True),
     # S not a multiple of 32: staged in 16-step blocks (f and keep slots padded to 32 steps);
     # an interval of 48 in 48-step blocks (padded to 64).
     "chunk16_short_blocks": ((1, 1, 2, 2, 2), 48, 16, True, True),
@@ -108,13 +108,13 @@ def test_unsupported_shapes_raise():
     q, k, v, w, f, h0 = _problem(0, 1, 16, (1, 1, 2, 2, 2), jnp.bfloat16)
     with pytest.raises(ValueError, match="K must be 64"):
         mosaic_gpu.forward(q[..., :32], k[..., :32], v, w, f, h0[:, :, :32], None,
-                           chunk_size=8, save_checkpoints=False)
+                           chunk_size=16, save_checkpoints=False)
     with pytest.raises(ValueError, match="chunk_size 12 is not a size the mosaic_gpu kernels"):
         mosaic_gpu.forward(q, k, v, w, f, h0, None, chunk_size=12, save_checkpoints=False)
     assert mosaic_gpu.choose_chunk_size(16, 12) == 16  # the op's request is rounded up
     with pytest.raises(ValueError, match="must be bfloat16"):
         mosaic_gpu.forward(q.astype(jnp.float32), k.astype(jnp.float32),
-                           v.astype(jnp.float32), w, f, h0, None, chunk_size=8,
+                           v.astype(jnp.float32), w, f, h0, None, chunk_size=16,
                            save_checkpoints=False)
 
 
@@ -160,9 +160,9 @@ BWD_CASES = {
     "paper_grouping_keep_clip": ((1, 1, 2, 2, 2), 64, 32, True, 0.5),
     # Two q/k groups, one shared W, no resets, no clipping, one chunk of 64.
     "two_qk_groups_noclip": ((2, 2, 2, 2, 1), 64, 64, False, None),
-    # The default interval (16) over three chunks, and the shortest (8).
+    # The default interval (16) over three chunks, with and without resets.
     "chunk16_keep_clip": ((1, 1, 3, 3, 3), 48, 16, True, 1.0),
-    "chunk8_keep": ((1, 1, 2, 2, 2), 32, 8, True, None),
+    "chunk16_no_keep": ((1, 1, 2, 2, 2), 32, 16, False, None),
 }
 
 
@@ -214,7 +214,7 @@ def test_backward_lowers_for_cuda(monkeypatch):
     barriers, and the TMA reduce-add of float32 dq/dk into zero-initialised ``jax.new_ref``
     buffers (inputs aliased to outputs)."""
     monkeypatch.setattr(platforms, "interpret", lambda platform: False)
-    for seq_len, chunk in ((32, 8), (64, 16), (64, 32), (128, 64)):
+    for seq_len, chunk in ((48, 16), (64, 32), (128, 64)):
         fn = functools.partial(mosaic_gpu.backward, gradient_clipping=1.0, chunk_size=chunk)
         module = jax.export.export(jax.jit(fn), platforms=["cuda"])(
             *_backward_shapes(seq_len, chunk)).mlir_module()

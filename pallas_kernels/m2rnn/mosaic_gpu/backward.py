@@ -22,14 +22,15 @@ DW_STEPS = 4
 
 
 def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
-    q_ref, k_ref, v_ref, f_ref, w_ref, wt_ref, *rest = refs
-    keep_ref = rest.pop(0) if has_keep else None
+    # fk_ref: (B, N, S/C, 2C) float32, a chunk's f then its keep (zeros without keep): one
+    # TMA copy of 8·C bytes, a multiple of 128 as the Lane lowering's copies must be.
+    q_ref, k_ref, v_ref, fk_ref, w_ref, wt_ref, *rest = refs
     # On the GPU dq_ref/dk_ref are the zero-initialised (B, S, L, 64) float32 Refs (inputs
     # aliased to outputs) that the group's heads add into; in the interpreter per-head
     # (B, S, N, 64) outputs: same position. Names ending in ``_s`` are SMEM scratch (the
     # ``scratch`` list of ``backward`` says what each holds).
     (ckpt_ref, dy_ref, dhf_ref, dq_ref, dk_ref, dv_ref, df_ref, dw_ref, dh0_ref,
-     q_s, k_s, v_s, dy_s, f_s, keep_s, w_s, wt_s, states_s, h_prev_stack_s, du_stack_s,
+     q_s, k_s, v_s, dy_s, fk_s, w_s, wt_s, states_s, h_prev_stack_s, du_stack_s,
      dq_s, dk_s, dv_s, df_s, in_bar, w_bar, dv_warp_partials_s, df_warp_partials_s) = rest
     if on_gpu:
         def inline(body):
@@ -83,8 +84,8 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
     def load_step(t):
         k_t = plgpu.load(k_s.at[t], layout=row_layout, optimized=False).astype(F32)
         v_t = plgpu.load(v_s.at[t], layout=col_layout, optimized=False).astype(F32)
-        keep_t = keep_s[t] if has_keep else None
-        return k_t, v_t, f_s[t], keep_t
+        keep_t = fk_s[chunk + t] if has_keep else None
+        return k_t, v_t, fk_s[t], keep_t
 
     def advance(h, t):
         """H_{t-1} before a reset -> (Z_t, H_t)."""
@@ -109,10 +110,8 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
             plgpu.copy_gmem_to_smem(k_ref.at[b, steps, grp], k_s, in_bar)
             plgpu.copy_gmem_to_smem(v_ref.at[b, steps, n], v_s, in_bar)
             plgpu.copy_gmem_to_smem(dy_ref.at[b, steps, n], dy_s, in_bar)
-            plgpu.copy_gmem_to_smem(f_ref.at[b, n, steps], f_s, in_bar)
+            plgpu.copy_gmem_to_smem(fk_ref.at[b, n, c], fk_s, in_bar)
             plgpu.copy_gmem_to_smem(ckpt_ref.at[b, c, :, cols], states_s.at[0], in_bar)
-            if has_keep:
-                plgpu.copy_gmem_to_smem(keep_ref.at[b, steps], keep_s, in_bar)
             plgpu.barrier_wait(in_bar)
 
             # Phase 1: the state every RECORD_EVERY steps, into SMEM (the first is the
@@ -135,7 +134,9 @@ def _kernel(*refs, chunk, num_chunks, heads_per_group, has_keep, clip, on_gpu):
                 group = chunk // DW_STEPS - 1 - i2
                 for half in reversed(range(halves)):
                     j = group * halves + half
-                    befores, zs = [states_s[j]], []
+                    befores = [plgpu.load(states_s.at[j], layout=wgmma_layout,
+                                          optimized=False)]
+                    zs = []
                     for m in range(RECORD_EVERY):
                         z, h = advance(befores[-1], j * RECORD_EVERY + m)
                         befores.append(h)
@@ -253,11 +254,12 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
     wn = expand_heads(w, num_heads, axis=0).astype(BF16)
     wt = jnp.swapaxes(wn, 1, 2)
     has_keep = keep is not None
-    inputs = [qg, kg, vn, fn, wn, wt]
-    if has_keep:
-        inputs.append(keep.astype(F32))
-    inputs += [checkpoints, dy.astype(dtype), dh_final.astype(F32)]
     c = chunk_size
+    f_chunks = fn.reshape(batch, num_heads, seq_len // c, c)
+    keep_chunks = (jnp.zeros_like(f_chunks) if keep is None else jnp.broadcast_to(
+        keep.astype(F32).reshape(batch, 1, seq_len // c, c), f_chunks.shape))
+    inputs = [qg, kg, vn, jnp.concatenate([f_chunks, keep_chunks], axis=-1), wn, wt]
+    inputs += [checkpoints, dy.astype(dtype), dh_final.astype(F32)]
     if on_gpu:
         # Zero-initialised accumulators, passed as Refs: the kernel adds into them in place.
         qk_refs = [jax.new_ref(jnp.zeros((batch, seq_len, groups, KEY_DIM), F32))
@@ -278,8 +280,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         plgpu.SMEM((c, KEY_DIM), dtype),                     # k
         plgpu.SMEM((c, VALUE_DIM), dtype),                   # v
         plgpu.SMEM((c, VALUE_DIM), dtype),                   # dy
-        plgpu.SMEM((c,), F32),                               # f
-        plgpu.SMEM((c,), F32),                               # keep
+        plgpu.SMEM((2 * c,), F32),                           # f, then keep
         plgpu.SMEM((VALUE_DIM, VALUE_DIM), BF16, transforms=w_transforms),  # W
         plgpu.SMEM((VALUE_DIM, VALUE_DIM), BF16, transforms=w_transforms),  # Wᵀ
         plgpu.SMEM((c // RECORD_EVERY, KEY_DIM, VALUE_DIM), F32),  # recorded states
@@ -290,7 +291,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         plgpu.SMEM((c, KEY_DIM), F32),                       # dk (row sums)
         plgpu.SMEM((c, VALUE_DIM), dtype),                   # dv
         plgpu.SMEM((c,), F32),                               # df
-        plgpu.Barrier(num_arrivals=7 if has_keep else 6),   # a chunk's inputs, one per TMA copy
+        plgpu.Barrier(num_arrivals=6),                       # a chunk's inputs, one per TMA copy
         plgpu.Barrier(num_arrivals=3),                       # W, Wᵀ and dh_final
         plgpu.SMEM((4, c, VALUE_DIM), F32),                  # per-warp dv partials
         plgpu.SMEM((c, 4), F32),                             # per-warp df partials

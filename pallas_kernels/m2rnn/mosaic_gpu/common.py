@@ -17,7 +17,9 @@ from pallas_kernels.m2rnn.heads import expand_heads
 # latency-bound), so it is slower, for little memory saved (docs/kernels.md).
 DEFAULT_CHUNK_SIZE = 16
 STAGE_SIZE = 32  # steps per SMEM staging block of the forward (~25 KiB of SMEM per CTA)
-CHUNK_QUANTUM = 8  # chunk sizes are multiples of this (whole sub-chunks of the backward)
+# Chunk sizes are multiples of this: the backward's f|keep copy (8 bytes a step) must move a
+# multiple of 128 bytes in the Lane lowering.
+CHUNK_QUANTUM = 16
 # A TMA copy's SMEM address must be a multiple of 128 bytes (PTX ISA, cp.async.bulk.tensor): a
 # misaligned double-buffer slot fails on the GPU with CUDA_ERROR_MISALIGNED_ADDRESS.
 TMA_SMEM_ALIGNMENT = 128
@@ -98,8 +100,11 @@ def launch(kernel, out_type, scratch, grid, no_auto_barriers, name):
     (relative error ~2⁻¹¹); the Mosaic GPU interpreter off a GPU."""
     return plgpu.kernel(
         kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("b", "n"),
-        compiler_params=plgpu.CompilerParams(approx_math=True,
-                                             unsafe_no_auto_barriers=no_auto_barriers),
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, unsafe_no_auto_barriers=no_auto_barriers,
+            # Every layout is given where a value is made, so Mosaic GPU's layout inference
+            # (most of the kernels' lowering time, paid by every compile) is not needed.
+            lowering_semantics=plgpu.LoweringSemantics.Lane),
         interpret=plgpu.InterpretGPUParams() if platforms.interpret("gpu") else None,
         kernel_name=name)
 

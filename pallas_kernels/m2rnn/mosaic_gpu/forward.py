@@ -45,11 +45,12 @@ def _kernel(*refs, stage, num_stages, stages_per_checkpoint, checkpoints_per_sta
         plgpu.copy_gmem_to_smem(k_ref.at[b, steps, g], k_smem.at[slot], barrier)
         plgpu.copy_gmem_to_smem(v_ref.at[b, steps, head], v_smem.at[slot], barrier)
         # f and keep fill the first ``stage`` entries of their padded slots.
-        plgpu.copy_gmem_to_smem(f_ref.at[b, head, steps], f_smem.at[slot, pl.ds(0, stage)],
-                                barrier)
+        # f and keep: whole padded slots (the inputs are padded in XLA), so each copy moves a
+        # multiple of 128 bytes, as the Lane lowering's copies must.
+        window = pl.ds(s * stage, f_smem.shape[1])
+        plgpu.copy_gmem_to_smem(f_ref.at[b, head, window], f_smem.at[slot], barrier)
         if has_keep:
-            plgpu.copy_gmem_to_smem(keep_ref.at[b, steps], keep_smem.at[slot, pl.ds(0, stage)],
-                                    barrier)
+            plgpu.copy_gmem_to_smem(keep_ref.at[b, window], keep_smem.at[slot], barrier)
 
     # W and h0 once per CTA; the first staging block's inputs.
     plgpu.copy_gmem_to_smem(w_ref.at[head], w_smem, w_barrier)
@@ -137,13 +138,18 @@ def _kernel(*refs, stage, num_stages, stages_per_checkpoint, checkpoints_per_sta
     plgpu.wait_smem_to_gmem(0)
 
 
+def padded_slot(stage):
+    """Steps in an f or keep slot: ``stage`` rounded up to whole ``TMA_SMEM_ALIGNMENT`` bytes."""
+    steps_per_alignment = TMA_SMEM_ALIGNMENT // 4  # float32 f and keep
+    return -(-stage // steps_per_alignment) * steps_per_alignment
+
+
 def scratch_types(stage, dtype, has_keep, on_gpu):
     """The forward's SMEM and barriers for staging blocks of ``stage`` steps. The
     double-buffered slots are TMA destinations (y's a source), so each is a multiple of
     ``TMA_SMEM_ALIGNMENT`` bytes: f and keep (4 bytes a step) are padded to a multiple of 32
     steps (q, k, v, y take 128, 128, 32, 32 bytes a step, and ``stage`` is a multiple of 8)."""
-    steps_per_alignment = TMA_SMEM_ALIGNMENT // 4  # float32 f and keep
-    padded = -(-stage // steps_per_alignment) * steps_per_alignment
+    padded = padded_slot(stage)
     w_transforms = (plgpu.TilingTransform((8, VALUE_DIM)), plgpu.SwizzleTransform(32))
     return [
         plgpu.SMEM((2, stage, KEY_DIM), dtype),             # q (two slots: double buffering)
@@ -185,9 +191,10 @@ def forward(q, k, v, w, f, h0, keep, *, chunk_size, save_checkpoints):
     w_parts = expand_heads(w, num_heads, axis=0).astype(BF16)[:, None]
     has_keep = keep is not None
 
-    inputs = [qg, kg, vn, fn, w_parts, h0.astype(F32)]
+    tail = padded_slot(stage) - stage  # the last block's f and keep windows stay in bounds
+    inputs = [qg, kg, vn, jnp.pad(fn, ((0, 0), (0, 0), (0, tail))), w_parts, h0.astype(F32)]
     if has_keep:
-        inputs.append(keep.astype(F32))
+        inputs.append(jnp.pad(keep.astype(F32), ((0, 0), (0, tail))))
     out_type = [jax.ShapeDtypeStruct((batch, seq_len, num_heads, VALUE_DIM), dtype),
                 jax.ShapeDtypeStruct((batch, num_heads, KEY_DIM, VALUE_DIM), F32)]
     if save_checkpoints:
