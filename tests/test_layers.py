@@ -11,7 +11,7 @@ from flax import nnx
 import numpy_reference
 from numpy_reference import causal_conv, rms_norm, silu, softplus, values
 from m2rnn_jax.config import AttentionConfig, M2RNNConfig, MLPConfig, ModelConfig
-from m2rnn_jax.layers import (LOGICAL_AXES, Attention, M2RNN, RMSNorm, SwiGLU,
+from m2rnn_jax.layers import (LOGICAL_AXES, Attention, Linear, M2RNN, RMSNorm, SwiGLU,
                               causal_depthwise_conv, logical_axes, no_decay_mask)
 from m2rnn_jax.layers.conv import conv_window
 from m2rnn_jax.layers.registry import mixer_class, register_mixer
@@ -116,6 +116,14 @@ def test_m2rnn_layer_matches_float64_reference(inputs):
         got = np.asarray(apply(layer, jnp.asarray(x), None if seg is None else jnp.asarray(seg)))
         want = m2rnn_layer_reference(layer, config.m2rnn, x.astype(np.float64), seg)
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_linear_columns_are_those_columns_of_the_whole_product():
+    layer = Linear(6, 9, ("embed", "mixer"), std=1.0, rngs=nnx.Rngs(3), use_bias=True)
+    layer.bias[...] = jax.random.normal(jax.random.key(4), (9,))
+    x = jax.random.normal(jax.random.key(5), (2, 3, 6))
+    got = layer(x, columns=(slice(5, None), slice(0, 2)))
+    np.testing.assert_allclose(got, layer(x)[..., np.r_[5:9, 0:2]], rtol=1e-6, atol=1e-6)
 
 
 def test_m2rnn_layer_with_linear_value_matches_float64_reference(inputs):

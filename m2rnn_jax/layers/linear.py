@@ -17,11 +17,17 @@ class Linear(nnx.Module):
         self.bias = (make_param(jnp.zeros((out_features,), param_dtype), axes[1:],
                                 weight_decay=False) if use_bias else None)
 
-    def __call__(self, x, out_dtype=None):
-        y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+    def __call__(self, x, out_dtype=None, columns=None):
+        """``x W (+ b)``; with ``columns`` (a sequence of slices) only those output columns, in
+        that order, as a product of their own."""
+        kernel, bias = self.kernel[...], None if self.bias is None else self.bias[...]
+        if columns is not None:  # slices, not an index array: the gradient is then no scatter
+            kernel = jnp.concatenate([kernel[:, part] for part in columns], axis=1)
+            bias = None if bias is None else jnp.concatenate([bias[part] for part in columns])
+        y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype),
                        preferred_element_type=out_dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+        if bias is not None:
+            y = y + bias.astype(y.dtype)
         return y
 
 
