@@ -126,6 +126,28 @@ def test_linear_columns_are_those_columns_of_the_whole_product():
     np.testing.assert_allclose(got, layer(x)[..., np.r_[5:9, 0:2]], rtol=1e-6, atol=1e-6)
 
 
+def test_m2rnn_projection_in_two_products_equals_one_with_its_gradients():
+    config = dataclasses.replace(ModelConfig(), d_model=32, compute_dtype="float32",
+                                 m2rnn=M2RNNConfig(num_heads=4, key_dim=8, value_dim=4,
+                                                   add_bias=True, backend="scan"))
+    layer = M2RNN(config, rngs=nnx.Rngs(7))
+    layer.in_proj.bias[...] = jax.random.normal(jax.random.key(8), layer.in_proj.bias.shape)
+    graphdef, state = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(9), (2, 5, 32))
+    cotangents = [jax.random.normal(k, part.shape) for k, part in zip(
+        jax.random.split(jax.random.key(10), 3), layer._split(layer.in_proj(x)))]
+
+    def pulled(two_products, state, x):
+        layer = nnx.merge(graphdef, state)
+        parts = layer._project(x) if two_products else layer._split(layer.in_proj(x))
+        return sum(jnp.vdot(part, ct) for part, ct in zip(parts, cotangents))
+
+    want = jax.value_and_grad(lambda *a: pulled(False, *a), argnums=(0, 1))(state, x)
+    got = jax.value_and_grad(lambda *a: pulled(True, *a), argnums=(0, 1))(state, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_m2rnn_layer_with_linear_value_matches_float64_reference(inputs):
     """``value_activation="identity"``: no SiLU on v (into the op and the D residual), q and k
     keep theirs; with a random-normal W as the state-tracking experiment uses."""

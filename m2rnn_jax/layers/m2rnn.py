@@ -106,12 +106,9 @@ class M2RNN(nnx.Module):
         return qkv, f_logits, g
 
     def _project(self, x):
-        """``in_proj(x)`` split as ``_split`` splits it, computed as two products: the forget
-        logits' columns and the rest. The op takes f time-minor (``(B, N, S)``); sliced from one
-        product, f made XLA lay the whole ``(B, S, in_proj_width)`` output out time-minor, and
-        then the conv, q, k, v and their gradients around it went through transposes (compiled
-        for an H200 at 4 × 4096: about 5.4 GB of memory traffic per layer's forward and
-        backward, 3.6 GB with two products)."""
+        """``_split(in_proj(x))`` as two products, the forget logits' columns apart. The kernel
+        reads f time-minor; sliced from one product, f makes XLA lay the whole projection out
+        that way, adding transposes around the conv and in the backward pass."""
         cfg = self.cfg
         first, last = cfg.conv_width, cfg.conv_width + cfg.heads("f")
         rest = self.in_proj(x, columns=(slice(0, first), slice(last, None)))
@@ -191,7 +188,10 @@ class M2RNN(nnx.Module):
         cfg, axes = self.cfg, self.axes
         batch, seq_len = x.shape[:2]
         check_split(axes, batch, seq_len, "M2RNN")
-        qkv_in, f_logits, g = self._split(self.in_proj(x))
+        # Over a tensor axis the projection's columns are split across devices: one product,
+        # since the column blocks of two would not line up with the shards.
+        qkv_in, f_logits, g = (self._project(x) if axes.tensor is None else
+                               self._split(self.in_proj(x)))
         f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
         q_in, k_in, v_in = self._heads(qkv_in)
         conv_weights = self._heads(self.conv_weight[...])  # (taps, heads, dim) each
