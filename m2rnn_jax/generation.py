@@ -100,13 +100,34 @@ def left_pad(prompts):
     return tokens, segment_ids
 
 
+def _is_projection(path, value):
+    """A ``Linear`` weight ``(in, out)``."""
+    return value.ndim == 2 and any(getattr(key, "key", None) == "kernel" for key in path)
+
+
+def transpose_projections(state):
+    """The model state with every projection weight transposed to ``(out, in)`` (and back: the
+    map is its own inverse).
+
+    A decode step multiplies one row by each weight. Stored ``(in, out)``, that product sums
+    down columns, which XLA's GPU compiler may split into an elementwise product writing a
+    weight-sized temporary and a reduction (two kernels, three reads of the weight); stored
+    ``(out, in)`` it sums along rows, one kernel reading the weight once. The Generator keeps its
+    weights transposed and passes ``W.T`` views to the model, which XLA folds into the products.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, value: value.T if _is_projection(path, value) else value, state)
+
+
 class Generator:
     """Compiled prefill and decode step of one model (compiled once per shape and sampling
-    setting; the model's parameters are captured at construction)."""
+    setting; the model's parameters are captured at construction, its projection weights as
+    transposed copies: ``transpose_projections``)."""
 
     def __init__(self, model):
         self.vocab_size = model.config.vocab_size
-        self._graphdef, self._state = nnx.split(model)
+        self._graphdef, state = nnx.split(model)
+        self._state = jax.jit(transpose_projections)(state)
         on_cpu = jax.default_backend() == "cpu"  # CPU cannot donate buffers
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "sampling"))
         self._step = jax.jit(self._step_fn, static_argnames=("sampling",),
@@ -114,27 +135,30 @@ class Generator:
         self._decode = jax.jit(self._decode_fn, static_argnames=("sampling", "block"),
                                donate_argnums=() if on_cpu else (1, 2))
 
+    def _model(self, state):
+        return nnx.merge(self._graphdef, transpose_projections(state))
+
     def _prefill_fn(self, state, tokens, segment_ids, key, *, max_len, sampling):
-        model = nnx.merge(self._graphdef, state)
+        model = self._model(state)
         logits, caches = model.prefill(tokens, segment_ids, max_len=max_len)
         return sample(logits[:, -1], key, *sampling), caches
 
     def _step_fn(self, state, tokens, caches, key, *, sampling):
-        model = nnx.merge(self._graphdef, state)
+        model = self._model(state)
         logits, caches = model.decode_step(tokens, caches)
         return sample(logits, key, *sampling), caches
 
     def _decode_fn(self, state, tokens, caches, key, stops, running, count, first_step, *,
                    sampling, block):
-        model = nnx.merge(self._graphdef, state)
-
         def more(carry):
             produced, _, _, running, _ = carry
             return (produced < count) & jnp.any(running)
 
         def one_token(carry):
             produced, tokens, caches, running, out = carry
-            logits, caches = model.decode_step(tokens, caches)
+            # The model (its W.T views) inside the loop: built outside, XLA would transpose the
+            # weights back once before the loop instead of folding the views into the products.
+            logits, caches = self._model(state).decode_step(tokens, caches)
             step_key = jax.random.fold_in(key, first_step + produced)
             tokens = sample(logits, step_key, *sampling)
             running = running & ~jnp.isin(tokens, stops)

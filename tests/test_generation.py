@@ -11,7 +11,7 @@ from flax import nnx
 
 from m2rnn_jax import HybridLM, ModelConfig, register_mixer
 from m2rnn_jax.generation import (ByteDecoder, Generator, encode, filter_logits, left_pad,
-                                  sample)
+                                  sample, transpose_projections)
 from m2rnn_jax.layers import Linear
 from m2rnn_jax.typed_config import load_yaml
 from train import generate_cli
@@ -114,8 +114,29 @@ def test_m2rnn_cache_has_the_same_size_at_every_length():
 
 
 @pytest.fixture(scope="module")
-def generator():
-    return Generator(HybridLM(tiny_config("MA"), rngs=nnx.Rngs(5)))
+def model():
+    return HybridLM(tiny_config("MA"), rngs=nnx.Rngs(5))
+
+
+@pytest.fixture(scope="module")
+def generator(model):
+    return Generator(model)
+
+
+def test_the_generator_keeps_exactly_the_projection_weights_transposed(model, generator):
+    _, state = nnx.split(model)
+    transposed = 0
+    for (path, kept), (_, original) in zip(jax.tree_util.tree_leaves_with_path(generator._state),
+                                           jax.tree_util.tree_leaves_with_path(state)):
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:  # every Linear: in_proj, out_proj, the MLP, attention, the head
+            np.testing.assert_array_equal(kept, original.T, err_msg=name)
+            transposed += 1
+        else:
+            np.testing.assert_array_equal(kept, original, err_msg=name)
+    assert transposed == sum(isinstance(m, Linear) for _, m in nnx.iter_graph(model))
+    restored = transpose_projections(generator._state)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), restored, state))
 
 
 def test_fixed_seed_sampling_is_reproducible(generator):
@@ -127,12 +148,12 @@ def test_fixed_seed_sampling_is_reproducible(generator):
     assert [len(row) for row in first] == [8, 8]
 
 
-def test_greedy_batch_with_padding_equals_each_prompt_alone(generator):
+def test_greedy_batch_with_padding_equals_each_prompt_alone(model, generator):
     short, long = encode("ab"), encode("matrix states")
     batch = generator.generate([long, short], 6, temperature=0.0)
     assert batch[1] == generator.generate([short], 6, temperature=0.0)[0]
-    # Greedy tokens are the argmax of the full-sequence logits of prompt + continuation.
-    model = nnx.merge(generator._graphdef, generator._state)
+    # Greedy tokens are the argmax of the model's own full-sequence logits of prompt +
+    # continuation (the generator computes with its transposed projection weights).
     sequence = jnp.asarray([long + batch[0][:-1]], jnp.int32)
     want = np.argmax(np.asarray(forward(model, sequence, None))[0, len(long) - 1:], axis=-1)
     assert list(want) == batch[0]
@@ -241,8 +262,7 @@ def test_byte_decoder_streams_multibyte_characters():
     assert ByteDecoder()([0xFF]) == "\ufffd"
 
 
-def test_cli_streams_the_greedy_continuation(generator, monkeypatch, capsys):
-    model = nnx.merge(generator._graphdef, generator._state)
+def test_cli_streams_the_greedy_continuation(model, generator, monkeypatch, capsys):
     monkeypatch.setattr(generate_cli, "restore_for_inference",
                         lambda out_dir, step=None: (model.config, model))
     generate_cli.main(["--checkpoint", "unused", "--prompt", "ab", "--max-new-tokens", "6",
