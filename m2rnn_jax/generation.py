@@ -106,8 +106,8 @@ def _is_projection(path, value):
 
 
 def transpose_projections(state):
-    """The model state with every projection weight transposed to ``(out, in)`` (and back: the
-    map is its own inverse).
+    """The model state with every ``Linear`` weight transposed to ``(out, in)`` (and back: the
+    map is its own inverse); the other leaves are the same arrays.
 
     A decode step multiplies one row by each weight. Stored ``(in, out)``, that product sums
     down columns, which XLA's GPU compiler may split into an elementwise product writing a
@@ -121,13 +121,15 @@ def transpose_projections(state):
 
 class Generator:
     """Compiled prefill and decode step of one model (compiled once per shape and sampling
-    setting; the model's parameters are captured at construction, its projection weights as
-    transposed copies: ``transpose_projections``)."""
+    setting). The parameters are captured at construction, the ``Linear`` weights as transposed
+    copies (``transpose_projections``): while the caller keeps the model, those weights are held
+    twice. The copies keep the model's sharding labels, which name the ``(in, out)`` layout; the
+    model the compiled functions build transposes them back."""
 
     def __init__(self, model):
         self.vocab_size = model.config.vocab_size
         self._graphdef, state = nnx.split(model)
-        self._state = jax.jit(transpose_projections)(state)
+        self._state = transpose_projections(state)
         on_cpu = jax.default_backend() == "cpu"  # CPU cannot donate buffers
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "sampling"))
         self._step = jax.jit(self._step_fn, static_argnames=("sampling",),

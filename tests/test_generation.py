@@ -1,6 +1,7 @@
 """Generation: decode steps against the full-sequence path, caches, sampling, the CLI."""
 
 import dataclasses
+import functools
 import pathlib
 
 import jax
@@ -146,6 +147,26 @@ def test_fixed_seed_sampling_is_reproducible(generator):
     assert first == generator.generate(prompts, 8, seed=11, **kwargs)
     assert first != generator.generate(prompts, 8, seed=12, **kwargs)
     assert [len(row) for row in first] == [8, 8]
+
+
+def test_the_decode_loop_multiplies_by_the_transposed_weights_inside_its_body(model,
+                                                                             generator):
+    """The W.T views are taken inside the loop body, where XLA folds them into the products;
+    taken before the loop, XLA would transpose the weights back once and multiply by columns."""
+    _, caches = prefill(model, jnp.zeros((1, 3), jnp.int32), None, 8)
+    trace = jax.make_jaxpr(functools.partial(generator._decode_fn, sampling=(0.0, None, None),
+                                             block=4))
+    jaxpr = trace(generator._state, jnp.zeros((1,), jnp.int32), caches, jax.random.key(0),
+                  jnp.asarray([-1], jnp.int32), jnp.ones((1,), bool), jnp.asarray(4, jnp.int32),
+                  jnp.asarray(1, jnp.int32)).jaxpr
+
+    def transposes(jaxpr):
+        return sum(eqn.primitive.name == "transpose" for eqn in jaxpr.eqns)
+
+    loop = next(eqn for eqn in jaxpr.eqns if eqn.primitive.name == "while")
+    projections = sum(isinstance(m, Linear) for _, m in nnx.iter_graph(model))
+    assert transposes(loop.params["body_jaxpr"].jaxpr) >= projections
+    assert transposes(jaxpr) == 0
 
 
 def test_greedy_batch_with_padding_equals_each_prompt_alone(model, generator):

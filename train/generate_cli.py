@@ -85,9 +85,11 @@ def generate(args):
 
     out.write(args.prompt)
     out.flush()
-    Generator(model).generate([prompt], args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              stop_tokens=stop_tokens, callback=stream)
+    generator = Generator(model)
+    del model  # the generator holds what it needs (its own copies of the projection weights)
+    generator.generate([prompt], args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       stop_tokens=stop_tokens, callback=stream)
     out.write(decoder.flush() + "\n")
     out.flush()
 
