@@ -25,7 +25,7 @@ bytes per SM, 1 KiB reserved per CTA; a kernel's SMEM is its dynamic allocation 
 static bytes) and the SM's 2,048 threads; waves is the grid (B·N CTAs) over 132 SMs × CTAs/SM,
 rounded up: each wave costs about as long as the slowest CTA's whole sequence. Step loops are
 the instructions (per warp) of each innermost SASS loop that issues a wgmma: the forward's one
-step, the backward's state recomputation and walk back (4 steps each); they need nvdisasm beside
+step, the backward's state recomputation and walk back (2 and 4 steps); they need nvdisasm beside
 ptxas in the CUDA toolkit Mosaic GPU finds (pip's nvidia-cuda-nvdisasm has one).
 
 ``decode``: the 400M hybrid's on-device decode loop (``Generator.decode``, bf16 parameters,

@@ -12,7 +12,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.m2rnn import contract, platforms
 from pallas_kernels.m2rnn.heads import expand_heads
 
-# The checkpoint interval: the backward holds a chunk's inputs and states in SMEM (73 KiB at 16),
+# The checkpoint interval: the backward holds a chunk's inputs and states in SMEM (72 KiB at 16),
 # and a longer interval takes SMEM from the CTAs an SM runs at once (3 at 16; the step is
 # latency-bound), so it is slower, for little memory saved (docs/kernels.md).
 DEFAULT_CHUNK_SIZE = 16
