@@ -99,18 +99,19 @@ class M2RNN(nnx.Module):
         self.out_proj = Linear(cfg.output_width, config.d_model, ("mixer", "embed"),
                                std=out_proj_std(config), **kw)
 
+    def _forget_columns(self):
+        """Where the forget logits sit among in_proj's columns ``[q|k|v | f | g]``."""
+        return self.cfg.conv_width, self.cfg.conv_width + self.cfg.heads("f")
+
     def _split(self, projected):
-        cfg = self.cfg
-        widths = np.cumsum([cfg.conv_width, cfg.heads("f")])
-        qkv, f_logits, g = jnp.split(projected, widths, axis=-1)
+        qkv, f_logits, g = jnp.split(projected, self._forget_columns(), axis=-1)
         return qkv, f_logits, g
 
     def _project(self, x):
         """``_split(in_proj(x))`` as two products, the forget logits' columns apart. The kernel
         reads f time-minor; sliced from one product, f makes XLA lay the whole projection out
         that way, adding transposes around the conv and in the backward pass."""
-        cfg = self.cfg
-        first, last = cfg.conv_width, cfg.conv_width + cfg.heads("f")
+        first, last = self._forget_columns()
         rest = self.in_proj(x, columns=(slice(0, first), slice(last, None)))
         f_logits = self.in_proj(x, columns=(slice(first, last),))
         return rest[..., :first], f_logits, rest[..., first:]

@@ -284,7 +284,7 @@ def backward(q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *, gradient_cli
         plgpu.SMEM((VALUE_DIM, VALUE_DIM), BF16, transforms=w_transforms),  # W
         plgpu.SMEM((VALUE_DIM, VALUE_DIM), BF16, transforms=w_transforms),  # Wᵀ
         plgpu.SMEM((c // RECORD_EVERY, KEY_DIM, VALUE_DIM), F32),  # recorded states
-        # The dW wgmma's operands: H_{t-1} and du of a sub-chunk's 4 steps side by side.
+        # The dW wgmma's operands: H_{t-1} and du of DW_STEPS steps side by side.
         plgpu.SMEM((KEY_DIM, KEY_DIM), BF16, transforms=w_transforms),  # H_{t-1} stack
         plgpu.SMEM((KEY_DIM, KEY_DIM), BF16, transforms=w_transforms),  # du stack
         plgpu.SMEM((c, KEY_DIM), F32),                       # dq (row sums)

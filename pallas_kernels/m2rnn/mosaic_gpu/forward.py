@@ -44,7 +44,6 @@ def _kernel(*refs, stage, num_stages, stages_per_checkpoint, checkpoints_per_sta
         plgpu.copy_gmem_to_smem(q_ref.at[b, steps, g], q_smem.at[slot], barrier)
         plgpu.copy_gmem_to_smem(k_ref.at[b, steps, g], k_smem.at[slot], barrier)
         plgpu.copy_gmem_to_smem(v_ref.at[b, steps, head], v_smem.at[slot], barrier)
-        # f and keep fill the first ``stage`` entries of their padded slots.
         # f and keep: whole padded slots (the inputs are padded in XLA), so each copy moves a
         # multiple of 128 bytes, as the Lane lowering's copies must.
         window = pl.ds(s * stage, f_smem.shape[1])
@@ -148,7 +147,7 @@ def scratch_types(stage, dtype, has_keep, on_gpu):
     """The forward's SMEM and barriers for staging blocks of ``stage`` steps. The
     double-buffered slots are TMA destinations (y's a source), so each is a multiple of
     ``TMA_SMEM_ALIGNMENT`` bytes: f and keep (4 bytes a step) are padded to a multiple of 32
-    steps (q, k, v, y take 128, 128, 32, 32 bytes a step, and ``stage`` is a multiple of 8)."""
+    steps (q, k, v, y take 128, 128, 32, 32 bytes a step, and ``stage`` is a multiple of 16)."""
     padded = padded_slot(stage)
     w_transforms = (plgpu.TilingTransform((8, VALUE_DIM)), plgpu.SwizzleTransform(32))
     return [
