@@ -13,7 +13,7 @@ from flax import nnx
 from m2rnn_jax import HybridLM, ModelConfig, register_mixer
 from m2rnn_jax.generation import (ByteDecoder, Generator, encode, filter_logits, left_pad,
                                   sample, transpose_projections)
-from m2rnn_jax.layers import Linear
+from m2rnn_jax.layers import Linear, RMSNorm
 from m2rnn_jax.typed_config import load_yaml
 from train import generate_cli
 
@@ -65,11 +65,55 @@ def assert_prefill_then_decode_equals_full(model, tokens, segment_ids, *, prompt
     ("M", {}),
     ("A", dict(rope=True, num_kv_heads=2)),
     ("MAM", dict(rope=False)),
+    ("SD", {}),  # the baselines' decode steps take the folded norm too
 ])
 def test_decode_steps_equal_the_full_sequence(pattern, attention):
     model = HybridLM(tiny_config(pattern, **attention), rngs=nnx.Rngs(1))
     tokens, segment_ids = packed_batch(2, 14)
     assert_prefill_then_decode_equals_full(model, tokens, segment_ids, prompt_len=6, max_len=16)
+
+
+class TanhDecodeMixer(nnx.Module):
+    """Another engineer's mixer whose decode step does array arithmetic on its input, and
+    which does not set ``takes_row_scaled``."""
+
+    def __init__(self, config, *, rngs):
+        self.proj = Linear(config.d_model, config.d_model, ("embed", "mixer"),
+                           std=config.init_std, rngs=rngs)
+
+    def prefill(self, x, segment_ids, max_len):
+        del segment_ids, max_len
+        return self.proj(jnp.tanh(x)), {}
+
+    def decode_step(self, x, cache):
+        return self.proj(jnp.tanh(x)), cache
+
+    def __call__(self, x, segment_ids=None):
+        return self.prefill(x, segment_ids, None)[0]
+
+
+@pytest.mark.parametrize("pattern, tied", [("MASD", False), ("MY", True)])
+def test_at_batch_1_the_norms_fold_into_the_products_and_decoding_equals_the_full_sequence(
+        pattern, tied, monkeypatch):
+    """One row: every norm whose output reaches Linear layers only is factored (mixer inputs of
+    the built-in mixers, MLPs, M²RNN and Mamba-2 output norms, the final norm; not the input of
+    a mixer without ``takes_row_scaled``), and the logits still equal the full sequence's."""
+    register_mixer("Y", TanhDecodeMixer, replace=True)
+    config = dataclasses.replace(tiny_config(pattern), tie_embeddings=tied)
+    model = HybridLM(config, rngs=nnx.Rngs(3))
+    widths = []
+    factored = RMSNorm.factored
+    monkeypatch.setattr(RMSNorm, "factored",
+                        lambda self, x: widths.append(x.shape[-1]) or factored(self, x))
+    tokens = jax.random.randint(jax.random.key(4), (1, 9), 0, 256, jnp.int32)
+    segment_ids = jnp.zeros((1, 9), jnp.int32)
+    assert_prefill_then_decode_equals_full(model, tokens, segment_ids, prompt_len=5, max_len=10)
+    d, m2rnn_out = config.d_model, config.m2rnn.output_width
+    mamba_out = model.blocks[2].mixer.inner if pattern == "MASD" else None
+    # per block: mixer input (if it takes it), output norm (M, S), MLP; then the final norm
+    want = ([d, m2rnn_out, d, d, d, d, mamba_out, d, d, d, d] if pattern == "MASD"
+            else [d, m2rnn_out, d, d, d])
+    assert widths == want
 
 
 def test_decode_steps_equal_the_full_sequence_with_linear_value_and_normal_transition():

@@ -11,7 +11,7 @@ from flax import nnx
 import numpy_reference
 from numpy_reference import causal_conv, rms_norm, silu, softplus, values
 from m2rnn_jax.config import AttentionConfig, M2RNNConfig, MLPConfig, ModelConfig
-from m2rnn_jax.layers import (LOGICAL_AXES, Attention, Linear, M2RNN, RMSNorm, SwiGLU,
+from m2rnn_jax.layers import (LOGICAL_AXES, Attention, Embed, Linear, M2RNN, RMSNorm, SwiGLU,
                               causal_depthwise_conv, logical_axes, no_decay_mask)
 from m2rnn_jax.layers.conv import conv_window
 from m2rnn_jax.layers.registry import mixer_class, register_mixer
@@ -191,6 +191,32 @@ def test_rmsnorm_and_swiglu_match_formulas(inputs):
     want = (silu(x @ values(mlp.gate.kernel)) * (x @ values(mlp.up.kernel))) \
         @ values(mlp.down.kernel)
     np.testing.assert_allclose(np.asarray(mlp(jnp.asarray(x))), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_a_norm_folded_into_a_product_equals_the_norm_then_the_product(inputs, dtype, tolerance):
+    """``RMSNorm.factored`` into ``Linear`` (bias, float32 output) and ``Embed.attend``, against
+    float64 NumPy: the row factor applied after the product changes nothing but rounding."""
+    x, _ = inputs
+    norm = RMSNorm(D_MODEL, eps=1e-5, dtype=dtype)
+    norm.scale[...] = jax.random.normal(jax.random.key(7), (D_MODEL,))
+    linear = Linear(D_MODEL, 40, ("embed", "mlp"), std=0.2, rngs=nnx.Rngs(8), use_bias=True,
+                    dtype=dtype)
+    linear.bias[...] = jax.random.normal(jax.random.key(9), (40,))
+    embed = Embed(50, D_MODEL, std=0.2, rngs=nnx.Rngs(10), dtype=dtype)
+    x = 3 * x  # rows whose mean square is far from 1: the row factor matters
+    normed = rms_norm(x.astype(np.float64), values(norm.scale), 1e-5)
+    folded = norm.factored(jnp.asarray(x))
+    cases = [(linear(folded), normed @ values(linear.kernel) + values(linear.bias)),
+             (linear(folded, out_dtype=jnp.float32),
+              normed @ values(linear.kernel) + values(linear.bias)),
+             (embed.attend(folded), normed @ values(embed.embedding).T)]
+    for got, want in cases:
+        assert got.shape == want.shape
+        error = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
+        assert error < tolerance, error
+    assert linear(folded).dtype == dtype and linear(folded, out_dtype=jnp.float32).dtype == \
+        jnp.float32
 
 
 def test_conv_isolates_documents_and_window_keeps_the_last_document(inputs):

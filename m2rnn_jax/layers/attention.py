@@ -61,6 +61,8 @@ def attention_implementation(requested, dtype, head_dim, seq_len, platform=None,
 class Attention(nnx.Module):
     """Mixer ``A``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
+    takes_row_scaled = True  # its input reaches Linear layers only (registry: RowScaled)
+
     def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.attention``."""
         cfg = config.attention

@@ -46,6 +46,8 @@ def l2_normalize(x, eps=1e-6):
 class GatedDeltaNet(nnx.Module):
     """Mixer ``D``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
+    takes_row_scaled = True  # its input reaches Linear layers only (registry: RowScaled)
+
     def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.gated_deltanet``."""
         # Split by XLA from the parameters' logical axes; over a split sequence XLA gathers

@@ -1,9 +1,40 @@
 """Dense projections and the token embedding, with logical axes on their parameters."""
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.layers.params import make_param, normal
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowScaled:
+    """``values * row_scale``, kept as its two factors; ``Linear`` and ``Embed.attend`` take
+    it as ``(values W) * row_scale``. ``RMSNorm.for_product`` gives one for a single row, whose
+    product is a matrix-vector product: XLA then fuses ``values`` into it and the normalised row
+    is never written out, one kernel fewer per norm (with more rows the GEMMs gain nothing).
+    Only the rounding changes (in bf16 such logits differ from the unfolded path's by bf16
+    rounding, equally far from float32's). It has no arithmetic: anything else takes arrays."""
+
+    values: jax.Array     # (..., width), in the compute dtype
+    row_scale: jax.Array  # (..., 1), float32
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+
+def _product(x, w, dtype, out_dtype):
+    """``x w`` in ``dtype`` (``x`` an array or a ``RowScaled``), output in ``out_dtype`` (None:
+    ``dtype``)."""
+    if isinstance(x, RowScaled):
+        y = jnp.matmul(x.values.astype(dtype), w.astype(dtype),
+                       preferred_element_type=jnp.float32) * x.row_scale
+        return y.astype(out_dtype or dtype)
+    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=out_dtype)
 
 
 class Linear(nnx.Module):
@@ -18,14 +49,13 @@ class Linear(nnx.Module):
                                 weight_decay=False) if use_bias else None)
 
     def __call__(self, x, out_dtype=None, columns=None):
-        """``x W (+ b)``; with ``columns`` (a sequence of slices) only those output columns, in
-        that order, as a product of their own."""
+        """``x W (+ b)`` (``x`` an array or a ``RowScaled``); with ``columns`` (a sequence of
+        slices) only those output columns, in that order, as a product of their own."""
         kernel, bias = self.kernel[...], None if self.bias is None else self.bias[...]
         if columns is not None:  # slices, not an index array: the gradient is then no scatter
             kernel = jnp.concatenate([kernel[:, part] for part in columns], axis=1)
             bias = None if bias is None else jnp.concatenate([bias[part] for part in columns])
-        y = jnp.matmul(x.astype(self.dtype), kernel.astype(self.dtype),
-                       preferred_element_type=out_dtype)
+        y = _product(x, kernel, self.dtype, out_dtype)
         if bias is not None:
             y = y + bias.astype(y.dtype)
         return y
@@ -44,8 +74,7 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
     def attend(self, x):
-        """Float32 logits ``x @ embeddingᵀ``."""
-        table = self.embedding[...].astype(self.dtype)
-        return jnp.matmul(x.astype(self.dtype), table.T, preferred_element_type=jnp.float32)
+        """Float32 logits ``x @ embeddingᵀ`` (``x`` an array or a ``RowScaled``)."""
+        return _product(x, self.embedding[...].T, self.dtype, jnp.float32)
 
 

@@ -65,6 +65,8 @@ def init_transition(rngs, cfg):
 class M2RNN(nnx.Module):
     """Mixer ``M``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
+    takes_row_scaled = True  # its input reaches Linear layers only (registry: RowScaled)
+
     def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.m2rnn``."""
         cfg = config.m2rnn
@@ -140,7 +142,7 @@ class M2RNN(nnx.Module):
         g = g.reshape(g.shape[:-1] + (cfg.heads("g"), cfg.value_dim))
         gated = y * jax.nn.silu(expand_heads(g, n, axis=-2)).astype(y.dtype)
         gated = gated.reshape(gated.shape[:-2] + (cfg.output_width,))
-        return self.out_proj(self.out_norm(gated))
+        return self.out_proj(self.out_norm.for_product(gated))
 
     def __call__(self, x, segment_ids=None):
         return self.prefill(x, segment_ids)[0]

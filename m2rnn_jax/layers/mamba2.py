@@ -37,6 +37,8 @@ from m2rnn_jax.recurrences.diagonal_ssm import diagonal_ssm, diagonal_ssm_scan
 class Mamba2(nnx.Module):
     """Mixer ``S``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
+    takes_row_scaled = True  # its input reaches Linear layers only (registry: RowScaled)
+
     def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.mamba2``."""
         # Split by XLA from the parameters' logical axes; over a split sequence XLA gathers
@@ -93,7 +95,7 @@ class Mamba2(nnx.Module):
     def _output(self, y, x, z):
         y = y + self.D[...].astype(jnp.float32)[:, None] * x.astype(jnp.float32)
         y = y.reshape(y.shape[:-2] + (self.inner,)).astype(self.dtype)
-        return self.out_proj(self.out_norm(y * jax.nn.silu(z)))
+        return self.out_proj(self.out_norm.for_product(y * jax.nn.silu(z)))
 
     def __call__(self, x, segment_ids=None):
         return self.prefill(x, segment_ids)[0]

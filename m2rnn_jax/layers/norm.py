@@ -1,9 +1,12 @@
 """RMSNorm, computed in float32 whatever the compute dtype."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m2rnn_jax.layers.linear import RowScaled
 from m2rnn_jax.layers.params import make_param
 
 
@@ -17,5 +20,20 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+        return (x32 * self._row_scale(x32) * self.scale[...].astype(jnp.float32)).astype(
+            self.dtype)
+
+    def _row_scale(self, x32):
+        return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+
+    def factored(self, x) -> RowScaled:
+        """``self(x)`` for a ``Linear`` to take: ``x · scale`` in ``dtype`` and the row factor
+        ``1 / sqrt(mean(x²) + eps)`` applied after the product."""
+        x32 = x.astype(jnp.float32)
+        return RowScaled((x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype),
+                         self._row_scale(x32))
+
+    def for_product(self, x):
+        """``self(x)`` for input to ``Linear`` layers only: ``factored`` when ``x`` is a single
+        row (decoding one token at batch 1; see ``RowScaled``), else the array."""
+        return self.factored(x) if math.prod(x.shape[:-1]) == 1 else self(x)

@@ -37,26 +37,31 @@ class Block(nnx.Module):
 
     def forward(self, x, segment_ids=None):
         """``(x, router statistics)``: the MoE's ``{"aux_loss", "load"}``, or ``None``."""
-        x = x + self.mixer(self.mixer_norm(x), segment_ids=segment_ids).astype(x.dtype)
+        x = x + self.mixer(self._mixer_input(x), segment_ids=segment_ids).astype(x.dtype)
         return self._add_mlp(x)
 
     def prefill(self, x, segment_ids, max_len):
         self._require_decoding()
-        y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, max_len)
+        y, cache = self.mixer.prefill(self._mixer_input(x), segment_ids, max_len)
         x = x + y.astype(x.dtype)
         return self._add_mlp(x)[0], cache
 
     def decode_step(self, x, cache):
         self._require_decoding()
-        y, cache = self.mixer.decode_step(self.mixer_norm(x), cache)
+        y, cache = self.mixer.decode_step(self._mixer_input(x), cache)
         x = x + y.astype(x.dtype)
         return self._add_mlp(x)[0], cache
 
+    def _mixer_input(self, x):
+        if getattr(self.mixer, "takes_row_scaled", False):
+            return self.mixer_norm.for_product(x)
+        return self.mixer_norm(x)
+
     def _add_mlp(self, x):
-        if self.is_moe:
+        if self.is_moe:  # the router reads the normalised rows themselves
             y, stats = self.mlp(self.mlp_norm(x))
         else:
-            y, stats = self.mlp(self.mlp_norm(x)), None
+            y, stats = self.mlp(self.mlp_norm.for_product(x)), None
         return x + y.astype(x.dtype), stats
 
     def _require_decoding(self):
@@ -146,7 +151,7 @@ class HybridLM(nnx.Module):
 
     def logits(self, x):
         """Final norm and LM head on hidden states ``(..., d_model)`` -> float32 logits."""
-        x = self.final_norm(x)
+        x = self.final_norm.for_product(x)
         if self.lm_head is None:
             return self.embed.attend(x)
         return self.lm_head(x, out_dtype=jnp.float32)
