@@ -13,7 +13,7 @@ from numpy_reference import causal_conv, rms_norm, silu, softplus, values
 from m2rnn_jax.config import AttentionConfig, M2RNNConfig, MLPConfig, ModelConfig
 from m2rnn_jax.layers import (LOGICAL_AXES, Attention, Embed, Linear, M2RNN, RMSNorm, SwiGLU,
                               causal_depthwise_conv, logical_axes, no_decay_mask)
-from m2rnn_jax.layers.conv import conv_window
+from m2rnn_jax.layers.conv import conv_cache, conv_decode_step, conv_window
 from m2rnn_jax.layers.registry import mixer_class, register_mixer
 from m2rnn_jax.typed_config import ConfigError, from_dict
 
@@ -232,6 +232,26 @@ def test_conv_isolates_documents_and_window_keeps_the_last_document(inputs):
     short = np.asarray(conv_window(jnp.asarray(x[:, :2]), None, 4))
     np.testing.assert_array_equal(short[:, 0], np.zeros_like(short[:, 0]))
     np.testing.assert_array_equal(short[:, 1:], x[:, :2])
+
+
+@pytest.mark.parametrize("taps", [1, 2, 4])
+def test_conv_decode_steps_continue_the_full_sequence_conv(taps):
+    """A prompt's ``conv_cache``, then one ``conv_decode_step`` per step (past several turns of
+    the ring): each output equals the full sequence's conv at that step (float64 loop)."""
+    rng = np.random.default_rng(taps)
+    x = rng.normal(size=(2, 13, 5)).astype(np.float32)
+    weight, bias = rng.normal(size=(taps, 5)), rng.normal(size=5)
+    segment_ids = np.array([[0] * 13, [0] * 2 + [1] * 11])
+    want = causal_conv(x.astype(np.float64), weight, segment_ids) + bias
+    prompt = 4
+    cache = conv_cache(jnp.asarray(x[:, :prompt]), jnp.asarray(segment_ids[:, :prompt]), taps)
+    step = jax.jit(conv_decode_step)
+    for t in range(prompt, 13):
+        out, cache = step(jnp.asarray(x[:, t:t + 1]), cache, jnp.asarray(weight, jnp.float32),
+                          jnp.asarray(bias, jnp.float32))
+        np.testing.assert_allclose(np.asarray(out[:, 0]), want[:, t], rtol=1e-5, atol=1e-5,
+                                   err_msg=f"step {t}")
+    assert cache["conv"].shape == (2, taps - 1, 5) and int(cache["conv_step"]) == 13 - prompt
 
 
 def test_m2rnn_init_values():

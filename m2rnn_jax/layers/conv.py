@@ -5,6 +5,7 @@ same document as ``t`` (``weight[K-1]`` multiplies the current step, as a left-p
 Shared by every mixer that has a short conv (M²RNN, and the baselines if they want it).
 """
 
+import jax
 import jax.numpy as jnp
 
 
@@ -52,3 +53,35 @@ def conv_window(x, segment_ids, taps):
         window = window * same[..., None].astype(window.dtype)
     missing = history - window.shape[1]
     return jnp.pad(window, ((0, 0), (missing, 0), (0, 0))) if missing else window
+
+
+def conv_cache(x, segment_ids, taps):
+    """A decode cache's conv part after the prompt ``x (B, S, C)``: ``{"conv": conv_window(...),
+    "conv_step": 0}``, the ring that ``conv_decode_step`` continues."""
+    return {"conv": conv_window(x, segment_ids, taps), "conv_step": jnp.zeros((), jnp.int32)}
+
+
+def conv_decode_step(x, cache, weight, bias=None):
+    """One step of ``causal_depthwise_conv``: ``x (B, 1, C)`` and ``conv_cache``'s dict ->
+    ``(out (B, 1, C) float32, the dict after x)``.
+
+    ``cache["conv"] (B, taps - 1, C)`` is a ring: the oldest input sits in slot ``conv_step %
+    (taps - 1)``, the newer ones in the slots after it, cyclically (``conv_window`` leaves them
+    in order, for step 0). The new input overwrites the oldest in place; shifting a window
+    instead cost a slice and a copy kernel per layer and token.
+    """
+    taps = weight.shape[0]
+    w32 = weight.astype(jnp.float32)
+    out = x[:, 0].astype(jnp.float32) * w32[taps - 1]
+    history, step = cache["conv"], cache["conv_step"]
+    if taps > 1:
+        slots = taps - 1
+        oldest = step % slots
+        # Slot i holds the input (i - oldest) % slots places after the oldest: that tap's weight.
+        slot_weights = jnp.take(w32[:slots], (jnp.arange(slots) - oldest) % slots, axis=0)
+        out = out + jnp.einsum("bjc,jc->bc", history.astype(jnp.float32), slot_weights)
+        history = jax.lax.dynamic_update_slice_in_dim(history, x.astype(history.dtype), oldest,
+                                                      axis=1)
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out[:, None], {"conv": history, "conv_step": step + 1}

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
+from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_cache, conv_decode_step
 from m2rnn_jax.layers.linear import Linear
 from m2rnn_jax.layers.m2rnn import init_A_log, init_dt_bias
 from m2rnn_jax.layers.norm import RMSNorm
@@ -116,19 +116,17 @@ class GatedDeltaNet(nnx.Module):
         log_alpha, beta = self._gates(b, a)
         o, state = gated_delta_rule(q, k, v, log_alpha, beta, segment_ids=segment_ids,
                                     chunk_size=self.cfg.chunk_size)
-        cache = {"state": state, "conv": conv_window(qkv_in, segment_ids, self.cfg.conv_kernel)}
+        cache = {"state": state, **conv_cache(qkv_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(o, g), cache
 
     def decode_step(self, x, cache):
         """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
         qkv_in, g, b, a = self._split(self.in_proj(x))
-        window = jnp.concatenate([cache["conv"], qkv_in.astype(cache["conv"].dtype)], axis=1)
-        qkv = jnp.einsum("bjc,jc->bc", window.astype(jnp.float32),
-                         self.conv_weight[...].astype(jnp.float32))[:, None]
+        qkv, conv = conv_decode_step(qkv_in, cache, self.conv_weight[...])
         q, k, v = self._heads(jax.nn.silu(qkv.astype(qkv_in.dtype)))
         log_alpha, beta = self._gates(b, a)
         o, state = gated_delta_rule_scan(q, k, v, log_alpha, beta, initial_state=cache["state"])
-        return self._output(o, g), {"state": state, "conv": window[:, 1:]}
+        return self._output(o, g), {"state": state, **conv}
 
 
 register_mixer("D", GatedDeltaNet)

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
+from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_cache, conv_decode_step
 from m2rnn_jax.layers.linear import Linear
 from m2rnn_jax.layers.norm import RMSNorm
 from m2rnn_jax.layers.params import make_param, model_dtypes, out_proj_std
@@ -171,7 +171,7 @@ class M2RNN(nnx.Module):
                          self.cfg.gradient_clipping,
                          segment_ids=segment_ids, backend=self.cfg.backend,
                          chunk_size=self.cfg.chunk_size)
-        cache = {"state": state, "conv": conv_window(qkv_in, segment_ids, self.cfg.conv_kernel)}
+        cache = {"state": state, **conv_cache(qkv_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(y, v, g), cache
 
     def _prefill_split(self, x, segment_ids, initial_state):
@@ -242,7 +242,7 @@ class M2RNN(nnx.Module):
         y, v, states = shard_map(body, axes, ({name: specs[name] for name in present},),
                                  out_specs)(present)
         # states (B, C, N, K, V): the state after each context shard; the last is the row's.
-        cache = {"state": states[:, -1], "conv": conv_window(qkv_in, segment_ids, cfg.conv_kernel)}
+        cache = {"state": states[:, -1], **conv_cache(qkv_in, segment_ids, cfg.conv_kernel)}
         return self._output(y, v, g), cache
 
     def _head_axes(self):
@@ -256,14 +256,11 @@ class M2RNN(nnx.Module):
     def decode_step(self, x, cache):
         """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
         qkv_in, f_logits, g = self._split(self.in_proj(x))
-        window = jnp.concatenate([cache["conv"], qkv_in.astype(cache["conv"].dtype)], axis=1)
-        qkv = jnp.einsum("bjc,jc->bc", window.astype(jnp.float32),
-                         self.conv_weight[...].astype(jnp.float32))[:, None]
-        if self.conv_bias is not None:
-            qkv = qkv + self.conv_bias[...].astype(jnp.float32)
+        conv_bias = None if self.conv_bias is None else self.conv_bias[...]
+        qkv, conv = conv_decode_step(qkv_in, cache, self.conv_weight[...], conv_bias)
         q, k, v = self._activate(*self._heads(qkv.astype(qkv_in.dtype)))
         f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
         # One step of the same op through the portable backend: a kernel launch per token
         # would cost more than the step itself.
         y, state = m2rnn(q, k, v, self.W[...].astype(v.dtype), f, cache["state"], backend="scan")
-        return self._output(y, v, g), {"state": state, "conv": window[:, 1:]}
+        return self._output(y, v, g), {"state": state, **conv}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_window
+from m2rnn_jax.layers.conv import causal_depthwise_conv, conv_cache, conv_decode_step
 from m2rnn_jax.layers.linear import Linear
 from m2rnn_jax.layers.m2rnn import init_A_log, init_dt_bias
 from m2rnn_jax.layers.norm import RMSNorm
@@ -112,19 +112,17 @@ class Mamba2(nnx.Module):
         dt, log_decay = self._gates(dt_logits)
         y, state = diagonal_ssm(xh, dt, log_decay, b, c, segment_ids=segment_ids,
                                 chunk_size=self.cfg.chunk_size)
-        cache = {"state": state, "conv": conv_window(xbc_in, segment_ids, self.cfg.conv_kernel)}
+        cache = {"state": state, **conv_cache(xbc_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(y, xh, z), cache
 
     def decode_step(self, x, cache):
         """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
         z, xbc_in, dt_logits = self._split(self.in_proj(x))
-        window = jnp.concatenate([cache["conv"], xbc_in.astype(cache["conv"].dtype)], axis=1)
-        xbc = jnp.einsum("bjc,jc->bc", window.astype(jnp.float32),
-                         self.conv_weight[...].astype(jnp.float32))[:, None]
+        xbc, conv = conv_decode_step(xbc_in, cache, self.conv_weight[...])
         xh, b, c = self._heads(jax.nn.silu(xbc.astype(xbc_in.dtype)))
         dt, log_decay = self._gates(dt_logits)
         y, state = diagonal_ssm_scan(xh, dt, log_decay, b, c, initial_state=cache["state"])
-        return self._output(y, xh, z), {"state": state, "conv": window[:, 1:]}
+        return self._output(y, xh, z), {"state": state, **conv}
 
 
 register_mixer("S", Mamba2)
