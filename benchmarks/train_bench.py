@@ -94,7 +94,7 @@ from m2rnn_jax.typed_config import load_yaml, override
 from train import sharding
 from train.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from train.data import PackedRows, model_inputs, read_bytes, stdlib_python_files
-from train.step import active_shares, build_trainee, put_batch
+from train.step import active_shares, build_trainee, put_batch, token_cross_entropy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import trace_summary  # noqa: E402  (benchmarks/trace_summary.py)
@@ -381,7 +381,7 @@ class HeadPart(nnx.Module):
     def __call__(self, x, tokens, segment_ids):
         inputs, _, targets, mask = model_inputs(tokens, segment_ids)
         logits = self.head(self.norm(x + self.embed(inputs)), out_dtype=jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        losses = token_cross_entropy(logits, targets)
         return jnp.sum(jnp.where(mask, losses, 0.0))
 
 

@@ -112,12 +112,22 @@ def _short(count) -> str:
 MOE_METRICS = ("moe_aux_loss", "expert_load_max", "expert_load_min")
 
 
+def token_cross_entropy(logits, targets):
+    """Cross-entropy in nats per token from float32 ``logits (..., V)`` and integer ``targets``:
+    ``logsumexp(logits) - logits[target]``, the target's logit picked by comparing against the
+    vocabulary's indices rather than gathered. Its gradient is then one pass (softmax minus
+    one-hot) where a gather's is a scatter into a zeroed logits-sized buffer plus a pass."""
+    picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == targets[..., None], logits, 0.0),
+                     axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
 def loss_terms(graphdef, params, tokens, segment_ids):
     """``(summed cross-entropy in nats, number of targets, aux)`` over rows of ``seq_len + 1``
     tokens; ``aux`` is the model's ``HybridLM.forward`` dict (``{}`` without MoE blocks)."""
     inputs, input_segments, targets, mask = model_inputs(tokens, segment_ids)
     logits, aux = nnx.merge(graphdef, params).forward(inputs, segment_ids=input_segments)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    losses = token_cross_entropy(logits.astype(jnp.float32), targets)
     return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask), aux
 
 

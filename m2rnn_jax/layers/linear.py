@@ -1,6 +1,7 @@
 """Dense projections and the token embedding, with logical axes on their parameters."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,30 @@ class RowScaled:
         return self.values.shape
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _wide_product(x, w, out_dtype):
+    """``x w`` (both in the compute dtype) with a wider output. Its gradient products take the
+    cotangent rounded to the compute dtype and so run at that dtype's rate like every other
+    layer's: for the LM head's float32 logits they would otherwise be two float32 products of
+    1.7 TFLOP each at 4 × 4096 tokens and a 50K vocabulary."""
+    return jnp.matmul(x, w, preferred_element_type=out_dtype)
+
+
+def _wide_product_fwd(x, w, out_dtype):
+    return _wide_product(x, w, out_dtype), (x, w)
+
+
+def _wide_product_bwd(out_dtype, residuals, g):
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jnp.matmul(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("...i,...o->io", x, g, preferred_element_type=jnp.float32)
+    return dx, dw.astype(w.dtype)
+
+
+_wide_product.defvjp(_wide_product_fwd, _wide_product_bwd)
+
+
 def _product(x, w, dtype, out_dtype):
     """``x w`` in ``dtype`` (``x`` an array or a ``RowScaled``), output in ``out_dtype`` (None:
     ``dtype``)."""
@@ -34,7 +59,10 @@ def _product(x, w, dtype, out_dtype):
         y = jnp.matmul(x.values.astype(dtype), w.astype(dtype),
                        preferred_element_type=jnp.float32) * x.row_scale
         return y.astype(out_dtype or dtype)
-    return jnp.matmul(x.astype(dtype), w.astype(dtype), preferred_element_type=out_dtype)
+    x, w = x.astype(dtype), w.astype(dtype)
+    if out_dtype is not None and jnp.dtype(out_dtype).itemsize > jnp.dtype(dtype).itemsize:
+        return _wide_product(x, w, jnp.dtype(out_dtype))
+    return jnp.matmul(x, w, preferred_element_type=out_dtype)
 
 
 class Linear(nnx.Module):
