@@ -380,7 +380,9 @@ def decode_launches(batch, context, sharding, steps=32):
     # donate, which would add the copies that donation saves).
     decode = jax.jit(generator._decode_fn, static_argnames=("sampling", "block"),
                      donate_argnums=(1, 2))
-    with warnings.catch_warnings():
+    # The abstract mesh names the target GPU to the Triton lowering (the fused M²RNN decode
+    # step), which otherwise looks for a GPU on this machine.
+    with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(sharding.mesh.abstract_mesh):
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")  # the tokens
         compiled = decode.lower(*args, sampling=(0.0, None, None), block=steps).compile()
     return while_loop_launches(compiled.as_text())

@@ -58,6 +58,11 @@ class M2RNNConfig:
     # "identity" leaves v linear after the conv (q and k keep their SiLU), so that the write
     # k vᵀ can also push state entries down (SiLU bounds v below at about -0.28).
     value_activation: Literal["silu", "identity"] = "silu"
+    # How decode steps run between the in-projection and the output path: "auto" = the fused
+    # Pallas kernel (pallas_kernels/m2rnn/decode_step.py) where the GPU kernels compile for real
+    # and it supports K and V, else XLA; "fused" = the kernel anywhere (in Pallas' interpreter
+    # off a GPU; an error where it does not support K and V); "xla" = never the kernel.
+    decode_kernel: Literal["auto", "fused", "xla"] = "auto"
 
     def __post_init__(self):
         require_positive_int(self.num_heads, "m2rnn.num_heads")
@@ -93,6 +98,8 @@ class M2RNNConfig:
                 f"{self.transition_scale!r}")
         require(self.value_activation in ("silu", "identity"), "m2rnn.value_activation",
                 f"must be 'silu' or 'identity', got {self.value_activation!r}")
+        require(self.decode_kernel in ("auto", "fused", "xla"), "m2rnn.decode_kernel",
+                f"must be 'auto', 'fused' or 'xla', got {self.decode_kernel!r}")
 
     def heads(self, name: str) -> int:
         """Resolved head count of ``name`` in ``"qkvfwg"``."""

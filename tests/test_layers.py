@@ -251,7 +251,7 @@ def test_conv_decode_steps_continue_the_full_sequence_conv(taps):
                           jnp.asarray(bias, jnp.float32))
         np.testing.assert_allclose(np.asarray(out[:, 0]), want[:, t], rtol=1e-5, atol=1e-5,
                                    err_msg=f"step {t}")
-    assert cache["conv"].shape == (2, taps - 1, 5) and int(cache["conv_step"]) == 13 - prompt
+    assert cache["conv"].shape == (2, taps, 5) and int(cache["conv_step"]) == 13 - prompt
 
 
 def test_m2rnn_init_values():

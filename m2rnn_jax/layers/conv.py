@@ -56,32 +56,47 @@ def conv_window(x, segment_ids, taps):
 
 
 def conv_cache(x, segment_ids, taps):
-    """A decode cache's conv part after the prompt ``x (B, S, C)``: ``{"conv": conv_window(...),
-    "conv_step": 0}``, the ring that ``conv_decode_step`` continues."""
-    return {"conv": conv_window(x, segment_ids, taps), "conv_step": jnp.zeros((), jnp.int32)}
+    """A decode cache's conv part after the prompt ``x (B, S, C)``: the ring that
+    ``conv_decode_step`` continues, ``{"conv": (B, taps, C), "conv_step": 0}``.
+
+    The ring has ``taps`` slots: at ``conv_step = s`` the new input goes to slot
+    ``(taps - 1 + s) % taps`` and the input ``j`` steps back sits in slot
+    ``(taps - 1 + s - j) % taps``. After the prompt ``conv_window``'s ``taps - 1`` inputs fill
+    slots ``0 .. taps - 2`` in order and slot ``taps - 1`` is unused (zero). The slot written at
+    each step holds the one input that has left the window: a fused decode kernel whose programs
+    share channels (M²RNN's q and k) may then write it while others still read the ring.
+    """
+    window = conv_window(x, segment_ids, taps)
+    ring = jnp.pad(window, ((0, 0), (0, 1), (0, 0)))
+    return {"conv": ring, "conv_step": jnp.zeros((), jnp.int32)}
+
+
+def ring_slot(step, lag, taps):
+    """The slot of the ring (``conv_cache``) holding the input ``lag`` steps back at
+    ``conv_step = step`` (``lag = 0``: the slot the new input goes to)."""
+    return (step + (taps - 1 - lag)) % taps
 
 
 def conv_decode_step(x, cache, weight, bias=None):
-    """One step of ``causal_depthwise_conv``: ``x (B, 1, C)`` and ``conv_cache``'s dict ->
-    ``(out (B, 1, C) float32, the dict after x)``.
+    """One step of ``causal_depthwise_conv``: ``x (B, 1, C)`` and ``conv_cache``'s ring ->
+    ``(out (B, 1, C) float32, the ring after x)``.
 
-    ``cache["conv"] (B, taps - 1, C)`` is a ring: the oldest input sits in slot ``conv_step %
-    (taps - 1)``, the newer ones in the slots after it, cyclically (``conv_window`` leaves them
-    in order, for step 0). The new input overwrites the oldest in place; shifting a window
-    instead cost a slice and a copy kernel per layer and token.
+    The new input overwrites, in place, the slot whose input has left the window; shifting a
+    window instead cost a slice and a copy kernel per layer and token.
     """
     taps = weight.shape[0]
     w32 = weight.astype(jnp.float32)
-    out = x[:, 0].astype(jnp.float32) * w32[taps - 1]
     history, step = cache["conv"], cache["conv_step"]
-    if taps > 1:
-        slots = taps - 1
-        oldest = step % slots
-        # Slot i holds the input (i - oldest) % slots places after the oldest: that tap's weight.
-        slot_weights = jnp.take(w32[:slots], (jnp.arange(slots) - oldest) % slots, axis=0)
-        out = out + jnp.einsum("bjc,jc->bc", history.astype(jnp.float32), slot_weights)
-        history = jax.lax.dynamic_update_slice_in_dim(history, x.astype(history.dtype), oldest,
-                                                      axis=1)
+    # lag -> slot is i -> (c - i) mod taps, its own inverse: slot i holds the input lags[i] back.
+    lags = ring_slot(step, jnp.arange(taps), taps)
+    # Weighted by w[taps - 1 - lag]; the slot about to be written (lag 0) holds an input that
+    # has left the window: weight zero.
+    history_weights = w32.at[taps - 1].set(0.0)
+    slot_weights = jnp.take(history_weights, taps - 1 - lags, axis=0)
+    out = x[:, 0].astype(jnp.float32) * w32[taps - 1]
+    out = out + jnp.einsum("bjc,jc->bc", history.astype(jnp.float32), slot_weights)
+    history = jax.lax.dynamic_update_slice_in_dim(history, x.astype(history.dtype),
+                                                  ring_slot(step, 0, taps), axis=1)
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out[:, None], {"conv": history, "conv_step": step + 1}

@@ -28,6 +28,8 @@ from m2rnn_jax.parallel import MeshAxes
 from m2rnn_jax.parallel.context import (activation_spec, causal_conv_in_shard, check_split,
                                         shard_map)
 from m2rnn_jax.parallel.recurrence import m2rnn_in_shard, recurrence_head_axes
+from pallas_kernels.m2rnn import decode_step as fused_decode
+from pallas_kernels.m2rnn import platforms
 from pallas_kernels.m2rnn.heads import expand_heads
 
 
@@ -151,8 +153,9 @@ class M2RNN(nnx.Module):
         """Full-sequence path: ``(out (B, S, d_model), cache)``.
 
         The cache (the same size at every length; ``max_len`` only picks the path) holds the
-        float32 matrix state ``(B, N, K, V)`` after the last step and the conv window: the last
-        ``conv_kernel - 1`` pre-conv q|k|v inputs of each row's last document.
+        float32 matrix state ``(B, N, K, V)`` after the last step and the conv ring
+        (``conv_cache``): the last ``conv_kernel - 1`` pre-conv q|k|v inputs of each row's last
+        document.
 
         With ``self.axes`` splitting anything and no ``max_len`` (training), the conv and the
         recurrence run split (``_prefill_split``); with ``max_len`` (generation) the path below
@@ -253,10 +256,38 @@ class M2RNN(nnx.Module):
             "query": cfg.heads("q"), "key": cfg.heads("k"), "value": cfg.heads("v"),
             "forget_input": cfg.heads("f"), "weight": cfg.heads("w")})
 
+    def _decodes_fused(self):
+        """Whether ``decode_step`` runs the fused kernel (``m2rnn.decode_kernel``): for "auto",
+        where the GPU kernels compile for real (on a GPU, or for one under
+        ``platforms.lowered_for("gpu")``), on one device's layout, for a K and V it supports."""
+        cfg = self.cfg
+        if cfg.decode_kernel == "xla":
+            return False
+        reason = fused_decode.supports(cfg.key_dim, cfg.value_dim)
+        if cfg.decode_kernel == "fused":
+            if reason is not None:
+                raise ValueError(f"m2rnn.decode_kernel = 'fused': the kernel {reason}")
+            return True
+        return (reason is None and not platforms.interpret("gpu")
+                and not self.axes.splits_anything)
+
     def decode_step(self, x, cache):
         """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
-        qkv_in, f_logits, g = self._split(self.in_proj(x))
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
+        if self._decodes_fused():
+            # One kernel from the conv to the read-out: batch-1 decoding is launch-bound. It
+            # takes the float32 product whole (a slice or a convert would be a kernel).
+            cfg = self.cfg
+            projected = self.in_proj(x, out_dtype=jnp.float32)
+            y, v, state, ring = fused_decode.decode_step(
+                projected[:, 0], cache["conv"], cache["conv_step"], self.conv_weight[...],
+                conv_bias, self.A_log[...], self.dt_bias[...], self.W[...], cache["state"],
+                qkv_heads=(cfg.heads("q"), cfg.heads("k"), cfg.heads("v")), dtype=self.dtype,
+                value_silu=cfg.value_activation == "silu")
+            g = self._split(projected)[2].astype(self.dtype)
+            return self._output(y[:, None], v[:, None], g), {
+                "state": state, "conv": ring, "conv_step": cache["conv_step"] + 1}
+        qkv_in, f_logits, g = self._split(self.in_proj(x))
         qkv, conv = conv_decode_step(qkv_in, cache, self.conv_weight[...], conv_bias)
         q, k, v = self._activate(*self._heads(qkv.astype(qkv_in.dtype)))
         f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
