@@ -15,13 +15,14 @@ This kernel does that whole span at once:
 * the new state and the new conv input written in place (``input_output_aliases``).
 
 It returns ``y`` and the activated ``v`` (for the ``D`` residual); the residual, gate, norm and
-out-projection stay in XLA. Grid: (rows, blocks of ``HEADS_PER_BLOCK`` heads), a static loop
-over the block's heads; each head finds its group's channels of the grouped q/k/v/f/W
-(docs/math.md §1) at offsets computed in the program.
+out-projection stay in XLA. Grid: (rows, heads), one head per program, which finds its group's
+channels of the grouped q/k/v/f/W (docs/math.md §1) at offsets computed in the program. Blocks
+of 4 heads per program were slower at batch 1 than the XLA kernels they replace (the heads'
+steps in series; docs/kernels.md).
 
 The ring (``m2rnn_jax.layers.conv.conv_cache``) has ``taps`` slots, so the slot written holds
-the input that has just left the window: no program reads it, and the head blocks that share
-q/k channels cannot overwrite an input another block has yet to read. Each channel is written
+the input that has just left the window: no program reads it, and the heads that share
+q/k channels cannot overwrite an input another head has yet to read. Each channel is written
 once, by the first head of its group.
 """
 
@@ -36,9 +37,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels.m2rnn import platforms
 from pallas_kernels.m2rnn import triton_common as common
 from pallas_kernels.m2rnn.triton_common import F32
-
-HEADS_PER_BLOCK = 4  # heads per program where it divides N (else 2, else 1)
-
 
 def supports(key_dim, value_dim):
     """Triton dots need power-of-two dims of at least 16: ``K`` and ``V`` must be such."""
@@ -55,7 +53,6 @@ class _Layout:
     value_dim: int        # V
     taps: int             # the conv's taps = the ring's slots
     groups: tuple         # head counts of (q, k, v, f, w)
-    heads_per_block: int
     value_silu: bool
     has_bias: bool
     dtype: jnp.dtype      # the compute dtype: of the conv input, q|k|v, y and v
@@ -94,8 +91,7 @@ def _kernel(*refs, lay):
     x_ref, ring_ref, step_ref, conv_w_ref, *rest = refs
     bias_ref = rest.pop(0) if lay.has_bias else None
     a_log_ref, dt_bias_ref, w_ref, state_ref, y_ref, v_out_ref, state_out_ref, ring_out_ref = rest
-    row = pl.program_id(0)
-    first_head = pl.program_id(1) * lay.heads_per_block
+    row, head = pl.program_id(0), pl.program_id(1)
     taps = lay.taps
     step = step_ref[0]
 
@@ -120,11 +116,15 @@ def _kernel(*refs, lay):
             out = _silu(out).astype(lay.dtype).astype(F32)
         return out
 
-    def group_of(head, tensor):
+    def group_of(tensor):
         return lax.div(head, jnp.int32(lay.per_group(tensor)))
 
-    def store_new_input(head, tensor, group, width, activated):
-        """The new input into the ring's free slot, and v for the residual (first heads)."""
+    def activated_and_stored(tensor, width):
+        """One group's conv, activated; its first head writes the new input into the ring's
+        free slot (and v for the residual): every channel is written once."""
+        group = group_of(tensor)
+        activated = convolved(tensor, group, width)
+
         @pl.when(lax.rem(head, jnp.int32(lay.per_group(tensor))) == 0)
         def _():
             cols = pl.ds(lay.channel_offset(tensor, group), width)
@@ -132,40 +132,23 @@ def _kernel(*refs, lay):
             if tensor == _V:
                 v_out_ref[row, group, :] = activated.astype(v_out_ref.dtype)
 
-    widths = (lay.key_dim, lay.key_dim, lay.value_dim)
-    # A tensor whose groups span whole blocks (q and k of the 400M config) is the same for all
-    # the block's heads: convolved and stored by its first head only.
-    whole_block = [lay.per_group(t) % lay.heads_per_block == 0 for t in (_Q, _K, _V)]
-    first_heads_inputs = []
-    for h in range(lay.heads_per_block):
-        head = first_head + h
-        inputs = []
-        for tensor, width in zip((_Q, _K, _V), widths):
-            if h > 0 and whole_block[tensor]:
-                inputs.append(first_heads_inputs[tensor])
-                continue
-            group = group_of(head, tensor)
-            inputs.append(convolved(tensor, group, width))
-            store_new_input(head, tensor, group, width, inputs[-1])
-        if h == 0:
-            first_heads_inputs = inputs
-        q, k, v = inputs
-        gf = group_of(head, _F)
-        logit = projection(lay.conv_width + gf).astype(F32) + dt_bias_ref[gf].astype(F32)
-        f = jnp.exp(-jnp.exp(a_log_ref[gf].astype(F32)) * _softplus(logit))
-        # W rounded to the compute dtype, as the XLA path passes it to the op.
-        w = w_ref[group_of(head, _W)].astype(lay.dtype).astype(F32)
-        h_prev = state_ref[row, head].astype(F32)
-        u = lax.dot_general(h_prev, w, common.MATMUL, precision=lax.Precision.HIGHEST,
-                            preferred_element_type=F32)
-        z = jnp.tanh(u + k[:, None] * v[None, :])
-        h_new = f * h_prev + (1.0 - f) * z
-        state_out_ref[row, head] = h_new
-        y_ref[row, head, :] = jnp.sum(h_new * q[:, None], axis=0).astype(y_ref.dtype)
+        return activated
 
-
-def _heads_per_block(num_heads):
-    return next(n for n in (HEADS_PER_BLOCK, 2, 1) if num_heads % n == 0)
+    q = activated_and_stored(_Q, lay.key_dim)
+    k = activated_and_stored(_K, lay.key_dim)
+    v = activated_and_stored(_V, lay.value_dim)
+    gf = group_of(_F)
+    logit = projection(lay.conv_width + gf).astype(F32) + dt_bias_ref[gf].astype(F32)
+    f = jnp.exp(-jnp.exp(a_log_ref[gf].astype(F32)) * _softplus(logit))
+    # W rounded to the compute dtype, as the XLA path passes it to the op.
+    w = w_ref[group_of(_W)].astype(lay.dtype).astype(F32)
+    h_prev = state_ref[row, head].astype(F32)
+    u = lax.dot_general(h_prev, w, common.MATMUL, precision=lax.Precision.HIGHEST,
+                        preferred_element_type=F32)
+    z = jnp.tanh(u + k[:, None] * v[None, :])
+    h_new = f * h_prev + (1.0 - f) * z
+    state_out_ref[row, head] = h_new
+    y_ref[row, head, :] = jnp.sum(h_new * q[:, None], axis=0).astype(y_ref.dtype)
 
 
 def decode_step(projected, ring, conv_step, conv_weight, conv_bias, A_log, dt_bias, w, state,
@@ -191,8 +174,7 @@ def decode_step(projected, ring, conv_step, conv_weight, conv_bias, A_log, dt_bi
     if reason is not None:
         raise ValueError(f"the fused M²RNN decode step {reason}")
     lay = _Layout(num_heads, key_dim, value_dim, ring.shape[1],
-                  (*qkv_heads, A_log.shape[0], w.shape[0]), _heads_per_block(num_heads),
-                  value_silu, conv_bias is not None, jnp.dtype(dtype))
+                  (*qkv_heads, A_log.shape[0], w.shape[0]), value_silu, conv_bias is not None, jnp.dtype(dtype))
     if ring.shape[-1] != lay.conv_width or projected.shape[-1] < lay.conv_width + A_log.shape[0]:
         raise ValueError(f"the conv ring's {ring.shape[-1]} channels and the projection's "
                          f"{projected.shape[-1]} columns do not fit q|k|v heads {qkv_heads} "
@@ -208,7 +190,7 @@ def decode_step(projected, ring, conv_step, conv_weight, conv_bias, A_log, dt_bi
     state_index, ring_index = len(inputs) - 1, 1
     y, v, state, ring = pl.pallas_call(
         functools.partial(_kernel, lay=lay), out_shape=out_shape,
-        grid=(batch, num_heads // lay.heads_per_block),
+        grid=(batch, num_heads),
         input_output_aliases={state_index: 2, ring_index: 3},
         compiler_params=common.COMPILER_PARAMS, interpret=platforms.interpret("gpu"),
         name="m2rnn_decode_step")(*inputs)
