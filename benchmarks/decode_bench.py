@@ -7,7 +7,7 @@ Run from the repository root (GPU), with the package installed:
 For each model (``configs/model/hybrid_400m.yaml`` and the same model with every layer
 attention, ``A`` × 24, ~406M parameters), batch (1, 32) and context length L (1K, 4K, 16K, 64K;
 ``--quick``: 1K, 16K), the caches are built as they stand after a prompt of L tokens (M²RNN:
-the (B, N, K, V) float32 state and the conv window; attention: a KV cache of L + steps), then
+the (B, N, K, V) float32 state and the conv ring; attention: a KV cache of L + steps), then
 ``--steps`` greedy decode steps are timed after warm-up, two ways: one dispatch per token (one
 jit-compiled ``HybridLM.decode_step`` + argmax each, the tokens fed back by the host) and all
 ``--steps`` tokens in one dispatch (``Generator.decode``: the loop on the device, what

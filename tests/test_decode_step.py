@@ -1,5 +1,7 @@
 """The fused M²RNN decode step (pallas_kernels/m2rnn/decode_step.py, Pallas' interpreter on the
-CPU) against the layer's XLA decode step and a float64 NumPy step, and in a decoding model."""
+CPU) against the layer's XLA decode step and a float64 NumPy step, and in a decoding model.
+The interpreter runs the kernel's programs one after another, so a race between them (on the
+shared ring) shows only where these tests run on a GPU."""
 
 import dataclasses
 
@@ -21,7 +23,8 @@ TAPS = 3  # 7 steps below turn the ring of 3 slots over twice
 
 def layer_pair(compute_dtype, **m2rnn):
     """The same layer (same parameters) with the XLA decode step and with the fused kernel."""
-    config = small_config(compute_dtype, key_dim=16, value_dim=16, conv_kernel=TAPS, **m2rnn)
+    config = small_config(compute_dtype, **{"key_dim": 16, "value_dim": 16, "conv_kernel": TAPS,
+                                            **m2rnn})
     layers = []
     for kernel in ("xla", "fused"):
         cfg = dataclasses.replace(config, m2rnn=dataclasses.replace(config.m2rnn,
@@ -29,6 +32,8 @@ def layer_pair(compute_dtype, **m2rnn):
         layer = M2RNN(cfg, rngs=nnx.Rngs(3))
         if layer.conv_bias is not None:  # zero at init: random, so a dropped bias shows
             layer.conv_bias[...] = jax.random.normal(jax.random.key(9), layer.conv_bias.shape)
+            layer.in_proj.bias[...] = jax.random.normal(jax.random.key(7),
+                                                        layer.in_proj.bias.shape)
         layer.W[...] = 0.5 * jax.random.normal(jax.random.key(8), layer.W.shape)
         layers.append(layer)
     return layers
@@ -96,6 +101,8 @@ CASES = [
     dict(num_heads=4, num_q_heads=4, num_k_heads=4, num_v_heads=2, num_f_heads=2,
          num_w_heads=1, num_g_heads=2, add_bias=True),
     dict(num_heads=6, num_q_heads=2, num_k_heads=3, num_g_heads=3, value_activation="identity"),
+    # K != V: swapped dimensions in the channel offsets or the state's layout show.
+    dict(num_heads=4, num_q_heads=1, num_k_heads=2, num_g_heads=2, key_dim=32, add_bias=True),
 ]
 
 
@@ -120,7 +127,8 @@ def test_fused_step_matches_xla_step_and_float64(compute_dtype, case):
             assert relative_error(got, want) < tolerance, (name, t)
         # The new input went to the slot of the input that left the window.
         slot = (TAPS - 1 + t - 2) % TAPS
-        projected = fused_layer.in_proj(token)[:, 0, :fused_layer.cfg.conv_width]
+        projected = fused_layer.in_proj(token, out_dtype=jnp.float32).astype(dtype)
+        projected = projected[:, 0, :fused_layer.cfg.conv_width]
         np.testing.assert_array_equal(np.asarray(ring[:, slot], np.float32),
                                       np.asarray(projected, np.float32))
         out, cache = fused_step(fused_layer, token, cache)

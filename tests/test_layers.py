@@ -234,10 +234,11 @@ def test_conv_isolates_documents_and_window_keeps_the_last_document(inputs):
     np.testing.assert_array_equal(short[:, 1:], x[:, :2])
 
 
-@pytest.mark.parametrize("taps", [1, 2, 4])
+@pytest.mark.parametrize("taps", [1, 2, 4, 6])
 def test_conv_decode_steps_continue_the_full_sequence_conv(taps):
     """A prompt's ``conv_cache``, then one ``conv_decode_step`` per step (past several turns of
-    the ring): each output equals the full sequence's conv at that step (float64 loop)."""
+    the ring): each output equals the full sequence's conv at that step (float64 loop). With 6
+    taps the 4-step prompt leaves the window's first slots zero-padded."""
     rng = np.random.default_rng(taps)
     x = rng.normal(size=(2, 13, 5)).astype(np.float32)
     weight, bias = rng.normal(size=(taps, 5)), rng.normal(size=5)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m2rnn_jax.layers import Linear
+from m2rnn_jax.layers import Embed, Linear
 from train.step import token_cross_entropy
 
 
@@ -40,3 +40,24 @@ def test_a_wide_output_takes_its_cotangent_back_in_the_compute_dtype():
     np.testing.assert_array_equal(kernel_gradient(jnp.bfloat16), np.zeros((3, 2), np.float32))
     np.testing.assert_array_equal(kernel_gradient(jnp.float32),
                                   np.full((3, 2), 2.0 ** -9, np.float32))
+
+
+def test_the_tied_head_gradients_of_batched_rows_match_float64():
+    """``Embed.attend`` on (B, S, D) rows in bf16: the gradients of the rows and of the
+    embedding against float64 products of the bf16-rounded operands (dx = g E, dE = Σ gᵀ x)."""
+    embed = Embed(37, 8, std=1.0, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(2), (2, 3, 8))
+    cotangent = jax.random.normal(jax.random.key(3), (2, 3, 37))
+    graphdef, params = nnx.split(embed)
+    _, pull = jax.vjp(lambda p, x: nnx.merge(graphdef, p).attend(x), params, x)
+    d_params, dx = pull(cotangent)
+
+    def bf16(a):
+        return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+    g, table, rows = bf16(cotangent), bf16(params["embedding"][...]), bf16(x)
+    for got, want in ((dx, g @ table),
+                      (d_params["embedding"][...], np.einsum("bsv,bsd->vd", g, rows))):
+        got = np.asarray(got, np.float64)
+        assert got.shape == want.shape
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2

@@ -12,9 +12,9 @@ it; the closer wins (the smaller on a tie). Deterministic, and the same on every
 
 ``layer_state_bytes(config, letter, seq_len)`` is what one layer keeps per sequence to go on
 generating: M²RNN ``N·K·V`` float32 states, Gated DeltaNet ``heads·K·V`` and Mamba-2
-``heads·head_dim·state_dim`` (float32), each plus its causal conv's window of the last
-``conv_kernel - 1`` inputs in the compute dtype; attention the keys and values of ``seq_len``
-steps in the compute dtype.
+``heads·head_dim·state_dim`` (float32), each plus its causal conv's ring of ``conv_kernel``
+inputs in the compute dtype (``m2rnn_jax.layers.conv.conv_cache``; its 4-byte step counter
+left out); attention the keys and values of ``seq_len`` steps in the compute dtype.
 """
 
 import functools
@@ -124,17 +124,17 @@ def layer_state_bytes(config: ModelConfig, letter: str, seq_len: int) -> int:
     if letter == "M":
         cfg = config.m2rnn
         state = cfg.num_heads * cfg.key_dim * cfg.value_dim * FLOAT32_BYTES
-        return state + (cfg.conv_kernel - 1) * cfg.conv_width * compute
+        return state + cfg.conv_kernel * cfg.conv_width * compute
     if letter == "D":
         cfg = config.gated_deltanet
         state = cfg.num_heads * cfg.key_dim * cfg.value_dim * FLOAT32_BYTES
         conv_width = cfg.num_heads * (2 * cfg.key_dim + cfg.value_dim)
-        return state + (cfg.conv_kernel - 1) * conv_width * compute
+        return state + cfg.conv_kernel * conv_width * compute
     if letter == "S":
         cfg = config.mamba2
         state = cfg.num_heads * cfg.head_dim * cfg.state_dim * FLOAT32_BYTES
         conv_width = cfg.num_heads * cfg.head_dim + 2 * cfg.num_groups * cfg.state_dim
-        return state + (cfg.conv_kernel - 1) * conv_width * compute
+        return state + cfg.conv_kernel * conv_width * compute
     if letter == ATTENTION:
         return 2 * config.attention.kv_heads * config.attention_head_dim * seq_len * compute
     raise ValueError(f"no state size known for layer letter {letter!r}")

@@ -38,6 +38,7 @@ from pallas_kernels.m2rnn import platforms
 from pallas_kernels.m2rnn import triton_common as common
 from pallas_kernels.m2rnn.triton_common import F32
 
+
 def supports(key_dim, value_dim):
     """Triton dots need power-of-two dims of at least 16: ``K`` and ``V`` must be such."""
     for name, dim in (("K", key_dim), ("V", value_dim)):
@@ -99,7 +100,7 @@ def _kernel(*refs, lay):
         """Columns of the projection's row, rounded to the compute dtype as XLA's path has them."""
         return x_ref[row, cols].astype(lay.dtype)
 
-    def slot(lag):  # layers/conv.py ring_slot
+    def slot(lag):  # m2rnn_jax.layers.conv.ring_slot (kernels import no layer code); step >= 0
         return lax.rem(step + (taps - 1 - lag), taps)
 
     def convolved(tensor, group, width):
@@ -174,12 +175,15 @@ def decode_step(projected, ring, conv_step, conv_weight, conv_bias, A_log, dt_bi
     if reason is not None:
         raise ValueError(f"the fused M²RNN decode step {reason}")
     lay = _Layout(num_heads, key_dim, value_dim, ring.shape[1],
-                  (*qkv_heads, A_log.shape[0], w.shape[0]), value_silu, conv_bias is not None, jnp.dtype(dtype))
+                  (*qkv_heads, A_log.shape[0], w.shape[0]), value_silu, conv_bias is not None,
+                  jnp.dtype(dtype))
+    if ring.dtype != lay.dtype:  # a converted copy would not be written in place
+        raise ValueError(f"the conv ring is {ring.dtype}, not the compute dtype {lay.dtype}")
     if ring.shape[-1] != lay.conv_width or projected.shape[-1] < lay.conv_width + A_log.shape[0]:
         raise ValueError(f"the conv ring's {ring.shape[-1]} channels and the projection's "
                          f"{projected.shape[-1]} columns do not fit q|k|v heads {qkv_heads} "
                          f"of K = {key_dim}, V = {value_dim} and {A_log.shape[0]} forget logits")
-    inputs = [projected, ring.astype(dtype), jnp.reshape(conv_step, (1,)), conv_weight]
+    inputs = [projected, ring, jnp.reshape(conv_step, (1,)), conv_weight]
     if conv_bias is not None:
         inputs.append(conv_bias)
     inputs += [A_log, dt_bias, w, state]
