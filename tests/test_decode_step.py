@@ -81,13 +81,7 @@ def reference_step(layer, x, cache, dtype):
 
 def fused_outputs(layer, x, cache):
     """The kernel's own outputs (y, v, state, ring) for the layer's inputs."""
-    cfg = layer.cfg
-    bias = None if layer.conv_bias is None else layer.conv_bias[...]
-    return fused_decode.decode_step(
-        layer.in_proj(x, out_dtype=jnp.float32)[:, 0], cache["conv"], cache["conv_step"],
-        layer.conv_weight[...], bias, layer.A_log[...], layer.dt_bias[...], layer.W[...],
-        cache["state"], qkv_heads=(cfg.heads("q"), cfg.heads("k"), cfg.heads("v")),
-        dtype=layer.dtype, value_silu=cfg.value_activation == "silu")
+    return layer._fused_step(layer.in_proj(x, out_dtype=jnp.float32), cache)
 
 
 def relative_error(got, want):

@@ -271,24 +271,29 @@ class M2RNN(nnx.Module):
         return (reason is None and not platforms.interpret("gpu")
                 and not self.axes.splits_anything)
 
+    def _fused_step(self, projected, cache):
+        """The fused kernel's ``(y, v, state, ring)`` for the float32 in-projection
+        ``projected (B, 1, P)``: one kernel from the conv to the read-out (batch-1 decoding is
+        launch-bound). It takes the product whole (a slice or a convert would be a kernel)."""
+        cfg = self.cfg
+        conv_bias = None if self.conv_bias is None else self.conv_bias[...]
+        return fused_decode.decode_step(
+            projected[:, 0], cache["conv"], cache["conv_step"], self.conv_weight[...],
+            conv_bias, self.A_log[...], self.dt_bias[...], self.W[...], cache["state"],
+            qkv_heads=(cfg.heads("q"), cfg.heads("k"), cfg.heads("v")), dtype=self.dtype,
+            value_silu=cfg.value_activation == "silu")
+
     def decode_step(self, x, cache):
         """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
-        conv_bias = None if self.conv_bias is None else self.conv_bias[...]
         # The product (and bias) in float32, rounded once to the compute dtype on either path.
         projected = self.in_proj(x, out_dtype=jnp.float32)
         if self._decodes_fused():
-            # One kernel from the conv to the read-out: batch-1 decoding is launch-bound. It
-            # takes the float32 product whole (a slice or a convert would be a kernel).
-            cfg = self.cfg
-            y, v, state, ring = fused_decode.decode_step(
-                projected[:, 0], cache["conv"], cache["conv_step"], self.conv_weight[...],
-                conv_bias, self.A_log[...], self.dt_bias[...], self.W[...], cache["state"],
-                qkv_heads=(cfg.heads("q"), cfg.heads("k"), cfg.heads("v")), dtype=self.dtype,
-                value_silu=cfg.value_activation == "silu")
+            y, v, state, ring = self._fused_step(projected, cache)
             g = self._split(projected)[2].astype(self.dtype)
             return self._output(y[:, None], v[:, None], g), {
                 "state": state, "conv": ring, "conv_step": cache["conv_step"] + 1}
         qkv_in, f_logits, g = self._split(projected.astype(self.dtype))
+        conv_bias = None if self.conv_bias is None else self.conv_bias[...]
         qkv, conv = conv_decode_step(qkv_in, cache, self.conv_weight[...], conv_bias)
         q, k, v = self._activate(*self._heads(qkv.astype(qkv_in.dtype)))
         f = forget_gate(f_logits, self.A_log[...], self.dt_bias[...])
