@@ -271,9 +271,17 @@ class ModelConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02  # normal init of embeddings and projections
     depth_scaled_init: bool = True  # out projections use init_std / sqrt(2 · num_layers)
+    # How decoding at batch 1 runs its products: "auto" = as one Pallas kernel each, with the
+    # norm before them and the bias, SwiGLU and residual add after them fused in
+    # (pallas_kernels/row_product.py), where the GPU kernels compile for real and the model's
+    # axes split nothing, else XLA; "kernel" = the kernels anywhere (in Pallas' interpreter off a
+    # GPU); "xla" = never.
+    decode_products: Literal["auto", "kernel", "xla"] = "auto"
 
     def __post_init__(self):
         require_positive_int(self.vocab_size, "vocab_size")
+        require(self.decode_products in ("auto", "kernel", "xla"), "decode_products",
+                f"must be 'auto', 'kernel' or 'xla', got {self.decode_products!r}")
         require_positive_int(self.d_model, "d_model")
         require(isinstance(self.layer_pattern, str) and len(self.layer_pattern) >= 1,
                 "layer_pattern", f"must be a non-empty string, got {self.layer_pattern!r}")

@@ -156,11 +156,25 @@ class Generator:
             produced, _, _, running, _ = carry
             return (produced < count) & jnp.any(running)
 
+        # The layers' conv-step counters advance together: carried as one (start + produced),
+        # not one add kernel per layer and token.
+        counted = [i for i, c in enumerate(caches) if "conv_step" in c]
+        start = caches[counted[0]]["conv_step"] if counted else None
+
+        def with_step(caches, step):
+            return [{**c, "conv_step": step} if i in counted else c for i, c in enumerate(caches)]
+
+        def without_step(caches):
+            return [{k: v for k, v in c.items() if k != "conv_step"} for c in caches]
+
         def one_token(carry):
             produced, tokens, caches, running, out = carry
+            if start is not None:
+                caches = with_step(caches, start + produced)
             # The model (its W.T views) inside the loop: built outside, XLA would transpose the
             # weights back once before the loop instead of folding the views into the products.
             logits, caches = self._model(state).decode_step(tokens, caches)
+            caches = without_step(caches)
             step_key = jax.random.fold_in(key, first_step + produced)
             tokens = sample(logits, step_key, *sampling)
             running = running & ~jnp.isin(tokens, stops)
@@ -168,7 +182,10 @@ class Generator:
 
         out = jnp.zeros((block, tokens.shape[0]), jnp.int32)
         produced, _, caches, _, out = jax.lax.while_loop(
-            more, one_token, (jnp.zeros((), jnp.int32), tokens, caches, running, out))
+            more, one_token, (jnp.zeros((), jnp.int32), tokens, without_step(caches), running,
+                              out))
+        if start is not None:
+            caches = with_step(caches, start + produced)
         return out, produced, caches
 
     def decode(self, tokens, caches, count, *, key, first_step=1, block=None, stop_tokens=(),

@@ -45,14 +45,15 @@ def rounded(x, dtype):
 
 def reference_step(layer, x, cache, dtype):
     """docs/math.md §3's decode step in float64 from the layer's parameters and its product
-    ``in_proj(x)``, rounding that, the conv output, q, k, v and W to ``dtype`` where the layer
-    does."""
+    ``in_proj(x)``, rounding that, the conv output, q, k, v, W, y and the gate to ``dtype``
+    where the layer does: ``(gated read-out (B, N, V), state)``."""
     cfg = layer.cfg
-    heads = {name: cfg.heads(name) for name in "qkvfw"}
+    heads = {name: cfg.heads(name) for name in "qkvfwg"}
     n, k_dim, v_dim, taps = cfg.num_heads, cfg.key_dim, cfg.value_dim, cfg.conv_kernel
     proj = rounded(layer.in_proj(x, out_dtype=jnp.float32)[:, 0], dtype)  # not under test
     width = cfg.conv_width
     qkv_in, logits = proj[:, :width], proj[:, width:width + heads["f"]]
+    g = proj[:, width + heads["f"]:]
     # The window from the ring (layers/conv.py): the input lag steps back is in slot
     # (taps - 1 + step - lag) % taps.
     ring, step = np.asarray(cache["conv"], np.float64), int(cache["conv_step"])
@@ -68,19 +69,22 @@ def reference_step(layer, x, cache, dtype):
     b = x.shape[0]
     q = np.repeat(q.reshape(b, heads["q"], k_dim), n // heads["q"], axis=1)
     k = np.repeat(k.reshape(b, heads["k"], k_dim), n // heads["k"], axis=1)
-    v_groups = v.reshape(b, heads["v"], v_dim)
-    v = np.repeat(v_groups, n // heads["v"], axis=1)
+    v = np.repeat(v.reshape(b, heads["v"], v_dim), n // heads["v"], axis=1)
     f = np.exp(-np.exp(values(layer.A_log)) * softplus(logits + values(layer.dt_bias)))
     f = np.repeat(f, n // heads["f"], axis=1)[..., None, None]
     w = np.repeat(rounded(values(layer.W), dtype), n // heads["w"], axis=0)
     h = np.asarray(cache["state"], np.float64)
     z = np.tanh(np.einsum("bnkv,nvw->bnkw", h, w) + k[..., :, None] * v[..., None, :])
     h = f * h + (1.0 - f) * z
-    return np.einsum("bnkv,bnk->bnv", h, q), v_groups, h
+    y = rounded(np.einsum("bnkv,bnk->bnv", h, q), dtype)
+    if layer.D is not None:
+        y = rounded(y + rounded(rounded(values(layer.D), dtype) * v, dtype), dtype)
+    g = np.repeat(g.reshape(b, heads["g"], v_dim), n // heads["g"], axis=1)
+    return y * rounded(silu(g), dtype), h
 
 
 def fused_outputs(layer, x, cache):
-    """The kernel's own outputs (y, v, state, ring) for the layer's inputs."""
+    """The kernel's own outputs (gated read-out, state, ring) for the layer's inputs."""
     return layer._fused_step(layer.in_proj(x, out_dtype=jnp.float32), cache)
 
 
@@ -103,8 +107,9 @@ CASES = [
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_fused_step_matches_xla_step_and_float64(compute_dtype, case):
-    """Seven steps after a 2-token prompt: the kernel's y, v, state and ring against a float64
-    step from the same cache, and the layer's output and cache against the XLA path's."""
+    """Seven steps after a 2-token prompt: the kernel's gated read-out, state and ring against
+    a float64 step from the same cache, and the layer's output and cache against the XLA
+    path's."""
     xla_layer, fused_layer = layer_pair(compute_dtype, **CASES[case])
     dtype = xla_layer.dtype
     x = jax.random.normal(jax.random.key(case), (2, 9, 32))
@@ -115,9 +120,9 @@ def test_fused_step_matches_xla_step_and_float64(compute_dtype, case):
     tolerance = 2e-6 if compute_dtype == "float32" else 2e-2
     for t in range(2, 9):
         token = x[:, t:t + 1]
-        y, v, state, ring = kernel_step(fused_layer, token, cache)
-        want_y, want_v, want_state = reference_step(fused_layer, token, cache, dtype)
-        for name, got, want in (("y", y, want_y), ("v", v, want_v), ("state", state, want_state)):
+        gated, state, ring = kernel_step(fused_layer, token, cache)
+        want_gated, want_state = reference_step(fused_layer, token, cache, dtype)
+        for name, got, want in (("gated", gated, want_gated), ("state", state, want_state)):
             assert relative_error(got, want) < tolerance, (name, t)
         # The new input went to the slot of the input that left the window.
         slot = (TAPS - 1 + t - 2) % TAPS

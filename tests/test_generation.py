@@ -75,7 +75,7 @@ def test_decode_steps_equal_the_full_sequence(pattern, attention):
 
 class TanhDecodeMixer(nnx.Module):
     """Another engineer's mixer whose decode step does array arithmetic on its input, and
-    which does not set ``takes_row_scaled``."""
+    which does not set ``takes_normed_row``."""
 
     def __init__(self, config, *, rngs):
         self.proj = Linear(config.d_model, config.d_model, ("embed", "mixer"),
@@ -97,7 +97,7 @@ def test_at_batch_1_the_norms_fold_into_the_products_and_decoding_equals_the_ful
         pattern, tied, monkeypatch):
     """One row: every norm whose output reaches Linear layers only is factored (mixer inputs of
     the built-in mixers, MLPs, M²RNN and Mamba-2 output norms, the final norm; not the input of
-    a mixer without ``takes_row_scaled``), and the logits still equal the full sequence's."""
+    a mixer without ``takes_normed_row``), and the logits still equal the full sequence's."""
     register_mixer("Y", TanhDecodeMixer, replace=True)
     config = dataclasses.replace(tiny_config(pattern), tie_embeddings=tied)
     model = HybridLM(config, rngs=nnx.Rngs(3))

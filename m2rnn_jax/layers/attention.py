@@ -61,7 +61,8 @@ def attention_implementation(requested, dtype, head_dim, seq_len, platform=None,
 class Attention(nnx.Module):
     """Mixer ``A``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
-    takes_row_scaled = True  # its input reaches Linear layers only (registry: RowScaled)
+    takes_normed_row = True  # its input reaches Linear layers only (registry: NormedRow)
+    decode_step_adds = True  # decode_step(x, cache, add) returns add + y (registry)
 
     def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.attention``."""
@@ -134,7 +135,7 @@ class Attention(nnx.Module):
                  "position": positions[:, -1] + 1}
         return y, cache
 
-    def decode_step(self, x, cache):
+    def decode_step(self, x, cache, add=None):
         """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
         batch = x.shape[0]
         q, k, v = self._project(x, cache["position"][:, None])
@@ -149,6 +150,6 @@ class Attention(nnx.Module):
         implementation = None if self.cfg.implementation == "auto" else self.cfg.implementation
         out = jax.nn.dot_product_attention(q, key, value, mask=visible[:, None, None, :],
                                            implementation=implementation)
-        y = self.o_proj(out.reshape(batch, 1, -1))
+        y = self.o_proj(out.reshape(batch, 1, -1), add=add)
         return y, {"key": key, "value": value, "visible": visible, "length": index + 1,
                    "position": cache["position"] + 1}

@@ -46,7 +46,8 @@ def l2_normalize(x, eps=1e-6):
 class GatedDeltaNet(nnx.Module):
     """Mixer ``D``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
-    takes_row_scaled = True  # its input reaches Linear layers only (registry: RowScaled)
+    takes_normed_row = True  # its input reaches Linear layers only (registry: NormedRow)
+    decode_step_adds = True  # decode_step(x, cache, add) returns add + y (registry)
 
     def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.gated_deltanet``."""
@@ -97,10 +98,10 @@ class GatedDeltaNet(nnx.Module):
                                                                + self.dt_bias[...])
         return log_alpha, jax.nn.sigmoid(b.astype(jnp.float32))
 
-    def _output(self, o, g):
+    def _output(self, o, g, add=None):
         g = g.reshape(o.shape).astype(jnp.float32)
         gated = self.out_norm(o) * jax.nn.silu(g)
-        return self.out_proj(gated.reshape(o.shape[:-2] + (-1,)).astype(self.dtype))
+        return self.out_proj(gated.reshape(o.shape[:-2] + (-1,)).astype(self.dtype), add=add)
 
     def __call__(self, x, segment_ids=None):
         return self.prefill(x, segment_ids)[0]
@@ -119,14 +120,14 @@ class GatedDeltaNet(nnx.Module):
         cache = {"state": state, **conv_cache(qkv_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(o, g), cache
 
-    def decode_step(self, x, cache):
+    def decode_step(self, x, cache, add=None):
         """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
         qkv_in, g, b, a = self._split(self.in_proj(x))
         qkv, conv = conv_decode_step(qkv_in, cache, self.conv_weight[...])
         q, k, v = self._heads(jax.nn.silu(qkv.astype(qkv_in.dtype)))
         log_alpha, beta = self._gates(b, a)
         o, state = gated_delta_rule_scan(q, k, v, log_alpha, beta, initial_state=cache["state"])
-        return self._output(o, g), {"state": state, **conv}
+        return self._output(o, g, add), {"state": state, **conv}
 
 
 register_mixer("D", GatedDeltaNet)

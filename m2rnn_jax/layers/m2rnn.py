@@ -67,7 +67,8 @@ def init_transition(rngs, cfg):
 class M2RNN(nnx.Module):
     """Mixer ``M``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
-    takes_row_scaled = True  # its input reaches Linear layers only (registry: RowScaled)
+    takes_normed_row = True  # its input reaches Linear layers only (registry: NormedRow)
+    decode_step_adds = True  # decode_step(x, cache, add) returns add + y (registry)
 
     def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.m2rnn``."""
@@ -135,16 +136,21 @@ class M2RNN(nnx.Module):
             v = jax.nn.silu(v)
         return jax.nn.silu(q), jax.nn.silu(k), v
 
-    def _output(self, y, v, g):
-        """Read-out ``y (..., N, V)`` -> residual, gate, norm, out_proj -> ``(..., d_model)``."""
+    def _output(self, y, v, g, add=None):
+        """Read-out ``y (..., N, V)`` -> residual, gate, norm, out_proj (+ ``add``) ->
+        ``(..., d_model)``."""
         cfg = self.cfg
         n = cfg.num_heads
         if self.D is not None:
             y = y + self.D[...].astype(y.dtype) * expand_heads(v, n, axis=-2).astype(y.dtype)
         g = g.reshape(g.shape[:-1] + (cfg.heads("g"), cfg.value_dim))
         gated = y * jax.nn.silu(expand_heads(g, n, axis=-2)).astype(y.dtype)
-        gated = gated.reshape(gated.shape[:-2] + (cfg.output_width,))
-        return self.out_proj(self.out_norm.for_product(gated))
+        return self._project_out(gated, add)
+
+    def _project_out(self, gated, add=None):
+        """Gated read-out ``(..., N, V)`` -> norm, out_proj (+ ``add``) -> ``(..., d_model)``."""
+        gated = gated.reshape(gated.shape[:-2] + (self.cfg.output_width,))
+        return self.out_proj(self.out_norm.for_product(gated), add=add)
 
     def __call__(self, x, segment_ids=None):
         return self.prefill(x, segment_ids)[0]
@@ -272,25 +278,27 @@ class M2RNN(nnx.Module):
                 and not self.axes.splits_anything)
 
     def _fused_step(self, projected, cache):
-        """The fused kernel's ``(y, v, state, ring)`` for the float32 in-projection
-        ``projected (B, 1, P)``: one kernel from the conv to the read-out (batch-1 decoding is
-        launch-bound). It takes the product whole (a slice or a convert would be a kernel)."""
+        """The fused kernel's ``(gated (B, N, V), state, ring)`` for the float32 in-projection
+        ``projected (B, 1, P)``: one kernel from the conv to the gated read-out (batch-1
+        decoding is launch-bound). It takes the product whole (a slice or a convert would be a
+        kernel)."""
         cfg = self.cfg
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
         return fused_decode.decode_step(
             projected[:, 0], cache["conv"], cache["conv_step"], self.conv_weight[...],
-            conv_bias, self.A_log[...], self.dt_bias[...], self.W[...], cache["state"],
-            qkv_heads=(cfg.heads("q"), cfg.heads("k"), cfg.heads("v")), dtype=self.dtype,
+            conv_bias, self.A_log[...], self.dt_bias[...], self.W[...],
+            None if self.D is None else self.D[...], cache["state"],
+            qkv_heads=(cfg.heads("q"), cfg.heads("k"), cfg.heads("v")),
+            gate_heads=cfg.heads("g"), dtype=self.dtype,
             value_silu=cfg.value_activation == "silu")
 
-    def decode_step(self, x, cache):
+    def decode_step(self, x, cache, add=None):
         """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
         # The product (and bias) in float32, rounded once to the compute dtype on either path.
         projected = self.in_proj(x, out_dtype=jnp.float32)
         if self._decodes_fused():
-            y, v, state, ring = self._fused_step(projected, cache)
-            g = self._split(projected)[2].astype(self.dtype)
-            return self._output(y[:, None], v[:, None], g), {
+            gated, state, ring = self._fused_step(projected, cache)
+            return self._project_out(gated[:, None], add), {
                 "state": state, "conv": ring, "conv_step": cache["conv_step"] + 1}
         qkv_in, f_logits, g = self._split(projected.astype(self.dtype))
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
@@ -300,4 +308,4 @@ class M2RNN(nnx.Module):
         # One step of the same op through the portable backend: a kernel launch per token
         # would cost more than the step itself.
         y, state = m2rnn(q, k, v, self.W[...].astype(v.dtype), f, cache["state"], backend="scan")
-        return self._output(y, v, g), {"state": state, **conv}
+        return self._output(y, v, g, add), {"state": state, **conv}

@@ -37,7 +37,8 @@ from m2rnn_jax.recurrences.diagonal_ssm import diagonal_ssm, diagonal_ssm_scan
 class Mamba2(nnx.Module):
     """Mixer ``S``. ``__call__(x (B, S, d_model), segment_ids=None) -> (B, S, d_model)``."""
 
-    takes_row_scaled = True  # its input reaches Linear layers only (registry: RowScaled)
+    takes_normed_row = True  # its input reaches Linear layers only (registry: NormedRow)
+    decode_step_adds = True  # decode_step(x, cache, add) returns add + y (registry)
 
     def __init__(self, config, *, rngs: nnx.Rngs, axes: MeshAxes = MeshAxes()):
         """``config`` is a ``ModelConfig``; the layer reads ``config.mamba2``."""
@@ -92,10 +93,10 @@ class Mamba2(nnx.Module):
         dt = jax.nn.softplus(dt_logits.astype(jnp.float32) + self.dt_bias[...])
         return dt, -jnp.exp(self.A_log[...]) * dt
 
-    def _output(self, y, x, z):
+    def _output(self, y, x, z, add=None):
         y = y + self.D[...].astype(jnp.float32)[:, None] * x.astype(jnp.float32)
         y = y.reshape(y.shape[:-2] + (self.inner,)).astype(self.dtype)
-        return self.out_proj(self.out_norm.for_product(y * jax.nn.silu(z)))
+        return self.out_proj(self.out_norm.for_product(y * jax.nn.silu(z)), add=add)
 
     def __call__(self, x, segment_ids=None):
         return self.prefill(x, segment_ids)[0]
@@ -115,14 +116,14 @@ class Mamba2(nnx.Module):
         cache = {"state": state, **conv_cache(xbc_in, segment_ids, self.cfg.conv_kernel)}
         return self._output(y, xh, z), cache
 
-    def decode_step(self, x, cache):
+    def decode_step(self, x, cache, add=None):
         """One token per row: ``x (B, 1, d_model)`` -> ``(y (B, 1, d_model), cache)``."""
         z, xbc_in, dt_logits = self._split(self.in_proj(x))
         xbc, conv = conv_decode_step(xbc_in, cache, self.conv_weight[...])
         xh, b, c = self._heads(jax.nn.silu(xbc.astype(xbc_in.dtype)))
         dt, log_decay = self._gates(dt_logits)
         y, state = diagonal_ssm_scan(xh, dt, log_decay, b, c, initial_state=cache["state"])
-        return self._output(y, xh, z), {"state": state, **conv}
+        return self._output(y, xh, z, add), {"state": state, **conv}
 
 
 register_mixer("S", Mamba2)

@@ -3,7 +3,7 @@
 import jax
 from flax import nnx
 
-from m2rnn_jax.layers.linear import Linear
+from m2rnn_jax.layers.linear import Linear, row_product, single_row_kernel
 from m2rnn_jax.layers.params import model_dtypes, out_proj_std
 
 
@@ -17,5 +17,12 @@ class SwiGLU(nnx.Module):
         self.up = Linear(d, hidden, ("embed", "mlp"), std=config.init_std, **kw)
         self.down = Linear(hidden, d, ("mlp", "embed"), std=out_proj_std(config), **kw)
 
-    def __call__(self, x):
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    def __call__(self, x, add=None):
+        """``down(silu(gate(x)) ⊙ up(x)) (+ add)``; ``x`` an array or a ``NormedRow``. A single
+        row under ``linear.row_kernels`` takes two kernels: gate and up as one, then down."""
+        if single_row_kernel(x):
+            hidden = row_product(x, self.gate.kernel[...], self.gate.dtype,
+                                 w2=self.up.kernel[...])
+        else:
+            hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+        return self.down(hidden, add=add)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m2rnn_jax.layers.linear import RowScaled
+from m2rnn_jax.layers.linear import NormedRow
 from m2rnn_jax.layers.params import make_param
 
 
@@ -26,14 +26,11 @@ class RMSNorm(nnx.Module):
     def _row_scale(self, x32):
         return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
 
-    def factored(self, x) -> RowScaled:
-        """``self(x)`` for a ``Linear`` to take: ``x · scale`` in ``dtype`` and the row factor
-        ``1 / sqrt(mean(x²) + eps)`` applied after the product."""
-        x32 = x.astype(jnp.float32)
-        return RowScaled((x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype),
-                         self._row_scale(x32))
+    def factored(self, x) -> NormedRow:
+        """``self(x)`` for a ``Linear`` to take, not yet computed (see ``NormedRow``)."""
+        return NormedRow(x, self.scale[...], self.eps, jnp.dtype(self.dtype))
 
     def for_product(self, x):
         """``self(x)`` for input to ``Linear`` layers only: ``factored`` when ``x`` is a single
-        row (decoding one token at batch 1; see ``RowScaled``), else the array."""
+        row (decoding one token at batch 1; see ``NormedRow``), else the array."""
         return self.factored(x) if math.prod(x.shape[:-1]) == 1 else self(x)

@@ -21,9 +21,11 @@ For generation a mixer also provides (otherwise ``HybridLM.prefill`` raises
 * ``decode_step(x (B, 1, d_model), cache) -> (y (B, 1, d_model), cache)`` with the cache's
   shapes unchanged (it runs under ``jax.jit``).
 
-A mixer class whose input reaches ``Linear`` layers only may set ``takes_row_scaled = True``:
-given a single row (decoding at batch 1) it then receives a ``linear.RowScaled``, its input norm
-left for those layers to fold into their products (one kernel fewer per token).
+A mixer class whose input reaches ``Linear`` layers only may set ``takes_normed_row = True``:
+given a single row (decoding at batch 1) it then receives a ``linear.NormedRow``, its input norm
+left for those layers to fold into their products (one kernel fewer per token). One whose
+``decode_step(x, cache, add=None)`` returns ``add + y`` (the block's residual, added by its
+output projection: one kernel fewer per token) sets ``decode_step_adds = True``.
 
 Built-in letters: ``M`` (M²RNN) and ``A`` (attention). ``D`` and ``S`` are imported lazily from
 ``m2rnn_jax.layers.gated_deltanet`` / ``m2rnn_jax.layers.mamba2``, which call

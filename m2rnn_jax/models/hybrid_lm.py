@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from m2rnn_jax.layers.linear import Embed, Linear
+from m2rnn_jax.layers.linear import Embed, Linear, row_kernels
 from m2rnn_jax.layers.mlp import SwiGLU
 from m2rnn_jax.layers.moe import MoE
 from m2rnn_jax.layers.norm import RMSNorm
@@ -14,6 +14,7 @@ from m2rnn_jax.layers.params import model_dtypes
 from m2rnn_jax.layers.registry import build_mixer, mixer_class
 from m2rnn_jax.ops import values_on_host
 from m2rnn_jax.parallel import MeshAxes
+from pallas_kernels.m2rnn import platforms
 
 
 class Block(nnx.Module):
@@ -48,21 +49,23 @@ class Block(nnx.Module):
 
     def decode_step(self, x, cache):
         self._require_decoding()
-        y, cache = self.mixer.decode_step(self._mixer_input(x), cache)
-        x = x + y.astype(x.dtype)
+        if getattr(self.mixer, "decode_step_adds", False):
+            x, cache = self.mixer.decode_step(self._mixer_input(x), cache, add=x)
+        else:
+            y, cache = self.mixer.decode_step(self._mixer_input(x), cache)
+            x = x + y.astype(x.dtype)
         return self._add_mlp(x)[0], cache
 
     def _mixer_input(self, x):
-        if getattr(self.mixer, "takes_row_scaled", False):
+        if getattr(self.mixer, "takes_normed_row", False):
             return self.mixer_norm.for_product(x)
         return self.mixer_norm(x)
 
     def _add_mlp(self, x):
         if self.is_moe:  # the router reads the normalised rows themselves
             y, stats = self.mlp(self.mlp_norm(x))
-        else:
-            y, stats = self.mlp(self.mlp_norm.for_product(x)), None
-        return x + y.astype(x.dtype), stats
+            return x + y.astype(x.dtype), stats
+        return self.mlp(self.mlp_norm.for_product(x), add=x), None
 
     def _require_decoding(self):
         if not (hasattr(self.mixer, "prefill") and hasattr(self.mixer, "decode_step")):
@@ -142,12 +145,21 @@ class HybridLM(nnx.Module):
 
     def decode_step(self, tokens, caches):
         """One token per row ``tokens (B,)`` -> ``(logits (B, vocab) float32, caches)``."""
-        x = self.embed(tokens[:, None])
-        new_caches = []
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x, cache = block.decode_step(x, cache)
-            new_caches.append(cache)
-        return self.logits(x)[:, 0], new_caches
+        with row_kernels(self._decodes_by_row_kernels(tokens.shape[0])):
+            x = self.embed(tokens[:, None])
+            new_caches = []
+            for block, cache in zip(self.blocks, caches, strict=True):
+                x, cache = block.decode_step(x, cache)
+                new_caches.append(cache)
+            return self.logits(x)[:, 0], new_caches
+
+    def _decodes_by_row_kernels(self, batch):
+        """Whether this decode step's products run as row kernels (``decode_products``)."""
+        mode = self.config.decode_products
+        if batch != 1 or mode == "xla":
+            return False
+        return mode == "kernel" or (not platforms.interpret("gpu")
+                                    and not self.axes.splits_anything)
 
     def logits(self, x):
         """Final norm and LM head on hidden states ``(..., d_model)`` -> float32 logits."""

@@ -14,11 +14,13 @@ This kernel does that whole span at once:
   precision) and the read-out ``y[v] = Σ_k H[k, v] q[k]``;
 * the new state and the new conv input written in place (``input_output_aliases``).
 
-It returns ``y`` and the activated ``v`` (for the ``D`` residual); the residual, gate, norm and
-out-projection stay in XLA. Grid: (rows, heads), one head per program, which finds its group's
-channels of the grouped q/k/v/f/W (docs/math.md §1) at offsets computed in the program. Blocks
-of 4 heads per program were slower at batch 1 than the XLA kernels they replace (the heads'
-steps in series; docs/kernels.md).
+* the output gate: ``(y + D ⊙ v) ⊙ silu(g)``, ``g`` read from the projection's last columns.
+
+It returns that gated read-out; the norm and out-projection after it are another kernel
+(``pallas_kernels/row_product.py`` at batch 1). Grid: (rows, heads), one head per program,
+which finds its group's channels of the grouped q/k/v/f/W/g (docs/math.md §1) at offsets
+computed in the program. Blocks of 4 heads per program were slower at batch 1 than the XLA
+kernels they replace (the heads' steps in series; docs/kernels.md).
 
 The ring (``m2rnn_jax.layers.conv.conv_cache``) has ``taps`` slots, so the slot written holds
 the input that has just left the window: no program reads it, and the heads that share
@@ -53,9 +55,10 @@ class _Layout:
     key_dim: int          # K
     value_dim: int        # V
     taps: int             # the conv's taps = the ring's slots
-    groups: tuple         # head counts of (q, k, v, f, w)
+    groups: tuple         # head counts of (q, k, v, f, w, g)
     value_silu: bool
     has_bias: bool
+    has_residual: bool    # the D ⊙ v term
     dtype: jnp.dtype      # the compute dtype: of the conv input, q|k|v, y and v
 
     def per_group(self, tensor):
@@ -77,7 +80,7 @@ class _Layout:
         return starts[tensor] + group * widths[tensor]
 
 
-_Q, _K, _V, _F, _W = range(5)
+_Q, _K, _V, _F, _W, _G = range(6)
 
 
 def _silu(x):
@@ -91,7 +94,9 @@ def _softplus(x):
 def _kernel(*refs, lay):
     x_ref, ring_ref, step_ref, conv_w_ref, *rest = refs
     bias_ref = rest.pop(0) if lay.has_bias else None
-    a_log_ref, dt_bias_ref, w_ref, state_ref, y_ref, v_out_ref, state_out_ref, ring_out_ref = rest
+    a_log_ref, dt_bias_ref, w_ref, *rest = rest
+    d_ref = rest.pop(0) if lay.has_residual else None
+    state_ref, gated_ref, state_out_ref, ring_out_ref = rest
     row, head = pl.program_id(0), pl.program_id(1)
     taps = lay.taps
     step = step_ref[0]
@@ -122,7 +127,7 @@ def _kernel(*refs, lay):
 
     def activated_and_stored(tensor, width):
         """One group's conv, activated; its first head writes the new input into the ring's
-        free slot (and v for the residual): every channel is written once."""
+        free slot: every channel is written once."""
         group = group_of(tensor)
         activated = convolved(tensor, group, width)
 
@@ -130,8 +135,6 @@ def _kernel(*refs, lay):
         def _():
             cols = pl.ds(lay.channel_offset(tensor, group), width)
             ring_out_ref[row, slot(0), cols] = projection(cols)
-            if tensor == _V:
-                v_out_ref[row, group, :] = activated.astype(v_out_ref.dtype)
 
         return activated
 
@@ -149,24 +152,34 @@ def _kernel(*refs, lay):
     z = jnp.tanh(u + k[:, None] * v[None, :])
     h_new = f * h_prev + (1.0 - f) * z
     state_out_ref[row, head] = h_new
-    y_ref[row, head, :] = jnp.sum(h_new * q[:, None], axis=0).astype(y_ref.dtype)
+
+    def rounded(x):  # each operation's result in the compute dtype, as XLA's path has it
+        return x.astype(lay.dtype).astype(F32)
+
+    y = rounded(jnp.sum(h_new * q[:, None], axis=0))
+    if d_ref is not None:
+        y = rounded(y + rounded(d_ref[head].astype(lay.dtype).astype(F32) * v))
+    g_start = lay.conv_width + lay.groups[_F] + group_of(_G) * lay.value_dim
+    g = projection(pl.ds(g_start, lay.value_dim)).astype(F32)
+    gated_ref[row, head, :] = (y * rounded(_silu(g))).astype(gated_ref.dtype)
 
 
-def decode_step(projected, ring, conv_step, conv_weight, conv_bias, A_log, dt_bias, w, state,
-                *, qkv_heads, dtype, value_silu=True):
-    """One M²RNN decode step from the in-projection's output to the read-out.
+def decode_step(projected, ring, conv_step, conv_weight, conv_bias, A_log, dt_bias, w, D, state,
+                *, qkv_heads, gate_heads, dtype, value_silu=True):
+    """One M²RNN decode step from the in-projection's output to the gated read-out.
 
     ``projected (B, P)``: the in-projection's row, ``q|k|v`` (C = (Nq + Nk)·K + Nv·V channels,
-    the conv's input) then the Nf forget logits (any columns after them are not read; slicing
-    them apart would cost a copy kernel each, as a kernel's operands are whole buffers), in any
-    float dtype (float32 saves XLA a convert kernel); the kernel rounds it to ``dtype``, the
-    compute dtype.
+    the conv's input), the Nf forget logits, then the Ng·V gate logits ``g`` (whole: slicing
+    the parts apart would cost a copy kernel each, as a kernel's operands are whole buffers),
+    in any float dtype (float32 saves XLA a convert kernel); the kernel rounds it to ``dtype``,
+    the compute dtype.
     ``ring (B, taps, C)`` and ``conv_step`` (int32 scalar): the conv cache (layers/conv.py);
     ``conv_weight (taps, C)``, ``conv_bias (C,)`` or None, ``A_log`` and ``dt_bias (Nf,)``,
-    ``w (Nw, V, V)``, ``state (B, N, K, V)`` float32; ``qkv_heads = (Nq, Nk, Nv)``.
+    ``w (Nw, V, V)``, ``D (N, V)`` or None (no residual), ``state (B, N, K, V)`` float32;
+    ``qkv_heads = (Nq, Nk, Nv)``, ``gate_heads = Ng``.
 
-    Returns ``(y (B, N, V), v (B, Nv, V), state, ring)``: y and the activated v in ``dtype``;
-    the new state and ring written over the old (donate them, or XLA copies them first). The
+    Returns ``(gated (B, N, V), state, ring)``: ``(y + D ⊙ v) ⊙ silu(g)`` in ``dtype``; the
+    new state and ring written over the old (donate them, or XLA copies them first). The
     caller counts ``conv_step`` on: written here, in place, it would race with the programs
     reading it, and as a new buffer it costs a copy into the loop's state.
     """
@@ -175,27 +188,27 @@ def decode_step(projected, ring, conv_step, conv_weight, conv_bias, A_log, dt_bi
     if reason is not None:
         raise ValueError(f"the fused M²RNN decode step {reason}")
     lay = _Layout(num_heads, key_dim, value_dim, ring.shape[1],
-                  (*qkv_heads, A_log.shape[0], w.shape[0]), value_silu, conv_bias is not None,
-                  jnp.dtype(dtype))
+                  (*qkv_heads, A_log.shape[0], w.shape[0], gate_heads), value_silu,
+                  conv_bias is not None, D is not None, jnp.dtype(dtype))
     if ring.dtype != lay.dtype:  # a converted copy would not be written in place
         raise ValueError(f"the conv ring is {ring.dtype}, not the compute dtype {lay.dtype}")
-    if ring.shape[-1] != lay.conv_width or projected.shape[-1] < lay.conv_width + A_log.shape[0]:
+    gate_end = lay.conv_width + A_log.shape[0] + gate_heads * value_dim
+    if ring.shape[-1] != lay.conv_width or projected.shape[-1] != gate_end:
         raise ValueError(f"the conv ring's {ring.shape[-1]} channels and the projection's "
                          f"{projected.shape[-1]} columns do not fit q|k|v heads {qkv_heads} "
-                         f"of K = {key_dim}, V = {value_dim} and {A_log.shape[0]} forget logits")
+                         f"of K = {key_dim}, V = {value_dim}, {A_log.shape[0]} forget logits "
+                         f"and {gate_heads} gate heads")
     inputs = [projected, ring, jnp.reshape(conv_step, (1,)), conv_weight]
     if conv_bias is not None:
         inputs.append(conv_bias)
-    inputs += [A_log, dt_bias, w, state]
+    inputs += [A_log, dt_bias, w] + ([] if D is None else [D]) + [state]
     out_shape = [jax.ShapeDtypeStruct((batch, num_heads, value_dim), dtype),
-                 jax.ShapeDtypeStruct((batch, qkv_heads[2], value_dim), dtype),
                  jax.ShapeDtypeStruct(state.shape, F32),
                  jax.ShapeDtypeStruct(ring.shape, dtype)]
     state_index, ring_index = len(inputs) - 1, 1
-    y, v, state, ring = pl.pallas_call(
+    return pl.pallas_call(
         functools.partial(_kernel, lay=lay), out_shape=out_shape,
         grid=(batch, num_heads),
-        input_output_aliases={state_index: 2, ring_index: 3},
+        input_output_aliases={state_index: 1, ring_index: 2},
         compiler_params=common.COMPILER_PARAMS, interpret=platforms.interpret("gpu"),
         name="m2rnn_decode_step")(*inputs)
-    return y, v, state, ring
