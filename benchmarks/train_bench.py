@@ -242,14 +242,16 @@ def init_state(config, device):
 
 
 def run_steps(config, devices, batches, state, *, time_optimizer=False, profile=None,
-              metric_names=(), after=None):
+              metric_names=(), after=None, back_to_back=False):
     """Trains from ``state`` (put on the mesh; consumed) on ``batches``: losses and timings.
 
     The step is compiled ahead of time (timed on its own); every step is waited for, the
     median of steps 3.. is the step time. ``profile = (directory, steps)`` then traces that
     many more steps (see ``profile_steps``). ``metric_names``: train-step metrics recorded per
     step besides the loss (``result["metrics"]``). ``after(trainee, state, placed, result)``,
-    when given, runs on the final state and its dict is merged into the result.
+    when given, runs on the state after those steps and its dict is merged into the result.
+    ``back_to_back``: last, the batches from the third on are trained again, dispatched back to
+    back and waited for once, as the trainer runs them (``back_to_back_step_s``).
     """
     mesh = sharding.make_mesh(config.mesh, devices)
     trainee = build_trainee(config, mesh)
@@ -278,19 +280,7 @@ def run_steps(config, devices, batches, state, *, time_optimizer=False, profile=
     print(f"  losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
     print(f"  step times (ms) {' '.join(f'{t * 1e3:.0f}' for t in times)}; "
           f"median {step_s * 1e3:.1f} ms", flush=True)
-    # As the trainer runs them: dispatched back to back and waited for once (it reads metrics
-    # every log_every steps), so the host's dispatch of one step overlaps the GPU's work on the
-    # one before. The same batches again, from the state the steps above left.
-    again = placed[2:] if len(placed) > 3 else placed
-    t0 = time.perf_counter()
-    for batch in again:
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    back_to_back_s = (time.perf_counter() - t0) / len(again)
-    print(f"  {len(again)} steps back to back: {back_to_back_s * 1e3:.1f} ms per step",
-          flush=True)
     result = {"losses": losses, "step_times_s": times, "step_s": step_s,
-              "back_to_back_step_s": back_to_back_s,
               "compile_s": compile_s, "lower_s": lower_s, "remat": config.remat,
               "attention_implementation": config.model.attention.implementation,
               "step_gib": step_gib, "process_peak_gib": peak_memory_gib(),
@@ -304,6 +294,17 @@ def run_steps(config, devices, batches, state, *, time_optimizer=False, profile=
     if time_optimizer:
         result["optimizer_s"] = optimizer_seconds(trainee, state)
         print(f"  optimizer update alone {result['optimizer_s'] * 1e3:.1f} ms", flush=True)
+    if back_to_back:
+        # As the trainer runs them (it reads its metrics every log_every steps): the host's
+        # dispatch of one step overlaps the GPU's work on the one before.
+        again = placed[2:] if len(placed) > 3 else placed
+        t0 = time.perf_counter()
+        for batch in again:
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        result["back_to_back_step_s"] = (time.perf_counter() - t0) / len(again)
+        print(f"  {len(again)} steps back to back: "
+              f"{result['back_to_back_step_s'] * 1e3:.1f} ms per step", flush=True)
     result["flops"] = flops_per_token(config.model, trainee.abstract_params,
                                       config.data.seq_len)
     del state, compiled
@@ -620,7 +621,7 @@ def train_model(name, model_config, args, batches, report, paths):
             profile = (os.path.join(args.profile, name), args.profile_steps) \
                 if args.profile else None
             result = run_steps(config, [device], batches, state, time_optimizer=True,
-                               profile=profile)
+                               profile=profile, back_to_back=True)
         except Exception as err:  # noqa: BLE001 — the next path is tried
             failures.append(f"{label}: {short_error(err)}")
             print(f"  attention {label} failed: {short_error(err)}", flush=True)

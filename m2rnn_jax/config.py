@@ -271,11 +271,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02  # normal init of embeddings and projections
     depth_scaled_init: bool = True  # out projections use init_std / sqrt(2 · num_layers)
-    # How decoding at batch 1 runs its products: "auto" = as one Pallas kernel each, with the
-    # norm before them and the bias, SwiGLU and residual add after them fused in
-    # (pallas_kernels/row_product.py), where the GPU kernels compile for real and the model's
-    # axes split nothing, else XLA; "kernel" = the kernels anywhere (in Pallas' interpreter off a
-    # GPU); "xla" = never.
+    # How a Generator's decode steps at batch 1 run their products: "auto" = as one Pallas
+    # kernel each, with the norm before them and the bias, SwiGLU and residual add after them
+    # fused in (pallas_kernels/row_product.py), where the GPU kernels compile for real and the
+    # model's axes split nothing, else XLA; "kernel" = the kernels anywhere (in Pallas'
+    # interpreter off a GPU); "xla" = never. A model's own decode_step always runs XLA's.
     decode_products: Literal["auto", "kernel", "xla"] = "auto"
 
     def __post_init__(self):

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m2rnn_jax.layers.linear import row_kernels
+
 PAD_TOKEN = 0
 
 
@@ -146,9 +148,15 @@ class Generator:
         return sample(logits[:, -1], key, *sampling), caches
 
     def _step_fn(self, state, tokens, caches, key, *, sampling):
-        model = self._model(state)
-        logits, caches = model.decode_step(tokens, caches)
+        logits, caches = self._decode_step(state, tokens, caches)
         return sample(logits, key, *sampling), caches
+
+    def _decode_step(self, state, tokens, caches):
+        """The model's decode step, with its products as row kernels where the model says so
+        (``HybridLM.decodes_by_row_kernels``): they read the weights as held here."""
+        model = self._model(state)
+        with row_kernels(model.decodes_by_row_kernels(tokens.shape[0])):
+            return model.decode_step(tokens, caches)
 
     def _decode_fn(self, state, tokens, caches, key, stops, running, count, first_step, *,
                    sampling, block):
@@ -156,10 +164,15 @@ class Generator:
             produced, _, _, running, _ = carry
             return (produced < count) & jnp.any(running)
 
-        # The layers' conv-step counters advance together: carried as one (start + produced),
-        # not one add kernel per layer and token.
+        # The layers' conv-step counters advance together (each counts the tokens decoded; the
+        # mixer contract in layers/registry.py): carried as one (start + produced), not one add
+        # kernel per layer and token.
         counted = [i for i, c in enumerate(caches) if "conv_step" in c]
         start = caches[counted[0]]["conv_step"] if counted else None
+        if start is not None and any((caches[i]["conv_step"].shape, caches[i]["conv_step"].dtype)
+                                     != (start.shape, start.dtype) for i in counted):
+            raise ValueError("the caches' conv_step counters differ in shape or dtype; each "
+                             "must be the int32 count of tokens decoded (layers/conv.py)")
 
         def with_step(caches, step):
             return [{**c, "conv_step": step} if i in counted else c for i, c in enumerate(caches)]
@@ -173,7 +186,7 @@ class Generator:
                 caches = with_step(caches, start + produced)
             # The model (its W.T views) inside the loop: built outside, XLA would transpose the
             # weights back once before the loop instead of folding the views into the products.
-            logits, caches = self._model(state).decode_step(tokens, caches)
+            logits, caches = self._decode_step(state, tokens, caches)
             caches = without_step(caches)
             step_key = jax.random.fold_in(key, first_step + produced)
             tokens = sample(logits, step_key, *sampling)

@@ -11,8 +11,9 @@ separate kernels; here one kernel does
 where ``rms_norm(x) = x · scale / sqrt(mean(x²) + eps)`` is kept in two factors as XLA's folded
 path keeps it (``m2rnn_jax.layers.linear.NormedRow``): the product takes ``x · scale`` rounded to
 the compute dtype, and the row factor, summed by every program over the row it reads anyway,
-scales the product after. Each step rounds where the XLA path rounds, so the two differ only in
-the order of the float32 sums.
+scales the product after. Each step rounds where the XLA path rounds, so in float32 the two
+differ only in the order of the sums; in bf16 also by XLA's own choices of where to round
+inside its fusions (its SiLU is ``x · sigmoid(x)``, this one ``x / (1 + exp(-x))``).
 
 The weight comes as ``(out, in)``, the layout in which ``m2rnn_jax.generation.Generator`` holds
 its copies: a program's rows of the weight are contiguous. Grid: blocks of output columns.
@@ -32,8 +33,9 @@ from pallas_kernels.m2rnn.loops import fori_loop
 F32 = jnp.float32
 _IN_BLOCK = 256        # the input row is read in blocks of this many values
 _UNROLLED_BLOCKS = 32  # rows of up to 32 blocks are read by independent loads, all in flight
-_TILE_VALUES = 16384   # weight values a program holds at once: 128 per thread of 4 warps
-_MIN_PROGRAMS = 128    # about one program per SM: output blocks shrink until there are this many
+_NUM_WARPS = 8
+_TILE_VALUES = 128 * 32 * _NUM_WARPS  # weight values a program holds at once: 128 per thread
+_MIN_PROGRAMS = 128    # about one per SM: blocks shrink (to 1 output) until there are this many
 _MAX_OUT_BLOCK = 64
 
 
@@ -74,6 +76,10 @@ def _kernel(*refs, lay):
     rows = pl.program_id(0) * lay.out_block + jnp.arange(lay.out_block, dtype=jnp.int32)
     row_ok = rows < lay.out_features
     out_cols = pl.ds(pl.program_id(0) * lay.out_block, lay.out_block)
+    # Input blocks start at traced offsets: Pallas rejects a constant slice that runs past the
+    # row's end, as the masked loads of its last block do. (Read here, not in the loop body:
+    # the interpreter cannot read a program id inside a loop.)
+    traced_zero = pl.program_id(0) * 0
 
     # Products and squares are summed elementwise across blocks and reduced once at the end: a
     # reduction per block would put barriers between the loads, which then wait for each other.
@@ -81,9 +87,7 @@ def _kernel(*refs, lay):
         acc, acc2, squares = sums
         cols = i * _IN_BLOCK + jnp.arange(_IN_BLOCK, dtype=jnp.int32)
         col_ok = cols < lay.width
-        # A traced start: Pallas rejects a constant slice that runs past the row's end, as the
-        # masked loads of its last block do.
-        in_cols = pl.ds(pl.program_id(0) * 0 + i * _IN_BLOCK, _IN_BLOCK)
+        in_cols = pl.ds(traced_zero + i * _IN_BLOCK, _IN_BLOCK)
         x = pltriton.load(x_ref.at[in_cols], mask=col_ok, other=0.0).astype(F32)
         if scale_ref is not None:
             squares += x * x
@@ -92,13 +96,13 @@ def _kernel(*refs, lay):
         x = x.astype(lay.dtype).astype(F32)  # the product's operand, in the compute dtype
         mask = row_ok[:, None] & col_ok[None, :]
 
-        def partial(ref):
+        def products(ref):
             w = pltriton.load(ref.at[out_cols, in_cols], mask=mask, other=0.0)
             return w.astype(lay.dtype).astype(F32) * x[None, :]
 
-        acc += partial(w_ref)
+        acc += products(w_ref)
         if w2_ref is not None:
-            acc2 += partial(w2_ref)
+            acc2 += products(w2_ref)
         return acc, acc2, squares
 
     zeros = jnp.zeros((lay.out_block, _IN_BLOCK), F32)
@@ -124,7 +128,8 @@ def _kernel(*refs, lay):
         out = acc.astype(lay.out_dtype).astype(F32)
         if bias_ref is not None:
             bias = pltriton.load(bias_ref.at[out_cols], mask=row_ok, other=0.0)
-            out = (out + bias.astype(lay.out_dtype).astype(F32)).astype(lay.out_dtype).astype(F32)
+            out += bias.astype(lay.out_dtype).astype(F32)
+            out = out.astype(lay.out_dtype).astype(F32)
         if add_ref is not None:
             add = pltriton.load(add_ref.at[out_cols], mask=row_ok, other=0.0)
             out = out + add.astype(lay.out_dtype).astype(F32)
@@ -152,7 +157,8 @@ def row_product(x, w, *, norm_scale=None, eps=None, w2=None, bias=None, add=None
         if vector is not None and vector.shape != (out_features,):
             raise ValueError(f"row_product: {name} must have shape ({out_features},), got "
                              f"{vector.shape}")
-    lay = _Layout(x.shape[0], out_features, _out_block(out_features, x.shape[0], 1 if w2 is None else 2),
+    weights = 1 if w2 is None else 2
+    lay = _Layout(x.shape[0], out_features, _out_block(out_features, x.shape[0], weights),
                   None if eps is None else float(eps), w2 is not None, bias is not None,
                   add is not None, jnp.dtype(dtype), out_dtype)
     inputs = [x] + [v for v in (norm_scale, w, w2, bias, add) if v is not None]
@@ -160,5 +166,5 @@ def row_product(x, w, *, norm_scale=None, eps=None, w2=None, bias=None, add=None
         functools.partial(_kernel, lay=lay),
         out_shape=jax.ShapeDtypeStruct((out_features,), out_dtype),
         grid=(pl.cdiv(out_features, lay.out_block),),
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
         interpret=platforms.interpret("gpu"), name="row_product")(*inputs)

@@ -35,6 +35,8 @@ def layer_pair(compute_dtype, **m2rnn):
             layer.in_proj.bias[...] = jax.random.normal(jax.random.key(7),
                                                         layer.in_proj.bias.shape)
         layer.W[...] = 0.5 * jax.random.normal(jax.random.key(8), layer.W.shape)
+        if layer.D is not None:  # ones at init: random, so a dropped or misplaced D shows
+            layer.D[...] = jax.random.normal(jax.random.key(6), layer.D.shape)
         layers.append(layer)
     return layers
 
@@ -94,11 +96,12 @@ def relative_error(got, want):
 
 
 CASES = [
-    # Shared q/k like the 400M config; per-head q/k with grouped v, f, W; identity v and bias.
+    # Shared q/k like the 400M config; per-head q/k with grouped v, f, W; identity v, no D.
     dict(num_heads=8, num_q_heads=1, num_k_heads=1, num_g_heads=2),
     dict(num_heads=4, num_q_heads=4, num_k_heads=4, num_v_heads=2, num_f_heads=2,
          num_w_heads=1, num_g_heads=2, add_bias=True),
-    dict(num_heads=6, num_q_heads=2, num_k_heads=3, num_g_heads=3, value_activation="identity"),
+    dict(num_heads=6, num_q_heads=2, num_k_heads=3, num_g_heads=3, value_activation="identity",
+         use_residual=False),
     # K != V: swapped dimensions in the channel offsets or the state's layout show.
     dict(num_heads=4, num_q_heads=1, num_k_heads=2, num_g_heads=2, key_dim=32, add_bias=True),
 ]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2rnn_jax.layers.params import make_param, normal
-from pallas_kernels import row_product as kernels
+from pallas_kernels import row_product as row_kernel
 
 
 @jax.tree_util.register_dataclass
@@ -39,8 +39,13 @@ class NormedRow:
     def factors(self):
         """``(x · scale in dtype, row factor (..., 1) float32)``."""
         x32 = self.x.astype(jnp.float32)
-        row_factor = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale.astype(jnp.float32)).astype(self.dtype), row_factor
+        return ((x32 * self.scale.astype(jnp.float32)).astype(self.dtype),
+                rms_row_factor(x32, self.eps))
+
+
+def rms_row_factor(x32, eps):
+    """RMSNorm's ``1 / sqrt(mean(x²) + eps)`` over the last axis of float32 ``x32``."""
+    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
 _row_kernels = contextvars.ContextVar("row_kernels", default=False)
@@ -50,7 +55,10 @@ _row_kernels = contextvars.ContextVar("row_kernels", default=False)
 def row_kernels(enabled: bool):
     """While tracing inside, products of a single row (an array or a ``NormedRow``) with a
     ``Linear`` weight or the tied embedding run as ``pallas_kernels.row_product`` (the norm,
-    bias and residual add fused in); ``HybridLM.decode_step`` enables it (``decode_products``)."""
+    bias and residual add fused in). The ``Generator`` enables it around its decode steps
+    (``HybridLM.decodes_by_row_kernels``): the kernel reads each weight as ``(out, in)``, as the
+    Generator holds it (elsewhere XLA would transpose the weight for every call), and it has
+    no gradient."""
     token = _row_kernels.set(enabled)
     try:
         yield
@@ -59,11 +67,11 @@ def row_kernels(enabled: bool):
 
 
 def single_row_kernel(x) -> bool:
-    """Whether a product with ``x`` runs as ``row_product``: a single row under ``row_kernels``."""
+    """Whether a product with ``x`` runs as the row kernel: a single row under ``row_kernels``."""
     return _row_kernels.get() and math.prod(x.shape[:-1]) == 1
 
 
-def row_product(x, w, dtype, out_dtype=None, *, bias=None, add=None, w2=None):
+def row_kernel_product(x, w, dtype, out_dtype=None, *, bias=None, add=None, w2=None):
     """``x w`` of a single row ``x`` (an array or a ``NormedRow``) by the row kernel, shaped as
     ``x @ w``; ``w (in, out)`` is passed as ``w.T``, which XLA folds into the ``(out, in)``
     copies a ``Generator`` holds. ``w2``: the SwiGLU pair (``pallas_kernels.row_product``)."""
@@ -72,7 +80,7 @@ def row_product(x, w, dtype, out_dtype=None, *, bias=None, add=None, w2=None):
     if isinstance(x, NormedRow):
         norm = dict(norm_scale=x.scale, eps=x.eps)
         x = x.x
-    y = kernels.row_product(
+    y = row_kernel.row_product(
         x.reshape(-1), w.T, w2=None if w2 is None else w2.T,
         bias=bias, add=None if add is None else add.reshape(-1), dtype=dtype,
         out_dtype=out_dtype, **norm)
@@ -134,7 +142,7 @@ class Linear(nnx.Module):
         that order, as a product of their own."""
         kernel, bias = self.kernel[...], None if self.bias is None else self.bias[...]
         if columns is None and single_row_kernel(x):
-            return row_product(x, kernel, self.dtype, out_dtype, bias=bias, add=add)
+            return row_kernel_product(x, kernel, self.dtype, out_dtype, bias=bias, add=add)
         if columns is not None:  # slices, not an index array: the gradient is then no scatter
             kernel = jnp.concatenate([kernel[:, part] for part in columns], axis=1)
             bias = None if bias is None else jnp.concatenate([bias[part] for part in columns])
@@ -159,7 +167,7 @@ class Embed(nnx.Module):
     def attend(self, x):
         """Float32 logits ``x @ embeddingᵀ`` (``x`` an array or a ``NormedRow``)."""
         if single_row_kernel(x):
-            return row_product(x, self.embedding[...].T, self.dtype, jnp.float32)
+            return row_kernel_product(x, self.embedding[...].T, self.dtype, jnp.float32)
         return _product(x, self.embedding[...].T, self.dtype, jnp.float32)
 
 

@@ -3,7 +3,7 @@
 import jax
 from flax import nnx
 
-from m2rnn_jax.layers.linear import Linear, row_product, single_row_kernel
+from m2rnn_jax.layers.linear import Linear, row_kernel_product, single_row_kernel
 from m2rnn_jax.layers.params import model_dtypes, out_proj_std
 
 
@@ -20,9 +20,9 @@ class SwiGLU(nnx.Module):
     def __call__(self, x, add=None):
         """``down(silu(gate(x)) ⊙ up(x)) (+ add)``; ``x`` an array or a ``NormedRow``. A single
         row under ``linear.row_kernels`` takes two kernels: gate and up as one, then down."""
-        if single_row_kernel(x):
-            hidden = row_product(x, self.gate.kernel[...], self.gate.dtype,
-                                 w2=self.up.kernel[...])
+        if single_row_kernel(x):  # gate and up are built without biases, in one dtype
+            hidden = row_kernel_product(x, self.gate.kernel[...], self.gate.dtype,
+                                        w2=self.up.kernel[...])
         else:
             hidden = jax.nn.silu(self.gate(x)) * self.up(x)
         return self.down(hidden, add=add)

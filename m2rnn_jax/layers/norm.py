@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m2rnn_jax.layers.linear import NormedRow
+from m2rnn_jax.layers.linear import NormedRow, rms_row_factor
 from m2rnn_jax.layers.params import make_param
 
 
@@ -20,11 +20,8 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
-        return (x32 * self._row_scale(x32) * self.scale[...].astype(jnp.float32)).astype(
-            self.dtype)
-
-    def _row_scale(self, x32):
-        return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * rms_row_factor(x32, self.eps)
+                * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
     def factored(self, x) -> NormedRow:
         """``self(x)`` for a ``Linear`` to take, not yet computed (see ``NormedRow``)."""

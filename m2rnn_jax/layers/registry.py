@@ -19,7 +19,9 @@ For generation a mixer also provides (otherwise ``HybridLM.prefill`` raises
   plus a cache (a pytree of arrays) for continuing each row's last document; ``max_len`` is the
   total number of steps the cache must hold (prompt + new tokens);
 * ``decode_step(x (B, 1, d_model), cache) -> (y (B, 1, d_model), cache)`` with the cache's
-  shapes unchanged (it runs under ``jax.jit``).
+  shapes unchanged (it runs under ``jax.jit``). A cache entry named ``conv_step`` is the
+  ``layers.conv`` ring's counter of tokens decoded: every layer's counts alike, so the
+  ``Generator``'s loop carries one for all and sets each layer's before its step.
 
 A mixer class whose input reaches ``Linear`` layers only may set ``takes_normed_row = True``:
 given a single row (decoding at batch 1) it then receives a ``linear.NormedRow``, its input norm

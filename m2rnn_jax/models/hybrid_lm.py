@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from m2rnn_jax.layers.linear import Embed, Linear, row_kernels
+from m2rnn_jax.layers.linear import Embed, Linear
 from m2rnn_jax.layers.mlp import SwiGLU
 from m2rnn_jax.layers.moe import MoE
 from m2rnn_jax.layers.norm import RMSNorm
@@ -145,16 +145,16 @@ class HybridLM(nnx.Module):
 
     def decode_step(self, tokens, caches):
         """One token per row ``tokens (B,)`` -> ``(logits (B, vocab) float32, caches)``."""
-        with row_kernels(self._decodes_by_row_kernels(tokens.shape[0])):
-            x = self.embed(tokens[:, None])
-            new_caches = []
-            for block, cache in zip(self.blocks, caches, strict=True):
-                x, cache = block.decode_step(x, cache)
-                new_caches.append(cache)
-            return self.logits(x)[:, 0], new_caches
+        x = self.embed(tokens[:, None])
+        new_caches = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block.decode_step(x, cache)
+            new_caches.append(cache)
+        return self.logits(x)[:, 0], new_caches
 
-    def _decodes_by_row_kernels(self, batch):
-        """Whether this decode step's products run as row kernels (``decode_products``)."""
+    def decodes_by_row_kernels(self, batch):
+        """Whether a ``Generator``'s decode steps of ``batch`` rows run their products as row
+        kernels (``layers.linear.row_kernels``, ``config.decode_products``)."""
         mode = self.config.decode_products
         if batch != 1 or mode == "xla":
             return False

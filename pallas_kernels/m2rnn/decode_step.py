@@ -12,9 +12,8 @@ This kernel does that whole span at once:
 * the forget gate ``f = exp(-exp(A_log) · softplus(logit + dt_bias))`` in float32;
 * per head ``H = f H_prev + (1 - f) tanh(H_prev W + k vᵀ)`` (float32; ``H W`` at float32
   precision) and the read-out ``y[v] = Σ_k H[k, v] q[k]``;
+* the output gate: ``(y + D ⊙ v) ⊙ silu(g)``, ``g`` read from the projection's last columns;
 * the new state and the new conv input written in place (``input_output_aliases``).
-
-* the output gate: ``(y + D ⊙ v) ⊙ silu(g)``, ``g`` read from the projection's last columns.
 
 It returns that gated read-out; the norm and out-projection after it are another kernel
 (``pallas_kernels/row_product.py`` at batch 1). Grid: (rows, heads), one head per program,
