@@ -65,7 +65,7 @@ from kernel_bench import CLIP, KEY_DIM, VALUE_DIM
 from m2rnn_jax import HybridLM, ModelConfig, m2rnn
 from m2rnn_jax.generation import Generator
 from m2rnn_jax.typed_config import load_yaml, override
-from pallas_kernels.m2rnn import platforms
+from pallas_kernels import platforms
 from train import sharding as sharding_lib
 from train.step import build_trainee
 

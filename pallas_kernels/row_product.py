@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.m2rnn import platforms
-from pallas_kernels.m2rnn.loops import fori_loop
+from pallas_kernels import platforms
+from pallas_kernels.loops import fori_loop
 
 F32 = jnp.float32
 _IN_BLOCK = 256        # the input row is read in blocks of this many values

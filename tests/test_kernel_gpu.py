@@ -13,7 +13,8 @@ import pytest
 
 from numpy_reference import relative_error
 from m2rnn_jax import m2rnn, reference
-from pallas_kernels.m2rnn import gpu, platforms, triton_common
+from pallas_kernels import platforms
+from pallas_kernels.m2rnn import gpu, triton_common
 
 F32_TOLERANCE = 1e-4
 BF16_TOLERANCE = 1e-2

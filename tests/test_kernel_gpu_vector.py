@@ -10,7 +10,8 @@ from numpy_reference import relative_error
 from test_kernel_gpu import BF16_TOLERANCE, F32_TOLERANCE, _assert_close, _outputs_and_grads, \
     _problem
 from m2rnn_jax import ops, reference
-from pallas_kernels.m2rnn import gpu_vector, platforms
+from pallas_kernels import platforms
+from pallas_kernels.m2rnn import gpu_vector
 
 # (heads (Nq, Nk, Nv, Nf, Nw), V, S, batch, chunk_size, initial_state, clip, segments)
 F32_CASES = {

@@ -19,7 +19,8 @@ import pytest
 from numpy_reference import relative_error
 from m2rnn_jax import m2rnn, reference
 from m2rnn_jax.segments import keep_mask
-from pallas_kernels.m2rnn import mosaic_gpu, platforms
+from pallas_kernels import platforms
+from pallas_kernels.m2rnn import mosaic_gpu
 from pallas_kernels.m2rnn.mosaic_gpu import common
 
 # The module (the package's ``forward`` attribute is the function of the same name).

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from m2rnn_jax import m2rnn
-from pallas_kernels.m2rnn import platforms, tpu
+from pallas_kernels import platforms
+from pallas_kernels.m2rnn import tpu
 
 CASES = {
     # The paper's grouping (one q/k head for all value heads), with odd K and V.

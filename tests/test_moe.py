@@ -315,7 +315,7 @@ def test_moe_config_loads_from_yaml_and_defaults_to_dense(tmp_path):
 def test_moe_hybrid_gradient_lowers_for_gpu_and_tpu(monkeypatch, platform, backend):
     """The MoE hybrid's gradient (grouped matmuls, router, the M²RNN kernels) lowers for both
     accelerators on a machine that has neither: the kernels' real lowerings, not interpret mode."""
-    from pallas_kernels.m2rnn import platforms
+    from pallas_kernels import platforms
 
     monkeypatch.setattr(platforms, "interpret", lambda _: False)
     config = from_dict(ModelConfig, {

@@ -13,7 +13,7 @@ from jax.experimental import checkify
 
 from numpy_reference import relative_error
 from m2rnn_jax import m2rnn, ops
-from pallas_kernels.m2rnn import platforms
+from pallas_kernels import platforms
 
 
 def _inputs(seed, batch=2, seq_len=16, heads=(1, 1, 2, 2, 2), key_dim=4, value_dim=4,

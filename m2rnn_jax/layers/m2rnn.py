@@ -28,8 +28,8 @@ from m2rnn_jax.parallel import MeshAxes
 from m2rnn_jax.parallel.context import (activation_spec, causal_conv_in_shard, check_split,
                                         shard_map)
 from m2rnn_jax.parallel.recurrence import m2rnn_in_shard, recurrence_head_axes
+from pallas_kernels import platforms
 from pallas_kernels.m2rnn import decode_step as fused_decode
-from pallas_kernels.m2rnn import platforms
 from pallas_kernels.m2rnn.heads import expand_heads
 
 

@@ -14,7 +14,7 @@ from m2rnn_jax.layers.params import model_dtypes
 from m2rnn_jax.layers.registry import build_mixer, mixer_class
 from m2rnn_jax.ops import values_on_host
 from m2rnn_jax.parallel import MeshAxes
-from pallas_kernels.m2rnn import platforms
+from pallas_kernels import platforms
 
 
 class Block(nnx.Module):

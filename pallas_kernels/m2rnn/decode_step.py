@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.m2rnn import platforms
+from pallas_kernels import platforms
 from pallas_kernels.m2rnn import triton_common as common
 from pallas_kernels.m2rnn.triton_common import F32
 

@@ -17,10 +17,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.m2rnn import contract, platforms
+from pallas_kernels import platforms
+from pallas_kernels.loops import fori_loop
+from pallas_kernels.m2rnn import contract
 from pallas_kernels.m2rnn import triton_common as common
 from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
-from pallas_kernels.m2rnn.loops import fori_loop
 from pallas_kernels.m2rnn.triton_common import F32
 
 DEFAULT_CHUNK_SIZE = 64

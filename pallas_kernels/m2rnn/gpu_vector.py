@@ -16,10 +16,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.m2rnn import contract, platforms
+from pallas_kernels import platforms
+from pallas_kernels.loops import fori_loop
+from pallas_kernels.m2rnn import contract
 from pallas_kernels.m2rnn import triton_common as common
 from pallas_kernels.m2rnn.heads import sum_heads
-from pallas_kernels.m2rnn.loops import fori_loop
 from pallas_kernels.m2rnn.triton_common import F32
 
 DEFAULT_CHUNK_SIZE = 64

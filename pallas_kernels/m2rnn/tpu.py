@@ -16,9 +16,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.m2rnn import contract, platforms
+from pallas_kernels import platforms
+from pallas_kernels.loops import fori_loop
+from pallas_kernels.m2rnn import contract
 from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
-from pallas_kernels.m2rnn.loops import fori_loop
 
 DEFAULT_CHUNK_SIZE = 32
 _SUBLANES = 8  # steps per row tile: the time loop moves (8, lanes) tiles of v, f, y, ...

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.m2rnn import platforms
-from pallas_kernels.m2rnn.loops import fori_loop
+from pallas_kernels import platforms
+from pallas_kernels.loops import fori_loop
 
 F32 = jnp.float32
 MATMUL = (((1,), (0,)), ((), ()))           # a @ b, for lax.dot_general

@@ -8,9 +8,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.m2rnn import platforms
+from pallas_kernels import platforms
+from pallas_kernels.loops import fori_loop
 from pallas_kernels.m2rnn.heads import expand_heads, sum_heads
-from pallas_kernels.m2rnn.loops import fori_loop
 from pallas_kernels.m2rnn.mosaic_gpu import common, warp_sums
 from pallas_kernels.m2rnn.mosaic_gpu.common import BF16, F32, KEY_DIM, VALUE_DIM
 

@@ -9,7 +9,8 @@ import numpy as np
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.m2rnn import contract, platforms
+from pallas_kernels import platforms
+from pallas_kernels.m2rnn import contract
 from pallas_kernels.m2rnn.heads import expand_heads
 
 # The checkpoint interval: the backward holds a chunk's inputs and states in SMEM (72 KiB at 16),
