@@ -8,8 +8,9 @@ For each model (``configs/model/hybrid_400m.yaml`` and the same model with every
 attention, ``A`` × 24, ~406M parameters), batch (1, 32) and context length L (1K, 4K, 16K, 64K;
 ``--quick``: 1K, 16K), the caches are built as they stand after a prompt of L tokens (M²RNN:
 the (B, N, K, V) float32 state and the conv ring; attention: a KV cache of L + steps), then
-``--steps`` greedy decode steps are timed after warm-up, two ways: one dispatch per token (one
-jit-compiled ``HybridLM.decode_step`` + argmax each, the tokens fed back by the host) and all
+``--steps`` greedy decode steps are timed after warm-up, two ways: one dispatch per token
+(``Generator.step``: one jit-compiled decode step + argmax each, the tokens fed back by the
+host) and all
 ``--steps`` tokens in one dispatch (``Generator.decode``: the loop on the device, what
 ``Generator.generate`` runs). No prompt is run: the caches are filled
 synthetically (zeros, attention's first L steps marked visible), since the time of a step does
@@ -29,11 +30,17 @@ the same with one dispatch per token, cache GiB (from the shapes),
 device GiB in use during decoding (parameters + caches + workspace; where the backend reports
 it); the JSON rows also give the first step's time (compilation included). ``--tiny`` runs the
 tiny configs at short contexts, a smoke test for CPU.
+
+``--profile DIR`` then traces one more dispatch of the loop per point (``jax.profiler``, trace in
+``DIR/<model>_b<batch>_<context>``) and prints, per token, the busiest device timeline's busy
+time against the wall time and its busiest kernels (count and µs per token): where a token's
+time goes (``profile`` in the JSON rows).
 """
 
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
@@ -45,6 +52,9 @@ from flax import nnx
 from m2rnn_jax import HybridLM, ModelConfig
 from m2rnn_jax.generation import Generator
 from m2rnn_jax.typed_config import load_yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import trace_summary  # noqa: E402  (benchmarks/trace_summary.py)
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "model"
 GiB = 2 ** 30
@@ -64,6 +74,9 @@ def parse_args(argv=None):
                         help="device memory to plan against (default: what the backend reports)")
     parser.add_argument("--models", default="hybrid,attention-only")
     parser.add_argument("--out", default=None, help="also write the rows as JSON lines here")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="trace one more dispatch of the loop per point into DIR")
+    parser.add_argument("--profile-top", type=int, default=12, help="kernels listed per point")
     return parser.parse_args(argv)
 
 
@@ -108,7 +121,7 @@ def is_out_of_memory(err) -> bool:
     return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
 
 
-def bench_one(generator, model, batch, context, args):
+def bench_one(generator, model, batch, context, args, name="model"):
     max_len = context + args.warmup + 3 * args.steps + 1
     _, shapes = nnx.eval_shape(lambda m, t: m.prefill(t, None, max_len=max_len), model,
                                jax.ShapeDtypeStruct((batch, 1), jnp.int32))
@@ -121,7 +134,7 @@ def bench_one(generator, model, batch, context, args):
             f"{in_use / GiB:.3g}; {args.memory_fraction:.0%} of {limit / GiB:.3g} GiB "
             f"available)"))
     try:
-        return run_point(generator, model, batch, context, args, max_len, cache_bytes)
+        return run_point(generator, model, batch, context, args, max_len, cache_bytes, name)
     except Exception as err:  # noqa: BLE001 — only out-of-memory is recorded, not raised
         if not is_out_of_memory(err):
             raise
@@ -130,7 +143,7 @@ def bench_one(generator, model, batch, context, args):
             f"{str(err).splitlines()[0][:160]})"))
 
 
-def run_point(generator, model, batch, context, args, max_len, cache_bytes):
+def run_point(generator, model, batch, context, args, max_len, cache_bytes, name):
     caches = synthetic_caches(model, batch, context, max_len)
     tokens = jnp.zeros((batch,), jnp.int32)
     start = time.perf_counter()
@@ -154,14 +167,47 @@ def run_point(generator, model, batch, context, args, max_len, cache_bytes):
         loop_seconds.append(time.perf_counter() - start)
         tokens = new[-1]
     in_use, _ = device_bytes_in_use()
+    profile = None
+    if args.profile:
+        profile, caches = profile_loop(generator, new[-1], caches, key, args,
+                                       f"{name}_b{batch}_{context}", loop_seconds[1])
     del caches
-    return dict(tokens_per_s=batch * args.steps / loop_seconds[1],
+    return dict(profile=profile, tokens_per_s=batch * args.steps / loop_seconds[1],
                 ms_per_step=1e3 * loop_seconds[1] / args.steps,
                 dispatch_tokens_per_s=batch * args.steps / seconds,
                 dispatch_ms_per_step=1e3 * seconds / args.steps,
                 cache_gib=cache_bytes / GiB, first_step_s=compile_s,
                 loop_compile_s=loop_seconds[0],
                 device_gib=None if in_use is None else in_use / GiB)
+
+
+def profile_loop(generator, tokens, caches, key, args, point, wall_seconds):
+    """One more dispatch of ``--steps`` tokens under ``jax.profiler``; prints and returns, per
+    token, the busiest device timeline's busy µs against the wall µs of the timed dispatch, and
+    its busiest kernels. Returns ``(profile, caches)``."""
+    directory = os.path.join(args.profile, point)
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        new, caches = generator.decode(tokens, caches, args.steps, key=key)
+        jax.block_until_ready((new, caches))
+    on_gpu = jax.devices()[0].platform == "gpu"
+    events = trace_summary.read_events(trace_summary.find_trace(directory))
+    rows = trace_summary.summarize(events, "GPU" if on_gpu else "", args.profile_top)
+    if not rows:
+        return None, caches
+    process, thread, busy, count, ranked = rows[0]
+    steps = args.steps
+    profile = {"timeline": f"{process} / {thread}", "busy_us_per_token": busy / steps,
+               "wall_us_per_token": 1e6 * wall_seconds / steps,
+               "kernels_per_token": count / steps,
+               "top": [{"name": name, "us_per_token": total / steps, "per_token": calls / steps}
+                       for name, total, calls in ranked]}
+    print(f"  {point}: busy {profile['busy_us_per_token']:.0f} of "
+          f"{profile['wall_us_per_token']:.0f} us per token ({process} / {thread}), "
+          f"{profile['kernels_per_token']:.0f} events per token:", flush=True)
+    for entry in profile["top"]:
+        print(f"    {entry['us_per_token']:8.1f} us {entry['per_token']:5.1f}x  "
+              f"{entry['name'][:80]}", flush=True)
+    return profile, caches
 
 
 def main(argv=None):
@@ -192,7 +238,7 @@ def main(argv=None):
         for batch in args.batches:
             for context in contexts:
                 row = dict(model=name, params_m=params / 1e6, batch=batch, context=context)
-                row.update(bench_one(generator, model, batch, context, args))
+                row.update(bench_one(generator, model, batch, context, args, name))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:

@@ -80,9 +80,12 @@ def test_decode_bench_tiny(tmp_path, restore_threefry_flag):
     rows_file = tmp_path / "decode.jsonl"
     decode_bench.main(["--tiny", "--models", "hybrid", "--batches", "2", "--contexts", "16",
                        "--steps", "2", "--warmup", "1", "--param-dtype", "float32",
-                       "--out", str(rows_file)])
+                       "--out", str(rows_file), "--profile", str(tmp_path / "trace")])
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert [(r["model"], r["batch"], r["context"]) for r in rows] == [("hybrid", 2, 16)]
+    profile = rows[0]["profile"]  # on the CPU: the busiest host timeline of the trace
+    assert profile["busy_us_per_token"] > 0 and profile["wall_us_per_token"] > 0
+    assert profile["top"] and all(k["us_per_token"] > 0 for k in profile["top"])
     assert rows[0]["tokens_per_s"] > 0 and rows[0]["cache_gib"] > 0
     assert rows[0]["ms_per_step"] == pytest.approx(2 / rows[0]["tokens_per_s"] * 1e3)
     assert rows[0]["dispatch_ms_per_step"] == pytest.approx(
