@@ -109,6 +109,11 @@ def causal_conv(x, weight, segment_ids):
     return out
 
 
+def rounded(x, dtype):
+    """``x`` rounded to ``dtype`` (through float32; e.g. bfloat16) and back, as float64."""
+    return np.asarray(x, np.float32).astype(dtype).astype(np.float64)
+
+
 def relative_error(got, want):
     """‖got − want‖ / ‖want‖ in float64; shapes must match and ``got`` must be finite."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from numpy_reference import silu, softplus, values
+from numpy_reference import relative_error, rounded, silu, softplus, values
 from m2rnn_jax import HybridLM
 from m2rnn_jax.layers import M2RNN
 from pallas_kernels.m2rnn import decode_step as fused_decode
@@ -39,10 +39,6 @@ def layer_pair(compute_dtype, **m2rnn):
             layer.D[...] = jax.random.normal(jax.random.key(6), layer.D.shape)
         layers.append(layer)
     return layers
-
-
-def rounded(x, dtype):
-    return np.asarray(jnp.asarray(x, jnp.float32).astype(dtype).astype(jnp.float32), np.float64)
 
 
 def reference_step(layer, x, cache, dtype):
@@ -88,11 +84,6 @@ def reference_step(layer, x, cache, dtype):
 def fused_outputs(layer, x, cache):
     """The kernel's own outputs (gated read-out, state, ring) for the layer's inputs."""
     return layer._fused_step(layer.in_proj(x, out_dtype=jnp.float32), cache)
-
-
-def relative_error(got, want):
-    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
-    return np.linalg.norm(got - want) / np.linalg.norm(want)
 
 
 CASES = [

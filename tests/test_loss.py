@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from numpy_reference import rounded
 from m2rnn_jax.layers import Embed, Linear
 from train.step import token_cross_entropy
 
@@ -52,10 +53,7 @@ def test_the_tied_head_gradients_of_batched_rows_match_float64():
     _, pull = jax.vjp(lambda p, x: nnx.merge(graphdef, p).attend(x), params, x)
     d_params, dx = pull(cotangent)
 
-    def bf16(a):
-        return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
-
-    g, table, rows = bf16(cotangent), bf16(params["embedding"][...]), bf16(x)
+    g, table, rows = (rounded(a, jnp.bfloat16) for a in (cotangent, params["embedding"][...], x))
     for got, want in ((dx, g @ table),
                       (d_params["embedding"][...], np.einsum("bsv,bsd->vd", g, rows))):
         got = np.asarray(got, np.float64)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from numpy_reference import rms_norm, silu
+from numpy_reference import relative_error, rms_norm, rounded, silu
 from m2rnn_jax import HybridLM
 from m2rnn_jax.generation import Generator
 from m2rnn_jax.layers import Linear, RMSNorm
@@ -22,11 +22,6 @@ from test_generation import TanhDecodeMixer, forward, prefill, tiny_config
 EPS = 1e-5
 
 
-def rounded(x, dtype):
-    """``x`` rounded to ``dtype`` and back, as float64."""
-    return np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
-
-
 def random_case(seed, width, out, dtype):
     rng = np.random.default_rng(seed)
     x = rounded(3 * rng.standard_normal(width), dtype)  # mean square far from 1
@@ -34,10 +29,6 @@ def random_case(seed, width, out, dtype):
     w = rounded(rng.standard_normal((out, width)) / np.sqrt(width), dtype)
     w2 = rounded(rng.standard_normal((out, width)) / np.sqrt(width), dtype)
     return x, scale, w, w2, rng.standard_normal(out), rounded(rng.standard_normal(out), dtype)
-
-
-def relative_error(got, want):
-    return np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
 
 
 # Widths and outputs that are not multiples of the kernel's blocks (one output per program for

@@ -279,9 +279,9 @@ class M2RNN(nnx.Module):
 
     def _fused_step(self, projected, cache):
         """The fused kernel's ``(gated (B, N, V), state, ring)`` for the float32 in-projection
-        ``projected (B, 1, P)``: one kernel from the conv to the gated read-out (batch-1
-        decoding is launch-bound). It takes the product whole (a slice or a convert would be a
-        kernel)."""
+        ``projected (B, 1, P)``: one kernel from the conv to the gated read-out (at batch 1 each
+        kernel's fixed cost counts). It takes the product whole (a slice or a convert would be
+        a kernel)."""
         cfg = self.cfg
         conv_bias = None if self.conv_bias is None else self.conv_bias[...]
         return fused_decode.decode_step(

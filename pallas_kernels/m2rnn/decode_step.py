@@ -1,7 +1,7 @@
 """One decode step of an M²RNN layer as one Triton-lowered kernel.
 
-Decoding one token per row is launch-bound: at batch 1 every kernel does microseconds of work
-or less, so what a token costs is mostly how many kernels it launches. Between the in-projection
+Decoding one token per row runs a few hundred small kernels: at batch 1 each does microseconds
+of work or less, so what a token costs is mostly each kernel's fixed cost. Between the in-projection
 and the output path, XLA ran a layer's decode step as separate kernels (the forget gate, the
 conv input's convert, the conv ring's update, the state product ``H W``, the state update).
 This kernel does that whole span at once:
