@@ -378,13 +378,14 @@ def decode_launches(batch, context, sharding, steps=32):
                      scalar, scalar), sharding)
     # Jitted as Generator jits it on a GPU, where the caches are donated (off a GPU it does not
     # donate, which would add the copies that donation saves).
-    decode = jax.jit(generator._decode_fn, static_argnames=("sampling", "block"),
+    decode = jax.jit(generator._decode_fn, static_argnames=("sampling", "block", "fixed"),
                      donate_argnums=(1, 2))
     # The abstract mesh names the target GPU to the Triton lowering (the fused M²RNN decode
     # step), which otherwise looks for a GPU on this machine.
     with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(sharding.mesh.abstract_mesh):
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")  # the tokens
-        compiled = decode.lower(*args, sampling=(0.0, None, None), block=steps).compile()
+        compiled = decode.lower(*args, sampling=(0.0, None, None), block=steps,
+                                fixed=True).compile()  # decode_bench's loop: count = block
     return while_loop_launches(compiled.as_text())
 
 

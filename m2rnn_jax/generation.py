@@ -136,7 +136,7 @@ class Generator:
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "sampling"))
         self._step = jax.jit(self._step_fn, static_argnames=("sampling",),
                              donate_argnums=() if on_cpu else (2,))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("sampling", "block"),
+        self._decode = jax.jit(self._decode_fn, static_argnames=("sampling", "block", "fixed"),
                                donate_argnums=() if on_cpu else (1, 2))
 
     def _model(self, state):
@@ -159,7 +159,7 @@ class Generator:
             return model.decode_step(tokens, caches)
 
     def _decode_fn(self, state, tokens, caches, key, stops, running, count, first_step, *,
-                   sampling, block):
+                   sampling, block, fixed=False):
         def more(carry):
             produced, _, _, running, _ = carry
             return (produced < count) & jnp.any(running)
@@ -194,9 +194,12 @@ class Generator:
             return produced + 1, tokens, caches, running, out.at[produced].set(tokens)
 
         out = jnp.zeros((block, tokens.shape[0]), jnp.int32)
-        produced, _, caches, _, out = jax.lax.while_loop(
-            more, one_token, (jnp.zeros((), jnp.int32), tokens, without_step(caches), running,
-                              out))
+        carry = (jnp.zeros((), jnp.int32), tokens, without_step(caches), running, out)
+        if fixed:  # every one of the block's tokens: a trip count XLA knows, no test per token
+            carry = jax.lax.fori_loop(0, block, lambda _, carry: one_token(carry), carry)
+        else:
+            carry = jax.lax.while_loop(more, one_token, carry)
+        produced, _, caches, _, out = carry
         if start is not None:
             caches = with_step(caches, start + produced)
         return out, produced, caches
@@ -215,12 +218,14 @@ class Generator:
         block = count if block is None else block
         if not (isinstance(count, int) and 1 <= count <= block):
             raise ValueError(f"count must be an integer in [1, block={block}], got {count!r}")
+        # Every row producing all of the block's tokens: a loop whose trip count XLA knows.
+        fixed = count == block and not stop_tokens and running is None
         batch = tokens.shape[0]
         running = jnp.ones((batch,), bool) if running is None else jnp.asarray(running, bool)
         stops = jnp.asarray(sorted(set(stop_tokens)) or [-1], jnp.int32)  # -1 matches nothing
         out, produced, caches = self._decode(
             self._state, tokens, caches, key, stops, running, jnp.asarray(count, jnp.int32),
-            jnp.asarray(first_step, jnp.int32), sampling=sampling, block=block)
+            jnp.asarray(first_step, jnp.int32), sampling=sampling, block=block, fixed=fixed)
         return out[:int(produced)], caches
 
     def prefill(self, tokens, segment_ids=None, *, max_len, key=None, sampling=(0.0, None, None)):
@@ -280,7 +285,8 @@ class Generator:
             new, caches = self.decode(jnp.asarray(pending[-1]), caches,
                                       min(block, max_new_tokens - step), key=base_key,
                                       first_step=step, block=block, stop_tokens=stops.tolist(),
-                                      running=running, sampling=sampling)
+                                      running=None if running.all() else running,
+                                      sampling=sampling)
             pending = list(np.asarray(new))
 
 
