@@ -19,7 +19,8 @@ Steps:
 ``train8``   the hybrid at batch 8 × 4096
 ``op``       ``kernel_bench.py``: the M²RNN op at 8 × 4096 × 84, forward and forward+backward,
              and the bf16 errors of every output against the float64 recurrence
-``decode``   ``decode_bench.py --models hybrid`` at batch 1 and 32, 1K and 64K contexts
+``decode``   ``decode_bench.py --models hybrid`` at batch 1 and 32, 1K and 64K contexts, each
+             point also traced once (the GPU's busy time per token and its busiest kernels)
 ``attention`` cuDNN flash attention and XLA attention on packed documents (forward and
              gradients, bf16 inputs, the hybrid's attention shape), each against a float32
              softmax written out in the script: the check behind cuDNN being the hybrid's
@@ -76,7 +77,8 @@ def step_commands(step, out, tiny):
                        ["--shapes", "first"]), {}
     if step == "decode":
         return [python, str(HERE / "decode_bench.py"), "--models", "hybrid", "--out",
-                str(out / RESULT_FILES["decode"]), "--batches", "1", "32", "--contexts",
+                str(out / RESULT_FILES["decode"]), "--profile", str(out / "decode-profile"),
+                "--batches", "1", "32", "--contexts",
                 *(["16", "64", "--tiny", "--param-dtype", "float32", "--steps", "4"] if tiny
                   else ["1024", "65536"])], {}
     return [python, str(pathlib.Path(__file__)), "--attention-check",
@@ -157,9 +159,13 @@ def table_rows(out):
         rows.append(("op bf16 error vs float64 (worst output)", f"{worst:.2e}", "not larger"))
     for r in _read_lines(out / RESULT_FILES["decode"]):
         if "tokens_per_s" in r:
+            trace = r.get("profile", {})
+            busy = (f"; GPU busy {trace['busy_us_per_token']:,.0f} of "
+                    f"{trace['wall_us_per_token']:,.0f} µs per token"
+                    if "busy_us_per_token" in trace else "")
             rows.append((f"decode, batch {r['batch']}, context {r['context']:,}",
                          f"{r['tokens_per_s']:,.0f} tok/s ({r['ms_per_step']:.2f} ms/step; one "
-                         f"dispatch per token {r['dispatch_tokens_per_s']:,.0f})",
+                         f"dispatch per token {r['dispatch_tokens_per_s']:,.0f}{busy})",
                          TARGETS["decode1"] if r["batch"] == 1 else ""))
         elif "skipped" in r:
             rows.append((f"decode, batch {r['batch']}, context {r['context']:,}", r["skipped"],
