@@ -32,9 +32,9 @@ it); the JSON rows also give the first step's time (compilation included). ``--t
 tiny configs at short contexts, a smoke test for CPU.
 
 ``--profile DIR`` then traces one more dispatch of the loop per point (``jax.profiler``, trace in
-``DIR/<model>_b<batch>_<context>``) and prints, per token, the busiest device timeline's busy
-time against the wall time and its busiest kernels (count and µs per token): where a token's
-time goes (``profile`` in the JSON rows).
+``DIR/<model>_b<batch>_<context>``) and prints, per decode step (a token per row; "per token"
+in the JSON's names), the busiest device timeline's busy time against the wall time and its
+busiest kernels (count and µs): where a step's time goes (``profile`` in the JSON rows).
 """
 
 import argparse
@@ -122,7 +122,8 @@ def is_out_of_memory(err) -> bool:
 
 
 def bench_one(generator, model, batch, context, args, name="model"):
-    max_len = context + args.warmup + 3 * args.steps + 1
+    # Room for the warm-up, the timed dispatches and, with --profile, the traced one.
+    max_len = context + args.warmup + (4 if args.profile else 3) * args.steps + 1
     _, shapes = nnx.eval_shape(lambda m, t: m.prefill(t, None, max_len=max_len), model,
                                jax.ShapeDtypeStruct((batch, 1), jnp.int32))
     cache_bytes = nbytes(shapes)
@@ -202,8 +203,8 @@ def profile_loop(generator, tokens, caches, key, args, point, wall_seconds):
                "top": [{"name": name, "us_per_token": total / steps, "per_token": calls / steps}
                        for name, total, calls in ranked]}
     print(f"  {point}: busy {profile['busy_us_per_token']:.0f} of "
-          f"{profile['wall_us_per_token']:.0f} us per token ({process} / {thread}), "
-          f"{profile['kernels_per_token']:.0f} events per token:", flush=True)
+          f"{profile['wall_us_per_token']:.0f} us per step ({process} / {thread}), "
+          f"{profile['kernels_per_token']:.0f} events per step:", flush=True)
     for entry in profile["top"]:
         print(f"    {entry['us_per_token']:8.1f} us {entry['per_token']:5.1f}x  "
               f"{entry['name'][:80]}", flush=True)

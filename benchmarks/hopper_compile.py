@@ -368,7 +368,7 @@ def decode_launches(batch, context, sharding, steps=32):
 
     state = jax.eval_shape(generator_state)
     generator = built[0]  # for its loop function; its own state holds tracers, unused
-    max_len = context + bench_args.warmup + 3 * steps + 1  # as decode_bench sizes the caches
+    max_len = context + bench_args.warmup + 3 * steps + 1  # as decode_bench sizes them untraced
     caches = jax.eval_shape(
         lambda: decode_bench.synthetic_caches(model, batch, context, max_len))
     key = jax.eval_shape(lambda: jax.random.key(0))

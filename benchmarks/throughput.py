@@ -159,9 +159,9 @@ def table_rows(out):
         rows.append(("op bf16 error vs float64 (worst output)", f"{worst:.2e}", "not larger"))
     for r in _read_lines(out / RESULT_FILES["decode"]):
         if "tokens_per_s" in r:
-            trace = r.get("profile", {})
+            trace = r.get("profile") or {}  # None: run without --profile, or no GPU timeline
             busy = (f"; GPU busy {trace['busy_us_per_token']:,.0f} of "
-                    f"{trace['wall_us_per_token']:,.0f} µs per token"
+                    f"{trace['wall_us_per_token']:,.0f} µs per step"
                     if "busy_us_per_token" in trace else "")
             rows.append((f"decode, batch {r['batch']}, context {r['context']:,}",
                          f"{r['tokens_per_s']:,.0f} tok/s ({r['ms_per_step']:.2f} ms/step; one "

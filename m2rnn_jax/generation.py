@@ -6,9 +6,10 @@ the training data pipeline (vocab >= 256).
 Prefill runs the full-sequence path over the prompts (the M²RNN op/kernel returns its final
 state; attention fills a KV cache preallocated for ``prompt + max_new_tokens`` steps); then each
 new token costs one ``decode_step`` through every block. The sampling loop runs on the device:
-one dispatch produces up to ``tokens_per_dispatch`` tokens (a ``lax.while_loop`` that also stops
-once every row has met a stop token), with the caches donated, so the host's per-token work is
-reading the tokens back. Prompts of different lengths are left padded: the padding is a
+one dispatch produces up to ``tokens_per_dispatch`` tokens, with the caches donated, so the
+host's per-token work is reading the tokens back. Without stop tokens every dispatch makes a
+whole block in a loop of known trip count; with them, a ``lax.while_loop`` that also stops once
+every row has met one (XLA tests a while loop's condition on the host at every step). Prompts of different lengths are left padded: the padding is a
 separate packed document, so no layer sees it.
 
     generator = Generator(model)
@@ -123,7 +124,7 @@ def transpose_projections(state):
 
 class Generator:
     """Compiled prefill and decode step of one model (compiled once per shape and sampling
-    setting). The parameters are captured at construction, the ``Linear`` weights as transposed
+    setting; the decode loop also once per block length and per loop kind, ``decode``). The parameters are captured at construction, the ``Linear`` weights as transposed
     copies (``transpose_projections``): while the caller keeps the model, those weights are held
     twice. The copies keep the model's sharding labels, which name the ``(in, out)`` layout; the
     model the compiled functions build transposes them back."""
@@ -212,17 +213,20 @@ class Generator:
         ``fold_in(key, first_step + i)``. The loop ends early once every row of ``running``
         (default: all) has produced one of ``stop_tokens``. ``block`` (default ``count``) is the
         compiled buffer length: calls with the same ``block`` and any ``count <= block`` share
-        one compilation. Returns ``(new tokens (produced, B) int32 array, caches)``; the caches
+        one compilation of the while loop, except that ``count == block`` with no stop tokens
+        and ``running`` None compiles (once) a loop of known trip count instead, which spares
+        the host a test of the loop's condition per token. Returns ``(new tokens (produced, B) int32 array, caches)``; the caches
         passed in are consumed (donated) on accelerators.
         """
         block = count if block is None else block
         if not (isinstance(count, int) and 1 <= count <= block):
             raise ValueError(f"count must be an integer in [1, block={block}], got {count!r}")
+        stop_list = sorted({int(t) for t in np.asarray(stop_tokens).ravel()})
         # Every row producing all of the block's tokens: a loop whose trip count XLA knows.
-        fixed = count == block and not stop_tokens and running is None
+        fixed = count == block and not stop_list and running is None
         batch = tokens.shape[0]
         running = jnp.ones((batch,), bool) if running is None else jnp.asarray(running, bool)
-        stops = jnp.asarray(sorted(set(stop_tokens)) or [-1], jnp.int32)  # -1 matches nothing
+        stops = jnp.asarray(stop_list or [-1], jnp.int32)  # -1 matches nothing
         out, produced, caches = self._decode(
             self._state, tokens, caches, key, stops, running, jnp.asarray(count, jnp.int32),
             jnp.asarray(first_step, jnp.int32), sampling=sampling, block=block, fixed=fixed)
@@ -265,11 +269,19 @@ class Generator:
         stops = np.asarray(sorted(set(stop_tokens)), np.int32)
         outputs = [[] for _ in prompts]
         running = np.ones(len(prompts), bool)
+        # The tokens after the prefill's in the fewest dispatches, as even blocks. Without stop
+        # tokens every dispatch makes a whole block (one compiled loop of known trip count): the
+        # last may run up to dispatches - 1 steps past max_new_tokens, whose tokens are dropped
+        # and whose keys and values the attention caches get room for.
+        remaining = max_new_tokens - 1
+        dispatches = max(1, -(-remaining // tokens_per_dispatch))
+        block = max(1, -(-remaining // dispatches))
+        whole_blocks = not len(stops)
+        spare = dispatches * block - remaining if whole_blocks else 0
         last, caches = self.prefill(tokens, segment_ids,
-                                    max_len=tokens.shape[1] + max_new_tokens,
+                                    max_len=tokens.shape[1] + max_new_tokens + spare,
                                     key=jax.random.fold_in(base_key, 0), sampling=sampling)
         pending = [np.asarray(last)]  # tokens sampled on the device, not yet handed out
-        block = min(tokens_per_dispatch, max_new_tokens - 1)
         step = 0
         while True:
             for host_tokens in pending:
@@ -282,8 +294,8 @@ class Generator:
                 if not running.any() or step == max_new_tokens:
                     return outputs
             # Token `step` is sampled from token `step - 1` with key fold_in(base_key, step).
-            new, caches = self.decode(jnp.asarray(pending[-1]), caches,
-                                      min(block, max_new_tokens - step), key=base_key,
+            count = block if whole_blocks else min(block, max_new_tokens - step)
+            new, caches = self.decode(jnp.asarray(pending[-1]), caches, count, key=base_key,
                                       first_step=step, block=block, stop_tokens=stops.tolist(),
                                       running=None if running.all() else running,
                                       sampling=sampling)

@@ -115,14 +115,17 @@ def test_throughput_table_from_step_results_and_the_attention_check(tmp_path, ca
     (out / "decode.jsonl").write_text(json.dumps({
         "batch": 1, "context": 1024, "tokens_per_s": 1600.0, "ms_per_step": 0.625,
         "dispatch_tokens_per_s": 300.0,
-        "profile": {"busy_us_per_token": 500.0, "wall_us_per_token": 625.0}}) + "\n")
+        "profile": {"busy_us_per_token": 500.0, "wall_us_per_token": 625.0}}) + "\n"
+        + json.dumps({"batch": 32, "context": 1024, "tokens_per_s": 16000.0, "ms_per_step": 2.0,
+                      "dispatch_tokens_per_s": 9000.0, "profile": None}) + "\n")
     assert throughput.main(["--out", str(out), "--only", "attention", "--tiny"]) == 0
     table = capsys.readouterr().out.split("what")[-1]
     assert "train, batch 4 × 4096" in table and "200.0 ms/step, 81.9k tok/s, MFU 20.0%" in table
     # The cold row is the cold step's (not train4's compile, which follows other compiles).
     assert "50.0 s (tracing + lowering 12.5 s)" in table and "1,600 tok/s" in table
     assert "30.0 s" not in table
-    assert "one dispatch per token 300; GPU busy 500 of 625 µs per token" in table
+    assert "one dispatch per token 300; GPU busy 500 of 625 µs per step" in table
+    assert "16,000 tok/s (2.00 ms/step; one dispatch per token 9,000)" in table  # not traced
     check = json.loads((out / "attention.json").read_text())
     # XLA against the written-out float32 softmax: bf16 inputs, so small but not zero.
     assert set(check["xla_vs_float32"]) == {"out", "dq", "dk", "dv"}

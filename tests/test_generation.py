@@ -193,13 +193,14 @@ def test_fixed_seed_sampling_is_reproducible(generator):
     assert [len(row) for row in first] == [8, 8]
 
 
-def test_the_decode_loop_multiplies_by_the_transposed_weights_inside_its_body(model,
-                                                                             generator):
+@pytest.mark.parametrize("fixed", [False, True])  # the while loop; the known trip count's scan
+def test_the_decode_loop_multiplies_by_the_transposed_weights_inside_its_body(model, generator,
+                                                                             fixed):
     """The W.T views are taken inside the loop body, where XLA folds them into the products;
     taken before the loop, XLA would transpose the weights back once and multiply by columns."""
     _, caches = prefill(model, jnp.zeros((1, 3), jnp.int32), None, 8)
     trace = jax.make_jaxpr(functools.partial(generator._decode_fn, sampling=(0.0, None, None),
-                                             block=4))
+                                             block=4, fixed=fixed))
     jaxpr = trace(generator._state, jnp.zeros((1,), jnp.int32), caches, jax.random.key(0),
                   jnp.asarray([-1], jnp.int32), jnp.ones((1,), bool), jnp.asarray(4, jnp.int32),
                   jnp.asarray(1, jnp.int32)).jaxpr
@@ -207,9 +208,11 @@ def test_the_decode_loop_multiplies_by_the_transposed_weights_inside_its_body(mo
     def transposes(jaxpr):
         return sum(eqn.primitive.name == "transpose" for eqn in jaxpr.eqns)
 
-    loop = next(eqn for eqn in jaxpr.eqns if eqn.primitive.name == "while")
+    kind = "scan" if fixed else "while"
+    loop = next(eqn for eqn in jaxpr.eqns if eqn.primitive.name == kind)
+    body = loop.params["jaxpr" if fixed else "body_jaxpr"].jaxpr
     projections = sum(isinstance(m, Linear) for _, m in nnx.iter_graph(model))
-    assert transposes(loop.params["body_jaxpr"].jaxpr) >= projections
+    assert transposes(body) >= projections
     assert transposes(jaxpr) == 0
 
 
@@ -257,7 +260,8 @@ def one_dispatch_per_token(generator, prompts, max_new_tokens, seed, sampling, s
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_the_on_device_loop_gives_the_tokens_of_one_dispatch_per_token(generator, temperature):
+def test_the_on_device_loop_gives_the_tokens_of_one_dispatch_per_token(generator, temperature,
+                                                                        monkeypatch):
     prompts = [encode("loop on"), encode("the device")]
     sampling = (temperature, None, None)
     free = one_dispatch_per_token(generator, prompts, 11, 3, sampling, [])
@@ -268,10 +272,15 @@ def test_the_on_device_loop_gives_the_tokens_of_one_dispatch_per_token(generator
         got = generator.generate(prompts, 11, temperature=temperature, seed=3, stop_tokens=stops,
                                  tokens_per_dispatch=per_dispatch)
         assert got == want, per_dispatch
-    # Without stops, full blocks of 3 take the loop of a known trip count, the last (one
-    # token) the while loop.
+    # Without stops every dispatch makes a whole block on the loop of known trip count: 10
+    # tokens after the prefill's as 4 blocks of 3, the last 2 dropped.
+    kinds = []
+    decode = generator._decode
+    monkeypatch.setattr(generator, "_decode",
+                        lambda *args, **kw: kinds.append(kw["fixed"]) or decode(*args, **kw))
     assert generator.generate(prompts, 11, temperature=temperature, seed=3,
                               tokens_per_dispatch=3) == free
+    assert kinds == [True] * 4
     with pytest.raises(ValueError, match="tokens_per_dispatch"):
         generator.generate(prompts, 4, tokens_per_dispatch=0)
 
@@ -293,6 +302,22 @@ def test_filtering_and_sampling_rules():
     np.testing.assert_array_equal(sample(logits, jax.random.key(0), 1.0, top_k=1), greedy)
     draws = np.stack([sample(logits, jax.random.key(i), 1.0, top_p=0.7) for i in range(30)])
     assert np.all(np.take_along_axis(kept_p, draws.T, axis=1))
+
+
+def test_decode_takes_stop_tokens_as_any_sequence(generator):
+    prompt = jnp.asarray([encode("stop here")])
+
+    def decode(stops):
+        first, caches = generator.prefill(prompt, max_len=prompt.shape[1] + 9)
+        return np.asarray(generator.decode(first, caches, 8, key=jax.random.key(0),
+                                           stop_tokens=stops)[0])
+
+    free = decode(())
+    stop = int(free[2, 0])
+    want = free[:free[:, 0].tolist().index(stop) + 1]  # ends once the only row has stopped
+    for stops in ([stop], (stop,), np.asarray([stop]), np.asarray([stop, -5])):
+        np.testing.assert_array_equal(decode(stops), want)
+    np.testing.assert_array_equal(decode(np.asarray([], np.int32)), free)
 
 
 def test_bad_generation_arguments(generator):
