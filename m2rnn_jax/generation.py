@@ -9,8 +9,9 @@ new token costs one ``decode_step`` through every block. The sampling loop runs 
 one dispatch produces up to ``tokens_per_dispatch`` tokens, with the caches donated, so the
 host's per-token work is reading the tokens back. Without stop tokens every dispatch makes a
 whole block in a loop of known trip count; with them, a ``lax.while_loop`` that also stops once
-every row has met one (XLA tests a while loop's condition on the host at every step). Prompts of different lengths are left padded: the padding is a
-separate packed document, so no layer sees it.
+every row has met one (XLA tests a while loop's condition on the host at every step). Prompts
+of different lengths are left padded: the padding is a separate packed document, so no layer
+sees it.
 
     generator = Generator(model)
     rows = generator.generate([encode("Once upon")], max_new_tokens=50, temperature=0.8,
@@ -124,8 +125,9 @@ def transpose_projections(state):
 
 class Generator:
     """Compiled prefill and decode step of one model (compiled once per shape and sampling
-    setting; the decode loop also once per block length and per loop kind, ``decode``). The parameters are captured at construction, the ``Linear`` weights as transposed
-    copies (``transpose_projections``): while the caller keeps the model, those weights are held
+    setting; the decode loop also once per block length and loop kind, ``decode``). The
+    parameters are captured at construction, the ``Linear`` weights as transposed copies
+    (``transpose_projections``): while the caller keeps the model, those weights are held
     twice. The copies keep the model's sharding labels, which name the ``(in, out)`` layout; the
     model the compiled functions build transposes them back."""
 
@@ -215,8 +217,8 @@ class Generator:
         compiled buffer length: calls with the same ``block`` and any ``count <= block`` share
         one compilation of the while loop, except that ``count == block`` with no stop tokens
         and ``running`` None compiles (once) a loop of known trip count instead, which spares
-        the host a test of the loop's condition per token. Returns ``(new tokens (produced, B) int32 array, caches)``; the caches
-        passed in are consumed (donated) on accelerators.
+        the host a test of the loop's condition per token. Returns ``(new tokens (produced, B)
+        int32 array, caches)``; the caches passed in are consumed (donated) on accelerators.
         """
         block = count if block is None else block
         if not (isinstance(count, int) and 1 <= count <= block):
