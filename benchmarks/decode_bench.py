@@ -121,9 +121,14 @@ def is_out_of_memory(err) -> bool:
     return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
 
 
+def cache_length(context, args):
+    """Steps the caches hold: the context, the warm-up, three runs of ``--steps`` (one dispatch
+    per token, then the loop twice) and, with ``--profile``, the traced one."""
+    return context + args.warmup + (4 if args.profile else 3) * args.steps + 1
+
+
 def bench_one(generator, model, batch, context, args, name="model"):
-    # Room for the warm-up, the timed dispatches and, with --profile, the traced one.
-    max_len = context + args.warmup + (4 if args.profile else 3) * args.steps + 1
+    max_len = cache_length(context, args)
     _, shapes = nnx.eval_shape(lambda m, t: m.prefill(t, None, max_len=max_len), model,
                                jax.ShapeDtypeStruct((batch, 1), jnp.int32))
     cache_bytes = nbytes(shapes)

@@ -357,7 +357,7 @@ def while_loop_launches(hlo_text):
 
 
 def decode_launches(batch, context, sharding, steps=32):
-    bench_args = decode_bench.parse_args(["--models", "hybrid"])
+    bench_args = decode_bench.parse_args(["--models", "hybrid", "--steps", str(steps)])
     config = decode_bench.model_configs(bench_args)["hybrid"]
     model = nnx.eval_shape(lambda: HybridLM(config, rngs=nnx.Rngs(0)))
     built = []
@@ -368,7 +368,7 @@ def decode_launches(batch, context, sharding, steps=32):
 
     state = jax.eval_shape(generator_state)
     generator = built[0]  # for its loop function; its own state holds tracers, unused
-    max_len = context + bench_args.warmup + 3 * steps + 1  # as decode_bench sizes them untraced
+    max_len = decode_bench.cache_length(context, bench_args)
     caches = jax.eval_shape(
         lambda: decode_bench.synthetic_caches(model, batch, context, max_len))
     key = jax.eval_shape(lambda: jax.random.key(0))

@@ -20,7 +20,7 @@ Steps:
 ``op``       ``kernel_bench.py``: the M²RNN op at 8 × 4096 × 84, forward and forward+backward,
              and the bf16 errors of every output against the float64 recurrence
 ``decode``   ``decode_bench.py --models hybrid`` at batch 1 and 32, 1K and 64K contexts, each
-             point also traced once (the GPU's busy time per token and its busiest kernels)
+             point also traced once (the GPU's busy time per step and its busiest kernels)
 ``attention`` cuDNN flash attention and XLA attention on packed documents (forward and
              gradients, bf16 inputs, the hybrid's attention shape), each against a float32
              softmax written out in the script: the check behind cuDNN being the hybrid's

@@ -298,7 +298,7 @@ class Generator:
             # Token `step` is sampled from token `step - 1` with key fold_in(base_key, step).
             count = block if whole_blocks else min(block, max_new_tokens - step)
             new, caches = self.decode(jnp.asarray(pending[-1]), caches, count, key=base_key,
-                                      first_step=step, block=block, stop_tokens=stops.tolist(),
+                                      first_step=step, block=block, stop_tokens=stops,
                                       running=None if running.all() else running,
                                       sampling=sampling)
             pending = list(np.asarray(new))
