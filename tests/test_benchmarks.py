@@ -270,3 +270,15 @@ def test_multi_gpu_moe7b_tiny_router_metrics(tmp_path, capsys):
         ratio.max(axis=1).mean(), rel=1e-4)
     assert run["flops"]["dense"] > 0 and run["tokens_per_s"] > 0
     assert "router (load / mean load" in out and "plan (RESULTS.md)" in out
+
+
+def test_state_tracking_bench_times_the_experiment_loop(capsys):
+    import state_tracking_bench
+
+    s3 = str(state_tracking_bench.cli.CONFIG_DIR / "s3.yaml")
+    rows = state_tracking_bench.main(["--config", s3, "--group", "S3", "--batch-size", "8",
+                                      "--lengths", "4", "--dispatch", "1", "4", "--seeds", "2",
+                                      "--seconds", "0.01"])
+    assert [(length, n, k) for length, n, k, _, _ in rows] == [(4, 1, 2), (4, 4, 2)]
+    assert all(rate > 0 and first_s > 0 for *_, rate, first_s in rows)
+    assert "| 4 | 4 | 2 |" in capsys.readouterr().out
