@@ -5,7 +5,9 @@ changes only by ``--group``, each ablation moves exactly one departure back to t
 count, the budgets hold, and every model trains two optimizer steps on a CPU."""
 
 import dataclasses
+import json
 import math
+import os
 import pathlib
 import sys
 
@@ -216,7 +218,7 @@ def assert_trained_two_steps(runner, result, saved_path, task):
     assert result.steps == 2 and math.isfinite(result.final_loss), result.model
     assert [e["length"] for e in result.evals] == [task.train_length]
     saved = runner.load_saved(saved_path, task, result.seed)
-    assert saved.step == 2
+    assert saved.step == 2 and result.reached_train_length_step == saved.reached_step
     moved = [not np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(saved.params), jax.tree.leaves(runner.init_params(result.seed)),
         strict=True)]
@@ -389,3 +391,34 @@ def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys):
     assert "| recipe-S5 | 3 | 90 |" in printed and "| total | 3 |" in printed
     assert plan.main(["recipe-S6"]) == 2
     assert "unknown stage(s) recipe-S6" in capsys.readouterr().err
+
+
+def test_results_table_reports_each_seed_and_the_seeds_past_the_bar(tmp_path):
+    """The table read from the jobs' results.json: per seed the steps, where the curriculum
+    reached the training length, the longest length, the accuracy at 1x and 8x; the seeds at
+    >= 99 % at 8x counted against the bar; the GPU-minutes from the ledger; jobs without
+    results left out."""
+    rng = np.random.default_rng()
+    eight = rng.uniform(0.95, 1.0, size=3)
+    jobs = [plan.Job("ablations-S3", name, "ablations.yaml", (), 600.0, 60.0)
+            for name in ("has_results", "not_run")]
+    runs = [{"seed": s, "steps": 10000 - s, "final_scored_length": 16 // (s + 1),
+             "reached_train_length_step": None if s == 2 else 1000 * (s + 1)}
+            for s in (2, 0, 1)]
+    rows = [{"seed": s, "length": length, "position_accuracy": acc}
+            for s in range(3) for length, acc in ((16, 0.5 + s / 10), (128, eight[s]))]
+    os.makedirs(jobs[0].out_dir(str(tmp_path)))
+    with open(os.path.join(jobs[0].out_dir(str(tmp_path)), "results.json"), "w") as fh:
+        json.dump({"config": {"task": {"group": "S3", "train_length": 16}}, "runs": runs,
+                   "results": rows}, fh)
+    ledger = plan.Ledger(str(tmp_path))
+    ledger.record(jobs[0], 150.0, "done")
+
+    lines = plan.results_table(jobs, str(tmp_path), ledger).splitlines()
+    assert len(lines) == 3 and "not_run" not in lines[2]
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:5] == ["has_results", "S3", "10,000, 9,999, 9,998", "1,000, 2,000, —",
+                         "16, 8, 5"]
+    assert cells[5] == "50.00, 60.00, 70.00"
+    assert cells[6] == ", ".join(f"{100 * a:.2f}" for a in eight)
+    assert cells[7] == f"{sum(a >= 0.99 for a in eight)} of 3" and cells[8] == "2.5"

@@ -241,8 +241,52 @@ def budget_table(jobs, ledger=None):
     return "\n".join(lines)
 
 
+TARGET_ACCURACY = 0.99  # per position, at 8x the training length (the issue's bar)
+
+
+def _percentages(values):
+    return ", ".join("—" if v is None else f"{100 * v:.2f}" for v in values)
+
+
+def results_table(jobs, root, ledger):
+    """Markdown, one row per job that has results: per seed (in order) the steps, the step
+    at which the curriculum reached the training length, the longest scored length, the
+    per-position accuracy at 1x and 8x the training length; the seeds at >= 99 % at 8x; the
+    GPU-minutes the ledger holds."""
+    lines = ["| job | group | steps | reached training length at step | longest length "
+             "| 1× (%) | 8× (%) | seeds ≥ 99 % at 8× | GPU-min |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for job in jobs:
+        path = os.path.join(job.out_dir(root), "results.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as fh:
+            report = json.load(fh)
+        task = report["config"]["task"]
+        runs = sorted(report["runs"], key=lambda run: run["seed"])
+
+        def accuracy(seed, length):
+            found = [row["position_accuracy"] for row in report["results"]
+                     if row["seed"] == seed and row["length"] == length]
+            return found[0] if found else None
+
+        once = [accuracy(run["seed"], task["train_length"]) for run in runs]
+        eight = [accuracy(run["seed"], 8 * task["train_length"]) for run in runs]
+        passed = sum(a is not None and a >= TARGET_ACCURACY for a in eight)
+        steps = ", ".join(f"{run['steps']:,}" for run in runs)
+        reached = ", ".join("—" if run.get("reached_train_length_step") is None
+                            else f"{run['reached_train_length_step']:,}" for run in runs)
+        lines.append(
+            f"| {job.name} | {task['group']} | {steps} "
+            f"| {reached} | {', '.join(str(run['final_scored_length']) for run in runs)} "
+            f"| {_percentages(once)} | {_percentages(eight)} | {passed} of {len(runs)} "
+            f"| {ledger.entry(job)['used_s'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
 def merge(jobs, root):
-    """``merge_runs`` per stage: ``<root>/<stage>.csv`` and its plots."""
+    """``merge_runs`` per stage: ``<root>/<stage>.csv`` and its plots; then the results table
+    of every job, printed and written to ``<root>/results.md``."""
     from m2rnn_experiments.state_tracking import merge_runs
 
     for stage in STAGES:
@@ -254,6 +298,10 @@ def merge(jobs, root):
         merge_runs.main(["--out", os.path.join(root, stage), "--results",
                          *[os.path.join(j.out_dir(root), "results.csv") for j in done],
                          *(["--logs", *logs] if logs else [])])
+    table = results_table(jobs, root, Ledger(root))
+    with open(os.path.join(root, "results.md"), "w") as fh:
+        fh.write(table + "\n")
+    print(table)
 
 
 def parse_args(argv):

@@ -46,6 +46,8 @@ class RunResult:
     final_train_accuracy: float
     # Longest scored length trained on (the curriculum's last length; train_length without one).
     final_scored_length: int
+    # The step at which the scored length reached the training length (None: never).
+    reached_train_length_step: int | None
     resumed_from_step: int  # 0 unless the run continued from a checkpoint
     # One entry per evaluation length: {"length", "position_accuracy", "sequence_accuracy"}.
     evals: list
@@ -281,7 +283,8 @@ class ModelRunner:
                 eval_s=time.perf_counter() - eval_start, final_loss=r.loss,
                 final_train_accuracy=r.accuracy, resumed_from_step=r.first_step,
                 final_scored_length=task_config.train_length
-                if r.trained_length is None else r.trained_length, evals=evals))
+                if r.trained_length is None else r.trained_length,
+                reached_train_length_step=r.reached_step, evals=evals))
         return results
 
     def _start_seed(self, seed, task_config, checkpoint_path):
