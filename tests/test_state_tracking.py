@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -198,9 +199,10 @@ def tiny_experiment(tmp_path, models, name="tiny"):
     return path
 
 
-def test_command_writes_well_formed_results_and_exits_zero(tmp_path):
+def test_command_writes_well_formed_results_and_exits_zero(tmp_path, capsys):
     """The command, as its console script runs it (``sys.exit(main(argv))``), exits with 0
-    and writes results.csv, results.json and the plot for every (model, seed, length)."""
+    and writes results.csv, results.json and the plot for every (model, seed, length); a
+    headless run says what its first call took, as soon as it returns."""
     models = {
         # The configs' departures from the layer's defaults (random W, linear v) go through.
         "m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4, "value_dim": 4,
@@ -215,6 +217,10 @@ def test_command_writes_well_formed_results_and_exits_zero(tmp_path):
             "--models", "m2rnn,attention_rope", "--seeds", "1", "--first-seed", "2",
             "--no-progress", "--set", "train.log_every=3"]))
     assert exited.value.code in (0, None)
+    printed = capsys.readouterr().out
+    for model in models:
+        assert re.search(rf"^{model} seed 2: first call [0-9.]+ s \(compilation and 1 step\)$",
+                         printed, re.MULTILINE), model
 
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))

@@ -243,6 +243,9 @@ class ModelRunner:
                 loss_t.block_until_ready()
                 compile_s = time.perf_counter() - start
                 first_tick = False
+                if not progress:  # a log that stops here shows where the time went
+                    print(f"{label}: first call {compile_s:.1f} s (compilation and "
+                          f"{max(counts)} step{'s' if max(counts) > 1 else ''})", flush=True)
             # A call that reaches or passes a multiple of log_every (one step per call: a step
             # at a multiple of it) logs, as does a run's last.
             logging = [i for i, (r, count) in enumerate(zip(active, counts))
