@@ -55,19 +55,23 @@ def fixed_task(task, length):
                                curriculum_steps=0, eval_lengths=[length], eval_sequences=128)
 
 
+def run_calls(runner, group, task, seeds, calls):
+    """Fresh seeds ``0..seeds-1`` trained for ``calls`` calls of ``runner``; the first's
+    ``RunResult``."""
+    steps = calls * runner.train_config.steps_per_dispatch
+    runner.train_config = dataclasses.replace(runner.train_config, steps=steps)
+    with contextlib.redirect_stdout(io.StringIO()):  # the runs' schedule notes
+        return runner.run_seeds(list(range(seeds)), group, task, progress=False)[0]
+
+
 def time_point(runner, group, task, length, seeds, seconds):
     """``(seed-steps per second, first call's seconds)`` of ``run_seeds`` at ``length``: a run
     of two calls compiles and sizes a timed run of about ``seconds`` (three calls at least)."""
     fixed = fixed_task(task, length)
     n = runner.train_config.steps_per_dispatch
-
-    def run(calls):
-        runner.train_config = dataclasses.replace(runner.train_config, steps=calls * n)
-        with contextlib.redirect_stdout(io.StringIO()):  # the runs' schedule notes
-            return runner.run_seeds(list(range(seeds)), group, fixed, progress=False)[0]
-
-    warm = run(2)
-    timed = run(1 + max(3, round(seconds / max(warm.train_s, 1e-6))))
+    warm = run_calls(runner, group, fixed, seeds, 2)
+    timed = run_calls(runner, group, fixed, seeds,
+                      1 + max(3, round(seconds / max(warm.train_s, 1e-6))))
     # The first call's steps fall in compile_s.
     return seeds * (timed.steps - n) / timed.train_s, warm.compile_s
 
@@ -95,12 +99,9 @@ def main(argv=None):
                 print(f"L={length} N={n} K={k}: {rate:,.0f} seed-steps/s "
                       f"(first call {first_s:.1f} s)", flush=True)
     if args.profile:
-        fixed = fixed_task(config.task, args.lengths[-1])
-        runner.train_config = dataclasses.replace(
-            runner.train_config, steps=runner.train_config.steps_per_dispatch)
-        with jax.profiler.trace(args.profile, create_perfetto_trace=True), \
-                contextlib.redirect_stdout(io.StringIO()):
-            runner.run_seeds(list(range(args.seeds[-1])), group, fixed, progress=False)
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            run_calls(runner, group, fixed_task(config.task, args.lengths[-1]),
+                      args.seeds[-1], 1)
         events = trace_summary.read_events(trace_summary.find_trace(args.profile))
         trace_summary.print_summary(trace_summary.summarize(events, "GPU"), threads=2)
     one = {length: rate for length, n, k, rate, _ in rows if n == 1 and k == 1}
