@@ -241,7 +241,7 @@ def budget_table(jobs, ledger=None):
     return "\n".join(lines)
 
 
-TARGET_ACCURACY = 0.99  # per position, at 8x the training length (the bar)
+TARGET_ACCURACY = 0.99  # per position, at 8x the training length (the recipe's aim, README)
 
 
 def _percentages(values):
