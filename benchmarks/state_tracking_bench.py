@@ -3,7 +3,7 @@
 Run from the repository root (GPU), with the package installed:
 
     python benchmarks/state_tracking_bench.py [--config FILE] [--group S5] [--lengths 4 64]
-        [--dispatch 1 64] [--seeds 1 3] [--seconds 6] [--profile DIR]
+        [--dispatch 1 64] [--seeds 1 3] [--seconds 6] [--profile DIR] [--set KEY=VALUE]
 
 For each scored length L (the curriculum's width: positions past it are not computed), steps
 per call N (``train.steps_per_dispatch``: 1 is a host-drawn batch per jitted step, N > 1 a
@@ -14,7 +14,8 @@ to compile and size the run, then fresh seeds for about ``--seconds`` (three cal
 Reported: seed-steps per second (K × steps over the timed calls' wall time, the first call
 excluded), ms per step (of all K seeds) and the gain over one seed at one step per call at the
 same length. ``--profile DIR`` traces one more run of the last point and prints its busiest GPU
-kernels.
+kernels. ``--set`` overrides a config key as the experiment's flag does, e.g. the M²RNN's
+backend: ``--set models.shipped.m2rnn.backend=scan``.
 """
 
 import argparse
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=6.0, help="timed training per point")
     p.add_argument("--profile", metavar="DIR",
                    help="trace the last point's training; print its busiest kernels")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), as m2rnn-state-tracking's --set")
     return p.parse_args(argv)
 
 
@@ -81,6 +84,8 @@ def main(argv=None):
     flags = ["--config", args.config, "--group", args.group]
     if args.batch_size:
         flags += ["--batch-size", str(args.batch_size)]
+    for assignment in args.set:
+        flags += ["--set", assignment]
     config, _ = cli.load_config(cli.parse_args(flags))
     group = cli.build_group(config.task)
     name = args.model or config.model_names[0]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from m2rnn_jax import ModelConfig
+from m2rnn_jax.typed_config import ConfigError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import decode_bench  # noqa: E402
@@ -276,10 +277,14 @@ def test_state_tracking_bench_times_the_experiment_loop(capsys):
     import state_tracking_bench
 
     s3 = str(state_tracking_bench.cli.CONFIG_DIR / "s3.yaml")
-    rows = state_tracking_bench.main(["--config", s3, "--group", "S3", "--batch-size", "8",
-                                      "--lengths", "4", "--dispatch", "1", "4", "--seeds", "1",
-                                      "--seconds", "0.01"])
+    flags = ["--config", s3, "--group", "S3", "--batch-size", "8", "--lengths", "4",
+             "--seconds", "0.01"]
+    rows = state_tracking_bench.main(flags + ["--dispatch", "1", "4", "--seeds", "1",
+                                              "--set", "models.m2rnn.m2rnn.backend=scan"])
     assert [(length, n, k) for length, n, k, _, _ in rows] == [(4, 1, 1), (4, 4, 1)]
     assert all(rate > 0 and first_s > 0 for *_, rate, first_s in rows)
     out = capsys.readouterr().out
     assert "| 4 | 1 | 1 |" in out and "| 1.00x |" in out
+    # --set reaches the model's config: a backend that does not exist is refused by name.
+    with pytest.raises(ConfigError, match="m2rnn.backend"):
+        state_tracking_bench.main(flags + ["--set", "models.m2rnn.m2rnn.backend=nowhere"])
