@@ -28,12 +28,25 @@ DEFAULT_CHUNK_SIZE = 64
 UNROLL = 8     # forward steps per loop iteration (their input loads issued together)
 SUBCHUNK = 4   # backward: states recomputed into registers at once
 CHUNK_QUANTUM = math.lcm(UNROLL, SUBCHUNK)  # chunk sizes are multiples of this
+# From a padded state tile (Kp x Vp) this large up the backward's register tiles spill and the
+# scan is faster (docs/kernels.md, "pallas_gpu"): backend="auto" runs the scan there.
+SCAN_FASTER_FROM_TILE = 64 * 64
 
 
 def supports(q, k, v, w, f, h0):
     """Every input the op accepts."""
     del q, k, v, w, f, h0
     return None
+
+
+def scan_is_faster(q, v):
+    """Whether the scan outruns these kernels on inputs of these shapes (``"auto"`` asks)."""
+    return _padded(q.shape[-1]) * _padded(v.shape[-1]) >= SCAN_FASTER_FROM_TILE
+
+
+def _padded(dim):
+    """K or V padded to a power of two >= 16 (the Triton dot's minimum)."""
+    return max(16, common.next_pow2(dim))
 
 
 def _runs_chunk(chunk):
@@ -69,7 +82,7 @@ def _plan(q, k, v, h0):
     batch, seq_len, nq, key_dim = q.shape
     value_dim = v.shape[-1]
     return _Layout(batch, seq_len, h0.shape[1], key_dim, value_dim, math.lcm(nq, k.shape[2]),
-                   max(16, common.next_pow2(key_dim)), max(16, common.next_pow2(value_dim)))
+                   _padded(key_dim), _padded(value_dim))
 
 
 def _states_to_columns(x, lay):
