@@ -39,7 +39,7 @@ SIZES = ("num_heads", "value_dim")
 BASELINE_MIXERS = {("AA", False), ("AA", True), ("SS", None), ("DD", None)}  # (pattern, rope)
 MATCH_TOLERANCE = 0.10  # baselines' parameters within 10 % of the recipe's M2RNN
 # Per-seed budgets in GPU-minutes (README), and the measured S5 step rate at length 64 on an
-# H200 (one seed alone, vector-state kernels) that sizes the recipe's step cap.
+# H200 (one seed alone, vector-state kernels) that places the recipe's step cap.
 RECIPE_MINUTES_PER_SEED, ABLATION_MINUTES_PER_SEED, BASELINE_MINUTES_PER_SEED = 30, 5, 5
 STEPS_PER_S_AT_LENGTH_64 = 160
 
@@ -192,10 +192,11 @@ def test_baselines_match_the_recipes_parameter_count():
 
 
 def test_budgets_fit_the_plan():
-    """The recipe's step cap at the measured rate and its time bound fit 30 minutes per seed;
-    the ablations' and the baselines' time bounds give at most 5 minutes per seed."""
+    """The recipe's time bound gives 30 minutes per seed, and its step cap (at the measured
+    rate, every step at length 64) does not stop a seed well before them; the ablations' and
+    the baselines' time bounds give at most 5 minutes per seed."""
     recipe = load(RECIPE).train
-    assert recipe.steps / STEPS_PER_S_AT_LENGTH_64 <= 0.85 * RECIPE_MINUTES_PER_SEED * 60
+    assert recipe.steps / STEPS_PER_S_AT_LENGTH_64 >= 0.9 * RECIPE_MINUTES_PER_SEED * 60
     assert recipe.time_budget_s / recipe.seeds <= RECIPE_MINUTES_PER_SEED * 60
     assert recipe.steps_per_dispatch > 1 and recipe.device_words
     for path, minutes in ((ABLATIONS, ABLATION_MINUTES_PER_SEED),
@@ -277,7 +278,8 @@ def test_the_training_tests_cover_every_model():
 
 # --- the plan: jobs, budgets and the runner ---------------------------------------------------
 
-PLAN_ESTIMATE_LIMIT_MINUTES = 255  # "~4 GPU-hours"
+# "~4 GPU-hours", and the S5 seeds' whole 30 minutes each (README, "Budget"): 4.75 hours.
+PLAN_ESTIMATE_LIMIT_MINUTES = 285
 
 
 def test_plan_jobs_are_the_configs_commands_within_the_budget():
