@@ -383,7 +383,9 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
     short = plan.run_jobs(jobs, ["0"], plan.MIN_CALL_S - 1.0, root, command=stub_command)
     assert len(calls("stops_early")) == 2 and short.entries["stops_early"]["calls"] == 2
     assert plan.Ledger(root).entries == short.entries
-    assert "stops_early: to do" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "stops_early: to do" in printed
+    assert "stops_early: not started," in printed and "left in this invocation" in printed
 
 
 def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys):

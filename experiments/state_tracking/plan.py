@@ -187,7 +187,10 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
                 if ledger.left_s(job) < MIN_CALL_S:
                     ledger.record(job, 0.0, "budget spent")
                     continue
-                return  # the invocation's time is up; the job waits for the next one
+                # The invocation's time is up; the job (and the queue) waits for the next one.
+                print(f"{job.name}: not started, {left:.0f} s left in this invocation "
+                      f"(a start needs {MIN_CALL_S} s)", flush=True)
+                return
             start = time.monotonic()
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
             os.makedirs(job.out_dir(root), exist_ok=True)
