@@ -28,7 +28,7 @@ BACKEND_MODULES = {
 }
 # What "auto" and "pallas" try on each platform, in order: the first backend whose ``supports``
 # has no objection (the last of each list takes every input). Elsewhere "auto" runs the scan,
-# as it does on a GPU where ``pallas_gpu`` would run a state tile its registers do not hold
+# as it does on a GPU where ``pallas_gpu`` would need more registers than a thread has
 # (``gpu.scan_is_faster``).
 KERNELS_BY_PLATFORM = {
     "gpu": ("mosaic_gpu", "pallas_gpu_vector", "pallas_gpu"),
@@ -66,8 +66,9 @@ def m2rnn(query, key, value, weight, forget_input, input_state=None, gradient_cl
         batch rows per program), ``"mosaic_gpu"`` (Mosaic GPU, Hopper, bfloat16, K=64, V=16:
         the fastest where it applies), ``"pallas_tpu"``. On a GPU ``"auto"`` and ``"pallas"``
         pick ``mosaic_gpu`` for inputs it supports (Hopper), else ``pallas_gpu_vector`` when
-        K = 1, else ``pallas_gpu``; but ``"auto"`` runs the scan where K and V, padded to
-        powers of two >= 16, make a state tile of 64×64 or more (faster there, measured).
+        K = 1, else ``pallas_gpu``; but ``"auto"`` runs the scan where K and V (padded to
+        powers of two >= 16) need more registers than ``pallas_gpu`` has, e.g. 64×64 (measured
+        there in float32: the scan 14× faster forward+backward) or 16×128.
       chunk_size: steps per chunk (state checkpoint interval), a positive int (not a bool);
         ``None`` takes the backend's default. Every backend runs every request: capped at S and
         rounded up to a size its kernels run (the chunk rule of
@@ -161,7 +162,7 @@ def resolve_backend(backend, query, key, value, weight, forget_input):
     the first of ``KERNELS_BY_PLATFORM[platform]`` whose ``supports`` has no objection (on a GPU:
     the Mosaic kernels where they support the inputs on this GPU, the vector-state kernels where
     K = 1, else the Triton kernels); ``"auto"`` runs the scan on other platforms and instead of
-    Triton kernels slower than it (``scan_is_faster``: a state tile of 64×64 or more)."""
+    Triton kernels slower than it (``scan_is_faster``: a state such as 64×64)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {BACKENDS}, got {backend!r}")
     if backend not in BACKENDS:

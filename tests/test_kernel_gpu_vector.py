@@ -73,7 +73,7 @@ def test_errors_and_dispatch(monkeypatch):
         gpu_vector.forward(q[..., :1], k[..., :1], v, w, f, h0[:, :, :1], None, chunk_size=3,
                            save_checkpoints=False)
     q1, k1 = q[..., :1], k[..., :1]
-    # On a GPU, "auto" takes these kernels for K = 1 and the general ones otherwise.
+    # On a GPU, "auto" takes these kernels for K = 1 and the general ones for this other shape.
     monkeypatch.setattr(ops.jax, "default_backend", lambda: "gpu")
     assert ops.resolve_backend("auto", q1, k1, v, w, f) == "pallas_gpu_vector"
     assert ops.resolve_backend("auto", q, k, v, w, f) == "pallas_gpu"

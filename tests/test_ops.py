@@ -344,8 +344,8 @@ def test_the_table_is_the_dispatch(monkeypatch):
 def test_auto_picks_by_platform_and_support(monkeypatch):
     """``"auto"``: on a GPU the Mosaic kernels where ``supports`` accepts the inputs (only on a
     Hopper GPU), else the vector-state kernels for K = 1, else the Triton kernels, or the scan
-    where their state tile is 64×64 or more; the TPU kernels on a TPU; the scan elsewhere, where
-    ``"pallas"`` is an error."""
+    where they would need more registers than a thread has; the TPU kernels on a TPU; the scan
+    elsewhere, where ``"pallas"`` is an error."""
     spec = jax.ShapeDtypeStruct
 
     def shapes(key_dim, value_dim, dtype):
@@ -363,16 +363,21 @@ def test_auto_picks_by_platform_and_support(monkeypatch):
     assert ops.resolve_backend("auto", *paper) == "pallas_gpu"  # no Hopper GPU here
     assert ops.resolve_backend("pallas", *shapes(1, 16, jnp.float32)) == "pallas_gpu_vector"
     assert ops.resolve_backend("auto", *shapes(64, 16, jnp.float32)) == "pallas_gpu"
-    # State tiles of 64×64 and more (K and V padded to powers of two >= 16): the scan is faster.
-    assert ops.resolve_backend("auto", *shapes(64, 32, jnp.float32)) == "pallas_gpu"
-    for key_dim, value_dim in ((64, 64), (33, 40), (128, 32), (16, 256)):
-        assert ops.resolve_backend("auto", *shapes(key_dim, value_dim, jnp.bfloat16)) == "scan"
-        assert ops.resolve_backend("pallas", *shapes(key_dim, value_dim, jnp.float32)) \
+    # States whose backward needs more registers than a thread has (K and V padded to powers of
+    # two >= 16): "auto" runs the scan, "pallas" still the kernels.
+    for key_dim, value_dim in ((64, 32), (16, 64)):
+        assert ops.resolve_backend("auto", *shapes(key_dim, value_dim, jnp.float32)) \
             == "pallas_gpu"
+    for key_dim, value_dim in ((64, 64), (33, 40), (128, 32), (16, 128)):
+        for dtype in (jnp.float32, jnp.bfloat16):
+            assert ops.resolve_backend("auto", *shapes(key_dim, value_dim, dtype)) == "scan"
+            assert ops.resolve_backend("pallas", *shapes(key_dim, value_dim, dtype)) \
+                == "pallas_gpu"
     assert ops.resolve_backend("auto", *shapes(1, 256, jnp.float32)) == "pallas_gpu_vector"
     hopper = types.SimpleNamespace(platform="gpu", compute_capability="9.0",
                                    device_kind="NVIDIA H200")
     monkeypatch.setattr(jax, "devices", lambda: [hopper])
     assert ops.resolve_backend("auto", *paper) == "mosaic_gpu"
     assert ops.resolve_backend("auto", *shapes(64, 16, jnp.float32)) == "pallas_gpu"
+    assert ops.resolve_backend("auto", *shapes(64, 64, jnp.bfloat16)) == "scan"
     assert ops.resolve_backend("mosaic_gpu", *shapes(1, 16, jnp.float32)) == "mosaic_gpu"

@@ -188,7 +188,7 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
                     ledger.record(job, 0.0, "budget spent")
                     continue
                 # The invocation's time is up; the job (and the queue) waits for the next one.
-                print(f"{job.name}: not started, {left:.0f} s left in this invocation "
+                print(f"{job.name}: not started, {max(left, 0):.0f} s left in this invocation "
                       f"(a start needs {MIN_CALL_S} s)", flush=True)
                 return
             start = time.monotonic()

@@ -28,9 +28,9 @@ DEFAULT_CHUNK_SIZE = 64
 UNROLL = 8     # forward steps per loop iteration (their input loads issued together)
 SUBCHUNK = 4   # backward: states recomputed into registers at once
 CHUNK_QUANTUM = math.lcm(UNROLL, SUBCHUNK)  # chunk sizes are multiples of this
-# From a padded state tile (Kp x Vp) this large up the backward's register tiles spill and the
-# scan is faster (docs/kernels.md, "pallas_gpu"): backend="auto" runs the scan there.
-SCAN_FASTER_FROM_TILE = 64 * 64
+# A thread's registers: past them the backward's tiles spill, and the scan is faster
+# (docs/kernels.md, "pallas_gpu"); backend="auto" runs the scan there.
+MAX_REGISTERS_PER_THREAD = 255
 
 
 def supports(q, k, v, w, f, h0):
@@ -39,9 +39,18 @@ def supports(q, k, v, w, f, h0):
     return None
 
 
+def backward_registers_per_thread(key_pad, value_pad):
+    """An estimate of the backward's float32 register tiles per thread of a program: about ten
+    of the state's size (4 states, 4 Z, the state gradient, du) and three of W's (W, its
+    transpose, dW). 416 at K = V = 64, where the scan was measured faster; 86 at 64×16."""
+    threads = 32 * common.COMPILER_PARAMS.num_warps
+    return (10 * key_pad * value_pad + 3 * value_pad * value_pad) / threads
+
+
 def scan_is_faster(q, v):
     """Whether the scan outruns these kernels on inputs of these shapes (``"auto"`` asks)."""
-    return _padded(q.shape[-1]) * _padded(v.shape[-1]) >= SCAN_FASTER_FROM_TILE
+    registers = backward_registers_per_thread(_padded(q.shape[-1]), _padded(v.shape[-1]))
+    return registers > MAX_REGISTERS_PER_THREAD
 
 
 def _padded(dim):
