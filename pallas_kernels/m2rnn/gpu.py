@@ -49,13 +49,9 @@ def backward_registers_per_thread(key_pad, value_pad):
 
 def scan_is_faster(q, v):
     """Whether the scan outruns these kernels on inputs of these shapes (``"auto"`` asks)."""
-    registers = backward_registers_per_thread(_padded(q.shape[-1]), _padded(v.shape[-1]))
+    registers = backward_registers_per_thread(common.padded_dim(q.shape[-1]),
+                                              common.padded_dim(v.shape[-1]))
     return registers > MAX_REGISTERS_PER_THREAD
-
-
-def _padded(dim):
-    """K or V padded to a power of two >= 16 (the Triton dot's minimum)."""
-    return max(16, common.next_pow2(dim))
 
 
 def _runs_chunk(chunk):
@@ -91,7 +87,7 @@ def _plan(q, k, v, h0):
     batch, seq_len, nq, key_dim = q.shape
     value_dim = v.shape[-1]
     return _Layout(batch, seq_len, h0.shape[1], key_dim, value_dim, math.lcm(nq, k.shape[2]),
-                   _padded(key_dim), _padded(value_dim))
+                   common.padded_dim(key_dim), common.padded_dim(value_dim))
 
 
 def _states_to_columns(x, lay):

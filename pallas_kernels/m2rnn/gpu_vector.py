@@ -65,7 +65,7 @@ def _plan(q, k, v, w, f, state):
     groups = (q.shape[2], k.shape[2], v.shape[2], f.shape[2], w.shape[0])
     value_dim = v.shape[-1]
     return _Layout(batch, seq_len, state.shape[1], value_dim,
-                   max(16, common.next_pow2(value_dim)), groups)
+                   common.padded_dim(value_dim), groups)
 
 
 def _pad_rows(x, lay, axis=0, value=0.0):

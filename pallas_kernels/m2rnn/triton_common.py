@@ -19,6 +19,11 @@ def next_pow2(n):
     return 1 << max(n - 1, 0).bit_length()
 
 
+def padded_dim(dim):
+    """A tile dimension (K or V) padded to a power of two >= 16, the Triton dot's minimum."""
+    return max(16, next_pow2(dim))
+
+
 def pad_last(x, size):
     """``x`` zero-padded along its last axis to ``size``."""
     pad = size - x.shape[-1]
