@@ -1,16 +1,31 @@
 import os
 import shutil
 import sys
+import tempfile
 
 import pytest
 
 # Multi-device logic is tested on simulated CPU devices; must be set before JAX initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The commands turn JAX's persistent compilation cache on by default; tests that run them leave
-# the user's cache alone (tests/test_compile_cache.py checks the cache itself).
-os.environ["M2RNN_COMPILE_CACHE"] = "off"
+# The commands turn JAX's persistent compilation cache on by default; tests leave the user's cache
+# alone and share one of their own, fresh for each run (the xdist workers inherit it), so a
+# program that several tests or several runs of a command compile is compiled once
+# (tests/test_compile_cache.py checks the cache itself).
+_MADE_THE_CACHE = "M2RNN_TEST_COMPILE_CACHE" not in os.environ  # the xdist controller, or alone
+if _MADE_THE_CACHE:
+    os.environ["M2RNN_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="m2rnn-test-compile-cache-")
+os.environ["M2RNN_COMPILE_CACHE"] = os.environ["M2RNN_TEST_COMPILE_CACHE"]
 sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402  (after the environment above)
+
+jax.config.update("jax_compilation_cache_dir", os.environ["M2RNN_COMPILE_CACHE"])
+
+
+def pytest_sessionfinish(session):
+    if _MADE_THE_CACHE:  # after the workers are done
+        shutil.rmtree(os.environ["M2RNN_TEST_COMPILE_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
