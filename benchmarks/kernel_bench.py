@@ -3,6 +3,8 @@
 Run from the repository root on a machine with a GPU:
 
     python benchmarks/kernel_bench.py [--backend auto] [--shapes all] [--reps 10] [--out DIR]
+    python benchmarks/kernel_bench.py --no-checks --shape 512 16 16 --state 64 64 \
+        --dtype float32 --backend scan,pallas_gpu     # another shape, backends side by side
 
 1. float32 checks: the public op with ``backend="pallas_gpu"`` (the kernels that serve float32)
    against a float64 implementation of the recurrence on odd shapes with grouped heads, an
@@ -16,6 +18,9 @@ Run from the repository root on a machine with a GPU:
    ``Nq = Nk = 1``, no initial state, clipping c = 1): forward and forward+backward (the median
    rule of ``benchmarks/timing.py``) and the extra memory of forward+backward from XLA's
    compiled memory analysis (temporaries + outputs − aliases: everything beyond the inputs).
+   ``--shape B S N`` times that shape instead, ``--state K V`` and ``--dtype`` change the state
+   and the inputs' dtype, and ``--backend`` takes a comma-separated list, each backend timed in
+   the same run (the checks use the first).
 
 Errors are relative in the Frobenius norm, ``|got − want| / |want|``. A table is printed last;
 ``--out`` also gets the rows as JSON lines. ``--smoke`` runs tiny shapes anywhere (interpret
@@ -195,9 +200,10 @@ def check_bf16_accuracy(key, backend, shapes):
     return rows
 
 
-def bench_inputs(key, batch, seq_len, heads):
+def bench_inputs(key, batch, seq_len, heads, key_dim=KEY_DIM, value_dim=VALUE_DIM,
+                 dtype=jnp.bfloat16):
     (q, k, v, w, f, _), _, (dy, _) = random_problem(
-        key, batch, seq_len, (1, 1, heads, heads, heads), KEY_DIM, VALUE_DIM, jnp.bfloat16,
+        key, batch, seq_len, (1, 1, heads, heads, heads), key_dim, value_dim, dtype,
         initial_state=False, segments=False)
     return (q, k, v, w, f), dy
 
@@ -242,21 +248,27 @@ def compile_all(jobs, workers):
                 job["error"] = f"compile: {type(err).__name__}: {err}"[:800]
 
 
-def time_shapes(key, backend, shapes, reps, workers):
-    """Rows of forward / forward+backward milliseconds and extra memory per shape."""
-    forward, forward_backward = op_fns(backend)
+def time_shapes(key, backends, shapes, reps, workers, state=(KEY_DIM, VALUE_DIM),
+                dtype=jnp.bfloat16):
+    """Rows of forward / forward+backward milliseconds and extra memory per shape and backend
+    (each backend on the same inputs)."""
     jobs = []
     for batch, seq_len, heads in shapes:
-        args, dy = bench_inputs(jax.random.fold_in(key, seq_len), batch, seq_len, heads)
-        label = resolve_backend(backend, *args)
-        jobs.append({"shape": (batch, seq_len, heads), "what": "fwd", "fn": forward,
-                     "args": args, "backend": label})
-        jobs.append({"shape": (batch, seq_len, heads), "what": "fwd_bwd",
-                     "fn": forward_backward, "args": (*args, dy), "backend": label})
+        args, dy = bench_inputs(jax.random.fold_in(key, seq_len), batch, seq_len, heads, *state,
+                                dtype)
+        for backend in backends:
+            forward, forward_backward = op_fns(backend)
+            label = resolve_backend(backend, *args)
+            common = {"shape": (batch, seq_len, heads), "backend": label,
+                      "state": list(state), "dtype": jnp.dtype(dtype).name}
+            jobs.append({**common, "what": "fwd", "fn": forward, "args": args})
+            jobs.append({**common, "what": "fwd_bwd", "fn": forward_backward,
+                         "args": (*args, dy)})
     compile_all(jobs, workers)
     rows = {}
     for job in jobs:
-        row = rows.setdefault(job["shape"], {"shape": job["shape"], "backend": job["backend"]})
+        row = rows.setdefault((job["shape"], job["backend"]), {
+            name: job[name] for name in ("shape", "backend", "state", "dtype")})
         if "error" in job:
             row.setdefault("errors", []).append(f"{job['what']}: {job['error']}")
             continue
@@ -275,9 +287,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="auto",
                         help="backend of the bf16 accuracy and timing runs: auto (the Mosaic "
-                             "kernels on a Hopper GPU), pallas_gpu or mosaic_gpu")
+                             "kernels on a Hopper GPU), pallas_gpu, mosaic_gpu, scan; a "
+                             "comma-separated list times each (the checks use the first)")
     parser.add_argument("--shapes", default="all",
                         help="shapes to time: 'all', 'first' (8×4096×84 only) or 'none'")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("B", "S", "N"),
+                        help="time this shape instead of --shapes")
+    parser.add_argument("--state", type=int, nargs=2, default=[KEY_DIM, VALUE_DIM],
+                        metavar=("K", "V"), help="state size of the timings (default 64 16)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="dtype of the timings' inputs")
     parser.add_argument("--no-checks", action="store_true",
                         help="skip the float32 checks and the bf16 accuracy runs")
     parser.add_argument("--reps", type=int, default=10)
@@ -286,15 +305,21 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, runs anywhere (interpret mode off a GPU)")
     args = parser.parse_args(argv)
+    backends = [name.strip() for name in args.backend.split(",") if name.strip()]
+    if not backends:
+        parser.error("--backend names no backend")
     started = time.time()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}",
           flush=True)
     if jax.default_backend() != "gpu" and not args.smoke:
         sys.exit("kernel_bench.py needs a GPU (or --smoke)")
-    shapes = {"all": SHAPES, "first": SHAPES[:1], "none": []}[args.shapes]
+    shapes = ([tuple(args.shape)] if args.shape else
+              {"all": SHAPES, "first": SHAPES[:1], "none": []}[args.shapes])
     float32_cases, accuracy_shapes = FLOAT32_CASES, ACCURACY_SHAPES
     if args.smoke:
-        shapes, accuracy_shapes = [(1, 64, 4)][:len(shapes)], [(1, 40, 3)]
+        accuracy_shapes = [(1, 40, 3)]
+        if not args.shape:
+            shapes = [(1, 64, 4)][:len(shapes)]
         float32_cases = [("smoke", (1, 21, (1, 1, 2, 2, 2), 5, 3), True, True, 0.5)]
 
     rows = []
@@ -312,12 +337,12 @@ def main(argv=None):
         for name, errors in check_float32(jax.random.fold_in(key, 1), float32_cases):
             emit({"kind": "check_f32", "case": name, "errors": dict(zip(OUTPUT_NAMES, errors))})
         for shape, backend, errors in check_bf16_accuracy(jax.random.fold_in(key, 2),
-                                                          args.backend, accuracy_shapes):
+                                                          backends[0], accuracy_shapes):
             emit({"kind": "accuracy_bf16", "shape": shape, "backend": backend,
                   "errors": dict(zip(OUTPUT_NAMES, errors))})
         print(f"checks done at {time.time() - started:.0f} s", flush=True)
-    for row in time_shapes(jax.random.fold_in(key, 3), args.backend, shapes, args.reps,
-                           args.workers):
+    for row in time_shapes(jax.random.fold_in(key, 3), backends, shapes, args.reps,
+                           args.workers, tuple(args.state), jnp.dtype(args.dtype)):
         emit({"kind": "timing", **row})
 
     print(f"\n== summary ({time.time() - started:.0f} s) ==")
@@ -331,11 +356,14 @@ def main(argv=None):
             grads = [errors[name] for name in OUTPUT_NAMES[2:] if name in errors]
             print(f"bf16 vs float64 {f'{b}×{s}×{n}':<12} y {errors['y']:.1%}, gradients "
                   f"{min(grads):.1%}–{max(grads):.1%}  ({row['backend']})")
-    print(f"{'B×S×N':<14}{'fwd ms':>9}{'fwd+bwd ms':>12}{'extra GiB':>10}  backend")
+    print(f"{'B×S×N':<14}{'K×V':<7}{'dtype':<10}{'fwd ms':>9}{'fwd+bwd ms':>12}"
+          f"{'extra GiB':>10}  backend")
     for row in rows:
         if row["kind"] == "timing":
             b, s, n = row["shape"]
-            print(f"{f'{b}×{s}×{n}':<14}{row.get('fwd_ms', float('nan')):>9.2f}"
+            key_dim, value_dim = row["state"]
+            print(f"{f'{b}×{s}×{n}':<14}{f'{key_dim}×{value_dim}':<7}{row['dtype']:<10}"
+                  f"{row.get('fwd_ms', float('nan')):>9.2f}"
                   f"{row.get('fwd_bwd_ms', float('nan')):>12.2f}"
                   f"{row.get('extra_mem_gib', float('nan')):>10.3f}  {row['backend']}"
                   + (f"  ERR {row['errors']}"[:300] if "errors" in row else ""))

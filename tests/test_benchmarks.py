@@ -102,6 +102,15 @@ def test_kernel_bench_smoke_checks_times_and_writes_rows(tmp_path):
     assert 0 < max(kinds["check_f32"]["errors"].values()) < 1e-5   # float32 vs float64
     assert 0 < kinds["accuracy_bf16"]["errors"]["y"] < 0.05          # bf16 on a short sequence
     assert kinds["timing"]["fwd_ms"] > 0 and kinds["timing"]["fwd_bwd_ms"] > 0
+    # Another shape, state and dtype, two backends side by side on the same inputs.
+    kernel_bench.main(["--no-checks", "--shape", "1", "16", "2", "--state", "8", "4", "--dtype",
+                       "float32", "--backend", "scan,pallas_gpu", "--reps", "2", "--workers",
+                       "1", "--out", str(tmp_path / "side_by_side"), "--smoke"])
+    rows = [json.loads(line) for line in
+            (tmp_path / "side_by_side" / "kernel_bench.jsonl").read_text().splitlines()]
+    assert [(row["backend"], row["shape"], row["state"], row["dtype"]) for row in rows] == [
+        ("scan", [1, 16, 2], [8, 4], "float32"), ("pallas_gpu", [1, 16, 2], [8, 4], "float32")]
+    assert all(row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 for row in rows)
 
 
 def test_throughput_table_from_step_results_and_the_attention_check(tmp_path, capsys):
