@@ -23,7 +23,7 @@ import jax  # noqa: E402  (after the environment above)
 jax.config.update("jax_compilation_cache_dir", os.environ["M2RNN_COMPILE_CACHE"])
 
 
-def pytest_sessionfinish(session):
+def pytest_sessionfinish():
     if _MADE_THE_CACHE:  # after the workers are done
         shutil.rmtree(os.environ["M2RNN_TEST_COMPILE_CACHE"], ignore_errors=True)
 
