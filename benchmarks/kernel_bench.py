@@ -3,8 +3,8 @@
 Run from the repository root on a machine with a GPU:
 
     python benchmarks/kernel_bench.py [--backend auto] [--shapes all] [--reps 10] [--out DIR]
-    python benchmarks/kernel_bench.py --no-checks --shape 512 16 16 --state 64 64 \
-        --dtype float32 --backend scan,pallas_gpu     # another shape, backends side by side
+    python benchmarks/kernel_bench.py --no-checks --shape 512 16 16 --state 64 64
+        --dtype float32 --backend scan,pallas_gpu     (another shape, backends side by side)
 
 1. float32 checks: the public op with ``backend="pallas_gpu"`` (the kernels that serve float32)
    against a float64 implementation of the recurrence on odd shapes with grouped heads, an
@@ -20,7 +20,7 @@ Run from the repository root on a machine with a GPU:
    compiled memory analysis (temporaries + outputs − aliases: everything beyond the inputs).
    ``--shape B S N`` times that shape instead, ``--state K V`` and ``--dtype`` change the state
    and the inputs' dtype, and ``--backend`` takes a comma-separated list, each backend timed in
-   the same run (the checks use the first).
+   the same run on the same inputs (the bf16 accuracy run uses the first).
 
 Errors are relative in the Frobenius norm, ``|got − want| / |want|``. A table is printed last;
 ``--out`` also gets the rows as JSON lines. ``--smoke`` runs tiny shapes anywhere (interpret
@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 
 from m2rnn_jax import m2rnn
-from m2rnn_jax.ops import resolve_backend
+from m2rnn_jax.ops import BACKENDS, resolve_backend
 from m2rnn_jax.segments import keep_mask
 from pallas_kernels.m2rnn.heads import expand_heads
 from timing import median_seconds  # benchmarks/ is on sys.path when run as a script
@@ -258,9 +258,11 @@ def time_shapes(key, backends, shapes, reps, workers, state=(KEY_DIM, VALUE_DIM)
                                 dtype)
         for backend in backends:
             forward, forward_backward = op_fns(backend)
-            label = resolve_backend(backend, *args)
-            common = {"shape": (batch, seq_len, heads), "backend": label,
-                      "state": list(state), "dtype": jnp.dtype(dtype).name}
+            # What ran, read from the inputs themselves; "kernel" is what the name resolves to.
+            common = {"shape": (batch, seq_len, heads), "backend": backend,
+                      "kernel": resolve_backend(backend, *args),
+                      "state": [args[0].shape[-1], args[2].shape[-1]],
+                      "dtype": args[0].dtype.name}
             jobs.append({**common, "what": "fwd", "fn": forward, "args": args})
             jobs.append({**common, "what": "fwd_bwd", "fn": forward_backward,
                          "args": (*args, dy)})
@@ -268,7 +270,7 @@ def time_shapes(key, backends, shapes, reps, workers, state=(KEY_DIM, VALUE_DIM)
     rows = {}
     for job in jobs:
         row = rows.setdefault((job["shape"], job["backend"]), {
-            name: job[name] for name in ("shape", "backend", "state", "dtype")})
+            name: job[name] for name in ("shape", "backend", "kernel", "state", "dtype")})
         if "error" in job:
             row.setdefault("errors", []).append(f"{job['what']}: {job['error']}")
             continue
@@ -288,8 +290,9 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto",
                         help="backend of the bf16 accuracy and timing runs: auto (the Mosaic "
                              "kernels on a Hopper GPU), pallas_gpu, mosaic_gpu, scan; a "
-                             "comma-separated list times each (the checks use the first)")
-    parser.add_argument("--shapes", default="all",
+                             "comma-separated list times each (the bf16 accuracy run uses the "
+                             "first)")
+    parser.add_argument("--shapes", default="all", choices=["all", "first", "none"],
                         help="shapes to time: 'all', 'first' (8×4096×84 only) or 'none'")
     parser.add_argument("--shape", type=int, nargs=3, metavar=("B", "S", "N"),
                         help="time this shape instead of --shapes")
@@ -303,11 +306,14 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=8, help="parallel compilations")
     parser.add_argument("--out", help="folder for kernel_bench.jsonl")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes, runs anywhere (interpret mode off a GPU)")
+                        help="tiny shapes (the timed one --shape where given), runs anywhere "
+                             "(interpret mode off a GPU)")
     args = parser.parse_args(argv)
     backends = [name.strip() for name in args.backend.split(",") if name.strip()]
-    if not backends:
-        parser.error("--backend names no backend")
+    unknown = [name for name in backends if name not in BACKENDS]
+    if not backends or unknown or len(set(backends)) < len(backends):
+        parser.error(f"--backend takes distinct names from {', '.join(BACKENDS)}; got "
+                     f"{args.backend!r}")
     started = time.time()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}",
           flush=True)
@@ -366,6 +372,7 @@ def main(argv=None):
                   f"{row.get('fwd_ms', float('nan')):>9.2f}"
                   f"{row.get('fwd_bwd_ms', float('nan')):>12.2f}"
                   f"{row.get('extra_mem_gib', float('nan')):>10.3f}  {row['backend']}"
+                  + (f" ({row['kernel']})" if row["kernel"] != row["backend"] else "")
                   + (f"  ERR {row['errors']}"[:300] if "errors" in row else ""))
 
 

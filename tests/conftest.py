@@ -8,24 +8,32 @@ import pytest
 # Multi-device logic is tested on simulated CPU devices; must be set before JAX initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The commands turn JAX's persistent compilation cache on by default; tests leave the user's cache
-# alone and share one of their own, fresh for each run (the xdist workers inherit it), so a
-# program that several tests or several runs of a command compile is compiled once
-# (tests/test_compile_cache.py checks the cache itself).
-_MADE_THE_CACHE = "M2RNN_TEST_COMPILE_CACHE" not in os.environ  # the xdist controller, or alone
-if _MADE_THE_CACHE:
-    os.environ["M2RNN_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="m2rnn-test-compile-cache-")
-os.environ["M2RNN_COMPILE_CACHE"] = os.environ["M2RNN_TEST_COMPILE_CACHE"]
 sys.path.insert(0, os.path.dirname(__file__))
 
-import jax  # noqa: E402  (after the environment above)
+# The commands turn JAX's persistent compilation cache on by default. Tests leave the user's cache
+# alone and share one of their own, fresh for each run, so a program that several tests or
+# several runs of a command compile is compiled once (tests/test_compile_cache.py checks the
+# cache itself). The xdist controller makes it and its workers inherit it; a folder named by a
+# caller in M2RNN_TEST_COMPILE_CACHE is used and kept.
+_TEST_CACHE_VARIABLE = "M2RNN_TEST_COMPILE_CACHE"
+_made_cache_folder = None
 
-jax.config.update("jax_compilation_cache_dir", os.environ["M2RNN_COMPILE_CACHE"])
+
+def pytest_configure():
+    global _made_cache_folder
+    folder = os.environ.get(_TEST_CACHE_VARIABLE)
+    if folder is None:
+        folder = _made_cache_folder = tempfile.mkdtemp(prefix="m2rnn-test-compile-cache-")
+        os.environ[_TEST_CACHE_VARIABLE] = folder
+    os.environ["M2RNN_COMPILE_CACHE"] = folder  # the commands
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder  # subprocesses that enable none
+    import jax
+    jax.config.update("jax_compilation_cache_dir", folder)
 
 
-def pytest_sessionfinish():
-    if _MADE_THE_CACHE:  # after the workers are done
-        shutil.rmtree(os.environ["M2RNN_TEST_COMPILE_CACHE"], ignore_errors=True)
+def pytest_unconfigure():
+    if _made_cache_folder:  # in the controller: after its workers are done
+        shutil.rmtree(_made_cache_folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ def test_decode_bench_tiny(tmp_path, restore_threefry_flag):
         2 / rows[0]["dispatch_tokens_per_s"] * 1e3)
 
 
-def test_kernel_bench_smoke_checks_times_and_writes_rows(tmp_path):
+def test_kernel_bench_smoke_checks_times_and_writes_rows(tmp_path, monkeypatch, capsys):
     kernel_bench.main(["--smoke", "--reps", "2", "--workers", "1", "--out", str(tmp_path)])
     rows = [json.loads(line)
             for line in (tmp_path / "kernel_bench.jsonl").read_text().splitlines()]
@@ -102,15 +102,33 @@ def test_kernel_bench_smoke_checks_times_and_writes_rows(tmp_path):
     assert 0 < max(kinds["check_f32"]["errors"].values()) < 1e-5   # float32 vs float64
     assert 0 < kinds["accuracy_bf16"]["errors"]["y"] < 0.05          # bf16 on a short sequence
     assert kinds["timing"]["fwd_ms"] > 0 and kinds["timing"]["fwd_bwd_ms"] > 0
-    # Another shape, state and dtype, two backends side by side on the same inputs.
+    # Another shape, state and dtype, two backends side by side on the same inputs: what the
+    # op is called with is recorded, not just what the rows say.
+    calls = set()
+
+    def recorded(q, k, v, *rest, backend):
+        calls.add((backend, q.shape[0], q.shape[1], v.shape[2], q.shape[-1], v.shape[-1],
+                   q.dtype.name))
+        return op(q, k, v, *rest, backend=backend)
+
+    op = kernel_bench.m2rnn
+    monkeypatch.setattr(kernel_bench, "m2rnn", recorded)
     kernel_bench.main(["--no-checks", "--shape", "1", "16", "2", "--state", "8", "4", "--dtype",
                        "float32", "--backend", "scan,pallas_gpu", "--reps", "2", "--workers",
                        "1", "--out", str(tmp_path / "side_by_side"), "--smoke"])
+    assert calls == {(name, 1, 16, 2, 8, 4, "float32") for name in ("scan", "pallas_gpu")}
     rows = [json.loads(line) for line in
             (tmp_path / "side_by_side" / "kernel_bench.jsonl").read_text().splitlines()]
-    assert [(row["backend"], row["shape"], row["state"], row["dtype"]) for row in rows] == [
-        ("scan", [1, 16, 2], [8, 4], "float32"), ("pallas_gpu", [1, 16, 2], [8, 4], "float32")]
+    assert [(row["backend"], row["kernel"], row["shape"], row["state"], row["dtype"])
+            for row in rows] == [("scan", "scan", [1, 16, 2], [8, 4], "float32"),
+                                 ("pallas_gpu", "pallas_gpu", [1, 16, 2], [8, 4], "float32")]
     assert all(row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 for row in rows)
+    # The same backend twice, or an unknown one: one line, before any work.
+    for names in ("scan,scan", "scan,bogus"):
+        with pytest.raises(SystemExit):
+            kernel_bench.main(["--smoke", "--backend", names])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--backend takes distinct names" in error and names in error
 
 
 def test_throughput_table_from_step_results_and_the_attention_check(tmp_path, capsys):
