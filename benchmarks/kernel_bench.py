@@ -200,8 +200,7 @@ def check_bf16_accuracy(key, backend, shapes):
     return rows
 
 
-def bench_inputs(key, batch, seq_len, heads, key_dim=KEY_DIM, value_dim=VALUE_DIM,
-                 dtype=jnp.bfloat16):
+def bench_inputs(key, batch, seq_len, heads, key_dim, value_dim, dtype):
     (q, k, v, w, f, _), _, (dy, _) = random_problem(
         key, batch, seq_len, (1, 1, heads, heads, heads), key_dim, value_dim, dtype,
         initial_state=False, segments=False)
@@ -248,16 +247,15 @@ def compile_all(jobs, workers):
                 job["error"] = f"compile: {type(err).__name__}: {err}"[:800]
 
 
-def time_shapes(key, backends, shapes, reps, workers, state=(KEY_DIM, VALUE_DIM),
-                dtype=jnp.bfloat16):
+def time_shapes(key, backends, shapes, reps, workers, state, dtype):
     """Rows of forward / forward+backward milliseconds and extra memory per shape and backend
     (each backend on the same inputs)."""
-    jobs = []
+    jobs, fns = [], {backend: op_fns(backend) for backend in backends}
     for batch, seq_len, heads in shapes:
         args, dy = bench_inputs(jax.random.fold_in(key, seq_len), batch, seq_len, heads, *state,
                                 dtype)
         for backend in backends:
-            forward, forward_backward = op_fns(backend)
+            forward, forward_backward = fns[backend]
             # What ran, read from the inputs themselves; "kernel" is what the name resolves to.
             common = {"shape": (batch, seq_len, heads), "backend": backend,
                       "kernel": resolve_backend(backend, *args),

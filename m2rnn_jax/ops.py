@@ -185,8 +185,9 @@ def resolve_backend(backend, query, key, value, weight, forget_input):
         reasons[name] = backend_module(name).supports(query, key, value, weight, forget_input,
                                                       state)
         if reasons[name] is None:
-            if backend == "auto" and name == "pallas_gpu" \
-                    and backend_module(name).scan_is_faster(query, value):
+            # A backend may say the scan outruns it here (contract.Backend: optional).
+            scan_is_faster = getattr(backend_module(name), "scan_is_faster", None)
+            if backend == "auto" and scan_is_faster is not None and scan_is_faster(query, value):
                 return "scan"
             return name
     raise ValueError(f"no {platform} kernel supports these inputs: {reasons}")

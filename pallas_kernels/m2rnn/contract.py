@@ -91,3 +91,7 @@ class Backend(Protocol):
     def backward(self, q, k, v, w, f, h0, keep, checkpoints, dy, dh_final, *,
                  gradient_clipping, chunk_size):
         """``(dq, dk, dv, dw, df, dh0)``; see the module docstring."""
+
+    # Optional, outside the protocol: ``scan_is_faster(q, v) -> bool``, True where the scan
+    # outruns this backend on inputs of these shapes; ``backend="auto"`` then runs the scan
+    # (``gpu``: states whose backward needs more registers than a thread has).
