@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -332,7 +333,8 @@ value = lambda flag: argv[argv.index(flag) + 1]
 if value("--first-seed") == "9":
     sys.exit(3)
 out = value("--out")
-os.makedirs(out, exist_ok=True)
+os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+open(os.path.join(out, "checkpoints", "m2rnn_seed0.msgpack"), "w").close()
 with open(os.path.join(out, "results.json"), "w") as fh:
     json.dump({"config": {"train": {"steps": 5}},
                "runs": [{"steps": 5 if value("--first-seed") == "0" else 3}]}, fh)
@@ -349,8 +351,9 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
     """The runner starts each unfinished job on one of the GPUs with the budget it has left
     (less the start-up allowance), records the time used in the ledger, marks a job done
     when its runs reached the step cap, skips it from then on, retries a failed one, never
-    starts a job whose budget or whose invocation has too little time left, and keeps the
-    ledger in a file."""
+    starts a job whose budget or whose invocation has too little time left, keeps the
+    ledger in a file, and starts a job whose checkpoints are gone over with its whole
+    budget."""
     def job(name, first_seed, budget_s):
         return plan.Job("recipe-S5", name, "recipe.yaml", ("--first-seed", str(first_seed)),
                         budget_s, 60.0)
@@ -388,6 +391,19 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
     assert "stops_early: to do" in printed
     assert "stops_early: not started," in printed and "left in this invocation" in printed
 
+    # A job with too little budget left to start, whose checkpoints are lost (e.g. another
+    # disk), starts over with its whole budget; the seconds it had used are kept as lost.
+    entries = json.loads((tmp_path / "ledger.json").read_text())
+    entries["stops_early"]["used_s"] = 1000.0 - plan.MIN_CALL_S + 1.0
+    (tmp_path / "ledger.json").write_text(json.dumps(entries))
+    shutil.rmtree(tmp_path / "stops_early" / "checkpoints")
+    fresh = plan.run_jobs(jobs, ["0"], 600, root, command=stub_command)
+    entry = fresh.entries["stops_early"]
+    assert entry["lost_s"] == 1000.0 - plan.MIN_CALL_S + 1.0 and 0 < entry["used_s"] < 60
+    assert entry["status"] == "to do" and len(calls("stops_early")) == 3
+    assert "stops_early: its checkpoints are gone" in capsys.readouterr().out
+    assert all("lost_s" not in e for name, e in fresh.entries.items() if name != "stops_early")
+
 
 def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys):
     assert plan.main(["--list", "recipe-S5"]) == 0
@@ -395,7 +411,11 @@ def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys):
     assert printed.count("m2rnn-state-tracking --config") == 3
     assert "| recipe-S5 | 3 | 90 |" in printed and "| total | 3 |" in printed
     assert plan.main(["recipe-S6"]) == 2
-    assert "unknown stage(s) recipe-S6" in capsys.readouterr().err
+    assert "unknown stage(s) or job(s) recipe-S6" in capsys.readouterr().err
+    assert plan.main(["--list", "ablations_S5_k64", "recipe_S5_seed1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed if "m2rnn-state-tracking" in line] == \
+        ["recipe_S5_seed1", "ablations_S5_k64"]
 
 
 def test_results_table_reports_each_seed_and_the_seeds_past_the_bar(tmp_path):

@@ -9,13 +9,14 @@ baselines: the plan").
 A job is one command with its own ``--out`` under ``--root`` and its log beside it. Its budget
 is its share of its config's ``train.time_budget_s`` (an S5 recipe seed 30 minutes, an
 ablation or baseline model's three seeds 15) unless ``BUDGET_MINUTES`` sets its stage's; the
-wall-clock time its processes held a GPU is summed over invocations in ``<root>/ledger.json``. An invocation runs, in the plan's order, the jobs of the
-stages it names (all by default) that are neither done nor out of budget, as many at a time as
-``--gpus`` lists, each with ``--time-budget-s`` the smaller of what its budget and the
-invocation have left. A job is done when every run in its ``results.json`` has reached the
-config's step cap, or when its budget is spent. Runs resume from their checkpoints, so the same
-command, repeated until it prints "every job is done", carries out the plan however short each
-invocation is.
+wall-clock time its processes held a GPU is summed over invocations in ``<root>/ledger.json``.
+An invocation runs, in the plan's order, the jobs of the stages (or the jobs) it names, all by
+default, that are neither done nor out of budget, as many at a time as ``--gpus`` lists, each
+with ``--time-budget-s`` the smaller of what its budget and the invocation have left. A job is
+done when every run in its ``results.json`` has reached the config's step cap, or when its
+budget is spent. Runs resume from their checkpoints, so the same command, repeated until it
+prints "every job is done", carries out the plan however short each invocation is; a job
+whose checkpoints are gone starts over with its whole budget.
 """
 
 import argparse
@@ -140,16 +141,35 @@ class Ledger:
     def finished(self, job):
         return self.entry(job)["status"] in ("done", "budget spent")  # "exit N" is retried
 
+    def forget_lost_work(self, job, root):
+        """A job stopped part-way whose checkpoints are gone (another disk, a deleted folder, a
+        run killed before its first save) starts over: the seconds it used move to
+        ``lost_s`` so that the fresh run gets its whole budget. Returns the seconds moved."""
+        entry = self.entry(job)
+        folder = os.path.join(job.out_dir(root), "checkpoints")
+        kept = os.path.isdir(folder) and any(f.endswith(".msgpack") for f in os.listdir(folder))
+        if entry["status"] != "to do" or entry["used_s"] <= 0 or kept:
+            return 0.0
+        with self.lock:
+            lost = entry["used_s"]
+            entry["lost_s"] = entry.get("lost_s", 0.0) + lost
+            entry["used_s"] = 0.0
+            self._write()
+        return lost
+
     def record(self, job, used_s, status):
         with self.lock:
             entry = self.entry(job)
             entry["used_s"] += used_s
             entry["calls"] += int(used_s > 0)  # (a job found out of budget is not started)
             entry["status"] = status
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(self.entries, fh, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            self._write()
+
+    def _write(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.entries, fh, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
 
 
 def reached_step_cap(out_dir):
@@ -182,6 +202,10 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
                 if not queue:
                     return
                 job = queue.popleft()
+            lost = ledger.forget_lost_work(job, root)
+            if lost:
+                print(f"{job.name}: its checkpoints are gone ({job.out_dir(root)}); starting "
+                      f"over with its whole budget ({lost / 60:.1f} GPU-minutes lost)", flush=True)
             left = min(ledger.left_s(job), deadline - time.monotonic())
             if left < MIN_CALL_S:
                 if ledger.left_s(job) < MIN_CALL_S:
@@ -309,9 +333,10 @@ def merge(jobs, root):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("stages", nargs="*", metavar="STAGE",
-                   help=f"stages to run (default all, in this order): {', '.join(STAGES)}")
+                   help=f"stages to run (default all, in this order): {', '.join(STAGES)}; "
+                        "or single jobs by name (--list), still in the plan's order")
     p.add_argument("--gpus", default="0", help="comma-separated GPU ids, one process on each")
     p.add_argument("--seconds", type=float, default=3600.0,
                    help="wall-clock limit of this invocation (jobs resume in the next)")
@@ -329,11 +354,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def body():
-        unknown = [s for s in args.stages if s not in STAGES]
+        jobs = plan_jobs()
+        unknown = [s for s in args.stages if s not in STAGES and s not in [j.name for j in jobs]]
         if unknown:
-            raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages: "
-                              f"{', '.join(STAGES)}")
-        jobs = [j for j in plan_jobs() if not args.stages or j.stage in args.stages]
+            raise ConfigError(f"unknown stage(s) or job(s) {', '.join(unknown)}; stages: "
+                              f"{', '.join(STAGES)} (--list names the jobs)")
+        jobs = [j for j in jobs if not args.stages or j.stage in args.stages
+                or j.name in args.stages]
         if args.list:
             for job in jobs:
                 print(f"{job.name} ({job.budget_s / 60:.0f} GPU-min): m2rnn-state-tracking "
