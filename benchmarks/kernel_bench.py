@@ -284,7 +284,7 @@ def time_shapes(key, backends, shapes, reps, workers, state, dtype):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="auto",
                         help="backend of the bf16 accuracy and timing runs: auto (the Mosaic "
                              "kernels on a Hopper GPU), pallas_gpu, mosaic_gpu, scan; a "

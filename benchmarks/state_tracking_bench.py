@@ -35,7 +35,7 @@ import trace_summary  # noqa: E402  (benchmarks/trace_summary.py)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(cli.CONFIG_DIR / "recipe.yaml"))
     p.add_argument("--group", default="S5")
     p.add_argument("--model", help="a model of the config (default its first in run)")

@@ -119,7 +119,7 @@ def hlo_definitions(dump_dir, names, body_lines=30):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="a trace file, or the directory given to jax.profiler.trace")
     p.add_argument("--process", default="GPU",
                    help="only processes whose name contains this (default GPU; '' = all)")

@@ -150,9 +150,11 @@ def test_refuses_runs_of_different_groups(tmp_path):
         merge_runs.main(["--out", str(tmp_path / "m"), "--results", *paths])
 
 
-def test_position_accuracy_from_a_runs_checkpoint(tiny_runs, tmp_path):
+def test_position_accuracy_from_a_runs_checkpoint(tiny_runs, tmp_path, capsys):
     """``positions`` reads a run's checkpoint (same config) and writes one accuracy per
-    position; its first position matches a direct evaluation."""
+    position; its first position matches a direct evaluation, and its summary gives the
+    mean over the spans the words reach (here past the training length, 6, but short of
+    twice it)."""
     config_path, out, _ = tiny_runs["m2rnn"]
     prefix = str(tmp_path / "positions")
     positions.main(["--config", str(config_path), "--run", f"{SEED}:{out}", "--length", "10",
@@ -163,6 +165,9 @@ def test_position_accuracy_from_a_runs_checkpoint(tiny_runs, tmp_path):
     assert all(r["seed"] == str(SEED) and r["step"] == "3" for r in rows)
     accuracies = [float(r["accuracy"]) for r in rows]
     assert all(0.0 <= a <= 1.0 for a in accuracies)
+    summary = capsys.readouterr().out.split("accuracy at positions ")[1].splitlines()[0]
+    assert summary == (f"1-6 {np.mean(accuracies[:6]):.3f}, "
+                       f"7-10 {np.mean(accuracies[6:]):.3f}")
 
     config, group, runner = positions.load_runner(config_path, "m2rnn")
     params, step, _ = positions.load_run(runner, config, SEED, str(out))

@@ -40,7 +40,7 @@ PROG = "m2rnn-state-tracking"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="experiment YAML (default: experiments/state_tracking/"
                                     "configs/<group>.yaml, else s5.yaml)")
     p.add_argument("--group", help="S<n>, A<n>, Z<n> or D<n> (task.group)")

@@ -2,7 +2,7 @@
 per-position training loss and the logit margin (right answer's logit minus the largest
 other) on fresh words of the training length. A run whose 8× accuracy is flat while these
 still move is limited by its optimizer; one where they are flat too (a loss at float32's
-floor, margins far past what any answer needs) by the objective. A CPU is enough:
+floor, margins far past what any answer needs) by the objective. A CPU is enough.
 
     python -m m2rnn_experiments.state_tracking.margins \
         --config experiments/state_tracking/configs/s5_long.yaml \
@@ -36,7 +36,7 @@ def losses_and_margins(runner, params, tokens, targets, label_smoothing, batch_s
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--model", default="m2rnn")
     p.add_argument("runs", nargs="+", metavar="SEED:FILE")

@@ -160,7 +160,7 @@ def plot_progress(path, runs, title):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output prefix (PREFIX.csv, PREFIX.png, ...)")
     p.add_argument("--results", nargs="+", required=True, help="results.csv files")
     p.add_argument("--logs", nargs="*", default=[], help="cli logs with progress lines")

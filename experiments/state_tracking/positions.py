@@ -92,7 +92,7 @@ def load_runner(config_path, model):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--model", default="m2rnn")
     p.add_argument("--run", action="append", required=True, metavar="SEED:OUT")
@@ -115,10 +115,16 @@ def main(argv=None):
         curves.append((seed, step, scored, acc))
         rows += [{"seed": seed, "step": step, "position": i + 1, "accuracy": float(a)}
                  for i, a in enumerate(acc)]
+        # Positions up to the training length, the next as many, and the last as many: the
+        # spans that the words' length reaches.
         train = config.task.train_length
+        spans = [(1, min(train, args.length))]
+        if args.length > train:
+            spans.append((train + 1, min(2 * train, args.length)))
+        if args.length > 2 * train:
+            spans.append((args.length - train + 1, args.length))
         print(f"seed {seed} (step {step}, curriculum length {scored}): accuracy at positions "
-              f"1-{train} {acc[:train].mean():.3f}, {train + 1}-{2 * train} "
-              f"{acc[train:2 * train].mean():.3f}, last {train} {acc[-train:].mean():.3f}")
+              + ", ".join(f"{a}-{b} {acc[a - 1:b].mean():.3f}" for a, b in spans))
         slips = after_first_error(group, predicted, targets)
         if slips:
             print(f"  {slips['words_wrong']} of {len(targets)} words go wrong, first at position "
