@@ -402,7 +402,11 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
     assert entry["lost_s"] == 1000.0 - plan.MIN_CALL_S + 1.0 and 0 < entry["used_s"] < 60
     assert entry["status"] == "to do" and len(calls("stops_early")) == 3
     assert "stops_early: its checkpoints are gone" in capsys.readouterr().out
+    # A job that never saved a checkpoint (here one failing at once) keeps its seconds.
+    assert fresh.entries["fails"]["used_s"] > 0
     assert all("lost_s" not in e for name, e in fresh.entries.items() if name != "stops_early")
+    table = plan.budget_table(jobs, fresh)
+    assert f"| {entry['lost_s'] / 60:.1f} | 1 |" in table.splitlines()[2]
 
 
 def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys):
@@ -416,6 +420,8 @@ def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in printed if "m2rnn-state-tracking" in line] == \
         ["recipe_S5_seed1", "ablations_S5_k64"]
+    assert plan.main(["--merge", "recipe_S5_seed1"]) == 2
+    assert "--merge takes stages, not jobs" in capsys.readouterr().err
 
 
 def test_results_table_reports_each_seed_and_the_seeds_past_the_bar(tmp_path):

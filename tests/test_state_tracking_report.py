@@ -181,6 +181,14 @@ def test_position_accuracy_from_a_runs_checkpoint(tiny_runs, tmp_path, capsys):
         positions.load_run(runner, config, SEED + 1, str(out))
 
 
+def test_position_summary_covers_the_spans_the_words_reach():
+    assert positions.summary_spans(64, 16) == [(1, 16)]
+    assert positions.summary_spans(64, 64) == [(1, 64)]
+    assert positions.summary_spans(64, 100) == [(1, 64), (65, 100)]
+    assert positions.summary_spans(64, 150) == [(1, 64), (65, 128), (129, 150)]
+    assert positions.summary_spans(64, 1024) == [(1, 64), (65, 128), (961, 1024)]
+
+
 def test_margins_of_a_runs_checkpoint(tiny_runs, capsys):
     """``margins``: a run's checkpoint file gives per-position losses equal to the direct
     cross-entropy (plain and label-smoothed, in float64 NumPy) and margins whose sign says

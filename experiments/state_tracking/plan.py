@@ -1,4 +1,4 @@
-"""The recipe, its ablations and its baselines as jobs: one ``m2rnn-state-tracking`` process per
+"""The recipe, its ablations and its baselines as jobs: one m2rnn-state-tracking process per
 GPU, each job under a GPU-time budget kept across invocations (README, "Recipe, ablations and
 baselines: the plan").
 
@@ -121,6 +121,11 @@ def plan_jobs():
     return jobs
 
 
+def has_checkpoints(job, root):
+    folder = os.path.join(job.out_dir(root), "checkpoints")
+    return os.path.isdir(folder) and any(f.endswith(".msgpack") for f in os.listdir(folder))
+
+
 class Ledger:
     """``<root>/ledger.json``: per job, the GPU-seconds used, the invocations and its status."""
 
@@ -142,27 +147,29 @@ class Ledger:
         return self.entry(job)["status"] in ("done", "budget spent")  # "exit N" is retried
 
     def forget_lost_work(self, job, root):
-        """A job stopped part-way whose checkpoints are gone (another disk, a deleted folder, a
-        run killed before its first save) starts over: the seconds it used move to
-        ``lost_s`` so that the fresh run gets its whole budget. Returns the seconds moved."""
+        """A job that saved checkpoints in an earlier invocation and is not finished, whose
+        checkpoints are now gone (another disk, a deleted folder), starts over: the seconds it
+        used move to ``lost_s`` so that the fresh run gets its whole budget. A job that never
+        saved one (stopped or failed before its first save) keeps its seconds, so its budget
+        still ends it. Returns the seconds moved."""
         entry = self.entry(job)
-        folder = os.path.join(job.out_dir(root), "checkpoints")
-        kept = os.path.isdir(folder) and any(f.endswith(".msgpack") for f in os.listdir(folder))
-        if entry["status"] != "to do" or entry["used_s"] <= 0 or kept:
+        if self.finished(job) or not entry.get("checkpointed") or has_checkpoints(job, root):
             return 0.0
         with self.lock:
             lost = entry["used_s"]
             entry["lost_s"] = entry.get("lost_s", 0.0) + lost
             entry["used_s"] = 0.0
+            entry["checkpointed"] = False
             self._write()
         return lost
 
-    def record(self, job, used_s, status):
+    def record(self, job, used_s, status, checkpointed=False):
         with self.lock:
             entry = self.entry(job)
             entry["used_s"] += used_s
             entry["calls"] += int(used_s > 0)  # (a job found out of budget is not started)
             entry["status"] = status
+            entry["checkpointed"] = entry.get("checkpointed", False) or checkpointed
             self._write()
 
     def _write(self):
@@ -204,7 +211,7 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
                 job = queue.popleft()
             lost = ledger.forget_lost_work(job, root)
             if lost:
-                print(f"{job.name}: its checkpoints are gone ({job.out_dir(root)}); starting "
+                print(f"{job.name}: its checkpoints are gone ({job.out_dir(root)}): it starts "
                       f"over with its whole budget ({lost / 60:.1f} GPU-minutes lost)", flush=True)
             left = min(ledger.left_s(job), deadline - time.monotonic())
             if left < MIN_CALL_S:
@@ -235,7 +242,7 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
                 status = "budget spent"
             else:  # stopped by the call's time, or failed (retried next time; the log says)
                 status = "to do" if exit_status in (0, None) else f"exit {exit_status}"
-            ledger.record(job, used, status)
+            ledger.record(job, used, status, checkpointed=has_checkpoints(job, root))
             print(f"{job.name}: {status}, {(ledger.entry(job)['used_s']) / 60:.1f} of "
                   f"{job.budget_s / 60:.0f} GPU-minutes used", flush=True)
 
@@ -248,10 +255,14 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
 
 
 def budget_table(jobs, ledger=None):
-    """Per stage: jobs, the budget and the estimate in GPU-minutes (and the minutes used)."""
+    """Per stage: jobs, the budget and the estimate in GPU-minutes (and from the ledger the
+    minutes used, those lost with checkpoints that went missing, and the jobs done)."""
+    def minutes(group, key):
+        return f"{sum(ledger.entry(j).get(key, 0.0) for j in group) / 60:.1f}"
+
     lines = ["| stage | jobs | budget (GPU-min) | estimate (GPU-min) |"
-             + (" used | done |" if ledger else ""), "| --- | --- | --- | --- |"
-             + (" --- | --- |" if ledger else "")]
+             + (" used | lost | done |" if ledger else ""), "| --- | --- | --- | --- |"
+             + (" --- | --- | --- |" if ledger else "")]
     for stage in STAGES:
         group = [j for j in jobs if j.stage == stage]
         if not group:
@@ -259,12 +270,12 @@ def budget_table(jobs, ledger=None):
         line = (f"| {stage} | {len(group)} | {sum(j.budget_s for j in group) / 60:.0f} | "
                 f"{sum(j.estimate_s for j in group) / 60:.0f} |")
         if ledger:
-            line += (f" {sum(ledger.entry(j)['used_s'] for j in group) / 60:.1f} | "
+            line += (f" {minutes(group, 'used_s')} | {minutes(group, 'lost_s')} | "
                      f"{sum(ledger.entry(j)['status'] == 'done' for j in group)} |")
         lines.append(line)
     lines.append(f"| total | {len(jobs)} | {sum(j.budget_s for j in jobs) / 60:.0f} | "
                  f"{sum(j.estimate_s for j in jobs) / 60:.0f} |"
-                 + (f" {sum(ledger.entry(j)['used_s'] for j in jobs) / 60:.1f} | |"
+                 + (f" {minutes(jobs, 'used_s')} | {minutes(jobs, 'lost_s')} | |"
                     if ledger else ""))
     return "\n".join(lines)
 
@@ -368,6 +379,9 @@ def main(argv=None) -> int:
             print(budget_table(jobs))
             return
         if args.merge:
+            if [s for s in args.stages if s not in STAGES]:
+                raise ConfigError("--merge takes stages, not jobs: it rewrites each stage's "
+                                  "files from all of its jobs")
             merge(jobs, args.root)
             return
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]

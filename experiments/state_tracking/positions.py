@@ -91,6 +91,17 @@ def load_runner(config_path, model):
                                       config.train)
 
 
+def summary_spans(train_length, length):
+    """The positions (first, last; from 1) summarised: up to the training length, the next as
+    many, and the last as many, as far as words of ``length`` reach."""
+    spans = [(1, min(train_length, length))]
+    if length > train_length:
+        spans.append((train_length + 1, min(2 * train_length, length)))
+    if length > 2 * train_length:
+        spans.append((max(length - train_length + 1, 2 * train_length + 1), length))
+    return spans
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
@@ -115,16 +126,9 @@ def main(argv=None):
         curves.append((seed, step, scored, acc))
         rows += [{"seed": seed, "step": step, "position": i + 1, "accuracy": float(a)}
                  for i, a in enumerate(acc)]
-        # Positions up to the training length, the next as many, and the last as many: the
-        # spans that the words' length reaches.
-        train = config.task.train_length
-        spans = [(1, min(train, args.length))]
-        if args.length > train:
-            spans.append((train + 1, min(2 * train, args.length)))
-        if args.length > 2 * train:
-            spans.append((args.length - train + 1, args.length))
         print(f"seed {seed} (step {step}, curriculum length {scored}): accuracy at positions "
-              + ", ".join(f"{a}-{b} {acc[a - 1:b].mean():.3f}" for a, b in spans))
+              + ", ".join(f"{a}-{b} {acc[a - 1:b].mean():.3f}"
+                          for a, b in summary_spans(config.task.train_length, args.length)))
         slips = after_first_error(group, predicted, targets)
         if slips:
             print(f"  {slips['words_wrong']} of {len(targets)} words go wrong, first at position "
