@@ -37,7 +37,7 @@ import trace_summary  # noqa: E402  (benchmarks/trace_summary.py)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(cli.CONFIG_DIR / "recipe.yaml"))
-    p.add_argument("--group", default="S5")
+    p.add_argument("--group", help="the word problems' group (default the config's)")
     p.add_argument("--model", help="a model of the config (default its first in run)")
     p.add_argument("--lengths", type=int, nargs="+", default=[4, 16, 64])
     p.add_argument("--dispatch", type=int, nargs="+", default=[1, 64],
@@ -81,7 +81,7 @@ def time_point(runner, group, task, length, seeds, seconds):
 
 def main(argv=None):
     args = parse_args(argv)
-    flags = ["--config", args.config, "--group", args.group]
+    flags = ["--config", args.config, *(["--group", args.group] if args.group else [])]
     if args.batch_size:
         flags += ["--batch-size", str(args.batch_size)]
     for assignment in args.set:

@@ -6,6 +6,8 @@ margins of a checkpoint)."""
 import contextlib
 import csv
 import io
+import json
+import shutil
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from m2rnn_experiments.state_tracking import cli, margins, merge_runs, positions
 from m2rnn_experiments.state_tracking.groups import group_by_name
 from m2rnn_experiments.state_tracking.tasks import eval_word_problems
+from m2rnn_jax.typed_config import ConfigError, read_yaml
 from test_state_tracking import tiny_experiment
 
 
@@ -137,7 +140,7 @@ def test_merges_separate_runs_and_plots_their_progress(tiny_runs, tmp_path, caps
         assert image.ndim == 3 and image[..., :3].std() > 0.01
 
 
-def test_refuses_runs_of_different_groups(tmp_path):
+def test_refuses_runs_of_different_groups(tmp_path, capsys):
     paths = []
     for group in ("S3", "S5"):
         path = tmp_path / f"{group}.csv"
@@ -146,8 +149,7 @@ def test_refuses_runs_of_different_groups(tmp_path):
             writer.writerow(merge_runs.report.CSV_COLUMNS)
             writer.writerow(["m2rnn", 0, 16, 0.5, 0.1, 100, 10, 16, group])
         paths.append(str(path))
-    with pytest.raises(SystemExit, match="one group"):
-        merge_runs.main(["--out", str(tmp_path / "m"), "--results", *paths])
+    assert merge_runs.main(["--out", str(tmp_path / "m"), "--results", *paths]) == 2
 
 
 def test_position_accuracy_from_a_runs_checkpoint(tiny_runs, tmp_path, capsys):
@@ -177,8 +179,53 @@ def test_position_accuracy_from_a_runs_checkpoint(tiny_runs, tmp_path, capsys):
     assert step == 3 and accuracies[0] == pytest.approx(first)
     image = plt.imread(prefix + ".png")
     assert image.ndim == 3 and image[..., :3].std() > 0.01
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no checkpoint"):
         positions.load_run(runner, config, SEED + 1, str(out))
+
+
+def test_analyses_read_a_runs_own_config_and_report_mistakes_in_one_line(tiny_runs, tmp_path,
+                                                                          capsys):
+    """``positions`` and ``margins`` take the config a run's results.json records (its
+    command's flags included), so a --config of other settings does not stop them; without
+    one they need the right --config. Mistakes, in them and in ``merge_runs``, are one line
+    ``prog: error: ...`` and exit status 2."""
+    config_path, out, _ = tiny_runs["m2rnn"]
+    other = read_yaml(config_path)
+    other["train"]["batch_size"] = 8  # another batch: another run
+    other_path = tmp_path / "other.yaml"
+    other_path.write_text(json.dumps(other))
+    bare = tmp_path / "bare"  # the run's checkpoints without its results.json
+    shutil.copytree(out / "checkpoints", bare / "checkpoints")
+    ckpt = f"checkpoints/m2rnn_seed{SEED}.msgpack"
+    small = ["--length", "6", "--sequences", "4", "--batch-size", "4",
+             "--out", str(tmp_path / "p")]
+
+    def error_of(status):
+        errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        assert status == 2 and len(errors) == 1, (status, errors)
+        return errors[0]
+
+    assert positions.main(["--config", str(other_path), "--run", f"{SEED}:{out}", *small]) == 0
+    assert margins.main([f"{SEED}:{out / ckpt}", "--sequences", "4", "--batch-size", "4"]) == 0
+    assert f"seed {SEED} step 3" in capsys.readouterr().out
+    assert "cannot be read as seed" in error_of(
+        positions.main(["--config", str(other_path), "--run", f"{SEED}:{bare}", *small]))
+    assert "cannot be read as seed" in error_of(
+        margins.main(["--config", str(other_path), f"{SEED}:{bare / ckpt}"]))
+    assert positions.main(["--config", str(config_path), "--run", f"{SEED}:{bare}",
+                           *small]) == 0
+    capsys.readouterr()
+    assert "has no results.json" in error_of(positions.main(["--run", f"{SEED}:{bare}", *small]))
+    assert "expected SEED:OUT" in error_of(positions.main(["--run", f"x:{out}", *small]))
+    assert "expected SEED:FILE" in error_of(margins.main([str(out / ckpt)]))
+    assert "--label-smoothing" in error_of(
+        margins.main([f"{SEED}:{out / ckpt}", "--label-smoothing", "2"]))
+    assert "--sequences must be" in error_of(
+        positions.main(["--run", f"{SEED}:{out}", *small, "--sequences", "0"]))
+    assert "no such file" in error_of(
+        merge_runs.main(["--out", str(tmp_path / "m"), "--results", str(tmp_path / "x.csv")]))
+    assert "is not a results.csv" in error_of(
+        merge_runs.main(["--out", str(tmp_path / "m"), "--results", str(out / "results.json")]))
 
 
 def test_position_summary_covers_the_spans_the_words_reach():

@@ -16,6 +16,7 @@ table prints last.
 
 import argparse
 import csv
+import os
 import re
 
 import matplotlib
@@ -24,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from m2rnn_experiments.state_tracking import report  # noqa: E402
+from m2rnn_jax.typed_config import ConfigError  # noqa: E402
+from train.errors import add_debug_flag, run_command  # noqa: E402
 
 PROGRESS = re.compile(r"^(?P<model>\S+) seed (?P<seed>\d+): step (?P<step>\d+), loss [-\d.naif]+, "
                       r"training accuracy (?P<acc>[\d.]+), scored length (?P<length>\d+)")
@@ -45,15 +48,19 @@ def read_rows(paths):
     for path in paths:
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
-                for key in _INT_COLUMNS:
-                    row[key] = int(row[key])
-                for key in _FLOAT_COLUMNS:
-                    row[key] = float(row[key])
+                try:
+                    for key in _INT_COLUMNS:
+                        row[key] = int(row[key])
+                    for key in _FLOAT_COLUMNS:
+                        row[key] = float(row[key])
+                except (KeyError, TypeError, ValueError) as err:
+                    raise ConfigError(f"{path} is not a results.csv of m2rnn-state-tracking "
+                                      f"(column {err})") from err
                 key = (row["group"], row["model"], row["seed"], row["length"])
                 if key not in latest or row["steps"] >= latest[key]["steps"]:
                     latest[key] = row
     if not latest:
-        raise SystemExit("no result rows in " + ", ".join(paths))
+        raise ConfigError("no result rows in " + ", ".join(paths))
     return list(latest.values())
 
 
@@ -159,17 +166,32 @@ def plot_progress(path, runs, title):
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output prefix (PREFIX.csv, PREFIX.png, ...)")
     p.add_argument("--results", nargs="+", required=True, help="results.csv files")
     p.add_argument("--logs", nargs="*", default=[], help="cli logs with progress lines")
-    args = p.parse_args(argv)
+    add_debug_flag(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return run_command("merge_runs", args.debug, lambda: merge(args))
+
+
+def merge(args):
+    """Writes the merged table and plots of ``args`` (``parse_args``); ``ConfigError`` on
+    missing files or runs that do not belong together."""
+    missing = [path for path in (*args.results, *args.logs) if not os.path.isfile(path)]
+    if missing:
+        raise ConfigError(f"no such file: {', '.join(missing)}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     rows = read_rows(args.results)
     groups = {r["group"] for r in rows}
     train_lengths = {r["train_length"] for r in rows}
     if len(groups) != 1 or len(train_lengths) != 1:
-        raise SystemExit(f"runs of one group and training length only, got {groups} and "
+        raise ConfigError(f"runs of one group and training length only, got {groups} and "
                          f"{train_lengths}")
     group, train_length = groups.pop(), train_lengths.pop()
     report.write_csv(args.out + ".csv", rows)
@@ -178,7 +200,7 @@ def main(argv=None):
     if args.logs:
         runs, evaluations, changes = merge_logs(args.logs)
         if not runs:
-            raise SystemExit("no progress lines in " + ", ".join(args.logs))
+            raise ConfigError("no progress lines in " + ", ".join(args.logs))
         plot_progress(args.out + "_progress.png", runs,
                       f"{group}: length curriculum and training accuracy against the step")
         written.append(args.out + "_progress.png")
@@ -192,4 +214,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

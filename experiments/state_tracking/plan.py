@@ -334,9 +334,10 @@ def merge(jobs, root):
         if not done:
             continue
         logs = [j.out_dir(root) + ".log" for j in done if os.path.exists(j.out_dir(root) + ".log")]
-        merge_runs.main(["--out", os.path.join(root, stage), "--results",
-                         *[os.path.join(j.out_dir(root), "results.csv") for j in done],
-                         *(["--logs", *logs] if logs else [])])
+        merge_runs.merge(merge_runs.parse_args(
+            ["--out", os.path.join(root, stage), "--results",
+             *[os.path.join(j.out_dir(root), "results.csv") for j in done],
+             *(["--logs", *logs] if logs else [])]))
     table = results_table(jobs, root, Ledger(root))
     with open(os.path.join(root, "results.md"), "w") as fh:
         fh.write(table + "\n")

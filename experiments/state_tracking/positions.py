@@ -2,13 +2,13 @@
 model that is right at its training length starts to fail (a gradual drift, or a collapse past
 some length), read from the runs' checkpoints.
 
-    python -m m2rnn_experiments.state_tracking.positions \
-        --config experiments/state_tracking/configs/s5_long.yaml --model m2rnn \
+    python -m m2rnn_experiments.state_tracking.positions --model m2rnn \
         --run 0:runs/s5_long/seed0 --run 2:runs/s5_long/seed2 --length 1024 --out PREFIX
 
 ``--run SEED:OUT`` names a run by its seed and output folder (its checkpoint is
-``OUT/checkpoints/<model>_seed<SEED>.msgpack``, written under the same config). Evaluates the
-config's fixed evaluation words of ``--length`` (the first ``--sequences`` of them) and writes
+``OUT/checkpoints/<model>_seed<SEED>.msgpack``, read under the config ``OUT/results.json``
+records, or ``--config FILE`` for a folder without one). Evaluates the config's fixed
+evaluation words of ``--length`` (the first ``--sequences`` of them) and writes
 ``PREFIX.csv`` (seed, position, accuracy) and ``PREFIX.png`` (accuracy against position, each
 run's curriculum length and the training length marked), and prints how words go on after
 their first wrong answer (``after_first_error``: a clean slip to another element, or a code
@@ -17,6 +17,8 @@ that blurs). Runs on a CPU in minutes.
 
 import argparse
 import csv
+import dataclasses
+import json
 import os
 
 import jax
@@ -31,7 +33,8 @@ from m2rnn_experiments.state_tracking import checkpoint, cli  # noqa: E402
 from m2rnn_experiments.state_tracking.config import ExperimentConfig  # noqa: E402
 from m2rnn_experiments.state_tracking.tasks import eval_word_problems  # noqa: E402
 from m2rnn_experiments.state_tracking.training import ModelRunner  # noqa: E402
-from m2rnn_jax.typed_config import load_yaml  # noqa: E402
+from m2rnn_jax.typed_config import ConfigError, from_dict, load_yaml  # noqa: E402
+from train.errors import add_debug_flag, run_command  # noqa: E402
 
 
 def batched_logits(runner, params, tokens, batch_size):
@@ -73,22 +76,71 @@ def after_first_error(group, predicted, targets):
             "right_after_first_error": float(np.median(right_again))}
 
 
+def load_checkpoint(runner, config, seed, path):
+    """The ``RunState`` saved at ``path`` by seed ``seed`` of ``runner``'s model under
+    ``config``; a ``ConfigError`` naming what to pass when it is missing or is not that."""
+    if not os.path.exists(path):
+        raise ConfigError(f"no checkpoint {path}")
+    try:
+        return runner.load_saved(path, config.task, seed)
+    except checkpoint.ResumeError as err:
+        raise ConfigError(
+            f"{path} cannot be read as seed {seed} of '{runner.name}' under the config used (a "
+            f"damaged file, another seed or other settings): give the run's folder with its "
+            f"results.json, or the --config and seed it was trained with") from err
+
+
 def load_run(runner, config, seed, out_dir):
     """(params, step, curriculum length) from the run's checkpoint."""
     path = checkpoint.path_for(os.path.join(out_dir, "checkpoints"), runner.name, seed)
-    if not os.path.exists(path):
-        raise SystemExit(f"no checkpoint {path}")
-    saved = runner.load_saved(path, config.task, seed)
+    saved = load_checkpoint(runner, config, seed, path)
     return saved.params, saved.step, saved.scored
 
 
-def load_runner(config_path, model):
-    """``(config, group, runner)``: the experiment in ``config_path`` and the ``ModelRunner``
-    of its model ``model``, as the command builds them."""
-    config = load_yaml(ExperimentConfig, config_path)
+def run_config(config_path, run_dir):
+    """The config a run was trained under: the one its ``results.json`` records (the flags and
+    ``--set`` of its command included) when ``run_dir`` has one, else the file
+    ``config_path``."""
+    path = os.path.join(run_dir, "results.json") if run_dir else None
+    if path and os.path.exists(path):
+        with open(path) as fh:
+            saved = json.load(fh)["config"]
+        fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+        return from_dict(ExperimentConfig, {k: v for k, v in saved.items() if k in fields})
+    if config_path is None:
+        raise ConfigError(f"{run_dir} has no results.json: pass --config, the config the run "
+                          f"was trained under")
+    return load_yaml(ExperimentConfig, config_path)
+
+
+def runner_for(config, model):
+    """``(group, runner)``: the group of ``config`` and the ``ModelRunner`` of its model
+    ``model``, as the command builds them."""
+    if model not in config.models:
+        raise ConfigError(f"no model '{model}' in the config (it has {', '.join(config.models)})")
     group = cli.build_group(config.task)
-    return config, group, ModelRunner(model, config.model_config(model, group.order),
-                                      config.train)
+    return group, ModelRunner(model, config.model_config(model, group.order), config.train)
+
+
+def load_runner(config_path, model):
+    """``(config, group, runner)``: the experiment in ``config_path`` and its model ``model``."""
+    config = load_yaml(ExperimentConfig, config_path)
+    return (config, *runner_for(config, model))
+
+
+def seed_and_path(argument, what):
+    """``SEED:PATH`` -> (int seed, path); a ``ConfigError`` for any other form."""
+    seed, _, path = argument.partition(":")
+    if not seed.strip().isdigit() or not path:
+        raise ConfigError(f"expected SEED:{what}, e.g. 0:runs/s5, got '{argument}'")
+    return int(seed), path
+
+
+def positive_counts(args, *names):
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got "
+                              f"{getattr(args, name)}")
 
 
 def summary_spans(train_length, length):
@@ -104,22 +156,35 @@ def summary_spans(train_length, length):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--model", default="m2rnn")
-    p.add_argument("--run", action="append", required=True, metavar="SEED:OUT")
-    p.add_argument("--length", type=int, default=512)
-    p.add_argument("--sequences", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--config", help="the config of runs whose folder has no results.json "
+                                    "(a run's results.json holds the config it ran under)")
+    p.add_argument("--model", default="m2rnn", help="the model of the runs (default m2rnn)")
+    p.add_argument("--run", action="append", required=True, metavar="SEED:OUT",
+                   help="a seed and its run's --out folder (repeatable)")
+    p.add_argument("--length", type=int, default=512, help="word length (default 512)")
+    p.add_argument("--sequences", type=int, default=128, help="words (default 128)")
+    p.add_argument("--batch-size", type=int, default=32, help="words per call (default 32)")
     p.add_argument("--out", required=True, help="output prefix (PREFIX.csv, PREFIX.png)")
+    add_debug_flag(p)
     args = p.parse_args(argv)
-    config, group, runner = load_runner(args.config, args.model)
+    return run_command("positions", args.debug, lambda: accuracy_by_position(args))
+
+
+def accuracy_by_position(args):
+    positive_counts(args, "length", "sequences", "batch_size")
+    runs = [seed_and_path(argument, "OUT") for argument in args.run]
+    configs = [run_config(args.config, out_dir) for _, out_dir in runs]
+    if len({(c.task.group, c.task.generators, c.task.eval_seed) for c in configs}) > 1:
+        raise ConfigError("the runs were trained on different groups or evaluation words")
+    config = configs[0]
+    group = cli.build_group(config.task)
     # The config's fixed evaluation words of this length.
     words = eval_word_problems(group, config.task.eval_seed, args.sequences, args.length)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     rows, curves = [], []
-    for seed_and_place in args.run:
-        seed, out_dir = seed_and_place.split(":", 1)
-        seed = int(seed)
-        params, step, scored = load_run(runner, config, seed, out_dir)
+    for (seed, out_dir), run_cfg in zip(runs, configs):
+        _, runner = runner_for(run_cfg, args.model)
+        params, step, scored = load_run(runner, run_cfg, seed, out_dir)
         predicted = predictions(runner, params, words.tokens, args.batch_size)
         targets = np.asarray(words.targets)
         acc = (predicted == targets).mean(axis=0)
@@ -164,4 +229,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
