@@ -266,6 +266,9 @@ def test_config_errors_name_the_key(tmp_path):
     path = tiny_experiment(tmp_path, models)
     with pytest.raises(ConfigError, match="run lists model 'nope'"):
         cli.load_config(cli.parse_args(["--config", str(path), "--models", "nope"]))
+    for models in ("m2rnn,m2rnn", " , "):
+        with pytest.raises(ConfigError, match="--models takes distinct"):
+            cli.load_config(cli.parse_args(["--config", str(path), "--models", models]))
     with pytest.raises(ConfigError, match="train.stepz"):
         cli.load_config(cli.parse_args(["--config", str(path), "--set", "train.stepz=3"]))
     with pytest.raises(ConfigError, match="models.m2rnn.vocab_size is set by the group"):

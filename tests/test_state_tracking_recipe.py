@@ -422,6 +422,8 @@ def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys):
         ["recipe_S5_seed1", "ablations_S5_k64"]
     assert plan.main(["--merge", "recipe_S5_seed1"]) == 2
     assert "--merge takes stages, not jobs" in capsys.readouterr().err
+    assert plan.main(["--seconds", "-1", "recipe-S5"]) == 2
+    assert "--seconds must be positive" in capsys.readouterr().err
 
 
 def test_results_table_reports_each_seed_and_the_seeds_past_the_bar(tmp_path):

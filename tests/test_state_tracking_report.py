@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import shutil
 
 import matplotlib.pyplot as plt
@@ -138,6 +139,15 @@ def test_merges_separate_runs_and_plots_their_progress(tiny_runs, tmp_path, caps
     for path in (prefix + ".png", prefix + "_progress.png", prefix + "_evals.png"):
         image = plt.imread(path)
         assert image.ndim == 3 and image[..., :3].std() > 0.01
+
+    # One log of two models: its evaluation lines cannot say whose they are, so they are left
+    # out (no _evals plot) while its progress is still drawn.
+    both = tmp_path / "both.log"
+    both.write_text("".join(open(log).read() for log in logs))
+    mixed = str(tmp_path / "mixed")
+    assert merge_runs.main(["--out", mixed, "--results", *results, "--logs", str(both)]) == 0
+    assert f"several models in one log): {both}" in capsys.readouterr().out
+    assert os.path.exists(mixed + "_progress.png") and not os.path.exists(mixed + "_evals.png")
 
 
 def test_refuses_runs_of_different_groups(tmp_path, capsys):

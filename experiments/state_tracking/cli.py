@@ -87,8 +87,7 @@ def load_config(args):
              "train.learning_rate": args.lr, "train.time_budget_s": args.time_budget_s,
              "out_dir": args.out,
              "task.eval_lengths": _int_list(args.eval_lens, "--eval-lens"),
-             "run": None if args.models is None else
-             [m.strip() for m in args.models.split(",") if m.strip()]}
+             "run": _model_list(args.models)}
     assignments = [f"{key}={_yaml(value)}" for key, value in flags.items() if value is not None]
     assignments += list(args.set)
     # Model sections hold only changes to the defaults, so their overrides may add keys that
@@ -108,6 +107,16 @@ def load_config(args):
                                   key=f"models.{name}.layer_pattern")
     build_group(config.task)  # a bad group fails here, before any work
     return config, path
+
+
+def _model_list(text):
+    """``--models`` as a list of distinct names (``None`` when not given)."""
+    if text is None:
+        return None
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"--models takes distinct comma-separated model names, got '{text}'")
+    return names
 
 
 def build_group(task):

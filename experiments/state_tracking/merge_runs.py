@@ -95,6 +95,11 @@ def read_evaluations(text):
     return evaluations, changes
 
 
+def models_in_log(path):
+    with open(path) as fh:
+        return {model for model, _ in read_progress(fh.read())}
+
+
 def merge_logs(paths):
     """``(progress, evaluations, changes)`` of ``read_progress`` and ``read_evaluations`` over
     several cli logs; a seed in more than one log (it moved between run folders) gets the
@@ -198,9 +203,16 @@ def merge(args):
     report.plot(args.out + ".png", rows, group, train_length)
     written = [args.out + ".csv", args.out + ".png"]
     if args.logs:
-        runs, evaluations, changes = merge_logs(args.logs)
+        runs, _, _ = merge_logs(args.logs)
         if not runs:
             raise ConfigError("no progress lines in " + ", ".join(args.logs))
+        # An evaluation line names its seed, not its model: a log of several models is left out
+        # of the evaluations (the plan runs one model per process and log).
+        mixed = [path for path in args.logs if len(models_in_log(path)) > 1]
+        if mixed:
+            print(f"left out of the evaluations plot (several models in one log): "
+                  f"{', '.join(map(str, mixed))}")
+        _, evaluations, changes = merge_logs([p for p in args.logs if p not in mixed])
         plot_progress(args.out + "_progress.png", runs,
                       f"{group}: length curriculum and training accuracy against the step")
         written.append(args.out + "_progress.png")
