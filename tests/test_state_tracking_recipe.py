@@ -409,7 +409,7 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
     assert f"| {entry['lost_s'] / 60:.1f} | 1 |" in table.splitlines()[2]
 
 
-def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys):
+def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys, tmp_path):
     assert plan.main(["--list", "recipe-S5"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("m2rnn-state-tracking --config") == 3
@@ -422,7 +422,7 @@ def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys):
         ["recipe_S5_seed1", "ablations_S5_k64"]
     assert plan.main(["--merge", "recipe_S5_seed1"]) == 2
     assert "--merge takes stages, not jobs" in capsys.readouterr().err
-    assert plan.main(["--seconds", "-1", "recipe-S5"]) == 2
+    assert plan.main(["--seconds", "-1", "--root", str(tmp_path), "recipe-S5"]) == 2
     assert "--seconds must be positive" in capsys.readouterr().err
 
 

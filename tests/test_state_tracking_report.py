@@ -70,12 +70,19 @@ def test_a_seed_that_moved_between_run_folders_keeps_its_whole_history(tmp_path)
         "m2rnn seed 5: step 300, loss 1.0, training accuracy 0.900, scored length 8, 4s",
         "  seed 5: 300 steps, compile 9.0s, train 3.0s (33 steps/s), eval 1.0s, loss 1.0; "
         "per-position accuracy L=64: 30.0%"]))
-    progress, evaluations, changes = merge_runs.merge_logs([group_log, solo_log])
+    progress, evaluations, changes, unplaced = merge_runs.merge_logs([group_log, solo_log])
     assert progress[("m2rnn", 5)] == [(100, 0.5, 2), (200, 0.7, 4), (300, 0.9, 8)]
     assert progress[("m2rnn", 4)] == [(100, 0.4, 2)]
-    assert [step for step, _ in evaluations[5]] == [100, 200, 300]
-    assert evaluations[5][2][1] == {64: pytest.approx(0.3)}
-    assert changes == {5: [(200, "learning_rate 0.002 -> 1e-05")]}
+    assert [step for step, _ in evaluations[("m2rnn", 5)]] == [100, 200, 300]
+    assert evaluations[("m2rnn", 5)][2][1] == {64: pytest.approx(0.3)}
+    assert changes == {("m2rnn", 5): [(200, "learning_rate 0.002 -> 1e-05")]}
+    assert unplaced == []
+    # Another model's log with the same seed stays apart.
+    other_log = tmp_path / "other.txt"
+    other_log.write_text(solo_log.read_text().replace("m2rnn seed", "mamba2 seed"))
+    _, evaluations, _, _ = merge_runs.merge_logs([group_log, solo_log, other_log])
+    assert sorted(evaluations) == [("m2rnn", 5), ("mamba2", 5)]
+    assert [step for step, _ in evaluations[("mamba2", 5)]] == [300]
 
     header = ",".join(merge_runs.report.CSV_COLUMNS) + "\n"
     (tmp_path / "group.csv").write_text(header + "m2rnn,5,64,0.2,0.0,10,200,64,S5\n"
@@ -146,7 +153,7 @@ def test_merges_separate_runs_and_plots_their_progress(tiny_runs, tmp_path, caps
     both.write_text("".join(open(log).read() for log in logs))
     mixed = str(tmp_path / "mixed")
     assert merge_runs.main(["--out", mixed, "--results", *results, "--logs", str(both)]) == 0
-    assert f"several models in one log): {both}" in capsys.readouterr().out
+    assert f"not one model in the log's progress lines): {both}" in capsys.readouterr().out
     assert os.path.exists(mixed + "_progress.png") and not os.path.exists(mixed + "_evals.png")
 
 
@@ -160,6 +167,7 @@ def test_refuses_runs_of_different_groups(tmp_path, capsys):
             writer.writerow(["m2rnn", 0, 16, 0.5, 0.1, 100, 10, 16, group])
         paths.append(str(path))
     assert merge_runs.main(["--out", str(tmp_path / "m"), "--results", *paths]) == 2
+    assert "runs of one group" in capsys.readouterr().err
 
 
 def test_position_accuracy_from_a_runs_checkpoint(tiny_runs, tmp_path, capsys):
@@ -225,8 +233,18 @@ def test_analyses_read_a_runs_own_config_and_report_mistakes_in_one_line(tiny_ru
     assert positions.main(["--config", str(config_path), "--run", f"{SEED}:{bare}",
                            *small]) == 0
     capsys.readouterr()
-    assert "has no results.json" in error_of(positions.main(["--run", f"{SEED}:{bare}", *small]))
-    assert "expected SEED:OUT" in error_of(positions.main(["--run", f"x:{out}", *small]))
+    assert "results.json: pass --config" in error_of(
+        positions.main(["--run", f"{SEED}:{bare}", *small]))
+    loose = tmp_path / "loose.msgpack"  # a checkpoint outside a run folder
+    shutil.copy(out / ckpt, loose)
+    assert f"no results.json beside {loose}" in error_of(margins.main([f"{SEED}:{loose}"]))
+    # An unreadable results.json: --config serves, and the tool says which config it took.
+    (bare / "results.json").write_text("{")
+    assert positions.main(["--config", str(config_path), "--run", f"{SEED}:{bare}",
+                           *small]) == 0
+    assert f"{config_path} ({bare / 'results.json'} unusable" in capsys.readouterr().out
+    for seed in ("x", "-1", "²"):
+        assert "expected SEED:OUT" in error_of(positions.main([f"--run={seed}:{out}", *small]))
     assert "expected SEED:FILE" in error_of(margins.main([str(out / ckpt)]))
     assert "--label-smoothing" in error_of(
         margins.main([f"{SEED}:{out / ckpt}", "--label-smoothing", "2"]))

@@ -64,7 +64,7 @@ def report_margins(args):
         seed, path = seed_and_path(argument, "FILE")
         folder = os.path.dirname(os.path.abspath(path))
         run_dir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
-        config = run_config(args.config, run_dir)
+        config = run_config(args.config, run_dir, path)
         group, runner = runner_for(config, args.model)
         length = config.task.train_length
         words = sample_word_problems(group, np.random.default_rng(args.words_seed),

@@ -95,35 +95,40 @@ def read_evaluations(text):
     return evaluations, changes
 
 
-def models_in_log(path):
-    with open(path) as fh:
-        return {model for model, _ in read_progress(fh.read())}
-
-
 def merge_logs(paths):
-    """``(progress, evaluations, changes)`` of ``read_progress`` and ``read_evaluations`` over
-    several cli logs; a seed in more than one log (it moved between run folders) gets the
-    union of its points, in step order (a step in two logs: the later log's)."""
-    progress, evaluations, changes = {}, {}, {}
+    """``(progress, evaluations, changes, unplaced)`` of ``read_progress`` and
+    ``read_evaluations`` over several cli logs, the last two keyed by ``(model, seed)``: an
+    evaluation line names its seed only, so its model is the one model of its log's progress
+    lines, and a log with none or several (``unplaced``) gives no evaluations. A run in more
+    than one log (a seed that moved between run folders) gets the union of its points, in step
+    order (a step in two logs: the later log's)."""
+    progress, evaluations, changes, unplaced = {}, {}, {}, []
     for path in paths:
         with open(path) as fh:
             text = fh.read()
-        for key, points in read_progress(text).items():
+        run_progress = read_progress(text)
+        for key, points in run_progress.items():
             progress.setdefault(key, {}).update({step: rest for step, *rest in points})
+        models = {model for model, _ in run_progress}
         run_evaluations, run_changes = read_evaluations(text)
+        if len(models) != 1:
+            if run_evaluations:
+                unplaced.append(path)
+            continue
+        (model,) = models
         for seed, points in run_evaluations.items():
-            evaluations.setdefault(seed, {}).update(dict(points))
+            evaluations.setdefault((model, seed), {}).update(dict(points))
         for seed, points in run_changes.items():
-            changes.setdefault(seed, []).extend(points)
+            changes.setdefault((model, seed), []).extend(points)
     return ({key: [(step, *rest) for step, rest in sorted(points.items())]
              for key, points in progress.items()},
-            {seed: sorted(points.items()) for seed, points in evaluations.items()},
-            {seed: sorted(points) for seed, points in changes.items()})
+            {key: sorted(points.items()) for key, points in evaluations.items()},
+            {key: sorted(points) for key, points in changes.items()}, unplaced)
 
 
 def plot_evaluations(path, evaluations, changes, title):
-    """Per seed, the per-position accuracy at each evaluation length against the step of
-    each evaluation, with the steps where the schedule changed marked."""
+    """Per (model, seed), the per-position accuracy at each evaluation length against the step
+    of each evaluation, with the steps where the schedule changed marked."""
     seeds = sorted(evaluations)
     fig, axes = plt.subplots(len(seeds), 1, figsize=(10, 3.2 * len(seeds)), sharex=True,
                              squeeze=False)
@@ -139,7 +144,7 @@ def plot_evaluations(path, evaluations, changes, title):
             ax.annotate(f"lr {lr[1]}" if lr else what, (step, 1.0), fontsize=7,
                         rotation=90, va="top", ha="right", color="0.4")
         ax.set_ylim(0, 1.02)
-        ax.set_ylabel(f"seed {seed}: accuracy")
+        ax.set_ylabel(f"{seed[0]} seed {seed[1]}: accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right", ncol=len(lengths))
     axes[-1, 0].set_xlabel("training step")
@@ -197,22 +202,18 @@ def merge(args):
     train_lengths = {r["train_length"] for r in rows}
     if len(groups) != 1 or len(train_lengths) != 1:
         raise ConfigError(f"runs of one group and training length only, got {groups} and "
-                         f"{train_lengths}")
+                          f"{train_lengths}")
     group, train_length = groups.pop(), train_lengths.pop()
     report.write_csv(args.out + ".csv", rows)
     report.plot(args.out + ".png", rows, group, train_length)
     written = [args.out + ".csv", args.out + ".png"]
     if args.logs:
-        runs, _, _ = merge_logs(args.logs)
+        runs, evaluations, changes, unplaced = merge_logs(args.logs)
         if not runs:
             raise ConfigError("no progress lines in " + ", ".join(args.logs))
-        # An evaluation line names its seed, not its model: a log of several models is left out
-        # of the evaluations (the plan runs one model per process and log).
-        mixed = [path for path in args.logs if len(models_in_log(path)) > 1]
-        if mixed:
-            print(f"left out of the evaluations plot (several models in one log): "
-                  f"{', '.join(map(str, mixed))}")
-        _, evaluations, changes = merge_logs([p for p in args.logs if p not in mixed])
+        if unplaced:
+            print("left out of the evaluations plot (not one model in the log's progress "
+                  f"lines): {', '.join(map(str, unplaced))}")
         plot_progress(args.out + "_progress.png", runs,
                       f"{group}: length curriculum and training accuracy against the step")
         written.append(args.out + "_progress.png")

@@ -388,7 +388,7 @@ def main(argv=None) -> int:
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
         if not gpus:
             raise ConfigError("--gpus must list at least one GPU id")
-        if args.seconds <= 0:
+        if not args.seconds > 0:
             raise ConfigError(f"--seconds must be positive, got {args.seconds:g}")
         ledger = run_jobs(jobs, gpus, args.seconds, args.root)
         print(budget_table(jobs, ledger))

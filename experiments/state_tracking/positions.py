@@ -97,19 +97,25 @@ def load_run(runner, config, seed, out_dir):
     return saved.params, saved.step, saved.scored
 
 
-def run_config(config_path, run_dir):
+def run_config(config_path, run_dir, what):
     """The config a run was trained under: the one its ``results.json`` records (the flags and
-    ``--set`` of its command included) when ``run_dir`` has one, else the file
-    ``config_path``."""
+    ``--set`` of its command included) when ``run_dir`` has a readable one, else the file
+    ``config_path``; says which. ``what`` names the run in messages."""
     path = os.path.join(run_dir, "results.json") if run_dir else None
+    problem = f"no results.json beside {what}" if run_dir is None else f"no {path}"
     if path and os.path.exists(path):
-        with open(path) as fh:
-            saved = json.load(fh)["config"]
-        fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
-        return from_dict(ExperimentConfig, {k: v for k, v in saved.items() if k in fields})
+        try:
+            with open(path) as fh:
+                saved = json.load(fh)["config"]
+            fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+            config = from_dict(ExperimentConfig, {k: v for k, v in saved.items() if k in fields})
+            print(f"{what}: the config {path} records")
+            return config
+        except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
+            problem = f"{path} unusable ({type(err).__name__}: {err})"
     if config_path is None:
-        raise ConfigError(f"{run_dir} has no results.json: pass --config, the config the run "
-                          f"was trained under")
+        raise ConfigError(f"{problem}: pass --config, the config the run was trained under")
+    print(f"{what}: {config_path} ({problem})")
     return load_yaml(ExperimentConfig, config_path)
 
 
@@ -131,9 +137,14 @@ def load_runner(config_path, model):
 def seed_and_path(argument, what):
     """``SEED:PATH`` -> (int seed, path); a ``ConfigError`` for any other form."""
     seed, _, path = argument.partition(":")
-    if not seed.strip().isdigit() or not path:
-        raise ConfigError(f"expected SEED:{what}, e.g. 0:runs/s5, got '{argument}'")
-    return int(seed), path
+    try:
+        number = int(seed)
+    except ValueError:
+        number = -1
+    if number < 0 or not path:
+        raise ConfigError(f"expected SEED:{what} with a seed >= 0, e.g. 0:runs/s5, got "
+                          f"'{argument}'")
+    return number, path
 
 
 def positive_counts(args, *names):
@@ -173,17 +184,21 @@ def main(argv=None):
 def accuracy_by_position(args):
     positive_counts(args, "length", "sequences", "batch_size")
     runs = [seed_and_path(argument, "OUT") for argument in args.run]
-    configs = [run_config(args.config, out_dir) for _, out_dir in runs]
-    if len({(c.task.group, c.task.generators, c.task.eval_seed) for c in configs}) > 1:
-        raise ConfigError("the runs were trained on different groups or evaluation words")
+    configs = [run_config(args.config, out_dir, f"seed {seed} of {out_dir}")
+               for seed, out_dir in runs]
+    if len({json.dumps([c.task.group, c.task.generators, c.task.eval_seed,
+                        c.task.train_length]) for c in configs}) > 1:
+        raise ConfigError("the runs differ in group, evaluation words or training length")
     config = configs[0]
     group = cli.build_group(config.task)
     # The config's fixed evaluation words of this length.
     words = eval_word_problems(group, config.task.eval_seed, args.sequences, args.length)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     rows, curves = [], []
+    runners = {}  # runs of one config share a runner (and its compiled functions)
     for (seed, out_dir), run_cfg in zip(runs, configs):
-        _, runner = runner_for(run_cfg, args.model)
+        key = json.dumps(dataclasses.asdict(run_cfg), sort_keys=True, default=str)
+        runner = runners.setdefault(key, runner_for(run_cfg, args.model)[1])
         params, step, scored = load_run(runner, run_cfg, seed, out_dir)
         predicted = predictions(runner, params, words.tokens, args.batch_size)
         targets = np.asarray(words.targets)
