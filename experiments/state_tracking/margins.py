@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from m2rnn_experiments.state_tracking.positions import (batched_logits, load_checkpoint,
-                                                         positive_counts, run_config, runner_for,
+                                                         positive_counts, run_config, runner_cache,
                                                          seed_and_path)
 from m2rnn_experiments.state_tracking.tasks import sample_word_problems
 from m2rnn_experiments.state_tracking.training import token_losses
@@ -60,12 +60,13 @@ def report_margins(args):
     positive_counts(args, "sequences", "batch_size")
     if not 0.0 <= args.label_smoothing < 1.0:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    runner_of = runner_cache(args.model)
     for argument in args.runs:
         seed, path = seed_and_path(argument, "FILE")
         folder = os.path.dirname(os.path.abspath(path))
         run_dir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
         config = run_config(args.config, run_dir, path)
-        group, runner = runner_for(config, args.model)
+        group, runner = runner_of(config)
         length = config.task.train_length
         words = sample_word_problems(group, np.random.default_rng(args.words_seed),
                                      args.sequences, length)

@@ -129,22 +129,22 @@ def merge_logs(paths):
 def plot_evaluations(path, evaluations, changes, title):
     """Per (model, seed), the per-position accuracy at each evaluation length against the step
     of each evaluation, with the steps where the schedule changed marked."""
-    seeds = sorted(evaluations)
-    fig, axes = plt.subplots(len(seeds), 1, figsize=(10, 3.2 * len(seeds)), sharex=True,
+    runs = sorted(evaluations)  # (model, seed)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 3.2 * len(runs)), sharex=True,
                              squeeze=False)
-    for ax, seed in zip(axes[:, 0], seeds):
-        points = sorted(evaluations[seed])
+    for ax, (model, seed) in zip(axes[:, 0], runs):
+        points = sorted(evaluations[model, seed])
         lengths = sorted({n for _, accs in points for n in accs})
         for i, length in enumerate(lengths):
             xy = [(step, accs[length]) for step, accs in points if length in accs]
             ax.plot(*zip(*xy), marker="o", markersize=3, color=f"C{i}", label=f"L={length}")
-        for step, what in changes.get(seed, []):
+        for step, what in changes.get((model, seed), []):
             ax.axvline(step, color="0.6", linestyle=":", linewidth=1)
             lr = re.search(r"learning_rate \S+ -> (\S+?)(,|$)", what)
             ax.annotate(f"lr {lr[1]}" if lr else what, (step, 1.0), fontsize=7,
                         rotation=90, va="top", ha="right", color="0.4")
         ax.set_ylim(0, 1.02)
-        ax.set_ylabel(f"{seed[0]} seed {seed[1]}: accuracy")
+        ax.set_ylabel(f"{model} seed {seed}: accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right", ncol=len(lengths))
     axes[-1, 0].set_xlabel("training step")

@@ -121,11 +121,22 @@ def run_config(config_path, run_dir, what):
 
 def runner_for(config, model):
     """``(group, runner)``: the group of ``config`` and the ``ModelRunner`` of its model
-    ``model``, as the command builds them."""
-    if model not in config.models:
-        raise ConfigError(f"no model '{model}' in the config (it has {', '.join(config.models)})")
+    ``model``, as the command builds them (an unknown model is ``model_config``'s error)."""
     group = cli.build_group(config.task)
     return group, ModelRunner(model, config.model_config(model, group.order), config.train)
+
+
+def runner_cache(model):
+    """``config -> (group, runner)`` for ``model``, built once per distinct config: the runs
+    of one config share a runner and its compiled functions."""
+    built = {}
+
+    def runner(config):
+        key = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+        if key not in built:
+            built[key] = runner_for(config, model)
+        return built[key]
+    return runner
 
 
 def load_runner(config_path, model):
@@ -195,10 +206,9 @@ def accuracy_by_position(args):
     words = eval_word_problems(group, config.task.eval_seed, args.sequences, args.length)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     rows, curves = [], []
-    runners = {}  # runs of one config share a runner (and its compiled functions)
+    runner_of = runner_cache(args.model)
     for (seed, out_dir), run_cfg in zip(runs, configs):
-        key = json.dumps(dataclasses.asdict(run_cfg), sort_keys=True, default=str)
-        runner = runners.setdefault(key, runner_for(run_cfg, args.model)[1])
+        _, runner = runner_of(run_cfg)
         params, step, scored = load_run(runner, run_cfg, seed, out_dir)
         predicted = predictions(runner, params, words.tokens, args.batch_size)
         targets = np.asarray(words.targets)
