@@ -342,22 +342,54 @@ class StepClock:
         return self.now
 
 
-def test_tiny_config_end_to_end_stop_resume_and_skip(tmp_path, capsys, monkeypatch):
+def test_tiny_config_stop_resume_and_skip(tmp_path, capsys, monkeypatch):
+    """Two of the five families: a run stopped by the time budget resumes, the finished ones
+    are reported (the rest named as unfinished) and skipped when the command runs again, and a
+    run that exists under other settings is refused in one line."""
     out = tmp_path / "compare"
-    args = ["--config", str(CONFIGS / "tiny.yaml"), "--out", str(out), "--no-progress"]
+    args = ["--config", str(CONFIGS / "tiny.yaml"), "--out", str(out), "--no-progress",
+            "--models", "m2rnn,gdn"]
     # Readings: start 1, before the first run 2, after its steps 3, 4 >= 1 + 2.5: the first run
-    # stops after step 2 (with a checkpoint) and no other starts.
+    # stops after step 2 (with a checkpoint) and the other does not start.
     monkeypatch.setattr(cli, "_clock", StepClock())
     assert cli.main(args + ["--time-budget-s", "2.5"]) == 0
     text = capsys.readouterr().out
     assert "Stopped by the time budget (--time-budget-s 2.5) at step 2/4" in text
-    assert text.count("not started (stopped by the time budget") == 4
+    assert text.count("not started (stopped by the time budget") == 1
     assert not (out / "results.csv").exists()
 
     monkeypatch.setattr(cli, "_clock", StepClock())
     assert cli.main(args) == 0
     text = capsys.readouterr().out
-    assert "Resuming from step 2" in text and text.count(": training 4 steps") == 5
+    assert "Resuming from step 2" in text and text.count(": training 4 steps") == 2
+    assert "3 of 5 runs are not finished (mamba2_seed0, gdn_1m_seed0, attention_seed0)" in text
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["model"] for r in rows] == ["m2rnn", "gdn"]
+    assert json.loads((out / "results.json").read_text())["complete"] is False
+    for name in report.FILES:
+        assert (out / name).stat().st_size > 0
+    first_csv = (out / "results.csv").read_text()
+
+    assert cli.main(args) == 0  # both finished: skipped, the same results
+    text = capsys.readouterr().out
+    assert text.count("; skipped") == 2 and "training" not in text
+    assert (out / "results.csv").read_text() == first_csv
+
+    # Other settings for a run that exists: one line naming the difference, nothing changed.
+    status = cli.main(args + ["--models", "m2rnn", "--set", "train.optimizer.learning_rate=0.01"])
+    assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("m2rnn-compare: error: ") and "\n" not in error
+    assert "optimizer.learning_rate was 0.003" in error and "--restart" in error
+
+
+@pytest.mark.slow
+def test_tiny_config_trains_every_family_into_the_report(tmp_path, capsys):
+    out = tmp_path / "compare"
+    assert cli.main(["--config", str(CONFIGS / "tiny.yaml"), "--out", str(out),
+                     "--no-progress"]) == 0
+    assert capsys.readouterr().out.count(": training 4 steps") == 5
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["model"] for r in rows] == ["m2rnn", "gdn", "mamba2", "gdn_1m", "attention"]
@@ -370,19 +402,6 @@ def test_tiny_config_end_to_end_stop_resume_and_skip(tmp_path, capsys, monkeypat
     saved = json.loads((out / "results.json").read_text())
     assert saved["complete"] is True
     assert len(saved["runs"][0]["long_context"]["bits"]) == 8  # 256 positions / 32
-    first_csv = (out / "results.csv").read_text()
-
-    assert cli.main(args) == 0  # everything finished: skipped, the same results
-    text = capsys.readouterr().out
-    assert text.count("; skipped") == 5 and "training" not in text
-    assert (out / "results.csv").read_text() == first_csv
-
-    # Other settings for a run that exists: one line naming the difference, nothing changed.
-    status = cli.main(args + ["--models", "m2rnn", "--set", "train.optimizer.learning_rate=0.01"])
-    assert status == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("m2rnn-compare: error: ") and "\n" not in error
-    assert "optimizer.learning_rate was 0.003" in error and "--restart" in error
 
 
 def test_restart_moves_the_selected_runs_and_results_aside(tmp_path):

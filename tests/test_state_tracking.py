@@ -24,7 +24,7 @@ import pytest
 import yaml
 from flax import nnx, serialization
 
-from m2rnn_experiments.state_tracking import checkpoint, cli, groups, tasks, training
+from m2rnn_experiments.state_tracking import checkpoint, cli, groups, merge_runs, tasks, training
 from m2rnn_experiments.state_tracking.config import (ExperimentConfig,
                                                      StateTrackingTrainConfig, TaskConfig)
 from m2rnn_experiments.state_tracking.training import (ModelRunner, label_smoothing_on,
@@ -245,6 +245,23 @@ def test_command_writes_well_formed_results_and_exits_zero(tmp_path, capsys):
     image = plt.imread(out / "accuracy_vs_length.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
     assert image[..., :3].std() > 0.01  # not a blank canvas
+
+
+def test_a_run_stopped_by_the_time_budget_says_so(tmp_path, capsys):
+    """The summary line of a run the time budget stopped names it and the steps asked, and
+    merge_runs still reads the line's steps and accuracies; a finished run's line does not."""
+    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4,
+                                                        "value_dim": 4, "backend": "scan"}}}
+    config = tiny_experiment(tmp_path, models)
+    base = ["--config", str(config), "--seeds", "1", "--no-progress"]
+    assert cli.main(base + ["--out", str(tmp_path / "cut"), "--time-budget-s", "1e-9"]) == 0
+    stopped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  seed")]
+    assert len(stopped) == 1 and stopped[0].endswith("; stopped by the time budget, 3 steps asked")
+    parsed = merge_runs.EVALUATION.match(stopped[0])
+    assert parsed and int(parsed["step"]) < 3, stopped[0]
+    assert cli.main(base + ["--out", str(tmp_path / "whole")]) == 0
+    finished = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  seed")]
+    assert finished[0].startswith("  seed 0: 3 steps") and "time budget" not in finished[0]
 
 
 def test_installed_console_script_exits_zero(tmp_path):

@@ -183,11 +183,13 @@ def run_experiment(argv) -> list:
                 taken = result.steps - result.resumed_from_step  # by this invocation
                 # The first call's steps (steps_per_dispatch of them) are in compile_s.
                 timed = taken - min(taken, train.steps_per_dispatch)
+                stop = "" if result.steps >= train.steps else \
+                    f"; stopped by the time budget, {train.steps} steps asked"
                 print(f"  seed {result.seed}: {result.steps} steps, compile "
                       f"{result.compile_s:.1f}s, train {result.train_s:.1f}s "
                       f"({timed / max(result.train_s, 1e-9):.0f} steps/s), eval "
                       f"{result.eval_s:.1f}s, loss {result.final_loss:.3f}; per-position "
-                      f"accuracy {accs}", flush=True)
+                      f"accuracy {accs}{stop}", flush=True)
     config_dict = dataclasses.asdict(config)
     config_dict["group_order"] = group.order
     paths, rows = write_all(config.out_dir, results, group.name, task.train_length, config_dict)
