@@ -264,6 +264,36 @@ def test_a_run_stopped_by_the_time_budget_says_so(tmp_path, capsys):
     assert finished[0].startswith("  seed 0: 3 steps") and "time budget" not in finished[0]
 
 
+def test_results_keep_other_runs_of_the_same_settings(tmp_path, capsys):
+    """Seeds run one invocation at a time into one folder add up in its results; an invocation
+    under other settings writes its own runs only and says why."""
+    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4,
+                                                        "value_dim": 4, "backend": "scan"}}}
+    out = tmp_path / "out"
+    base = ["--config", str(tiny_experiment(tmp_path, models)), "--out", str(out), "--seeds",
+            "1", "--no-progress"]
+
+    def seeds_in_results():
+        with open(out / "results.csv") as fh:
+            csv_seeds = sorted({int(row["seed"]) for row in csv.DictReader(fh)})
+        report = json.loads((out / "results.json").read_text())
+        assert sorted(run["seed"] for run in report["runs"]) == csv_seeds
+        assert sorted({row["seed"] for row in report["results"]}) == csv_seeds
+        return csv_seeds
+
+    assert cli.main(base + ["--first-seed", "0"]) == 0
+    assert cli.main(base + ["--first-seed", "1", "--time-budget-s", "600"]) == 0
+    assert seeds_in_results() == [0, 1]
+    assert "results hold this invocation's runs only" not in capsys.readouterr().out
+    assert cli.main(base + ["--first-seed", "2", "--set", "train.warmup_steps=2"]) == 0
+    assert seeds_in_results() == [2]
+    assert "results hold this invocation's runs only: " in capsys.readouterr().out
+    (out / "results.json").write_text("{")
+    assert cli.main(base + ["--first-seed", "0"]) == 0
+    assert seeds_in_results() == [0]
+    assert "results.json is unreadable" in capsys.readouterr().out
+
+
 def test_installed_console_script_exits_zero(tmp_path):
     """The installed ``m2rnn-state-tracking`` runs a one-step experiment and exits with 0."""
     script = shutil.which("m2rnn-state-tracking", path=sysconfig.get_path("scripts"))

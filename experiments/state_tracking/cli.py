@@ -9,7 +9,8 @@ Settings come from a YAML file (``--config``; by default ``configs/<group>.yaml`
 module when it exists, else ``configs/s5.yaml``); the flags below override it, and ``--set
 key=value`` overrides any key (e.g. ``--set models.m2rnn.m2rnn.backend=scan``). Writes
 ``results.csv``, ``results.json`` and ``accuracy_vs_length.png`` to the output folder and prints
-a summary. Each run saves its state to ``<out>/checkpoints/`` every minute and when it stops (a
+a summary: of this invocation's runs and of those an earlier one left there under the same
+settings (other models or seeds, e.g. ``--models`` one at a time). Each run saves its state to ``<out>/checkpoints/`` every minute and when it stops (a
 kill loses at most the last minute); running the same command again continues every unfinished
 run from there (``--restart`` starts over), so a long run can be split over many invocations. A
 run may continue under a new learning-rate schedule or step count (``--steps``, ``--lr``,
@@ -192,7 +193,10 @@ def run_experiment(argv) -> list:
                       f"accuracy {accs}{stop}", flush=True)
     config_dict = dataclasses.asdict(config)
     config_dict["group_order"] = group.order
-    paths, rows = write_all(config.out_dir, results, group.name, task.train_length, config_dict)
+    paths, rows, dropped = write_all(config.out_dir, results, group.name, task.train_length,
+                                     config_dict)
+    if dropped:
+        print(f"the results hold this invocation's runs only: {dropped}", flush=True)
     print(f"\n{summary_table(rows)}\n\ntotal {time.perf_counter() - start:.0f}s; wrote "
           f"{', '.join(str(p) for p in paths.values())}", flush=True)
     return results

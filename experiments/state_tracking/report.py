@@ -31,10 +31,47 @@ def write_csv(path, rows):
         writer.writerows(rows)
 
 
-def write_json(path, rows, results, config_dict):
-    runs = [{k: v for k, v in dataclasses.asdict(r).items() if k != "evals"} for r in results]
+def write_json(path, rows, runs, config_dict):
     with open(path, "w") as fh:
         json.dump({"config": config_dict, "results": rows, "runs": runs}, fh, indent=2)
+
+
+# Settings that choose which runs an invocation makes or when it stops, not what a run is: runs
+# of an earlier invocation that differs only in these stay in the output folder's results.
+SELECTION_KEYS = (("run",), ("train", "seeds"), ("train", "first_seed"),
+                  ("train", "time_budget_s"))
+
+
+def _without_selection(config_dict):
+    config = json.loads(json.dumps(config_dict))  # a deep copy, as JSON would store it
+    for *parents, key in SELECTION_KEYS:
+        section = config
+        for parent in parents:
+            section = section.get(parent, {})
+        section.pop(key, None)
+    return config
+
+
+def earlier_results(out_dir, config_dict, ran):
+    """The rows and runs of ``out_dir/results.json`` for the (model, seed) pairs not in
+    ``ran``, when that file was written under the same settings but for which runs were made
+    (``SELECTION_KEYS``); else none, and why (``None`` when there was nothing to keep)."""
+    path = os.path.join(out_dir, "results.json")
+    try:
+        with open(path) as fh:
+            earlier = json.load(fh)
+        rows, runs, config = earlier["results"], earlier["runs"], earlier["config"]
+    except FileNotFoundError:
+        return [], [], None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return [], [], f"{path} is unreadable ({error})"
+    kept = [run for run in runs if (run["model"], run["seed"]) not in ran]
+    if not kept:
+        return [], [], None
+    if _without_selection(config) != _without_selection(config_dict):
+        return [], [], f"{path} was written under other settings"
+    pairs = {(run["model"], run["seed"]) for run in kept}
+    return [row for row in rows if (row["model"], row["seed"]) in pairs], kept, None
 
 
 def summary_table(rows):
@@ -91,15 +128,21 @@ def plot(path, rows, group_name, train_length):
 
 
 def write_all(out_dir, results, group_name, train_length, config_dict):
-    """Writes results.csv, results.json and accuracy_vs_length.png; returns their paths."""
+    """Writes results.csv, results.json and accuracy_vs_length.png of these runs and of the
+    earlier runs in the folder that these did not redo (``earlier_results``); returns their
+    paths, the rows and, when earlier runs were dropped, why."""
     os.makedirs(out_dir, exist_ok=True)
-    rows = result_rows(results, group_name, train_length)
+    ran = {(r.model, r.seed) for r in results}
+    kept_rows, kept_runs, dropped = earlier_results(out_dir, config_dict, ran)
+    rows = kept_rows + result_rows(results, group_name, train_length)
+    runs = kept_runs + [{k: v for k, v in dataclasses.asdict(r).items() if k != "evals"}
+                        for r in results]
     paths = {name: os.path.join(out_dir, name)
              for name in ("results.csv", "results.json", "accuracy_vs_length.png")}
     write_csv(paths["results.csv"], rows)
-    write_json(paths["results.json"], rows, results, config_dict)
+    write_json(paths["results.json"], rows, runs, config_dict)
     plot(paths["accuracy_vs_length.png"], rows, group_name, train_length)
-    return paths, rows
+    return paths, rows, dropped
 
 
 def _short(n):
