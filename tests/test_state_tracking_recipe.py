@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from m2rnn_experiments.state_tracking import checkpoint, cli, plan
+from m2rnn_experiments.state_tracking import checkpoint, cli, merge_runs, plan
 from m2rnn_experiments.state_tracking.training import ModelRunner
 from m2rnn_jax.config import M2RNNConfig
 
@@ -455,3 +455,19 @@ def test_results_table_reports_each_seed_and_the_seeds_past_the_bar(tmp_path):
     assert cells[5] == "50.00, 60.00, 70.00"
     assert cells[6] == ", ".join(f"{100 * a:.2f}" for a in eight)
     assert cells[7] == f"{sum(a >= 0.99 for a in eight)} of 3" and cells[8] == "2.5"
+
+
+def test_merge_names_a_job_whose_results_json_is_missing(tmp_path, capsys, monkeypatch):
+    merged = []
+    monkeypatch.setattr(merge_runs, "merge", merged.append)
+    jobs = [plan.Job("ablations-S3", name, "ablations.yaml", (), 600.0, 60.0)
+            for name in ("csv_only", "not_run")]
+    os.makedirs(jobs[0].out_dir(str(tmp_path)))
+    with open(os.path.join(jobs[0].out_dir(str(tmp_path)), "results.csv"), "w") as fh:
+        fh.write("model,seed\n")
+    plan.merge(jobs, str(tmp_path))
+    assert len(merged) == 1  # the stage's CSVs still merge
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "not in the table (a results.csv without its results.json; the job's command rewrites "
+        "both): csv_only")
+

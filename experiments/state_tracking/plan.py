@@ -342,6 +342,12 @@ def merge(jobs, root):
     with open(os.path.join(root, "results.md"), "w") as fh:
         fh.write(table + "\n")
     print(table)
+    unlisted = [j.name for j in jobs
+                if os.path.exists(os.path.join(j.out_dir(root), "results.csv"))
+                and not os.path.exists(os.path.join(j.out_dir(root), "results.json"))]
+    if unlisted:
+        print(f"not in the table (a results.csv without its results.json; the job's command "
+              f"rewrites both): {', '.join(unlisted)}")
 
 
 def parse_args(argv):
