@@ -366,7 +366,13 @@ def test_tiny_config_stop_resume_and_skip(tmp_path, capsys, monkeypatch):
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["model"] for r in rows] == ["m2rnn", "gdn"]
-    assert json.loads((out / "results.json").read_text())["complete"] is False
+    for row in rows:
+        assert math.isfinite(float(row["val_bits_per_byte"]))
+        assert math.isfinite(float(row["bits_beyond_train_length"]))
+        assert int(row["tokens_trained"]) == 4 * 4 * 32
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] is False
+    assert len(saved["runs"][0]["long_context"]["bits"]) == 8  # 256 positions / 32
     for name in report.FILES:
         assert (out / name).stat().st_size > 0
     first_csv = (out / "results.csv").read_text()
@@ -386,6 +392,7 @@ def test_tiny_config_stop_resume_and_skip(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_tiny_config_trains_every_family_into_the_report(tmp_path, capsys):
+    """Every family of the smoke config trains and lands in a complete report."""
     out = tmp_path / "compare"
     assert cli.main(["--config", str(CONFIGS / "tiny.yaml"), "--out", str(out),
                      "--no-progress"]) == 0

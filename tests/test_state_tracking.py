@@ -237,7 +237,8 @@ def test_command_writes_well_formed_results_and_exits_zero(tmp_path, capsys):
     assert report["config"]["task"]["group"] == "S3" and report["config"]["group_order"] == 6
     for row, csv_row in zip(report["results"], rows):
         assert row["position_accuracy"] == pytest.approx(float(csv_row["position_accuracy"]))
-    assert [r["model"] for r in report["runs"]] == list(models)
+    # In the config's order of models (yaml.safe_dump sorted them), whatever --models says.
+    assert [r["model"] for r in report["runs"]] == sorted(models)
     assert all(r["steps"] == 3 and np.isfinite(r["final_loss"]) for r in report["runs"])
     assert all(r["final_scored_length"] == 6 for r in report["runs"])
     assert report["config"]["train"]["log_every"] == 3  # --set
@@ -257,41 +258,60 @@ def test_a_run_stopped_by_the_time_budget_says_so(tmp_path, capsys):
     assert cli.main(base + ["--out", str(tmp_path / "cut"), "--time-budget-s", "1e-9"]) == 0
     stopped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  seed")]
     assert len(stopped) == 1 and stopped[0].endswith("; stopped by the time budget, 3 steps asked")
-    parsed = merge_runs.EVALUATION.match(stopped[0])
-    assert parsed and int(parsed["step"]) < 3, stopped[0]
+    (step, accuracies), = merge_runs.read_evaluations(stopped[0])[0][0]
+    assert step < 3 and sorted(accuracies) == [6, 12], stopped[0]
+    for length, accuracy in accuracies.items():
+        assert f"L={length}: {100 * accuracy:.1f}%" in stopped[0]
     assert cli.main(base + ["--out", str(tmp_path / "whole")]) == 0
     finished = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  seed")]
     assert finished[0].startswith("  seed 0: 3 steps") and "time budget" not in finished[0]
 
 
 def test_results_keep_other_runs_of_the_same_settings(tmp_path, capsys):
-    """Seeds run one invocation at a time into one folder add up in its results; an invocation
-    under other settings writes its own runs only and says why."""
-    models = {"m2rnn": {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4,
-                                                        "value_dim": 4, "backend": "scan"}}}
+    """Models and seeds run one invocation at a time into one folder add up in its results (in
+    the config's order; a run made again replaces its rows; the backend and logging are not
+    settings of a run); an invocation under other settings writes its own runs only, says why
+    and moves the earlier file aside, as it does an unreadable one."""
+    models = {name: {"layer_pattern": "M", "m2rnn": {"num_heads": 2, "key_dim": 4,
+                                                     "value_dim": 4, "backend": "scan"}}
+              for name in ("first", "second")}
     out = tmp_path / "out"
     base = ["--config", str(tiny_experiment(tmp_path, models)), "--out", str(out), "--seeds",
             "1", "--no-progress"]
 
-    def seeds_in_results():
+    def runs_in_results():
         with open(out / "results.csv") as fh:
-            csv_seeds = sorted({int(row["seed"]) for row in csv.DictReader(fh)})
+            rows = [(row["model"], int(row["seed"])) for row in csv.DictReader(fh)]
         report = json.loads((out / "results.json").read_text())
-        assert sorted(run["seed"] for run in report["runs"]) == csv_seeds
-        assert sorted({row["seed"] for row in report["results"]}) == csv_seeds
-        return csv_seeds
+        runs = [(run["model"], run["seed"]) for run in report["runs"]]
+        assert rows == [run for run in runs for _ in (6, 12)]  # two evaluation lengths each
+        assert [(row["model"], row["seed"]) for row in report["results"]] == rows
+        return runs
 
-    assert cli.main(base + ["--first-seed", "0"]) == 0
-    assert cli.main(base + ["--first-seed", "1", "--time-budget-s", "600"]) == 0
-    assert seeds_in_results() == [0, 1]
-    assert "results hold this invocation's runs only" not in capsys.readouterr().out
-    assert cli.main(base + ["--first-seed", "2", "--set", "train.warmup_steps=2"]) == 0
-    assert seeds_in_results() == [2]
-    assert "results hold this invocation's runs only: " in capsys.readouterr().out
+    def printed():
+        return capsys.readouterr().out
+
+    assert cli.main(base + ["--models", "second"]) == 0
+    assert cli.main(base + ["--models", "first", "--set", "train.log_every=2"]) == 0
+    assert cli.main(base + ["--models", "second", "--first-seed", "1", "--set",
+                            "models.second.m2rnn.backend=auto"]) == 0
+    assert cli.main(base + ["--models", "second"]) == 0  # done: evaluated again, rows replaced
+    assert runs_in_results() == [("first", 0), ("second", 0), ("second", 1)]
+    assert "leave out earlier runs" not in printed()
+
+    assert cli.main(base + ["--models", "first", "--first-seed", "2", "--set",
+                            "train.warmup_steps=2"]) == 0
+    assert runs_in_results() == [("first", 2)]
+    note = [line for line in printed().splitlines() if "leave out earlier runs" in line]
+    assert len(note) == 1 and "first seed 0, second seed 0, second seed 1" in note[0]
+    assert "differing: train.warmup_steps" in note[0]
+    aside = json.loads((out / "results.earlier-1.json").read_text())
+    assert len(aside["runs"]) == 3
+
     (out / "results.json").write_text("{")
-    assert cli.main(base + ["--first-seed", "0"]) == 0
-    assert seeds_in_results() == [0]
-    assert "results.json is unreadable" in capsys.readouterr().out
+    assert cli.main(base + ["--models", "first"]) == 0
+    assert runs_in_results() == [("first", 0)] and "is unreadable" in printed()
+    assert (out / "results.earlier-2.json").read_text() == "{"
 
 
 def test_installed_console_script_exits_zero(tmp_path):

@@ -468,6 +468,6 @@ def test_merge_names_a_job_whose_results_json_is_missing(tmp_path, capsys, monke
     plan.merge(jobs, str(tmp_path))
     assert len(merged) == 1  # the stage's CSVs still merge
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "not in the table (a results.csv without its results.json; the job's command rewrites "
-        "both): csv_only")
+        "not in the table (a results.csv without its results.json; `plan JOB` runs the job "
+        "again and writes both): csv_only")
 

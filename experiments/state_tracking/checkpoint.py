@@ -71,9 +71,9 @@ class Fingerprints:
     schedule: dict
 
 
-def fingerprint(model_config, train_config, task_config, seed, *, with_schedule=True) -> str:
-    """A short hash of everything that decides a run's trajectory (without ``SCHEDULE_KEYS``
-    when ``with_schedule`` is false)."""
+def run_settings(model_config, train_config, task_config, *, with_schedule=True) -> dict:
+    """Everything but the seed that decides a run's trajectory (without ``SCHEDULE_KEYS`` when
+    ``with_schedule`` is false), as plain data."""
     skip = _NOT_FINGERPRINTED | (set() if with_schedule else set(SCHEDULE_KEYS))
     train = {k: v for k, v in dataclasses.asdict(train_config).items() if k not in skip}
     if train_config.device_words:  # (NumPy's words hash as before the key existed)
@@ -83,8 +83,13 @@ def fingerprint(model_config, train_config, task_config, seed, *, with_schedule=
     # The recurrence's backend computes the same function (to rounding): a run may move between
     # backends, e.g. from the scan to the GPU kernels. It is always hashed as "scan".
     model["m2rnn"] = {**model["m2rnn"], "backend": _HASHED_BACKEND}
-    text = json.dumps({"model": model, "train": train, "task": task,
-                       "seed": seed}, sort_keys=True, default=str)
+    return {"model": model, "train": train, "task": task}
+
+
+def fingerprint(model_config, train_config, task_config, seed, *, with_schedule=True) -> str:
+    """A short hash of ``run_settings`` and the seed."""
+    settings = run_settings(model_config, train_config, task_config, with_schedule=with_schedule)
+    text = json.dumps({**settings, "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -6,17 +6,18 @@ Example (the paper's claim: M²RNN tracks S5 at lengths never seen in training):
         --models m2rnn --seeds 3 --out runs/s5_long
 
 Settings come from a YAML file (``--config``; by default ``configs/<group>.yaml`` next to this
-module when it exists, else ``configs/s5.yaml``); the flags below override it, and ``--set
-key=value`` overrides any key (e.g. ``--set models.m2rnn.m2rnn.backend=scan``). Writes
-``results.csv``, ``results.json`` and ``accuracy_vs_length.png`` to the output folder and prints
-a summary: of this invocation's runs and of those an earlier one left there under the same
-settings (other models or seeds, e.g. ``--models`` one at a time). Each run saves its state to ``<out>/checkpoints/`` every minute and when it stops (a
-kill loses at most the last minute); running the same command again continues every unfinished
-run from there (``--restart`` starts over), so a long run can be split over many invocations. A
-run may continue under a new learning-rate schedule or step count (``--steps``, ``--lr``,
-``--set train.warmup_steps=...`` or ``train.min_lr_ratio``); any other change of settings is
-refused with the file's name. Errors in the settings are reported in one line (exit status 2;
-``--debug`` shows the traceback).
+module when it exists, else ``configs/s5.yaml``); the flags below override it, and
+``--set key=value`` overrides any key (e.g. ``--set models.m2rnn.m2rnn.backend=scan``). Writes
+``results.csv``, ``results.json`` and ``accuracy_vs_length.png`` to the output folder and prints a
+summary. These hold this invocation's runs and those of other models and seeds that earlier ones
+wrote there under the same settings (``--models`` one at a time add up); an earlier ``results.json``
+whose runs differ otherwise is moved aside. Each run saves its state to ``<out>/checkpoints/`` every
+minute and when it stops (a kill loses at most the last minute); running the same command again
+continues every unfinished run from there (``--restart`` starts over), so a long run can be split
+over many invocations. A run may continue under a new learning-rate schedule or step count
+(``--steps``, ``--lr``, ``--set train.warmup_steps=...`` or ``train.min_lr_ratio``); any other
+change of settings is refused with the file's name. Errors in the settings are reported in one line
+(exit status 2; ``--debug`` shows the traceback).
 """
 
 import argparse
@@ -191,12 +192,9 @@ def run_experiment(argv) -> list:
                       f"({timed / max(result.train_s, 1e-9):.0f} steps/s), eval "
                       f"{result.eval_s:.1f}s, loss {result.final_loss:.3f}; per-position "
                       f"accuracy {accs}{stop}", flush=True)
-    config_dict = dataclasses.asdict(config)
-    config_dict["group_order"] = group.order
-    paths, rows, dropped = write_all(config.out_dir, results, group.name, task.train_length,
-                                     config_dict)
-    if dropped:
-        print(f"the results hold this invocation's runs only: {dropped}", flush=True)
+    paths, rows, note = write_all(config.out_dir, results, config, group)
+    if note:
+        print(f"the results leave out earlier runs: {note}", flush=True)
     print(f"\n{summary_table(rows)}\n\ntotal {time.perf_counter() - start:.0f}s; wrote "
           f"{', '.join(str(p) for p in paths.values())}", flush=True)
     return results

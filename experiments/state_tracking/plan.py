@@ -346,8 +346,8 @@ def merge(jobs, root):
                 if os.path.exists(os.path.join(j.out_dir(root), "results.csv"))
                 and not os.path.exists(os.path.join(j.out_dir(root), "results.json"))]
     if unlisted:
-        print(f"not in the table (a results.csv without its results.json; the job's command "
-              f"rewrites both): {', '.join(unlisted)}")
+        print(f"not in the table (a results.csv without its results.json; `plan JOB` runs the "
+              f"job again and writes both): {', '.join(unlisted)}")
 
 
 def parse_args(argv):

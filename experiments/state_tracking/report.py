@@ -1,15 +1,25 @@
 """Results of the state-tracking experiment: CSV, JSON and a plot of accuracy vs length."""
 
+import contextlib
 import csv
 import dataclasses
 import json
 import os
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: processes sharing an output folder are not serialised
+    fcntl = None
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
+
+from m2rnn_experiments.state_tracking import checkpoint  # noqa: E402
+from m2rnn_experiments.state_tracking.config import ExperimentConfig  # noqa: E402
+from m2rnn_jax.typed_config import ConfigError, from_dict  # noqa: E402
 
 CSV_COLUMNS = ("model", "seed", "length", "position_accuracy", "sequence_accuracy", "num_params",
                "steps", "train_length", "group")
@@ -25,53 +35,81 @@ def result_rows(results, group_name, train_length):
 
 
 def write_csv(path, rows):
-    with open(path, "w", newline="") as fh:
+    with _replacing(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
 
 
 def write_json(path, rows, runs, config_dict):
-    with open(path, "w") as fh:
+    with _replacing(path, "w") as fh:
         json.dump({"config": config_dict, "results": rows, "runs": runs}, fh, indent=2)
 
 
-# Settings that choose which runs an invocation makes or when it stops, not what a run is: runs
-# of an earlier invocation that differs only in these stay in the output folder's results.
-SELECTION_KEYS = (("run",), ("train", "seeds"), ("train", "first_seed"),
-                  ("train", "time_budget_s"))
+@contextlib.contextmanager
+def _replacing(path, *args, **kwargs):
+    """Writes through a temporary file that replaces ``path`` when complete: a reader never
+    sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, *args, **kwargs) as fh:
+        yield fh
+    os.replace(tmp, path)
 
 
-def _without_selection(config_dict):
-    config = json.loads(json.dumps(config_dict))  # a deep copy, as JSON would store it
-    for *parents, key in SELECTION_KEYS:
-        section = config
-        for parent in parents:
-            section = section.get(parent, {})
-        section.pop(key, None)
-    return config
+def _compared_settings(config, group_order, model):
+    """What decides a run's results (its trajectory and its evaluation), flattened to dotted
+    keys: runs of two invocations with equal settings may share one results.json."""
+    settings = checkpoint.run_settings(config.model_config(model, group_order), config.train,
+                                       config.task)
+    settings["task"] = dataclasses.asdict(config.task)  # the evaluation's settings too
+    flat, stack = {}, [("", json.loads(json.dumps(settings, default=str)))]
+    while stack:
+        prefix, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{prefix}{key}.", item) for key, item in value.items()]
+        else:
+            flat[prefix[:-1]] = value
+    return flat
 
 
-def earlier_results(out_dir, config_dict, ran):
-    """The rows and runs of ``out_dir/results.json`` for the (model, seed) pairs not in
-    ``ran``, when that file was written under the same settings but for which runs were made
-    (``SELECTION_KEYS``); else none, and why (``None`` when there was nothing to keep)."""
+def earlier_results(out_dir, config, group_order, ran):
+    """``(rows, runs, note)``: of ``out_dir/results.json``, the rows and runs of the (model,
+    seed) pairs not in ``ran``, when each was made under the settings ``config`` gives it
+    (which runs an invocation makes, when it stops, how it logs and on which backend aside);
+    else none of them, and ``note`` says why (``None`` when there was nothing to keep)."""
     path = os.path.join(out_dir, "results.json")
     try:
         with open(path) as fh:
             earlier = json.load(fh)
-        rows, runs, config = earlier["results"], earlier["runs"], earlier["config"]
+        runs = [run for run in earlier["runs"] if (run["model"], run["seed"]) not in ran]
+        if not runs:
+            return [], [], None
+        saved = earlier["config"]
+        fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+        saved_config = from_dict(ExperimentConfig, {k: v for k, v in saved.items()
+                                                    if k in fields})
+        differing = set()
+        for run in runs:
+            try:
+                before = _compared_settings(saved_config, saved["group_order"], run["model"])
+                now = _compared_settings(config, group_order, run["model"])
+            except ConfigError:  # a model one of the configs does not define
+                differing.add(f"models.{run['model']}")
+                continue
+            differing |= {key for key in before.keys() | now.keys()
+                          if before.get(key) != now.get(key)}
+        pairs = {(run["model"], run["seed"]) for run in runs}
+        rows = [row for row in earlier["results"] if (row["model"], row["seed"]) in pairs]
     except FileNotFoundError:
         return [], [], None
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return [], [], f"{path} is unreadable ({error})"
-    kept = [run for run in runs if (run["model"], run["seed"]) not in ran]
-    if not kept:
-        return [], [], None
-    if _without_selection(config) != _without_selection(config_dict):
-        return [], [], f"{path} was written under other settings"
-    pairs = {(run["model"], run["seed"]) for run in kept}
-    return [row for row in rows if (row["model"], row["seed"]) in pairs], kept, None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as error:
+        return [], [], f"{path} is unreadable ({type(error).__name__}: {error})"
+    if differing:
+        named = ", ".join(f"{model} seed {seed}" for model, seed in sorted(pairs))
+        return [], [], (f"{path} holds runs made under other settings ({named}; differing: "
+                        f"{', '.join(sorted(differing)[:4])}"
+                        f"{', ...' if len(differing) > 4 else ''})")
+    return rows, runs, None
 
 
 def summary_table(rows):
@@ -127,22 +165,50 @@ def plot(path, rows, group_name, train_length):
     plt.close(fig)
 
 
-def write_all(out_dir, results, group_name, train_length, config_dict):
+def write_all(out_dir, results, config, group):
     """Writes results.csv, results.json and accuracy_vs_length.png of these runs and of the
-    earlier runs in the folder that these did not redo (``earlier_results``); returns their
-    paths, the rows and, when earlier runs were dropped, why."""
+    earlier runs in the folder that these did not redo (``earlier_results``; an earlier
+    results.json whose runs cannot be kept is moved aside, not overwritten); returns their
+    paths, the rows and a note when earlier runs were left out."""
     os.makedirs(out_dir, exist_ok=True)
-    ran = {(r.model, r.seed) for r in results}
-    kept_rows, kept_runs, dropped = earlier_results(out_dir, config_dict, ran)
-    rows = kept_rows + result_rows(results, group_name, train_length)
-    runs = kept_runs + [{k: v for k, v in dataclasses.asdict(r).items() if k != "evals"}
-                        for r in results]
     paths = {name: os.path.join(out_dir, name)
              for name in ("results.csv", "results.json", "accuracy_vs_length.png")}
-    write_csv(paths["results.csv"], rows)
-    write_json(paths["results.json"], rows, runs, config_dict)
-    plot(paths["accuracy_vs_length.png"], rows, group_name, train_length)
-    return paths, rows, dropped
+    config_dict = dataclasses.asdict(config)
+    config_dict["group_order"] = group.order
+    train_length = config.task.train_length
+    with _results_lock(out_dir):  # processes that share the folder (--first-seed) add up
+        ran = {(r.model, r.seed) for r in results}
+        kept_rows, kept_runs, note = earlier_results(out_dir, config, group.order, ran)
+        if note is not None and os.path.exists(paths["results.json"]):
+            aside = _free_name(out_dir, "results.earlier-{}.json")
+            os.replace(paths["results.json"], aside)
+            note += f"; moved to {aside}"
+        order = {name: i for i, name in enumerate(config.models)}  # the same in every run
+        rows = sorted(kept_rows + result_rows(results, group.name, train_length),
+                      key=lambda row: (order[row["model"]], row["seed"], row["length"]))
+        runs = sorted(kept_runs + [{k: v for k, v in dataclasses.asdict(r).items()
+                                    if k != "evals"} for r in results],
+                      key=lambda run: (order[run["model"]], run["seed"]))
+        write_csv(paths["results.csv"], rows)
+        write_json(paths["results.json"], rows, runs, config_dict)
+    plot(paths["accuracy_vs_length.png"], rows, group.name, train_length)
+    return paths, rows, note
+
+
+@contextlib.contextmanager
+def _results_lock(out_dir):
+    """Holds ``out_dir/results.lock`` while a process reads, merges and writes the results."""
+    with open(os.path.join(out_dir, "results.lock"), "w") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _free_name(out_dir, pattern):
+    n = 1
+    while os.path.exists(os.path.join(out_dir, pattern.format(n))):
+        n += 1
+    return os.path.join(out_dir, pattern.format(n))
 
 
 def _short(n):
