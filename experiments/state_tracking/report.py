@@ -183,7 +183,7 @@ def write_all(out_dir, results, config, group):
             aside = _free_name(out_dir, "results.earlier-{}.json")
             os.replace(paths["results.json"], aside)
             note += f"; moved to {aside}"
-        order = {name: i for i, name in enumerate(config.models)}  # the same in every run
+        order = {name: i for i, name in enumerate(config.models)}  # whichever --models ran
         rows = sorted(kept_rows + result_rows(results, group.name, train_length),
                       key=lambda row: (order[row["model"]], row["seed"], row["length"]))
         runs = sorted(kept_runs + [{k: v for k, v in dataclasses.asdict(r).items()
