@@ -95,6 +95,7 @@ from m2rnn_jax.typed_config import load_yaml, override
 from train import sharding
 from train.config import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from train.data import PackedRows, model_inputs, read_bytes, stdlib_python_files
+from train.run_folder import write_atomically
 from train.step import active_shares, build_trainee, put_batch, token_cross_entropy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -129,10 +130,7 @@ class Report:
     def save(self):
         if not self.path:
             return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.data, fh, indent=1, default=str)
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps(self.data, indent=1, default=str))
 
 
 def short_error(err) -> str:

@@ -15,6 +15,8 @@ import hashlib
 import os
 import pathlib
 
+from train.run_folder import write_atomically
+
 MANIFEST = "SHA256SUMS"
 # Written by Orbax at the top of a step folder after the manifest (a commit timestamp and a
 # success mark); they hold nothing a restore reads.
@@ -48,9 +50,7 @@ def write_manifest(step_dir):
     """Writes ``<step_dir>/SHA256SUMS`` for every file of the step (atomically)."""
     step_dir = pathlib.Path(step_dir)
     lines = [f"{file_sha256(step_dir / f)}  {f.as_posix()}\n" for f in _checked_files(step_dir)]
-    partial = step_dir / (MANIFEST + ".partial")
-    partial.write_text("".join(lines))
-    os.replace(partial, step_dir / MANIFEST)
+    write_atomically(step_dir / MANIFEST, "".join(lines))
 
 
 def verify(step_dir, items=None) -> bool:

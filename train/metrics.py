@@ -2,8 +2,9 @@
 
 import json
 import math
-import os
 import pathlib
+
+from train.run_folder import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -26,9 +27,7 @@ class MetricsLog:
         kept = []
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_records(self.path, log=log) if r["step"] <= resume_step]
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(partial, self.path)
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, kind: str, step: int, **values):
         if not self.enabled:

@@ -28,6 +28,15 @@ OLD_RUNS_DIR = "old_runs"
 RUN_ENTRIES = ("checkpoints", "damaged_checkpoints", "metrics.jsonl", "config.yaml", "loss.png")
 
 
+def write_atomically(path, data):
+    """Writes ``data`` (text or bytes) to ``<path>.partial``, then renames it to ``path``: a
+    kill mid-write leaves the previous file whole, and a reader never sees half a file."""
+    partial = f"{path}.partial"
+    with open(partial, "wb" if isinstance(data, bytes) else "w") as fh:
+        fh.write(data)
+    os.replace(partial, path)
+
+
 class OutDirError(UserError):
     """The ``--out`` path cannot hold a run (a file, unwritable)."""
 

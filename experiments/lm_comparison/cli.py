@@ -21,7 +21,6 @@ exits with 1; a stop by SIGINT / SIGTERM with 130 / 143.
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import statistics
@@ -37,6 +36,7 @@ from m2rnn_experiments.lm_comparison.corpus import prepare_corpus
 from m2rnn_jax.typed_config import ConfigError, assign, from_dict, read_yaml
 from train import compile_cache
 from train.errors import RunFailure, UserError, add_debug_flag, run_command
+from train.run_folder import write_atomically
 
 PROG = "m2rnn-compare"
 RUNS_DIR = "runs"
@@ -261,10 +261,7 @@ def read_summary(run_dir):
 
 
 def write_summary(run_dir, summary):
-    path = pathlib.Path(run_dir) / SUMMARY_FILE
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(partial, path)
+    write_atomically(pathlib.Path(run_dir) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
 def check_saved_run(run_dir, train_config):

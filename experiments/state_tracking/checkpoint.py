@@ -27,6 +27,8 @@ import os
 
 from flax import serialization
 
+from train.run_folder import write_atomically
+
 FORMAT = 1
 # Settings that do not change what a run computes (how long this invocation may take, how
 # often it logs or saves, which seeds the command line asked for, how many share a step and how
@@ -116,10 +118,7 @@ def save(path, state: RunState, prints: Fingerprints):
                "tree": serialization.to_state_dict({"params": state.params,
                                                     "opt_state": state.opt_state})}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
+    write_atomically(path, serialization.msgpack_serialize(payload))
 
 
 def load(path, target_params, target_opt_state, prints: Fingerprints) -> RunState:

@@ -33,6 +33,7 @@ from m2rnn_experiments.state_tracking import cli
 from m2rnn_experiments.state_tracking.config import ExperimentConfig
 from m2rnn_jax.typed_config import ConfigError, from_dict, read_yaml
 from train.errors import add_debug_flag, run_command
+from train.run_folder import write_atomically
 
 PROG = "python -m m2rnn_experiments.state_tracking.plan"
 # The groups and seeds chosen before any run (README); the stages in the order they run.
@@ -173,10 +174,7 @@ class Ledger:
             self._write()
 
     def _write(self):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(self.entries, fh, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
 
 
 def reached_step_cap(out_dir):

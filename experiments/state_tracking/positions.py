@@ -31,9 +31,10 @@ import numpy as np  # noqa: E402
 
 from m2rnn_experiments.state_tracking import checkpoint, cli  # noqa: E402
 from m2rnn_experiments.state_tracking.config import ExperimentConfig  # noqa: E402
+from m2rnn_experiments.state_tracking.report import recorded_config  # noqa: E402
 from m2rnn_experiments.state_tracking.tasks import eval_word_problems  # noqa: E402
 from m2rnn_experiments.state_tracking.training import ModelRunner  # noqa: E402
-from m2rnn_jax.typed_config import ConfigError, from_dict, load_yaml  # noqa: E402
+from m2rnn_jax.typed_config import ConfigError, load_yaml  # noqa: E402
 from train.errors import add_debug_flag, run_command  # noqa: E402
 
 
@@ -106,9 +107,7 @@ def run_config(config_path, run_dir, what):
     if path and os.path.exists(path):
         try:
             with open(path) as fh:
-                saved = json.load(fh)["config"]
-            fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
-            config = from_dict(ExperimentConfig, {k: v for k, v in saved.items() if k in fields})
+                config = recorded_config(json.load(fh)["config"])
             print(f"{what}: the config {path} records")
             return config
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:

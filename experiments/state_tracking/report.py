@@ -3,6 +3,7 @@
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import os
 
@@ -20,6 +21,7 @@ import numpy as np  # noqa: E402
 from m2rnn_experiments.state_tracking import checkpoint  # noqa: E402
 from m2rnn_experiments.state_tracking.config import ExperimentConfig  # noqa: E402
 from m2rnn_jax.typed_config import ConfigError, from_dict  # noqa: E402
+from train.run_folder import write_atomically  # noqa: E402
 
 CSV_COLUMNS = ("model", "seed", "length", "position_accuracy", "sequence_accuracy", "num_params",
                "steps", "train_length", "group")
@@ -35,25 +37,23 @@ def result_rows(results, group_name, train_length):
 
 
 def write_csv(path, rows):
-    with _replacing(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(path, text.getvalue())
 
 
 def write_json(path, rows, runs, config_dict):
-    with _replacing(path, "w") as fh:
-        json.dump({"config": config_dict, "results": rows, "runs": runs}, fh, indent=2)
+    write_atomically(path, json.dumps({"config": config_dict, "results": rows, "runs": runs},
+                                      indent=2))
 
 
-@contextlib.contextmanager
-def _replacing(path, *args, **kwargs):
-    """Writes through a temporary file that replaces ``path`` when complete: a reader never
-    sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, *args, **kwargs) as fh:
-        yield fh
-    os.replace(tmp, path)
+def recorded_config(saved):
+    """The ``ExperimentConfig`` a results.json's ``config`` records (the keys written beside
+    it, such as ``group_order``, aside)."""
+    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    return from_dict(ExperimentConfig, {k: v for k, v in saved.items() if k in fields})
 
 
 def _compared_settings(config, group_order, model):
@@ -85,9 +85,7 @@ def earlier_results(out_dir, config, group_order, ran):
         if not runs:
             return [], [], None
         saved = earlier["config"]
-        fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
-        saved_config = from_dict(ExperimentConfig, {k: v for k, v in saved.items()
-                                                    if k in fields})
+        saved_config = recorded_config(saved)
         differing = set()
         for run in runs:
             try:
