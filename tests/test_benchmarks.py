@@ -262,7 +262,8 @@ def test_multi_gpu_scaling_tiny_matches_one_device_and_resumes(tmp_path, capsys)
 # The context and MoE studies run layers the default suite checks on their own
 # (test_context_parallel.py, test_moe.py, test_parallel_layouts.py) through the process,
 # deadline and resume machinery the scaling study's test above checks; their own runs (four
-# processes, one) take ~65 s of CPU, so they run with `-m slow`.
+# processes, one) take ~65 s of CPU, so the studies' own code (context_runs and its micro-batch
+# choice, moe_runs, expert_load, the idle fraction, their printing) is checked with `-m slow`.
 @pytest.mark.slow
 def test_multi_gpu_context_tiny_check_and_idle_fraction(tmp_path, capsys):
     assert multi_gpu_bench.main(["--study", "context", "--tiny", "--out", str(tmp_path),

@@ -112,8 +112,9 @@ def test_device_words_are_uniform_with_numpys_prefix_products(group):
 def test_n_steps_per_call_equal_n_calls_and_do_not_depend_on_n(experiment, tmp_path, capsys):
     """8 steps of two seeds (vmapped) as 8 calls of one step and as 2 calls of 4, all on the
     device words: the same parameters and losses; a step curriculum compiles the call once per
-    width, not once per call. A run stopped after its first call of 4 and resumed under 3 steps
-    per call (a call of 3, then one with two steps past the run's end) ends there too."""
+    width, not once per call. A run stopped after its first step and resumed under 3 steps per
+    call (calls end at multiples of 3: steps 1-2, 3-5 with the schedules' switch at step 4
+    inside it, 6-7 and one step past the run's end) ends there too."""
     config, group, runner = experiment
     one_results, one = train_seeds(runner(1), group, config.task, tmp_path / "n1")
     assert runner(1)._train_dispatch._cache_size() == 2  # widths 2 and 4, over 8 calls
@@ -126,10 +127,10 @@ def test_n_steps_per_call_equal_n_calls_and_do_not_depend_on_n(experiment, tmp_p
         assert_close(params[seed], one[seed])
 
     resumed_dir = tmp_path / "resumed"
-    first, _ = train_seeds(runner(4), group, config.task, resumed_dir, deadline=0.0)
-    assert [r.steps for r in first] == [4, 4]
+    first, _ = train_seeds(runner(1), group, config.task, resumed_dir, deadline=0.0)
+    assert [r.steps for r in first] == [1, 1]
     results, params = train_seeds(runner(3), group, config.task, resumed_dir)
-    assert [r.resumed_from_step for r in results] == [4, 4]
+    assert [r.resumed_from_step for r in results] == [1, 1]
     for seed in (0, 1):
         assert_close(params[seed], one[seed])
 
