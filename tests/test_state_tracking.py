@@ -436,11 +436,25 @@ def test_runs_resume_from_checkpoints_exactly(tmp_path):
     assert got.final_loss == pytest.approx(want.final_loss, rel=1e-5)
     assert got.evals == want.evals
 
-    # Other settings (here: the batch size) or a damaged file: a clear error naming the file.
+    # Other settings (here: the batch size) or a damaged file: a clear error naming the file
+    # and what differs (a file from before the settings were saved: its fingerprint).
     other = ModelRunner("m2rnn", config.model_config("m2rnn", group.order),
                         dataclasses.replace(config.train, batch_size=8))
-    with pytest.raises(checkpoint.ResumeError, match="other settings"):
+    with pytest.raises(checkpoint.ResumeError,
+                       match=r"m2rnn_seed0.msgpack was written under other settings \(differing: "
+                             r"train\.batch_size;.*--restart"):
         other.run(0, group, config.task, progress=False, checkpoint_path=path)
+    with pytest.raises(checkpoint.ResumeError, match=r"\(differing: seed;"):
+        whole.run(1, group, config.task, progress=False, checkpoint_path=path)
+    old_format = str(tmp_path / "old" / "m2rnn_seed0.msgpack")
+    payload = serialization.msgpack_restore(open(path, "rb").read())
+    meta = json.loads(payload["meta"])
+    del meta["settings"]
+    os.makedirs(os.path.dirname(old_format))
+    with open(old_format, "wb") as fh:
+        fh.write(serialization.msgpack_serialize({**payload, "meta": json.dumps(meta)}))
+    with pytest.raises(checkpoint.ResumeError, match=r"\(fingerprint [0-9a-f]{16}, this run"):
+        other.run(0, group, config.task, progress=False, checkpoint_path=old_format)
     # The recurrence's backend is not a setting of the run: the file resumes under another.
     model = config.model_config("m2rnn", group.order)
     moved = ModelRunner("m2rnn", dataclasses.replace(

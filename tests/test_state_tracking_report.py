@@ -92,6 +92,11 @@ def test_a_seed_that_moved_between_run_folders_keeps_its_whole_history(tmp_path)
         rows = merge_runs.read_rows([str(tmp_path / name) for name in order])
         assert sorted((r["seed"], r["steps"], r["position_accuracy"]) for r in rows) == [
             (4, 200, 0.1), (5, 300, 0.3)]
+    # The same name and seed with another parameter count: two models, an error naming both.
+    (tmp_path / "other.csv").write_text(header + "m2rnn,5,64,0.3,0.0,12,300,64,S5\n")
+    with pytest.raises(merge_runs.ConfigError, match=r"seed 5 of 'm2rnn' is in .*group.csv \(10 "
+                       r"parameters\) and .*other.csv \(12\): two models under one name"):
+        merge_runs.read_rows([str(tmp_path / name) for name in ("group.csv", "other.csv")])
 
 
 SEED = 3
@@ -153,7 +158,7 @@ def test_merges_separate_runs_and_plots_their_progress(tiny_runs, tmp_path, caps
     both.write_text("".join(open(log).read() for log in logs))
     mixed = str(tmp_path / "mixed")
     assert merge_runs.main(["--out", mixed, "--results", *results, "--logs", str(both)]) == 0
-    assert f"not one model in the log's progress lines): {both}" in capsys.readouterr().out
+    assert f"no model or several: one log per model's command): {both}" in capsys.readouterr().out
     assert os.path.exists(mixed + "_progress.png") and not os.path.exists(mixed + "_evals.png")
 
 
@@ -245,7 +250,8 @@ def test_analyses_read_a_runs_own_config_and_report_mistakes_in_one_line(tiny_ru
     assert f"{config_path} ({bare / 'results.json'} unusable" in capsys.readouterr().out
     for seed in ("x", "-1", "²"):
         assert "expected SEED:OUT" in error_of(positions.main([f"--run={seed}:{out}", *small]))
-    assert "expected SEED:FILE" in error_of(margins.main([str(out / ckpt)]))
+    assert "expected SEED:FILE with a seed >= 0, e.g. 0:runs/s5/checkpoints/" in error_of(
+        margins.main([str(out / ckpt)]))
     assert "--label-smoothing" in error_of(
         margins.main([f"{SEED}:{out / ckpt}", "--label-smoothing", "2"]))
     assert "--sequences must be" in error_of(

@@ -67,10 +67,12 @@ class RunState:
 @dataclasses.dataclass(frozen=True)
 class Fingerprints:
     """What a checkpoint is matched against: ``exact`` (every setting), ``trajectory`` (every
-    setting but the schedule) and the ``schedule`` values themselves."""
+    setting but the schedule), the ``schedule`` values themselves, and the ``settings`` behind
+    ``trajectory`` as dotted keys (saved so that a mismatch can name what differs)."""
     exact: str
     trajectory: str
     schedule: dict
+    settings: dict
 
 
 def run_settings(model_config, train_config, task_config, *, with_schedule=True) -> dict:
@@ -88,6 +90,18 @@ def run_settings(model_config, train_config, task_config, *, with_schedule=True)
     return {"model": model, "train": train, "task": task}
 
 
+def flat_settings(settings) -> dict:
+    """Nested settings as ``{"train.batch_size": 512, ...}``, values as JSON gives them."""
+    flat, stack = {}, [("", json.loads(json.dumps(settings, default=str)))]
+    while stack:
+        prefix, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{prefix}{key}.", item) for key, item in value.items()]
+        else:
+            flat[prefix[:-1]] = value
+    return flat
+
+
 def fingerprint(model_config, train_config, task_config, seed, *, with_schedule=True) -> str:
     """A short hash of ``run_settings`` and the seed."""
     settings = run_settings(model_config, train_config, task_config, with_schedule=with_schedule)
@@ -101,7 +115,9 @@ def fingerprints(model_config, train_config, task_config, seed) -> Fingerprints:
         exact=fingerprint(model_config, train_config, task_config, seed),
         trajectory=fingerprint(model_config, train_config, task_config, seed,
                                with_schedule=False),
-        schedule={k: getattr(train_config, k) for k in SCHEDULE_KEYS})
+        schedule={k: getattr(train_config, k) for k in SCHEDULE_KEYS},
+        settings=flat_settings({**run_settings(model_config, train_config, task_config,
+                                               with_schedule=False), "seed": seed}))
 
 
 def path_for(directory, model, seed):
@@ -111,7 +127,7 @@ def path_for(directory, model, seed):
 def save(path, state: RunState, prints: Fingerprints):
     """Writes ``state`` atomically (a kill mid-write leaves the previous file intact)."""
     meta = {"format": FORMAT, "fingerprint": prints.exact, "trajectory": prints.trajectory,
-            "schedule": prints.schedule, "step": state.step,
+            "schedule": prints.schedule, "settings": prints.settings, "step": state.step,
             "scored": state.scored, "rng_state": state.rng_state, "loss": state.loss,
             "accuracy": state.accuracy, "reached_step": state.reached_step}
     payload = {"meta": json.dumps(meta),
@@ -137,11 +153,18 @@ def load(path, target_params, target_opt_state, prints: Fingerprints) -> RunStat
     same = meta.get("fingerprint") == prints.exact or (
         meta.get("trajectory") is not None and meta.get("trajectory") == prints.trajectory)
     if meta.get("format") != FORMAT or not same:
+        saved = meta.get("settings")
+        if isinstance(saved, dict):  # files from before the settings were saved hold none
+            differing = sorted(key for key in saved.keys() | prints.settings.keys()
+                               if saved.get(key) != prints.settings.get(key))
+            what = (f"differing: {', '.join(differing[:4])}{', ...' if len(differing) > 4 else ''}"
+                    if differing else "another file format")
+        else:
+            what = f"fingerprint {meta.get('fingerprint')}, this run {prints.exact}"
         raise ResumeError(
-            f"checkpoint {path} was written under other settings (fingerprint "
-            f"{meta.get('fingerprint')}, this run {prints.exact}; only "
-            f"{', '.join(SCHEDULE_KEYS)} may change); use another output folder or delete it "
-            f"to start this run over")
+            f"checkpoint {path} was written under other settings ({what}; only "
+            f"{', '.join(SCHEDULE_KEYS)} may change); use another output folder, or --restart "
+            f"or delete the file to start this run over")
     return RunState(params=tree["params"], opt_state=tree["opt_state"], step=meta["step"],
                     scored=meta["scored"], rng_state=meta["rng_state"], loss=meta["loss"],
                     accuracy=meta["accuracy"], schedule=meta.get("schedule"),

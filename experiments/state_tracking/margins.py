@@ -62,7 +62,8 @@ def report_margins(args):
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     runner_of = runner_cache(args.model)
     for argument in args.runs:
-        seed, path = seed_and_path(argument, "FILE")
+        seed, path = seed_and_path(argument, "FILE",
+                                   "0:runs/s5/checkpoints/m2rnn_seed0.msgpack")
         folder = os.path.dirname(os.path.abspath(path))
         run_dir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
         config = run_config(args.config, run_dir, path)

@@ -43,8 +43,9 @@ _FLOAT_COLUMNS = ("position_accuracy", "sequence_accuracy")
 def read_rows(paths):
     """The rows of the given results.csv files, typed as ``report.result_rows`` makes them. A
     (group, model, seed, length) in several files (a seed that moved from one run folder to another,
-    e.g. out of a group trained together) keeps the row with the most steps."""
-    latest = {}
+    e.g. out of a group trained together) keeps the row with the most steps; a ``ConfigError``
+    if their parameter counts differ (two models under one name)."""
+    latest, source = {}, {}
     for path in paths:
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
@@ -57,8 +58,13 @@ def read_rows(paths):
                     raise ConfigError(f"{path} is not a results.csv of m2rnn-state-tracking "
                                       f"(column {err})") from err
                 key = (row["group"], row["model"], row["seed"], row["length"])
+                if key in latest and row["num_params"] != latest[key]["num_params"]:
+                    raise ConfigError(
+                        f"seed {row['seed']} of '{row['model']}' is in {source[key]} "
+                        f"({latest[key]['num_params']:,} parameters) and {path} "
+                        f"({row['num_params']:,}): two models under one name; merge them apart")
                 if key not in latest or row["steps"] >= latest[key]["steps"]:
-                    latest[key] = row
+                    latest[key], source[key] = row, path
     if not latest:
         raise ConfigError("no result rows in " + ", ".join(paths))
     return list(latest.values())
@@ -212,8 +218,9 @@ def merge(args):
         if not runs:
             raise ConfigError("no progress lines in " + ", ".join(args.logs))
         if unplaced:
-            print("left out of the evaluations plot (not one model in the log's progress "
-                  f"lines): {', '.join(map(str, unplaced))}")
+            print("left out of the evaluations plot (an evaluation line names a seed, not a "
+                  "model, and these logs' progress lines name no model or several: one log per "
+                  f"model's command): {', '.join(map(str, unplaced))}")
         plot_progress(args.out + "_progress.png", runs,
                       f"{group}: length curriculum and training accuracy against the step")
         written.append(args.out + "_progress.png")

@@ -144,15 +144,16 @@ def load_runner(config_path, model):
     return (config, *runner_for(config, model))
 
 
-def seed_and_path(argument, what):
-    """``SEED:PATH`` -> (int seed, path); a ``ConfigError`` for any other form."""
+def seed_and_path(argument, what, example):
+    """``SEED:PATH`` -> (int seed, path); a ``ConfigError`` naming ``example`` (a right
+    argument) for any other form."""
     seed, _, path = argument.partition(":")
     try:
         number = int(seed)
     except ValueError:
         number = -1
     if number < 0 or not path:
-        raise ConfigError(f"expected SEED:{what} with a seed >= 0, e.g. 0:runs/s5, got "
+        raise ConfigError(f"expected SEED:{what} with a seed >= 0, e.g. {example}, got "
                           f"'{argument}'")
     return number, path
 
@@ -193,7 +194,7 @@ def main(argv=None):
 
 def accuracy_by_position(args):
     positive_counts(args, "length", "sequences", "batch_size")
-    runs = [seed_and_path(argument, "OUT") for argument in args.run]
+    runs = [seed_and_path(argument, "OUT", "0:runs/s5") for argument in args.run]
     configs = [run_config(args.config, out_dir, f"seed {seed} of {out_dir}")
                for seed, out_dir in runs]
     if len({json.dumps([c.task.group, c.task.generators, c.task.eval_seed,

@@ -62,14 +62,7 @@ def _compared_settings(config, group_order, model):
     settings = checkpoint.run_settings(config.model_config(model, group_order), config.train,
                                        config.task)
     settings["task"] = dataclasses.asdict(config.task)  # the evaluation's settings too
-    flat, stack = {}, [("", json.loads(json.dumps(settings, default=str)))]
-    while stack:
-        prefix, value = stack.pop()
-        if isinstance(value, dict):
-            stack += [(f"{prefix}{key}.", item) for key, item in value.items()]
-        else:
-            flat[prefix[:-1]] = value
-    return flat
+    return checkpoint.flat_settings(settings)
 
 
 def earlier_results(out_dir, config, group_order, ran):
