@@ -455,6 +455,8 @@ def test_runs_resume_from_checkpoints_exactly(tmp_path):
         fh.write(serialization.msgpack_serialize({**payload, "meta": json.dumps(meta)}))
     with pytest.raises(checkpoint.ResumeError, match=r"\(fingerprint [0-9a-f]{16}, this run"):
         other.run(0, group, config.task, progress=False, checkpoint_path=old_format)
+    assert whole.run(0, group, config.task, progress=False,
+                     checkpoint_path=old_format).resumed_from_step == 6  # and resumes when equal
     # The recurrence's backend is not a setting of the run: the file resumes under another.
     model = config.model_config("m2rnn", group.order)
     moved = ModelRunner("m2rnn", dataclasses.replace(

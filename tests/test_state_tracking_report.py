@@ -92,10 +92,10 @@ def test_a_seed_that_moved_between_run_folders_keeps_its_whole_history(tmp_path)
         rows = merge_runs.read_rows([str(tmp_path / name) for name in order])
         assert sorted((r["seed"], r["steps"], r["position_accuracy"]) for r in rows) == [
             (4, 200, 0.1), (5, 300, 0.3)]
-    # The same name and seed with another parameter count: two models, an error naming both.
-    (tmp_path / "other.csv").write_text(header + "m2rnn,5,64,0.3,0.0,12,300,64,S5\n")
-    with pytest.raises(merge_runs.ConfigError, match=r"seed 5 of 'm2rnn' is in .*group.csv \(10 "
-                       r"parameters\) and .*other.csv \(12\): two models under one name"):
+    # One name with another parameter count (another seed): two models, an error naming both.
+    (tmp_path / "other.csv").write_text(header + "m2rnn,7,64,0.3,0.0,12,300,64,S5\n")
+    with pytest.raises(merge_runs.ConfigError, match=r"'m2rnn' has 10 parameters in .*group.csv "
+                       r"and 12 in .*other.csv: two models under one name"):
         merge_runs.read_rows([str(tmp_path / name) for name in ("group.csv", "other.csv")])
 
 
@@ -231,8 +231,11 @@ def test_analyses_read_a_runs_own_config_and_report_mistakes_in_one_line(tiny_ru
     assert positions.main(["--config", str(other_path), "--run", f"{SEED}:{out}", *small]) == 0
     assert margins.main([f"{SEED}:{out / ckpt}", "--sequences", "4", "--batch-size", "4"]) == 0
     assert f"seed {SEED} step 3" in capsys.readouterr().out
-    assert "cannot be read as seed" in error_of(
+    refused = error_of(
         positions.main(["--config", str(other_path), "--run", f"{SEED}:{bare}", *small]))
+    # what differs is named; the training command's advice (--restart) is not
+    assert "cannot be read as seed" in refused and "under other settings (differing: " in refused
+    assert "--restart" not in refused
     assert "cannot be read as seed" in error_of(
         margins.main(["--config", str(other_path), f"{SEED}:{bare / ckpt}"]))
     assert positions.main(["--config", str(config_path), "--run", f"{SEED}:{bare}",

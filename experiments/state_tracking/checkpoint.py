@@ -46,7 +46,12 @@ SCHEDULE_KEYS = ("learning_rate", "warmup_steps", "min_lr_ratio", "steps",
 
 
 class ResumeError(RuntimeError):
-    """A run's file that cannot be resumed from (unreadable, or other settings)."""
+    """A run's file that cannot be resumed from (unreadable, or other settings); ``reason`` is
+    the message without its advice to the training command."""
+
+    def __init__(self, message, reason):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclasses.dataclass
@@ -148,23 +153,27 @@ def load(path, target_params, target_opt_state, prints: Fingerprints) -> RunStat
         tree = serialization.from_state_dict(
             {"params": target_params, "opt_state": target_opt_state}, payload["tree"])
     except Exception as err:  # noqa: BLE001 - any decoding failure means the same thing
-        raise ResumeError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
-                          f"{err}); delete it to start this run over") from err
+        reason = f"checkpoint {path} is unreadable ({type(err).__name__}: {err})"
+        raise ResumeError(f"{reason}; delete it to start this run over", reason) from err
     same = meta.get("fingerprint") == prints.exact or (
         meta.get("trajectory") is not None and meta.get("trajectory") == prints.trajectory)
     if meta.get("format") != FORMAT or not same:
         saved = meta.get("settings")
+        differing = []
         if isinstance(saved, dict):  # files from before the settings were saved hold none
+            missing = object()  # a key one side lacks differs, even from a None on the other
             differing = sorted(key for key in saved.keys() | prints.settings.keys()
-                               if saved.get(key) != prints.settings.get(key))
-            what = (f"differing: {', '.join(differing[:4])}{', ...' if len(differing) > 4 else ''}"
-                    if differing else "another file format")
+                               if saved.get(key, missing) != prints.settings.get(key, missing))
+        if meta.get("format") != FORMAT:
+            what = f"file format {meta.get('format')}, this code's {FORMAT}"
+        elif differing:
+            what = f"differing: {', '.join(differing[:4])}{', ...' if len(differing) > 4 else ''}"
         else:
             what = f"fingerprint {meta.get('fingerprint')}, this run {prints.exact}"
-        raise ResumeError(
-            f"checkpoint {path} was written under other settings ({what}; only "
-            f"{', '.join(SCHEDULE_KEYS)} may change); use another output folder, or --restart "
-            f"or delete the file to start this run over")
+        reason = (f"checkpoint {path} was written under other settings ({what}; only "
+                  f"{', '.join(SCHEDULE_KEYS)} may change)")
+        raise ResumeError(f"{reason}; use another output folder, or --restart or delete the "
+                          f"file to start this run over", reason)
     return RunState(params=tree["params"], opt_state=tree["opt_state"], step=meta["step"],
                     scored=meta["scored"], rng_state=meta["rng_state"], loss=meta["loss"],
                     accuracy=meta["accuracy"], schedule=meta.get("schedule"),

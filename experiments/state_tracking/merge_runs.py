@@ -44,8 +44,8 @@ def read_rows(paths):
     """The rows of the given results.csv files, typed as ``report.result_rows`` makes them. A
     (group, model, seed, length) in several files (a seed that moved from one run folder to another,
     e.g. out of a group trained together) keeps the row with the most steps; a ``ConfigError``
-    if their parameter counts differ (two models under one name)."""
-    latest, source = {}, {}
+    if one (group, model) has two parameter counts (two models under one name)."""
+    latest, size = {}, {}
     for path in paths:
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
@@ -57,14 +57,16 @@ def read_rows(paths):
                 except (KeyError, TypeError, ValueError) as err:
                     raise ConfigError(f"{path} is not a results.csv of m2rnn-state-tracking "
                                       f"(column {err})") from err
-                key = (row["group"], row["model"], row["seed"], row["length"])
-                if key in latest and row["num_params"] != latest[key]["num_params"]:
+                model = (row["group"], row["model"])
+                first_path, params = size.setdefault(model, (path, row["num_params"]))
+                if row["num_params"] != params:
                     raise ConfigError(
-                        f"seed {row['seed']} of '{row['model']}' is in {source[key]} "
-                        f"({latest[key]['num_params']:,} parameters) and {path} "
-                        f"({row['num_params']:,}): two models under one name; merge them apart")
+                        f"'{row['model']}' has {params:,} parameters in {first_path} and "
+                        f"{row['num_params']:,} in {path}: two models under one name; merge "
+                        f"them apart")
+                key = (*model, row["seed"], row["length"])
                 if key not in latest or row["steps"] >= latest[key]["steps"]:
-                    latest[key], source[key] = row, path
+                    latest[key] = row
     if not latest:
         raise ConfigError("no result rows in " + ", ".join(paths))
     return list(latest.values())

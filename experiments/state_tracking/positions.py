@@ -86,9 +86,9 @@ def load_checkpoint(runner, config, seed, path):
         return runner.load_saved(path, config.task, seed)
     except checkpoint.ResumeError as err:
         raise ConfigError(
-            f"{path} cannot be read as seed {seed} of '{runner.name}' under the config used (a "
-            f"damaged file, another seed or other settings): give the run's folder with its "
-            f"results.json, or the --config and seed it was trained with") from err
+            f"{path} cannot be read as seed {seed} of '{runner.name}' under the config used "
+            f"({err.reason}): give the run's folder with its results.json, or the --config and seed "
+            f"it was trained with") from err
 
 
 def load_run(runner, config, seed, out_dir):
