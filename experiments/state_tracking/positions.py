@@ -87,8 +87,8 @@ def load_checkpoint(runner, config, seed, path):
     except checkpoint.ResumeError as err:
         raise ConfigError(
             f"{path} cannot be read as seed {seed} of '{runner.name}' under the config used "
-            f"({err.reason}): give the run's folder with its results.json, or the --config and seed "
-            f"it was trained with") from err
+            f"({err.reason}): give the run's folder with its results.json, or the --config and "
+            f"seed it was trained with") from err
 
 
 def load_run(runner, config, seed, out_dir):
