@@ -107,22 +107,39 @@ def flat_settings(settings) -> dict:
     return flat
 
 
-def fingerprint(model_config, train_config, task_config, seed, *, with_schedule=True) -> str:
-    """A short hash of ``run_settings`` and the seed."""
-    settings = run_settings(model_config, train_config, task_config, with_schedule=with_schedule)
+def differing_keys(before, now) -> set:
+    """The keys of two ``flat_settings`` whose values differ (a key one side lacks differs, even
+    from a None on the other)."""
+    missing = object()
+    return {key for key in before.keys() | now.keys()
+            if before.get(key, missing) != now.get(key, missing)}
+
+
+def name_keys(keys) -> str:
+    """Setting keys for a one-line message, sorted, the first four named: "a, b, c, d, ..."."""
+    keys = sorted(keys)
+    return ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+
+
+def _digest(settings, seed) -> str:
     text = json.dumps({**settings, "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def fingerprint(model_config, train_config, task_config, seed, *, with_schedule=True) -> str:
+    """A short hash of ``run_settings`` and the seed."""
+    return _digest(run_settings(model_config, train_config, task_config,
+                                with_schedule=with_schedule), seed)
+
+
 def fingerprints(model_config, train_config, task_config, seed) -> Fingerprints:
     """The fingerprints a run's checkpoint is saved with and matched against."""
+    trajectory = run_settings(model_config, train_config, task_config, with_schedule=False)
     return Fingerprints(
         exact=fingerprint(model_config, train_config, task_config, seed),
-        trajectory=fingerprint(model_config, train_config, task_config, seed,
-                               with_schedule=False),
+        trajectory=_digest(trajectory, seed),
         schedule={k: getattr(train_config, k) for k in SCHEDULE_KEYS},
-        settings=flat_settings({**run_settings(model_config, train_config, task_config,
-                                               with_schedule=False), "seed": seed}))
+        settings=flat_settings({**trajectory, "seed": seed}))
 
 
 def path_for(directory, model, seed):
@@ -158,16 +175,12 @@ def load(path, target_params, target_opt_state, prints: Fingerprints) -> RunStat
     same = meta.get("fingerprint") == prints.exact or (
         meta.get("trajectory") is not None and meta.get("trajectory") == prints.trajectory)
     if meta.get("format") != FORMAT or not same:
-        saved = meta.get("settings")
-        differing = []
-        if isinstance(saved, dict):  # files from before the settings were saved hold none
-            missing = object()  # a key one side lacks differs, even from a None on the other
-            differing = sorted(key for key in saved.keys() | prints.settings.keys()
-                               if saved.get(key, missing) != prints.settings.get(key, missing))
+        saved = meta.get("settings")  # files from before the settings were saved hold none
+        differing = differing_keys(saved, prints.settings) if isinstance(saved, dict) else set()
         if meta.get("format") != FORMAT:
             what = f"file format {meta.get('format')}, this code's {FORMAT}"
         elif differing:
-            what = f"differing: {', '.join(differing[:4])}{', ...' if len(differing) > 4 else ''}"
+            what = f"differing: {name_keys(differing)}"
         else:
             what = f"fingerprint {meta.get('fingerprint')}, this run {prints.exact}"
         reason = (f"checkpoint {path} was written under other settings ({what}; only "

@@ -87,8 +87,7 @@ def earlier_results(out_dir, config, group_order, ran):
             except ConfigError:  # a model one of the configs does not define
                 differing.add(f"models.{run['model']}")
                 continue
-            differing |= {key for key in before.keys() | now.keys()
-                          if before.get(key) != now.get(key)}
+            differing |= checkpoint.differing_keys(before, now)
         pairs = {(run["model"], run["seed"]) for run in runs}
         rows = [row for row in earlier["results"] if (row["model"], row["seed"]) in pairs]
     except FileNotFoundError:
@@ -98,8 +97,7 @@ def earlier_results(out_dir, config, group_order, ran):
     if differing:
         named = ", ".join(f"{model} seed {seed}" for model, seed in sorted(pairs))
         return [], [], (f"{path} holds runs made under other settings ({named}; differing: "
-                        f"{', '.join(sorted(differing)[:4])}"
-                        f"{', ...' if len(differing) > 4 else ''})")
+                        f"{checkpoint.name_keys(differing)})")
     return rows, runs, None
 
 
