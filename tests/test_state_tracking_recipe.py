@@ -19,6 +19,7 @@ import pytest
 from m2rnn_experiments.state_tracking import checkpoint, cli, merge_runs, plan
 from m2rnn_experiments.state_tracking.training import ModelRunner
 from m2rnn_jax.config import M2RNNConfig
+from m2rnn_jax.typed_config import ConfigError
 
 CONFIG_DIR = (pathlib.Path(__file__).resolve().parents[1] / "experiments" / "state_tracking"
               / "configs")
@@ -339,7 +340,8 @@ with open(os.path.join(out, "results.json"), "w") as fh:
     json.dump({"config": {"train": {"steps": 5}},
                "runs": [{"steps": 5 if value("--first-seed") == "0" else 3}]}, fh)
 with open(os.path.join(out, "calls.txt"), "a") as fh:
-    fh.write(os.environ["CUDA_VISIBLE_DEVICES"] + " " + value("--time-budget-s") + "\n")
+    fh.write(os.environ["CUDA_VISIBLE_DEVICES"] + " " + value("--time-budget-s") + " "
+             + os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "-") + "\n")
 """
 
 
@@ -370,7 +372,8 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
     status = {name: e["status"] for name, e in ledger.entries.items()}
     assert status == {"reaches_cap": "done", "stops_early": "to do",
                       "too_little_budget": "budget spent", "fails": "exit 3"}
-    gpu, budget = calls("reaches_cap")[0].split()
+    gpu, budget, memory_fraction = calls("reaches_cap")[0].split()
+    assert memory_fraction == "-"  # one process a GPU: JAX's own default
     assert gpu in ("3", "5") and 600 - plan.OVERHEAD_S - 5 <= float(budget) <= \
         600 - plan.OVERHEAD_S
     assert calls("too_little_budget") == []
@@ -471,3 +474,21 @@ def test_merge_names_a_job_whose_results_json_is_missing(tmp_path, capsys, monke
         "not in the table (a results.csv without its results.json; `plan JOB` runs the job "
         "again and writes both): csv_only")
 
+
+
+def test_plan_runner_splits_a_shared_gpus_memory(tmp_path, monkeypatch):
+    """A GPU listed twice runs two jobs at once, each with half the memory fraction (JAX's 0.75
+    or the one set); a fraction that is not a number is refused in one line."""
+    jobs = [plan.Job("recipe-S5", name, "recipe.yaml", ("--first-seed", "0"), 1000.0, 60.0)
+            for name in ("first", "second")]
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    plan.run_jobs(jobs, ["0", "0"], 600, str(tmp_path / "a"), command=stub_command)
+    fractions = [(tmp_path / "a" / j.name / "calls.txt").read_text().split()[2] for j in jobs]
+    assert fractions == ["0.375", "0.375"]
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+    plan.run_jobs(jobs, ["0", "0"], 600, str(tmp_path / "b"), command=stub_command)
+    fractions = [(tmp_path / "b" / j.name / "calls.txt").read_text().split()[2] for j in jobs]
+    assert fractions == ["0.450", "0.450"]
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "most")
+    with pytest.raises(ConfigError, match="must be a number, got 'most'"):
+        plan.run_jobs(jobs, ["0", "0"], 600, str(tmp_path / "c"), command=stub_command)

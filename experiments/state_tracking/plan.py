@@ -192,14 +192,25 @@ def cli_command(argv):
     return [sys.executable, "-m", "m2rnn_experiments.state_tracking.cli", *argv]
 
 
+def jax_memory_fraction():
+    """The share of a GPU's memory JAX preallocates in a process started from here."""
+    value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")  # 0.75: JAX's default
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"XLA_PYTHON_CLIENT_MEM_FRACTION must be a number, got {value!r}")
+
+
 def run_jobs(jobs, gpus, seconds, root, command=cli_command):
     """Runs the unfinished ``jobs`` on ``gpus`` (one process each) for at most ``seconds``;
-    returns the ``Ledger``."""
+    returns the ``Ledger``. A GPU listed k times runs k jobs at once, each with 1/k of JAX's
+    memory pool; each job's budget is still charged its whole wall-clock time."""
     os.makedirs(root, exist_ok=True)
     ledger = Ledger(root)
     deadline = time.monotonic() + seconds
     queue = collections.deque(j for j in jobs if not ledger.finished(j))
     take = threading.Lock()
+    memory_fraction = jax_memory_fraction()
 
     def worker(gpu):
         while True:
@@ -222,6 +233,8 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
                 return
             start = time.monotonic()
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+            if gpus.count(gpu) > 1:  # processes sharing a GPU share its memory pool too
+                env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{memory_fraction / gpus.count(gpu):.3f}"
             os.makedirs(job.out_dir(root), exist_ok=True)
             with open(job.out_dir(root) + ".log", "a") as log:
                 log.write(f"\n# plan: gpu {gpu}, {left:.0f} s of the budget for this call\n")
@@ -353,7 +366,8 @@ def parse_args(argv):
     p.add_argument("stages", nargs="*", metavar="STAGE",
                    help=f"stages to run (default all, in this order): {', '.join(STAGES)}; "
                         "or single jobs by name (--list), still in the plan's order")
-    p.add_argument("--gpus", default="0", help="comma-separated GPU ids, one process on each")
+    p.add_argument("--gpus", default="0",
+                   help="comma-separated GPU ids, one process on each (0,0: two on GPU 0)")
     p.add_argument("--seconds", type=float, default=3600.0,
                    help="wall-clock limit of this invocation (jobs resume in the next)")
     p.add_argument("--root", default="runs/plan", help="folder of the jobs' runs and logs")
