@@ -22,9 +22,10 @@ compile the known runs' train steps side by side into JAX's persistent cache (``
 then reads its step back instead of compiling it alone (their GPU autotuning runs side by side
 too; ``--compile-workers 0`` compiles each run alone). The initial state is written once to
 ``OUT/state-<model hash>/`` (about 5 GB for the 400M) and read by every run. Runs use
-``XLA_PYTHON_CLIENT_MEM_FRACTION=0.92`` unless it is set, so that the longest context is
-bounded by the GPU rather than by JAX's default pool of 75 %. The scaling study (20 runs on 8
-GPUs) takes several commands; ``--gpus``, ``--layouts`` and ``--modes`` choose fewer.
+``XLA_CLIENT_MEM_FRACTION=0.92`` unless it (or the older ``XLA_PYTHON_CLIENT_MEM_FRACTION``) is
+set, so that the longest context is bounded by the GPU rather than by JAX's default pool of
+75 %. The scaling study (20 runs on 8 GPUs) takes several commands; ``--gpus``, ``--layouts``
+and ``--modes`` choose fewer.
 
 Studies (``key=value`` arguments override the model config, as in ``train_bench.py``):
 
@@ -545,12 +546,14 @@ class Runner:
         return [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker",
                 json.dumps(spec)]
 
-    def environment(self, side_by_side):
+    @staticmethod
+    def environment(side_by_side):
         env = dict(os.environ)
         if side_by_side:  # several processes share the GPUs: none may take a pool up front
             env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-        else:
-            env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+        elif not (env.get("XLA_CLIENT_MEM_FRACTION") or env.get("XLA_PYTHON_CLIENT_MEM_FRACTION")):
+            # (jaxlib refuses both names set: the user's, under either, stands)
+            env["XLA_CLIENT_MEM_FRACTION"] = "0.92"
         return env
 
     def done(self, run):

@@ -239,6 +239,20 @@ def test_multi_gpu_plans_and_collective_share():
     assert share["collective_ms_per_step"] == pytest.approx(50 / 2 / 1e3)
 
 
+def test_multi_gpu_runs_take_most_of_the_memory_unless_told(monkeypatch):
+    """A run's process gets a 92 % pool unless a memory fraction is set, under either of the
+    names jaxlib reads (it refuses both at once); processes side by side preallocate none."""
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        monkeypatch.delenv(name, raising=False)
+    assert multi_gpu_bench.Runner.environment(False)["XLA_CLIENT_MEM_FRACTION"] == "0.92"
+    side_by_side = multi_gpu_bench.Runner.environment(True)
+    assert side_by_side["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert "XLA_CLIENT_MEM_FRACTION" not in side_by_side
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    env = multi_gpu_bench.Runner.environment(False)
+    assert "XLA_CLIENT_MEM_FRACTION" not in env and env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+
+
 def test_multi_gpu_scaling_tiny_matches_one_device_and_resumes(tmp_path, capsys):
     argv = ["--study", "scaling", "--tiny", "--out", str(tmp_path), "--gpus", "1,2",
             "--layouts", "dp", "--modes", "strong", "--profile"]

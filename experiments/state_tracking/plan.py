@@ -1,5 +1,5 @@
 """The recipe, its ablations and its baselines as jobs: one m2rnn-state-tracking process per
-GPU, each job under a GPU-time budget kept across invocations (README, "Recipe, ablations and
+GPU listed, each job under a GPU-time budget kept across invocations (README, "Recipe, ablations and
 baselines: the plan").
 
     python -m m2rnn_experiments.state_tracking.plan --list             # jobs, commands, budgets
@@ -23,6 +23,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -192,13 +193,23 @@ def cli_command(argv):
     return [sys.executable, "-m", "m2rnn_experiments.state_tracking.cli", *argv]
 
 
+# JAX's share of a GPU's memory: the name jaxlib reads now, then the one it deprecates.
+MEMORY_FRACTION_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
 def jax_memory_fraction():
     """The share of a GPU's memory JAX preallocates in a process started from here."""
-    value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")  # 0.75: JAX's default
+    name = next((n for n in MEMORY_FRACTION_VARIABLES if os.environ.get(n)), None)
+    if name is None:
+        return 0.75  # JAX's default
+    value = os.environ[name]
     try:
-        return float(value)
+        fraction = float(value)
     except ValueError:
-        raise ConfigError(f"XLA_PYTHON_CLIENT_MEM_FRACTION must be a number, got {value!r}")
+        fraction = math.nan
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
+    return fraction
 
 
 def run_jobs(jobs, gpus, seconds, root, command=cli_command):
@@ -234,7 +245,10 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
             start = time.monotonic()
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
             if gpus.count(gpu) > 1:  # processes sharing a GPU share its memory pool too
-                env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{memory_fraction / gpus.count(gpu):.3f}"
+                for name in MEMORY_FRACTION_VARIABLES:
+                    env.pop(name, None)
+                share = math.floor(1000 * memory_fraction / gpus.count(gpu)) / 1000
+                env[MEMORY_FRACTION_VARIABLES[0]] = f"{share:.3f}"  # rounded down: sums ≤ 1
             os.makedirs(job.out_dir(root), exist_ok=True)
             with open(job.out_dir(root) + ".log", "a") as log:
                 log.write(f"\n# plan: gpu {gpu}, {left:.0f} s of the budget for this call\n")
