@@ -551,9 +551,8 @@ class Runner:
         env = dict(os.environ)
         if side_by_side:  # several processes share the GPUs: none may take a pool up front
             env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-        elif not (env.get("XLA_CLIENT_MEM_FRACTION") or env.get("XLA_PYTHON_CLIENT_MEM_FRACTION")):
-            # (jaxlib refuses both names set: the user's, under either, stands)
-            env["XLA_CLIENT_MEM_FRACTION"] = "0.92"
+        elif sharding.memory_fraction_variable(env) is None:  # a user's, under either name, stands
+            env[sharding.MEMORY_FRACTION_VARIABLES[0]] = "0.92"
         return env
 
     def done(self, run):

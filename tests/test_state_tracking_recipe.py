@@ -20,6 +20,7 @@ from m2rnn_experiments.state_tracking import checkpoint, cli, merge_runs, plan
 from m2rnn_experiments.state_tracking.training import ModelRunner
 from m2rnn_jax.config import M2RNNConfig
 from m2rnn_jax.typed_config import ConfigError
+from train import sharding
 
 CONFIG_DIR = (pathlib.Path(__file__).resolve().parents[1] / "experiments" / "state_tracking"
               / "configs")
@@ -351,7 +352,7 @@ def stub_command(argv):
 
 
 def without_memory_fraction(monkeypatch):
-    for name in plan.MEMORY_FRACTION_VARIABLES:
+    for name in sharding.MEMORY_FRACTION_VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
 

@@ -33,6 +33,7 @@ import time
 from m2rnn_experiments.state_tracking import cli
 from m2rnn_experiments.state_tracking.config import ExperimentConfig
 from m2rnn_jax.typed_config import ConfigError, from_dict, read_yaml
+from train import sharding
 from train.errors import add_debug_flag, run_command
 from train.run_folder import write_atomically
 
@@ -193,13 +194,9 @@ def cli_command(argv):
     return [sys.executable, "-m", "m2rnn_experiments.state_tracking.cli", *argv]
 
 
-# JAX's share of a GPU's memory: the name jaxlib reads now, then the one it deprecates.
-MEMORY_FRACTION_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
-
-
 def jax_memory_fraction():
     """The share of a GPU's memory JAX preallocates in a process started from here."""
-    name = next((n for n in MEMORY_FRACTION_VARIABLES if os.environ.get(n)), None)
+    name = sharding.memory_fraction_variable(os.environ)
     if name is None:
         return 0.75  # JAX's default
     value = os.environ[name]
@@ -245,10 +242,10 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
             start = time.monotonic()
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
             if gpus.count(gpu) > 1:  # processes sharing a GPU share its memory pool too
-                for name in MEMORY_FRACTION_VARIABLES:
-                    env.pop(name, None)
+                current, deprecated = sharding.MEMORY_FRACTION_VARIABLES
+                env.pop(deprecated, None)
                 share = math.floor(1000 * memory_fraction / gpus.count(gpu)) / 1000
-                env[MEMORY_FRACTION_VARIABLES[0]] = f"{share:.3f}"  # rounded down: sums ≤ 1
+                env[current] = f"{share:.3f}"  # rounded down: the shares sum to ≤ 1
             os.makedirs(job.out_dir(root), exist_ok=True)
             with open(job.out_dir(root) + ".log", "a") as log:
                 log.write(f"\n# plan: gpu {gpu}, {left:.0f} s of the budget for this call\n")
