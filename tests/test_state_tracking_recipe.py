@@ -503,6 +503,9 @@ def test_plan_runner_splits_a_shared_gpus_memory(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
     shared = fractions("b", ["0", "0", "0"])
     assert shared == [("0", "0.166", "-")] * 5  # the deprecated name dropped; 3 × 0.166 ≤ 0.5
+    assert plan.parse_gpus(" 0,00, 1,GPU-3f2a") == ["0", "0", "1", "GPU-3f2a"]  # 00 is GPU 0
+    with pytest.raises(ConfigError, match="--gpus must list at least one GPU id"):
+        plan.parse_gpus(" , ")
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "most")
     with pytest.raises(ConfigError, match="XLA_PYTHON_CLIENT_MEM_FRACTION must be a number in"):
         plan.run_jobs(jobs, ["0", "0"], 600, str(tmp_path / "c"), command=stub_command)

@@ -372,6 +372,15 @@ def merge(jobs, root):
               f"job again and writes both): {', '.join(unlisted)}")
 
 
+def parse_gpus(text):
+    """``--gpus``' ids as CUDA_VISIBLE_DEVICES takes them: numbers written one way (``00`` is GPU
+    0, so that ``0,00`` shares it as ``0,0`` does), other ids (``GPU-<uuid>``) as given."""
+    gpus = [g.strip() for g in text.split(",") if g.strip()]
+    if not gpus:
+        raise ConfigError("--gpus must list at least one GPU id")
+    return [str(int(g)) if g.isdigit() else g for g in gpus]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("stages", nargs="*", metavar="STAGE",
@@ -414,9 +423,7 @@ def main(argv=None) -> int:
                                   "files from all of its jobs")
             merge(jobs, args.root)
             return
-        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-        if not gpus:
-            raise ConfigError("--gpus must list at least one GPU id")
+        gpus = parse_gpus(args.gpus)
         if not args.seconds > 0:
             raise ConfigError(f"--seconds must be positive, got {args.seconds:g}")
         ledger = run_jobs(jobs, gpus, args.seconds, args.root)
