@@ -20,7 +20,6 @@ from m2rnn_experiments.state_tracking import checkpoint, cli, merge_runs, plan
 from m2rnn_experiments.state_tracking.training import ModelRunner
 from m2rnn_jax.config import M2RNNConfig
 from m2rnn_jax.typed_config import ConfigError
-from train import sharding
 
 CONFIG_DIR = (pathlib.Path(__file__).resolve().parents[1] / "experiments" / "state_tracking"
               / "configs")
@@ -341,9 +340,7 @@ with open(os.path.join(out, "results.json"), "w") as fh:
     json.dump({"config": {"train": {"steps": 5}},
                "runs": [{"steps": 5 if value("--first-seed") == "0" else 3}]}, fh)
 with open(os.path.join(out, "calls.txt"), "a") as fh:
-    fh.write(os.environ["CUDA_VISIBLE_DEVICES"] + " " + value("--time-budget-s") + " "
-             + os.environ.get("XLA_CLIENT_MEM_FRACTION", "-") + " "
-             + os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "-") + "\n")
+    fh.write(os.environ["CUDA_VISIBLE_DEVICES"] + " " + value("--time-budget-s") + "\n")
 """
 
 
@@ -351,12 +348,7 @@ def stub_command(argv):
     return [sys.executable, "-c", STUB_CLI, *argv]
 
 
-def without_memory_fraction(monkeypatch):
-    for name in sharding.MEMORY_FRACTION_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-
-
-def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys, monkeypatch):
+def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
     """The runner starts each unfinished job on one of the GPUs with the budget it has left
     (less the start-up allowance), records the time used in the ledger, marks a job done
     when its runs reached the step cap, skips it from then on, retries a failed one, never
@@ -370,7 +362,6 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys, monkeypa
     jobs = [job("reaches_cap", 0, 1000.0), job("stops_early", 1, 1000.0),
             job("too_little_budget", 1, plan.MIN_CALL_S - 1.0), job("fails", 9, 1000.0)]
     root = str(tmp_path)
-    without_memory_fraction(monkeypatch)
 
     def calls(name):
         path = tmp_path / name / "calls.txt"
@@ -380,8 +371,7 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys, monkeypa
     status = {name: e["status"] for name, e in ledger.entries.items()}
     assert status == {"reaches_cap": "done", "stops_early": "to do",
                       "too_little_budget": "budget spent", "fails": "exit 3"}
-    gpu, budget, *memory_fractions = calls("reaches_cap")[0].split()
-    assert memory_fractions == ["-", "-"]  # one process a GPU: JAX's own default
+    gpu, budget = calls("reaches_cap")[0].split()
     assert gpu in ("3", "5") and 600 - plan.OVERHEAD_S - 5 <= float(budget) <= \
         600 - plan.OVERHEAD_S
     assert calls("too_little_budget") == []
@@ -484,32 +474,13 @@ def test_merge_names_a_job_whose_results_json_is_missing(tmp_path, capsys, monke
 
 
 
-def test_plan_runner_splits_a_shared_gpus_memory(tmp_path, monkeypatch):
-    """A GPU listed k times runs k jobs at once, each with 1/k of the memory fraction (JAX's
-    0.75 or the one set under either name), rounded down and under the name jaxlib reads now;
-    a GPU listed once keeps the fraction as set; a fraction that is not one is refused."""
-    jobs = [plan.Job("recipe-S5", f"job{i}", "recipe.yaml", ("--first-seed", "0"), 1000.0, 60.0)
-            for i in range(5)]
-
-    def fractions(root, gpus):
-        plan.run_jobs(jobs, gpus, 600, str(tmp_path / root), command=stub_command)
-        lines = [(tmp_path / root / j.name / "calls.txt").read_text().split() for j in jobs]
-        return sorted((line[0], *line[2:]) for line in lines)
-
-    without_memory_fraction(monkeypatch)
-    expected = {"0": ("0", "0.250", "-"), "1": ("1", "-", "-")}
-    seen = fractions("a", ["0", "0", "0", "1"])  # each worker takes a job before any ends
-    assert all(line == expected[line[0]] for line in seen) and {g for g, *_ in seen} == {"0", "1"}
-    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
-    shared = fractions("b", ["0", "0", "0"])
-    assert shared == [("0", "0.166", "-")] * 5  # the deprecated name dropped; 3 × 0.166 ≤ 0.5
-    assert plan.parse_gpus(" 0,00, 1,GPU-3f2a") == ["0", "0", "1", "GPU-3f2a"]  # 00 is GPU 0
+def test_plan_takes_each_gpu_once(tmp_path):
+    """GPU ids as CUDA reads them (00 is GPU 0), UUIDs as given; a GPU listed twice is refused
+    in one line (two jobs on one GPU take turns and two JAX pools would not fit)."""
+    assert plan.parse_gpus(" 3,00, 1,GPU-3f2a") == ["3", "0", "1", "GPU-3f2a"]
+    with pytest.raises(ConfigError, match="--gpus lists GPU 0 more than once: one job per GPU"):
+        plan.parse_gpus("0,1,00")
     with pytest.raises(ConfigError, match="--gpus must list at least one GPU id"):
         plan.parse_gpus(" , ")
-    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "most")
-    with pytest.raises(ConfigError, match="XLA_PYTHON_CLIENT_MEM_FRACTION must be a number in"):
-        plan.run_jobs(jobs, ["0", "0"], 600, str(tmp_path / "c"), command=stub_command)
-    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
-    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0")
-    with pytest.raises(ConfigError, match=r"XLA_CLIENT_MEM_FRACTION must be .* got '0'"):
-        plan.run_jobs(jobs, ["0", "0"], 600, str(tmp_path / "d"), command=stub_command)
+    assert plan.main(["--gpus", "2,2", "--root", str(tmp_path), "recipe-S5"]) == 2
+    assert not os.listdir(tmp_path)  # refused before any job starts

@@ -23,7 +23,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -33,7 +32,6 @@ import time
 from m2rnn_experiments.state_tracking import cli
 from m2rnn_experiments.state_tracking.config import ExperimentConfig
 from m2rnn_jax.typed_config import ConfigError, from_dict, read_yaml
-from train import sharding
 from train.errors import add_debug_flag, run_command
 from train.run_folder import write_atomically
 
@@ -194,31 +192,14 @@ def cli_command(argv):
     return [sys.executable, "-m", "m2rnn_experiments.state_tracking.cli", *argv]
 
 
-def jax_memory_fraction():
-    """The share of a GPU's memory JAX preallocates in a process started from here."""
-    name = sharding.memory_fraction_variable(os.environ)
-    if name is None:
-        return 0.75  # JAX's default
-    value = os.environ[name]
-    try:
-        fraction = float(value)
-    except ValueError:
-        fraction = math.nan
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"{name} must be a number in (0, 1], got {value!r}")
-    return fraction
-
-
 def run_jobs(jobs, gpus, seconds, root, command=cli_command):
     """Runs the unfinished ``jobs`` on ``gpus`` (one process each) for at most ``seconds``;
-    returns the ``Ledger``. A GPU listed k times runs k jobs at once, each with 1/k of JAX's
-    memory pool; each job's budget is still charged its whole wall-clock time."""
+    returns the ``Ledger``."""
     os.makedirs(root, exist_ok=True)
     ledger = Ledger(root)
     deadline = time.monotonic() + seconds
     queue = collections.deque(j for j in jobs if not ledger.finished(j))
     take = threading.Lock()
-    memory_fraction = jax_memory_fraction()
 
     def worker(gpu):
         while True:
@@ -241,11 +222,6 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
                 return
             start = time.monotonic()
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
-            if gpus.count(gpu) > 1:  # processes sharing a GPU share its memory pool too
-                current, deprecated = sharding.MEMORY_FRACTION_VARIABLES
-                env.pop(deprecated, None)
-                share = math.floor(1000 * memory_fraction / gpus.count(gpu)) / 1000
-                env[current] = f"{share:.3f}"  # rounded down: the shares sum to ≤ 1
             os.makedirs(job.out_dir(root), exist_ok=True)
             with open(job.out_dir(root) + ".log", "a") as log:
                 log.write(f"\n# plan: gpu {gpu}, {left:.0f} s of the budget for this call\n")
@@ -373,12 +349,18 @@ def merge(jobs, root):
 
 
 def parse_gpus(text):
-    """``--gpus``' ids as CUDA_VISIBLE_DEVICES takes them: numbers written one way (``00`` is GPU
-    0, so that ``0,00`` shares it as ``0,0`` does), other ids (``GPU-<uuid>``) as given."""
+    """``--gpus``' ids as CUDA_VISIBLE_DEVICES takes them, each once: numbers written one way
+    (``00`` is GPU 0), other ids (``GPU-<uuid>``) as given. Two jobs on one GPU take turns on it
+    (docs/kernels.md: no faster than one after the other) and two JAX pools would not fit it."""
     gpus = [g.strip() for g in text.split(",") if g.strip()]
     if not gpus:
         raise ConfigError("--gpus must list at least one GPU id")
-    return [str(int(g)) if g.isdigit() else g for g in gpus]
+    gpus = [str(int(g)) if g.isdigit() else g for g in gpus]
+    twice = sorted({g for g in gpus if gpus.count(g) > 1})
+    if twice:
+        raise ConfigError(f"--gpus lists GPU {', '.join(twice)} more than once: one job per GPU "
+                          "(two on one take turns, no faster)")
+    return gpus
 
 
 def parse_args(argv):
@@ -387,7 +369,7 @@ def parse_args(argv):
                    help=f"stages to run (default all, in this order): {', '.join(STAGES)}; "
                         "or single jobs by name (--list), still in the plan's order")
     p.add_argument("--gpus", default="0",
-                   help="comma-separated GPU ids, one process on each (0,0: two on GPU 0)")
+                   help="comma-separated GPU ids, one process on each")
     p.add_argument("--seconds", type=float, default=3600.0,
                    help="wall-clock limit of this invocation (jobs resume in the next)")
     p.add_argument("--root", default="runs/plan", help="folder of the jobs' runs and logs")
