@@ -474,7 +474,7 @@ def test_merge_names_a_job_whose_results_json_is_missing(tmp_path, capsys, monke
 
 
 
-def test_plan_takes_each_gpu_once(tmp_path):
+def test_plan_takes_each_gpu_once(tmp_path, capsys):
     """GPU ids as CUDA reads them (00 is GPU 0), UUIDs as given; a GPU listed twice is refused
     in one line (two jobs on one GPU take turns and two JAX pools would not fit)."""
     assert plan.parse_gpus(" 3,00, 1,GPU-3f2a") == ["3", "0", "1", "GPU-3f2a"]
@@ -482,5 +482,12 @@ def test_plan_takes_each_gpu_once(tmp_path):
         plan.parse_gpus("0,1,00")
     with pytest.raises(ConfigError, match="--gpus must list at least one GPU id"):
         plan.parse_gpus(" , ")
-    assert plan.main(["--gpus", "2,2", "--root", str(tmp_path), "recipe-S5"]) == 2
+    assert plan.parse_gpus("²") == ["²"]  # not an ASCII number: left to CUDA to refuse
+    capsys.readouterr()
+    # --seconds 1: were the refusal gone, the jobs would stop at once, not train on the CPU
+    argv = ["--gpus", "2,2", "--seconds", "1", "--root", str(tmp_path), "recipe-S5"]
+    assert plan.main(argv) == 2
     assert not os.listdir(tmp_path)  # refused before any job starts
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.endswith("--gpus lists GPU 2 more than once: one job per GPU "
+                                                "(two on one take turns, no faster)")

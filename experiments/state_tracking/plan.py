@@ -350,12 +350,13 @@ def merge(jobs, root):
 
 def parse_gpus(text):
     """``--gpus``' ids as CUDA_VISIBLE_DEVICES takes them, each once: numbers written one way
-    (``00`` is GPU 0), other ids (``GPU-<uuid>``) as given. Two jobs on one GPU take turns on it
-    (docs/kernels.md: no faster than one after the other) and two JAX pools would not fit it."""
+    (``00`` is GPU 0), other ids (``GPU-<uuid>``) as given, so an index and the UUID of one GPU
+    pass as two. Two jobs on one GPU take turns on it (docs/kernels.md: no faster than one after
+    the other) and two JAX pools would not fit it."""
     gpus = [g.strip() for g in text.split(",") if g.strip()]
     if not gpus:
         raise ConfigError("--gpus must list at least one GPU id")
-    gpus = [str(int(g)) if g.isdigit() else g for g in gpus]
+    gpus = [str(int(g)) if g.isascii() and g.isdigit() else g for g in gpus]
     twice = sorted({g for g in gpus if gpus.count(g) > 1})
     if twice:
         raise ConfigError(f"--gpus lists GPU {', '.join(twice)} more than once: one job per GPU "
