@@ -116,6 +116,10 @@ sys.path.insert(0, str(HERE))
 import trace_summary  # noqa: E402  (benchmarks/trace_summary.py)
 import train_bench  # noqa: E402  (benchmarks/train_bench.py)
 
+# JAX's share of a GPU's memory for a process: the name jaxlib 0.11 reads, then the one it
+# deprecates (jaxlib refuses both set at once; an empty value counts as unset).
+MEMORY_FRACTION_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
 STUDIES = ("scaling", "context", "moe7b")
 MODELS = {"scaling": "configs/model/hybrid_400m.yaml", "context": "configs/model/hybrid_400m.yaml",
           "moe7b": "configs/model/hybrid_7b_moe.yaml"}
@@ -551,8 +555,8 @@ class Runner:
         env = dict(os.environ)
         if side_by_side:  # several processes share the GPUs: none may take a pool up front
             env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-        elif sharding.memory_fraction_variable(env) is None:  # a user's, under either name, stands
-            env[sharding.MEMORY_FRACTION_VARIABLES[0]] = "0.92"
+        elif not any(env.get(name) for name in MEMORY_FRACTION_VARIABLES):  # a user's stands
+            env[MEMORY_FRACTION_VARIABLES[0]] = "0.92"
         return env
 
     def done(self, run):

@@ -12,7 +12,6 @@ import pytest
 
 from m2rnn_jax import ModelConfig
 from m2rnn_jax.typed_config import ConfigError
-from train import sharding
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import decode_bench  # noqa: E402
@@ -243,7 +242,7 @@ def test_multi_gpu_plans_and_collective_share():
 def test_multi_gpu_runs_take_most_of_the_memory_unless_told(monkeypatch):
     """A run's process gets a 92 % pool unless a memory fraction is set, under either of the
     names jaxlib reads (it refuses both at once); processes side by side preallocate none."""
-    for name in sharding.MEMORY_FRACTION_VARIABLES:
+    for name in multi_gpu_bench.MEMORY_FRACTION_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     assert multi_gpu_bench.Runner.environment(False)["XLA_CLIENT_MEM_FRACTION"] == "0.92"
     side_by_side = multi_gpu_bench.Runner.environment(True)

@@ -473,7 +473,6 @@ def test_merge_names_a_job_whose_results_json_is_missing(tmp_path, capsys, monke
         "again and writes both): csv_only")
 
 
-
 def test_plan_takes_each_gpu_once(tmp_path, capsys):
     """GPU ids as CUDA reads them (00 is GPU 0), UUIDs as given; a GPU listed twice is refused
     in one line (two jobs on one GPU take turns and two JAX pools would not fit)."""
@@ -489,5 +488,6 @@ def test_plan_takes_each_gpu_once(tmp_path, capsys):
     assert plan.main(argv) == 2
     assert not os.listdir(tmp_path)  # refused before any job starts
     error = capsys.readouterr().err.strip()
-    assert "\n" not in error and error.endswith("--gpus lists GPU 2 more than once: one job per GPU "
-                                                "(two on one take turns, no faster)")
+    assert "\n" not in error
+    assert error.endswith("--gpus lists GPU 2 more than once: one job per GPU (two on one take "
+                          "turns, no faster)")

@@ -152,16 +152,6 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-# JAX's share of a GPU's memory for a process: the name jaxlib 0.11 reads, then the one it
-# deprecates (jaxlib refuses both set at once).
-MEMORY_FRACTION_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
-
-
-def memory_fraction_variable(env) -> str | None:
-    """The name under which ``env`` sets JAX's memory fraction (an empty value is unset)."""
-    return next((name for name in MEMORY_FRACTION_VARIABLES if env.get(name)), None)
-
-
 def maybe_initialize_distributed() -> bool:
     """Starts ``jax.distributed`` when the environment describes several processes.
 

@@ -369,8 +369,7 @@ def parse_args(argv):
     p.add_argument("stages", nargs="*", metavar="STAGE",
                    help=f"stages to run (default all, in this order): {', '.join(STAGES)}; "
                         "or single jobs by name (--list), still in the plan's order")
-    p.add_argument("--gpus", default="0",
-                   help="comma-separated GPU ids, one process on each")
+    p.add_argument("--gpus", default="0", help="comma-separated GPU ids, one process on each")
     p.add_argument("--seconds", type=float, default=3600.0,
                    help="wall-clock limit of this invocation (jobs resume in the next)")
     p.add_argument("--root", default="runs/plan", help="folder of the jobs' runs and logs")
