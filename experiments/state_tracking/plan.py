@@ -46,11 +46,12 @@ STAGES = ("recipe-S5", "ablations-S3", "ablations-S5", "baselines", "recipe-A5",
 # decay (the rate then 2.4e-5 to 1.2e-5, its floor 1e-5) if they reach length 64 by step
 # 20k-40k; the whole plan's estimate is then ~5 GPU-hours.
 # S3 ablations stop at 10,000 steps, within ~3 minutes a model; 6 bounds them (and stops the
-# K = 64 models, which need ~10 minutes a seed: README, "The K = 64 models and the scan").
+# K = 64 models: 10,000 steps at the scan's 60.5 ms are ~10 minutes a seed, README, "The K = 64
+# models and the scan").
 BUDGET_MINUTES = {"recipe-A5": 20, "recipe-S4": 20, "ablations-S3": 6}
-# Estimated GPU-minutes per job on an H200 (the README gives the basis; a baseline as attention
-# measured: 9.7 to the step cap); (stage, model) entries override the stage's: the K = 64
-# variants spend their whole budget.
+# Estimated GPU-minutes per job (the README gives the basis); (stage, model) entries override the
+# stage's: the K = 64 variants spend their whole budget. Baselines 10: attention without PE took
+# 9.7 on an H100 to its 300,000-step cap at length 8; one that moves past 8 may spend its 15.
 ESTIMATE_MINUTES = {"recipe-S5": 30, "recipe-A5": 20, "recipe-S4": 20, "ablations-S3": 2.5,
                     "ablations-S5": 7.5, "baselines": 10,
                     ("ablations-S3", "k64"): 6, ("ablations-S3", "shipped"): 6,
