@@ -273,12 +273,10 @@ def test_multi_gpu_scaling_tiny_matches_one_device_and_resumes(tmp_path, capsys)
     assert "### strong" not in again and "strong dp" in again
 
 
-# The context and MoE studies run layers the default suite checks on their own
-# (test_context_parallel.py, test_moe.py, test_parallel_layouts.py) through the process,
-# deadline and resume machinery the scaling study's test above checks; their own runs (four
-# processes, one) take ~65 s of CPU, so the studies' own code (context_runs and its micro-batch
-# choice, moe_runs, expert_load, the idle fraction, their printing) is checked with `-m slow`.
-@pytest.mark.slow
+# The context and MoE studies run layers the suite checks on their own (test_context_parallel.py,
+# test_moe.py, test_parallel_layouts.py) through the process, deadline and resume machinery the
+# scaling study's test above checks; these check the studies' own code (context_runs and its
+# micro-batch choice, moe_runs, expert_load, the idle fraction, their printing).
 def test_multi_gpu_context_tiny_check_and_idle_fraction(tmp_path, capsys):
     assert multi_gpu_bench.main(["--study", "context", "--tiny", "--out", str(tmp_path),
                                  "--contexts", "4", "--lengths", "128", "--max-len", "128",
@@ -299,7 +297,6 @@ def test_multi_gpu_context_tiny_check_and_idle_fraction(tmp_path, capsys):
     assert "longest context trained on 4 GPUs: 128 tokens" in out
 
 
-@pytest.mark.slow
 def test_multi_gpu_moe7b_tiny_router_metrics(tmp_path, capsys):
     assert multi_gpu_bench.main(["--study", "moe7b", "--tiny", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -619,7 +619,6 @@ def test_label_smoothing_switches_on_at_the_training_length():
     assert label_smoothing_on(StateTrackingTrainConfig(label_smoothing=0.1), 0, None)
 
 
-@pytest.mark.slow
 def test_label_smoothing_from_the_training_length(tmp_path):
     """``train.label_smoothing_from="train_length"``: a run whose curriculum has not reached
     the training length trains as with plain cross-entropy; one without a curriculum (the
@@ -652,7 +651,6 @@ def test_length_decay_factor_falls_geometrically_from_the_curriculum_end():
     assert length_decay_factor(StateTrackingTrainConfig(), 60, 10) == 1.0  # off by default
 
 
-@pytest.mark.slow
 def test_length_decay_starts_at_the_curriculum_end_and_survives_a_resume(tmp_path, capsys):
     """The decay starts when the gated curriculum reaches the training length (and says so);
     a run continued from a checkpoint taken after that step ends exactly where an

@@ -242,20 +242,17 @@ def test_recipe_trains_two_steps_through_the_command(tmp_path):
 
 
 # Which models of which config the next test trains, beside the recipe's `m2rnn` (trained
-# through the command above; the ablations' and baselines' `m2rnn` are the same model). In CI:
-# `shipped` (every path the single-departure models take: W = I, SiLU, the conv, K = 64, the
-# shipped gates) and a baseline of each mixer; the other five (each compile costs ~4 s on a
-# CPU) with `-m slow`.
-TRAINED = {"ablations-shipped": (ABLATIONS, "S3", ("shipped",), False),
-           "baselines": (BASELINES, "S5", ("attention_rope", "mamba2", "gated_deltanet"), False),
+# through the command above; the ablations' and baselines' `m2rnn` are the same model), in
+# groups of similar cost so that the test's parameters spread over the workers.
+TRAINED = {"ablations-shipped": (ABLATIONS, "S3", ("shipped",)),
+           "baselines": (BASELINES, "S5", ("attention_rope", "mamba2", "gated_deltanet")),
            "ablations-rest": (ABLATIONS, "S3",
-                              ("w_identity", "v_silu", "conv4", "k64", "gates_shipped"), True),
-           "baselines-rest": (BASELINES, "S5", ("attention",), True)}
+                              ("w_identity", "v_silu", "conv4", "k64", "gates_shipped")),
+           "baselines-rest": (BASELINES, "S5", ("attention",))}
 
 
 @pytest.mark.parametrize("path, group, names", [
-    pytest.param(path, group, names, marks=[pytest.mark.slow] if slow else [], id=key)
-    for key, (path, group, names, slow) in TRAINED.items()])
+    pytest.param(path, group, names, id=key) for key, (path, group, names) in TRAINED.items()])
 def test_every_model_trains_two_steps_on_a_cpu(path, group, names, tmp_path):
     """The other models of the ablations and the baselines, at full size, take two optimizer
     steps on tiny words (one step per call: a faster compile) and their saved parameters
@@ -272,7 +269,7 @@ def test_every_model_trains_two_steps_on_a_cpu(path, group, names, tmp_path):
 
 
 def test_the_training_tests_cover_every_model():
-    trained = {(path, name) for path, _, names, _ in TRAINED.values() for name in names}
+    trained = {(path, name) for path, _, names in TRAINED.values() for name in names}
     for path in (ABLATIONS, BASELINES):
         for name in load(path).models:
             assert name == "m2rnn" or (path, name) in trained, (path, name)
