@@ -7,7 +7,7 @@ import pytest
 
 # Multi-device logic is tested on simulated CPU devices; must be set before JAX initialises. The
 # tests are bound by compilation, not by running the code: LLVM unoptimised (XLA's own passes
-# still run) compiles the suite's programs in about two thirds of the time.
+# still run) takes the suite to ~60 % of its time (764 -> 448 s on 2 cores).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -243,7 +243,7 @@ def test_recipe_trains_two_steps_through_the_command(tmp_path):
 
 # Which models of which config the next test trains, beside the recipe's `m2rnn` (trained
 # through the command above; the ablations' and baselines' `m2rnn` are the same model), in
-# groups of similar cost so that the test's parameters spread over the workers.
+# groups, so that the test's parameters spread over the workers.
 TRAINED = {"ablations-shipped": (ABLATIONS, "S3", ("shipped",)),
            "baselines": (BASELINES, "S5", ("attention_rope", "mamba2", "gated_deltanet")),
            "ablations-rest": (ABLATIONS, "S3",
