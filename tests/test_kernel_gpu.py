@@ -60,6 +60,17 @@ def _outputs_and_grads(backend, args, seg, cotangents, clip, chunk_size=None):
     return run(diff_args, seg, cotangents)
 
 
+def _contract_outputs(backend, args, keep, cot, clip, chunk_size=8):
+    """y, the final state and every gradient from a backend module called as the op calls it
+    (``forward`` saving checkpoints, then ``backward`` from them)."""
+    q, k, v, w, f, h0 = args
+    y, h_final, ckpt = backend.forward(q, k, v, w, f, h0, keep, chunk_size=chunk_size,
+                                       save_checkpoints=True)
+    grads = backend.backward(q, k, v, w, f, h0, keep, ckpt, *cot, gradient_clipping=clip,
+                             chunk_size=chunk_size)
+    return [y, h_final, *grads]
+
+
 def _assert_close(got, want, tolerance):
     names = ["y", "final_state", "dq", "dk", "dv", "dw", "df", "dh0"]
     errors = {name: relative_error(g, w) for name, g, w in zip(names, got, want)}
@@ -107,35 +118,24 @@ def test_backend_contract_matches_reference_backend():
     """The kernels called as the op calls them (the backend contract), against the scan's
     forward and backward: heads sharing one q/k group (float32 atomics across programs), a
     reset mask, active clipping, two chunks."""
-    (q, k, v, w, f, h0), _, (dy, dh) = _problem(11, 2, 16, (1, 1, 8, 8, 8), 6, 5)
+    args, _, cot = _problem(11, 2, 16, (1, 1, 8, 8, 8), 6, 5)
     keep = jnp.ones((2, 16)).at[0, 5].set(0.0).at[1, 11].set(0.0)
-    outs = {}
-    for name, backend in (("scan", reference), ("kernel", gpu)):
-        y, h_final, ckpt = backend.forward(q, k, v, w, f, h0, keep, chunk_size=8,
-                                           save_checkpoints=True)
-        grads = backend.backward(q, k, v, w, f, h0, keep, ckpt, dy, dh, gradient_clipping=0.5,
-                                 chunk_size=8)
-        outs[name] = [y, h_final, *grads]
-    _assert_close(outs["kernel"], outs["scan"], F32_TOLERANCE)
+    _assert_close(_contract_outputs(gpu, args, keep, cot, 0.5),
+                  _contract_outputs(reference, args, keep, cot, 0.5), F32_TOLERANCE)
 
 
 def test_float32_weight_with_bfloat16_inputs():
     """A float32 weight with bfloat16 inputs: the split dots then use the weight's lo part too
     (a bf16 weight has none); as close to the scan as the bf16 weight's case."""
-    (q, k, v, w, f, h0), _, (dy, dh) = _problem(13, 2, 32, (1, 1, 4, 4, 4), 16, 16,
-                                                 jnp.bfloat16)
-    w = 0.6 * jax.random.normal(jax.random.PRNGKey(14), w.shape)
+    (q, k, v, w, f, h0), _, cot = _problem(13, 2, 32, (1, 1, 4, 4, 4), 16, 16, jnp.bfloat16)
+    args = (q, k, v, 0.6 * jax.random.normal(jax.random.PRNGKey(14), w.shape), f, h0)
     keep = jnp.ones((2, 32)).at[1, 9].set(0.0)
-    outs = {}
-    for name, backend in (("scan", reference), ("kernel", gpu)):
-        y, h_final, ckpt = backend.forward(q, k, v, w, f, h0, keep, chunk_size=8,
-                                           save_checkpoints=True)
-        grads = backend.backward(q, k, v, w, f, h0, keep, ckpt, dy, dh, gradient_clipping=1.0,
-                                 chunk_size=8)
-        # y in float32 from the state would hide nothing; compare the bf16 outputs as given.
-        outs[name] = [y.astype(jnp.float32), h_final, *grads]
-    assert outs["kernel"][5].dtype == jnp.float32  # dW in the weight's dtype
-    _assert_close(outs["kernel"], outs["scan"], SPLIT_TOLERANCE)
+    got = _contract_outputs(gpu, args, keep, cot, 1.0)
+    want = _contract_outputs(reference, args, keep, cot, 1.0)
+    assert got[5].dtype == jnp.float32  # dW in the weight's dtype
+    # y in float32 from the state would hide nothing; compare the bf16 outputs as given.
+    _assert_close([got[0].astype(jnp.float32), *got[1:]],
+                  [want[0].astype(jnp.float32), *want[1:]], SPLIT_TOLERANCE)
 
 
 @pytest.mark.parametrize("b_is_bf16", [False, True])

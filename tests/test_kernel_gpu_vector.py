@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 from numpy_reference import relative_error
-from test_kernel_gpu import BF16_TOLERANCE, F32_TOLERANCE, _assert_close, _outputs_and_grads, \
-    _problem
+from test_kernel_gpu import BF16_TOLERANCE, F32_TOLERANCE, _assert_close, _contract_outputs, \
+    _outputs_and_grads, _problem
 from m2rnn_jax import ops, reference
 from pallas_kernels import platforms
 from pallas_kernels.m2rnn import gpu_vector
@@ -49,16 +49,10 @@ def test_bfloat16_matches_scan():
 def test_backend_contract_matches_reference_backend():
     """The kernels called as the op calls them (the backend contract): 35 rows (two full blocks
     and a padded one), a reset mask, active clipping, two chunks."""
-    (q, k, v, w, f, h0), _, (dy, dh) = _problem(24, 35, 16, (1, 1, 4, 4, 4), 1, 7)
+    args, _, cot = _problem(24, 35, 16, (1, 1, 4, 4, 4), 1, 7)
     keep = jnp.ones((35, 16)).at[0, 5].set(0.0).at[34, 11].set(0.0)
-    outs = {}
-    for name, backend in (("scan", reference), ("kernel", gpu_vector)):
-        y, h_final, ckpt = backend.forward(q, k, v, w, f, h0, keep, chunk_size=8,
-                                           save_checkpoints=True)
-        grads = backend.backward(q, k, v, w, f, h0, keep, ckpt, dy, dh, gradient_clipping=0.5,
-                                 chunk_size=8)
-        outs[name] = [y, h_final, *grads]
-    _assert_close(outs["kernel"], outs["scan"], F32_TOLERANCE)
+    _assert_close(_contract_outputs(gpu_vector, args, keep, cot, 0.5),
+                  _contract_outputs(reference, args, keep, cot, 0.5), F32_TOLERANCE)
 
 
 def test_errors_and_dispatch(monkeypatch):
