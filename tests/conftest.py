@@ -49,3 +49,22 @@ def corpus_dir(tmp_path_factory):
     for i, source in enumerate(small[:8]):
         shutil.copy(source, folder / f"{i}_{source.name}")
     return folder
+
+
+@pytest.fixture
+def compiled_for_an_h200(monkeypatch):
+    """The Pallas kernels lowered as the GPU compiles them, not interpreted, on this CPU machine.
+    Pallas' Triton lowering asks the local GPU for its compute capability; there is none here, so
+    an H200's is supplied through a private hook (``jax._src.gpu_info`` from JAX 0.12 on,
+    ``jax._src.pallas.triton.gpu_info`` before)."""
+    from jax._src.pallas.triton import pallas_call_registration
+
+    from pallas_kernels import platforms
+
+    try:
+        from jax._src import gpu_info
+    except ImportError:
+        from jax._src.pallas.triton import gpu_info
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
+                        lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
+    monkeypatch.setattr(platforms, "interpret", lambda platform: False)

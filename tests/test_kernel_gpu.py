@@ -13,7 +13,6 @@ import pytest
 
 from numpy_reference import relative_error
 from m2rnn_jax import m2rnn, reference
-from pallas_kernels import platforms
 from pallas_kernels.m2rnn import gpu, triton_common
 
 F32_TOLERANCE = 1e-4
@@ -167,15 +166,9 @@ def test_chunk_size_choice_and_errors():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_op_lowers_to_triton_for_an_h200(monkeypatch, dtype):
+def test_op_lowers_to_triton_for_an_h200(compiled_for_an_h200, dtype):
     """The kernels as the GPU compiles them (not the interpreter): the op's fwd+bwd lowers to
-    two Triton custom calls for an H200 on this CPU machine (Pallas asks the local GPU for its
-    compute capability; the H200's is supplied through that private hook)."""
-    from jax._src.pallas.triton import gpu_info, pallas_call_registration
-
-    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
-                        lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
-    monkeypatch.setattr(platforms, "interpret", lambda platform: False)
+    two Triton custom calls for an H200 on this CPU machine."""
     spec = jax.ShapeDtypeStruct
     args = [spec((2, 40, 1, 64), dtype), spec((2, 40, 1, 64), dtype),
             spec((2, 40, 4, 16), dtype), spec((4, 16, 16), dtype), spec((2, 40, 4), dtype),

@@ -10,7 +10,6 @@ from numpy_reference import relative_error
 from test_kernel_gpu import BF16_TOLERANCE, F32_TOLERANCE, _assert_close, _contract_outputs, \
     _outputs_and_grads, _problem
 from m2rnn_jax import ops, reference
-from pallas_kernels import platforms
 from pallas_kernels.m2rnn import gpu_vector
 
 # (heads (Nq, Nk, Nv, Nf, Nw), V, S, batch, chunk_size, initial_state, clip, segments)
@@ -75,19 +74,12 @@ def test_errors_and_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernels_lower_to_triton_for_an_h200(monkeypatch, dtype):
+def test_kernels_lower_to_triton_for_an_h200(compiled_for_an_h200, dtype):
     """The kernels as the GPU compiles them (not the interpreter): forward and backward (and
     the forward vmapped) lower to Triton custom calls for an H200 on this CPU machine, so an op
-    the Triton lowering lacks fails here rather than on the GPU. (Pallas asks the local GPU for
-    its compute capability; there is none here, so the H200's is supplied through that private
-    hook.)"""
+    the Triton lowering lacks fails here rather than on the GPU."""
     import functools
 
-    from jax._src.pallas.triton import gpu_info, pallas_call_registration
-
-    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
-                        lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
-    monkeypatch.setattr(platforms, "interpret", lambda platform: False)
     spec = jax.ShapeDtypeStruct
     batch, seq_len, heads, value_dim, chunk = 40, 24, 4, 5, 8
     qk = spec((batch, seq_len, 1, 1), dtype)

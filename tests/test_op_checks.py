@@ -13,7 +13,6 @@ from jax.experimental import checkify
 
 from numpy_reference import relative_error
 from m2rnn_jax import m2rnn, ops
-from pallas_kernels import platforms
 
 
 def _inputs(seed, batch=2, seq_len=16, heads=(1, 1, 2, 2, 2), key_dim=4, value_dim=4,
@@ -167,15 +166,10 @@ def _exported_grad(backend, platform, args, seg):
     )(*args, segment_ids=seg).mlir_module()
 
 
-def test_x64_mode_lowers_for_gpus_and_tpus(monkeypatch):
+def test_x64_mode_lowers_for_gpus_and_tpus(compiled_for_an_h200):
     """The kernels' real lowerings (not the interpreters) under ``jax_enable_x64``: Triton for
     an H200 (both Triton kernels), Mosaic GPU for sm_90, Mosaic TPU, through the op's fwd+bwd:
     no int32/int64 mix in the index arithmetic."""
-    from jax._src.pallas.triton import gpu_info, pallas_call_registration
-
-    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info",
-                        lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
-    monkeypatch.setattr(platforms, "interpret", lambda platform: False)
     spec = jax.ShapeDtypeStruct
 
     def shapes(heads, key_dim, value_dim, dtype, batch=2, seq_len=32):
