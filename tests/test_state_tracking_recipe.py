@@ -488,3 +488,40 @@ def test_plan_takes_each_gpu_once(tmp_path, capsys):
     assert "\n" not in error
     assert error.endswith("--gpus lists GPU 2 more than once: one job per GPU (two on one take "
                           "turns, no faster)")
+
+
+KILLED_PLAN = """
+import sys, time
+from m2rnn_experiments.state_tracking import plan
+plan.HEARTBEAT_S = 0.2
+job = plan.Job("recipe-S5", "long", "recipe.yaml", (), 1000.0, 60.0)
+plan.run_jobs([job], ["0"], 600, sys.argv[1],
+              command=lambda argv: [sys.executable, "-c", "import time; time.sleep(60)"])
+"""
+
+
+def test_a_plan_killed_mid_job_still_counts_the_jobs_seconds(tmp_path):
+    """The runner writes a running job's seconds to the ledger as it goes, so that a plan
+    killed outright (the machine lost) does not hand the job its spent seconds again: the next
+    invocation counts them as used."""
+    import signal
+    import subprocess
+    import time
+
+    plan_process = subprocess.Popen([sys.executable, "-c", KILLED_PLAN, str(tmp_path)],
+                                    start_new_session=True)
+    ledger_path = tmp_path / "ledger.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until two heartbeats have been written
+        running = json.loads(ledger_path.read_text()).get("long", {}).get("running_s", 0) \
+            if ledger_path.exists() else 0
+        if running > 0.3:
+            break
+        time.sleep(0.1)
+    os.killpg(plan_process.pid, signal.SIGKILL)  # the plan and its job, no clean-up
+    plan_process.wait()
+    assert running > 0.3
+    entry = plan.Ledger(str(tmp_path)).entries["long"]
+    assert entry["used_s"] >= running and entry["calls"] == 1 and "running_s" not in entry
+    assert entry["status"] == "to do"
+    assert "running_s" not in json.loads(ledger_path.read_text())["long"]

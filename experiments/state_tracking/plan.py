@@ -60,6 +60,9 @@ ESTIMATE_MINUTES = {"recipe-S5": 30, "recipe-A5": 20, "recipe-S4": 20, "ablation
 MIN_CALL_S = 120  # a call with less time left would spend it on start-up and compilation
 # Start-up before training and evaluation after it, outside the run's --time-budget-s.
 OVERHEAD_S = 90
+# How often a running job's seconds reach the ledger: if the plan itself dies (the machine is
+# lost, a kill), at most this much of the job's time goes uncounted.
+HEARTBEAT_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,13 @@ class Ledger:
             with open(self.path) as fh:
                 self.entries = json.load(fh)
         self.lock = threading.Lock()
+        # An invocation that died mid-job left its seconds so far in running_s: they count.
+        interrupted = [e for e in self.entries.values() if "running_s" in e]
+        for entry in interrupted:
+            entry["used_s"] += entry.pop("running_s")
+            entry["calls"] += 1
+        if interrupted:
+            self._write()
 
     def entry(self, job):
         return self.entries.setdefault(job.name, {"used_s": 0.0, "calls": 0, "status": "to do"})
@@ -167,9 +177,16 @@ class Ledger:
             self._write()
         return lost
 
+    def running(self, job, seconds):
+        """The seconds of this invocation's run of ``job`` so far, written while it runs."""
+        with self.lock:
+            self.entry(job)["running_s"] = seconds
+            self._write()
+
     def record(self, job, used_s, status, checkpointed=False):
         with self.lock:
             entry = self.entry(job)
+            entry.pop("running_s", None)
             entry["used_s"] += used_s
             entry["calls"] += int(used_s > 0)  # (a job found out of budget is not started)
             entry["status"] = status
@@ -189,6 +206,24 @@ def reached_step_cap(out_dir):
         report = json.load(fh)
     cap = report["config"]["train"]["steps"]
     return bool(report["runs"]) and all(run["steps"] >= cap for run in report["runs"])
+
+
+def run_with_heartbeat(argv, env, log, timeout_s, heartbeat):
+    """Runs ``argv`` (its output to ``log``) for at most ``timeout_s``, calling
+    ``heartbeat(seconds so far)`` every ``HEARTBEAT_S``; its exit status, or None when it was
+    killed at the limit."""
+    start = time.monotonic()
+    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    while True:
+        left = timeout_s - (time.monotonic() - start)
+        try:
+            return process.wait(timeout=max(min(HEARTBEAT_S, left), 0.0))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() - start >= timeout_s:
+                process.kill()
+                process.wait()
+                return None
+            heartbeat(time.monotonic() - start)
 
 
 def cli_command(argv):
@@ -229,12 +264,10 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
             with open(job.out_dir(root) + ".log", "a") as log:
                 log.write(f"\n# plan: gpu {gpu}, {left:.0f} s of the budget for this call\n")
                 log.flush()
-                try:
-                    exit_status = subprocess.run(
-                        command(job.argv(root, left - OVERHEAD_S)), env=env, stdout=log,
-                        stderr=subprocess.STDOUT, timeout=left).returncode
-                except subprocess.TimeoutExpired:  # killed: resumes from its last checkpoint
-                    exit_status = None
+                exit_status = run_with_heartbeat(
+                    command(job.argv(root, left - OVERHEAD_S)), env, log, left,
+                    lambda seconds: ledger.running(job, seconds))
+                if exit_status is None:  # killed: resumes from its last checkpoint
                     log.write("# plan: stopped at the call's limit\n")
             used = time.monotonic() - start
             if reached_step_cap(job.out_dir(root)):
