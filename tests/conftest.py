@@ -52,8 +52,8 @@ def corpus_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def compiled_for_an_h200(monkeypatch):
-    """The Pallas kernels lowered as the GPU compiles them, not interpreted, on this CPU machine.
+def lowered_for_an_h200(monkeypatch):
+    """The Pallas kernels lowered as for the GPU, not interpreted, on this CPU machine.
     Pallas' Triton lowering asks the local GPU for its compute capability; there is none here, so
     an H200's is supplied through a private hook (``jax._src.gpu_info`` from JAX 0.12 on,
     ``jax._src.pallas.triton.gpu_info`` before)."""

@@ -166,7 +166,7 @@ def test_chunk_size_choice_and_errors():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_op_lowers_to_triton_for_an_h200(compiled_for_an_h200, dtype):
+def test_op_lowers_to_triton_for_an_h200(lowered_for_an_h200, dtype):
     """The kernels as the GPU compiles them (not the interpreter): the op's fwd+bwd lowers to
     two Triton custom calls for an H200 on this CPU machine."""
     spec = jax.ShapeDtypeStruct

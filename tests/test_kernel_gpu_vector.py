@@ -74,7 +74,7 @@ def test_errors_and_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernels_lower_to_triton_for_an_h200(compiled_for_an_h200, dtype):
+def test_kernels_lower_to_triton_for_an_h200(lowered_for_an_h200, dtype):
     """The kernels as the GPU compiles them (not the interpreter): forward and backward (and
     the forward vmapped) lower to Triton custom calls for an H200 on this CPU machine, so an op
     the Triton lowering lacks fails here rather than on the GPU."""

@@ -166,7 +166,7 @@ def _exported_grad(backend, platform, args, seg):
     )(*args, segment_ids=seg).mlir_module()
 
 
-def test_x64_mode_lowers_for_gpus_and_tpus(compiled_for_an_h200):
+def test_x64_mode_lowers_for_gpus_and_tpus(lowered_for_an_h200):
     """The kernels' real lowerings (not the interpreters) under ``jax_enable_x64``: Triton for
     an H200 (both Triton kernels), Mosaic GPU for sm_90, Mosaic TPU, through the op's fwd+bwd:
     no int32/int64 mix in the index arithmetic."""

@@ -491,7 +491,7 @@ def test_plan_takes_each_gpu_once(tmp_path, capsys):
 
 
 KILLED_PLAN = """
-import sys, time
+import sys
 from m2rnn_experiments.state_tracking import plan
 plan.HEARTBEAT_S = 0.2
 job = plan.Job("recipe-S5", "long", "recipe.yaml", (), 1000.0, 60.0)
@@ -503,7 +503,7 @@ plan.run_jobs([job], ["0"], 600, sys.argv[1],
 def test_a_plan_killed_mid_job_still_counts_the_jobs_seconds(tmp_path):
     """The runner writes a running job's seconds to the ledger as it goes, so that a plan
     killed outright (the machine lost) does not hand the job its spent seconds again: the next
-    invocation counts them as used."""
+    invocation counts them as used (once, however often the ledger is read)."""
     import signal
     import subprocess
     import time
@@ -511,17 +511,41 @@ def test_a_plan_killed_mid_job_still_counts_the_jobs_seconds(tmp_path):
     plan_process = subprocess.Popen([sys.executable, "-c", KILLED_PLAN, str(tmp_path)],
                                     start_new_session=True)
     ledger_path = tmp_path / "ledger.json"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # until two heartbeats have been written
-        running = json.loads(ledger_path.read_text()).get("long", {}).get("running_s", 0) \
-            if ledger_path.exists() else 0
-        if running > 0.3:
-            break
-        time.sleep(0.1)
-    os.killpg(plan_process.pid, signal.SIGKILL)  # the plan and its job, no clean-up
-    plan_process.wait()
+    running = 0
+    try:
+        deadline = time.monotonic() + 60
+        while running <= 0.3 and time.monotonic() < deadline and plan_process.poll() is None:
+            time.sleep(0.1)
+            if ledger_path.exists():  # (written atomically: never read half-written)
+                running = json.loads(ledger_path.read_text())["long"].get("running_s", 0)
+    finally:
+        os.killpg(plan_process.pid, signal.SIGKILL)  # the plan and its job, no clean-up
+        plan_process.wait()
     assert running > 0.3
-    entry = plan.Ledger(str(tmp_path)).entries["long"]
-    assert entry["used_s"] >= running and entry["calls"] == 1 and "running_s" not in entry
-    assert entry["status"] == "to do"
-    assert "running_s" not in json.loads(ledger_path.read_text())["long"]
+    for _ in range(2):
+        entry = plan.Ledger(str(tmp_path)).entries["long"]
+        assert entry["used_s"] >= running and entry["calls"] == 1 and "running_s" not in entry
+        assert entry["status"] == "to do" and not entry.get("checkpointed")
+
+
+def test_a_finished_job_leaves_no_running_seconds_and_a_job_past_its_limit_is_killed(
+        tmp_path, monkeypatch):
+    """The heartbeats of a job that ends are replaced by its recorded seconds (not counted
+    twice); a job still running at its invocation's limit is killed, its heartbeats rising."""
+    import time
+
+    monkeypatch.setattr(plan, "HEARTBEAT_S", 0.05)
+    job = plan.Job("recipe-S5", "short", "recipe.yaml", (), 1000.0, 60.0)
+    ledger = plan.run_jobs([job], ["0"], 600, str(tmp_path), command=lambda argv: [
+        sys.executable, "-c", "import time; time.sleep(1.0)"])
+    entry = json.loads((tmp_path / "ledger.json").read_text())["short"]
+    assert "running_s" not in entry and entry["calls"] == 1
+    assert 1.0 <= entry["used_s"] < 30 and entry == ledger.entries["short"]
+
+    seen = []
+    start = time.monotonic()
+    with open(tmp_path / "log", "w") as log:
+        status = plan.run_with_heartbeat(
+            [sys.executable, "-c", "import time; time.sleep(30)"], None, log, 0.5, seen.append)
+    assert status is None and time.monotonic() - start < 10
+    assert seen and seen == sorted(seen) and seen[-1] < 0.5

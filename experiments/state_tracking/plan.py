@@ -129,7 +129,11 @@ def plan_jobs():
 
 
 def has_checkpoints(job, root):
-    folder = os.path.join(job.out_dir(root), "checkpoints")
+    return saved_checkpoints(job.out_dir(root))
+
+
+def saved_checkpoints(out_dir):
+    folder = os.path.join(out_dir, "checkpoints")
     return os.path.isdir(folder) and any(f.endswith(".msgpack") for f in os.listdir(folder))
 
 
@@ -143,13 +147,14 @@ class Ledger:
             with open(self.path) as fh:
                 self.entries = json.load(fh)
         self.lock = threading.Lock()
-        # An invocation that died mid-job left its seconds so far in running_s: they count.
-        interrupted = [e for e in self.entries.values() if "running_s" in e]
-        for entry in interrupted:
-            entry["used_s"] += entry.pop("running_s")
-            entry["calls"] += 1
-        if interrupted:
-            self._write()
+        # An invocation that died mid-job left its seconds so far in running_s: they count. (In
+        # memory only: the next write keeps them; reading the ledger never writes it.)
+        for name, entry in self.entries.items():
+            if "running_s" in entry:
+                entry["used_s"] += entry.pop("running_s")
+                entry["calls"] += 1
+                entry["checkpointed"] = entry.get("checkpointed", False) or \
+                    saved_checkpoints(os.path.join(root, name))
 
     def entry(self, job):
         return self.entries.setdefault(job.name, {"used_s": 0.0, "calls": 0, "status": "to do"})
@@ -177,7 +182,7 @@ class Ledger:
             self._write()
         return lost
 
-    def running(self, job, seconds):
+    def record_running(self, job, seconds):
         """The seconds of this invocation's run of ``job`` so far, written while it runs."""
         with self.lock:
             self.entry(job)["running_s"] = seconds
@@ -213,17 +218,21 @@ def run_with_heartbeat(argv, env, log, timeout_s, heartbeat):
     ``heartbeat(seconds so far)`` every ``HEARTBEAT_S``; its exit status, or None when it was
     killed at the limit."""
     start = time.monotonic()
-    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    while True:
-        left = timeout_s - (time.monotonic() - start)
+    with subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT) as process:
         try:
-            return process.wait(timeout=max(min(HEARTBEAT_S, left), 0.0))
-        except subprocess.TimeoutExpired:
-            if time.monotonic() - start >= timeout_s:
-                process.kill()
-                process.wait()
-                return None
-            heartbeat(time.monotonic() - start)
+            while True:
+                left = timeout_s - (time.monotonic() - start)
+                try:
+                    return process.wait(timeout=max(min(HEARTBEAT_S, left), 0.0))
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() - start >= timeout_s:
+                        process.kill()
+                        process.wait()
+                        return None
+                    heartbeat(time.monotonic() - start)
+        except BaseException:  # a failed heartbeat, an interrupt: no job outlives its plan
+            process.kill()
+            raise
 
 
 def cli_command(argv):
@@ -266,7 +275,7 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
                 log.flush()
                 exit_status = run_with_heartbeat(
                     command(job.argv(root, left - OVERHEAD_S)), env, log, left,
-                    lambda seconds: ledger.running(job, seconds))
+                    lambda seconds: ledger.record_running(job, seconds))
                 if exit_status is None:  # killed: resumes from its last checkpoint
                     log.write("# plan: stopped at the call's limit\n")
             used = time.monotonic() - start
