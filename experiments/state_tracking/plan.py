@@ -128,11 +128,7 @@ def plan_jobs():
     return jobs
 
 
-def has_checkpoints(job, root):
-    return saved_checkpoints(job.out_dir(root))
-
-
-def saved_checkpoints(out_dir):
+def has_checkpoints(out_dir):
     folder = os.path.join(out_dir, "checkpoints")
     return os.path.isdir(folder) and any(f.endswith(".msgpack") for f in os.listdir(folder))
 
@@ -151,10 +147,7 @@ class Ledger:
         # memory only: the next write keeps them; reading the ledger never writes it.)
         for name, entry in self.entries.items():
             if "running_s" in entry:
-                entry["used_s"] += entry.pop("running_s")
-                entry["calls"] += 1
-                entry["checkpointed"] = entry.get("checkpointed", False) or \
-                    saved_checkpoints(os.path.join(root, name))
+                self._charge(entry, entry["running_s"], has_checkpoints(os.path.join(root, name)))
 
     def entry(self, job):
         return self.entries.setdefault(job.name, {"used_s": 0.0, "calls": 0, "status": "to do"})
@@ -172,7 +165,8 @@ class Ledger:
         saved one (stopped or failed before its first save) keeps its seconds, so its budget
         still ends it. Returns the seconds moved."""
         entry = self.entry(job)
-        if self.finished(job) or not entry.get("checkpointed") or has_checkpoints(job, root):
+        if self.finished(job) or not entry.get("checkpointed") or \
+                has_checkpoints(job.out_dir(root)):
             return 0.0
         with self.lock:
             lost = entry["used_s"]
@@ -191,12 +185,17 @@ class Ledger:
     def record(self, job, used_s, status, checkpointed=False):
         with self.lock:
             entry = self.entry(job)
-            entry.pop("running_s", None)
-            entry["used_s"] += used_s
-            entry["calls"] += int(used_s > 0)  # (a job found out of budget is not started)
+            self._charge(entry, used_s, checkpointed)
             entry["status"] = status
-            entry["checkpointed"] = entry.get("checkpointed", False) or checkpointed
             self._write()
+
+    @staticmethod
+    def _charge(entry, used_s, checkpointed):
+        """An invocation's seconds added to ``entry`` (replacing its running seconds, if any)."""
+        entry.pop("running_s", None)
+        entry["used_s"] += used_s
+        entry["calls"] += int(used_s > 0)  # (a job found out of budget is not started)
+        entry["checkpointed"] = entry.get("checkpointed", False) or checkpointed
 
     def _write(self):
         write_atomically(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
@@ -285,7 +284,7 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
                 status = "budget spent"
             else:  # stopped by the call's time, or failed (retried next time; the log says)
                 status = "to do" if exit_status in (0, None) else f"exit {exit_status}"
-            ledger.record(job, used, status, checkpointed=has_checkpoints(job, root))
+            ledger.record(job, used, status, checkpointed=has_checkpoints(job.out_dir(root)))
             print(f"{job.name}: {status}, {(ledger.entry(job)['used_s']) / 60:.1f} of "
                   f"{job.budget_s / 60:.0f} GPU-minutes used", flush=True)
 
