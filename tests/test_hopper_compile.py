@@ -187,6 +187,18 @@ def test_while_loop_launches_counts_one_iteration_only():
     assert found[1] == ("fusion", "", "(f32[4], f32[4])")
 
 
+def test_while_loop_launches_follows_a_call_that_wraps_the_loop():
+    # XLA's CPU compiler in JAX >= 0.12 moves the loop into a computation the entry calls
+    wrapped = HLO_WITH_A_LOOP.replace(
+        "  %loop = (s32[], f32[4]{0}) while(%init), condition=%cond, body=%body",
+        "  %loop = (s32[], f32[4]{0}) call(%init), to_apply=%wrapper").replace(
+        "ENTRY", "%wrapper (t: (s32[], f32[4])) -> (s32[], f32[4]) {\n"
+        "  %t = (s32[], f32[4]{0}) parameter(0)\n"
+        "  ROOT %w = (s32[], f32[4]{0}) while(%t), condition=%cond, body=%body\n}\n\nENTRY")
+    assert (hopper_compile.while_loop_launches(wrapped)
+            == hopper_compile.while_loop_launches(HLO_WITH_A_LOOP))
+
+
 def test_entry_traffic_counts_operands_and_outputs_of_launches():
     assert hopper_compile.shape_bytes("(bf16[2,3]{1,0}, f32[4]{0}, pred[])") == 12 + 16 + 1
     # the fusion before the loop: reads x.1 (f32[4]) and writes f32[4]; the loop is no launch
