@@ -339,19 +339,25 @@ def launches(instructions):
     return found
 
 
+def called_computation(line, attribute):
+    """The computation an instruction names in ``attribute`` (``body``, ``condition``,
+    ``to_apply``)."""
+    return re.search(rf"{attribute}=%?([\w.\-]+)", line).group(1)
+
+
 def while_loop_launches(hlo_text):
-    """The launches of one iteration (body and condition) of the entry computation's one while
-    loop; a ValueError for any other structure, whose launches this would miscount."""
+    """The launches of one iteration (body and condition) of the one while loop of the entry
+    computation, or of a computation it calls; a ValueError for any other structure, whose
+    launches this would miscount."""
     computations, entry = hlo_computations(hlo_text)
     loops = [line for line in computations[entry] if " while(" in line]
     if not loops:  # XLA's CPU compiler (JAX >= 0.12) wraps the loop alone in a called computation
-        called = [re.search(r"to_apply=%?([\w.\-]+)", line).group(1)
+        called = [called_computation(line, "to_apply")
                   for line in computations[entry] if " call(" in line]
         loops = [line for name in called for line in computations[name] if " while(" in line]
     if len(loops) != 1:
         raise ValueError(f"expected one while loop in the entry computation, found {len(loops)}")
-    body = re.search(r"body=%?([\w.\-]+)", loops[0]).group(1)
-    condition = re.search(r"condition=%?([\w.\-]+)", loops[0]).group(1)
+    body, condition = (called_computation(loops[0], key) for key in ("body", "condition"))
     iteration = computations[body] + computations[condition]
     nested = {m.group(3) for line in iteration
               if (m := INSTRUCTION.match(line)) and m.group(3) in NESTING}
