@@ -325,6 +325,17 @@ def hlo_computations(hlo_text):
     return computations, entry
 
 
+def operation_name(line):
+    """The JAX operation's name an instruction's metadata records (``op_name``), or ""."""
+    found = re.search(r'op_name="([^"]+)"', line)
+    return found.group(1) if found else ""
+
+
+def without_layouts(shape):
+    """An HLO shape without its layouts: ``f32[8,64]{1,0}`` -> ``f32[8,64]``."""
+    return re.sub(r"\{[^}]*\}", "", shape)
+
+
 def launches(instructions):
     """The kernel-launching instructions among ``instructions``, as ``(opcode, op_name, shape)``
     (the last part of the JAX operation's name, the output shape without layouts)."""
@@ -332,10 +343,8 @@ def launches(instructions):
     for line in instructions:
         match = INSTRUCTION.match(line)
         if match and match.group(3) in LAUNCHING:
-            op_name = re.search(r'op_name="([^"]+)"', line)
-            shape = re.sub(r"\{[^}]*\}", "", match.group(2))
-            found.append((match.group(3), op_name.group(1).rsplit("/", 1)[-1] if op_name else "",
-                          shape))
+            found.append((match.group(3), operation_name(line).rsplit("/", 1)[-1],
+                          without_layouts(match.group(2))))
     return found
 
 
@@ -426,9 +435,8 @@ def entry_traffic(hlo_text):
         if opcode in LAUNCHING:
             read = sum(shape_bytes(shapes.get(operand.split()[-1], ""))
                        for operand in operands.split(",") if operand.strip())
-            op_name = re.search(r'op_name="([^"]+)"', line)
-            found.append((read + shape_bytes(shape), opcode, re.sub(r"\{[^}]*\}", "", shape),
-                          op_name.group(1) if op_name else ""))
+            found.append((read + shape_bytes(shape), opcode, without_layouts(shape),
+                          operation_name(line)))
     return found
 
 
