@@ -365,7 +365,8 @@ def while_loop_launches(hlo_text):
                   for line in computations[entry] if " call(" in line]
         loops = [line for name in called for line in computations[name] if " while(" in line]
     if len(loops) != 1:
-        raise ValueError(f"expected one while loop in the entry computation, found {len(loops)}")
+        raise ValueError(f"expected one while loop in the entry computation or one it calls, "
+                         f"found {len(loops)}")
     body, condition = (called_computation(loops[0], key) for key in ("body", "condition"))
     iteration = computations[body] + computations[condition]
     nested = {m.group(3) for line in iteration
