@@ -1,7 +1,7 @@
 """The state-tracking experiment's loop on the device (``train.steps_per_dispatch``): words drawn
 with ``jax.random`` against NumPy's prefix products, N steps per call against N calls of one
 step, independence of N, the gated curriculum, resuming, compilations per curriculum width,
-and the settings."""
+the settings, and the stop when a run is exact on held-out words."""
 
 import dataclasses
 
@@ -187,3 +187,49 @@ def test_steps_per_dispatch_settings(tmp_path):
     assert device_words != numpy_words
     assert device_words == fingerprint(steps_per_dispatch=32) == fingerprint(
         steps_per_dispatch=4, word_generator="device")
+    # The check for exactness changes no step, only when a run ends: not fingerprinted either.
+    assert fingerprint(stop_when_exact_every=4096) == numpy_words
+    with pytest.raises(ConfigError, match=r"^train\.stop_when_exact_every must be a positive"):
+        StateTrackingTrainConfig(stop_when_exact_every=0)
+
+
+def test_a_run_exact_on_held_out_words_stops_there_and_when_resumed(experiment, tmp_path,
+                                                                     capsys, monkeypatch):
+    """With ``train.stop_when_exact_every`` 2 a run at the training length (from step 4) is
+    checked on the held-out words (eval seed + 1, every length) after steps 6 and 8; found
+    exact at 6 it stops there, saved, and a rerun stops at once; found inexact it runs to the
+    cap. The reported evaluation stays on the usual words. ``evaluate`` is replaced by one
+    that says whether the checks pass (training a model to exactness takes a GPU)."""
+    config, group, _ = experiment
+    train = dataclasses.replace(config.train, steps_per_dispatch=1, stop_when_exact_every=2)
+    runner = ModelRunner("m2rnn", config.model_config("m2rnn", group.order), train)
+    calls, exact_checks = [], [True]
+
+    def evaluate(params, group, task, length):
+        calls.append((task.eval_seed, length))
+        held_out = task.eval_seed == config.task.eval_seed + 1
+        right = 1.0 if held_out and exact_checks[0] else 0.5
+        return {"length": length, "position_accuracy": right, "sequence_accuracy": right}
+
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    path = str(tmp_path / "m2rnn_seed0.msgpack")
+
+    def run():
+        calls.clear()
+        return runner.run_seeds([0], group, config.task, progress=False,
+                                checkpoint_paths=[path])[0]
+
+    result = run()
+    assert result.steps == 6 and result.stopped_exact_step == 6
+    assert calls == [(config.task.eval_seed + 1, 4), (config.task.eval_seed, 4)]
+    assert runner.load_saved(path, config.task, 0).step == 6
+    assert "step 6: exact on held-out words at lengths 4: stopped" in capsys.readouterr().out
+
+    again = run()  # resumed: checked before any step, exact, so no step is taken
+    assert (again.steps, again.resumed_from_step, again.stopped_exact_step) == (6, 6, 6)
+    assert calls == [(config.task.eval_seed + 1, 4), (config.task.eval_seed, 4)]
+
+    exact_checks[0] = False  # the checks fail from here: on to the step cap, checked at 6, 8
+    onward = run()
+    assert (onward.steps, onward.stopped_exact_step) == (8, None)
+    assert calls == [(config.task.eval_seed + 1, 4)] * 2 + [(config.task.eval_seed, 4)]

@@ -334,8 +334,10 @@ out = value("--out")
 os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
 open(os.path.join(out, "checkpoints", "m2rnn_seed0.msgpack"), "w").close()
 with open(os.path.join(out, "results.json"), "w") as fh:
-    json.dump({"config": {"train": {"steps": 5}},
-               "runs": [{"steps": 5 if value("--first-seed") == "0" else 3}]}, fh)
+    run = {"steps": 5 if value("--first-seed") == "0" else 3}
+    if value("--first-seed") == "2":  # stopped exact (train.stop_when_exact_every) before the cap
+        run["stopped_exact_step"] = 3
+    json.dump({"config": {"train": {"steps": 5}}, "runs": [run]}, fh)
 with open(os.path.join(out, "calls.txt"), "a") as fh:
     fh.write(os.environ["CUDA_VISIBLE_DEVICES"] + " " + value("--time-budget-s") + "\n")
 """
@@ -348,7 +350,7 @@ def stub_command(argv):
 def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
     """The runner starts each unfinished job on one of the GPUs with the budget it has left
     (less the start-up allowance), records the time used in the ledger, marks a job done
-    when its runs reached the step cap, skips it from then on, retries a failed one, never
+    when its runs reached the step cap or stopped exact, skips it from then on, retries a failed one, never
     starts a job whose budget or whose invocation has too little time left, keeps the
     ledger in a file, and starts a job whose checkpoints are gone over with its whole
     budget."""
@@ -357,6 +359,7 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
                         budget_s, 60.0)
 
     jobs = [job("reaches_cap", 0, 1000.0), job("stops_early", 1, 1000.0),
+            job("stops_exact", 2, 1000.0),
             job("too_little_budget", 1, plan.MIN_CALL_S - 1.0), job("fails", 9, 1000.0)]
     root = str(tmp_path)
 
@@ -366,7 +369,7 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
 
     ledger = plan.run_jobs(jobs, ["3", "5"], 600, root, command=stub_command)
     status = {name: e["status"] for name, e in ledger.entries.items()}
-    assert status == {"reaches_cap": "done", "stops_early": "to do",
+    assert status == {"reaches_cap": "done", "stops_early": "to do", "stops_exact": "done",
                       "too_little_budget": "budget spent", "fails": "exit 3"}
     gpu, budget = calls("reaches_cap")[0].split()
     assert gpu in ("3", "5") and 600 - plan.OVERHEAD_S - 5 <= float(budget) <= \
@@ -377,6 +380,7 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
 
     again = plan.run_jobs(jobs, ["0"], 600, root, command=stub_command)
     assert len(calls("reaches_cap")) == 1 and len(calls("stops_early")) == 2
+    assert len(calls("stops_exact")) == 1
     assert again.entries["stops_early"]["calls"] == 2
     assert again.entries["stops_early"]["used_s"] > used_once
     assert again.entries["fails"]["calls"] == 2 and again.entries["fails"]["status"] == "exit 3"
@@ -404,7 +408,7 @@ def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
     assert fresh.entries["fails"]["used_s"] > 0
     assert all("lost_s" not in e for name, e in fresh.entries.items() if name != "stops_early")
     table = plan.budget_table(jobs, fresh)
-    assert f"| {entry['lost_s'] / 60:.1f} | 1 |" in table.splitlines()[2]
+    assert f"| {entry['lost_s'] / 60:.1f} | 2 |" in table.splitlines()[2]  # 2 done
 
 
 def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys, tmp_path):

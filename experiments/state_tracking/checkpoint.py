@@ -34,7 +34,8 @@ FORMAT = 1
 # often it logs or saves, which seeds the command line asked for, how many share a step and how
 # many steps a jitted call runs). The word generator does, and is hashed as resolved below.
 _NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds", "first_seed",
-                      "seeds_per_step", "steps_per_dispatch", "word_generator"}
+                      "seeds_per_step", "steps_per_dispatch", "word_generator",
+                      "stop_when_exact_every"}
 _HASHED_BACKEND = "scan"
 _EVAL_ONLY = {"eval_lengths", "eval_sequences", "eval_batch_size", "eval_seed"}
 # The learning-rate schedule, the run's length, Adam's ε, the batch's scale and label

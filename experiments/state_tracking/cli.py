@@ -185,8 +185,11 @@ def run_experiment(argv) -> list:
                 taken = result.steps - result.resumed_from_step  # by this invocation
                 # The first call's steps (steps_per_dispatch of them) are in compile_s.
                 timed = taken - min(taken, train.steps_per_dispatch)
-                stop = "" if result.steps >= train.steps else \
-                    f"; stopped by the time budget, {train.steps} steps asked"
+                stop = ""
+                if result.stopped_exact_step is not None:
+                    stop = "; stopped exact on held-out words"
+                elif result.steps < train.steps:
+                    stop = f"; stopped by the time budget, {train.steps} steps asked"
                 print(f"  seed {result.seed}: {result.steps} steps, compile "
                       f"{result.compile_s:.1f}s, train {result.train_s:.1f}s "
                       f"({timed / max(result.train_s, 1e-9):.0f} steps/s), eval "

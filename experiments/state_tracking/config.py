@@ -130,6 +130,11 @@ class StateTrackingTrainConfig:
     # Seconds between saves of a run's state to out_dir/checkpoints/ (and one when it stops);
     # a rerun of the same command resumes from there. null = no checkpoints.
     checkpoint_every_s: float | None = 60.0
+    # Every this many steps once the scored length is the training length, a run is evaluated
+    # on held-out words (task.eval_seed + 1, every evaluation length and count) and stops, done,
+    # when it is exact on all of them: its trajectory is unchanged, only its end comes sooner.
+    # Not the reported evaluation's words, which would then choose the stopping step. null = off.
+    stop_when_exact_every: int | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "batch_scale", "seeds", "seeds_per_step",
@@ -166,6 +171,8 @@ class StateTrackingTrainConfig:
                 f"must be null or >= 0, got {self.checkpoint_every_s}")
         if self.time_budget_s is not None:
             require_positive(self.time_budget_s, "train.time_budget_s")
+        if self.stop_when_exact_every is not None:
+            require_positive_int(self.stop_when_exact_every, "train.stop_when_exact_every")
         require(self.word_generator in WORD_GENERATORS, "train.word_generator",
                 f"must be one of {WORD_GENERATORS}, got {self.word_generator!r}")
         require(self.word_generator != "numpy" or self.steps_per_dispatch == 1,

@@ -13,10 +13,11 @@ wall-clock time its processes held a GPU is summed over invocations in ``<root>/
 An invocation runs, in the plan's order, the jobs of the stages (or the jobs) it names, all by
 default, that are neither done nor out of budget, as many at a time as ``--gpus`` lists, each
 with ``--time-budget-s`` the smaller of what its budget and the invocation have left. A job is
-done when every run in its ``results.json`` has reached the config's step cap, or when its
-budget is spent. Runs resume from their checkpoints, so the same command, repeated until it
-prints "every job is done", carries out the plan however short each invocation is; a job
-whose checkpoints are gone starts over with its whole budget.
+done when every run in its ``results.json`` has reached the config's step cap or stopped exact
+(``train.stop_when_exact_every``), or when its budget is spent. Runs resume from their
+checkpoints, so the same command, repeated until it prints "every job is done", carries out the
+plan however short each invocation is; a job whose checkpoints are gone starts over with its
+whole budget.
 """
 
 import argparse
@@ -201,15 +202,18 @@ class Ledger:
         write_atomically(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
 
 
-def reached_step_cap(out_dir):
-    """Whether every run in ``out_dir/results.json`` took its config's ``train.steps``."""
+def runs_finished(out_dir):
+    """Whether every run in ``out_dir/results.json`` took its config's ``train.steps`` or
+    stopped exact."""
     path = os.path.join(out_dir, "results.json")
     if not os.path.exists(path):
         return False
     with open(path) as fh:
         report = json.load(fh)
     cap = report["config"]["train"]["steps"]
-    return bool(report["runs"]) and all(run["steps"] >= cap for run in report["runs"])
+    return bool(report["runs"]) and all(
+        run["steps"] >= cap or run.get("stopped_exact_step") is not None
+        for run in report["runs"])
 
 
 def run_with_heartbeat(argv, env, log, timeout_s, heartbeat):
@@ -278,7 +282,7 @@ def run_jobs(jobs, gpus, seconds, root, command=cli_command):
                 if exit_status is None:  # killed: resumes from its last checkpoint
                     log.write("# plan: stopped at the call's limit\n")
             used = time.monotonic() - start
-            if reached_step_cap(job.out_dir(root)):
+            if runs_finished(job.out_dir(root)):
                 status = "done"
             elif ledger.left_s(job) - used < MIN_CALL_S:
                 status = "budget spent"

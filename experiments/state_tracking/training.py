@@ -51,6 +51,9 @@ class RunResult:
     resumed_from_step: int  # 0 unless the run continued from a checkpoint
     # One entry per evaluation length: {"length", "position_accuracy", "sequence_accuracy"}.
     evals: list
+    # The step at which the run was exact on held-out words and stopped
+    # (``train.stop_when_exact_every``; None: it was not).
+    stopped_exact_step: int | None = None
 
 
 def token_losses(logits, targets, label_smoothing=0.0):
@@ -192,7 +195,9 @@ class ModelRunner:
         checkpoint file, as in ``run``; a step runs at the widest of the seeds' curriculum
         widths, and the positions past a seed's own width are unscored (the models are
         causal), so each seed's trajectory is its ``run``'s up to rounding. A seed that reaches
-        ``train.steps`` leaves the group. Returns one ``RunResult`` per seed, in order.
+        ``train.steps``, or is found exact (``train.stop_when_exact_every``: after the call that
+        reaches or passes each multiple, at the training length; a resumed run first), leaves
+        the group. Returns one ``RunResult`` per seed, in order.
 
         With ``train.steps_per_dispatch`` N > 1 a call runs N steps (``_dispatch``; the calls
         start at multiples of N, so a resumed run's calls are an uninterrupted run's). The
@@ -213,6 +218,9 @@ class ModelRunner:
         compile_s = 0.0
         start = last_save = time.perf_counter()
         active = [r for r in runs if r.steps < cfg.steps]
+        # A run resumed after it stopped exact stops again (nothing in its file says so).
+        active = [r for r in active if not (r.steps and self._stops_exact(r, r.params, group,
+                                                                           task_config))]
         if active:
             params, opt_state = _stack_runs(active)
         device_words = cfg.device_words
@@ -251,14 +259,20 @@ class ModelRunner:
             logging = [i for i, (r, count) in enumerate(zip(active, counts))
                        if r.steps // cfg.log_every > (r.steps - count) // cfg.log_every
                        or r.steps == cfg.steps]
-            if logging or device_words:
+            every = cfg.stop_when_exact_every
+            checking = [] if every is None else [
+                i for i, (r, count) in enumerate(zip(active, counts))
+                if r.steps // every > (r.steps - count) // every]
+            if logging or checking or device_words:
                 losses, accuracies = np.asarray(loss_t), np.asarray(accuracy_t)  # waits
                 for i in logging:
                     self._log(active[i], float(losses[i]), float(accuracies[i]), task_config,
                               gated, start, progress, bar)
                 bar.update(sum(r.steps for r in runs) - bar.n)
+                exact = {i for i in checking
+                         if self._stops_exact(active[i], _unstack(params, i), group, task_config)}
                 now = time.perf_counter()
-                finished = [i for i, r in enumerate(active) if r.steps == cfg.steps]
+                finished = [i for i, r in enumerate(active) if r.steps == cfg.steps or i in exact]
                 save_due = cfg.checkpoint_every_s is not None and \
                     now - last_save > cfg.checkpoint_every_s
                 stopped = deadline is not None and now > deadline
@@ -270,7 +284,7 @@ class ModelRunner:
                             r.save()
                     last_save = now if save_due else last_save
                 if finished:
-                    active = [r for r in active if r.steps < cfg.steps]
+                    active = [r for i, r in enumerate(active) if i not in finished]
                     if active and not stopped:  # the rest go on as a smaller group
                         params, opt_state = _stack_runs(active)
         bar.close()
@@ -287,8 +301,23 @@ class ModelRunner:
                 final_train_accuracy=r.accuracy, resumed_from_step=r.first_step,
                 final_scored_length=task_config.train_length
                 if r.trained_length is None else r.trained_length,
-                reached_train_length_step=r.reached_step, evals=evals))
+                reached_train_length_step=r.reached_step, evals=evals,
+                stopped_exact_step=r.exact_step))
         return results
+
+    def _stops_exact(self, run, params, group, task_config):
+        """Whether ``run`` (at the training length) is exact on the held-out words at every
+        evaluation length; if so, notes the step and says so."""
+        if self.train_config.stop_when_exact_every is None or run.reached_step is None:
+            return False
+        held_out = dataclasses.replace(task_config, eval_seed=task_config.eval_seed + 1)
+        if not all(self.evaluate(params, group, held_out, length)["sequence_accuracy"] == 1.0
+                   for length in sorted(task_config.eval_lengths, reverse=True)):
+            return False  # (the longest first: a run that is not exact fails there soonest)
+        run.exact_step = run.steps
+        tqdm.write(f"{self.name} seed {run.seed}: step {run.steps}: exact on held-out words at "
+                   f"lengths {', '.join(map(str, task_config.eval_lengths))}: stopped")
+        return True
 
     def _start_seed(self, seed, task_config, checkpoint_path):
         """A seed's run state: fresh, or resumed from its checkpoint file."""
@@ -434,6 +463,7 @@ class _SeedRun:
     steps: int = 0  # optimizer steps taken so far (resumed ones included)
     taken: int = 0  # by this invocation
     reached_step: int | None = None
+    exact_step: int | None = None  # the step at which it stopped exact
     trained_length: int | None = None  # the scored length of the last step taken
     loss: float = float("nan")
     accuracy: float = float("nan")
