@@ -193,43 +193,86 @@ def test_steps_per_dispatch_settings(tmp_path):
         StateTrackingTrainConfig(stop_when_exact_every=0)
 
 
-def test_a_run_exact_on_held_out_words_stops_there_and_when_resumed(experiment, tmp_path,
-                                                                     capsys, monkeypatch):
+def test_a_run_exact_on_held_out_words_stops_and_stays_stopped(experiment, tmp_path, capsys,
+                                                                monkeypatch):
     """With ``train.stop_when_exact_every`` 2 a run at the training length (from step 4) is
-    checked on the held-out words (eval seed + 1, every length) after steps 6 and 8; found
-    exact at 6 it stops there, saved, and a rerun stops at once; found inexact it runs to the
-    cap. The reported evaluation stays on the usual words. ``evaluate`` is replaced by one
-    that says whether the checks pass (training a model to exactness takes a GPU)."""
+    checked on the held-out words (eval seed + 1, every length) after steps 6 (not at the cap,
+    8). Found exact at 6, it stops there and its file says so: a rerun takes no step and checks
+    nothing, and with the check off it trains on to the cap. Found inexact, it runs to the cap.
+    The reported evaluation stays on the usual words. ``evaluate`` is replaced by one that says
+    whether the checks pass (training a model to exactness takes a GPU)."""
     config, group, _ = experiment
     train = dataclasses.replace(config.train, steps_per_dispatch=1, stop_when_exact_every=2)
     runner = ModelRunner("m2rnn", config.model_config("m2rnn", group.order), train)
     calls, exact_checks = [], [True]
+    held_out, usual = config.task.eval_seed + 1, config.task.eval_seed
 
     def evaluate(params, group, task, length):
         calls.append((task.eval_seed, length))
-        held_out = task.eval_seed == config.task.eval_seed + 1
-        right = 1.0 if held_out and exact_checks[0] else 0.5
+        right = 1.0 if task.eval_seed == held_out and exact_checks[0] else 0.5
         return {"length": length, "position_accuracy": right, "sequence_accuracy": right}
 
     monkeypatch.setattr(runner, "evaluate", evaluate)
     path = str(tmp_path / "m2rnn_seed0.msgpack")
 
-    def run():
+    def run(runner, path=path):
         calls.clear()
         return runner.run_seeds([0], group, config.task, progress=False,
                                 checkpoint_paths=[path])[0]
 
-    result = run()
-    assert result.steps == 6 and result.stopped_exact_step == 6
-    assert calls == [(config.task.eval_seed + 1, 4), (config.task.eval_seed, 4)]
-    assert runner.load_saved(path, config.task, 0).step == 6
+    result = run(runner)
+    assert (result.steps, result.stopped_exact_step) == (6, 6)
+    assert calls == [(held_out, 4), (usual, 4)]
+    saved = runner.load_saved(path, config.task, 0)
+    assert (saved.step, saved.exact_step) == (6, 6)
     assert "step 6: exact on held-out words at lengths 4: stopped" in capsys.readouterr().out
 
-    again = run()  # resumed: checked before any step, exact, so no step is taken
+    again = run(runner)
     assert (again.steps, again.resumed_from_step, again.stopped_exact_step) == (6, 6, 6)
-    assert calls == [(config.task.eval_seed + 1, 4), (config.task.eval_seed, 4)]
+    assert calls == [(usual, 4)]
+    assert "stopped exact at step 6: no step to take" in capsys.readouterr().out
 
-    exact_checks[0] = False  # the checks fail from here: on to the step cap, checked at 6, 8
-    onward = run()
+    unchecked = ModelRunner("m2rnn", config.model_config("m2rnn", group.order),
+                            dataclasses.replace(train, stop_when_exact_every=None))
+    onward = unchecked.run_seeds([0], group, config.task, progress=False,
+                                 checkpoint_paths=[path])[0]
     assert (onward.steps, onward.stopped_exact_step) == (8, None)
-    assert calls == [(config.task.eval_seed + 1, 4)] * 2 + [(config.task.eval_seed, 4)]
+    assert runner.load_saved(path, config.task, 0).exact_step is None
+
+    exact_checks[0] = False
+    inexact = run(runner, str(tmp_path / "inexact.msgpack"))
+    assert (inexact.steps, inexact.stopped_exact_step) == (8, None)
+    assert calls == [(held_out, 4), (usual, 4)]
+
+
+@pytest.mark.parametrize("n, every, steps, stop_at", [(1, 2, 8, 6), (4, 6, 16, 12)],
+                         ids=["numpy-words", "device-words"])
+def test_a_seed_stopping_exact_leaves_its_group_saved_and_the_other_goes_on_alone(
+        experiment, tmp_path, monkeypatch, n, every, steps, stop_at):
+    """Seeds 0 and 1 in one vmapped step, seed 1 found exact at ``stop_at`` (the first check at
+    or after it: with 4 steps a call and checks every 6, the calls ending at 8 and 12): seed 1's
+    file holds the very parameters checked; seed 0 runs to the cap as it does alone."""
+    config, group, _ = experiment
+    train = dataclasses.replace(config.train, steps_per_dispatch=n, stop_when_exact_every=every,
+                                steps=steps, word_generator="auto")
+    runner = ModelRunner("m2rnn", config.model_config("m2rnn", group.order), train)
+    checked = {}
+
+    def check_exact(run, params, group, task):
+        checked[run.seed, run.steps] = jax.tree.leaves(params)
+        if run.seed == 1 and run.reached_step is not None and run.steps >= stop_at:
+            run.exact_step = run.steps
+            return True
+        return False
+
+    monkeypatch.setattr(runner, "_check_exact", check_exact)
+    results, params = train_seeds(runner, group, config.task, tmp_path / "both")
+    assert [(r.steps, r.stopped_exact_step) for r in results] == [(steps, None), (stop_at, stop_at)]
+    assert (1, stop_at) in checked and differ(checked[1, stop_at], checked[0, stop_at])
+    for got, want in zip(params[1], checked[1, stop_at], strict=True):
+        np.testing.assert_array_equal(got, want)
+    alone = runner.run_seeds([0], group, config.task, progress=False,
+                             checkpoint_paths=[str(tmp_path / "alone.msgpack")])[0]
+    assert alone.steps == steps
+    assert_close(params[0], jax.tree.leaves(
+        runner.load_saved(str(tmp_path / "alone.msgpack"), config.task, 0).params))

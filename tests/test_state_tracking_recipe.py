@@ -350,9 +350,9 @@ def stub_command(argv):
 def test_plan_runner_keeps_budgets_across_invocations(tmp_path, capsys):
     """The runner starts each unfinished job on one of the GPUs with the budget it has left
     (less the start-up allowance), records the time used in the ledger, marks a job done
-    when its runs reached the step cap or stopped exact, skips it from then on, retries a failed one, never
-    starts a job whose budget or whose invocation has too little time left, keeps the
-    ledger in a file, and starts a job whose checkpoints are gone over with its whole
+    when its runs reached the step cap or stopped exact, skips it from then on, retries a
+    failed one, never starts a job whose budget or whose invocation has too little time left,
+    keeps the ledger in a file, and starts a job whose checkpoints are gone over with its whole
     budget."""
     def job(name, first_seed, budget_s):
         return plan.Job("recipe-S5", name, "recipe.yaml", ("--first-seed", str(first_seed)),
@@ -429,7 +429,8 @@ def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys, tmp_path):
 
 
 def test_results_table_reports_each_seed_and_the_seeds_past_the_bar(tmp_path):
-    """The table read from the jobs' results.json: per seed the steps, where the curriculum
+    """The table read from the jobs' results.json: per seed the steps (marked when the run
+    stopped exact), where the curriculum
     reached the training length, the longest length, the accuracy at 1x and 8x; the seeds at
     >= 99 % at 8x counted against the bar; the GPU-minutes from the ledger; jobs without
     results left out."""
@@ -438,7 +439,8 @@ def test_results_table_reports_each_seed_and_the_seeds_past_the_bar(tmp_path):
     jobs = [plan.Job("ablations-S3", name, "ablations.yaml", (), 600.0, 60.0)
             for name in ("has_results", "not_run")]
     runs = [{"seed": s, "steps": 10000 - s, "final_scored_length": 16 // (s + 1),
-             "reached_train_length_step": None if s == 2 else 1000 * (s + 1)}
+             "reached_train_length_step": None if s == 2 else 1000 * (s + 1),
+             "stopped_exact_step": 9999 if s == 1 else None}
             for s in (2, 0, 1)]
     rows = [{"seed": s, "length": length, "position_accuracy": acc}
             for s in range(3) for length, acc in ((16, 0.5 + s / 10), (128, eight[s]))]
@@ -452,7 +454,7 @@ def test_results_table_reports_each_seed_and_the_seeds_past_the_bar(tmp_path):
     lines = plan.results_table(jobs, str(tmp_path), ledger).splitlines()
     assert len(lines) == 3 and "not_run" not in lines[2]
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert cells[:5] == ["has_results", "S3", "10,000, 9,999, 9,998", "1,000, 2,000, —",
+    assert cells[:5] == ["has_results", "S3", "10,000, 9,999 (exact), 9,998", "1,000, 2,000, —",
                          "16, 8, 5"]
     assert cells[5] == "50.00, 60.00, 70.00"
     assert cells[6] == ", ".join(f"{100 * a:.2f}" for a in eight)

@@ -30,9 +30,10 @@ from flax import serialization
 from train.run_folder import write_atomically
 
 FORMAT = 1
-# Settings that do not change what a run computes (how long this invocation may take, how
-# often it logs or saves, which seeds the command line asked for, how many share a step and how
-# many steps a jitted call runs). The word generator does, and is hashed as resolved below.
+# Settings that do not change what a run's steps compute (how long this invocation may take,
+# how often it logs or saves, which seeds the command line asked for, how many share a step,
+# how many steps a jitted call runs, how often it is checked for a stop when exact). The word
+# generator does, and is hashed as resolved below.
 _NOT_FINGERPRINTED = {"time_budget_s", "log_every", "checkpoint_every_s", "seeds", "first_seed",
                       "seeds_per_step", "steps_per_dispatch", "word_generator",
                       "stop_when_exact_every"}
@@ -68,6 +69,8 @@ class RunState:
     # The step at which the scored length reached the training length (None: not reached, or
     # not recorded in the file).
     reached_step: int | None = None
+    # The step at which a check found the run exact and stopped it (None: not, or not recorded).
+    exact_step: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +155,8 @@ def save(path, state: RunState, prints: Fingerprints):
     meta = {"format": FORMAT, "fingerprint": prints.exact, "trajectory": prints.trajectory,
             "schedule": prints.schedule, "settings": prints.settings, "step": state.step,
             "scored": state.scored, "rng_state": state.rng_state, "loss": state.loss,
-            "accuracy": state.accuracy, "reached_step": state.reached_step}
+            "accuracy": state.accuracy, "reached_step": state.reached_step,
+            "exact_step": state.exact_step}
     payload = {"meta": json.dumps(meta),
                "tree": serialization.to_state_dict({"params": state.params,
                                                     "opt_state": state.opt_state})}
@@ -191,4 +195,4 @@ def load(path, target_params, target_opt_state, prints: Fingerprints) -> RunStat
     return RunState(params=tree["params"], opt_state=tree["opt_state"], step=meta["step"],
                     scored=meta["scored"], rng_state=meta["rng_state"], loss=meta["loss"],
                     accuracy=meta["accuracy"], schedule=meta.get("schedule"),
-                    reached_step=meta.get("reached_step"))
+                    reached_step=meta.get("reached_step"), exact_step=meta.get("exact_step"))

@@ -130,10 +130,11 @@ class StateTrackingTrainConfig:
     # Seconds between saves of a run's state to out_dir/checkpoints/ (and one when it stops);
     # a rerun of the same command resumes from there. null = no checkpoints.
     checkpoint_every_s: float | None = 60.0
-    # Every this many steps once the scored length is the training length, a run is evaluated
-    # on held-out words (task.eval_seed + 1, every evaluation length and count) and stops, done,
-    # when it is exact on all of them: its trajectory is unchanged, only its end comes sooner.
-    # Not the reported evaluation's words, which would then choose the stopping step. null = off.
+    # After the call that reaches or passes each multiple of this many steps, once the scored
+    # length is the training length, a run is evaluated on held-out words (task.eval_seed + 1,
+    # every evaluation length and count) and stops, done, when it is exact on all of them: its
+    # trajectory is unchanged, only its end comes sooner (its checkpoint records the stop). Not
+    # the reported evaluation's words, which would then choose the stopping step. null = off.
     stop_when_exact_every: int | None = None
 
     def __post_init__(self):

@@ -334,7 +334,8 @@ def _percentages(values):
 
 
 def results_table(jobs, root, ledger):
-    """Markdown, one row per job that has results: per seed (in order) the steps, the step
+    """Markdown, one row per job that has results: per seed (in order) the steps ("exact": it
+    stopped so), the step
     at which the curriculum reached the training length, the longest scored length, the
     per-position accuracy at 1x and 8x the training length; the seeds at >= 99 % at 8x; the
     GPU-minutes the ledger holds."""
@@ -358,7 +359,8 @@ def results_table(jobs, root, ledger):
         once = [accuracy(run["seed"], task["train_length"]) for run in runs]
         eight = [accuracy(run["seed"], 8 * task["train_length"]) for run in runs]
         passed = sum(a is not None and a >= TARGET_ACCURACY for a in eight)
-        steps = ", ".join(f"{run['steps']:,}" for run in runs)
+        steps = ", ".join(f"{run['steps']:,}" + (" (exact)" if run.get("stopped_exact_step")
+                                                 is not None else "") for run in runs)
         reached = ", ".join("—" if run.get("reached_train_length_step") is None
                             else f"{run['reached_train_length_step']:,}" for run in runs)
         lines.append(

@@ -196,8 +196,8 @@ class ModelRunner:
         widths, and the positions past a seed's own width are unscored (the models are
         causal), so each seed's trajectory is its ``run``'s up to rounding. A seed that reaches
         ``train.steps``, or is found exact (``train.stop_when_exact_every``: after the call that
-        reaches or passes each multiple, at the training length; a resumed run first), leaves
-        the group. Returns one ``RunResult`` per seed, in order.
+        reaches or passes each multiple, at the training length), leaves the group; its file
+        says so, and a run resumed from it takes no step. Returns one ``RunResult`` per seed.
 
         With ``train.steps_per_dispatch`` N > 1 a call runs N steps (``_dispatch``; the calls
         start at multiples of N, so a resumed run's calls are an uninterrupted run's). The
@@ -217,10 +217,7 @@ class ModelRunner:
                    disable=not progress, leave=False, dynamic_ncols=True)
         compile_s = 0.0
         start = last_save = time.perf_counter()
-        active = [r for r in runs if r.steps < cfg.steps]
-        # A run resumed after it stopped exact stops again (nothing in its file says so).
-        active = [r for r in active if not (r.steps and self._stops_exact(r, r.params, group,
-                                                                           task_config))]
+        active = [r for r in runs if r.steps < cfg.steps and r.exact_step is None]
         if active:
             params, opt_state = _stack_runs(active)
         device_words = cfg.device_words
@@ -262,7 +259,7 @@ class ModelRunner:
             every = cfg.stop_when_exact_every
             checking = [] if every is None else [
                 i for i, (r, count) in enumerate(zip(active, counts))
-                if r.steps // every > (r.steps - count) // every]
+                if r.steps // every > (r.steps - count) // every and r.steps < cfg.steps]
             if logging or checking or device_words:
                 losses, accuracies = np.asarray(loss_t), np.asarray(accuracy_t)  # waits
                 for i in logging:
@@ -270,7 +267,7 @@ class ModelRunner:
                               gated, start, progress, bar)
                 bar.update(sum(r.steps for r in runs) - bar.n)
                 exact = {i for i in checking
-                         if self._stops_exact(active[i], _unstack(params, i), group, task_config)}
+                         if self._check_exact(active[i], _unstack(params, i), group, task_config)}
                 now = time.perf_counter()
                 finished = [i for i, r in enumerate(active) if r.steps == cfg.steps or i in exact]
                 save_due = cfg.checkpoint_every_s is not None and \
@@ -305,9 +302,9 @@ class ModelRunner:
                 stopped_exact_step=r.exact_step))
         return results
 
-    def _stops_exact(self, run, params, group, task_config):
+    def _check_exact(self, run, params, group, task_config):
         """Whether ``run`` (at the training length) is exact on the held-out words at every
-        evaluation length; if so, notes the step and says so."""
+        evaluation length; if so, records the step in ``run`` and prints it."""
         if self.train_config.stop_when_exact_every is None or run.reached_step is None:
             return False
         held_out = dataclasses.replace(task_config, eval_seed=task_config.eval_seed + 1)
@@ -336,9 +333,14 @@ class ModelRunner:
                 saved.params, saved.opt_state, saved.step, saved.scored)
             run.loss, run.accuracy, run.reached_step = saved.loss, saved.accuracy, \
                 saved.reached_step
+            if cfg.stop_when_exact_every is not None:  # (with the check off, it trains on)
+                run.exact_step = saved.exact_step
             run.rng.bit_generator.state = saved.rng_state
             tqdm.write(f"{self.name} seed {seed}: resumed at step {run.first_step} from "
                        f"{checkpoint_path}")
+            if run.exact_step is not None:
+                tqdm.write(f"{self.name} seed {seed}: stopped exact at step {run.exact_step}: "
+                           f"no step to take (train.stop_when_exact_every=null trains on)")
             # A schedule key the file does not hold was at its default.
             defaults = type(cfg)()
             changed = {k: (saved.schedule.get(k, getattr(defaults, k)), new)
@@ -473,7 +475,7 @@ class _SeedRun:
             checkpoint.save(self.checkpoint_path, checkpoint.RunState(
                 self.params, self.opt_state, self.steps, self.scored,
                 self.rng.bit_generator.state, self.loss, self.accuracy,
-                reached_step=self.reached_step), self.prints)
+                reached_step=self.reached_step, exact_step=self.exact_step), self.prints)
 
 
 def _width(scored, task_config):
