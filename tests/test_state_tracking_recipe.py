@@ -430,10 +430,9 @@ def test_plan_command_lists_jobs_and_rejects_unknown_stages(capsys, tmp_path):
 
 def test_results_table_reports_each_seed_and_the_seeds_past_the_bar(tmp_path):
     """The table read from the jobs' results.json: per seed the steps (marked when the run
-    stopped exact), where the curriculum
-    reached the training length, the longest length, the accuracy at 1x and 8x; the seeds at
-    >= 99 % at 8x counted against the bar; the GPU-minutes from the ledger; jobs without
-    results left out."""
+    stopped exact), where the curriculum reached the training length, the longest length, the
+    accuracy at 1x and 8x; the seeds at >= 99 % at 8x counted against the bar; the GPU-minutes
+    from the ledger; jobs without results left out."""
     rng = np.random.default_rng()
     eight = rng.uniform(0.95, 1.0, size=3)
     jobs = [plan.Job("ablations-S3", name, "ablations.yaml", (), 600.0, 60.0)

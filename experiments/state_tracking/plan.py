@@ -211,9 +211,13 @@ def runs_finished(out_dir):
     with open(path) as fh:
         report = json.load(fh)
     cap = report["config"]["train"]["steps"]
-    return bool(report["runs"]) and all(
-        run["steps"] >= cap or run.get("stopped_exact_step") is not None
-        for run in report["runs"])
+    return bool(report["runs"]) and all(run["steps"] >= cap or stopped_exact(run)
+                                        for run in report["runs"])
+
+
+def stopped_exact(run):
+    """Whether a run of a results.json stopped exact (``train.stop_when_exact_every``)."""
+    return run.get("stopped_exact_step") is not None
 
 
 def run_with_heartbeat(argv, env, log, timeout_s, heartbeat):
@@ -335,10 +339,9 @@ def _percentages(values):
 
 def results_table(jobs, root, ledger):
     """Markdown, one row per job that has results: per seed (in order) the steps ("exact": it
-    stopped so), the step
-    at which the curriculum reached the training length, the longest scored length, the
-    per-position accuracy at 1x and 8x the training length; the seeds at >= 99 % at 8x; the
-    GPU-minutes the ledger holds."""
+    stopped so), the step at which the curriculum reached the training length, the longest
+    scored length, the per-position accuracy at 1x and 8x the training length; the seeds at
+    >= 99 % at 8x; the GPU-minutes the ledger holds."""
     lines = ["| job | group | steps | reached training length at step | longest length "
              "| 1× (%) | 8× (%) | seeds ≥ 99 % at 8× | GPU-min |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -359,8 +362,8 @@ def results_table(jobs, root, ledger):
         once = [accuracy(run["seed"], task["train_length"]) for run in runs]
         eight = [accuracy(run["seed"], 8 * task["train_length"]) for run in runs]
         passed = sum(a is not None and a >= TARGET_ACCURACY for a in eight)
-        steps = ", ".join(f"{run['steps']:,}" + (" (exact)" if run.get("stopped_exact_step")
-                                                 is not None else "") for run in runs)
+        steps = ", ".join(f"{run['steps']:,}" + (" (exact)" if stopped_exact(run) else "")
+                          for run in runs)
         reached = ", ".join("—" if run.get("reached_train_length_step") is None
                             else f"{run['reached_train_length_step']:,}" for run in runs)
         lines.append(

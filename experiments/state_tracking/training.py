@@ -254,12 +254,13 @@ class ModelRunner:
             # A call that reaches or passes a multiple of log_every (one step per call: a step
             # at a multiple of it) logs, as does a run's last.
             logging = [i for i, (r, count) in enumerate(zip(active, counts))
-                       if r.steps // cfg.log_every > (r.steps - count) // cfg.log_every
+                       if _passed_multiple(r.steps, count, cfg.log_every)
                        or r.steps == cfg.steps]
-            every = cfg.stop_when_exact_every
-            checking = [] if every is None else [
+            # The check for exactness: at the training length, not at the cap (the run ends).
+            checking = [] if cfg.stop_when_exact_every is None else [
                 i for i, (r, count) in enumerate(zip(active, counts))
-                if r.steps // every > (r.steps - count) // every and r.steps < cfg.steps]
+                if _passed_multiple(r.steps, count, cfg.stop_when_exact_every)
+                and r.reached_step is not None and r.steps < cfg.steps]
             if logging or checking or device_words:
                 losses, accuracies = np.asarray(loss_t), np.asarray(accuracy_t)  # waits
                 for i in logging:
@@ -303,10 +304,8 @@ class ModelRunner:
         return results
 
     def _check_exact(self, run, params, group, task_config):
-        """Whether ``run`` (at the training length) is exact on the held-out words at every
-        evaluation length; if so, records the step in ``run`` and prints it."""
-        if self.train_config.stop_when_exact_every is None or run.reached_step is None:
-            return False
+        """Whether ``run`` is exact on the held-out words at every evaluation length; if so,
+        records the step in ``run`` and prints it."""
         held_out = dataclasses.replace(task_config, eval_seed=task_config.eval_seed + 1)
         if not all(self.evaluate(params, group, held_out, length)["sequence_accuracy"] == 1.0
                    for length in sorted(task_config.eval_lengths, reverse=True)):
@@ -476,6 +475,12 @@ class _SeedRun:
                 self.params, self.opt_state, self.steps, self.scored,
                 self.rng.bit_generator.state, self.loss, self.accuracy,
                 reached_step=self.reached_step, exact_step=self.exact_step), self.prints)
+
+
+def _passed_multiple(steps, count, every):
+    """Whether a call that took ``count`` steps up to ``steps`` reached or passed a multiple of
+    ``every``."""
+    return steps // every > (steps - count) // every
 
 
 def _width(scored, task_config):
