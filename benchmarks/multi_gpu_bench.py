@@ -56,7 +56,8 @@ Studies (``key=value`` arguments override the model config, as in ``train_bench.
     ``m2rnn_jax.parallel.recurrence.pipeline_idle_fraction`` of the run's M and C. Attention
     across shards all-gathers keys and values and masks an (s, S) block per shard, which may
     bound the length before the recurrence does; ``layer_pattern=MMMMMMMMMMMMMMMMMMMMMMMM``
-    shows the recurrence's own limit.
+    shows the recurrence's own limit. Per-block remat is on (``--no-remat`` drops it): one H100
+    trains 128K tokens with it and not 64K without (benchmarks/RESULTS.md).
 ``moe7b``  the 7B MoE hybrid (``configs/model/hybrid_7b_moe.yaml``) on 8 GPUs with ``--mesh``
     (default expert=8, as ``configs/train_hybrid_7b_moe.yaml``), per-block remat (``--no-remat``
     to drop it), ``--rows-per-gpu`` 2 x 4096, 50 steps (``--steps``) on the embedded corpus
@@ -126,6 +127,8 @@ MODELS = {"scaling": "configs/model/hybrid_400m.yaml", "context": "configs/model
 TINY_MODELS = {"scaling": "configs/model/tiny_hybrid.yaml",
                "context": "configs/model/tiny_hybrid.yaml", "moe7b": "configs/tiny_moe.yaml"}
 SCALING_LAYOUTS = ("dp", "fsdp", "tp")
+# Studies whose runs recompute each block in the backward pass unless --no-remat.
+REMAT_STUDIES = ("context", "moe7b")
 # Seconds one run may take on an H200 node (compilation included), and with --tiny on a CPU.
 DEADLINES = {"init": 300, "scaling": 300, "context": 420, "moe7b": 550}
 TINY_DEADLINE = 240
@@ -562,9 +565,12 @@ class Runner:
     def done(self, run):
         if run.kind == "init":
             return (self.state_dir / "meta.json").exists()
-        status = self.report.data.get("runs", {}).get(run.key, {}).get("status")
+        entry = self.report.data.get("runs", {}).get(run.key, {})
+        status = entry.get("status")
         if status is None or status.startswith(CUT):
             return False
+        if entry.get("remat", self.args.remat) != self.args.remat:
+            return False  # measured under the other --remat: measured again, not mixed in
         return status == "ok" or not self.args.retry_failed
 
     def run_one(self, run):
@@ -744,7 +750,7 @@ def print_context(report, args):
     runs = report.data.get("runs", {})
     meta = report.data.get("meta", {})
     print(f"\n== context: {meta.get('model')} on {meta.get('devices')}; sequence split over C "
-          f"GPUs; {args.microbatches} micro-batches requested ==")
+          f"GPUs; {args.microbatches} micro-batches requested; remat {args.remat} ==")
     print(f"{'run':22s} {'C':>2s} {'length':>7s} {'rows':>4s} {'M':>2s} {'idle':>5s} "
           f"{'step s':>7s} {'tok/s':>9s} {'tok/s/GPU':>9s} {'XLA GiB':>7s} {'peak GiB':>8s} "
           f"{'max|Δloss|':>10s}  status")
@@ -836,7 +842,7 @@ def parse_args(argv):
     p.add_argument("--check-steps", type=int, default=None, help="context: check steps (4)")
     p.add_argument("--mesh", default="expert=8", help="moe7b: mesh axes, e.g. data=2,expert=4")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
-                   help="per-block remat (default: moe7b on, the others off)")
+                   help="per-block remat (default: context and moe7b on, scaling off)")
     p.add_argument("--profile", action="store_true",
                    help="trace one more step per run: collectives' share of kernel time")
     p.add_argument("--budget", type=float, default=None,
@@ -878,7 +884,7 @@ def parse_args(argv):
         args.pipe_lengths = [128] if tiny else [65536, 262144]
     args.check_len = args.check_len or (64 if tiny else 16384)
     args.check_steps = args.check_steps or (2 if tiny else 4)
-    args.remat = (study == "moe7b") if args.remat is None else args.remat
+    args.remat = (study in REMAT_STUDIES) if args.remat is None else args.remat
     args.budget = args.budget or (TINY_BUDGET_S if tiny else BUDGET_S)
     if args.compile_workers is None:  # one per ~12 host cores: 8 on a 128-core 8-GPU node
         args.compile_workers = 0 if tiny else max(1, min(8, (os.cpu_count() or 1) // 12))
