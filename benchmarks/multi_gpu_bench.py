@@ -13,19 +13,20 @@ what is missing, until the table ends without a "rerun" line:
     python benchmarks/multi_gpu_bench.py --study STUDY --tiny --out DIR     # any machine, toy sizes
 
 Every run (one model on one mesh at one shape) is a process of its own under a deadline
-(``--deadline``; a run that overruns is killed and reported, the others still run). Results
-go to ``OUT/<study>.json`` as they come; a run stopped because the budget ran short is retried
-by the next command, one that failed or overran its own deadline is not (unless
-``--retry-failed``). First, ``--compile-workers`` processes (one per 12 CPU cores, at most 8)
-compile the known runs' train steps side by side into JAX's persistent cache (``OUT/jax-cache``,
-``--compile-cache``), starting new ones during the first 60 % of the budget, so that each run
-then reads its step back instead of compiling it alone (their GPU autotuning runs side by side
-too; ``--compile-workers 0`` compiles each run alone). The initial state is written once to
-``OUT/state-<model hash>/`` (about 5 GB for the 400M) and read by every run. Runs use
-``XLA_CLIENT_MEM_FRACTION=0.92`` unless it (or the older ``XLA_PYTHON_CLIENT_MEM_FRACTION``) is
-set, so that the longest context is bounded by the GPU rather than by JAX's default pool of
-75 %. The scaling study (20 runs on 8 GPUs) takes several commands; ``--gpus``, ``--layouts``
-and ``--modes`` choose fewer.
+(``--deadline``; a run that overruns is killed and reported, the others still run). Results go
+to ``OUT/<study>.json`` as they come (``<study>-remat.json`` or ``-no-remat.json`` under the
+other ``--remat``, so runs measured both ways are never mixed); a run stopped because the
+budget ran short is retried by the next command, one that failed or overran its own deadline is
+not (unless ``--retry-failed``). First, ``--compile-workers`` processes (one per 12 CPU cores,
+at most 8) compile the known runs' train steps side by side into JAX's persistent cache
+(``OUT/jax-cache``, ``--compile-cache``), starting new ones during the first 60 % of the
+budget, so that each run then reads its step back instead of compiling it alone (their GPU
+autotuning runs side by side too; ``--compile-workers 0`` compiles each run alone). The initial
+state is written once to ``OUT/state-<model hash>/`` (about 5 GB for the 400M) and read by
+every run. Runs use ``XLA_CLIENT_MEM_FRACTION=0.92`` unless it (or the older
+``XLA_PYTHON_CLIENT_MEM_FRACTION``) is set, so that the longest context is bounded by the GPU
+rather than by JAX's default pool of 75 %. The scaling study (20 runs on 8 GPUs) takes several
+commands; ``--gpus``, ``--layouts`` and ``--modes`` choose fewer.
 
 Studies (``key=value`` arguments override the model config, as in ``train_bench.py``):
 
@@ -565,12 +566,9 @@ class Runner:
     def done(self, run):
         if run.kind == "init":
             return (self.state_dir / "meta.json").exists()
-        entry = self.report.data.get("runs", {}).get(run.key, {})
-        status = entry.get("status")
+        status = self.report.data.get("runs", {}).get(run.key, {}).get("status")
         if status is None or status.startswith(CUT):
             return False
-        if entry.get("remat", self.args.remat) != self.args.remat:
-            return False  # measured under the other --remat: measured again, not mixed in
         return status == "ok" or not self.args.retry_failed
 
     def run_one(self, run):
@@ -817,7 +815,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--study", choices=STUDIES, help="which measurement")
     p.add_argument("--out", default="runs/multi_gpu",
-                   help="results folder: OUT/<study>.json, the state, the compile cache")
+                   help="results folder: OUT/<study>*.json, the state, the compile cache")
     p.add_argument("--tiny", action="store_true", help="toy sizes on any devices (CPU tests)")
     p.add_argument("--model", default=None, help="ModelConfig YAML (or a train config)")
     p.add_argument("--gpus", type=int_list, default=[1, 2, 4, 8], help="scaling: GPU counts")
@@ -891,6 +889,14 @@ def parse_args(argv):
     return args
 
 
+def results_path(args, out) -> pathlib.Path:
+    """``OUT/<study>.json``, or ``<study>-remat.json`` / ``<study>-no-remat.json`` when
+    ``--remat`` departs from the study's default: runs measured both ways are never mixed."""
+    if args.remat == (args.study in REMAT_STUDIES):
+        return out / f"{args.study}.json"
+    return out / f"{args.study}-{'remat' if args.remat else 'no-remat'}.json"
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -911,7 +917,7 @@ def main(argv=None):
     model = load_model(args.study, args.tiny, args.model, args.overrides)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = train_bench.Report(str(out / f"{args.study}.json"))
+    report = train_bench.Report(str(results_path(args, out)))
     count, kind, platform = probe_devices()
     args.present = count
     tolerance = args.loss_tolerance or (1e-2 if model.compute_dtype == "bfloat16" else 1e-4)

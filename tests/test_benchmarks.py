@@ -239,22 +239,19 @@ def test_multi_gpu_plans_and_collective_share():
     assert share["collective_ms_per_step"] == pytest.approx(50 / 2 / 1e3)
 
 
-def test_multi_gpu_remat_defaults_and_a_run_under_the_other_setting_is_measured_again(tmp_path):
-    """Remat is on for the context and MoE studies; a result measured under the other --remat
-    is not taken as done (it would be mixed into the table), one under the same is."""
+def test_multi_gpu_remat_defaults_and_each_setting_has_its_own_results(tmp_path):
+    """Remat is on for the context and MoE studies; a command under the other --remat writes
+    another results file, so its runs are neither taken as done nor mixed into the table."""
     parse = multi_gpu_bench.parse_args
     assert parse(["--study", "context"]).remat and parse(["--study", "moe7b"]).remat
     assert not parse(["--study", "scaling"]).remat
-    args = parse(["--study", "context", "--no-remat"])
-    assert not args.remat
-    report = train_bench.Report(str(tmp_path / "context.json"))
-    runner = multi_gpu_bench.Runner(args, multi_gpu_bench.load_model("context", tiny=True),
-                                    report, tmp_path)
-    run = multi_gpu_bench.Run("sweep-c4-128", "sweep", 4)
-    report.put("runs", run.key, {"status": "ok", "remat": True})
-    assert not runner.done(run)
-    report.put("runs", run.key, {"status": "ok", "remat": False})
-    assert runner.done(run)
+    paths = {(study, flag): multi_gpu_bench.results_path(parse(["--study", study, flag]),
+                                                         tmp_path).name
+             for study in ("context", "scaling") for flag in ("--remat", "--no-remat")}
+    assert paths == {("context", "--remat"): "context.json",
+                     ("context", "--no-remat"): "context-no-remat.json",
+                     ("scaling", "--remat"): "scaling-remat.json",
+                     ("scaling", "--no-remat"): "scaling.json"}
 
 
 def test_multi_gpu_runs_take_most_of_the_memory_unless_told(monkeypatch):
